@@ -1,0 +1,21 @@
+// The CUDA runtime as Loom uses it. With LOOM_CUDA off these are stubs
+// (runtime/no_cuda) that report "built without CUDA", so CPU code never
+// needs an #ifdef.
+#pragma once
+
+#include <cstddef>
+
+#include "runtime/status.h"
+
+namespace loom {
+
+bool BuiltWithCuda();
+int CudaDeviceCount();  // 0 when built without CUDA or no GPU is visible
+void* CudaMalloc(size_t bytes, int device);
+void CudaFree(void* ptr, int device);
+// Copies between host and device memory (either side may be the host).
+void CudaMemcpy(void* dst, const void* src, size_t bytes);
+void CudaMemset(void* ptr, int value, size_t bytes);
+void CudaSynchronize();
+
+}  // namespace loom

@@ -1,0 +1,143 @@
+#include "runtime/tensor.h"
+
+#include <cstdlib>
+
+#include "absl/strings/str_join.h"
+#include "runtime/cuda_runtime.h"
+
+namespace loom {
+
+std::string ShapeString(const Shape& shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
+
+int64_t NumElements(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string Device::ToString() const { return is_cpu() ? "cpu" : absl::StrCat("cuda:", index); }
+
+Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
+  if (bytes == 0) return;
+  if (device.is_cpu()) {
+    // 64-byte alignment: whole cache lines, and what SIMD loads like.
+    data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    LOOM_CHECK(data_ != nullptr, "[tensor] out of host memory allocating ", bytes, " bytes");
+  } else {
+    data_ = CudaMalloc(bytes, device.index);
+  }
+}
+
+Storage::~Storage() {
+  if (!data_) return;
+  if (device_.is_cpu()) {
+    std::free(data_);
+  } else {
+    CudaFree(data_, device_.index);
+  }
+}
+
+Tensor Tensor::Empty(const Shape& shape, DType dtype, Device device) {
+  for (int64_t d : shape) LOOM_CHECK(d >= 0, "[tensor] negative dimension in ", ShapeString(shape));
+  Tensor t;
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  t.storage_ = std::make_shared<Storage>(t.nbytes(), device);
+  return t;
+}
+
+Tensor Tensor::Zeros(const Shape& shape, DType dtype, Device device) {
+  Tensor t = Empty(shape, dtype, device);
+  t.Zero();
+  return t;
+}
+
+Tensor Tensor::Reshape(const Shape& shape) const {
+  LOOM_CHECK(NumElements(shape) == numel(), "[tensor] cannot view ", ShapeString(shape_), " as ",
+             ShapeString(shape));
+  Tensor t = *this;
+  t.shape_ = shape;
+  return t;
+}
+
+Tensor Tensor::Slice(int64_t start, int64_t length) const {
+  LOOM_CHECK(ndim() >= 1 && start >= 0 && length >= 0 && start + length <= shape_[0], "[tensor] slice [",
+             start, ", ", start + length, ") of ", ShapeString(shape_));
+  Tensor t = *this;
+  t.shape_[0] = length;
+  t.offset_ += static_cast<size_t>(start) * (numel() / std::max<int64_t>(shape_[0], 1)) * DTypeSize(dtype_);
+  return t;
+}
+
+Tensor Tensor::Clone() const {
+  Tensor t = Empty(shape_, dtype_, device());
+  t.CopyFrom(*this);
+  return t;
+}
+
+void Tensor::CopyFrom(const Tensor& src) {
+  LOOM_CHECK(src.numel() == numel() && src.dtype() == dtype_, "[tensor] copy ", ShapeString(src.shape()), " ",
+             DTypeName(src.dtype()), " into ", ShapeString(shape_), " ", DTypeName(dtype_));
+  if (nbytes() == 0) return;
+  if (device().is_cpu() && src.device().is_cpu()) {
+    std::memcpy(raw(), src.raw(), nbytes());
+  } else {
+    CudaMemcpy(raw(), src.raw(), nbytes());
+  }
+}
+
+void Tensor::Zero() {
+  if (nbytes() == 0) return;
+  if (device().is_cpu()) {
+    std::memset(raw(), 0, nbytes());
+  } else {
+    CudaMemset(raw(), 0, nbytes());
+  }
+}
+
+void Tensor::Fill(double value) {
+  LOOM_CHECK(device().is_cpu(), "[tensor] Fill on ", device().ToString());
+  const int64_t n = numel();
+  switch (dtype_) {
+    case DType::kF32: for (int64_t i = 0; i < n; ++i) data<float>()[i] = static_cast<float>(value); break;
+    case DType::kF64: for (int64_t i = 0; i < n; ++i) data<double>()[i] = value; break;
+    case DType::kI32: for (int64_t i = 0; i < n; ++i) data<int32_t>()[i] = static_cast<int32_t>(value); break;
+    case DType::kI64: for (int64_t i = 0; i < n; ++i) data<int64_t>()[i] = static_cast<int64_t>(value); break;
+    case DType::kBF16: for (int64_t i = 0; i < n; ++i) data<bf16>()[i] = FloatToBf16(static_cast<float>(value)); break;
+    case DType::kF16: for (int64_t i = 0; i < n; ++i) data<f16>()[i] = FloatToF16(static_cast<float>(value)); break;
+  }
+}
+
+double Tensor::Get(int64_t i) const {
+  LOOM_CHECK(device().is_cpu() && i >= 0 && i < numel(), "[tensor] Get(", i, ") of ", ShapeString(shape_));
+  switch (dtype_) {
+    case DType::kF32: return static_cast<float*>(raw())[i];
+    case DType::kF64: return static_cast<double*>(raw())[i];
+    case DType::kI32: return static_cast<int32_t*>(raw())[i];
+    case DType::kI64: return static_cast<double>(static_cast<int64_t*>(raw())[i]);
+    case DType::kBF16: return Bf16ToFloat(static_cast<bf16*>(raw())[i]);
+    case DType::kF16: return F16ToFloat(static_cast<f16*>(raw())[i]);
+  }
+  return 0;
+}
+
+Tensor Tensor::To(DType dtype) const {
+  LOOM_CHECK(device().is_cpu(), "[tensor] To(", DTypeName(dtype), ") on ", device().ToString());
+  if (dtype == dtype_) return Clone();
+  Tensor t = Empty(shape_, dtype);
+  const int64_t n = numel();
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = Get(i);
+    switch (dtype) {
+      case DType::kF32: t.data<float>()[i] = static_cast<float>(v); break;
+      case DType::kF64: t.data<double>()[i] = v; break;
+      case DType::kI32: t.data<int32_t>()[i] = static_cast<int32_t>(v); break;
+      case DType::kI64: t.data<int64_t>()[i] = static_cast<int64_t>(v); break;
+      case DType::kBF16: t.data<bf16>()[i] = FloatToBf16(static_cast<float>(v)); break;
+      case DType::kF16: t.data<f16>()[i] = FloatToF16(static_cast<float>(v)); break;
+    }
+  }
+  return t;
+}
+
+}  // namespace loom

@@ -1,0 +1,99 @@
+// Tensor: dense, row-major, contiguous. A tensor owns (shares) its storage or
+// views part of another tensor's storage (Reshape, Slice along dim 0). No
+// autograd: layers keep what their backward needs in activation structs.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/dtype.h"
+#include "runtime/status.h"
+
+namespace loom {
+
+using Shape = std::vector<int64_t>;
+std::string ShapeString(const Shape& shape);
+int64_t NumElements(const Shape& shape);
+
+struct Device {
+  enum class Kind : uint8_t { kCpu, kCuda };
+  Kind kind = Kind::kCpu;
+  int index = 0;
+  static Device Cpu() { return {}; }
+  static Device Cuda(int index) { return {Kind::kCuda, index}; }
+  bool is_cpu() const { return kind == Kind::kCpu; }
+  bool operator==(const Device&) const = default;
+  std::string ToString() const;
+};
+
+// Raw memory of one device. Freed through the allocator that made it.
+class Storage {
+ public:
+  Storage(size_t bytes, Device device);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  Device device() const { return device_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  Device device_;
+};
+
+class Tensor {
+ public:
+  Tensor() = default;
+  static Tensor Empty(const Shape& shape, DType dtype, Device device = Device::Cpu());
+  static Tensor Zeros(const Shape& shape, DType dtype, Device device = Device::Cpu());
+  template <typename T>
+  static Tensor FromVector(const std::vector<T>& values, const Shape& shape) {
+    LOOM_CHECK(NumElements(shape) == static_cast<int64_t>(values.size()), "[tensor] ",
+               values.size(), " values for shape ", ShapeString(shape));
+    Tensor t = Empty(shape, DTypeOf<T>());
+    if (!values.empty()) std::memcpy(t.raw(), values.data(), values.size() * sizeof(T));
+    return t;
+  }
+
+  bool defined() const { return storage_ != nullptr; }
+  const Shape& shape() const { return shape_; }
+  int ndim() const { return static_cast<int>(shape_.size()); }
+  int64_t dim(int i) const { return shape_.at(i < 0 ? i + ndim() : i); }
+  int64_t numel() const { return NumElements(shape_); }
+  DType dtype() const { return dtype_; }
+  Device device() const { return storage_ ? storage_->device() : Device::Cpu(); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype_); }
+
+  void* raw() const { return storage_ ? static_cast<char*>(storage_->data()) + offset_ : nullptr; }
+  template <typename T>
+  T* data() const {
+    LOOM_CHECK(dtype_ == DTypeOf<T>(), "[tensor] data<", DTypeName(DTypeOf<T>()),
+               "> of a ", DTypeName(dtype_), " tensor");
+    return static_cast<T*>(raw());
+  }
+
+  // Views sharing this tensor's storage.
+  Tensor Reshape(const Shape& shape) const;
+  Tensor Slice(int64_t start, int64_t length) const;  // rows [start, start+length) of dim 0
+
+  Tensor Clone() const;
+  void CopyFrom(const Tensor& src);  // same shape size and dtype; any devices
+  void Zero();
+  void Fill(double value);           // CPU float tensors
+  Tensor To(DType dtype) const;      // CPU conversion (a copy)
+  // Element i as a double, whatever the (CPU) dtype: for tests and logs.
+  double Get(int64_t i) const;
+
+ private:
+  std::shared_ptr<Storage> storage_;
+  size_t offset_ = 0;
+  Shape shape_;
+  DType dtype_ = DType::kF32;
+};
+
+}  // namespace loom

@@ -1,0 +1,150 @@
+// Shared test helpers: random tensors, golden-vector files, closeness checks
+// that print the numbers that differ, and the f64 finite-difference check.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.h"
+
+namespace loom::testing {
+
+// Uniform in [lo, hi), deterministic from `seed`.
+inline Tensor RandomTensor(const Shape& shape, DType dtype, uint64_t seed, double lo = -1, double hi = 1) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> dist(lo, hi);
+  Tensor t = Tensor::Empty(shape, DType::kF64);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = dist(gen);
+  return dtype == DType::kF64 ? t : t.To(dtype);
+}
+
+// Max |a-b| / (atol + rtol·|b|) <= 1, reporting the worst element.
+inline ::testing::AssertionResult AllClose(const Tensor& a, const Tensor& b, double rtol, double atol) {
+  if (a.numel() != b.numel())
+    return ::testing::AssertionFailure() << "sizes differ: " << ShapeString(a.shape()) << " vs "
+                                         << ShapeString(b.shape());
+  double worst = 0;
+  int64_t at = -1;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double x = a.Get(i), y = b.Get(i);
+    const double r = std::abs(x - y) / (atol + rtol * std::abs(y));
+    if (!(r <= worst)) {  // also catches NaN
+      worst = r;
+      at = i;
+    }
+  }
+  if (at < 0 || worst <= 1) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "element " << at << " of " << ShapeString(a.shape()) << ": "
+                                       << a.Get(at) << " vs expected " << b.Get(at) << " (rtol " << rtol
+                                       << ", atol " << atol << ")";
+}
+
+// Golden files of ../shared/golden: `param NAME VALUE` and
+// `tensor NAME RANK D0 D1 ...` followed by one line of values.
+struct GoldenCase {
+  std::map<std::string, double> params;
+  std::map<std::string, Tensor> tensors;  // f64
+  const Tensor& t(const std::string& name) const {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) {
+      ADD_FAILURE() << "golden tensor " << name << " missing";
+      static Tensor empty;
+      return empty;
+    }
+    return it->second;
+  }
+};
+
+inline std::string GoldenDir() {
+  if (const char* dir = std::getenv("LOOM_GOLDEN_DIR")) return dir;
+  return LOOM_SOURCE_DIR "/../shared/golden";
+}
+
+// Reads the whole file as one flat list of params and tensors.
+inline GoldenCase ReadGolden(const std::string& file) {
+  GoldenCase g;
+  std::ifstream in(GoldenDir() + "/" + file);
+  EXPECT_TRUE(in.good()) << "cannot open golden file " << GoldenDir() << "/" << file;
+  std::string kind;
+  while (in >> kind) {
+    if (kind == "param") {
+      std::string name;
+      double v;
+      in >> name >> v;
+      g.params[name] = v;
+    } else if (kind == "tensor") {
+      std::string name;
+      int rank;
+      in >> name >> rank;
+      Shape shape(rank);
+      for (auto& d : shape) in >> d;
+      Tensor t = Tensor::Empty(shape, DType::kF64);
+      for (int64_t i = 0; i < t.numel(); ++i) in >> t.data<double>()[i];
+      g.tensors[name] = t;
+    } else {
+      std::string rest;
+      std::getline(in, rest);  // comments or unknown lines
+    }
+  }
+  return g;
+}
+
+// f64 finite-difference gradient check. `loss` recomputes a scalar from the
+// current contents of the inputs; `inputs[i]` is perturbed element by
+// element (at most `max_elements` evenly spread ones) and the central
+// difference is held to `grads[i]`.
+struct GradInput {
+  std::string name;
+  Tensor value;     // f64, perturbed in place
+  Tensor gradient;  // f64, analytic
+};
+
+inline void ExpectGradientsMatch(const std::function<double()>& loss, const std::vector<GradInput>& inputs,
+                                 double tol = 1e-7, double eps = 1e-6, int64_t max_elements = 400) {
+  for (const GradInput& in : inputs) {
+    ASSERT_EQ(in.value.dtype(), DType::kF64) << in.name;
+    ASSERT_EQ(in.value.numel(), in.gradient.numel()) << in.name;
+    double* x = in.value.data<double>();
+    const int64_t n = in.value.numel();
+    const int64_t step = std::max<int64_t>(1, n / max_elements);
+    double worst = 0, worst_num = 0, worst_ana = 0;
+    int64_t worst_i = -1;
+    for (int64_t i = 0; i < n; i += step) {
+      const double saved = x[i];
+      x[i] = saved + eps;
+      const double lp = loss();
+      x[i] = saved - eps;
+      const double lm = loss();
+      x[i] = saved;
+      const double num = (lp - lm) / (2 * eps);
+      const double ana = in.gradient.Get(i);
+      const double err = std::abs(num - ana) / (1.0 + std::abs(num));
+      if (!(err <= worst)) {
+        worst = err;
+        worst_i = i;
+        worst_num = num;
+        worst_ana = ana;
+      }
+    }
+    EXPECT_LE(worst, tol) << "gradient of " << in.name << " element " << worst_i << ": analytic " << worst_ana
+                          << " vs finite difference " << worst_num;
+  }
+}
+
+// Σ a·b over all elements, in f64.
+inline double Dot(const Tensor& a, const Tensor& b) {
+  double s = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) s += a.Get(i) * b.Get(i);
+  return s;
+}
+
+}  // namespace loom::testing
