@@ -1,0 +1,20 @@
+// One micro-batch as the model consumes it: rows·seq_len tokens flattened.
+#pragma once
+
+#include "ops/attention_seqs.h"
+#include "runtime/tensor.h"
+
+namespace loom {
+
+struct Batch {
+  int64_t rows = 0;
+  int64_t seq_len = 0;
+  Tensor tokens;     // [T] i32 inputs
+  Tensor targets;    // [T] i32 next tokens; −100 = no loss here
+  Tensor positions;  // [T] i32 RoPE positions
+  ops::TokenRows token_rows;  // rows and documents, for attention
+
+  int64_t tokens_count() const { return rows * seq_len; }
+};
+
+}  // namespace loom

@@ -1,0 +1,82 @@
+#include "model/block.h"
+
+#include "ops/add.h"
+#include "ops/rmsnorm.h"
+
+namespace loom {
+
+DecoderBlock::DecoderBlock(const ModelDims& dims, int layer)
+    : dims_(dims),
+      kind_(dims.kinds[layer]),
+      recompute_(dims.recompute[layer]),
+      mlp_(dims, absl::StrCat("layers.", layer, ".mlp.")) {
+  const std::string prefix = absl::StrCat("layers.", layer, ".");
+  norm1_.Init(prefix + "norm1", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
+  norm2_.Init(prefix + "norm2", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
+  if (kind_ == 'S') {
+    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, prefix + "attn.");
+  } else {
+    lightning_ = std::make_unique<LightningAttentionLayer>(dims, layer, prefix + "attn.");
+  }
+}
+
+void DecoderBlock::CollectParams(ParamList& out) {
+  out.push_back(&norm1_);
+  if (softmax_) softmax_->CollectParams(out);
+  if (lightning_) lightning_->CollectParams(out);
+  out.push_back(&norm2_);
+  mlp_.CollectParams(out);
+}
+
+void DecoderBlock::Forward(const Tensor& x, const Batch& batch, Tensor& out) {
+  ForwardKeepingActivations(x, batch, out);
+  if (recompute_) ReleaseActivations();
+}
+
+void DecoderBlock::ForwardKeepingActivations(const Tensor& x, const Batch& batch, Tensor& out) {
+  const int64_t t = x.dim(0), c = dims_.hidden;
+  const DType dt = x.dtype();
+  n1_ = Tensor::Empty({t, c}, dt);
+  rstd1_ = Tensor::Empty({t}, dt);
+  ops::RmsNormForward(x, norm1_.value, dims_.norm_eps, n1_, rstd1_);
+  Tensor mixed = Tensor::Empty({t, c}, dt);
+  if (softmax_) softmax_->Forward(n1_, batch, mixed);
+  if (lightning_) lightning_->Forward(n1_, batch, mixed);
+  x1_ = mixed;
+  ops::AddInPlace(x1_, x);
+  n2_ = Tensor::Empty({t, c}, dt);
+  rstd2_ = Tensor::Empty({t}, dt);
+  ops::RmsNormForward(x1_, norm2_.value, dims_.norm_eps, n2_, rstd2_);
+  mlp_.Forward(n2_, out);
+  ops::AddInPlace(out, x1_);
+}
+
+void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx) {
+  const int64_t t = x.dim(0), c = dims_.hidden;
+  const DType dt = x.dtype();
+  if (recompute_) {
+    Tensor scratch = Tensor::Empty({t, c}, dt);
+    ForwardKeepingActivations(x, batch, scratch);
+  }
+  // Residual: dx1 = dout + RMSNorm₂ᵀ(MLPᵀ(dout)).
+  Tensor dn = Tensor::Empty({t, c}, dt);
+  mlp_.Backward(n2_, dout, dn);
+  Tensor dx1 = Tensor::Empty({t, c}, dt);
+  ops::RmsNormBackward(x1_, norm2_.value, rstd2_, dn, dx1, norm2_.grad);
+  ops::AddInPlace(dx1, dout);
+  // dx = dx1 + RMSNorm₁ᵀ(Mixerᵀ(dx1)).
+  if (softmax_) softmax_->Backward(n1_, batch, dx1, dn);
+  if (lightning_) lightning_->Backward(n1_, batch, dx1, dn);
+  ops::RmsNormBackward(x, norm1_.value, rstd1_, dn, dx, norm1_.grad);
+  ops::AddInPlace(dx, dx1);
+  ReleaseActivations();
+}
+
+void DecoderBlock::ReleaseActivations() {
+  n1_ = rstd1_ = x1_ = n2_ = rstd2_ = Tensor();
+  if (softmax_) softmax_->ReleaseActivations();
+  if (lightning_) lightning_->ReleaseActivations();
+  mlp_.ReleaseActivations();
+}
+
+}  // namespace loom

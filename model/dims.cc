@@ -1,0 +1,82 @@
+#include "model/dims.h"
+
+#include <cmath>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+
+namespace loom {
+
+ModelDims ModelDims::FromConfig(const config::Config& config) {
+  const auto& m = config.model();
+  ModelDims d;
+  d.layers = m.layers();
+  d.hidden = m.hidden();
+  d.heads = m.heads();
+  d.kv_heads = m.kv_heads();
+  d.head_dim = m.hidden() / m.heads();
+  d.ffn = m.ffn_hidden() > 0 ? m.ffn_hidden() : (8 * m.hidden() / 3 + 63) / 64 * 64;
+  d.vocab = m.vocab();
+  const int multiple = 64 * config.parallel().tp();
+  d.padded_vocab = (m.vocab() + multiple - 1) / multiple * multiple;
+  for (int l = 0; l < d.layers; ++l) d.kinds += m.pattern()[l % m.pattern().size()];
+  d.tie_embeddings = m.tie_embeddings();
+  d.norm_eps = m.norm_eps();
+  d.rope_theta = m.rope_theta();
+  d.sigmoid_attention = m.attention() == "sigmoid";
+  d.sigmoid_bias = -std::log(static_cast<double>(config.train().seq_len()));
+  d.lightning_block = m.lightning_block();
+  d.lightning_decay = m.lightning_decay();
+  d.lightning_silu = m.lightning_silu();
+  d.lightning_norm = m.lightning_norm();
+  d.lightning_gate = m.lightning_gate();
+  d.init_std = m.init_std();
+  d.recompute.assign(d.layers, m.recompute() == "all");
+  if (!m.recompute().empty() && m.recompute() != "all") {
+    for (const std::string& part : std::vector<std::string>(absl::StrSplit(m.recompute(), ','))) {
+      int layer = 0;
+      if (absl::SimpleAtoi(part, &layer) && layer >= 0 && layer < d.layers) d.recompute[layer] = true;
+    }
+  }
+  d.dtype = config.train().dtype() == "f64" ? DType::kF64 : DType::kF32;
+  d.seed = config.train().seed();
+  return d;
+}
+
+int64_t ModelDims::ParameterCount(bool with_embeddings) const {
+  const int64_t c = hidden, qd = int64_t{heads} * head_dim, kvd = int64_t{kv_heads} * head_dim;
+  int64_t n = c;  // final norm
+  for (char kind : kinds) {
+    n += 2 * c + 3 * c * ffn;  // two norms, SwiGLU
+    if (kind == 'S') {
+      n += c * qd + 2 * c * kvd + qd * c;
+    } else {
+      n += 4 * c * qd + qd * c + head_dim;  // q, k, v, gate, out, per-head norm
+    }
+  }
+  if (with_embeddings) n += int64_t{padded_vocab} * c * (tie_embeddings ? 1 : 2);
+  return n;
+}
+
+double ModelDims::FlopsPerToken(int64_t seq_len) const {
+  // 6 FLOPs per parameter per token (forward 2, backward 4) for every matmul
+  // weight, the output layer included (the input embedding is a lookup).
+  const double matmul_params =
+      static_cast<double>(ParameterCount(false)) + static_cast<double>(padded_vocab) * hidden;
+  double flops = 6.0 * matmul_params;
+  for (char kind : kinds) {
+    if (kind == 'S') {
+      // QKᵀ and PV: 2·2·S·d per token and head forward, causal halves it,
+      // backward twice the forward: 6·S·d per head (DESIGN.md: 6·L·S·d).
+      flops += 6.0 * seq_len * head_dim * heads;
+    } else {
+      // Lightning, per token and head with block B: intra-block 2·B·d (QKᵀ
+      // over a causal half-block, then PV), state read 2·d² and state
+      // update 2·d²: forward ≈ 2·B·d + 4·d², backward twice that.
+      flops += 3.0 * (2.0 * lightning_block * head_dim + 4.0 * head_dim * head_dim) * heads;
+    }
+  }
+  return flops;
+}
+
+}  // namespace loom

@@ -1,0 +1,48 @@
+// Model hyper-parameters resolved from the config: derived sizes computed
+// once (head_dim, ffn width, padded vocab, per-layer kinds).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "configs/loom.pb.h"
+#include "runtime/tensor.h"
+
+namespace loom {
+
+struct ModelDims {
+  int layers = 0;
+  int hidden = 0;
+  int heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  int ffn = 0;
+  int vocab = 0;         // true vocabulary
+  int padded_vocab = 0;  // multiple of 64·tp; rows ≥ vocab are masked
+  std::string kinds;     // one letter a layer: 'S' or 'L'
+  bool tie_embeddings = false;
+  double norm_eps = 1e-5;
+  double rope_theta = 10000;
+  bool sigmoid_attention = false;
+  double sigmoid_bias = 0;  // −log(train.seq_len)
+  int lightning_block = 64;
+  bool lightning_decay = true;
+  bool lightning_silu = true;
+  bool lightning_norm = true;
+  bool lightning_gate = true;
+  double init_std = 0.02;
+  std::vector<bool> recompute;  // per layer
+  DType dtype = DType::kF32;
+  uint64_t seed = 0;
+
+  static ModelDims FromConfig(const config::Config& config);
+
+  // Parameters, with or without the embedding and output matrices.
+  int64_t ParameterCount(bool with_embeddings) const;
+  // Model FLOPs per token for forward + backward at sequence length s:
+  // 6·N (non-embedding matmuls and the output layer) plus attention
+  // (softmax causal: 6·S·d per layer and head... see docs/metrics.md).
+  double FlopsPerToken(int64_t seq_len) const;
+};
+
+}  // namespace loom

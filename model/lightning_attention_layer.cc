@@ -1,0 +1,120 @@
+#include "model/lightning_attention_layer.h"
+
+#include <cmath>
+
+#include "ops/lightning_attention.h"
+#include "ops/linear.h"
+#include "ops/rmsnorm.h"
+#include "ops/sigmoid_gate.h"
+#include "ops/silu.h"
+
+namespace loom {
+
+LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, int layer, const std::string& prefix)
+    : dims_(dims) {
+  const int64_t c = dims.hidden, hd = int64_t{dims.heads} * dims.head_dim;
+  std::vector<double> decay(dims.heads, 1.0);
+  if (dims.lightning_decay) decay = ops::LightningDecay(dims.heads, layer, dims.layers);
+  decay_ = Tensor::FromVector<double>(decay, {dims.heads}).To(dims.dtype);
+  const double out_std = dims.init_std / std::sqrt(2.0 * dims.layers);
+  wq_.Init(prefix + "wq", {hd, c}, dims.dtype, dims.seed, dims.init_std);
+  wk_.Init(prefix + "wk", {hd, c}, dims.dtype, dims.seed, dims.init_std);
+  wv_.Init(prefix + "wv", {hd, c}, dims.dtype, dims.seed, dims.init_std);
+  wg_.Init(prefix + "wg", {hd, c}, dims.dtype, dims.seed, dims.init_std);
+  wo_.Init(prefix + "wo", {c, hd}, dims.dtype, dims.seed, out_std);
+  norm_.Init(prefix + "norm", {dims.head_dim}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
+}
+
+void LightningAttentionLayer::CollectParams(ParamList& out) {
+  out.insert(out.end(), {&wq_, &wk_, &wv_});
+  if (dims_.lightning_gate) out.push_back(&wg_);
+  out.push_back(&wo_);
+  if (dims_.lightning_norm) out.push_back(&norm_);
+}
+
+void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
+  const int64_t t = x.dim(0), h = dims_.heads, d = dims_.head_dim;
+  const DType dt = x.dtype();
+  qa_ = Tensor::Empty({t, h, d}, dt);
+  ka_ = Tensor::Empty({t, h, d}, dt);
+  va_ = Tensor::Empty({t, h, d}, dt);
+  ops::LinearForward(x, wq_.value, qa_);
+  ops::LinearForward(x, wk_.value, ka_);
+  ops::LinearForward(x, wv_.value, va_);
+  if (dims_.lightning_silu) {
+    q_ = Tensor::Empty(qa_.shape(), dt);
+    k_ = Tensor::Empty(ka_.shape(), dt);
+    v_ = Tensor::Empty(va_.shape(), dt);
+    ops::SiluForward(qa_, q_);
+    ops::SiluForward(ka_, k_);
+    ops::SiluForward(va_, v_);
+  } else {
+    q_ = qa_, k_ = ka_, v_ = va_;
+  }
+  a_ = Tensor::Empty({t, h, d}, dt);
+  Tensor state_out = Tensor::Empty({batch.token_rows.rows(), h, d, d}, dt);
+  ops::LightningOptions options;
+  options.block = dims_.lightning_block;
+  ops::LightningAttentionForward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), a_, state_out);
+  if (dims_.lightning_norm) {
+    n_ = Tensor::Empty({t * h, d}, dt);
+    rstd_ = Tensor::Empty({t * h}, dt);
+    ops::RmsNormForward(a_.Reshape({t * h, d}), norm_.value, dims_.norm_eps, n_, rstd_);
+  } else {
+    n_ = a_;
+  }
+  if (dims_.lightning_gate) {
+    g_ = Tensor::Empty({t, h * d}, dt);
+    ops::LinearForward(x, wg_.value, g_);
+    y_ = Tensor::Empty({t, h * d}, dt);
+    ops::SigmoidGateForward(n_.Reshape({t, h * d}), g_, y_);
+  } else {
+    y_ = n_.Reshape({t, h * d});
+  }
+  ops::LinearForward(y_, wo_.value, y);
+}
+
+void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
+  const int64_t t = x.dim(0), h = dims_.heads, d = dims_.head_dim;
+  const DType dt = x.dtype();
+  Tensor d_y = Tensor::Empty({t, h * d}, dt);
+  ops::LinearBackward(y_, wo_.value, dy, &d_y, wo_.grad);
+  // Each branch below adds its input gradient into dx: the first writes.
+  bool dx_written = false;
+  auto add_input_grad = [&](const Tensor& dproj, Param& w) {
+    ops::LinearBackward(x, w.value, dproj, &dx, w.grad, /*accumulate_dx=*/dx_written);
+    dx_written = true;
+  };
+  Tensor dn = d_y;
+  if (dims_.lightning_gate) {
+    dn = Tensor::Empty({t, h * d}, dt);
+    Tensor dg = Tensor::Empty({t, h * d}, dt);
+    ops::SigmoidGateBackward(n_.Reshape({t, h * d}), g_, d_y, dn, dg);
+    add_input_grad(dg, wg_);
+  }
+  Tensor da = dn;
+  if (dims_.lightning_norm) {
+    da = Tensor::Empty({t * h, d}, dt);
+    ops::RmsNormBackward(a_.Reshape({t * h, d}), norm_.value, rstd_, dn.Reshape({t * h, d}), da, norm_.grad);
+  }
+  Tensor dq = Tensor::Empty({t, h, d}, dt), dk = Tensor::Empty({t, h, d}, dt), dv = Tensor::Empty({t, h, d}, dt);
+  ops::LightningOptions options;
+  options.block = dims_.lightning_block;
+  Tensor no_state;
+  ops::LightningAttentionBackward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), da.Reshape({t, h, d}),
+                                  Tensor(), dq, dk, dv, no_state);
+  if (dims_.lightning_silu) {
+    ops::SiluBackward(qa_, dq, dq);
+    ops::SiluBackward(ka_, dk, dk);
+    ops::SiluBackward(va_, dv, dv);
+  }
+  add_input_grad(dq.Reshape({t, h * d}), wq_);
+  add_input_grad(dk.Reshape({t, h * d}), wk_);
+  add_input_grad(dv.Reshape({t, h * d}), wv_);
+}
+
+void LightningAttentionLayer::ReleaseActivations() {
+  qa_ = ka_ = va_ = q_ = k_ = v_ = a_ = rstd_ = n_ = g_ = y_ = Tensor();
+}
+
+}  // namespace loom

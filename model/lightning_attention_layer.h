@@ -1,0 +1,41 @@
+// Lightning attention layer (TransNormerLLM / MiniMax-01 form):
+//   q, k, v = SiLU(x W_qᵀ), SiLU(x W_kᵀ), SiLU(x W_vᵀ)      [T, H, D]
+//   a = lightning(q, k, v; λ_h of this layer)              [T, H, D]
+//   y = (RMSNorm_head(a) ⊙ sigmoid(x W_gᵀ)) W_oᵀ           [T, C]
+// No 1/√d scale, no RoPE. SiLU, the per-head norm and the gate are config
+// switches (model.lightning_*). W_q, W_k, W_v, W_g [H·D, C], W_o [C, H·D],
+// norm weight [D] shared by the heads.
+// Gradient rule: parameter gradients accumulate, dx is written.
+#pragma once
+
+#include <string>
+
+#include "model/batch.h"
+#include "model/dims.h"
+#include "model/param.h"
+
+namespace loom {
+
+class LightningAttentionLayer {
+ public:
+  LightningAttentionLayer(const ModelDims& dims, int layer, const std::string& prefix);
+  void Forward(const Tensor& x, const Batch& batch, Tensor& y);
+  void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx);
+  void ReleaseActivations();
+  void CollectParams(ParamList& out);
+
+ private:
+  const ModelDims& dims_;
+  Tensor decay_;  // λ_h [H]
+  Param wq_, wk_, wv_, wg_, wo_, norm_;
+  // Saved by Forward for Backward.
+  Tensor qa_, ka_, va_;  // projections before SiLU [T, H, D]
+  Tensor q_, k_, v_;     // after SiLU (aliases of qa_.. when SiLU is off)
+  Tensor a_;             // attention output [T, H, D]
+  Tensor rstd_;          // per-head norm [T·H]
+  Tensor n_;             // normalised a (alias of a_ when the norm is off)
+  Tensor g_;             // gate pre-activation [T, H·D]
+  Tensor y_;             // gated output, input of W_o
+};
+
+}  // namespace loom

@@ -1,0 +1,27 @@
+// SwiGLU MLP: y = (SiLU(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
+// W_gate, W_up [F, C], W_down [C, F].
+// Gradient rule: parameter gradients accumulate, dx is written.
+#pragma once
+
+#include <string>
+
+#include "model/dims.h"
+#include "model/param.h"
+
+namespace loom {
+
+class SwigluMlp {
+ public:
+  SwigluMlp(const ModelDims& dims, const std::string& prefix);
+  void Forward(const Tensor& x, Tensor& y);
+  void Backward(const Tensor& x, const Tensor& dy, Tensor& dx);
+  void ReleaseActivations() { gate_ = up_ = h_ = Tensor(); }
+  void CollectParams(ParamList& out) { out.insert(out.end(), {&w_gate_, &w_up_, &w_down_}); }
+
+ private:
+  const ModelDims& dims_;
+  Param w_gate_, w_up_, w_down_;
+  Tensor gate_, up_, h_;  // [T, F]
+};
+
+}  // namespace loom

@@ -1,0 +1,66 @@
+#include "model/softmax_attention_layer.h"
+
+#include <cmath>
+
+#include "ops/linear.h"
+#include "ops/rope.h"
+#include "ops/softmax_attention.h"
+
+namespace loom {
+
+SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const std::string& prefix) : dims_(dims) {
+  const int64_t c = dims.hidden, qd = int64_t{dims.heads} * dims.head_dim,
+                kvd = int64_t{dims.kv_heads} * dims.head_dim;
+  const double out_std = dims.init_std / std::sqrt(2.0 * dims.layers);
+  wq_.Init(prefix + "wq", {qd, c}, dims.dtype, dims.seed, dims.init_std);
+  wk_.Init(prefix + "wk", {kvd, c}, dims.dtype, dims.seed, dims.init_std);
+  wv_.Init(prefix + "wv", {kvd, c}, dims.dtype, dims.seed, dims.init_std);
+  wo_.Init(prefix + "wo", {c, qd}, dims.dtype, dims.seed, out_std);
+}
+
+namespace {
+ops::AttentionOptions Options(const ModelDims& d) {
+  ops::AttentionOptions o;
+  o.causal = true;
+  o.sigmoid = d.sigmoid_attention;
+  o.sigmoid_bias = d.sigmoid_bias;
+  return o;
+}
+}  // namespace
+
+void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
+  const int64_t t = x.dim(0), hq = dims_.heads, hk = dims_.kv_heads, d = dims_.head_dim;
+  q_ = Tensor::Empty({t, hq, d}, x.dtype());
+  k_ = Tensor::Empty({t, hk, d}, x.dtype());
+  v_ = Tensor::Empty({t, hk, d}, x.dtype());
+  ops::LinearForward(x, wq_.value, q_);
+  ops::LinearForward(x, wk_.value, k_);
+  ops::LinearForward(x, wv_.value, v_);
+  ops::RopeForward(q_, batch.positions, dims_.rope_theta, q_);
+  ops::RopeForward(k_, batch.positions, dims_.rope_theta, k_);
+  o_ = Tensor::Empty({t, hq, d}, x.dtype());
+  lse_ = Tensor::Empty({t, hq}, x.dtype());
+  ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_), o_, lse_);
+  ops::LinearForward(o_, wo_.value, y);
+}
+
+void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
+  const int64_t t = x.dim(0);
+  Tensor d_o = Tensor::Empty(o_.shape(), x.dtype());
+  ops::LinearBackward(o_, wo_.value, dy, &d_o, wo_.grad);
+  Tensor dq = Tensor::Empty(q_.shape(), x.dtype());
+  Tensor dk = Tensor::Empty(k_.shape(), x.dtype());
+  Tensor dv = Tensor::Empty(v_.shape(), x.dtype());
+  ops::SoftmaxAttentionBackward(q_, k_, v_, o_, lse_, d_o, batch.token_rows, batch.token_rows, Options(dims_), dq,
+                                dk, dv);
+  ops::RopeBackward(dq, batch.positions, dims_.rope_theta, dq);
+  ops::RopeBackward(dk, batch.positions, dims_.rope_theta, dk);
+  // dx = dq W_q + dk W_k + dv W_v.
+  ops::LinearBackward(x, wq_.value, dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
+  ops::LinearBackward(x, wk_.value, dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
+  ops::LinearBackward(x, wv_.value, dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
+}
+
+void SoftmaxAttentionLayer::ReleaseActivations() { q_ = k_ = v_ = o_ = lse_ = Tensor(); }
+
+}  // namespace loom

@@ -1,0 +1,29 @@
+// How the tokens of a flattened batch group into rows (independent
+// sequences) and documents, shared by the attention ops.
+//   cu_seqlens [R+1] i32: row r holds tokens [cu[r], cu[r+1]) (rows may differ
+//     in length: varlen).
+//   doc_ids [T] i32, optional (undefined Tensor = one document a row):
+//     document id of each token, non-decreasing within a row. Tokens of
+//     different documents never interact; a lightning state resets where the
+//     id changes.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace loom::ops {
+
+struct TokenRows {
+  Tensor cu_seqlens;
+  Tensor doc_ids;
+  int64_t rows() const { return cu_seqlens.numel() - 1; }
+  // Row r's [begin, end).
+  int64_t begin(int64_t r) const { return cu_seqlens.data<int32_t>()[r]; }
+  int64_t end(int64_t r) const { return cu_seqlens.data<int32_t>()[r + 1]; }
+  bool has_docs() const { return doc_ids.defined(); }
+  int32_t doc(int64_t t) const { return has_docs() ? doc_ids.data<int32_t>()[t] : 0; }
+
+  // R rows of n tokens each, one document a row.
+  static TokenRows Uniform(int64_t rows, int64_t n);
+};
+
+}  // namespace loom::ops

@@ -1,0 +1,532 @@
+// CPU softmax / sigmoid attention: the sequence is cut into tiles of kBlock
+// queries (forward, dQ) or kBlock keys (dK, dV); each tile is a few OpenBLAS
+// GEMMs and the tiles are spread over OpenMP threads.
+//
+//   q, o, d_o, dq [Tq, Hq, D]   k, v, dk, dv [Tk, Hk, D]   lse [Tq, Hq]
+//
+// Head h of token t starts at (t·H + h)·D, so one head of one row is a
+// matrix with leading dimension H·D that BLAS reads in place: nothing is
+// gathered. Query head h reads KV head g = h / (Hq / Hk).
+//
+// Forward, one row and one query head (masked scores are −∞):
+//   S = scale · Q Kᵀ
+//   softmax: lse_i = log Σ_j exp(S_ij),  P = exp(S − lse)
+//   sigmoid: P = σ(S + b) on visible entries, 0 elsewhere (lse untouched)
+//   O = P V
+// Backward, P rebuilt from the saved lse (no second normalising pass):
+//   dP = dO Vᵀ
+//   softmax: dS = P ⊙ (dP − Δ),  Δ_i = Σ_d dO_id O_id  (= Σ_j P_ij dP_ij)
+//   sigmoid: dS = P ⊙ (1 − P) ⊙ dP
+//   dQ = scale · dS K,   dK = scale · dSᵀ Q,   dV = Pᵀ dO
+// Gradient rule: dq, dk, dv are activation gradients and are written.
+//
+// Parallel backward without races: dK and dV of one key sum over every query
+// (and every query head of the GQA group) that sees it, dQ of one query over
+// every key. One pass that owned both would either serialise over
+// (row, KV head), leaving cores idle when rows·Hk is small (long-context
+// training has one row and a few KV heads), or need per-thread copies of
+// dK and dV. So the backward runs two passes that each own what they write:
+// tiles of keys produce dK, dV; tiles of queries produce dQ. The price is
+// recomputing S and dP once more (7 GEMMs per tile pair instead of 5).
+#include "ops/softmax_attention.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace loom::ops {
+namespace {
+
+// Queries (or keys) per tile: the score buffer of a thread is kBlock × N,
+// never N × N.
+constexpr int64_t kBlock = 64;
+
+void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+          int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// The pthreads build of OpenBLAS would start its own thread team inside each
+// tile's GEMM, on top of the OpenMP team that already holds the cores. The
+// tiles are the parallelism here, so BLAS runs single-threaded meanwhile.
+// (The OpenMP build of OpenBLAS notices omp_in_parallel() by itself, and its
+// openblas_set_num_threads would also shrink our OpenMP team: leave it be.)
+class SingleThreadedBlas {
+ public:
+  explicit SingleThreadedBlas(bool threaded_region) {
+    if (threaded_region && omp_get_max_threads() > 1 && !omp_in_parallel() && openblas_get_parallel() == 1) {
+      saved_ = openblas_get_num_threads();
+      openblas_set_num_threads(1);
+    }
+  }
+  ~SingleThreadedBlas() {
+    if (saved_ > 0) openblas_set_num_threads(saved_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int saved_ = 0;
+};
+
+// One token-major [tokens, heads, dim] tensor.
+template <typename T>
+struct Heads {
+  T* base;
+  int64_t heads;
+  int64_t dim;
+  T* at(int64_t token, int64_t head) const { return base + (token * heads + head) * dim; }
+  int64_t ld() const { return heads * dim; }
+};
+
+struct Range {
+  int64_t lo = 0, hi = 0;
+  int64_t size() const { return hi - lo; }
+};
+
+// The mask of one row, in row-relative indices. Causal: query i sees key j
+// iff q_offset + i ≥ k_offset + j, i.e. j ≤ i − shift. Documents: ids are
+// non-decreasing in q and in k, so the keys of query i's document are one
+// contiguous run. Both bounds grow with i, so every query sees one interval
+// [L(i), H(i)) and every key is seen by one interval of queries.
+struct RowMask {
+  int64_t nq = 0, nk = 0;
+  bool causal = true;
+  int64_t shift = 0;              // k_offset − q_offset
+  const int32_t* qdoc = nullptr;  // this row's document ids; null: one document
+  const int32_t* kdoc = nullptr;
+
+  // Keys seen by query i0 through keys seen by query i1 − 1: exactly the
+  // keys of i0 when i1 = i0 + 1, else a covering range (entries nobody sees
+  // are masked row by row).
+  Range Keys(int64_t i0, int64_t i1) const {
+    int64_t lo = 0, hi = nk;
+    if (causal) hi = std::clamp<int64_t>(i1 - shift, 0, nk);
+    if (qdoc) {
+      lo = std::lower_bound(kdoc, kdoc + nk, qdoc[i0]) - kdoc;
+      hi = std::min<int64_t>(hi, std::upper_bound(kdoc, kdoc + nk, qdoc[i1 - 1]) - kdoc);
+    }
+    return {lo, std::max(lo, hi)};
+  }
+  // The mirror image: queries that see key j0 through those that see j1 − 1.
+  Range Queries(int64_t j0, int64_t j1) const {
+    int64_t lo = 0, hi = nq;
+    if (causal) lo = std::clamp<int64_t>(j0 + shift, 0, nq);
+    if (qdoc) {
+      lo = std::max<int64_t>(lo, std::lower_bound(qdoc, qdoc + nq, kdoc[j0]) - qdoc);
+      hi = std::upper_bound(qdoc, qdoc + nq, kdoc[j1 - 1]) - qdoc;
+    }
+    return {lo, std::max(lo, hi)};
+  }
+};
+
+// Everything a tile needs besides its position.
+template <typename T>
+struct Problem {
+  Heads<const T> q, k, v;
+  const TokenRows* q_rows;
+  const TokenRows* k_rows;
+  int64_t group;  // Hq / Hk
+  T scale;
+  T bias;         // sigmoid only
+  bool sigmoid;
+  bool causal;
+  int64_t shift;
+
+  RowMask Mask(int64_t r) const {
+    RowMask m;
+    m.nq = q_rows->end(r) - q_rows->begin(r);
+    m.nk = k_rows->end(r) - k_rows->begin(r);
+    m.causal = causal;
+    m.shift = shift;
+    if (q_rows->has_docs()) {
+      m.qdoc = q_rows->doc_ids.data<int32_t>() + q_rows->begin(r);
+      m.kdoc = k_rows->doc_ids.data<int32_t>() + k_rows->begin(r);
+    }
+    return m;
+  }
+};
+
+template <typename T>
+T Sigmoid(T x) {
+  // Written so that exp never overflows.
+  if (x >= 0) return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(x);
+  return e / (T(1) + e);
+}
+
+// Row [0, n) of scaled scores becomes softmax probabilities over its visible
+// part [a, b) and zero elsewhere. Returns lse = m + log Σ exp(S − m), with m
+// the row maximum (so exp never overflows); −∞ when nothing is visible.
+template <typename T>
+T SoftmaxRow(T* row, int64_t n, int64_t a, int64_t b) {
+  std::fill(row, row + a, T(0));
+  std::fill(row + b, row + n, T(0));
+  if (a >= b) return -std::numeric_limits<T>::infinity();
+  T m = row[a];
+  for (int64_t j = a + 1; j < b; ++j) m = std::max(m, row[j]);
+  T sum = 0;
+  for (int64_t j = a; j < b; ++j) {
+    row[j] = std::exp(row[j] - m);
+    sum += row[j];
+  }
+  const T inv = T(1) / sum;
+  for (int64_t j = a; j < b; ++j) row[j] *= inv;
+  return m + std::log(sum);
+}
+
+// P = σ(S + b) on [a, b_end), zero elsewhere.
+template <typename T>
+void SigmoidRow(T* row, int64_t n, int64_t a, int64_t b, T bias) {
+  std::fill(row, row + a, T(0));
+  std::fill(row + std::max(a, b), row + n, T(0));
+  for (int64_t j = a; j < b; ++j) row[j] = Sigmoid(row[j] + bias);
+}
+
+// A tile: query (or key) block [start, start + kBlock) ∩ row of `head`.
+struct Tile {
+  int64_t row, head, start;
+};
+
+std::vector<Tile> Tiles(const TokenRows& rows, int64_t heads) {
+  std::vector<Tile> tiles;
+  for (int64_t r = 0; r < rows.rows(); ++r) {
+    const int64_t n = rows.end(r) - rows.begin(r);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t s = 0; s < n; s += kBlock) tiles.push_back({r, h, s});
+  }
+  return tiles;
+}
+
+// Whether a call is worth a thread team. Waking the team and its barriers
+// cost tens of microseconds, far more on a loaded machine (ctest -j), while
+// small calls (decoding, finite-difference checks) take less than that.
+// Work is counted as the multiply-adds of the unmasked scores.
+bool WorthThreads(const TokenRows& q_rows, const TokenRows& k_rows, int64_t heads, int64_t dim) {
+  int64_t work = 0;
+  for (int64_t r = 0; r < q_rows.rows(); ++r)
+    work += (q_rows.end(r) - q_rows.begin(r)) * (k_rows.end(r) - k_rows.begin(r)) * heads * dim;
+  return work >= (int64_t{1} << 18);
+}
+
+int64_t LongestRow(const TokenRows& rows) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < rows.rows(); ++r) n = std::max(n, rows.end(r) - rows.begin(r));
+  return n;
+}
+
+// ---------------------------------------------------------------- forward
+// One tile of queries [i0, i1) of row r, head h:
+//   S [m, nk'] = scale · Q[i0:i1] K[keys]ᵀ,  P = softmax or σ,  O[i0:i1] = P V[keys]
+template <typename T>
+void ForwardTile(const Problem<T>& p, const Tile& tile, Heads<T> o, T* lse, T* s) {
+  const RowMask mask = p.Mask(tile.row);
+  const int64_t i0 = tile.start, i1 = std::min(tile.start + kBlock, mask.nq);
+  const Range keys = mask.Keys(i0, i1);
+  if (keys.size() == 0) return;  // o stays 0 and lse −∞ as filled by the caller
+  const int64_t qb = p.q_rows->begin(tile.row), kb = p.k_rows->begin(tile.row);
+  const int64_t h = tile.head, g = h / p.group, m = i1 - i0, n = keys.size(), d = p.q.dim;
+
+  Gemm(CblasNoTrans, CblasTrans, m, n, d, p.scale, p.q.at(qb + i0, h), p.q.ld(), p.k.at(kb + keys.lo, g), p.k.ld(),
+       T(0), s, n);
+  for (int64_t i = i0; i < i1; ++i) {
+    const Range seen = mask.Keys(i, i + 1);
+    T* row = s + (i - i0) * n;
+    const int64_t a = std::clamp(seen.lo - keys.lo, int64_t{0}, n);
+    const int64_t b = std::clamp(seen.hi - keys.lo, a, n);
+    if (p.sigmoid) {
+      SigmoidRow(row, n, a, b, p.bias);
+    } else {
+      lse[(qb + i) * p.q.heads + h] = SoftmaxRow(row, n, a, b);
+    }
+  }
+  Gemm(CblasNoTrans, CblasNoTrans, m, d, n, T(1), s, n, p.v.at(kb + keys.lo, g), p.v.ld(), T(0), o.at(qb + i0, h),
+       o.ld());
+}
+
+// ---------------------------------------------------------------- backward
+// P and dS of one visible entry from its scaled score x and dP.
+template <typename T>
+struct ProbAndGrad {
+  T p, ds;
+};
+template <typename T>
+ProbAndGrad<T> Backprop(const Problem<T>& pr, T x, T dp, T lse, T delta) {
+  if (pr.sigmoid) {
+    const T p = Sigmoid(x + pr.bias);
+    return {p, p * (T(1) - p) * dp};
+  }
+  const T p = std::exp(x - lse);
+  return {p, p * (dp - delta)};
+}
+
+// dK, dV of keys [j0, j1) of row r, KV head g, summed over the query heads
+// of g's group and every query that sees them. Transposed tile, rows = keys:
+//   Sᵀ = scale · K Q[qs]ᵀ,  dPᵀ = V dO[qs]ᵀ   [nb, m]
+//   dV += Pᵀ dO[qs],  dK += scale · dSᵀ Q[qs]
+template <typename T>
+void KeyValueGradTile(const Problem<T>& p, const Tile& tile, Heads<const T> d_o, const T* lse, const T* delta,
+                      Heads<T> dk, Heads<T> dv, T* st, T* dpt, T* lse_h, T* delta_h) {
+  const RowMask mask = p.Mask(tile.row);
+  const int64_t j0 = tile.start, j1 = std::min(tile.start + kBlock, mask.nk);
+  const Range queries = mask.Queries(j0, j1);
+  if (queries.size() == 0) return;  // dk, dv stay 0
+  const int64_t qb = p.q_rows->begin(tile.row), kb = p.k_rows->begin(tile.row);
+  const int64_t g = tile.head, nb = j1 - j0, m = queries.size(), d = p.q.dim, hq = p.q.heads;
+
+  for (int64_t h = g * p.group; h < (g + 1) * p.group; ++h) {
+    const T* q_h = p.q.at(qb + queries.lo, h);
+    const T* do_h = d_o.at(qb + queries.lo, h);
+    Gemm(CblasNoTrans, CblasTrans, nb, m, d, p.scale, p.k.at(kb + j0, g), p.k.ld(), q_h, p.q.ld(), T(0), st, m);
+    Gemm(CblasNoTrans, CblasTrans, nb, m, d, T(1), p.v.at(kb + j0, g), p.v.ld(), do_h, d_o.ld(), T(0), dpt, m);
+    // This head's lse and Δ of the tile's queries, contiguous for the loop below.
+    if (!p.sigmoid) {
+      for (int64_t i = 0; i < m; ++i) {
+        lse_h[i] = lse[(qb + queries.lo + i) * hq + h];
+        delta_h[i] = delta[(qb + queries.lo + i) * hq + h];
+      }
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const Range seen = mask.Queries(j, j + 1);
+      T* p_row = st + (j - j0) * m;
+      T* ds_row = dpt + (j - j0) * m;
+      const int64_t a = std::clamp(seen.lo - queries.lo, int64_t{0}, m);
+      const int64_t b = std::clamp(seen.hi - queries.lo, a, m);
+      // Entries outside [a, b) are masked: P = dS = 0. A query that sees no
+      // key at all (lse = −∞) is never inside, so exp(x − lse) is never formed.
+      std::fill(p_row, p_row + a, T(0));
+      std::fill(ds_row, ds_row + a, T(0));
+      for (int64_t i = a; i < b; ++i) {
+        const ProbAndGrad<T> e = Backprop(p, p_row[i], ds_row[i], p.sigmoid ? T(0) : lse_h[i],
+                                          p.sigmoid ? T(0) : delta_h[i]);
+        p_row[i] = e.p;
+        ds_row[i] = e.ds;
+      }
+      std::fill(p_row + b, p_row + m, T(0));
+      std::fill(ds_row + b, ds_row + m, T(0));
+    }
+    Gemm(CblasNoTrans, CblasNoTrans, nb, d, m, T(1), st, m, do_h, d_o.ld(), T(1), dv.at(kb + j0, g), dv.ld());
+    Gemm(CblasNoTrans, CblasNoTrans, nb, d, m, p.scale, dpt, m, q_h, p.q.ld(), T(1), dk.at(kb + j0, g), dk.ld());
+  }
+}
+
+// dQ of queries [i0, i1) of row r, head h:
+//   S = scale · Q K[ks]ᵀ,  dP = dO V[ks]ᵀ   [m, n],   dQ = scale · dS K[ks]
+template <typename T>
+void QueryGradTile(const Problem<T>& p, const Tile& tile, Heads<const T> d_o, const T* lse, const T* delta,
+                   Heads<T> dq, T* s, T* dp) {
+  const RowMask mask = p.Mask(tile.row);
+  const int64_t i0 = tile.start, i1 = std::min(tile.start + kBlock, mask.nq);
+  const Range keys = mask.Keys(i0, i1);
+  if (keys.size() == 0) return;  // dq stays 0
+  const int64_t qb = p.q_rows->begin(tile.row), kb = p.k_rows->begin(tile.row);
+  const int64_t h = tile.head, g = h / p.group, m = i1 - i0, n = keys.size(), d = p.q.dim, hq = p.q.heads;
+
+  Gemm(CblasNoTrans, CblasTrans, m, n, d, p.scale, p.q.at(qb + i0, h), p.q.ld(), p.k.at(kb + keys.lo, g), p.k.ld(),
+       T(0), s, n);
+  Gemm(CblasNoTrans, CblasTrans, m, n, d, T(1), d_o.at(qb + i0, h), d_o.ld(), p.v.at(kb + keys.lo, g), p.v.ld(),
+       T(0), dp, n);
+  for (int64_t i = i0; i < i1; ++i) {
+    const Range seen = mask.Keys(i, i + 1);
+    T* ds_row = dp + (i - i0) * n;
+    const T* s_row = s + (i - i0) * n;
+    const int64_t a = std::clamp(seen.lo - keys.lo, int64_t{0}, n);
+    const int64_t b = std::clamp(seen.hi - keys.lo, a, n);
+    const T l = p.sigmoid ? T(0) : lse[(qb + i) * hq + h];
+    const T dl = p.sigmoid ? T(0) : delta[(qb + i) * hq + h];
+    std::fill(ds_row, ds_row + a, T(0));
+    for (int64_t j = a; j < b; ++j) ds_row[j] = Backprop(p, s_row[j], ds_row[j], l, dl).ds;
+    std::fill(ds_row + b, ds_row + n, T(0));
+  }
+  Gemm(CblasNoTrans, CblasNoTrans, m, d, n, p.scale, dp, n, p.k.at(kb + keys.lo, g), p.k.ld(), T(0), dq.at(qb + i0, h),
+       dq.ld());
+}
+
+// ---------------------------------------------------------------- checks
+void CheckRows(const TokenRows& rows, int64_t tokens, const char* name) {
+  const Tensor& cu = rows.cu_seqlens;
+  LOOM_CHECK(cu.defined() && cu.dtype() == DType::kI32 && cu.ndim() == 1 && cu.numel() >= 1 && cu.device().is_cpu(),
+             "[softmax_attention] ", name, ".cu_seqlens must be a CPU i32 vector [R+1]");
+  for (int64_t r = 0; r < rows.rows(); ++r) {
+    LOOM_CHECK(0 <= rows.begin(r) && rows.begin(r) <= rows.end(r) && rows.end(r) <= tokens, "[softmax_attention] ",
+               name, " row ", r, " is [", rows.begin(r), ", ", rows.end(r), ") of ", tokens, " tokens");
+  }
+  if (!rows.has_docs()) return;
+  const Tensor& doc = rows.doc_ids;
+  LOOM_CHECK(doc.dtype() == DType::kI32 && doc.shape() == Shape{tokens} && doc.device().is_cpu(),
+             "[softmax_attention] ", name, ".doc_ids must be a CPU i32 [", tokens, "], got ", DTypeName(doc.dtype()),
+             " ", ShapeString(doc.shape()));
+  for (int64_t r = 0; r < rows.rows(); ++r) {
+    for (int64_t t = rows.begin(r) + 1; t < rows.end(r); ++t) {
+      LOOM_CHECK(rows.doc(t - 1) <= rows.doc(t), "[softmax_attention] ", name, ".doc_ids decrease at token ", t,
+                 " in row ", r);
+    }
+  }
+}
+
+// Sigmoid attention has no lse: its caller may pass an undefined tensor.
+void CheckInputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse, const TokenRows& q_rows,
+                 const TokenRows& k_rows, const AttentionOptions& options) {
+  const bool has_lse = !options.sigmoid || lse.defined();
+  for (const Tensor* t : {&q, &k, &v, &lse}) {
+    if (t == &lse && !has_lse) continue;
+    LOOM_CHECK(t->device().is_cpu(), "[softmax_attention] CPU tensors only, got one on ", t->device().ToString());
+  }
+  LOOM_CHECK(q.dtype() == DType::kF32 || q.dtype() == DType::kF64, "[softmax_attention] f32 or f64 only, got ",
+             DTypeName(q.dtype()));
+  LOOM_CHECK(q.ndim() == 3 && k.ndim() == 3, "[softmax_attention] q [Tq, Hq, D] and k [Tk, Hk, D], got q ",
+             ShapeString(q.shape()), ", k ", ShapeString(k.shape()));
+  LOOM_CHECK(v.shape() == k.shape(), "[softmax_attention] v ", ShapeString(v.shape()), " must match k ",
+             ShapeString(k.shape()));
+  LOOM_CHECK(q.dim(2) == k.dim(2) && q.dim(2) > 0, "[softmax_attention] head dims differ or are empty: q ",
+             ShapeString(q.shape()), ", k ", ShapeString(k.shape()));
+  LOOM_CHECK(k.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, "[softmax_attention] Hq = ", q.dim(1),
+             " is not a multiple of Hk = ", k.dim(1));
+  LOOM_CHECK(!has_lse || lse.shape() == (Shape{q.dim(0), q.dim(1)}), "[softmax_attention] lse must be [Tq, Hq] = [",
+             q.dim(0), ", ", q.dim(1), "], got ", ShapeString(lse.shape()));
+  for (const Tensor* t : {&k, &v, &lse}) {
+    if (t == &lse && !has_lse) continue;
+    LOOM_CHECK(t->dtype() == q.dtype(), "[softmax_attention] dtypes differ: q ", DTypeName(q.dtype()), ", got ",
+               DTypeName(t->dtype()));
+  }
+  LOOM_CHECK(q_rows.rows() == k_rows.rows(), "[softmax_attention] ", q_rows.rows(), " query rows but ",
+             k_rows.rows(), " key rows");
+  LOOM_CHECK(q_rows.has_docs() == k_rows.has_docs(),
+             "[softmax_attention] doc_ids must be given for both q_rows and k_rows or for neither");
+  CheckRows(q_rows, q.dim(0), "q_rows");
+  CheckRows(k_rows, k.dim(0), "k_rows");
+}
+
+void CheckLike(const Tensor& t, const Tensor& like, const char* name, const char* like_name) {
+  LOOM_CHECK(t.device().is_cpu(), "[softmax_attention] ", name, " must be on the CPU, got ", t.device().ToString());
+  LOOM_CHECK(t.shape() == like.shape() && t.dtype() == like.dtype(), "[softmax_attention] ", name, " ",
+             DTypeName(t.dtype()), " ", ShapeString(t.shape()), " must match ", like_name, " ",
+             DTypeName(like.dtype()), " ", ShapeString(like.shape()));
+}
+
+template <typename T>
+Problem<T> MakeProblem(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
+                       const TokenRows& k_rows, const AttentionOptions& options) {
+  const int64_t d = q.dim(2);
+  return Problem<T>{
+      .q = {q.data<T>(), q.dim(1), d},
+      .k = {k.data<T>(), k.dim(1), d},
+      .v = {v.data<T>(), v.dim(1), d},
+      .q_rows = &q_rows,
+      .k_rows = &k_rows,
+      .group = q.dim(1) / k.dim(1),
+      .scale = static_cast<T>(options.scale != 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(d))),
+      .bias = static_cast<T>(options.sigmoid_bias),
+      .sigmoid = options.sigmoid,
+      .causal = options.causal,
+      .shift = options.k_offset - options.q_offset,
+  };
+}
+
+// The bodies live in templates, not in LOOM_DISPATCH_FLOAT's lambda: a
+// macro argument cannot hold #pragma omp.
+template <typename T>
+void Forward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows, const TokenRows& k_rows,
+             const AttentionOptions& options, Tensor& o, Tensor& lse) {
+  const Problem<T> p = MakeProblem<T>(q, k, v, q_rows, k_rows, options);
+  // Tiles only write what some query sees: the rest is o = 0, lse = −∞.
+  o.Zero();
+  if (!options.sigmoid) lse.Fill(-std::numeric_limits<double>::infinity());
+  const Heads<T> out{o.data<T>(), q.dim(1), q.dim(2)};
+  T* lse_data = options.sigmoid ? nullptr : lse.data<T>();
+  const std::vector<Tile> tiles = Tiles(q_rows, q.dim(1));
+  const int64_t buffer = kBlock * LongestRow(k_rows);
+  const bool threaded = WorthThreads(q_rows, k_rows, q.dim(1), q.dim(2));
+  SingleThreadedBlas blas(threaded);
+#pragma omp parallel if (threaded)
+  {
+    std::vector<T> s(buffer);
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < tiles.size(); ++t) ForwardTile(p, tiles[t], out, lse_data, s.data());
+  }
+}
+
+template <typename T>
+void Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+              const Tensor& d_o, const TokenRows& q_rows, const TokenRows& k_rows, const AttentionOptions& options,
+              Tensor& dq, Tensor& dk, Tensor& dv) {
+  const Problem<T> p = MakeProblem<T>(q, k, v, q_rows, k_rows, options);
+  const int64_t tq = q.dim(0), hq = q.dim(1), d = q.dim(2);
+  const Heads<const T> grad_out{d_o.data<T>(), hq, d};
+  const T* lse_data = options.sigmoid ? nullptr : lse.data<T>();
+  // Tiles skip what no query sees, and the KV pass accumulates: start at 0.
+  dq.Zero();
+  dk.Zero();
+  dv.Zero();
+  const bool threaded = WorthThreads(q_rows, k_rows, hq, d);
+  SingleThreadedBlas blas(threaded);
+
+  // Δ_i = Σ_d dO_id O_id per (token, head): the softmax Jacobian's row term.
+  std::vector<T> delta;
+  if (!options.sigmoid) {
+    delta.resize(tq * hq);
+    const T* o_data = o.data<T>();
+    const T* do_data = d_o.data<T>();
+#pragma omp parallel for if (threaded)
+    for (int64_t th = 0; th < tq * hq; ++th) {
+      T sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += o_data[th * d + c] * do_data[th * d + c];
+      delta[th] = sum;
+    }
+  }
+
+  const Heads<T> grad_k{dk.data<T>(), k.dim(1), d}, grad_v{dv.data<T>(), k.dim(1), d};
+  const Heads<T> grad_q{dq.data<T>(), hq, d};
+  const std::vector<Tile> key_tiles = Tiles(k_rows, k.dim(1));
+  const std::vector<Tile> query_tiles = Tiles(q_rows, hq);
+  const int64_t longest_q = LongestRow(q_rows), longest_k = LongestRow(k_rows);
+#pragma omp parallel if (threaded)
+  {
+    std::vector<T> a(kBlock * std::max(longest_q, longest_k)), b(a.size());
+    std::vector<T> lse_h(longest_q), delta_h(longest_q);
+    // No barrier between the passes: they read the same inputs and write
+    // different tensors.
+#pragma omp for schedule(dynamic) nowait
+    for (size_t t = 0; t < key_tiles.size(); ++t) {
+      KeyValueGradTile(p, key_tiles[t], grad_out, lse_data, delta.data(), grad_k, grad_v, a.data(), b.data(),
+                       lse_h.data(), delta_h.data());
+    }
+#pragma omp for schedule(dynamic)
+    for (size_t t = 0; t < query_tiles.size(); ++t) {
+      QueryGradTile(p, query_tiles[t], grad_out, lse_data, delta.data(), grad_q, a.data(), b.data());
+    }
+  }
+}
+
+}  // namespace
+
+void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
+                             const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse) {
+  CheckInputs(q, k, v, lse, q_rows, k_rows, options);
+  CheckLike(o, q, "o", "q");
+  LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] { Forward<T>(q, k, v, q_rows, k_rows, options, o, lse); });
+}
+
+void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                              const Tensor& lse, const Tensor& d_o, const TokenRows& q_rows,
+                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& dq, Tensor& dk,
+                              Tensor& dv) {
+  CheckInputs(q, k, v, lse, q_rows, k_rows, options);
+  CheckLike(o, q, "o", "q");
+  CheckLike(d_o, q, "d_o", "q");
+  CheckLike(dq, q, "dq", "q");
+  CheckLike(dk, k, "dk", "k");
+  CheckLike(dv, v, "dv", "v");
+  LOOM_DISPATCH_FLOAT(q.dtype(), T,
+                      [&] { Backward<T>(q, k, v, o, lse, d_o, q_rows, k_rows, options, dq, dk, dv); });
+}
+
+}  // namespace loom::ops

@@ -1,0 +1,31 @@
+// Cross-entropy fused with the output projection: logits = h · Wᵀ are made
+// a block of rows at a time and never held whole.
+//   h [N, D], W [Vp, D] (Vp ≥ vocab: rows ≥ vocab are padding, masked out),
+//   targets [N] i32 (ignore_index: no loss, no gradient)
+// loss = Σ_n −log softmax(logits_n)[target_n] / normalizer, where the
+// normalizer is the (global) count of non-ignored tokens.
+// Backward (same call): dh written, dW accumulated, both for that loss.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace loom::ops {
+
+struct CrossEntropyOptions {
+  int64_t vocab = 0;            // true vocab size; 0 = all rows of W
+  int32_t ignore_index = -100;
+  double normalizer = 1.0;      // divide the summed loss by this
+};
+
+struct CrossEntropyResult {
+  double loss = 0;              // summed loss / normalizer
+  int64_t counted = 0;          // non-ignored tokens in this call
+};
+
+// dh / dw may be null: loss only (evaluation). predictions, if non-null,
+// gets the argmax token of every row ([N] i32).
+CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                                const CrossEntropyOptions& options, Tensor* dh, Tensor* dw,
+                                Tensor* predictions = nullptr);
+
+}  // namespace loom::ops

@@ -1,0 +1,76 @@
+// Lightning attention (Lightning Attention-2): causal linear attention with a
+// per-head decay λ_h, no 1/√d scale, no feature map (the layer applies SiLU).
+// For one head, positions r ≥ s of one document:
+//   o_r = Σ_{s≤r} λ^(r−s) (q_r·k_s) v_s  +  [r in the row's first document] λ^(r+1) q_r S0
+// and the final state S = Σ_{s in the last document} λ^(N−1−s) k_sᵀ v_s
+// (+ λ^N S0 when the last document is the first).
+//   q, k [T, H, Dk], v [T, H, Dv], o [T, H, Dv], decay [H] (λ_h ∈ (0, 1]),
+//   states [R, H, Dk, Dv], one per row; all in the compute dtype (f32 on CPU
+//   training: the state is fp32).
+//
+// The block algorithm works on blocks of `block` tokens: inside a block the
+// masked left product [(Q Kᵀ) ⊙ M] V, M[r,c] = λ^(r−c) (r ≥ c, same document);
+// across blocks the right product with the running state. DESIGN.md's three
+// phases are exposed on one chunk (a contiguous token range of one row) so
+// that LASP-2 can overlap its all-gather with them; the fused call is built
+// from them.
+#pragma once
+
+#include <vector>
+
+#include "ops/attention_seqs.h"
+#include "runtime/tensor.h"
+
+namespace loom::ops {
+
+// λ_h of DESIGN.md: ALiBi slopes for `heads` (interleaving the two nearest
+// powers of two when heads is not one), scaled for layer l of L by
+// (1 − l/(L−1) + 1e−5) (factor 1 when L = 1), λ = exp(−slope).
+std::vector<double> AlibiSlopes(int heads);
+std::vector<double> LightningDecay(int heads, int layer, int layers);
+
+struct LightningOptions {
+  int block = 64;  // tokens per block of the block algorithm
+};
+
+// Fused call over all rows. state_in (optional, undefined = zero) and
+// state_out are [R, H, Dk, Dv].
+void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                               const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
+                               Tensor& o, Tensor& state_out);
+// d_state_out optional (undefined = zero); d_state_in written if defined.
+// dq, dk, dv written.
+void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
+                                const Tensor& d_o, const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv,
+                                Tensor& d_state_in);
+
+// The O(n²) definition, the reference the block algorithm is held to.
+void LightningAttentionNaive(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                             const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out);
+
+// ---- Phases on one chunk: q, k [C, H, Dk], v [C, H, Dv], doc_ids [C]
+// (optional). "Boundary": a token whose document id differs from its
+// predecessor's in the chunk.
+
+// (1) Chunk memory state with zero initial state:
+//     M = Σ_{j after the last boundary} λ^(C−1−j) k_jᵀ v_j   [H, Dk, Dv].
+// Returns whether the chunk has a boundary.
+bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m);
+void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
+                                 const Tensor& dm, Tensor& dk, Tensor& dv);  // dk, dv accumulated
+
+// (2) Intra-chunk output: o_i = Σ_{j≤i, same doc} λ^(i−j) (q_i·k_j) v_j (written).
+void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                         const Tensor& doc_ids, Tensor& o);
+void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                 const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk,
+                                 Tensor& dv);  // accumulated
+
+// (3) Inter-chunk output from a given state S [H, Dk, Dv]:
+//     o_i += λ^(i+1) q_i S for i before the chunk's first boundary.
+void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o);
+void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
+                                 const Tensor& d_o, Tensor& dq, Tensor& ds);  // accumulated
+
+}  // namespace loom::ops

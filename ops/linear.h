@@ -1,0 +1,16 @@
+// Linear layer without bias: y = x · Wᵀ.
+//   x [N, in], W [out, in], y [N, out]
+// Backward: dx = dy · W (written, or added when accumulate_dx: a layer whose
+// input feeds several projections sums their input gradients), dW += dyᵀ · x.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace loom::ops {
+
+void LinearForward(const Tensor& x, const Tensor& w, Tensor& y);
+// dx may be null (the input needs no gradient, e.g. the embedding output).
+void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw,
+                    bool accumulate_dx = false);
+
+}  // namespace loom::ops

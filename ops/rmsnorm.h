@@ -1,0 +1,15 @@
+// RMSNorm over the last dimension: y = x · rstd · w, rstd = 1/sqrt(mean(x²) + eps).
+//   x [N, D], w [D] (undefined Tensor: no weight), y [N, D], rstd [N]
+// Per-head norm: view x as [N·H, Dh] with w [Dh].
+// Backward: dx written, dw accumulated.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace loom::ops {
+
+void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
+void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
+                     Tensor& dw);
+
+}  // namespace loom::ops

@@ -1,0 +1,40 @@
+// AdamW (Loshchilov & Hutter) with decoupled weight decay, state in the
+// parameter dtype (fp32 in training):
+//   m = β1 m + (1−β1) g,  v = β2 v + (1−β2) g²
+//   p -= lr · ( m/(1−β1^t) / (sqrt(v/(1−β2^t)) + eps) + wd · p )
+// Weight decay only on parameters marked for it (not norms or biases).
+#pragma once
+
+#include <vector>
+
+#include "model/param.h"
+
+namespace loom {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+};
+
+class AdamW {
+ public:
+  AdamW(const ParamList& params, const AdamWOptions& options);
+  void Step(double lr);  // one update from the current gradients
+  int64_t steps() const { return steps_; }
+
+ private:
+  ParamList params_;
+  AdamWOptions options_;
+  std::vector<Tensor> m_, v_;
+  int64_t steps_ = 0;
+};
+
+// sqrt(Σ g²) over every parameter's gradient.
+double GlobalGradNorm(const ParamList& params);
+// Scales all gradients so that their global norm is at most max_norm (0:
+// no clipping). Returns the norm before clipping.
+double ClipGradNorm(const ParamList& params, double max_norm);
+
+}  // namespace loom
