@@ -6,7 +6,7 @@ pkgs=(cmake ninja-build g++ pkg-config
       libprotobuf-dev protobuf-compiler libabsl-dev
       libgtest-dev libgmock-dev
       libopenmpi-dev openmpi-bin
-      libopenblas-dev libxxhash-dev nlohmann-json3-dev)
+      libopenblas-openmp-dev libxxhash-dev nlohmann-json3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

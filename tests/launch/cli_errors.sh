@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# loom-train on bad input: non-zero exit, one line naming the file or field,
+# no crash (exit codes above 128 are signals), no stack trace.
+set -u
+bin=$1; src=$2
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+fails=0; passes=0
+expect_error() {  # expect_error "substring" args...
+  local want=$1; shift
+  "$bin" "$@" >"$tmp/out" 2>"$tmp/err"; local rc=$?
+  local lines; lines=$(wc -l <"$tmp/err")
+  if [ $rc -eq 0 ] || [ $rc -gt 128 ] || [ "$lines" -ne 1 ] || ! grep -qF -- "$want" "$tmp/err"; then
+    echo "FAIL: loom-train $* -> rc $rc, stderr:"; cat "$tmp/err"; echo "(wanted one line containing: $want)"
+    fails=$((fails + 1))
+  else
+    passes=$((passes + 1))
+  fi
+}
+printf 'model { hidden: 64 heads: 4 }\nbogus_section { }\n' >"$tmp/unknown.textproto"
+printf 'model { layers: "four" }\n' >"$tmp/type.textproto"
+expect_error "missing.textproto: cannot open config file" --config "$tmp/missing.textproto"
+expect_error "unknown.textproto:2:1" --config "$tmp/unknown.textproto"
+expect_error "type.textproto:1" --config "$tmp/type.textproto"
+expect_error "model.heads: 5 does not divide model.hidden = 128" --config "$src/configs/default.textproto" --set model.heads=5
+expect_error "model.kv_heads: 3 does not divide model.heads = 4" --config "$src/configs/default.textproto" --set model.kv_heads=3
+expect_error "model.pattern: 'Q' is not a layer kind" --config "$src/configs/default.textproto" --set model.pattern=LQS
+expect_error "train.seq_len" --config "$src/configs/default.textproto" --set train.seq_len=1
+expect_error "--config FILE is required"
+echo "$passes passed, $fails failed"
+[ $fails -eq 0 ]
