@@ -78,10 +78,9 @@ inline GoldenCase ReadGolden(const std::string& file) {
   std::string kind;
   while (in >> kind) {
     if (kind == "param") {
-      std::string name;
-      double v;
+      std::string name, v;
       in >> name >> v;
-      g.params[name] = v;
+      g.params[name] = std::strtod(v.c_str(), nullptr);
     } else if (kind == "tensor") {
       std::string name;
       int rank;

@@ -18,7 +18,7 @@
 //   state   dk_j += λ^(n−1−j) v_j dS'ᵀ,  dv_j += λ^(n−1−j) k_j dS',  dE += [no boundary] λ^n dS'
 #include "ops/lightning_attention.h"
 
-#include <cblas.h>
+#include "ops/cpu/blas.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,16 +28,8 @@
 namespace loom::ops {
 namespace {
 
-// Row-major GEMM C = α·op(A)·op(B) + β·C for the two compute types. With
-// β = 0, C is not read (BLAS contract), so it may hold garbage.
-void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-          int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
+using cpu::Gemm;
+
 
 // λ^0 .. λ^n, each from pow in double so that f32 tables are correctly rounded.
 template <typename T>

@@ -2,7 +2,7 @@
 // [rows, last dim] of the three tensors.
 #include "ops/matmul.h"
 
-#include <cblas.h>
+#include "ops/cpu/blas.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -23,16 +23,6 @@ MatrixView AsMatrix(const Tensor& t, const char* name) {
   m.rows = 1;
   for (int i = 0; i + 1 < t.ndim(); ++i) m.rows *= t.dim(i);
   return m;
-}
-
-template <typename T>
-void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if constexpr (std::is_same_v<T, float>) {
-    cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
 }
 
 }  // namespace
@@ -62,7 +52,7 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
       return;
     }
     // Leading dimensions are the stored row lengths, whatever the transpose.
-    Gemm<T>(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
+    cpu::Gemm(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
             static_cast<T>(alpha), a.data<T>(), std::max<int64_t>(1, av.cols), b.data<T>(),
             std::max<int64_t>(1, bv.cols), static_cast<T>(beta), cp, std::max<int64_t>(1, n));
   });

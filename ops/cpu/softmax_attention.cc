@@ -30,7 +30,7 @@
 // recomputing S and dP once more (7 GEMMs per tile pair instead of 5).
 #include "ops/softmax_attention.h"
 
-#include <cblas.h>
+#include "ops/cpu/blas.h"
 #include <omp.h>
 
 #include <algorithm>
@@ -42,41 +42,12 @@
 namespace loom::ops {
 namespace {
 
+using cpu::Gemm;
+
 // Queries (or keys) per tile: the score buffer of a thread is kBlock × N,
 // never N × N.
 constexpr int64_t kBlock = 64;
 
-void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-void Gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-          int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// The pthreads build of OpenBLAS would start its own thread team inside each
-// tile's GEMM, on top of the OpenMP team that already holds the cores. The
-// tiles are the parallelism here, so BLAS runs single-threaded meanwhile.
-// (The OpenMP build of OpenBLAS notices omp_in_parallel() by itself, and its
-// openblas_set_num_threads would also shrink our OpenMP team: leave it be.)
-class SingleThreadedBlas {
- public:
-  explicit SingleThreadedBlas(bool threaded_region) {
-    if (threaded_region && omp_get_max_threads() > 1 && !omp_in_parallel() && openblas_get_parallel() == 1) {
-      saved_ = openblas_get_num_threads();
-      openblas_set_num_threads(1);
-    }
-  }
-  ~SingleThreadedBlas() {
-    if (saved_ > 0) openblas_set_num_threads(saved_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int saved_ = 0;
-};
 
 // One token-major [tokens, heads, dim] tensor.
 template <typename T>
@@ -500,7 +471,6 @@ void Forward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows&
   const std::vector<Tile> tiles = Tiles(q_rows, q.dim(1));
   const int64_t buffer = kBlock * LongestRow(k_rows);
   const bool threaded = WorthThreads(q_rows, k_rows, q.dim(1), q.dim(2));
-  SingleThreadedBlas blas(threaded);
 #pragma omp parallel if (threaded)
   {
     std::vector<T> s(buffer);
@@ -522,7 +492,6 @@ void Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o
   dk.Zero();
   dv.Zero();
   const bool threaded = WorthThreads(q_rows, k_rows, hq, d);
-  SingleThreadedBlas blas(threaded);
 
   // Δ_i = Σ_d dO_id O_id per (token, head): the softmax Jacobian's row term.
   std::vector<T> delta;

@@ -21,39 +21,6 @@ namespace {
 using testing::AllClose;
 using testing::RandomTensor;
 
-// testing::ReadGolden reads values with `istream >> double`, which libstdc++
-// fails on "-inf" (future_block's lse): the stream stops there and the later
-// cases are lost. Same format, values through strtod, which reads inf.
-testing::GoldenCase ReadGoldenWithInf(const std::string& file) {
-  testing::GoldenCase g;
-  std::ifstream in(testing::GoldenDir() + "/" + file);
-  EXPECT_TRUE(in.good()) << "cannot open golden file " << testing::GoldenDir() << "/" << file;
-  auto number = [&in] {
-    std::string word;
-    in >> word;
-    return std::strtod(word.c_str(), nullptr);
-  };
-  std::string kind;
-  while (in >> kind) {
-    std::string name;
-    if (kind == "param") {
-      in >> name;
-      g.params[name] = number();
-    } else if (kind == "tensor") {
-      int rank;
-      in >> name >> rank;
-      Shape shape(rank);
-      for (auto& d : shape) in >> d;
-      Tensor t = Tensor::Empty(shape, DType::kF64);
-      for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = number();
-      g.tensors[name] = t;
-    } else {
-      std::getline(in, name);
-    }
-  }
-  return g;
-}
-
 // Golden tensors are head-major: [H, N, d] -> [N, H, d], [H, N] -> [N, H].
 Tensor TokenMajor(const Tensor& t) {
   const int64_t h = t.dim(0), n = t.dim(1), d = t.ndim() == 3 ? t.dim(2) : 1;
@@ -108,7 +75,7 @@ Grads Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Outputs&
 // ------------------------------------------------------------ golden vectors
 
 const testing::GoldenCase& Golden() {
-  static const testing::GoldenCase golden = ReadGoldenWithInf("attention.txt");
+  static const testing::GoldenCase golden = testing::ReadGolden("attention.txt");
   return golden;
 }
 
