@@ -45,7 +45,8 @@ Batch AssociativeRecall::MakeBatch(Split split, int64_t first, int64_t rows) con
       tok[2 * i] = key_pool[i];
       tok[2 * i + 1] = vals[i];
     }
-    // Queries: Q distinct pairs into Q distinct 2-token slots after the context.
+    // Queries: Q distinct pairs into Q distinct 2-token slots after the context
+    // (slots of two keep queries apart, as answers would stand between them).
     std::vector<int64_t> which(pairs), slots((n - 2 * pairs) / 2);
     std::iota(which.begin(), which.end(), 0);
     std::iota(slots.begin(), slots.end(), 0);
@@ -53,9 +54,8 @@ Batch AssociativeRecall::MakeBatch(Split split, int64_t first, int64_t rows) con
     std::shuffle(slots.begin(), slots.end(), gen);
     for (int64_t q = 0; q < queries; ++q) {
       const int64_t at = 2 * pairs + 2 * slots[q];
-      tok[at] = key_pool[which[q]];
-      tok[at + 1] = vals[which[q]];
-      tgt[at] = vals[which[q]];
+      tok[at] = key_pool[which[q]];  // the next token stays filler: answers are
+      tgt[at] = vals[which[q]];       // never shown, as in Zoology's MQAR
     }
   }
   return b;

@@ -1,10 +1,13 @@
 // Multi-query associative recall (MQAR, Arora et al., "Zoology"): a context
-// of key-value pairs, then queries of keys seen in it, each followed by its
-// value. The loss and the accuracy count only the value predictions.
+// of key-value pairs, then queries of keys seen in it; at each query the
+// model must predict the key's value. The loss and the accuracy count only
+// those predictions.
 //
 //   positions 0 .. 2P−1:  k_1 v_1 k_2 v_2 ... k_P v_P
-//   the rest:             filler (token 0) with Q queries "k_i v_i" placed at
-//                         random 2-token slots; target at k_i is v_i.
+//   the rest:             filler (token 0) with Q query keys k_i placed at
+//                         random even offsets; the target at k_i is v_i. The
+//                         answers never appear in the input, so a model
+//                         cannot shortcut by excluding values already asked.
 // Tokens: 0 filler, 1..K keys, K+1..K+V values. Chance accuracy 1/V.
 // Sample i of a split is a pure function of (seed, split, i).
 #pragma once
