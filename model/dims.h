@@ -39,9 +39,8 @@ struct ModelDims {
 
   // Parameters, with or without the embedding and output matrices.
   int64_t ParameterCount(bool with_embeddings) const;
-  // Model FLOPs per token for forward + backward at sequence length s:
-  // 6·N (non-embedding matmuls and the output layer) plus attention
-  // (softmax causal: 6·S·d per layer and head... see docs/metrics.md).
+  // Model FLOPs per token, forward + backward, at sequence length seq_len
+  // (the formula is in docs/metrics.md).
   double FlopsPerToken(int64_t seq_len) const;
 };
 

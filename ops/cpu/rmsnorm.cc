@@ -80,6 +80,7 @@ void Backward(const T* x, const T* w, const T* rstd, const T* dy, int64_t rows, 
 }  // namespace
 
 void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd) {
+  if (!x.device().is_cpu()) return cuda::RmsNormForward(x, w, eps, y, rstd);
   const int64_t d = CheckRows(x, w, rstd);
   CheckLike(y, x, "y");
   LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
@@ -89,6 +90,7 @@ void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Ten
 
 void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
                      Tensor& dw) {
+  if (!x.device().is_cpu()) return cuda::RmsNormBackward(x, w, rstd, dy, dx, dw);
   const int64_t d = CheckRows(x, w, rstd);
   CheckLike(dy, x, "dy");
   CheckLike(dx, x, "dx");
