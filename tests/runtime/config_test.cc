@@ -16,7 +16,7 @@ std::string WriteTemp(const std::string& name, const std::string& text) {
 TEST(Config, DefaultConfigFileLoads) {
   auto c = LoadConfig(LOOM_SOURCE_DIR "/configs/default.textproto", {});
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->model().pattern(), "LLLS");
+  EXPECT_EQ(c->model().pattern(), "SLLS");
 }
 
 TEST(Config, SetOverridesFileValues) {
