@@ -1,15 +1,24 @@
 // loom-train --config FILE [--set a.b=v ...]: trains a model on one process.
 // Prints one line per log step and appends every step to
-// <train.run_dir>/metrics.jsonl; Ctrl-C stops after the current step.
+// <train.run_dir>/metrics.jsonl. Checkpoints go to checkpoint.dir every
+// checkpoint.every steps and whenever SIGTERM (a SLURM preemption) or Ctrl-C
+// stops the run at a step boundary; a restarted run resumes from the newest
+// checkpoint that verifies and continues bit for bit.
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
+
+#include <google/protobuf/text_format.h>
 
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "checkpoint/checkpoint.h"
 #include "data/associative_recall.h"
+#include "data/gpt_dataset.h"
 #include "model/model.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
@@ -22,7 +31,11 @@ namespace loom {
 namespace {
 
 volatile std::sig_atomic_t g_stop = 0;
-void OnSignal(int) { g_stop = 1; }
+volatile std::sig_atomic_t g_signal = 0;
+void OnSignal(int sig) {
+  g_stop = 1;
+  g_signal = sig;
+}
 
 std::string HumanCount(double n) {
   if (n >= 1e9) return absl::StrFormat("%.2fB", n / 1e9);
@@ -31,25 +44,74 @@ std::string HumanCount(double n) {
   return absl::StrFormat("%.0f", n);
 }
 
+// Batches for training and evaluation, from the built-in recall task or from
+// indexed datasets. Sample i of a split is a pure function of (seed, i).
+class DataSource {
+ public:
+  static absl::StatusOr<DataSource> Create(const config::Config& config) {
+    DataSource d;
+    if (config.data().task() == "recall") {
+      d.recall_ = std::make_shared<AssociativeRecall>(config);
+      return d;
+    }
+    GptDatasetOptions o;
+    for (const auto& p : config.data().paths()) o.sources.push_back({p.prefix(), p.weight()});
+    o.split = config.data().split();
+    o.seq_len = config.train().seq_len();
+    o.seed = config.train().seed();
+    o.eod_token = config.data().eod_token();
+    o.reset_positions = config.data().reset_positions();
+    LOOM_ASSIGN_OR_RETURN(std::unique_ptr<GptDataset> text, GptDataset::Open(o));
+    if (text->num_tokens(GptDataset::Split::kTrain) == 0)
+      return absl::InvalidArgumentError("data.split: the train split has no tokens");
+    d.text_ = std::move(text);
+    return d;
+  }
+  bool is_recall() const { return recall_ != nullptr; }
+  double chance() const { return recall_ ? recall_->chance() : 0.0; }
+  bool has_eval() const { return recall_ || text_->num_tokens(GptDataset::Split::kValid) > 0; }
+  Batch Train(int64_t first, int64_t rows) const {
+    return recall_ ? recall_->MakeBatch(AssociativeRecall::Split::kTrain, first, rows)
+                   : text_->MakeBatch(GptDataset::Split::kTrain, first, rows);
+  }
+  Batch Eval(int64_t first, int64_t rows) const {
+    return recall_ ? recall_->MakeBatch(AssociativeRecall::Split::kEval, first, rows)
+                   : text_->MakeBatch(GptDataset::Split::kValid, first, rows);
+  }
+
+ private:
+  std::shared_ptr<AssociativeRecall> recall_;
+  std::shared_ptr<GptDataset> text_;
+};
+
+int64_t CountTargets(const Tensor& targets) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < targets.numel(); ++i) n += targets.data<int32_t>()[i] != -100;
+  return n;
+}
+
 struct EvalResult {
-  double loss = 0;
+  double loss = 0;  // mean over counted tokens
   Accuracy accuracy;
 };
 
-// Mean loss and answer accuracy over train.eval_sequences held-out sequences.
-EvalResult Evaluate(Model& model, const AssociativeRecall& data, const config::Config& config) {
+// Mean loss (and answer accuracy) over train.eval_sequences held-out sequences.
+EvalResult Evaluate(Model& model, const DataSource& data, const config::Config& config) {
   const int64_t total = config.train().eval_sequences(), micro = config.train().micro_batch();
-  const double normalizer = static_cast<double>(total * data.answers_per_sequence());
   EvalResult r;
+  double loss_sum = 0;
+  int64_t counted = 0;
   for (int64_t first = 0; first < total; first += micro) {
-    const int64_t rows = std::min(micro, total - first);
-    Batch batch = data.MakeBatch(AssociativeRecall::Split::kEval, first, rows);
+    Batch batch = data.Eval(first, std::min(micro, total - first));
     Tensor predictions = Tensor::Empty({batch.tokens_count()}, DType::kI32);
-    r.loss += model.Evaluate(batch, normalizer, &predictions).loss;
+    const auto ce = model.Evaluate(batch, 1.0, &predictions);
+    loss_sum += ce.loss;
+    counted += ce.counted;
     const Accuracy a = CountCorrect(predictions, batch.targets);
     r.accuracy.correct += a.correct;
     r.accuracy.total += a.total;
   }
+  r.loss = loss_sum / std::max<int64_t>(counted, 1);
   return r;
 }
 
@@ -60,79 +122,248 @@ absl::Status WriteFile(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
+// Keeps the metrics.jsonl records of steps <= `step`, so that a resumed run
+// logs no step twice.
+absl::Status CutMetricsBack(const std::filesystem::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in.good()) return absl::OkStatus();
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const size_t at = line.find("\"step\": ");
+    if (at != std::string::npos && std::stoll(line.substr(at + 8)) > step) continue;
+    kept += line + "\n";
+  }
+  in.close();
+  return WriteFile(path, kept);
+}
+
+// The model fields that differ between two configs, "model.hidden 128 -> 256".
+std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, const config::ModelConfig& now) {
+  std::vector<std::string> diffs;
+  const auto* d = config::ModelConfig::descriptor();
+  for (int i = 0; i < d->field_count(); ++i) {
+    const auto* f = d->field(i);
+    if (f->name() == "recompute") continue;  // memory policy, not shape
+    std::string a, b;
+    google::protobuf::TextFormat::PrintFieldValueToString(saved, f, -1, &a);
+    google::protobuf::TextFormat::PrintFieldValueToString(now, f, -1, &b);
+    if (a != b) diffs.push_back(absl::StrCat("model.", f->name(), " ", a, " -> ", b));
+  }
+  return diffs;
+}
+
+class Trainer {
+ public:
+  Trainer(const config::Config& config, DataSource data)
+      : config_(config),
+        dims_(ModelDims::FromConfig(config)),
+        model_(dims_),
+        optimizer_(model_.params(), AdamOptions(config)),
+        data_(std::move(data)),
+        run_dir_(config.train().run_dir()),
+        ckpt_dir_(config.checkpoint().dir().empty() ? (run_dir_ / "checkpoints").string()
+                                                    : config.checkpoint().dir()) {}
+
+  absl::Status Run() {
+    const auto& tc = config_.train();
+    LOOM_RETURN_IF_ERROR(WriteFile(run_dir_ / "config.textproto", ConfigToText(config_)));
+    LOOM_RETURN_IF_ERROR(WriteFile(run_dir_ / "version.txt", absl::StrCat("loom ", LOOM_VERSION, "\n")));
+    LOOM_ASSIGN_OR_RETURN(const int64_t start, Resume());
+    LOOM_RETURN_IF_ERROR(CutMetricsBack(run_dir_ / "metrics.jsonl", start));
+    MetricsWriter metrics;
+    LOOM_RETURN_IF_ERROR(metrics.Open((run_dir_ / "metrics.jsonl").string()));
+
+    const int64_t micro = tc.micro_batch(), global = tc.global_batch(), steps = tc.steps();
+    const int64_t tokens_per_step = global * tc.seq_len();
+    LogInfo("loom ", LOOM_VERSION, " | model ", dims_.kinds, " hidden ", dims_.hidden, " heads ", dims_.heads,
+            "/", dims_.kv_heads, " | ", HumanCount(dims_.ParameterCount(true)), " parameters (",
+            HumanCount(dims_.ParameterCount(false)), " without embeddings) | ", DTypeName(dims_.dtype), " on cpu");
+    LogInfo("data: ", data_.is_recall() ? "associative recall" : "indexed datasets", ", seq_len ", tc.seq_len(),
+            " | ", steps, " steps of ", global, " sequences | run dir ", tc.run_dir());
+
+    Timer total_timer;
+    int64_t step = start, skipped = 0;
+    double loss = 0, grad_norm = 0;
+    for (; step < steps && !g_stop; ++step) {
+      Timer step_timer;
+      model_.ZeroGrad();
+      // The loss is normalised by the step's count of target tokens (all
+      // micro-batches together), so accumulation equals one large batch.
+      std::vector<Batch> batches;
+      int64_t counted = 0;
+      for (int64_t first = 0; first < global; first += micro) {
+        batches.push_back(data_.Train(step * global + first, micro));
+        counted += CountTargets(batches.back().targets);
+      }
+      loss = 0;
+      for (const Batch& batch : batches)
+        loss += model_.ForwardBackward(batch, static_cast<double>(std::max<int64_t>(counted, 1))).loss;
+      grad_norm = GlobalGradNorm(model_.params());
+      if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+        const std::string where = FirstNonFinite();
+        if (!tc.skip_nonfinite())
+          return absl::InternalError(absl::StrCat("step ", step + 1, ": non-finite loss (", loss,
+                                                  ") or gradient, first in ", where,
+                                                  "; set train.skip_nonfinite=true to skip such steps"));
+        ++skipped;
+        LogWarning("step ", step + 1, ": non-finite loss or gradient (first in ", where, "), step skipped (",
+                   skipped, " so far)");
+        continue;
+      }
+      ClipGradNorm(model_.params(), config_.optim().grad_clip());
+      const double lr = LearningRate(config_.optim(), step, steps);
+      optimizer_.Step(lr);
+      const double seconds = step_timer.Seconds();
+      const double tokens_per_s = tokens_per_step / seconds;
+      metrics.Write({{"step", double(step + 1)}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
+                     {"tokens_per_s", tokens_per_s}, {"elapsed_s", total_timer.Seconds()}});
+      if ((step + 1) % tc.log_every() == 0 || step == start || step + 1 == steps) {
+        LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.1f s", step + 1,
+                                steps, loss, lr, grad_norm, HumanCount(tokens_per_s), total_timer.Seconds()));
+      }
+      if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
+        LogEval(step + 1, metrics);
+      }
+      const int every = config_.checkpoint().every();
+      if (every > 0 && (step + 1) % every == 0) LOOM_RETURN_IF_ERROR(Save(step + 1));
+    }
+    if (g_stop) {
+      LogInfo(g_signal == SIGTERM ? "SIGTERM" : "interrupted", ": stopped cleanly after step ", step);
+      if (step > start) LOOM_RETURN_IF_ERROR(Save(step));
+      return absl::OkStatus();
+    }
+    const EvalResult e = LogEval(step, metrics);
+    const double elapsed = total_timer.Seconds();
+    LogInfo(absl::StrFormat("done: %d steps in %.1f s (%s tok/s) | final loss %.4f | eval loss %.4f%s", step - start,
+                            elapsed, HumanCount((step - start) * tokens_per_step / std::max(elapsed, 1e-9)), loss,
+                            e.loss, skipped ? absl::StrCat(" | ", skipped, " steps skipped") : ""));
+    if (data_.is_recall()) {
+      LogInfo(absl::StrFormat("answer accuracy %.1f%% on %d held-out answers (chance %.1f%%)",
+                              100 * e.accuracy.value(), e.accuracy.total, 100 * data_.chance()));
+    }
+    if (config_.checkpoint().every() > 0 && step % config_.checkpoint().every() != 0) LOOM_RETURN_IF_ERROR(Save(step));
+    return absl::OkStatus();
+  }
+
+ private:
+  static AdamWOptions AdamOptions(const config::Config& c) {
+    AdamWOptions a;
+    a.beta1 = c.optim().beta1();
+    a.beta2 = c.optim().beta2();
+    a.eps = c.optim().eps();
+    a.weight_decay = c.optim().weight_decay();
+    return a;
+  }
+
+  EvalResult LogEval(int64_t step, MetricsWriter& metrics) {
+    if (!data_.has_eval()) return {};
+    const EvalResult e = Evaluate(model_, data_, config_);
+    if (data_.is_recall()) {
+      LogInfo(absl::StrFormat("eval  %5d | loss %.4f | accuracy %.3f (chance %.3f)", step, e.loss,
+                              e.accuracy.value(), data_.chance()));
+      metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}});
+    } else {
+      LogInfo(absl::StrFormat("eval  %5d | loss %.4f | perplexity %.2f", step, e.loss, std::exp(e.loss)));
+      metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"perplexity", std::exp(e.loss)}});
+    }
+    return e;
+  }
+
+  std::string FirstNonFinite() const {
+    for (const Param* p : model_.params()) {
+      for (int64_t i = 0; i < p->grad.numel(); ++i)
+        if (!std::isfinite(p->grad.Get(i))) return p->name;
+    }
+    return "the loss";
+  }
+
+  absl::Status Save(int64_t step) {
+    checkpoint::CheckpointState state;
+    state.step = step;
+    state.data_tokens = step * config_.train().global_batch() * config_.train().seq_len();
+    state.config_text = ConfigToText(config_);
+    const ParamList& params = model_.params();
+    for (size_t i = 0; i < params.size(); ++i) {
+      state.tensors.push_back({params[i]->name, params[i]->value});
+      state.tensors.push_back({"optim.m." + params[i]->name, optimizer_.first_moments()[i]});
+      state.tensors.push_back({"optim.v." + params[i]->name, optimizer_.second_moments()[i]});
+    }
+    state.tensors.push_back({"optim.steps", Tensor::FromVector<int64_t>({optimizer_.steps()}, {1})});
+    Timer t;
+    LOOM_RETURN_IF_ERROR(checkpoint::SaveCheckpoint(ckpt_dir_, state, config_.checkpoint().keep()));
+    LogInfo(absl::StrFormat("checkpoint %s/%s saved in %.2f s", ckpt_dir_, checkpoint::StepDirName(step),
+                            t.Seconds()));
+    return absl::OkStatus();
+  }
+
+  // Returns the step to start from (0 for a fresh run).
+  absl::StatusOr<int64_t> Resume() {
+    const std::string& how = config_.checkpoint().resume();
+    if (how == "none") return 0;
+    std::string step_dir;
+    if (how == "auto") {
+      std::vector<std::string> skipped;
+      auto found = checkpoint::FindLatestGoodCheckpoint(ckpt_dir_, &skipped);
+      for (const std::string& s : skipped) LogWarning("refusing checkpoint ", s);
+      if (!found.ok()) {
+        if (absl::IsNotFound(found.status())) return 0;
+        return found.status();
+      }
+      step_dir = *found;
+    } else {
+      LOOM_ASSIGN_OR_RETURN(step_dir, checkpoint::ResolveStepDir(how));
+    }
+    LOOM_ASSIGN_OR_RETURN(checkpoint::CheckpointState state, checkpoint::LoadCheckpoint(step_dir));
+    config::Config saved;
+    if (!google::protobuf::TextFormat::ParseFromString(state.config_text, &saved))
+      return absl::InvalidArgumentError(absl::StrCat(step_dir, ": the saved config does not parse"));
+    const std::vector<std::string> diffs = ModelDifferences(saved.model(), config_.model());
+    if (!diffs.empty())
+      return absl::InvalidArgumentError(absl::StrCat(step_dir, ": the checkpoint's model differs from the config (",
+                                                     absl::StrJoin(diffs, ", "),
+                                                     "); set checkpoint.resume=none to start fresh"));
+    std::map<std::string, Tensor> by_name;
+    for (auto& t : state.tensors) by_name[t.name] = t.tensor;
+    auto restore = [&](const std::string& name, Tensor& into) -> absl::Status {
+      auto it = by_name.find(name);
+      if (it == by_name.end() || it->second.numel() != into.numel() || it->second.dtype() != into.dtype())
+        return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor ", name, " missing or of another shape"));
+      into.CopyFrom(it->second);
+      return absl::OkStatus();
+    };
+    const ParamList& params = model_.params();
+    for (size_t i = 0; i < params.size(); ++i) {
+      LOOM_RETURN_IF_ERROR(restore(params[i]->name, params[i]->value));
+      LOOM_RETURN_IF_ERROR(restore("optim.m." + params[i]->name, optimizer_.first_moments()[i]));
+      LOOM_RETURN_IF_ERROR(restore("optim.v." + params[i]->name, optimizer_.second_moments()[i]));
+    }
+    Tensor steps = Tensor::Empty({1}, DType::kI64);
+    LOOM_RETURN_IF_ERROR(restore("optim.steps", steps));
+    optimizer_.set_steps(steps.data<int64_t>()[0]);
+    LogInfo("resumed from ", step_dir, " at step ", state.step);
+    return state.step;
+  }
+
+  config::Config config_;
+  ModelDims dims_;
+  Model model_;
+  AdamW optimizer_;
+  DataSource data_;
+  std::filesystem::path run_dir_;
+  std::string ckpt_dir_;
+};
+
 absl::Status Train(const config::Config& config) {
-  const auto& tc = config.train();
   std::error_code ec;
-  std::filesystem::create_directories(tc.run_dir(), ec);
-  if (ec) return absl::InvalidArgumentError(absl::StrCat("train.run_dir: cannot create ", tc.run_dir(), ": ", ec.message()));
-  const std::filesystem::path run_dir(tc.run_dir());
-  LOOM_RETURN_IF_ERROR(WriteFile(run_dir / "config.textproto", ConfigToText(config)));
-  LOOM_RETURN_IF_ERROR(WriteFile(run_dir / "version.txt", absl::StrCat("loom ", LOOM_VERSION, "\n")));
-  MetricsWriter metrics;
-  LOOM_RETURN_IF_ERROR(metrics.Open((run_dir / "metrics.jsonl").string()));
-
-  const ModelDims dims = ModelDims::FromConfig(config);
-  Model model(dims);
-  AdamWOptions adam;
-  adam.beta1 = config.optim().beta1();
-  adam.beta2 = config.optim().beta2();
-  adam.eps = config.optim().eps();
-  adam.weight_decay = config.optim().weight_decay();
-  AdamW optimizer(model.params(), adam);
-  AssociativeRecall data(config);
-
-  const int64_t micro = tc.micro_batch(), global = tc.global_batch(), steps = tc.steps();
-  const int64_t tokens_per_step = global * tc.seq_len();
-  LogInfo("loom ", LOOM_VERSION, " | model ", dims.kinds, " hidden ", dims.hidden, " heads ", dims.heads, "/",
-          dims.kv_heads, " | ", HumanCount(dims.ParameterCount(true)), " parameters (",
-          HumanCount(dims.ParameterCount(false)), " without embeddings) | ", DTypeName(dims.dtype), " on cpu");
-  LogInfo("task: associative recall, ", config.data().recall().pairs(), " pairs, ", config.data().recall().queries(),
-          " queries, seq_len ", tc.seq_len(), " | ", steps, " steps of ", global, " sequences | run dir ",
-          tc.run_dir());
-
+  std::filesystem::create_directories(config.train().run_dir(), ec);
+  if (ec)
+    return absl::InvalidArgumentError(
+        absl::StrCat("train.run_dir: cannot create ", config.train().run_dir(), ": ", ec.message()));
+  LOOM_ASSIGN_OR_RETURN(DataSource data, DataSource::Create(config));
+  Trainer trainer(config, std::move(data));
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  Timer total_timer;
-  int64_t step = 0;
-  double loss = 0, grad_norm = 0;
-  for (; step < steps && !g_stop; ++step) {
-    Timer step_timer;
-    model.ZeroGrad();
-    // The loss is normalised by the step's count of answer tokens (all
-    // micro-batches together), so accumulation equals one large batch.
-    const double normalizer = static_cast<double>(global * data.answers_per_sequence());
-    loss = 0;
-    for (int64_t first = 0; first < global; first += micro) {
-      Batch batch = data.MakeBatch(AssociativeRecall::Split::kTrain, step * global + first, micro);
-      loss += model.ForwardBackward(batch, normalizer).loss;
-    }
-    grad_norm = ClipGradNorm(model.params(), config.optim().grad_clip());
-    const double lr = LearningRate(config.optim(), step, steps);
-    optimizer.Step(lr);
-    const double seconds = step_timer.Seconds();
-    const double tokens_per_s = tokens_per_step / seconds;
-    metrics.Write({{"step", double(step + 1)}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
-                   {"tokens_per_s", tokens_per_s}, {"elapsed_s", total_timer.Seconds()}});
-    if ((step + 1) % tc.log_every() == 0 || step == 0 || step + 1 == steps) {
-      LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.1f s", step + 1,
-                              steps, loss, lr, grad_norm, HumanCount(tokens_per_s), total_timer.Seconds()));
-    }
-    if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
-      const EvalResult e = Evaluate(model, data, config);
-      LogInfo(absl::StrFormat("eval  %5d | loss %.4f | accuracy %.3f (chance %.3f)", step + 1, e.loss,
-                              e.accuracy.value(), data.chance()));
-      metrics.Write({{"step", double(step + 1)}, {"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}});
-    }
-  }
-  if (g_stop) LogInfo("interrupted: stopped cleanly after step ", step);
-  const EvalResult e = Evaluate(model, data, config);
-  metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}});
-  const double elapsed = total_timer.Seconds();
-  LogInfo(absl::StrFormat("done: %d steps in %.1f s (%s tok/s) | final loss %.4f | eval loss %.4f", step, elapsed,
-                          HumanCount(step * tokens_per_step / std::max(elapsed, 1e-9)), loss, e.loss));
-  LogInfo(absl::StrFormat("answer accuracy %.1f%% on %d held-out answers (chance %.1f%%)",
-                          100 * e.accuracy.value(), e.accuracy.total, 100 * data.chance()));
-  return absl::OkStatus();
+  return trainer.Run();
 }
 
 }  // namespace

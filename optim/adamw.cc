@@ -17,10 +17,11 @@ void AdamWKernel(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1, 
   }
 }
 
+// Serial on purpose: an OpenMP reduction combines partial sums in whatever
+// order threads finish, and resumed runs must match bit for bit.
 template <typename T>
 double SumSquares(const T* g, int64_t n) {
   double s = 0;
-#pragma omp parallel for reduction(+ : s) if (n > 65536)
   for (int64_t i = 0; i < n; ++i) s += double(g[i]) * g[i];
   return s;
 }

@@ -24,6 +24,12 @@ class AdamW {
   void Step(double lr);  // one update from the current gradients
   int64_t steps() const { return steps_; }
 
+  // State for checkpoints: moments in parameter order, and the step count
+  // (the bias corrections depend on it).
+  std::vector<Tensor>& first_moments() { return m_; }
+  std::vector<Tensor>& second_moments() { return v_; }
+  void set_steps(int64_t steps) { steps_ = steps; }
+
  private:
   ParamList params_;
   AdamWOptions options_;

@@ -311,7 +311,19 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(o.grad_clip() >= 0, "optim.grad_clip", "must be >= 0 (0 disables)"));
 
   const auto& d = c.data();
-  LOOM_RETURN_IF_ERROR(Range(d.task() == "recall", "data.task", absl::StrCat("'", d.task(), "' is not a task (recall)")));
+  LOOM_RETURN_IF_ERROR(Range(d.task() == "recall" || d.task() == "files", "data.task",
+                             absl::StrCat("'", d.task(), "' is not recall or files")));
+  if (d.task() == "files") {
+    LOOM_RETURN_IF_ERROR(Range(d.paths_size() > 0, "data.paths", "task files needs at least one dataset prefix"));
+    for (int i = 0; i < d.paths_size(); ++i) {
+      const std::string field = absl::StrCat("data.paths[", i, "]");
+      LOOM_RETURN_IF_ERROR(Range(!d.paths(i).prefix().empty(), field + ".prefix", "must not be empty"));
+      LOOM_RETURN_IF_ERROR(Range(d.paths(i).weight() > 0, field + ".weight",
+                                 absl::StrCat(d.paths(i).weight(), " is not positive")));
+    }
+    LOOM_RETURN_IF_ERROR(Range(d.eod_token() >= 0 && d.eod_token() < m.vocab(), "data.eod_token",
+                               absl::StrCat(d.eod_token(), " is outside [0, model.vocab = ", m.vocab(), ")")));
+  }
   const auto& a = d.recall();
   LOOM_RETURN_IF_ERROR(Range(a.pairs() >= 1 && a.pairs() <= 4096, "data.recall.pairs",
                              absl::StrCat(a.pairs(), " is outside [1, 4096]")));
@@ -320,18 +332,23 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(a.key_vocab() >= a.pairs(), "data.recall.key_vocab",
                              absl::StrCat(a.key_vocab(), " is below data.recall.pairs = ", a.pairs())));
   LOOM_RETURN_IF_ERROR(Range(a.value_vocab() >= 2, "data.recall.value_vocab", "must be >= 2"));
-  LOOM_RETURN_IF_ERROR(Range(1 + a.key_vocab() + a.value_vocab() <= m.vocab(), "model.vocab",
-                             absl::StrCat(m.vocab(), " is below the task's 1 + key_vocab + value_vocab = ",
-                                          1 + a.key_vocab() + a.value_vocab())));
-  LOOM_RETURN_IF_ERROR(Range(2 * a.pairs() + 2 * a.queries() <= t.seq_len(), "train.seq_len",
-                             absl::StrCat(t.seq_len(), " cannot hold ", a.pairs(), " pairs and ", a.queries(),
-                                          " queries (needs 2·pairs + 2·queries)")));
+  if (d.task() == "recall") {
+    LOOM_RETURN_IF_ERROR(Range(1 + a.key_vocab() + a.value_vocab() <= m.vocab(), "model.vocab",
+                               absl::StrCat(m.vocab(), " is below the task's 1 + key_vocab + value_vocab = ",
+                                            1 + a.key_vocab() + a.value_vocab())));
+    LOOM_RETURN_IF_ERROR(Range(2 * a.pairs() + 2 * a.queries() <= t.seq_len(), "train.seq_len",
+                               absl::StrCat(t.seq_len(), " cannot hold ", a.pairs(), " pairs and ", a.queries(),
+                                            " queries (needs 2·pairs + 2·queries)")));
+  }
 
   const auto& p = c.parallel();
   LOOM_RETURN_IF_ERROR(Range(p.tp() == 1, "parallel.tp", "only 1 is supported in this build"));
   LOOM_RETURN_IF_ERROR(Range(p.cp() == 1, "parallel.cp", "only 1 is supported in this build"));
   LOOM_RETURN_IF_ERROR(Range(p.pp() == 1, "parallel.pp", "only 1 is supported in this build"));
-  LOOM_RETURN_IF_ERROR(Range(c.checkpoint().every() == 0, "checkpoint.every", "checkpoints are not implemented yet"));
+  const auto& k = c.checkpoint();
+  LOOM_RETURN_IF_ERROR(Range(k.every() >= 0, "checkpoint.every", absl::StrCat(k.every(), " is negative")));
+  LOOM_RETURN_IF_ERROR(Range(k.keep() >= 0, "checkpoint.keep", absl::StrCat(k.keep(), " is negative")));
+  LOOM_RETURN_IF_ERROR(Range(!k.resume().empty(), "checkpoint.resume", "must be auto, none or a step directory"));
   return absl::OkStatus();
 }
 

@@ -23,7 +23,7 @@ void MetricsWriter::Write(const std::vector<std::pair<std::string, double>>& fie
     const double v = fields[i].second;
     // JSON has no NaN/inf: write null so that readers do not choke.
     char value[32] = "null";
-    if (std::isfinite(v)) std::snprintf(value, sizeof(value), "%.10g", v);
+    if (std::isfinite(v)) std::snprintf(value, sizeof(value), "%.17g", v);
     absl::StrAppend(&line, i ? ", " : "", "\"", fields[i].first, "\": ", value);
   }
   line += "}\n";

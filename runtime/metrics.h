@@ -19,7 +19,7 @@ class MetricsWriter {
   MetricsWriter& operator=(const MetricsWriter&) = delete;
 
   absl::Status Open(const std::string& path);
-  // {"key": value, ...} numbers to 10 significant digits.
+  // {"key": value, ...} numbers with 17 significant digits (a double round-trips exactly).
   void Write(const std::vector<std::pair<std::string, double>>& fields);
 
  private:

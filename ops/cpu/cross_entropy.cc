@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "ops/matmul.h"
 
@@ -29,8 +30,11 @@ template <typename T>
 double SoftmaxRows(T* logits, int64_t rows, int64_t padded_vocab, int64_t vocab, const int32_t* target,
                    int32_t ignore_index, double inv_normalizer, bool backward, int32_t* predictions) {
   const T scale = static_cast<T>(inv_normalizer);
-  double loss = 0;
-#pragma omp parallel for reduction(+ : loss) if (rows * padded_vocab >= kParallelMinElements)
+  // Per-row losses summed in row order afterwards: an OpenMP reduction would
+  // add the threads' partial sums in arrival order, and the loss of a resumed
+  // run must match bit for bit.
+  std::vector<double> row_loss(rows, 0.0);
+#pragma omp parallel for if (rows * padded_vocab >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     T* row = logits + r * padded_vocab;
     for (int64_t c = vocab; c < padded_vocab; ++c) row[c] = -std::numeric_limits<T>::infinity();
@@ -45,7 +49,7 @@ double SoftmaxRows(T* logits, int64_t rows, int64_t padded_vocab, int64_t vocab,
     const double log_sum = std::log(sum);
     const T lse = max + static_cast<T>(log_sum);
     const bool ignored = target[r] == ignore_index;
-    if (!ignored) loss += static_cast<double>(max - row[target[r]]) + log_sum;
+    if (!ignored) row_loss[r] = static_cast<double>(max - row[target[r]]) + log_sum;
     if (!backward) continue;
     if (ignored) {
       for (int64_t c = 0; c < padded_vocab; ++c) row[c] = 0;
@@ -54,6 +58,8 @@ double SoftmaxRows(T* logits, int64_t rows, int64_t padded_vocab, int64_t vocab,
       row[target[r]] -= scale;
     }
   }
+  double loss = 0;
+  for (double l : row_loss) loss += l;
   return loss;
 }
 

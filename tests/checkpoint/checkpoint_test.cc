@@ -1,0 +1,241 @@
+// Checkpoints: bit-exact round trip, `latest` and retention, corruption and
+// truncation caught with the tensor and file named, and crash safety: a
+// writer killed at each stage (LOOM_FAULT) leaves the previous checkpoint as
+// the latest good one.
+#include "checkpoint/checkpoint.h"
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "tests/testing.h"
+
+namespace loom::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = (fs::path(::testing::TempDir()) / absl::StrCat("loom_ckpt_", ::getpid(), "_", info->name())).string();
+    fs::remove_all(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  static CheckpointState MakeState(int64_t step) {
+    CheckpointState s;
+    s.step = step;
+    s.data_tokens = step * 4096;
+    s.config_text = "model { hidden: 64 heads: 4 }\ntrain { seq_len: 32 }\n";
+    s.rng = {{"data", 17 + static_cast<uint64_t>(step)}, {"dropout", 0xfedcba9876543210ull}};
+    s.tensors.push_back({"layers.0.attn.wq", loom::testing::RandomTensor({8, 16}, DType::kF32, 1 + step)});
+    s.tensors.push_back({"embed", loom::testing::RandomTensor({5, 3, 2}, DType::kF64, 100 + step)});
+    s.tensors.push_back({"optim.step", Tensor::FromVector<int64_t>({step, -1, INT64_MAX}, {3})});
+    s.tensors.push_back({"scalar", Tensor::FromVector<float>({1.5f}, {})});
+    return s;
+  }
+
+  std::string StepDir(int64_t step) const { return absl::StrCat(dir_, "/", StepDirName(step)); }
+  std::string Shard(int64_t step) const { return StepDir(step) + "/rank_00000.safetensors"; }
+
+  std::string dir_;
+};
+
+void ExpectSameState(const CheckpointState& want, const CheckpointState& got) {
+  EXPECT_EQ(want.step, got.step);
+  EXPECT_EQ(want.data_tokens, got.data_tokens);
+  EXPECT_EQ(want.config_text, got.config_text);
+  EXPECT_EQ(want.rng, got.rng);
+  ASSERT_EQ(want.tensors.size(), got.tensors.size());
+  for (size_t i = 0; i < want.tensors.size(); ++i) {
+    const Tensor& a = want.tensors[i].tensor;
+    const Tensor& b = got.tensors[i].tensor;
+    EXPECT_EQ(want.tensors[i].name, got.tensors[i].name);
+    EXPECT_EQ(a.dtype(), b.dtype()) << want.tensors[i].name;
+    EXPECT_EQ(a.shape(), b.shape()) << want.tensors[i].name << ": " << ShapeString(a.shape()) << " vs "
+                                    << ShapeString(b.shape());
+    ASSERT_EQ(a.nbytes(), b.nbytes());
+    EXPECT_EQ(0, std::memcmp(a.raw(), b.raw(), a.nbytes())) << want.tensors[i].name << " differs bitwise";
+  }
+}
+
+std::string ReadText(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST_F(CheckpointTest, RoundTripIsBitExact) {
+  const CheckpointState state = MakeState(10);
+  ASSERT_TRUE(SaveCheckpoint(dir_, state, 0).ok());
+  absl::StatusOr<CheckpointState> loaded = LoadCheckpoint(StepDir(10));
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectSameState(state, *loaded);
+  EXPECT_TRUE(VerifyCheckpoint(StepDir(10)).ok());
+  // The safetensors header length is a multiple of 8 (data section aligned).
+  std::ifstream in(Shard(10), std::ios::binary);
+  uint64_t header_len = 0;
+  in.read(reinterpret_cast<char*>(&header_len), 8);
+  EXPECT_EQ(header_len % 8, 0u) << header_len;
+}
+
+TEST_F(CheckpointTest, LatestNamesNewestAndResaveReplaces) {
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(1), 0).ok());
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(2), 0).ok());
+  EXPECT_EQ(ReadText(dir_ + "/latest"), "step_00000002\n");
+  absl::StatusOr<std::string> resolved = ResolveStepDir(dir_);
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(*resolved, StepDir(2));
+  // Saving the same step again replaces it in place.
+  CheckpointState again = MakeState(2);
+  again.data_tokens = 7;
+  ASSERT_TRUE(SaveCheckpoint(dir_, again, 0).ok());
+  absl::StatusOr<CheckpointState> loaded = LoadCheckpoint(StepDir(2));
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->data_tokens, 7);
+  for (const auto& e : fs::directory_iterator(dir_))
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
+TEST_F(CheckpointTest, KeepTwoDeletesOlder) {
+  for (int64_t step : {1, 2, 3, 4}) ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(step), 2).ok());
+  EXPECT_FALSE(fs::exists(StepDir(1)));
+  EXPECT_FALSE(fs::exists(StepDir(2)));
+  EXPECT_TRUE(fs::exists(StepDir(3)));
+  EXPECT_TRUE(fs::exists(StepDir(4)));
+}
+
+TEST_F(CheckpointTest, FlippedByteNamesTensorAndFileAndIsSkipped) {
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(1), 0).ok());
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(2), 0).ok());
+  {
+    // The last byte of the data section belongs to the last tensor, "scalar".
+    std::fstream f(Shard(2), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-1, std::ios::end);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x01);
+    f.seekp(-1, std::ios::end);
+    f.write(&c, 1);
+  }
+  absl::StatusOr<CheckpointState> loaded = LoadCheckpoint(StepDir(2));
+  ASSERT_FALSE(loaded.ok());
+  const std::string msg(loaded.status().message());
+  EXPECT_NE(msg.find(Shard(2) + ": tensor scalar: checksum mismatch"), std::string::npos) << msg;
+
+  std::vector<std::string> skipped;
+  absl::StatusOr<std::string> good = FindLatestGoodCheckpoint(dir_, &skipped);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(*good, StepDir(1));
+  ASSERT_EQ(skipped.size(), 1u);
+  EXPECT_NE(skipped[0].find("checksum mismatch"), std::string::npos) << skipped[0];
+}
+
+TEST_F(CheckpointTest, TruncatedShardNamesFile) {
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(3), 0).ok());
+  fs::resize_file(Shard(3), fs::file_size(Shard(3)) - 5);
+  absl::Status s = VerifyCheckpoint(StepDir(3));
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find(Shard(3)), std::string::npos) << s;
+  // Cut inside the header: the length field now exceeds the file.
+  fs::resize_file(Shard(3), 20);
+  s = VerifyCheckpoint(StepDir(3));
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find(Shard(3) + ": header length"), std::string::npos) << s;
+  std::vector<std::string> skipped;
+  EXPECT_EQ(FindLatestGoodCheckpoint(dir_, &skipped).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(skipped.size(), 1u);
+}
+
+TEST_F(CheckpointTest, MissingTensorInShardIsNamed) {
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(1), 0).ok());
+  // Rename a tensor in the manifest: the shard does not hold it.
+  std::string manifest = ReadText(StepDir(1) + "/manifest.textproto");
+  const size_t at = manifest.find("\"embed\"");
+  ASSERT_NE(at, std::string::npos);
+  manifest.replace(at, 7, "\"embex\"");
+  std::ofstream(StepDir(1) + "/manifest.textproto") << manifest;
+  absl::Status s = VerifyCheckpoint(StepDir(1));
+  EXPECT_NE(std::string(s.message()).find(Shard(1) + ": tensor embex: missing"), std::string::npos) << s;
+}
+
+// Kills a writer at `stage` in a forked child; the parent then checks that
+// step 1 is still the latest good checkpoint.
+void ExpectFaultKeepsPrevious(const std::string& dir, const char* stage) {
+  SCOPED_TRACE(stage);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::setenv("LOOM_FAULT", stage, 1);
+    CheckpointState s;
+    s.step = 2;
+    s.tensors.push_back({"w", Tensor::Zeros({1024}, DType::kF32)});
+    s.tensors.push_back({"b", Tensor::Zeros({1024}, DType::kF64)});
+    absl::Status st = SaveCheckpoint(dir, s, 0);
+    std::_Exit(st.ok() ? 0 : 1);
+  }
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+  ASSERT_TRUE(WIFEXITED(wstatus));
+  EXPECT_EQ(WEXITSTATUS(wstatus), 77);
+
+  const std::string step1 = absl::StrCat(dir, "/", StepDirName(1));
+  const std::string step2 = absl::StrCat(dir, "/", StepDirName(2));
+  std::vector<std::string> skipped;
+  absl::StatusOr<std::string> good = FindLatestGoodCheckpoint(dir, &skipped);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(*good, step1);
+  EXPECT_TRUE(skipped.empty());
+  if (std::string_view(stage) != "before_latest") {
+    // Only a *.tmp-* directory was left, and scanning never considers it.
+    EXPECT_FALSE(fs::exists(step2));
+    fs::remove(absl::StrCat(dir, "/latest"));
+    good = FindLatestGoodCheckpoint(dir, &skipped);
+    ASSERT_TRUE(good.ok()) << good.status();
+    EXPECT_EQ(*good, step1);
+  } else {
+    // step_2 is complete and synced; only `latest` was not yet moved.
+    EXPECT_TRUE(VerifyCheckpoint(step2).ok());
+  }
+}
+
+TEST_F(CheckpointTest, CrashAtEachStageKeepsPreviousCheckpoint) {
+  for (const char* stage : {"tensor_write", "before_fsync", "before_rename", "before_latest"}) {
+    fs::remove_all(dir_);
+    ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(1), 0).ok());
+    ExpectFaultKeepsPrevious(dir_, stage);
+  }
+  // The next successful save cleans up the crashed writer's directory.
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(3), 0).ok());
+  for (const auto& e : fs::directory_iterator(dir_))
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+}
+
+TEST_F(CheckpointTest, UnwritableDirectoryIsAClearError) {
+  fs::create_directories(dir_);
+  const std::string file = dir_ + "/plain_file";
+  std::ofstream(file) << "x";
+  absl::Status s = SaveCheckpoint(file + "/ckpt", MakeState(1), 0);
+  ASSERT_FALSE(s.ok());
+  const std::string msg(s.message());
+  EXPECT_NE(msg.find(file + "/ckpt"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("Not a directory"), std::string::npos) << msg;
+}
+
+TEST_F(CheckpointTest, NoCheckpointIsNotFound) {
+  fs::create_directories(dir_);
+  std::vector<std::string> skipped;
+  EXPECT_EQ(FindLatestGoodCheckpoint(dir_, &skipped).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(ResolveStepDir(dir_).ok());
+}
+
+}  // namespace
+}  // namespace loom::checkpoint
