@@ -181,6 +181,12 @@ class Trainer {
     LogInfo("data: ", data_.is_recall() ? "associative recall" : "indexed datasets", ", seq_len ", tc.seq_len(),
             " | ", steps, " steps of ", global, " sequences | run dir ", tc.run_dir());
 
+    if (start >= steps) {
+      LogInfo("already at step ", start, " of train.steps = ", steps,
+              ": nothing to train (raise train.steps to continue, or set checkpoint.resume=none)");
+      LogEval(start, metrics);
+      return absl::OkStatus();
+    }
     Timer total_timer;
     int64_t step = start, skipped = 0;
     double loss = 0, grad_norm = 0;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Real text end to end: loom-prepare on Debian's license texts, then
+# configs/tiny_text.textproto; validation perplexity must end at least 30%
+# below its first evaluation.
+set -eu
+bin_dir=$1; src=$2
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+lic=/usr/share/common-licenses
+"$bin_dir/loom-prepare" --input "$lic/GPL-3,$lic/Apache-2.0,$lic/GFDL-1.3" --output-prefix "$tmp/licenses" 2>/dev/null
+"$bin_dir/loom-train" --config "$src/configs/tiny_text.textproto" --set "data.paths[0].prefix=$tmp/licenses" \
+  --set train.run_dir="$tmp/run" --set checkpoint.every=0 | grep -E "^eval"
+ppl=$(grep '"perplexity"' "$tmp/run/metrics.jsonl" | sed 's/.*"perplexity": \([0-9.e+-]*\).*/\1/')
+first=$(echo "$ppl" | head -1); last=$(echo "$ppl" | tail -1)
+echo "validation perplexity: first $first, last $last (needs <= 0.7 x first)"
+awk -v f="$first" -v l="$last" 'BEGIN { exit !(l <= 0.7 * f) }'
