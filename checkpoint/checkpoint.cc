@@ -14,6 +14,7 @@
 #include <sstream>
 #include <system_error>
 
+#include "runtime/text_proto.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/safetensors.h"
 #include "google/protobuf/io/tokenizer.h"
@@ -254,21 +255,6 @@ void Prune(const std::string& dir, int keep, const std::string& current) {
   }
 }
 
-// Keeps the first text-proto parse error as "file:line:col: message".
-class FirstError : public pb::io::ErrorCollector {
- public:
-  explicit FirstError(std::string file) : file_(std::move(file)) {}
-  void AddError(int line, pb::io::ColumnNumber column, const std::string& message) override {
-    if (error_.empty()) error_ = absl::StrCat(file_, ":", line + 1, ":", column + 1, ": ", message);
-  }
-  void AddWarning(int, pb::io::ColumnNumber, const std::string&) override {}
-  const std::string& error() const { return error_; }
-
- private:
-  std::string file_;
-  std::string error_;
-};
-
 }  // namespace
 
 std::string StepDirName(int64_t step) { return absl::StrFormat("step_%08d", step); }
@@ -322,10 +308,7 @@ absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir) {
   const std::string path = absl::StrCat(step_dir, "/", kManifestFile);
   LOOM_ASSIGN_OR_RETURN(const std::string text, ReadSmallFile(path));
   Manifest manifest;
-  FirstError errors(path);
-  pb::TextFormat::Parser parser;
-  parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(text, &manifest)) return absl::DataLossError(errors.error());
+  if (absl::Status s = ParseTextProto(text, path, &manifest); !s.ok()) return absl::DataLossError(s.message());
   return manifest;
 }
 

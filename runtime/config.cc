@@ -12,26 +12,12 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "runtime/text_proto.h"
 
 namespace loom {
 namespace {
 
 namespace pb = google::protobuf;
-
-// Keeps the first parse error as "file:line:col: message".
-class FirstError : public pb::io::ErrorCollector {
- public:
-  explicit FirstError(std::string file) : file_(std::move(file)) {}
-  void AddError(int line, pb::io::ColumnNumber column, const std::string& message) override {
-    if (error_.empty()) error_ = absl::StrCat(file_, ":", line + 1, ":", column + 1, ": ", message);
-  }
-  void AddWarning(int, pb::io::ColumnNumber, const std::string&) override {}
-  const std::string& error() const { return error_; }
-
- private:
-  std::string file_;
-  std::string error_;
-};
 
 // Sets a scalar field (or element `index` of a repeated one) from text.
 absl::Status SetScalar(pb::Message& msg, const pb::FieldDescriptor* field, int index, const std::string& text,
@@ -225,10 +211,7 @@ absl::StatusOr<config::Config> LoadConfig(const std::string& path, const std::ve
     if (!in.good()) return absl::NotFoundError(absl::StrCat(path, ": cannot open config file"));
     std::stringstream text;
     text << in.rdbuf();
-    FirstError errors(path);
-    pb::TextFormat::Parser parser;
-    parser.RecordErrorsTo(&errors);
-    if (!parser.ParseFromString(text.str(), &config)) return absl::InvalidArgumentError(errors.error());
+    LOOM_RETURN_IF_ERROR(ParseTextProto(text.str(), path, &config));
   }
   for (const std::string& s : sets) LOOM_RETURN_IF_ERROR(ApplyOverride(config, s));
   FillDefaults(config);

@@ -1,0 +1,16 @@
+// Text-proto parsing with the first error as one line "file:line:col: message".
+#pragma once
+
+#include <google/protobuf/message.h>
+
+#include <string>
+
+#include "runtime/status.h"
+
+namespace loom {
+
+// Parses `text` (read from `file`, named in the error) into `message`.
+// InvalidArgument on a syntax or schema error.
+absl::Status ParseTextProto(const std::string& text, const std::string& file, google::protobuf::Message* message);
+
+}  // namespace loom
