@@ -39,10 +39,14 @@ absl::Status IoError(const std::string& path, const char* what, int err) {
   return absl::InternalError(absl::StrCat(path, ": ", what, ": ", ErrnoText(err)));
 }
 
-// Test hook: dies at `stage` when LOOM_FAULT names it (see checkpoint.h).
-void MaybeFault(const char* stage) {
+// Test hook: dies at `stage` when LOOM_FAULT names it and LOOM_FAULT_STEP,
+// if set, names the step being saved (see checkpoint.h).
+void MaybeFault(const char* stage, int64_t step) {
   const char* fault = std::getenv("LOOM_FAULT");
-  if (fault != nullptr && std::string_view(fault) == stage) std::_Exit(77);
+  if (fault == nullptr || std::string_view(fault) != stage) return;
+  const char* at = std::getenv("LOOM_FAULT_STEP");
+  if (at != nullptr && std::to_string(step) != at) return;
+  std::_Exit(77);
 }
 
 // A file written with write(2) so that ENOSPC and EIO surface with errno.
@@ -191,7 +195,7 @@ absl::Status WriteStepFiles(const std::string& tmp, const CheckpointState& state
     if (written < total / 2 && written + n >= total / 2) {
       const uint64_t first = total / 2 - written;
       LOOM_RETURN_IF_ERROR(shard.Write(p, first));
-      MaybeFault("tensor_write");
+      MaybeFault("tensor_write", state.step);
       p += first;
       n -= first;
       written += first;
@@ -199,7 +203,7 @@ absl::Status WriteStepFiles(const std::string& tmp, const CheckpointState& state
     LOOM_RETURN_IF_ERROR(shard.Write(p, n));
     written += n;
   }
-  if (total == 0) MaybeFault("tensor_write");
+  if (total == 0) MaybeFault("tensor_write", state.step);
   LOOM_RETURN_IF_ERROR(shard.Close());
 
   std::string text;
@@ -273,13 +277,13 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state
 
   absl::Status written = WriteStepFiles(tmp, state);
   if (written.ok()) {
-    MaybeFault("before_fsync");
+    MaybeFault("before_fsync", state.step);
     written = SyncPath(absl::StrCat(tmp, "/", kShardFile));
   }
   if (written.ok()) written = SyncPath(absl::StrCat(tmp, "/", kManifestFile));
   if (written.ok()) written = SyncPath(tmp);
   if (written.ok()) {
-    MaybeFault("before_rename");
+    MaybeFault("before_rename", state.step);
     written = Publish(tmp, final_dir);
   }
   if (!written.ok()) {
@@ -287,7 +291,7 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state
     return written;
   }
   LOOM_RETURN_IF_ERROR(SyncPath(dir));
-  MaybeFault("before_latest");
+  MaybeFault("before_latest", state.step);
 
   const std::string latest = absl::StrCat(dir, "/", kLatestFile);
   const std::string latest_tmp = latest + ".tmp";

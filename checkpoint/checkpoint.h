@@ -48,6 +48,7 @@ std::string StepDirName(int64_t step);
 // Tests inject crashes with env LOOM_FAULT = tensor_write (half the tensor
 // bytes written) | before_fsync | before_rename | before_latest: the process
 // calls std::_Exit(77) at that point.
+// With LOOM_FAULT_STEP=N as well, only the save of step N dies.
 absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep);
 
 // Reads <step_dir>/manifest.textproto.
