@@ -2,10 +2,12 @@
 # Checkpoints never lose a step: 20 training steps with a checkpoint every 5;
 # the process dies (LOOM_FAULT) at each stage of writing the step-15
 # checkpoint in turn — during a tensor write, before fsync, before the
-# rename, before `latest` moves — and once by SIGKILL at a random step after
-# 12. Each resumed run logs, for every step, the same loss as an
-# uninterrupted run (round-trip doubles, i.e. bit patterns) and ends with the
-# same parameters (XXH3 checksums of the final checkpoint).
+# rename, before `latest` moves — once by SIGKILL at a random step after 12,
+# and once is stopped by SIGTERM (which must save and exit 0). Each resumed
+# run logs, for every step, the same loss as an uninterrupted run
+# (round-trip doubles, i.e. bit patterns), no step twice, and ends with the
+# same parameters (XXH3 checksums of the final checkpoint). Last, a
+# corrupted newest checkpoint is refused by name and the previous one used.
 set -u
 bin=$1; src=$2
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -15,7 +17,8 @@ losses() { grep '"loss"' "$1/metrics.jsonl" | sed 's/.*"step": \([0-9]*\),.*"los
 sums() { grep xxh3 "$1/checkpoints/step_00000020/manifest.textproto"; }
 fails=0; passes=0
 compare() {  # compare NAME DIR
-  if [ "$(losses "$tmp/ref")" == "$(losses "$2")" ] && [ "$(sums "$tmp/ref")" == "$(sums "$2")" ]; then
+  if [ "$(losses "$tmp/ref")" == "$(losses "$2")" ] && [ "$(sums "$tmp/ref")" == "$(sums "$2")" ] \
+     && [ -z "$(losses "$2" | cut -d' ' -f1 | uniq -d)" ]; then
     passes=$((passes + 1))
   else
     echo "FAIL: $1: the resumed run differs from the uninterrupted one"
@@ -50,6 +53,29 @@ logged=$(grep -c '"loss"' "$dir/metrics.jsonl")
 if [ "$logged" -ge 20 ]; then echo "note: the run had finished before SIGKILL (logged $logged)"; fi
 echo "SIGKILL after step $logged (aimed at $kill_at)"
 compare sigkill "$dir"
+
+# SIGTERM once step 10 is logged: a checkpoint at the stop, exit 0.
+dir="$tmp/sigterm"
+"$bin" "${common[@]}" --set train.run_dir="$dir" >"$dir.log" 2>&1 & pid=$!
+for _ in $(seq 3000); do
+  [ -f "$dir/metrics.jsonl" ] && [ "$(grep -c '"loss"' "$dir/metrics.jsonl")" -ge 10 ] && break
+  sleep 0.01
+done
+kill -TERM $pid; wait $pid; rc=$?
+{ [ $rc -eq 0 ] && grep -q "SIGTERM: stopped cleanly" "$dir.log"; } || { echo "FAIL: SIGTERM: exit $rc"; fails=$((fails + 1)); }
+"$bin" "${common[@]}" --set train.run_dir="$dir" >/dev/null 2>&1 || echo "FAIL: resume after SIGTERM failed"
+compare sigterm "$dir"
+
+# A flipped byte in the newest checkpoint: refused, named, the previous used.
+shard="$dir/checkpoints/step_00000020/rank_00000.safetensors"
+printf '\xff' | dd of="$shard" bs=1 seek=$(( $(stat -c %s "$shard") - 5 )) conv=notrunc status=none
+"$bin" "${common[@]}" --set train.run_dir="$dir" --set train.steps=22 >"$tmp/corrupt.log" 2>&1
+if grep -q "refusing checkpoint .*step_00000020.*checksum mismatch" "$tmp/corrupt.log" \
+    && grep -q "resumed from .*step_00000015 at step 15" "$tmp/corrupt.log"; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: corrupted newest checkpoint:"; cat "$tmp/corrupt.log"; fails=$((fails + 1))
+fi
 
 echo "$passes passed, $fails failed"
 [ $fails -eq 0 ]
