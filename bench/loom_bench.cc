@@ -48,11 +48,10 @@ int BenchStep(const config::Config& config) {
   double seconds = 0;
   for (int s = 0; s < steps + 1; ++s) {
     Timer t;
-    model.ZeroGrad();
-    for (int64_t first = 0; first < global; first += micro) {
-      Batch batch = data.MakeBatch(AssociativeRecall::Split::kTrain, s * global + first, micro);
-      model.ForwardBackward(batch, static_cast<double>(global * data.answers_per_sequence()));
-    }
+    std::vector<Batch> batches;
+    for (int64_t first = 0; first < global; first += micro)
+      batches.push_back(data.MakeBatch(AssociativeRecall::Split::kTrain, s * global + first, micro));
+    model.StepGradients(batches);
     ClipGradNorm(model.params(), 1.0);
     optimizer.Step(1e-3);
     if (s > 0) seconds += t.Seconds();  // step 0 warms up allocations and threads

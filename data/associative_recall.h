@@ -25,7 +25,6 @@ class AssociativeRecall {
   // Samples [first, first + rows) of `split` as one batch of seq_len tokens each.
   Batch MakeBatch(Split split, int64_t first, int64_t rows) const;
   double chance() const { return 1.0 / task_.value_vocab(); }
-  int64_t answers_per_sequence() const { return task_.queries(); }
 
  private:
   config::AssociativeRecallTask task_;

@@ -84,12 +84,6 @@ class DataSource {
   std::shared_ptr<GptDataset> text_;
 };
 
-int64_t CountTargets(const Tensor& targets) {
-  int64_t n = 0;
-  for (int64_t i = 0; i < targets.numel(); ++i) n += targets.data<int32_t>()[i] != -100;
-  return n;
-}
-
 struct EvalResult {
   double loss = 0;  // mean over counted tokens
   Accuracy accuracy;
@@ -192,18 +186,9 @@ class Trainer {
     double loss = 0, grad_norm = 0;
     for (; step < steps && !g_stop; ++step) {
       Timer step_timer;
-      model_.ZeroGrad();
-      // The loss is normalised by the step's count of target tokens (all
-      // micro-batches together), so accumulation equals one large batch.
       std::vector<Batch> batches;
-      int64_t counted = 0;
-      for (int64_t first = 0; first < global; first += micro) {
-        batches.push_back(data_.Train(step * global + first, micro));
-        counted += CountTargets(batches.back().targets);
-      }
-      loss = 0;
-      for (const Batch& batch : batches)
-        loss += model_.ForwardBackward(batch, static_cast<double>(std::max<int64_t>(counted, 1))).loss;
+      for (int64_t first = 0; first < global; first += micro) batches.push_back(data_.Train(step * global + first, micro));
+      loss = model_.StepGradients(batches);
       grad_norm = GlobalGradNorm(model_.params());
       if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
         const std::string where = FirstNonFinite();

@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include <algorithm>
+
 #include "ops/embedding.h"
 #include "ops/rmsnorm.h"
 
@@ -45,6 +47,18 @@ ops::CrossEntropyResult Model::Evaluate(const Batch& batch, double normalizer, T
   layer_inputs_.clear();
   for (auto& b : blocks_) b->ReleaseActivations();
   return result;
+}
+
+double Model::StepGradients(const std::vector<Batch>& micro_batches) {
+  int64_t counted = 0;
+  for (const Batch& b : micro_batches) {
+    const int32_t* t = b.targets.data<int32_t>();
+    for (int64_t i = 0; i < b.targets.numel(); ++i) counted += t[i] != -100;
+  }
+  ZeroGrad();
+  double loss = 0;
+  for (const Batch& b : micro_batches) loss += ForwardBackward(b, static_cast<double>(std::max<int64_t>(counted, 1))).loss;
+  return loss;
 }
 
 ops::CrossEntropyResult Model::ForwardBackward(const Batch& batch, double normalizer) {

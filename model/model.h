@@ -24,6 +24,10 @@ class Model {
   // the loss is this batch's summed token loss / normalizer (the global count
   // of non-ignored tokens of the step).
   ops::CrossEntropyResult ForwardBackward(const Batch& batch, double normalizer);
+  // One optimizer step's gradients: zeroes them, then runs ForwardBackward on
+  // every micro-batch with the loss normalised by the step's total count of
+  // target tokens, so accumulation equals one large batch. Returns the loss.
+  double StepGradients(const std::vector<Batch>& micro_batches);
   // Forward only. predictions (optional): argmax token at every position.
   ops::CrossEntropyResult Evaluate(const Batch& batch, double normalizer, Tensor* predictions);
 
