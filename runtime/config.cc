@@ -248,6 +248,9 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(m.rope_theta() > 1, "model.rope_theta", "must be > 1"));
   LOOM_RETURN_IF_ERROR(Range(m.attention() == "softmax" || m.attention() == "sigmoid", "model.attention",
                              absl::StrCat("'", m.attention(), "' is not softmax or sigmoid")));
+  LOOM_RETURN_IF_ERROR(Range(m.attention_backend() == "loom" || m.attention_backend() == "cudnn",
+                             "model.attention_backend",
+                             absl::StrCat("'", m.attention_backend(), "' is not loom or cudnn")));
   LOOM_RETURN_IF_ERROR(Range(m.lightning_block() >= 1 && m.lightning_block() <= 4096, "model.lightning_block",
                              absl::StrCat(m.lightning_block(), " is outside [1, 4096]")));
   LOOM_RETURN_IF_ERROR(Range(m.init_std() > 0 && m.init_std() <= 1, "model.init_std",
