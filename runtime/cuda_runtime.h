@@ -9,6 +9,10 @@
 
 namespace loom {
 
+// A cudaStream_t seen from code that does not include CUDA headers; nullptr
+// is the default stream. Kernel launchers take one as their last argument.
+using CudaStream = void*;
+
 bool BuiltWithCuda();
 int CudaDeviceCount();  // 0 when built without CUDA or no GPU is visible
 void* CudaMalloc(size_t bytes, int device);
