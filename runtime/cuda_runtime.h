@@ -17,6 +17,9 @@ bool BuiltWithCuda();
 int CudaDeviceCount();  // 0 when built without CUDA or no GPU is visible
 void* CudaMalloc(size_t bytes, int device);
 void CudaFree(void* ptr, int device);
+// Page-locked host memory (fast, async-capable copies; MPI staging buffers).
+void* CudaHostAlloc(size_t bytes);
+void CudaHostFree(void* ptr);
 // Copies between host and device memory (either side may be the host).
 void CudaMemcpy(void* dst, const void* src, size_t bytes);
 void CudaMemset(void* ptr, int value, size_t bytes);

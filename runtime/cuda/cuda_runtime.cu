@@ -29,6 +29,14 @@ void CudaFree(void* ptr, int device) {
   LOOM_CUDA_CHECK(cudaFree(ptr));
 }
 
+void* CudaHostAlloc(size_t bytes) {
+  void* ptr = nullptr;
+  LOOM_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
+  return ptr;
+}
+
+void CudaHostFree(void* ptr) { LOOM_CUDA_CHECK(cudaFreeHost(ptr)); }
+
 void CudaMemcpy(void* dst, const void* src, size_t bytes) {
   LOOM_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
 }

@@ -13,6 +13,8 @@ bool BuiltWithCuda() { return false; }
 int CudaDeviceCount() { return 0; }
 void* CudaMalloc(size_t, int) { NoCuda("CudaMalloc"); }
 void CudaFree(void*, int) { NoCuda("CudaFree"); }
+void* CudaHostAlloc(size_t) { NoCuda("CudaHostAlloc"); }
+void CudaHostFree(void*) { NoCuda("CudaHostFree"); }
 void CudaMemcpy(void*, const void*, size_t) { NoCuda("CudaMemcpy"); }
 void CudaMemset(void*, int, size_t) { NoCuda("CudaMemset"); }
 void CudaSynchronize() { NoCuda("CudaSynchronize"); }
