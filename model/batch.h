@@ -15,6 +15,12 @@ struct Batch {
   ops::TokenRows token_rows;  // rows and documents, for attention
 
   int64_t tokens_count() const { return rows * seq_len; }
+  // Targets that count towards the loss (not −100).
+  int64_t CountTargets() const {
+    int64_t n = 0;
+    for (int64_t i = 0; i < targets.numel(); ++i) n += targets.data<int32_t>()[i] != -100;
+    return n;
+  }
 };
 
 }  // namespace loom

@@ -5,18 +5,18 @@
 
 namespace loom {
 
-DecoderBlock::DecoderBlock(const ModelDims& dims, int layer)
+DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, int layer)
     : dims_(dims),
       kind_(dims.kinds[layer]),
       recompute_(dims.recompute[layer]),
-      mlp_(dims, absl::StrCat("layers.", layer, ".mlp.")) {
+      mlp_(dims, tp, absl::StrCat("layers.", layer, ".mlp.")) {
   const std::string prefix = absl::StrCat("layers.", layer, ".");
   norm1_.Init(prefix + "norm1", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   norm2_.Init(prefix + "norm2", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   if (kind_ == 'S') {
-    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, prefix + "attn.");
+    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, tp, prefix + "attn.");
   } else {
-    lightning_ = std::make_unique<LightningAttentionLayer>(dims, layer, prefix + "attn.");
+    lightning_ = std::make_unique<LightningAttentionLayer>(dims, tp, layer, prefix + "attn.");
   }
 }
 

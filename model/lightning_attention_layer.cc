@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "ops/lightning_attention.h"
+#include "ops/add.h"
 #include "ops/linear.h"
 #include "ops/rmsnorm.h"
 #include "ops/sigmoid_gate.h"
@@ -10,18 +11,22 @@
 
 namespace loom {
 
-LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, int layer, const std::string& prefix)
-    : dims_(dims) {
+LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, int layer,
+                                                 const std::string& prefix)
+    : dims_(dims), tp_(tp), h_(dims.heads / tp.size) {
   const int64_t c = dims.hidden, hd = int64_t{dims.heads} * dims.head_dim;
   std::vector<double> decay(dims.heads, 1.0);
   if (dims.lightning_decay) decay = ops::LightningDecay(dims.heads, layer, dims.layers);
-  decay_ = Tensor::FromVector<double>(decay, {dims.heads}).To(dims.dtype);
+  // This rank's heads keep their global decays.
+  decay.assign(decay.begin() + tp.rank * h_, decay.begin() + (tp.rank + 1) * h_);
+  decay_ = Tensor::FromVector<double>(decay, {h_}).To(dims.dtype);
   const double out_std = dims.init_std / std::sqrt(2.0 * dims.layers);
-  wq_.Init(prefix + "wq", {hd, c}, dims.dtype, dims.seed, dims.init_std);
-  wk_.Init(prefix + "wk", {hd, c}, dims.dtype, dims.seed, dims.init_std);
-  wv_.Init(prefix + "wv", {hd, c}, dims.dtype, dims.seed, dims.init_std);
-  wg_.Init(prefix + "wg", {hd, c}, dims.dtype, dims.seed, dims.init_std);
-  wo_.Init(prefix + "wo", {c, hd}, dims.dtype, dims.seed, out_std);
+  const int n = tp.size, r = tp.rank;
+  wq_.InitSharded(prefix + "wq", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
+  wk_.InitSharded(prefix + "wk", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
+  wv_.InitSharded(prefix + "wv", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
+  wg_.InitSharded(prefix + "wg", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
+  wo_.InitSharded(prefix + "wo", {c, hd}, 1, n, r, dims.dtype, dims.seed, out_std);
   norm_.Init(prefix + "norm", {dims.head_dim}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
 }
 
@@ -33,7 +38,7 @@ void LightningAttentionLayer::CollectParams(ParamList& out) {
 }
 
 void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
-  const int64_t t = x.dim(0), h = dims_.heads, d = dims_.head_dim;
+  const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
   const DType dt = x.dtype();
   qa_ = Tensor::Empty({t, h, d}, dt);
   ka_ = Tensor::Empty({t, h, d}, dt);
@@ -72,10 +77,11 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
     y_ = n_.Reshape({t, h * d});
   }
   ops::LinearForward(y_, wo_.value, y);
+  tp_.AllReduce(y);
 }
 
 void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
-  const int64_t t = x.dim(0), h = dims_.heads, d = dims_.head_dim;
+  const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
   const DType dt = x.dtype();
   Tensor d_y = Tensor::Empty({t, h * d}, dt);
   ops::LinearBackward(y_, wo_.value, dy, &d_y, wo_.grad);
@@ -95,7 +101,16 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   Tensor da = dn;
   if (dims_.lightning_norm) {
     da = Tensor::Empty({t * h, d}, dt);
-    ops::RmsNormBackward(a_.Reshape({t * h, d}), norm_.value, rstd_, dn.Reshape({t * h, d}), da, norm_.grad);
+    if (tp_.size == 1) {
+      ops::RmsNormBackward(a_.Reshape({t * h, d}), norm_.value, rstd_, dn.Reshape({t * h, d}), da, norm_.grad);
+    } else {
+      // The shared norm weight sees only this rank's heads: sum the
+      // micro-batch's contribution over the TP group.
+      Tensor dw = Tensor::Zeros(norm_.grad.shape(), dt);
+      ops::RmsNormBackward(a_.Reshape({t * h, d}), norm_.value, rstd_, dn.Reshape({t * h, d}), da, dw);
+      tp_.AllReduce(dw);
+      ops::AddInPlace(norm_.grad, dw);
+    }
   }
   Tensor dq = Tensor::Empty({t, h, d}, dt), dk = Tensor::Empty({t, h, d}, dt), dv = Tensor::Empty({t, h, d}, dt);
   ops::LightningOptions options;
@@ -111,6 +126,7 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   add_input_grad(dq.Reshape({t, h * d}), wq_);
   add_input_grad(dk.Reshape({t, h * d}), wk_);
   add_input_grad(dv.Reshape({t, h * d}), wv_);
+  tp_.AllReduce(dx);
 }
 
 void LightningAttentionLayer::ReleaseActivations() {

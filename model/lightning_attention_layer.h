@@ -5,6 +5,9 @@
 // No 1/√d scale, no RoPE. SiLU, the per-head norm and the gate are config
 // switches (model.lightning_*). W_q, W_k, W_v, W_g [H·D, C], W_o [C, H·D],
 // norm weight [D] shared by the heads.
+// Tensor parallel: each rank holds H/tp heads (with their global decays);
+// the norm weight is replicated and its gradient summed over the TP group;
+// y and dx are summed over the TP group.
 // Gradient rule: parameter gradients accumulate, dx is written.
 #pragma once
 
@@ -13,12 +16,13 @@
 #include "model/batch.h"
 #include "model/dims.h"
 #include "model/param.h"
+#include "parallel/tensor_parallel.h"
 
 namespace loom {
 
 class LightningAttentionLayer {
  public:
-  LightningAttentionLayer(const ModelDims& dims, int layer, const std::string& prefix);
+  LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, int layer, const std::string& prefix);
   void Forward(const Tensor& x, const Batch& batch, Tensor& y);
   void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx);
   void ReleaseActivations();
@@ -26,6 +30,8 @@ class LightningAttentionLayer {
 
  private:
   const ModelDims& dims_;
+  TensorParallel tp_;
+  int64_t h_;     // local heads
   Tensor decay_;  // λ_h [H]
   Param wq_, wk_, wv_, wg_, wo_, norm_;
   // Saved by Forward for Backward.

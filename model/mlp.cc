@@ -7,15 +7,18 @@
 
 namespace loom {
 
-SwigluMlp::SwigluMlp(const ModelDims& dims, const std::string& prefix) : dims_(dims) {
+SwigluMlp::SwigluMlp(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix)
+    : dims_(dims), tp_(tp), f_(dims.ffn / tp.size) {
   const int64_t c = dims.hidden, f = dims.ffn;
-  w_gate_.Init(prefix + "w_gate", {f, c}, dims.dtype, dims.seed, dims.init_std);
-  w_up_.Init(prefix + "w_up", {f, c}, dims.dtype, dims.seed, dims.init_std);
-  w_down_.Init(prefix + "w_down", {c, f}, dims.dtype, dims.seed, dims.init_std / std::sqrt(2.0 * dims.layers));
+  const int n = tp.size, r = tp.rank;
+  w_gate_.InitSharded(prefix + "w_gate", {f, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
+  w_up_.InitSharded(prefix + "w_up", {f, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
+  w_down_.InitSharded(prefix + "w_down", {c, f}, 1, n, r, dims.dtype, dims.seed,
+                      dims.init_std / std::sqrt(2.0 * dims.layers));
 }
 
 void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
-  const int64_t t = x.dim(0), f = dims_.ffn;
+  const int64_t t = x.dim(0), f = f_;
   gate_ = Tensor::Empty({t, f}, x.dtype());
   up_ = Tensor::Empty({t, f}, x.dtype());
   h_ = Tensor::Empty({t, f}, x.dtype());
@@ -23,6 +26,7 @@ void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
   ops::LinearForward(x, w_up_.value, up_);
   ops::SwigluForward(gate_, up_, h_);
   ops::LinearForward(h_, w_down_.value, y);
+  tp_.AllReduce(y);
 }
 
 void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
@@ -32,6 +36,7 @@ void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
   ops::SwigluBackward(gate_, up_, dh, dgate, dup);
   ops::LinearBackward(x, w_gate_.value, dgate, &dx, w_gate_.grad);
   ops::LinearBackward(x, w_up_.value, dup, &dx, w_up_.grad, /*accumulate_dx=*/true);
+  tp_.AllReduce(dx);
 }
 
 }  // namespace loom

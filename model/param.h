@@ -1,5 +1,10 @@
 // A trainable tensor and its gradient. Parameter gradients accumulate (+=)
 // over micro-batches; the optimizer zeroes them after each step.
+//
+// Under tensor parallelism a parameter may hold a slice of its global
+// tensor: split_dim is cut into `parts` equal pieces and this rank holds
+// piece `part`. Initialisation draws every element from its global index,
+// so the slices of all ranks together are the single-process tensor.
 #pragma once
 
 #include <string>
@@ -15,19 +20,49 @@ struct Param {
   Tensor value;
   Tensor grad;
   bool weight_decay = true;  // false for norms and biases
+  Shape global_shape;        // the unsharded shape
+  int split_dim = -1;        // dimension split over TP ranks; -1: replicated
+  int64_t split_start = 0;   // first global index along split_dim held here
+
+  bool sharded() const { return split_dim >= 0; }
 
   // Allocates value and grad ([shape], dtype), normal(0, std) from the
   // (seed, name) stream, or `fill` when std == 0.
   void Init(std::string param_name, const Shape& shape, DType dtype, uint64_t seed, double std, double fill = 0,
             bool decay = true) {
+    InitSharded(std::move(param_name), shape, -1, 1, 0, dtype, seed, std, fill, decay);
+  }
+
+  // Piece `part` of `parts` along split_dim of a [global_shape] tensor (2-D
+  // when split; split_dim -1 holds the whole tensor).
+  void InitSharded(std::string param_name, const Shape& global, int dim, int parts, int part, DType dtype,
+                   uint64_t seed, double std, double fill = 0, bool decay = true) {
     name = std::move(param_name);
-    value = Tensor::Empty(shape, dtype);
+    global_shape = global;
+    split_dim = parts > 1 ? dim : -1;
+    Shape local = global;
+    if (split_dim >= 0) {
+      LOOM_CHECK(global.size() == 2 && global[dim] % parts == 0, "[param] ", name, ": cannot split ",
+                 ShapeString(global), " dim ", dim, " in ", parts);
+      local[dim] = global[dim] / parts;
+      split_start = local[dim] * part;
+    }
+    value = Tensor::Empty(local, dtype);
     if (std > 0) {
-      FillNormal(value, RngKey(seed, name), std);
+      const uint64_t key = RngKey(seed, name);
+      if (split_dim == 1) {  // each local row is a piece of a global row
+        for (int64_t r = 0; r < local[0]; ++r) {
+          Tensor row = value.Slice(r, 1);
+          FillNormal(row, key, std, static_cast<uint64_t>(r * global[1] + split_start));
+        }
+      } else {
+        const int64_t row_elems = split_dim == 0 ? global[1] : 0;
+        FillNormal(value, key, std, static_cast<uint64_t>(split_start * row_elems));
+      }
     } else {
       value.Fill(fill);
     }
-    grad = Tensor::Zeros(shape, dtype);
+    grad = Tensor::Zeros(local, dtype);
     weight_decay = decay;
   }
 };

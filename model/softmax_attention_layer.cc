@@ -8,14 +8,16 @@
 
 namespace loom {
 
-SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const std::string& prefix) : dims_(dims) {
+SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const TensorParallel& tp,
+                                             const std::string& prefix)
+    : dims_(dims), tp_(tp), hq_(dims.heads / tp.size), hk_(dims.kv_heads / tp.size) {
   const int64_t c = dims.hidden, qd = int64_t{dims.heads} * dims.head_dim,
                 kvd = int64_t{dims.kv_heads} * dims.head_dim;
   const double out_std = dims.init_std / std::sqrt(2.0 * dims.layers);
-  wq_.Init(prefix + "wq", {qd, c}, dims.dtype, dims.seed, dims.init_std);
-  wk_.Init(prefix + "wk", {kvd, c}, dims.dtype, dims.seed, dims.init_std);
-  wv_.Init(prefix + "wv", {kvd, c}, dims.dtype, dims.seed, dims.init_std);
-  wo_.Init(prefix + "wo", {c, qd}, dims.dtype, dims.seed, out_std);
+  wq_.InitSharded(prefix + "wq", {qd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
+  wk_.InitSharded(prefix + "wk", {kvd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
+  wv_.InitSharded(prefix + "wv", {kvd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
+  wo_.InitSharded(prefix + "wo", {c, qd}, 1, tp.size, tp.rank, dims.dtype, dims.seed, out_std);
 }
 
 namespace {
@@ -29,7 +31,7 @@ ops::AttentionOptions Options(const ModelDims& d) {
 }  // namespace
 
 void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
-  const int64_t t = x.dim(0), hq = dims_.heads, hk = dims_.kv_heads, d = dims_.head_dim;
+  const int64_t t = x.dim(0), hq = hq_, hk = hk_, d = dims_.head_dim;
   q_ = Tensor::Empty({t, hq, d}, x.dtype());
   k_ = Tensor::Empty({t, hk, d}, x.dtype());
   v_ = Tensor::Empty({t, hk, d}, x.dtype());
@@ -42,6 +44,7 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   lse_ = Tensor::Empty({t, hq}, x.dtype());
   ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_), o_, lse_);
   ops::LinearForward(o_, wo_.value, y);
+  tp_.AllReduce(y);
 }
 
 void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
@@ -59,6 +62,7 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   ops::LinearBackward(x, wq_.value, dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
   ops::LinearBackward(x, wk_.value, dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
   ops::LinearBackward(x, wv_.value, dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
+  tp_.AllReduce(dx);
 }
 
 void SoftmaxAttentionLayer::ReleaseActivations() { q_ = k_ = v_ = o_ = lse_ = Tensor(); }

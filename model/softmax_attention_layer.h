@@ -2,6 +2,8 @@
 //   q = RoPE(x W_qᵀ) [T, Hq, D], k = RoPE(x W_kᵀ), v = x W_vᵀ [T, Hk, D]
 //   o = attention(q, k, v) [T, Hq, D], y = o W_oᵀ [T, C]
 // W_q [Hq·D, C], W_k, W_v [Hk·D, C], W_o [C, Hq·D].
+// Tensor parallel: each rank holds Hq/tp query and Hk/tp KV heads (rows of
+// W_q, W_k, W_v; columns of W_o); y and dx are summed over the TP group.
 // Gradient rule: parameter gradients accumulate, dx is written.
 #pragma once
 
@@ -10,12 +12,13 @@
 #include "model/batch.h"
 #include "model/dims.h"
 #include "model/param.h"
+#include "parallel/tensor_parallel.h"
 
 namespace loom {
 
 class SoftmaxAttentionLayer {
  public:
-  SoftmaxAttentionLayer(const ModelDims& dims, const std::string& prefix);
+  SoftmaxAttentionLayer(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix);
   void Forward(const Tensor& x, const Batch& batch, Tensor& y);
   void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx);
   void ReleaseActivations();
@@ -23,6 +26,8 @@ class SoftmaxAttentionLayer {
 
  private:
   const ModelDims& dims_;
+  TensorParallel tp_;
+  int64_t hq_, hk_;  // local heads
   Param wq_, wk_, wv_, wo_;
   // Saved by Forward for Backward.
   Tensor q_, k_, v_;  // after RoPE

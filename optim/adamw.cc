@@ -40,24 +40,38 @@ AdamW::AdamW(const ParamList& params, const AdamWOptions& options) : params_(par
   }
 }
 
+void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
+                 const AdamWOptions& options) {
+  LOOM_CHECK(g.numel() == p.numel() && m.numel() == p.numel() && v.numel() == p.numel() &&
+                 g.dtype() == p.dtype() && m.dtype() == p.dtype() && v.dtype() == p.dtype(),
+             "[adamw] p, g, m, v must have the same size and dtype");
+  const double bias1 = 1 - std::pow(options.beta1, step);
+  const double bias2 = 1 - std::pow(options.beta2, step);
+  LOOM_DISPATCH_FLOAT(p.dtype(), T, [&] {
+    AdamWKernel(p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), p.numel(), lr, options.beta1, options.beta2,
+                options.eps, wd, bias1, bias2);
+  });
+}
+
+double SumSquares(const Tensor& g) {
+  return LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { return SumSquares(g.data<T>(), g.numel()); });
+}
+
+void ScaleInPlace(Tensor& g, double f) {
+  LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { Scale(g.data<T>(), g.numel(), f); });
+}
+
 void AdamW::Step(double lr) {
   ++steps_;
-  const double bias1 = 1 - std::pow(options_.beta1, steps_);
-  const double bias2 = 1 - std::pow(options_.beta2, steps_);
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i];
-    const double wd = p.weight_decay ? options_.weight_decay : 0.0;
-    LOOM_DISPATCH_FLOAT(p.value.dtype(), T, [&] {
-      AdamWKernel(p.value.data<T>(), p.grad.data<T>(), m_[i].data<T>(), v_[i].data<T>(), p.value.numel(), lr,
-                  options_.beta1, options_.beta2, options_.eps, wd, bias1, bias2);
-    });
+    AdamWUpdate(p.value, p.grad, m_[i], v_[i], lr, p.weight_decay ? options_.weight_decay : 0.0, steps_, options_);
   }
 }
 
 double GlobalGradNorm(const ParamList& params) {
   double s = 0;
-  for (const Param* p : params)
-    s += LOOM_DISPATCH_FLOAT(p->grad.dtype(), T, [&] { return SumSquares(p->grad.data<T>(), p->grad.numel()); });
+  for (const Param* p : params) s += SumSquares(p->grad);
   return std::sqrt(s);
 }
 
@@ -65,8 +79,7 @@ double ClipGradNorm(const ParamList& params, double max_norm) {
   const double norm = GlobalGradNorm(params);
   if (max_norm > 0 && norm > max_norm) {
     const double f = max_norm / (norm + 1e-6);
-    for (Param* p : params)
-      LOOM_DISPATCH_FLOAT(p->grad.dtype(), T, [&] { Scale(p->grad.data<T>(), p->grad.numel(), f); });
+    for (Param* p : params) ScaleInPlace(p->grad, f);
   }
   return norm;
 }

@@ -37,6 +37,17 @@ class AdamW {
   int64_t steps_ = 0;
 };
 
+// One AdamW update of p from g with moments m, v (same element counts, same
+// float dtype; any shapes), at optimizer step `step` (1-based, for the bias
+// corrections) with decay wd (0 for parameters without weight decay).
+void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
+                 const AdamWOptions& options);
+
+// Σ g² of one tensor, summed serially (the same on every run).
+double SumSquares(const Tensor& g);
+// g *= f.
+void ScaleInPlace(Tensor& g, double f);
+
 // sqrt(Σ g²) over every parameter's gradient.
 double GlobalGradNorm(const ParamList& params);
 // Scales all gradients so that their global norm is at most max_norm (0:

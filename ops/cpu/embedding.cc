@@ -26,6 +26,33 @@ int64_t CheckIds(const Tensor& ids, const Tensor& rows_of, const char* rows_name
 }
 
 template <typename T>
+void GatherSlice(const int32_t* id, int64_t n, int64_t d, const T* table, int64_t first, int64_t rows, T* out) {
+#pragma omp parallel for if (n * d >= kParallelMinElements)
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = id[i] - first;
+    if (r >= 0 && r < rows) {
+      std::copy(table + r * d, table + (r + 1) * d, out + i * d);
+    } else {
+      std::fill(out + i * d, out + (i + 1) * d, T(0));
+    }
+  }
+}
+
+template <typename T>
+void ScatterAddSlice(const int32_t* id, int64_t n, int64_t d, const T* dout, int64_t first, int64_t rows, T* dtable) {
+#pragma omp parallel if (n * d >= kParallelMinElements)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t j0 = d * t / threads, j1 = d * (t + 1) / threads;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = id[i] - first;
+      if (r < 0 || r >= rows) continue;
+      for (int64_t j = j0; j < j1; ++j) dtable[r * d + j] += dout[i * d + j];
+    }
+  }
+}
+
+template <typename T>
 void Gather(const int32_t* id, int64_t n, int64_t d, const T* table, T* out) {
 #pragma omp parallel for if (n * d >= kParallelMinElements)
   for (int64_t i = 0; i < n; ++i) std::copy(table + id[i] * d, table + (id[i] + 1) * d, out + i * d);
@@ -64,6 +91,26 @@ void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
              d, "] ", DTypeName(dtable.dtype()));
   LOOM_DISPATCH_FLOAT(dtable.dtype(), T,
                       [&] { ScatterAdd(ids.data<int32_t>(), n, d, dout.data<T>(), dtable.data<T>()); });
+}
+
+void EmbeddingForwardSlice(const Tensor& ids, const Tensor& table, int64_t first_row, Tensor& out) {
+  LOOM_CHECK(ids.device().is_cpu() && ids.dtype() == DType::kI32 && table.ndim() == 2, "[embedding] slice: CPU i32 ids and a [V, D] table");
+  const int64_t n = ids.numel(), d = table.dim(1);
+  LOOM_CHECK(out.device().is_cpu() && out.dtype() == table.dtype() && out.numel() == n * d, "[embedding] out ",
+             ShapeString(out.shape()), " must hold [", n, ", ", d, "]");
+  LOOM_DISPATCH_FLOAT(table.dtype(), T, [&] {
+    GatherSlice(ids.data<int32_t>(), n, d, table.data<T>(), first_row, table.dim(0), out.data<T>());
+  });
+}
+
+void EmbeddingBackwardSlice(const Tensor& ids, const Tensor& dout, int64_t first_row, Tensor& dtable) {
+  LOOM_CHECK(ids.device().is_cpu() && ids.dtype() == DType::kI32 && dtable.ndim() == 2, "[embedding] slice: CPU i32 ids and a [V, D] table");
+  const int64_t n = ids.numel(), d = dtable.dim(1);
+  LOOM_CHECK(dout.dtype() == dtable.dtype() && dout.numel() == n * d, "[embedding] dout ", ShapeString(dout.shape()),
+             " must hold [", n, ", ", d, "]");
+  LOOM_DISPATCH_FLOAT(dtable.dtype(), T, [&] {
+    ScatterAddSlice(ids.data<int32_t>(), n, d, dout.data<T>(), first_row, dtable.dim(0), dtable.data<T>());
+  });
 }
 
 }  // namespace loom::ops

@@ -1,0 +1,23 @@
+// What a layer needs to know of its tensor-parallel group (Megatron-style
+// TP without sequence parallelism): its rank and size, and the all-reduces
+// that close a row-parallel product in forward (the "g" operator) and a
+// column-parallel one in backward (the "f" operator). Size 1 is the
+// single-process model: every call is then a no-op.
+#pragma once
+
+#include "parallel/communicator.h"
+
+namespace loom {
+
+struct TensorParallel {
+  Communicator* comm = nullptr;  // null when size == 1
+  int rank = 0;
+  int size = 1;
+
+  // Sums t over the group in place. A failed collective (a rank gone or
+  // hung) ends the process with the communicator's message.
+  void AllReduce(Tensor& t) const;
+  void AllReduceMax(Tensor& t) const;
+};
+
+}  // namespace loom
