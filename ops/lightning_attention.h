@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "ops/attention_seqs.h"
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -72,5 +73,50 @@ void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor&
 void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o);
 void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
                                  const Tensor& d_o, Tensor& dq, Tensor& ds);  // accumulated
+
+// ---- CUDA kernels (ops/cuda/lightning_attention.cu), sm_90a ----
+// Same math and argument order as above, with these types: q, k, v, o, d_o,
+// dq, dk, dv bf16 [T, H, D] on one CUDA device, Dk = Dv = D in {64, 128};
+// decay f32 [H] on that device (λ in (0, 1], not checked there); states,
+// m, s, dm, ds f32 on the device. cu_seqlens stays a CPU tensor (the
+// launcher plans segments on the host); doc_ids are refused with an error:
+// give each document its own row. Outputs are allocated by the caller;
+// "written" and "accumulated" as above (o of the inter phase, dq/dk/dv of
+// the phases' backwards and ds accumulate in place). Everything runs on
+// `stream`, asynchronously. The workspace holds device scratch (the
+// per-segment states, 64 KiB per 1,024 tokens and head at D = 128) and the
+// uploaded segment plan; it grows on first use (cudaMalloc, which
+// synchronises), so keep one per stream across calls.
+namespace cuda {
+
+struct LightningWorkspace {
+  Tensor buffer;                    // device scratch, f32
+  std::vector<int32_t> planned_cu;  // the cu_seqlens whose plan is in buffer
+};
+
+void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                               const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out,
+                               LightningWorkspace& workspace, CudaStream stream);
+void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
+                                const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
+                                LightningWorkspace& workspace, CudaStream stream);
+bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m,
+                         LightningWorkspace& workspace, CudaStream stream);
+void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
+                                 const Tensor& dm, Tensor& dk, Tensor& dv, LightningWorkspace& workspace,
+                                 CudaStream stream);
+void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                         const Tensor& doc_ids, Tensor& o, LightningWorkspace& workspace, CudaStream stream);
+void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                 const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv,
+                                 LightningWorkspace& workspace, CudaStream stream);
+void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o,
+                         CudaStream stream);
+void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
+                                 const Tensor& d_o, Tensor& dq, Tensor& ds, LightningWorkspace& workspace,
+                                 CudaStream stream);
+
+}  // namespace cuda
 
 }  // namespace loom::ops

@@ -481,6 +481,15 @@ void InterBackwardHeads(const Tensor& q, const Tensor& decay, const int32_t* doc
   }
 }
 
+// ---- CUDA tensors go to ops/cuda (the default stream, a workspace per call;
+// callers that care about speed call ops::cuda:: with their own). Undefined
+// outputs are allocated on q's device as the CPU path allocates them. ----
+
+Tensor& OnDevice(Tensor& t, const Shape& shape, DType dtype, Device device, bool zero) {
+  if (!t.defined()) t = zero ? Tensor::Zeros(shape, dtype, device) : Tensor::Empty(shape, dtype, device);
+  return t;
+}
+
 }  // namespace
 
 // ---- Decay ----
@@ -521,6 +530,12 @@ std::vector<double> LightningDecay(int heads, int layer, int layers) {
 void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
                                Tensor& o, Tensor& state_out) {
+  if (!q.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    const Shape state_shape{rows.rows(), q.dim(1), q.dim(2), v.dim(2)};
+    return cuda::LightningAttentionForward(q, k, v, decay, rows, state_in, OnDevice(o, v.shape(), v.dtype(), q.device(), false),
+                                           OnDevice(state_out, state_shape, DType::kF32, q.device(), false), ws, nullptr);
+  }
   const Dims d = CheckInputs(q, k, v, decay);
   CheckRows(rows, d.t);
   LOOM_CHECK(options.block >= 1, "[lightning_attention] block must be >= 1, got ", options.block);
@@ -536,6 +551,14 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
                                 const Tensor& d_o, const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv,
                                 Tensor& d_state_in) {
+  if (!q.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    return cuda::LightningAttentionBackward(q, k, v, decay, rows, state_in, d_o, d_state_out,
+                                            OnDevice(dq, q.shape(), q.dtype(), q.device(), false),
+                                            OnDevice(dk, k.shape(), k.dtype(), q.device(), false),
+                                            OnDevice(dv, v.shape(), v.dtype(), q.device(), false), d_state_in, ws,
+                                            nullptr);
+  }
   const Dims d = CheckInputs(q, k, v, decay);
   CheckRows(rows, d.t);
   LOOM_CHECK(options.block >= 1, "[lightning_attention] block must be >= 1, got ", options.block);
@@ -618,6 +641,11 @@ void LightningAttentionNaive(const Tensor& q, const Tensor& k, const Tensor& v, 
 // ---- Phases on one chunk ----
 
 bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m) {
+  if (!k.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    return cuda::LightningChunkState(
+        k, v, decay, doc_ids, OnDevice(m, {k.dim(1), k.dim(2), v.dim(2)}, DType::kF32, k.device(), false), ws, nullptr);
+  }
   const Dims d = CheckInputs(k, k, v, decay, "k");
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
   PrepareWritten(m, {d.h, d.dk, d.dv}, k.dtype(), "m");
@@ -631,6 +659,12 @@ bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, 
 
 void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
                                  const Tensor& dm, Tensor& dk, Tensor& dv) {
+  if (!k.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    return cuda::LightningChunkStateBackward(k, v, decay, doc_ids, dm,
+                                             OnDevice(dk, k.shape(), k.dtype(), k.device(), true),
+                                             OnDevice(dv, v.shape(), v.dtype(), k.device(), true), ws, nullptr);
+  }
   const Dims d = CheckInputs(k, k, v, decay, "k");
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
   CheckSame(dm, {d.h, d.dk, d.dv}, k.dtype(), "dm");
@@ -646,6 +680,11 @@ void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor&
 // longer than one block is exactly the masked left product.
 void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                          const Tensor& doc_ids, Tensor& o) {
+  if (!q.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    return cuda::LightningIntraChunk(q, k, v, decay, doc_ids, OnDevice(o, v.shape(), v.dtype(), q.device(), false),
+                                     ws, nullptr);
+  }
   const Dims d = CheckInputs(q, k, v, decay);
   const BlockWalk walk{d.t, LightningOptions{}.block, ChunkDocs(doc_ids, d.t)};
   PrepareWritten(o, {d.t, d.h, d.dv}, q.dtype(), "o");
@@ -654,6 +693,13 @@ void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, cons
 
 void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                  const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv) {
+  if (!q.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    return cuda::LightningIntraChunkBackward(q, k, v, decay, doc_ids, d_o,
+                                             OnDevice(dq, q.shape(), q.dtype(), q.device(), true),
+                                             OnDevice(dk, k.shape(), k.dtype(), q.device(), true),
+                                             OnDevice(dv, v.shape(), v.dtype(), q.device(), true), ws, nullptr);
+  }
   const Dims d = CheckInputs(q, k, v, decay);
   const BlockWalk walk{d.t, LightningOptions{}.block, ChunkDocs(doc_ids, d.t)};
   CheckSame(d_o, {d.t, d.h, d.dv}, q.dtype(), "d_o");
@@ -664,6 +710,9 @@ void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor&
 }
 
 void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o) {
+  if (!q.device().is_cpu())
+    return cuda::LightningInterChunk(q, decay, doc_ids, s, OnDevice(o, {q.dim(0), q.dim(1), s.dim(2)}, q.dtype(), q.device(), true),
+                                     nullptr);
   const Dims d = CheckInterInputs(q, decay, s);
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
   PrepareAccumulated(o, {d.t, d.h, d.dv}, q.dtype(), "o");
@@ -673,6 +722,12 @@ void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc
 
 void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
                                  const Tensor& d_o, Tensor& dq, Tensor& ds) {
+  if (!q.device().is_cpu()) {
+    cuda::LightningWorkspace ws;
+    return cuda::LightningInterChunkBackward(q, decay, doc_ids, s, d_o,
+                                             OnDevice(dq, q.shape(), q.dtype(), q.device(), true),
+                                             OnDevice(ds, s.shape(), s.dtype(), q.device(), true), ws, nullptr);
+  }
   const Dims d = CheckInterInputs(q, decay, s);
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
   CheckSame(d_o, {d.t, d.h, d.dv}, q.dtype(), "d_o");
