@@ -13,7 +13,10 @@
 // Backward: dq, dk, dv written.
 #pragma once
 
+#include <string>
+
 #include "ops/attention_seqs.h"
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -34,5 +37,70 @@ void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const Tensor& lse, const Tensor& d_o, const TokenRows& q_rows,
                               const TokenRows& k_rows, const AttentionOptions& options, Tensor& dq, Tensor& dk,
                               Tensor& dv);
+
+// ------------------------------------------------------------------ CUDA
+// The GPU kernels (ops/cuda/softmax_attention.cu: Loom's own flash attention;
+// ops/cuda/cudnn_attention.cu: cuDNN 9's fused SDPA). Same math as above,
+// with these differences:
+//   q, k, v, o, d_o, dq, dk, dv bf16 on one CUDA device; lse [Tq, Hq] f32
+//   (softmax statistics and accumulation are f32 inside the kernels);
+//   rows come as CudaTokenRows (cu_seqlens on the device).
+// Every launcher runs on `stream` (nullptr: the default stream) and does not
+// synchronise; scratch memory is stream-ordered (cudaMallocAsync).
+namespace cuda {
+
+// TokenRows as the kernels read them: cu_seqlens [R+1] (and doc_ids [T] if
+// any) on the device, plus what the host must know to size the grid.
+struct CudaTokenRows {
+  Tensor cu_seqlens;   // i32 [R+1], CUDA
+  Tensor doc_ids;      // i32 [T], CUDA, or undefined
+  int64_t max_len = 0; // longest row
+  bool uniform = false;  // every row max_len long and the rows tile [0, T)
+  int64_t rows() const { return cu_seqlens.numel() - 1; }
+};
+// Copies host rows to `device` (synchronously: do it once per batch).
+CudaTokenRows ToDevice(const TokenRows& rows, int device);
+
+enum class AttentionBackend { kLoom, kCudnn };
+AttentionBackend ParseAttentionBackend(const std::string& name);  // "loom" | "cudnn"
+
+// Loom's kernels: FA2-style tiles on mma.sync bf16 tensor cores, D in {64,
+// 128}; everything AttentionOptions offers, doc_ids included. The backward
+// accumulates dq in f32 with atomic adds (not bitwise deterministic).
+void FlashAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
+                           const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,
+                           CudaStream stream = nullptr);
+void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                            const Tensor& d_o, const CudaTokenRows& q_rows, const CudaTokenRows& k_rows,
+                            const AttentionOptions& options, Tensor& dq, Tensor& dk, Tensor& dv,
+                            CudaStream stream = nullptr);
+
+// cuDNN's SDPA through the backend graph API: softmax only, causal or full,
+// GQA, q_offset/k_offset, uniform rows (q_rows.uniform and k_rows.uniform);
+// no doc_ids, no sigmoid (refused with a message).
+void CudnnAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
+                           const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,
+                           CudaStream stream = nullptr);
+void CudnnAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                            const Tensor& d_o, const CudaTokenRows& q_rows, const CudaTokenRows& k_rows,
+                            const AttentionOptions& options, Tensor& dq, Tensor& dk, Tensor& dv,
+                            CudaStream stream = nullptr);
+
+// "" when cuDNN has engines for this forward (and backward, if asked):
+// plans are built and cached; else cuDNN's reason.
+std::string CudnnAttentionUnsupported(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
+                                      const CudaTokenRows& k_rows, const AttentionOptions& options,
+                                      bool backward = true);
+
+// One entry for the model: picks the backend.
+void AttentionForward(AttentionBackend backend, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const CudaTokenRows& q_rows, const CudaTokenRows& k_rows, const AttentionOptions& options,
+                      Tensor& o, Tensor& lse, CudaStream stream = nullptr);
+void AttentionBackward(AttentionBackend backend, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& o, const Tensor& lse, const Tensor& d_o, const CudaTokenRows& q_rows,
+                       const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& dq, Tensor& dk,
+                       Tensor& dv, CudaStream stream = nullptr);
+
+}  // namespace cuda
 
 }  // namespace loom::ops

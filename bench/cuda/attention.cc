@@ -1,0 +1,163 @@
+// loom-bench --what=attention [--steps N] [--json]
+// Loom's flash attention against cuDNN's SDPA in the same run, issue 8's
+// grid: 65,536 tokens a batch (B·S), Hq = 32 with Hk = 32 and 8, D = 128,
+// S in {4K, 16K, 64K}, causal, bf16.
+//   FLOPs: forward 4·B·S²·Hq·D / 2 (causal counts half), backward 2.5x that.
+// Times are CUDA-event medians of --steps runs after one warm-up; the inputs
+// are random (never zeros). A separate untimed pass prints
+// ‖o_loom − o_cudnn‖ / ‖o_cudnn‖ in the same row.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "bench/bench.h"
+#include "ops/softmax_attention.h"
+#include "runtime/cuda_check.h"
+
+namespace loom {
+namespace {
+
+constexpr int64_t kTokens = 65536, kHq = 32, kD = 128;
+
+// A CUDA bf16 tensor of uniform [-1, 1) values: one 16 Mi-element random
+// block, repeated.
+Tensor RandomBf16(const Shape& shape, uint64_t seed) {
+  static std::vector<bf16> block;
+  if (block.empty()) {
+    std::mt19937_64 gen(7);
+    std::uniform_real_distribution<float> dist(-1, 1);
+    block.resize(int64_t{1} << 24);
+    for (bf16& x : block) x = FloatToBf16(dist(gen));
+  }
+  Tensor t = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
+  const int64_t n = t.numel();
+  const int64_t shift = static_cast<int64_t>(seed * 7919) % static_cast<int64_t>(block.size());
+  for (int64_t at = 0; at < n;) {
+    const int64_t len = std::min<int64_t>(n - at, static_cast<int64_t>(block.size()) - shift);
+    LOOM_CUDA_CHECK(cudaMemcpy(static_cast<bf16*>(t.raw()) + at, block.data() + shift, len * sizeof(bf16),
+                               cudaMemcpyHostToDevice));
+    at += len;
+  }
+  return t;
+}
+
+template <typename Fn>
+double MedianSeconds(int steps, Fn&& fn) {
+  cudaEvent_t start, stop;
+  LOOM_CUDA_CHECK(cudaEventCreate(&start));
+  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
+  fn();  // warm-up: plans, pools, module load
+  std::vector<double> times;
+  for (int i = 0; i < steps; ++i) {
+    LOOM_CUDA_CHECK(cudaEventRecord(start));
+    fn();
+    LOOM_CUDA_CHECK(cudaEventRecord(stop));
+    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms * 1e-3);
+  }
+  LOOM_CUDA_CHECK(cudaEventDestroy(start));
+  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+double RelativeDiff(const Tensor& a, const Tensor& b) {
+  Tensor ha = Tensor::Empty(a.shape(), a.dtype()), hb = Tensor::Empty(b.shape(), b.dtype());
+  ha.CopyFrom(a);
+  hb.CopyFrom(b);
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < ha.numel(); i += 7) {  // a strided sample keeps the host pass short
+    const double x = Bf16ToFloat(ha.data<bf16>()[i]), y = Bf16ToFloat(hb.data<bf16>()[i]);
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+int BenchAttention(const config::Config&) {
+  if (CudaDeviceCount() == 0) {
+    std::printf("attention: skipped: no GPU\n");
+    return 0;
+  }
+  const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
+  const bool json = absl::GetFlag(FLAGS_json);
+  if (!json)
+    std::printf("%-6s %3s %3s %6s | %9s %9s %6s | %9s %9s %6s | %9s\n", "S", "Hq", "Hk", "B", "fwd loom", "fwd cudnn",
+                "ratio", "bwd loom", "bwd cudnn", "ratio", "o diff");
+  for (int64_t hk : {int64_t{32}, int64_t{8}}) {
+    const Tensor q = RandomBf16({kTokens, kHq, kD}, 1), k = RandomBf16({kTokens, hk, kD}, 2),
+                 v = RandomBf16({kTokens, hk, kD}, 3), d_o = RandomBf16({kTokens, kHq, kD}, 4);
+    Tensor o = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
+    Tensor o_ref = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
+    Tensor lse = Tensor::Empty({kTokens, kHq}, DType::kF32, Device::Cuda(0));
+    Tensor dq = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
+    Tensor dk = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
+    Tensor dv = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
+    for (int64_t s : {int64_t{4096}, int64_t{16384}, int64_t{65536}}) {
+      const int64_t b = kTokens / s;
+      const auto rows = ops::cuda::ToDevice(ops::TokenRows::Uniform(b, s), 0);
+      ops::AttentionOptions options;
+      options.causal = true;
+      const double fwd_flops = 4.0 * b * s * s * kHq * kD / 2, bwd_flops = 2.5 * fwd_flops;
+      using ops::cuda::AttentionBackend;
+      double cf = NAN, cb = NAN, diff = NAN;
+      const double lf = MedianSeconds(steps, [&] {
+        ops::cuda::AttentionForward(AttentionBackend::kLoom, q, k, v, rows, rows, options, o, lse);
+      });
+      const double lb = MedianSeconds(steps, [&] {
+        ops::cuda::AttentionBackward(AttentionBackend::kLoom, q, k, v, o, lse, d_o, rows, rows, options, dq, dk, dv);
+      });
+      const std::string why_fwd = ops::cuda::CudnnAttentionUnsupported(q, k, v, rows, rows, options, false);
+      const std::string why_bwd = ops::cuda::CudnnAttentionUnsupported(q, k, v, rows, rows, options, true);
+      if (why_fwd.empty()) {
+        ops::cuda::AttentionForward(AttentionBackend::kLoom, q, k, v, rows, rows, options, o_ref, lse);
+        cf = MedianSeconds(steps, [&] {
+          ops::cuda::AttentionForward(AttentionBackend::kCudnn, q, k, v, rows, rows, options, o, lse);
+        });
+        LOOM_CUDA_CHECK(cudaDeviceSynchronize());
+        diff = RelativeDiff(o, o_ref);
+        if (why_bwd.empty()) {
+          cb = MedianSeconds(steps, [&] {
+            ops::cuda::AttentionBackward(AttentionBackend::kCudnn, q, k, v, o, lse, d_o, rows, rows, options, dq, dk,
+                                         dv);
+          });
+        }
+      }
+      for (const std::string* why : {&why_fwd, &why_bwd})
+        if (!why->empty())
+          std::fprintf(stderr, "attention: cuDNN unavailable for S=%ld Hk=%ld: %s\n", static_cast<long>(s),
+                       static_cast<long>(hk), why->c_str());
+      const double tf = 1e-12;
+      if (json) {
+        std::printf(
+            "{\"what\": \"attention\", \"s\": %ld, \"hq\": %ld, \"hk\": %ld, \"b\": %ld, \"d\": %ld, "
+            "\"fwd_loom_tflops\": %.1f, \"fwd_cudnn_tflops\": %.1f, \"bwd_loom_tflops\": %.1f, "
+            "\"bwd_cudnn_tflops\": %.1f, \"o_rel_diff\": %.2e}\n",
+            static_cast<long>(s), static_cast<long>(kHq), static_cast<long>(hk), static_cast<long>(b),
+            static_cast<long>(kD), fwd_flops / lf * tf, fwd_flops / cf * tf, bwd_flops / lb * tf, bwd_flops / cb * tf,
+            diff);
+      } else {
+        std::printf("%-6ld %3ld %3ld %6ld | %9.1f %9.1f %6.2f | %9.1f %9.1f %6.2f | %9.2e\n", static_cast<long>(s),
+                    static_cast<long>(kHq), static_cast<long>(hk), static_cast<long>(b), fwd_flops / lf * tf,
+                    fwd_flops / cf * tf, cf / lf, bwd_flops / lb * tf, bwd_flops / cb * tf, cb / lb, diff);
+      }
+      std::fflush(stdout);
+    }
+  }
+  if (!json) std::printf("TFLOP/s (causal FLOPs halved; bwd = 2.5x fwd), D=%ld, bf16; ratio = loom / cudnn\n",
+                         static_cast<long>(kD));
+  return 0;
+}
+
+LOOM_BENCHMARK("attention", "Loom flash attention vs cuDNN SDPA, fwd/bwd TFLOP/s (CUDA builds)", BenchAttention);
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,127 @@
+// Shared by the GPU attention tests (Loom's kernels and cuDNN's): one case
+// is drawn, run through the CPU reference in f32 on bf16-rounded inputs and
+// through a CUDA backend, and every output and gradient is compared. See
+// tests/gpu/softmax_attention_gpu_test.cc for where the tolerances come from.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "ops/softmax_attention.h"
+#include "runtime/cuda_runtime.h"
+#include "tests/testing.h"
+
+namespace loom::ops::gpu_test {
+
+struct Case {
+  std::string name;
+  int64_t d = 128, hq = 4, hk = 4;
+  std::vector<int32_t> q_lens;                // row lengths of q
+  std::vector<int32_t> k_lens;                // empty: as q_lens
+  std::vector<std::vector<int32_t>> doc_lens;  // per row, documents' lengths (q and k alike); empty: none
+  bool causal = true;
+  bool sigmoid = false;
+  int64_t q_offset = 0, k_offset = 0;
+};
+
+inline Tensor ToGpu(const Tensor& t) {
+  Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));
+  g.CopyFrom(t);
+  return g;
+}
+inline Tensor ToCpu(const Tensor& t) {
+  Tensor c = Tensor::Empty(t.shape(), t.dtype());
+  c.CopyFrom(t);
+  return c;
+}
+// A CUDA tensor whose every byte is 0xff (NaN in bf16 and f32): an element
+// the op forgets to write fails the comparison.
+inline Tensor Poisoned(const Shape& shape, DType dtype) {
+  Tensor g = Tensor::Empty(shape, dtype, Device::Cuda(0));
+  CudaMemset(g.raw(), 0xff, g.nbytes());
+  return g;
+}
+
+inline TokenRows Rows(const std::vector<int32_t>& lens, const std::vector<std::vector<int32_t>>& docs) {
+  std::vector<int32_t> cu{0};
+  for (int32_t n : lens) cu.push_back(cu.back() + n);
+  TokenRows rows;
+  rows.cu_seqlens = Tensor::FromVector(cu, {static_cast<int64_t>(cu.size())});
+  if (!docs.empty()) {
+    std::vector<int32_t> ids;
+    int32_t id = 0;
+    for (const auto& row : docs)
+      for (int32_t n : row) ids.insert(ids.end(), n, id++);
+    EXPECT_EQ(static_cast<int32_t>(ids.size()), cu.back()) << "doc_lens must cover every row";
+    rows.doc_ids = Tensor::FromVector(ids, {static_cast<int64_t>(ids.size())});
+  }
+  return rows;
+}
+
+// ‖a − b‖ / ‖b‖ ≤ rel over finite entries, and element-wise
+// |a − b| ≤ atol_frac · max|b| + rtol · |b| (−∞ must match exactly).
+inline ::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, double rel, double atol_frac,
+                                        double rtol) {
+  const Tensor a = ToCpu(gpu);
+  double num = 0, den = 0, maxabs = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double x = a.Get(i), y = ref.Get(i);
+    if (std::isinf(y)) continue;
+    num += (x - y) * (x - y);
+    den += y * y;
+    maxabs = std::max(maxabs, std::abs(y));
+  }
+  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  if (!(err <= rel))
+    return ::testing::AssertionFailure() << "normwise error " << err << " > " << rel;
+  return testing::AllClose(a, ref, rtol, atol_frac * std::max(maxabs, 1e-3));
+}
+
+inline void RunCase(cuda::AttentionBackend backend, const Case& c) {
+  SCOPED_TRACE(c.name);
+  const std::vector<int32_t>& k_lens = c.k_lens.empty() ? c.q_lens : c.k_lens;
+  const TokenRows q_rows = Rows(c.q_lens, c.doc_lens), k_rows = Rows(k_lens, c.doc_lens);
+  const int64_t tq = q_rows.end(q_rows.rows() - 1), tk = k_rows.end(k_rows.rows() - 1);
+  // Inputs in bf16; the CPU reads the same values in f32.
+  const Tensor q = testing::RandomTensor({tq, c.hq, c.d}, DType::kF32, 11, -2, 2).To(DType::kBF16);
+  const Tensor k = testing::RandomTensor({tk, c.hk, c.d}, DType::kF32, 12, -2, 2).To(DType::kBF16);
+  const Tensor v = testing::RandomTensor({tk, c.hk, c.d}, DType::kF32, 13).To(DType::kBF16);
+  const Tensor d_o = testing::RandomTensor({tq, c.hq, c.d}, DType::kF32, 14).To(DType::kBF16);
+  const Tensor q32 = q.To(DType::kF32), k32 = k.To(DType::kF32), v32 = v.To(DType::kF32), do32 = d_o.To(DType::kF32);
+
+  AttentionOptions options;
+  options.causal = c.causal;
+  options.sigmoid = c.sigmoid;
+  options.sigmoid_bias = c.sigmoid ? -std::log(1024.0) : 0.0;
+  options.q_offset = c.q_offset;
+  options.k_offset = c.k_offset;
+
+  Tensor o = Tensor::Empty(q32.shape(), DType::kF32);
+  Tensor lse = c.sigmoid ? Tensor() : Tensor::Empty({tq, c.hq}, DType::kF32);
+  SoftmaxAttentionForward(q32, k32, v32, q_rows, k_rows, options, o, lse);
+  Tensor dq = Tensor::Empty(q32.shape(), DType::kF32), dk = Tensor::Empty(k32.shape(), DType::kF32),
+         dv = Tensor::Empty(v32.shape(), DType::kF32);
+  SoftmaxAttentionBackward(q32, k32, v32, o, lse, do32, q_rows, k_rows, options, dq, dk, dv);
+
+  const cuda::CudaTokenRows gq_rows = cuda::ToDevice(q_rows, 0), gk_rows = cuda::ToDevice(k_rows, 0);
+  const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o);
+  Tensor go = Poisoned(q.shape(), DType::kBF16);
+  Tensor glse = c.sigmoid ? Tensor() : Poisoned({tq, c.hq}, DType::kF32);
+  cuda::AttentionForward(backend, gq, gk, gv, gq_rows, gk_rows, options, go, glse);
+  Tensor gdq = Poisoned(q.shape(), DType::kBF16), gdk = Poisoned(k.shape(), DType::kBF16),
+         gdv = Poisoned(v.shape(), DType::kBF16);
+  cuda::AttentionBackward(backend, gq, gk, gv, go, glse, gdo, gq_rows, gk_rows, options, gdq, gdk, gdv);
+  CudaSynchronize();
+
+  EXPECT_TRUE(Close(go, o, 1e-2, 3e-2, 2e-2)) << "o";
+  if (!c.sigmoid) EXPECT_TRUE(Close(glse, lse, 1e-4, 1e-3, 0)) << "lse";
+  EXPECT_TRUE(Close(gdq, dq, 1e-2, 3e-2, 2e-2)) << "dq";
+  EXPECT_TRUE(Close(gdk, dk, 1e-2, 3e-2, 2e-2)) << "dk";
+  EXPECT_TRUE(Close(gdv, dv, 1e-2, 3e-2, 2e-2)) << "dv";
+}
+
+}  // namespace loom::ops::gpu_test

@@ -1,0 +1,61 @@
+// cuDNN's SDPA backend (ops/cuda/cudnn_attention.cu) against the CPU
+// reference, with the cases and tolerances of softmax_attention_gpu_test.cc
+// that cuDNN supports (uniform rows, softmax). A graph cuDNN refuses fails
+// the test with cuDNN's reason.
+#include <gtest/gtest.h>
+
+#include "ops/softmax_attention.h"
+#include "runtime/cuda_runtime.h"
+#include "tests/gpu/attention_gpu_cases.h"
+
+namespace loom::ops {
+namespace {
+
+using gpu_test::Case;
+
+void RunCudnn(const Case& c) {
+  // Ask first, so that an unsupported graph is a test failure with a reason
+  // rather than an abort.
+  const std::vector<int32_t>& k_lens = c.k_lens.empty() ? c.q_lens : c.k_lens;
+  int64_t tq = 0, tk = 0;
+  for (int32_t n : c.q_lens) tq += n;
+  for (int32_t n : k_lens) tk += n;
+  const Tensor q = Tensor::Empty({tq, c.hq, c.d}, DType::kBF16, Device::Cuda(0));
+  const Tensor k = Tensor::Empty({tk, c.hk, c.d}, DType::kBF16, Device::Cuda(0));
+  AttentionOptions options;
+  options.causal = c.causal;
+  options.q_offset = c.q_offset;
+  options.k_offset = c.k_offset;
+  const auto q_rows = cuda::ToDevice(gpu_test::Rows(c.q_lens, {}), 0);
+  const auto k_rows = cuda::ToDevice(gpu_test::Rows(k_lens, {}), 0);
+  const std::string why = cuda::CudnnAttentionUnsupported(q, k, k, q_rows, k_rows, options);
+  ASSERT_EQ(why, "") << c.name;
+  gpu_test::RunCase(cuda::AttentionBackend::kCudnn, c);
+}
+
+#define LOOM_SKIP_WITHOUT_GPU() \
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
+
+TEST(GpuCudnnAttention, CausalD128) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCudnn(Case{.name = "cudnn causal D128", .d = 128, .hq = 4, .hk = 4, .q_lens = {256, 256}});
+}
+
+TEST(GpuCudnnAttention, FullD64OddLength) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCudnn(Case{.name = "cudnn full D64", .d = 64, .hq = 2, .hk = 2, .q_lens = {200, 200, 200}, .causal = false});
+}
+
+TEST(GpuCudnnAttention, CausalGqa) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCudnn(Case{.name = "cudnn causal GQA", .d = 128, .hq = 8, .hk = 2, .q_lens = {384, 384}});
+}
+
+TEST(GpuCudnnAttention, RingBlockOffsets) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCudnn(Case{.name = "cudnn q_offset 128", .d = 128, .hq = 2, .hk = 2, .q_lens = {256}, .k_lens = {256},
+                .q_offset = 128});
+}
+
+}  // namespace
+}  // namespace loom::ops
