@@ -282,6 +282,13 @@ absl::Status CheckArgs(Communicator& g, const CpChunks& lay, const Tensor& q, co
   if (rows.has_docs() && rows.doc_ids.numel() != lay.local_tokens())
     return absl::InvalidArgumentError(absl::StrCat("[cp_lightning] doc_ids has ", rows.doc_ids.numel(),
                                                    " entries, expected ", lay.local_tokens()));
+  // A document that starts exactly at a chunk's first token is invisible in
+  // the local ids: the layout must carry the flags (ZigzagShardBatch, or
+  // ZigzagChunks with the global doc ids).
+  if (rows.has_docs() && lay.starts_document.size() != static_cast<size_t>(lay.rows * 2))
+    return absl::InvalidArgumentError(
+        "[cp_lightning] the rows have documents but the CpChunks has no starts_document flags: build it with "
+        "ZigzagShardBatch or ZigzagChunks(rows, seq_len, cp, rank, global doc_ids)");
   return absl::OkStatus();
 }
 
