@@ -4,9 +4,12 @@
 Runs Loom's bench (as a subprocess, --json, which also dumps one B=2, S=4096
 case), then flash-linear-attention's `chunk_simple_gla` (fla.ops.simple_gla,
 Triton) on the same shapes in the same process run: B·S = 65,536, H = 32,
-D = 128, S in {4096, 16384, 65536}, the same per-head decays as a per-token
-log decay g = log λ_h (shape [B, T, H]), scale 1 (lightning attention has no
-1/√d), no initial or final state. Inputs are uniform in [-1, 1) like Loom's.
+D = 128, S in {4096, 16384, 65536}, the same per-head decays given as fla's
+head-wise log decay g_gamma = log λ_h (shape [H]; the same function as a
+per-token g = log λ_h of shape [B, T, H], but fla 0.6.0 refuses the
+per-token g's backward on Hopper with Triton < 3.7.1, which it says gives
+wrong results there), scale 1 (lightning attention has no 1/√d), no initial
+or final state. Inputs are uniform in [-1, 1) like Loom's.
 Times are medians of CUDA-event timings after warm-ups (the first call
 autotunes fla's Triton kernels at S = 4096, which takes minutes on a fresh
 machine; Triton keeps the results in its cache, TRITON_CACHE_DIR). Prints both and
@@ -48,17 +51,17 @@ def median_ms(fn, reps, warmup=3):
     return times[len(times) // 2]
 
 
-def fla_fns(chunk_simple_gla, q, k, v, g, do):
+def fla_fns(chunk_simple_gla, q, k, v, g_gamma, do):
     """Forward, and forward+backward, of fla on leaf tensors q, k, v."""
 
     def forward():
         with torch.no_grad():
-            chunk_simple_gla(q, k, v, g=g, scale=1.0)
+            chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)
 
     def forward_backward():
         for t in (q, k, v):
             t.grad = None
-        o, _ = chunk_simple_gla(q, k, v, g=g, scale=1.0)
+        o, _ = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)
         o.backward(do)
 
     return forward, forward_backward
@@ -101,6 +104,7 @@ def main():
     from fla.ops.simple_gla import chunk_simple_gla
 
     decay = torch.from_numpy(np.fromfile(os.path.join(dump, "decay.bin"), dtype=np.float32)).cuda()
+    g_gamma = torch.log(decay)
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def uniform(shape):
@@ -112,11 +116,10 @@ def main():
         shape = (b, s, HEADS, DIM)
         q, k, v = (uniform(shape).requires_grad_() for _ in range(3))
         do = uniform(shape)
-        g = torch.log(decay).view(1, 1, HEADS).expand(b, s, HEADS).contiguous()
-        forward, forward_backward = fla_fns(chunk_simple_gla, q, k, v, g, do)
+        forward, forward_backward = fla_fns(chunk_simple_gla, q, k, v, g_gamma, do)
         fla[s] = (median_ms(forward, args.steps), median_ms(forward_backward, args.steps))
         print(f"fla S={s}: fwd {fla[s][0]:.3f} ms, fwd+bwd {fla[s][1]:.3f} ms", flush=True)
-        del q, k, v, do, g
+        del q, k, v, do
         torch.cuda.empty_cache()
 
     print()
@@ -137,8 +140,7 @@ def main():
     shape = (2, 4096, HEADS, DIM)
     q, k, v, do = (load_bf16(os.path.join(dump, f"{n}.bin"), shape).cuda() for n in ("q", "k", "v", "do"))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    g = torch.log(decay).view(1, 1, HEADS).expand(2, 4096, HEADS).contiguous()
-    o, _ = chunk_simple_gla(q, k, v, g=g, scale=1.0)
+    o, _ = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)
     o.backward(do)
     ok = True
     for name, ref in (("o", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
