@@ -304,7 +304,9 @@ std::unique_ptr<Graph> BuildForward(cudnnHandle_t handle, const Shape4& s) {
   auto log_z = g->Virtual(rdims);
   g->Pointwise(CUDNN_POINTWISE_LOG, z, nullptr, nullptr, log_z);
   g->Pointwise(CUDNN_POINTWISE_ADD, max, log_z, nullptr, stats);
-  auto p = g->Virtual(sdims);
+  // The P·V matmul needs A and B of one type (cuDNN 9.19: "A and B need to
+  // have the same datatype"): P is rounded to bf16 like V.
+  auto p = g->Virtual(sdims, CUDNN_DATA_BFLOAT16);
   g->Pointwise(CUDNN_POINTWISE_DIV, e, z, nullptr, p);
   g->Matmul(p, v, o);
   g->Build();
@@ -334,11 +336,11 @@ std::unique_ptr<Graph> BuildBackward(cudnnHandle_t handle, const Shape4& s) {
   auto scores = Scores(*g, s, q, k_t);
   auto centred = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_SUB, scores, stats, nullptr, centred);
-  auto p = g->Virtual(sdims);
+  auto p = g->Virtual(sdims, CUDNN_DATA_BFLOAT16);  // matmul operands share dO's type
   g->Pointwise(CUDNN_POINTWISE_EXP, centred, nullptr, nullptr, p);
   // dV = Pᵀ dO (GQA: cuDNN sums the group when dV has Hk heads)
-  auto p_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, {s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk}, CUDNN_DATA_FLOAT, kVirtual,
-                       true);
+  auto p_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, {s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk}, CUDNN_DATA_BFLOAT16,
+                       kVirtual, true);
   g->Reshape(p, p_t);
   g->Matmul(p_t, d_o, dv);
   // dP = dO Vᵀ, dS = scale · P ⊙ (dP − Δ)
@@ -349,12 +351,12 @@ std::unique_ptr<Graph> BuildBackward(cudnnHandle_t handle, const Shape4& s) {
   auto ds_unscaled = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_MUL, p, dp_centred, nullptr, ds_unscaled);
   auto scale = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
-  auto ds = g->Virtual(sdims);
+  auto ds = g->Virtual(sdims, CUDNN_DATA_BFLOAT16);
   g->Pointwise(CUDNN_POINTWISE_MUL, ds_unscaled, scale, nullptr, ds);
   // dQ = dS K, dK = dSᵀ Q
   auto k = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kK, false);
   g->Matmul(ds, k, dq);
-  auto ds_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, {s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk}, CUDNN_DATA_FLOAT,
+  auto ds_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, {s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk}, CUDNN_DATA_BFLOAT16,
                         kVirtual, true);
   g->Reshape(ds, ds_t);
   g->Matmul(ds_t, q, dk);
@@ -402,6 +404,12 @@ Shape4 CheckAndShape(const Tensor& q, const Tensor& k, const Tensor& v, const Cu
                  q_rows.rows() * q_rows.max_len == q.dim(0) && k_rows.rows() * k_rows.max_len == k.dim(0),
              "[cudnn_attention] rows must be uniform and cover q and k (ops::cuda::ToDevice sets .uniform); varlen "
              "rows are Loom's kernel only");
+  // Measured on the H100 (cuDNN 9.19): with the row index shifted before the
+  // causal compare the engine runs but returns wrong statistics, so offsets
+  // are refused rather than computed wrongly.
+  LOOM_CHECK(!options.causal || options.k_offset == options.q_offset,
+             "[cudnn_attention] causal masks with q_offset != k_offset (ring CP blocks) are Loom's kernel only "
+             "(model.attention_backend = loom)");
   Shape4 s{q_rows.rows(), q.dim(1), k.dim(1), q_rows.max_len, k_rows.max_len, q.dim(2), options.causal,
            options.k_offset - options.q_offset, backward};
   if (!s.causal) s.shift = 0;

@@ -81,7 +81,7 @@ inline ::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, do
   return testing::AllClose(a, ref, rtol, atol_frac * std::max(maxabs, 1e-3));
 }
 
-inline void RunCase(cuda::AttentionBackend backend, const Case& c) {
+inline void RunCase(cuda::AttentionBackend backend, const Case& c, bool backward = true) {
   SCOPED_TRACE(c.name);
   const std::vector<int32_t>& k_lens = c.k_lens.empty() ? c.q_lens : c.k_lens;
   const TokenRows q_rows = Rows(c.q_lens, c.doc_lens), k_rows = Rows(k_lens, c.doc_lens);
@@ -112,6 +112,12 @@ inline void RunCase(cuda::AttentionBackend backend, const Case& c) {
   Tensor go = Poisoned(q.shape(), DType::kBF16);
   Tensor glse = c.sigmoid ? Tensor() : Poisoned({tq, c.hq}, DType::kF32);
   cuda::AttentionForward(backend, gq, gk, gv, gq_rows, gk_rows, options, go, glse);
+  if (!backward) {
+    CudaSynchronize();
+    EXPECT_TRUE(Close(go, o, 1e-2, 3e-2, 2e-2)) << "o";
+    if (!c.sigmoid) EXPECT_TRUE(Close(glse, lse, 1e-4, 1e-3, 0)) << "lse";
+    return;
+  }
   Tensor gdq = Poisoned(q.shape(), DType::kBF16), gdk = Poisoned(k.shape(), DType::kBF16),
          gdv = Poisoned(v.shape(), DType::kBF16);
   cuda::AttentionBackward(backend, gq, gk, gv, go, glse, gdo, gq_rows, gk_rows, options, gdq, gdk, gdv);
