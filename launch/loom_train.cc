@@ -1,5 +1,6 @@
-// loom-train --config FILE [--set a.b=v ...]: trains a model on one process.
-// Prints one line per log step and appends every step to
+// loom-train --config FILE [--set a.b=v ...]: trains a model on one process
+// or, under `mpirun -np N` / `srun`, on N ranks laid out by parallel.tp, cp,
+// pp (dp derived; parallel/topology.h). Rank 0 prints one line per log step and appends every step to
 // <train.run_dir>/metrics.jsonl. Checkpoints go to checkpoint.dir every
 // checkpoint.every steps and whenever SIGTERM (a SLURM preemption) or Ctrl-C
 // stops the run at a step boundary; a restarted run resumes from the newest
@@ -22,6 +23,11 @@
 #include "model/model.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
+#include "parallel/context_parallel.h"
+#include "parallel/data_parallel.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/process_groups.h"
+#include "parallel/tensor_parallel.h"
 #include "runtime/config.h"
 #include "runtime/log.h"
 #include "runtime/metrics.h"
@@ -89,23 +95,40 @@ struct EvalResult {
   Accuracy accuracy;
 };
 
-// Mean loss (and answer accuracy) over train.eval_sequences held-out sequences.
-EvalResult Evaluate(Model& model, const DataSource& data, const config::Config& config) {
+// Mean loss (and answer accuracy) over train.eval_sequences held-out
+// sequences, split over the data-parallel ranks and summed over `group`.
+// This rank's zig-zag share of a global micro-batch under context
+// parallelism (the batch itself otherwise).
+absl::StatusOr<Batch> LocalShare(Batch batch, const ProcessGroups& groups) {
+  if (groups.layout.cp == 1) return batch;
+  LOOM_ASSIGN_OR_RETURN(ZigzagShard shard, ZigzagShardBatch(batch, groups.layout.cp, groups.coords.cp));
+  shard.batch.cp_chunks = std::make_shared<CpChunks>(shard.chunks);
+  return shard.batch;
+}
+
+absl::StatusOr<EvalResult> Evaluate(Model& model, const DataSource& data, const config::Config& config,
+                                    const ProcessGroups& groups) {
+  Communicator& group = *groups.dp_cp;
+  const int dp_rank = groups.coords.dp, dp = groups.layout.dp;
   const int64_t total = config.train().eval_sequences(), micro = config.train().micro_batch();
-  EvalResult r;
-  double loss_sum = 0;
-  int64_t counted = 0;
-  for (int64_t first = 0; first < total; first += micro) {
-    Batch batch = data.Eval(first, std::min(micro, total - first));
+  const int64_t begin = total * dp_rank / dp, end = total * (dp_rank + 1) / dp;
+  Tensor sums = Tensor::Zeros({4}, DType::kF64);  // loss, counted, correct, answers
+  double* sum = sums.data<double>();
+  for (int64_t first = begin; first < end; first += micro) {
+    LOOM_ASSIGN_OR_RETURN(Batch batch, LocalShare(data.Eval(first, std::min(micro, end - first)), groups));
     Tensor predictions = Tensor::Empty({batch.tokens_count()}, DType::kI32);
     const auto ce = model.Evaluate(batch, 1.0, &predictions);
-    loss_sum += ce.loss;
-    counted += ce.counted;
     const Accuracy a = CountCorrect(predictions, batch.targets);
-    r.accuracy.correct += a.correct;
-    r.accuracy.total += a.total;
+    sum[0] += ce.loss;
+    sum[1] += ce.counted;
+    sum[2] += a.correct;
+    sum[3] += a.total;
   }
-  r.loss = loss_sum / std::max<int64_t>(counted, 1);
+  LOOM_RETURN_IF_ERROR(group.AllReduce(sums));
+  EvalResult r;
+  r.loss = sum[0] / std::max(sum[1], 1.0);
+  r.accuracy.correct = static_cast<int64_t>(sum[2]);
+  r.accuracy.total = static_cast<int64_t>(sum[3]);
   return r;
 }
 
@@ -148,48 +171,79 @@ std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, cons
 
 class Trainer {
  public:
-  Trainer(const config::Config& config, DataSource data)
+  Trainer(const config::Config& config, DataSource data, Communicator& world, ProcessGroups& groups)
       : config_(config),
         dims_(ModelDims::FromConfig(config)),
-        model_(dims_),
-        optimizer_(model_.params(), AdamOptions(config)),
+        world_(world),
+        groups_(groups),
+        tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp},
+        cp_(MakeContextParallel(config, groups)),
+        model_(dims_, tp_, cp_),
+        dp_(model_.params(), groups.dp_cp.get(), &world, groups.coords.tp, DpOptions(config)),
         data_(std::move(data)),
         run_dir_(config.train().run_dir()),
         ckpt_dir_(config.checkpoint().dir().empty() ? (run_dir_ / "checkpoints").string()
-                                                    : config.checkpoint().dir()) {}
+                                                    : config.checkpoint().dir()),
+        lead_(world.rank() == 0) {
+    model_.set_grad_ready_hook([this](const ParamList& ready) { dp_.GradReady(ready); });
+  }
 
   absl::Status Run() {
     const auto& tc = config_.train();
-    LOOM_RETURN_IF_ERROR(WriteFile(run_dir_ / "config.textproto", ConfigToText(config_)));
-    LOOM_RETURN_IF_ERROR(WriteFile(run_dir_ / "version.txt", absl::StrCat("loom ", LOOM_VERSION, "\n")));
+    const Layout& layout = groups_.layout;
+    if (lead_) {
+      LOOM_RETURN_IF_ERROR(WriteFile(run_dir_ / "config.textproto", ConfigToText(config_)));
+      LOOM_RETURN_IF_ERROR(WriteFile(run_dir_ / "version.txt", absl::StrCat("loom ", LOOM_VERSION, "\n")));
+      // An unusable checkpoint.dir fails the run now, not at its first save.
+      LOOM_RETURN_IF_ERROR(checkpoint::PrepareCheckpointDir(ckpt_dir_));
+    }
     LOOM_ASSIGN_OR_RETURN(const int64_t start, Resume());
-    LOOM_RETURN_IF_ERROR(CutMetricsBack(run_dir_ / "metrics.jsonl", start));
     MetricsWriter metrics;
-    LOOM_RETURN_IF_ERROR(metrics.Open((run_dir_ / "metrics.jsonl").string()));
+    if (lead_) {
+      LOOM_RETURN_IF_ERROR(CutMetricsBack(run_dir_ / "metrics.jsonl", start));
+      LOOM_RETURN_IF_ERROR(metrics.Open((run_dir_ / "metrics.jsonl").string()));
+    }
 
     const int64_t micro = tc.micro_batch(), global = tc.global_batch(), steps = tc.steps();
+    const int64_t per_rank = global / layout.dp, first_of_rank = groups_.coords.dp * per_rank;
     const int64_t tokens_per_step = global * tc.seq_len();
     LogInfo("loom ", LOOM_VERSION, " | model ", dims_.kinds, " hidden ", dims_.hidden, " heads ", dims_.heads,
             "/", dims_.kv_heads, " | ", HumanCount(dims_.ParameterCount(true)), " parameters (",
             HumanCount(dims_.ParameterCount(false)), " without embeddings) | ", DTypeName(dims_.dtype), " on cpu");
+    if (layout.world > 1)
+      LogInfo("ranks: ", layout.world, " = ", layout.ToString(), config_.parallel().zero() ? " | ZeRO-1" : "",
+              " | ", world_.backend(), " backend | ", dp_.buckets(), " gradient buckets");
     LogInfo("data: ", data_.is_recall() ? "associative recall" : "indexed datasets", ", seq_len ", tc.seq_len(),
             " | ", steps, " steps of ", global, " sequences | run dir ", tc.run_dir());
 
     if (start >= steps) {
       LogInfo("already at step ", start, " of train.steps = ", steps,
               ": nothing to train (raise train.steps to continue, or set checkpoint.resume=none)");
-      LogEval(start, metrics);
-      return absl::OkStatus();
+      return LogEval(start, metrics).status();
     }
     Timer total_timer;
     int64_t step = start, skipped = 0;
     double loss = 0, grad_norm = 0;
-    for (; step < steps && !g_stop; ++step) {
+    for (; step < steps; ++step) {
+      LOOM_ASSIGN_OR_RETURN(const bool stop, AnyRankStopping());
+      if (stop) break;
       Timer step_timer;
       std::vector<Batch> batches;
-      for (int64_t first = 0; first < global; first += micro) batches.push_back(data_.Train(step * global + first, micro));
-      loss = model_.StepGradients(batches);
-      grad_norm = GlobalGradNorm(model_.params());
+      for (int64_t first = 0; first < per_rank; first += micro) {
+        LOOM_ASSIGN_OR_RETURN(Batch b, LocalShare(data_.Train(step * global + first_of_rank + first, micro), groups_));
+        batches.push_back(std::move(b));
+      }
+      // The loss is normalised by the step's global count of target tokens.
+      Tensor stats = Tensor::Zeros({2}, DType::kF64);  // targets, loss
+      for (const Batch& b : batches) stats.data<double>()[0] += b.CountTargets();
+      LOOM_RETURN_IF_ERROR(groups_.dp_cp->AllReduce(stats));
+      const double normalizer = std::max(stats.data<double>()[0], 1.0);
+      stats.data<double>()[1] = model_.StepGradients(batches, normalizer);
+      LOOM_RETURN_IF_ERROR(dp_.ReduceGradients());
+      Tensor loss_sum = stats.Slice(1, 1);
+      LOOM_RETURN_IF_ERROR(groups_.dp_cp->AllReduce(loss_sum));
+      loss = loss_sum.data<double>()[0];
+      LOOM_ASSIGN_OR_RETURN(grad_norm, dp_.ClipGradients(config_.optim().grad_clip()));
       if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
         const std::string where = FirstNonFinite();
         if (!tc.skip_nonfinite())
@@ -201,29 +255,30 @@ class Trainer {
                    skipped, " so far)");
         continue;
       }
-      ClipGradNorm(model_.params(), config_.optim().grad_clip());
       const double lr = LearningRate(config_.optim(), step, steps);
-      optimizer_.Step(lr);
+      LOOM_RETURN_IF_ERROR(dp_.Step(lr));
       const double seconds = step_timer.Seconds();
       const double tokens_per_s = tokens_per_step / seconds;
-      metrics.Write({{"step", double(step + 1)}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
-                     {"tokens_per_s", tokens_per_s}, {"elapsed_s", total_timer.Seconds()}});
+      if (lead_)
+        metrics.Write({{"step", double(step + 1)}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
+                       {"tokens_per_s", tokens_per_s}, {"elapsed_s", total_timer.Seconds()}});
       if ((step + 1) % tc.log_every() == 0 || step == start || step + 1 == steps) {
         LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.1f s", step + 1,
                                 steps, loss, lr, grad_norm, HumanCount(tokens_per_s), total_timer.Seconds()));
       }
       if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
-        LogEval(step + 1, metrics);
+        LOOM_RETURN_IF_ERROR(LogEval(step + 1, metrics).status());
       }
       const int every = config_.checkpoint().every();
       if (every > 0 && (step + 1) % every == 0) LOOM_RETURN_IF_ERROR(Save(step + 1));
     }
-    if (g_stop) {
-      LogInfo(g_signal == SIGTERM ? "SIGTERM" : "interrupted", ": stopped cleanly after step ", step);
+    if (step < steps) {
+      LogInfo(g_signal == SIGINT ? "interrupted" : g_signal == SIGTERM ? "SIGTERM" : "a signal on another rank",
+              ": stopped cleanly after step ", step);
       if (step > start) LOOM_RETURN_IF_ERROR(Save(step));
       return absl::OkStatus();
     }
-    const EvalResult e = LogEval(step, metrics);
+    LOOM_ASSIGN_OR_RETURN(const EvalResult e, LogEval(step, metrics));
     const double elapsed = total_timer.Seconds();
     LogInfo(absl::StrFormat("done: %d steps in %.1f s (%s tok/s) | final loss %.4f | eval loss %.4f%s", step - start,
                             elapsed, HumanCount((step - start) * tokens_per_step / std::max(elapsed, 1e-9)), loss,
@@ -237,25 +292,42 @@ class Trainer {
   }
 
  private:
-  static AdamWOptions AdamOptions(const config::Config& c) {
-    AdamWOptions a;
-    a.beta1 = c.optim().beta1();
-    a.beta2 = c.optim().beta2();
-    a.eps = c.optim().eps();
-    a.weight_decay = c.optim().weight_decay();
-    return a;
+  static DataParallelOptions DpOptions(const config::Config& c) {
+    DataParallelOptions o;
+    o.adam.beta1 = c.optim().beta1();
+    o.adam.beta2 = c.optim().beta2();
+    o.adam.eps = c.optim().eps();
+    o.adam.weight_decay = c.optim().weight_decay();
+    o.bucket_mb = c.parallel().bucket_mb();
+    o.zero = c.parallel().zero() == 1;
+    return o;
   }
 
-  EvalResult LogEval(int64_t step, MetricsWriter& metrics) {
-    if (!data_.has_eval()) return {};
-    const EvalResult e = Evaluate(model_, data_, config_);
+  static ContextParallel MakeContextParallel(const config::Config& c, const ProcessGroups& g) {
+    ContextParallel cp{g.cp.get(), g.coords.cp, g.layout.cp};
+    cp.softmax.scheme = *ParseCpSoftmaxScheme(c.parallel().cp_softmax());  // validated with the config
+    cp.softmax.keep_gathered = c.parallel().cp_keep_gathered();
+    cp.linear.scheme = *ParseCpLinearScheme(c.parallel().cp_linear());
+    return cp;
+  }
+
+  // A signal on any rank stops every rank at the same step boundary.
+  absl::StatusOr<bool> AnyRankStopping() {
+    Tensor flag = Tensor::FromVector<int32_t>({g_stop ? 1 : 0}, {1});
+    if (world_.size() > 1) LOOM_RETURN_IF_ERROR(world_.AllReduce(flag, ReduceOp::kMax));
+    return flag.data<int32_t>()[0] != 0;
+  }
+
+  absl::StatusOr<EvalResult> LogEval(int64_t step, MetricsWriter& metrics) {
+    if (!data_.has_eval()) return EvalResult{};
+    LOOM_ASSIGN_OR_RETURN(const EvalResult e, Evaluate(model_, data_, config_, groups_));
     if (data_.is_recall()) {
       LogInfo(absl::StrFormat("eval  %5d | loss %.4f | accuracy %.3f (chance %.3f)", step, e.loss,
                               e.accuracy.value(), data_.chance()));
-      metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}});
+      if (lead_) metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}});
     } else {
       LogInfo(absl::StrFormat("eval  %5d | loss %.4f | perplexity %.2f", step, e.loss, std::exp(e.loss)));
-      metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"perplexity", std::exp(e.loss)}});
+      if (lead_) metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"perplexity", std::exp(e.loss)}});
     }
     return e;
   }
@@ -268,26 +340,42 @@ class Trainer {
     return "the loss";
   }
 
+  // Checkpoints hold global tensors: every rank gathers its slices (TP
+  // shards, ZeRO moment shards) and world rank 0 writes, so a checkpoint
+  // loads under any layout.
   absl::Status Save(int64_t step) {
     checkpoint::CheckpointState state;
     state.step = step;
     state.data_tokens = step * config_.train().global_batch() * config_.train().seq_len();
     state.config_text = ConfigToText(config_);
+    std::vector<Tensor> m, v;
+    LOOM_RETURN_IF_ERROR(dp_.GatherMoments(m, v));
     const ParamList& params = model_.params();
     for (size_t i = 0; i < params.size(); ++i) {
-      state.tensors.push_back({params[i]->name, params[i]->value});
-      state.tensors.push_back({"optim.m." + params[i]->name, optimizer_.first_moments()[i]});
-      state.tensors.push_back({"optim.v." + params[i]->name, optimizer_.second_moments()[i]});
+      const Param& p = *params[i];
+      LOOM_ASSIGN_OR_RETURN(Tensor value, GatherGlobal(p, p.value, tp_));
+      LOOM_ASSIGN_OR_RETURN(Tensor gm, GatherGlobal(p, m[i], tp_));
+      LOOM_ASSIGN_OR_RETURN(Tensor gv, GatherGlobal(p, v[i], tp_));
+      state.tensors.push_back({p.name, value});
+      state.tensors.push_back({"optim.m." + p.name, gm});
+      state.tensors.push_back({"optim.v." + p.name, gv});
     }
-    state.tensors.push_back({"optim.steps", Tensor::FromVector<int64_t>({optimizer_.steps()}, {1})});
+    state.tensors.push_back({"optim.steps", Tensor::FromVector<int64_t>({dp_.steps()}, {1})});
     Timer t;
-    LOOM_RETURN_IF_ERROR(checkpoint::SaveCheckpoint(ckpt_dir_, state, config_.checkpoint().keep()));
+    absl::Status saved = lead_ ? checkpoint::SaveCheckpoint(ckpt_dir_, state, config_.checkpoint().keep())
+                               : absl::OkStatus();
+    // Every rank learns whether rank 0's save worked.
+    Tensor ok = Tensor::FromVector<int32_t>({saved.ok() ? 1 : 0}, {1});
+    LOOM_RETURN_IF_ERROR(world_.Broadcast(ok, 0));
+    if (!saved.ok()) return saved;
+    if (!ok.data<int32_t>()[0]) return absl::InternalError("rank 0 could not save the checkpoint (see its message)");
     LogInfo(absl::StrFormat("checkpoint %s/%s saved in %.2f s", ckpt_dir_, checkpoint::StepDirName(step),
                             t.Seconds()));
     return absl::OkStatus();
   }
 
-  // Returns the step to start from (0 for a fresh run).
+  // Returns the step to start from (0 for a fresh run). Every rank reads
+  // the checkpoint and keeps its own slices.
   absl::StatusOr<int64_t> Resume() {
     const std::string& how = config_.checkpoint().resume();
     if (how == "none") return 0;
@@ -315,45 +403,64 @@ class Trainer {
                                                      "); set checkpoint.resume=none to start fresh"));
     std::map<std::string, Tensor> by_name;
     for (auto& t : state.tensors) by_name[t.name] = t.tensor;
-    auto restore = [&](const std::string& name, Tensor& into) -> absl::Status {
+    auto restore = [&](const Param& p, const std::string& name, Tensor& into) -> absl::Status {
       auto it = by_name.find(name);
-      if (it == by_name.end() || it->second.numel() != into.numel() || it->second.dtype() != into.dtype())
-        return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor ", name, " missing or of another shape"));
-      into.CopyFrom(it->second);
+      if (it == by_name.end()) return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor ", name, " missing"));
+      absl::Status s = CopyLocalSlice(p, it->second, into);
+      if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(step_dir, ": ", s.message()));
       return absl::OkStatus();
     };
     const ParamList& params = model_.params();
+    std::vector<Tensor> m, v;
     for (size_t i = 0; i < params.size(); ++i) {
-      LOOM_RETURN_IF_ERROR(restore(params[i]->name, params[i]->value));
-      LOOM_RETURN_IF_ERROR(restore("optim.m." + params[i]->name, optimizer_.first_moments()[i]));
-      LOOM_RETURN_IF_ERROR(restore("optim.v." + params[i]->name, optimizer_.second_moments()[i]));
+      Param& p = *params[i];
+      m.push_back(Tensor::Zeros(p.value.shape(), p.value.dtype()));
+      v.push_back(Tensor::Zeros(p.value.shape(), p.value.dtype()));
+      LOOM_RETURN_IF_ERROR(restore(p, p.name, p.value));
+      LOOM_RETURN_IF_ERROR(restore(p, "optim.m." + p.name, m.back()));
+      LOOM_RETURN_IF_ERROR(restore(p, "optim.v." + p.name, v.back()));
     }
-    Tensor steps = Tensor::Empty({1}, DType::kI64);
-    LOOM_RETURN_IF_ERROR(restore("optim.steps", steps));
-    optimizer_.set_steps(steps.data<int64_t>()[0]);
+    dp_.ScatterMoments(m, v);
+    auto steps = by_name.find("optim.steps");
+    if (steps == by_name.end() || steps->second.dtype() != DType::kI64)
+      return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor optim.steps missing"));
+    dp_.set_steps(steps->second.data<int64_t>()[0]);
     LogInfo("resumed from ", step_dir, " at step ", state.step);
     return state.step;
   }
 
   config::Config config_;
   ModelDims dims_;
+  Communicator& world_;
+  ProcessGroups& groups_;
+  TensorParallel tp_;
+  ContextParallel cp_;
   Model model_;
-  AdamW optimizer_;
+  DataParallel dp_;
   DataSource data_;
   std::filesystem::path run_dir_;
   std::string ckpt_dir_;
+  bool lead_;
 };
 
-absl::Status Train(const config::Config& config) {
-  std::error_code ec;
-  std::filesystem::create_directories(config.train().run_dir(), ec);
-  if (ec)
-    return absl::InvalidArgumentError(
-        absl::StrCat("train.run_dir: cannot create ", config.train().run_dir(), ": ", ec.message()));
+absl::Status Train(const config::Config& config, Communicator& world) {
+  LOOM_ASSIGN_OR_RETURN(const Layout layout, MakeLayout(world.size(), config));
+  if (world.rank() == 0) {
+    std::error_code ec;
+    std::filesystem::create_directories(config.train().run_dir(), ec);
+    if (ec)
+      return absl::InvalidArgumentError(
+          absl::StrCat("train.run_dir: cannot create ", config.train().run_dir(), ": ", ec.message()));
+  }
+  LOOM_RETURN_IF_ERROR(world.Barrier());
   LOOM_ASSIGN_OR_RETURN(DataSource data, DataSource::Create(config));
-  Trainer trainer(config, std::move(data));
+  LOOM_ASSIGN_OR_RETURN(std::unique_ptr<ProcessGroups> groups, ProcessGroups::Make(world, layout));
+  Trainer trainer(config, std::move(data), world, *groups);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
+  // A file-size limit (ulimit -f) then fails a checkpoint write with EFBIG,
+  // reported with the file's name, instead of killing the run mid-save.
+  std::signal(SIGXFSZ, SIG_IGN);
   return trainer.Run();
 }
 
@@ -377,9 +484,20 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "loom-train: %s\n", std::string(config.status().message()).c_str());
     return 2;
   }
-  if (absl::Status s = loom::Train(*config); !s.ok()) {
-    std::fprintf(stderr, "loom-train: %s\n", std::string(s.message()).c_str());
+  auto world = loom::MpiWorld(config->parallel().timeout_s());
+  if (!world.ok()) {
+    std::fprintf(stderr, "loom-train: %s\n", std::string(world.status().message()).c_str());
     return 1;
+  }
+  loom::SetLogRank((*world)->rank(), (*world)->size());
+  if (absl::Status s = loom::Train(*config, **world); !s.ok()) {
+    // A rank that stopped answering: the others may be stuck, so leave
+    // without MPI_Finalize.
+    if (absl::IsDeadlineExceeded(s)) loom::ExitAfterCommFailure(s);
+    // The same bad input on every rank: say it once.
+    if ((*world)->rank() == 0 || !absl::IsInvalidArgument(s))
+      std::fprintf(stderr, "loom-train: %s\n", std::string(s.message()).c_str());
+    return absl::IsInvalidArgument(s) ? 2 : 1;
   }
   return 0;
 }

@@ -1,10 +1,14 @@
 // One micro-batch as the model consumes it: rows·seq_len tokens flattened.
 #pragma once
 
+#include <memory>
+
 #include "ops/attention_seqs.h"
 #include "runtime/tensor.h"
 
 namespace loom {
+
+struct CpChunks;  // parallel/zigzag.h
 
 struct Batch {
   int64_t rows = 0;
@@ -13,6 +17,9 @@ struct Batch {
   Tensor targets;    // [T] i32 next tokens; −100 = no loss here
   Tensor positions;  // [T] i32 RoPE positions
   ops::TokenRows token_rows;  // rows and documents, for attention
+  // Context parallelism: this rank's zig-zag chunks of the global rows
+  // (each local row is its two chunks); null without CP.
+  std::shared_ptr<const CpChunks> cp_chunks;
 
   int64_t tokens_count() const { return rows * seq_len; }
   // Targets that count towards the loss (not −100).

@@ -5,7 +5,7 @@
 
 namespace loom {
 
-DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, int layer)
+DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer)
     : dims_(dims),
       kind_(dims.kinds[layer]),
       recompute_(dims.recompute[layer]),
@@ -14,9 +14,9 @@ DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, int 
   norm1_.Init(prefix + "norm1", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   norm2_.Init(prefix + "norm2", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   if (kind_ == 'S') {
-    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, tp, prefix + "attn.");
+    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, tp, cp, prefix + "attn.");
   } else {
-    lightning_ = std::make_unique<LightningAttentionLayer>(dims, tp, layer, prefix + "attn.");
+    lightning_ = std::make_unique<LightningAttentionLayer>(dims, tp, cp, layer, prefix + "attn.");
   }
 }
 

@@ -21,7 +21,7 @@ namespace loom {
 
 class DecoderBlock {
  public:
-  DecoderBlock(const ModelDims& dims, const TensorParallel& tp, int layer);
+  DecoderBlock(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer);
   // x [T, C] in, out [T, C].
   void Forward(const Tensor& x, const Batch& batch, Tensor& out);
   // dout [T, C] → dx [T, C] (written). x is the same input Forward saw.

@@ -11,9 +11,9 @@
 
 namespace loom {
 
-LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, int layer,
-                                                 const std::string& prefix)
-    : dims_(dims), tp_(tp), h_(dims.heads / tp.size) {
+LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp,
+                                                 const ContextParallel& cp, int layer, const std::string& prefix)
+    : dims_(dims), tp_(tp), cp_(cp), h_(dims.heads / tp.size) {
   const int64_t c = dims.hidden, hd = int64_t{dims.heads} * dims.head_dim;
   std::vector<double> decay(dims.heads, 1.0);
   if (dims.lightning_decay) decay = ops::LightningDecay(dims.heads, layer, dims.layers);
@@ -60,7 +60,12 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   Tensor state_out = Tensor::Empty({batch.token_rows.rows(), h, d, d}, dt);
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
-  ops::LightningAttentionForward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), a_, state_out);
+  if (cp_.size == 1) {
+    ops::LightningAttentionForward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), a_, state_out);
+  } else {
+    CheckComm(CpLightningForward(*cp_.comm, cp_.linear, *batch.cp_chunks, q_, k_, v_, decay_, batch.token_rows, a_,
+                                 &cp_saved_));
+  }
   if (dims_.lightning_norm) {
     n_ = Tensor::Empty({t * h, d}, dt);
     rstd_ = Tensor::Empty({t * h}, dt);
@@ -116,8 +121,13 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
   Tensor no_state;
-  ops::LightningAttentionBackward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), da.Reshape({t, h, d}),
-                                  Tensor(), dq, dk, dv, no_state);
+  if (cp_.size == 1) {
+    ops::LightningAttentionBackward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), da.Reshape({t, h, d}),
+                                    Tensor(), dq, dk, dv, no_state);
+  } else {
+    CheckComm(CpLightningBackward(*cp_.comm, cp_.linear, *batch.cp_chunks, q_, k_, v_, decay_, batch.token_rows,
+                                  da.Reshape({t, h, d}), &cp_saved_, dq, dk, dv));
+  }
   if (dims_.lightning_silu) {
     ops::SiluBackward(qa_, dq, dq);
     ops::SiluBackward(ka_, dk, dk);
@@ -131,6 +141,7 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
 
 void LightningAttentionLayer::ReleaseActivations() {
   qa_ = ka_ = va_ = q_ = k_ = v_ = a_ = rstd_ = n_ = g_ = y_ = Tensor();
+  cp_saved_.Release(cp_.linear.ledger);
 }
 
 }  // namespace loom

@@ -8,6 +8,8 @@
 // Tensor parallel: each rank holds H/tp heads (with their global decays);
 // the norm weight is replicated and its gradient summed over the TP group;
 // y and dx are summed over the TP group.
+// Context parallel: the recurrence runs over the zig-zag chunks through the
+// CP group's scheme (parallel/cp_lightning.h: LASP-1 or LASP-2).
 // Gradient rule: parameter gradients accumulate, dx is written.
 #pragma once
 
@@ -16,13 +18,15 @@
 #include "model/batch.h"
 #include "model/dims.h"
 #include "model/param.h"
+#include "parallel/context_parallel.h"
 #include "parallel/tensor_parallel.h"
 
 namespace loom {
 
 class LightningAttentionLayer {
  public:
-  LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, int layer, const std::string& prefix);
+  LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer,
+                          const std::string& prefix);
   void Forward(const Tensor& x, const Batch& batch, Tensor& y);
   void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx);
   void ReleaseActivations();
@@ -31,6 +35,8 @@ class LightningAttentionLayer {
  private:
   const ModelDims& dims_;
   TensorParallel tp_;
+  ContextParallel cp_;
+  CpLightningSaved cp_saved_;
   int64_t h_;     // local heads
   Tensor decay_;  // λ_h [H]
   Param wq_, wk_, wv_, wg_, wo_, norm_;

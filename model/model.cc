@@ -8,11 +8,12 @@
 
 namespace loom {
 
-Model::Model(const ModelDims& dims, const TensorParallel& tp) : dims_(dims), tp_(tp) {
+Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp)
+    : dims_(dims), tp_(tp), cp_(cp) {
   const int64_t c = dims_.hidden;
   embed_.InitSharded("embed", {dims_.padded_vocab, c}, 0, tp.size, tp.rank, dims_.dtype, dims_.seed,
                      dims_.init_std);
-  for (int l = 0; l < dims_.layers; ++l) blocks_.push_back(std::make_unique<DecoderBlock>(dims_, tp_, l));
+  for (int l = 0; l < dims_.layers; ++l) blocks_.push_back(std::make_unique<DecoderBlock>(dims_, tp_, cp_, l));
   final_norm_.Init("final_norm", {c}, dims_.dtype, dims_.seed, 0, 1.0, /*decay=*/false);
   if (!dims_.tie_embeddings)
     lm_head_.InitSharded("lm_head", {dims_.padded_vocab, c}, 0, tp.size, tp.rank, dims_.dtype, dims_.seed,

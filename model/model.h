@@ -17,13 +17,14 @@
 #include "model/dims.h"
 #include "model/param.h"
 #include "ops/cross_entropy.h"
+#include "parallel/context_parallel.h"
 #include "parallel/tensor_parallel.h"
 
 namespace loom {
 
 class Model {
  public:
-  explicit Model(const ModelDims& dims, const TensorParallel& tp = {});
+  explicit Model(const ModelDims& dims, const TensorParallel& tp = {}, const ContextParallel& cp = {});
 
   // Forward and backward of one micro-batch. Parameter gradients accumulate;
   // the loss is this batch's summed token loss / normalizer (the global count
@@ -60,6 +61,7 @@ class Model {
 
   ModelDims dims_;
   TensorParallel tp_;
+  ContextParallel cp_;
   std::function<void(const ParamList&)> grad_ready_;
   bool hook_armed_ = true;
   Param embed_, final_norm_, lm_head_;

@@ -5,12 +5,13 @@
 #include "ops/linear.h"
 #include "ops/rope.h"
 #include "ops/softmax_attention.h"
+#include "parallel/mpi_communicator.h"
 
 namespace loom {
 
 SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const TensorParallel& tp,
-                                             const std::string& prefix)
-    : dims_(dims), tp_(tp), hq_(dims.heads / tp.size), hk_(dims.kv_heads / tp.size) {
+                                             const ContextParallel& cp, const std::string& prefix)
+    : dims_(dims), tp_(tp), cp_(cp), hq_(dims.heads / tp.size), hk_(dims.kv_heads / tp.size) {
   const int64_t c = dims.hidden, qd = int64_t{dims.heads} * dims.head_dim,
                 kvd = int64_t{dims.kv_heads} * dims.head_dim;
   const double out_std = dims.init_std / std::sqrt(2.0 * dims.layers);
@@ -42,7 +43,12 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   ops::RopeForward(k_, batch.positions, dims_.rope_theta, k_);
   o_ = Tensor::Empty({t, hq, d}, x.dtype());
   lse_ = Tensor::Empty({t, hq}, x.dtype());
-  ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_), o_, lse_);
+  if (cp_.size == 1) {
+    ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_), o_, lse_);
+  } else {
+    CheckComm(CpAttentionForward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, batch.token_rows,
+                                 Options(dims_), o_, lse_, &cp_saved_));
+  }
   ops::LinearForward(o_, wo_.value, y);
   tp_.AllReduce(y);
 }
@@ -54,8 +60,13 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   Tensor dq = Tensor::Empty(q_.shape(), x.dtype());
   Tensor dk = Tensor::Empty(k_.shape(), x.dtype());
   Tensor dv = Tensor::Empty(v_.shape(), x.dtype());
-  ops::SoftmaxAttentionBackward(q_, k_, v_, o_, lse_, d_o, batch.token_rows, batch.token_rows, Options(dims_), dq,
-                                dk, dv);
+  if (cp_.size == 1) {
+    ops::SoftmaxAttentionBackward(q_, k_, v_, o_, lse_, d_o, batch.token_rows, batch.token_rows, Options(dims_), dq,
+                                  dk, dv);
+  } else {
+    CheckComm(CpAttentionBackward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, o_, lse_, d_o,
+                                  batch.token_rows, Options(dims_), &cp_saved_, dq, dk, dv));
+  }
   ops::RopeBackward(dq, batch.positions, dims_.rope_theta, dq);
   ops::RopeBackward(dk, batch.positions, dims_.rope_theta, dk);
   // dx = dq W_q + dk W_k + dv W_v.
@@ -65,6 +76,9 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   tp_.AllReduce(dx);
 }
 
-void SoftmaxAttentionLayer::ReleaseActivations() { q_ = k_ = v_ = o_ = lse_ = Tensor(); }
+void SoftmaxAttentionLayer::ReleaseActivations() {
+  q_ = k_ = v_ = o_ = lse_ = Tensor();
+  cp_saved_.Release(cp_.softmax.ledger);
+}
 
 }  // namespace loom

@@ -1,5 +1,7 @@
 #include "parallel/tensor_parallel.h"
 
+#include <cstring>
+
 #include "parallel/mpi_communicator.h"
 
 namespace loom {
@@ -14,6 +16,57 @@ void TensorParallel::AllReduceMax(Tensor& t) const {
   if (size == 1) return;
   const absl::Status status = comm->AllReduce(t, ReduceOp::kMax);
   if (!status.ok()) ExitAfterCommFailure(status);
+}
+
+void CheckComm(const absl::Status& status) {
+  if (status.ok()) return;
+  if (absl::IsDeadlineExceeded(status) || absl::IsInternal(status)) ExitAfterCommFailure(status);
+  LOOM_CHECK(false, status.message());
+}
+
+absl::StatusOr<Tensor> GatherGlobal(const Param& p, const Tensor& local, const TensorParallel& tp) {
+  if (!p.sharded() || tp.size == 1) return local.Clone();
+  Tensor all = Tensor::Empty({tp.size * local.numel()}, local.dtype());
+  LOOM_RETURN_IF_ERROR(tp.comm->AllGather(local.Reshape({local.numel()}), all));
+  if (p.split_dim == 0) return all.Reshape(p.global_shape);
+  // Columns: rank r's [rows, cols/tp] block goes to columns [r·cols/tp, ...).
+  const int64_t rows = local.dim(0), cols = local.dim(1), elem = DTypeSize(local.dtype());
+  Tensor global = Tensor::Empty(p.global_shape, local.dtype());
+  const char* src = static_cast<const char*>(all.raw());
+  char* dst = static_cast<char*>(global.raw());
+  for (int r = 0; r < tp.size; ++r)
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(dst + (i * cols * tp.size + r * cols) * elem, src + ((r * rows + i) * cols) * elem, cols * elem);
+  return global;
+}
+
+absl::Status CopyLocalSlice(const Param& p, const Tensor& global, Tensor& local) {
+  if (global.dtype() != local.dtype())
+    return absl::InvalidArgumentError(absl::StrCat(p.name, ": ", DTypeName(global.dtype()), " in the checkpoint, ",
+                                                   DTypeName(local.dtype()), " in the model"));
+  const Shape& want = p.global_shape;
+  const bool same = global.shape() == want;
+  // A vocabulary padded for another TP size: only the row count differs.
+  const bool padded_rows = global.ndim() == 2 && want.size() == 2 && global.dim(1) == want[1] &&
+                           global.dim(0) != want[0] && (p.name == "embed" || p.name == "lm_head");
+  if (!same && !padded_rows)
+    return absl::InvalidArgumentError(absl::StrCat(p.name, ": ", ShapeString(global.shape()),
+                                                   " in the checkpoint, ", ShapeString(want), " in the model"));
+  if (!p.sharded() && same) {
+    local.CopyFrom(global);
+    return absl::OkStatus();
+  }
+  const int64_t rows = local.dim(0), cols = local.ndim() == 2 ? local.dim(1) : 1, elem = DTypeSize(local.dtype());
+  const int64_t g_rows = global.dim(0), g_cols = global.ndim() == 2 ? global.dim(1) : 1;
+  const char* src = static_cast<const char*>(global.raw());
+  char* dst = static_cast<char*>(local.raw());
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t gi = p.split_dim == 0 ? i + p.split_start : i;
+    if (gi >= g_rows) break;  // padding rows this layout has and the checkpoint had not
+    const int64_t gc = p.split_dim == 1 ? p.split_start : 0;
+    std::memcpy(dst + i * cols * elem, src + (gi * g_cols + gc) * elem, cols * elem);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace loom

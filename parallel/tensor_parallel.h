@@ -5,6 +5,7 @@
 // single-process model: every call is then a no-op.
 #pragma once
 
+#include "model/param.h"
 #include "parallel/communicator.h"
 
 namespace loom {
@@ -19,5 +20,17 @@ struct TensorParallel {
   void AllReduce(Tensor& t) const;
   void AllReduceMax(Tensor& t) const;
 };
+
+// A failed collective inside a layer (a rank gone or hung) ends the process
+// with the communicator's message; other errors are broken invariants.
+void CheckComm(const absl::Status& status);
+
+// The whole [global_shape] tensor from every TP rank's slice `local` of a
+// parameter laid out like `p` (collective over the TP group).
+absl::StatusOr<Tensor> GatherGlobal(const Param& p, const Tensor& local, const TensorParallel& tp);
+// This rank's slice of a global tensor for a parameter laid out like `p`.
+// Rows beyond the global tensor's (a vocabulary padded for another TP size)
+// keep `local`'s values; `local` is written.
+absl::Status CopyLocalSlice(const Param& p, const Tensor& global, Tensor& local);
 
 }  // namespace loom

@@ -1,6 +1,7 @@
 #include "parallel/topology.h"
 
 #include "absl/strings/str_cat.h"
+#include "parallel/cp_attention.h"
 
 namespace loom {
 
@@ -99,6 +100,11 @@ absl::StatusOr<Layout> MakeLayout(int world, const config::Config& config) {
   if (l.cp > 1 && t.seq_len() % (2 * l.cp) != 0)
     return bad(absl::StrCat("train.seq_len = ", t.seq_len(), " is not divisible by 2·cp = ", 2 * l.cp,
                             " (zig-zag chunks): use a multiple of ", 2 * l.cp));
+  if (l.cp > 1) {
+    LOOM_ASSIGN_OR_RETURN(const CpSoftmaxScheme scheme, ParseCpSoftmaxScheme(p.cp_softmax()));
+    absl::Status s = CheckCpAttention(scheme, l.cp, m.heads() / l.tp, m.kv_heads() / l.tp);
+    if (!s.ok()) return bad(std::string(s.message()));
+  }
   if (p.zero() != 0 && p.zero() != 1) return bad(absl::StrCat("parallel.zero = ", p.zero(), " is not 0 or 1"));
   return l;
 }

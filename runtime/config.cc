@@ -328,9 +328,23 @@ absl::Status ValidateConfig(const config::Config& c) {
   }
 
   const auto& p = c.parallel();
-  LOOM_RETURN_IF_ERROR(Range(p.tp() == 1, "parallel.tp", "only 1 is supported in this build"));
-  LOOM_RETURN_IF_ERROR(Range(p.cp() == 1, "parallel.cp", "only 1 is supported in this build"));
+  LOOM_RETURN_IF_ERROR(Range(p.tp() >= 1, "parallel.tp", absl::StrCat(p.tp(), " is below 1")));
+  LOOM_RETURN_IF_ERROR(Range(p.cp() >= 1, "parallel.cp", absl::StrCat(p.cp(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(p.pp() == 1, "parallel.pp", "only 1 is supported in this build"));
+  LOOM_RETURN_IF_ERROR(Range(p.vpp() >= 1, "parallel.vpp", absl::StrCat(p.vpp(), " is below 1")));
+  LOOM_RETURN_IF_ERROR(Range(p.ep() >= 1, "parallel.ep", absl::StrCat(p.ep(), " is below 1")));
+  LOOM_RETURN_IF_ERROR(Range(p.zero() == 0 || p.zero() == 1, "parallel.zero", absl::StrCat(p.zero(), " is not 0 or 1")));
+  LOOM_RETURN_IF_ERROR(Range(p.backend() == "auto" || p.backend() == "mpi" || p.backend() == "nccl",
+                             "parallel.backend", absl::StrCat("'", p.backend(), "' is not auto, mpi or nccl")));
+  LOOM_RETURN_IF_ERROR(Range(p.timeout_s() >= 1 && p.timeout_s() <= 86400, "parallel.timeout_s",
+                             absl::StrCat(p.timeout_s(), " is outside [1, 86400]")));
+  LOOM_RETURN_IF_ERROR(Range(p.bucket_mb() > 0 && p.bucket_mb() <= 4096, "parallel.bucket_mb",
+                             absl::StrCat(p.bucket_mb(), " is outside (0, 4096]")));
+  LOOM_RETURN_IF_ERROR(Range(p.cp_softmax() == "ring" || p.cp_softmax() == "allgather" || p.cp_softmax() == "ulysses",
+                             "parallel.cp_softmax",
+                             absl::StrCat("'", p.cp_softmax(), "' is not ring, allgather or ulysses")));
+  LOOM_RETURN_IF_ERROR(Range(p.cp_linear() == "lasp1" || p.cp_linear() == "lasp2", "parallel.cp_linear",
+                             absl::StrCat("'", p.cp_linear(), "' is not lasp1 or lasp2")));
   const auto& k = c.checkpoint();
   LOOM_RETURN_IF_ERROR(Range(k.every() >= 0, "checkpoint.every", absl::StrCat(k.every(), " is negative")));
   LOOM_RETURN_IF_ERROR(Range(k.keep() >= 0, "checkpoint.keep", absl::StrCat(k.keep(), " is negative")));

@@ -22,7 +22,7 @@ void LogLine(LogLevel level, std::string_view message) {
   std::lock_guard<std::mutex> lock(g_mutex);
   FILE* out = level == LogLevel::kInfo ? stdout : stderr;
   const char* tag = level == LogLevel::kInfo ? "" : level == LogLevel::kWarning ? "warning: " : "error: ";
-  if (g_world > 1) std::fprintf(out, "[rank %d] ", g_rank);
+  if (g_world > 1 && (level != LogLevel::kInfo || g_all_ranks)) std::fprintf(out, "[rank %d] ", g_rank);
   std::fprintf(out, "%s%.*s\n", tag, static_cast<int>(message.size()), message.data());
   std::fflush(out);
 }

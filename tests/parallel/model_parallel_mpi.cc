@@ -1,4 +1,4 @@
-// Data and tensor parallelism are the single-process model: for each layout
+// Data, tensor and context parallelism are the single-process model: for each layout
 // the losses, every gradient (the rank's slice of the global gradient) and
 // the parameters after three AdamW steps equal a single-process run of the
 // same global batches, in f64 (1e-10); and the work is really split
@@ -10,6 +10,7 @@
 
 #include "model/model.h"
 #include "optim/adamw.h"
+#include "parallel/context_parallel.h"
 #include "parallel/data_parallel.h"
 #include "parallel/process_groups.h"
 #include "tests/mpi_testing.h"
@@ -24,6 +25,9 @@ struct Case {
   std::string pattern = "LS";
   bool tie = false;
   int kv_heads = 2;
+  int cp = 1;
+  const char* cp_softmax = "ring";
+  const char* cp_linear = "lasp2";
 };
 
 config::Config MakeConfig(const Case& c, int world) {
@@ -39,7 +43,7 @@ config::Config MakeConfig(const Case& c, int world) {
   m->set_tie_embeddings(c.tie);
   m->set_lightning_block(4);
   auto* t = cfg.mutable_train();
-  t->set_seq_len(12);
+  t->set_seq_len(16);
   t->set_global_batch(8);
   t->set_micro_batch(2);
   t->set_seed(7);
@@ -47,6 +51,9 @@ config::Config MakeConfig(const Case& c, int world) {
   p->set_tp(c.tp);
   p->set_pp(c.pp);
   p->set_zero(c.zero);
+  p->set_cp(c.cp);
+  p->set_cp_softmax(c.cp_softmax);
+  p->set_cp_linear(c.cp_linear);
   p->set_bucket_mb(0.004);  // a few KiB: several buckets even for this model
   return cfg;
 }
@@ -70,6 +77,11 @@ Batch MakeBatch(int step, int first, int rows, int seq_len, int vocab) {
     }
   }
   b.token_rows = ops::TokenRows::Uniform(rows, seq_len);
+  // Packed documents whose boundaries fall inside and between CP chunks.
+  b.token_rows.doc_ids = Tensor::Empty({n}, DType::kI32);
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < seq_len; ++i)
+      b.token_rows.doc_ids.data<int32_t>()[int64_t{r} * seq_len + i] = (i >= 5) + (i >= 8 + (first + r) % 3);
   return b;
 }
 
@@ -125,7 +137,10 @@ void RunCase(const Case& c) {
   AdamW ref_opt(ref.params(), adam);
 
   TensorParallel tp{g.tp.get(), g.coords.tp, layout->tp};
-  Model model(dims, tp);
+  ContextParallel cp{g.cp.get(), g.coords.cp, layout->cp};
+  cp.softmax.scheme = *ParseCpSoftmaxScheme(c.cp_softmax);
+  cp.linear.scheme = *ParseCpLinearScheme(c.cp_linear);
+  Model model(dims, tp, cp);
   DataParallelOptions dpo;
   dpo.bucket_mb = cfg.parallel().bucket_mb();
   dpo.zero = cfg.parallel().zero() == 1;
@@ -144,7 +159,15 @@ void RunCase(const Case& c) {
     const double ref_norm = ClipGradNorm(ref.params(), clip);
     ref_opt.Step(lr);
 
-    const std::vector<Batch> mine = MicroBatches(step, g.coords.dp * per_rank, per_rank, cfg);
+    std::vector<Batch> mine = MicroBatches(step, g.coords.dp * per_rank, per_rank, cfg);
+    if (layout->cp > 1) {
+      for (Batch& b : mine) {
+        auto shard = ZigzagShardBatch(b, layout->cp, g.coords.cp);
+        ASSERT_TRUE(shard.ok()) << shard.status();
+        b = shard->batch;
+        b.cp_chunks = std::make_shared<CpChunks>(shard->chunks);
+      }
+    }
     Tensor loss = Tensor::FromVector<double>({model.StepGradients(mine, normalizer)}, {1});
     ASSERT_TRUE(dp.ReduceGradients().ok());
     ASSERT_TRUE(g.dp_cp->AllReduce(loss).ok());
@@ -189,6 +212,9 @@ TEST(ModelParallel, Np2Layouts) {
   RunCase({"dp2+zero", 1, 1, 1});
   RunCase({"tp2", 2, 1, 0});
   RunCase({"tp2 tied", 2, 1, 0, "SL", true});
+  RunCase({"cp2 ring lasp2", 1, 1, 0, "LS", false, 2, 2, "ring", "lasp2"});
+  RunCase({"cp2 allgather lasp1", 1, 1, 0, "SL", false, 2, 2, "allgather", "lasp1"});
+  RunCase({"cp2 ulysses", 1, 1, 0, "LS", false, 2, 2, "ulysses", "lasp2"});
 }
 
 TEST(ModelParallel, Np4Layouts) {
@@ -196,11 +222,16 @@ TEST(ModelParallel, Np4Layouts) {
   RunCase({"tp2 x dp2", 2, 1, 0});
   RunCase({"dp4+zero", 1, 1, 1});
   RunCase({"tp2 x dp2 + zero", 2, 1, 1, "SL", true});
+  RunCase({"cp4 hybrid LLLS ring lasp2", 1, 1, 0, "LLLS", false, 2, 4, "ring", "lasp2"});
+  RunCase({"cp2 x tp2", 2, 1, 0, "LS", false, 2, 2, "allgather", "lasp2"});
+  RunCase({"cp2 x dp2 + zero", 1, 1, 1, "SL", false, 2, 2, "ring", "lasp1"});
 }
 
 TEST(ModelParallel, Np8Layouts) {
   if (testing::World().size() != 8) GTEST_SKIP() << "np=8 layouts";
   RunCase({"tp4 x dp2", 4, 1, 0, "LS", false, 4});
+  RunCase({"cp2 x tp2 x dp2", 2, 1, 0, "LS", false, 2, 2, "ring", "lasp2"});
+  RunCase({"cp8 ring lasp2", 1, 1, 0, "SL", false, 2, 8, "ring", "lasp2"});
 }
 
 }  // namespace
