@@ -46,7 +46,7 @@ void Store(std::vector<char>& out, const T& v) {
 
 // Narrows int32 ids into `out` as the dtype's element type.
 template <typename T>
-void Narrow(const std::vector<int32_t>& tokens, std::vector<char>& out) {
+void Narrow(std::span<const int32_t> tokens, std::vector<char>& out) {
   out.resize(tokens.size() * sizeof(T));
   for (size_t i = 0; i < tokens.size(); ++i) {
     const T v = static_cast<T>(tokens[i]);
@@ -119,7 +119,7 @@ absl::StatusOr<std::unique_ptr<IndexedDatasetWriter>> IndexedDatasetWriter::Crea
   return std::unique_ptr<IndexedDatasetWriter>(new IndexedDatasetWriter(prefix, dtype, bin));
 }
 
-absl::Status IndexedDatasetWriter::AddDocument(const std::vector<int32_t>& tokens) {
+absl::Status IndexedDatasetWriter::AddDocument(std::span<const int32_t> tokens) {
   LOOM_CHECK(!finished_, "[indexed_dataset] AddDocument after Finish");
   if (tokens.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
     return absl::InvalidArgumentError(absl::StrCat("[indexed_dataset] document ", lengths_.size(), " has ",

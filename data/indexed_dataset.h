@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -57,7 +58,8 @@ class IndexedDatasetWriter {
   IndexedDatasetWriter& operator=(const IndexedDatasetWriter&) = delete;
 
   // One document = one sequence. Fails if an id does not fit the dtype.
-  absl::Status AddDocument(const std::vector<int32_t>& tokens);
+  absl::Status AddDocument(std::span<const int32_t> tokens);
+  absl::Status AddDocument(const std::vector<int32_t>& tokens) { return AddDocument(std::span<const int32_t>(tokens)); }
   absl::Status Finish();
 
   int64_t num_documents() const { return static_cast<int64_t>(lengths_.size()); }

@@ -6,7 +6,12 @@ pkgs=(cmake ninja-build g++ pkg-config
       libprotobuf-dev protobuf-compiler libabsl-dev
       libgtest-dev libgmock-dev
       libopenmpi-dev openmpi-bin
-      libopenblas-openmp-dev libxxhash-dev nlohmann-json3-dev)
+      libopenblas-openmp-dev libxxhash-dev nlohmann-json3-dev
+      # loom-prepare --tokenizer sentencepiece:MODEL; spm_train for its tests
+      libsentencepiece-dev sentencepiece
+      # The fuzz stage of test.sh: clang, libFuzzer and the sanitizers
+      # (libclang-rt-dev; libclang-rt-14-dev on bookworm) and clang's OpenMP.
+      clang libclang-rt-dev libomp-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
