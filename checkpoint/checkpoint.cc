@@ -259,12 +259,21 @@ void Prune(const std::string& dir, int keep, const std::string& current) {
   }
 }
 
-}  // namespace
+// What <dir>/latest names, for error messages.
+std::string LatestNote(const std::string& dir) {
+  const std::string latest = absl::StrCat(dir, "/", kLatestFile);
+  absl::StatusOr<std::string> text = ReadSmallFile(latest);
+  if (!text.ok()) return absl::StrCat("no earlier checkpoint in ", dir);
+  std::string name(*text);
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  return absl::StrCat(latest, " still names ", name);
+}
 
-std::string StepDirName(int64_t step) { return absl::StrFormat("step_%08d", step); }
+// How far a save got: an error message says what the directory now holds.
+enum class SaveStage { kNothing, kPublished, kLatestMoved };
 
-absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep) {
-  LOOM_RETURN_IF_ERROR(CheckState(state));
+// The save up to and including the move of `latest`; *stage follows it.
+absl::Status SaveStep(const std::string& dir, const CheckpointState& state, SaveStage* stage) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create checkpoint directory: ", ec.message()));
@@ -287,24 +296,66 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state
     written = Publish(tmp, final_dir);
   }
   if (!written.ok()) {
-    fs::remove_all(tmp, ec);
+    fs::remove_all(tmp, ec);  // a failed save leaves nothing behind
     return written;
   }
+  *stage = SaveStage::kPublished;
   LOOM_RETURN_IF_ERROR(SyncPath(dir));
   MaybeFault("before_latest", state.step);
 
   const std::string latest = absl::StrCat(dir, "/", kLatestFile);
   const std::string latest_tmp = latest + ".tmp";
   OutputFile out;
-  LOOM_RETURN_IF_ERROR(out.Open(latest_tmp));
   const std::string text = name + "\n";
-  LOOM_RETURN_IF_ERROR(out.Write(text.data(), text.size()));
-  LOOM_RETURN_IF_ERROR(out.Sync());
-  LOOM_RETURN_IF_ERROR(out.Close());
-  if (::rename(latest_tmp.c_str(), latest.c_str()) != 0) return IoError(latest, "cannot replace", errno);
-  LOOM_RETURN_IF_ERROR(SyncPath(dir));
+  absl::Status moved = out.Open(latest_tmp);
+  if (moved.ok()) moved = out.Write(text.data(), text.size());
+  if (moved.ok()) moved = out.Sync();
+  if (moved.ok()) moved = out.Close();
+  if (moved.ok() && ::rename(latest_tmp.c_str(), latest.c_str()) != 0) moved = IoError(latest, "cannot replace", errno);
+  if (!moved.ok()) {
+    ::unlink(latest_tmp.c_str());
+    return moved;
+  }
+  *stage = SaveStage::kLatestMoved;
+  return SyncPath(dir);
+}
 
-  Prune(dir, keep, name);
+}  // namespace
+
+std::string StepDirName(int64_t step) { return absl::StrFormat("step_%08d", step); }
+
+absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep) {
+  LOOM_RETURN_IF_ERROR(CheckState(state));
+  SaveStage stage = SaveStage::kNothing;
+  if (absl::Status s = SaveStep(dir, state, &stage); !s.ok()) {
+    const std::string head = absl::StrCat("[checkpoint] step ", state.step);
+    switch (stage) {
+      case SaveStage::kNothing:
+        return absl::Status(s.code(), absl::StrCat(head, " not saved: ", s.message(), "; ", LatestNote(dir)));
+      case SaveStage::kPublished:
+        return absl::Status(s.code(), absl::StrCat(head, " written to ", dir, "/", StepDirName(state.step),
+                                                   " but not made latest: ", s.message(), "; ", LatestNote(dir)));
+      case SaveStage::kLatestMoved:
+        return absl::Status(s.code(), absl::StrCat(head, " saved, but: ", s.message()));
+    }
+  }
+  Prune(dir, keep, StepDirName(state.step));
+  return absl::OkStatus();
+}
+
+absl::Status PrepareCheckpointDir(const std::string& dir) {
+  auto fail = [&](const std::string& what) {
+    return absl::FailedPreconditionError(absl::StrCat("checkpoint.dir ", dir, ": ", what));
+  };
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return fail(absl::StrCat("cannot create: ", ec.message()));
+  if (!fs::is_directory(dir, ec)) return fail("exists and is not a directory");
+  const std::string probe = absl::StrCat(dir, "/.write_test-", ::getpid());
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return fail(absl::StrCat("cannot write: ", ErrnoText(errno)));
+  ::close(fd);
+  ::unlink(probe.c_str());
   return absl::OkStatus();
 }
 

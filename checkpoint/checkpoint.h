@@ -43,13 +43,22 @@ std::string StepDirName(int64_t step);
 // Writes `state` as <dir>/step_<N>/ and points <dir>/latest at it, then
 // deletes all but the newest `keep` step directories (keep <= 0 keeps all;
 // the one just written is always kept). An existing step_<N>/ is replaced.
-// On error, earlier checkpoints and `latest` are untouched.
+// On error, earlier checkpoints and `latest` are untouched, the unfinished
+// step directory is removed, and the message is one line: the file and the
+// OS error, then what `latest` still names ("[checkpoint] step 10 not saved:
+// <dir>/step_00000010.tmp-123/rank_00000.safetensors: write failed: File too
+// large; <dir>/latest still names step_00000005").
 //
 // Tests inject crashes with env LOOM_FAULT = tensor_write (half the tensor
 // bytes written) | before_fsync | before_rename | before_latest: the process
 // calls std::_Exit(77) at that point.
 // With LOOM_FAULT_STEP=N as well, only the save of step N dies.
 absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep);
+
+// Creates `dir` if needed and checks that a file can be made in it, so that
+// a run learns at its start, not at its first save, that it cannot
+// checkpoint: "checkpoint.dir <dir>: cannot create: Not a directory".
+absl::Status PrepareCheckpointDir(const std::string& dir);
 
 // Reads <step_dir>/manifest.textproto.
 absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir);

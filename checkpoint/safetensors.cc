@@ -93,7 +93,9 @@ std::string EncodeSafetensorsHeader(const std::map<std::string, SafetensorsEntry
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
   SafetensorsFile f;
   f.path = path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (regular files
+  // ignore the flag).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
     const std::string msg = absl::StrCat(path, ": cannot open: ", ErrnoText(err));
@@ -104,6 +106,12 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
     const int err = errno;
     ::close(fd);
     return absl::InternalError(absl::StrCat(path, ": cannot stat: ", ErrnoText(err)));
+  }
+  // A directory or a FIFO named by a manifest must fail here, not hang or
+  // fail later in read().
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Corrupt(path, "not a regular file");
   }
   f.bytes.resize(static_cast<size_t>(st.st_size));
   size_t done = 0;

@@ -3,11 +3,16 @@
 // writer killed at each stage (LOOM_FAULT) leaves the previous checkpoint as
 // the latest good one.
 #include "checkpoint/checkpoint.h"
+#include "checkpoint/safetensors.h"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -228,6 +233,63 @@ TEST_F(CheckpointTest, UnwritableDirectoryIsAClearError) {
   const std::string msg(s.message());
   EXPECT_NE(msg.find(file + "/ckpt"), std::string::npos) << msg;
   EXPECT_NE(msg.find("Not a directory"), std::string::npos) << msg;
+}
+
+TEST_F(CheckpointTest, PrepareCheckpointDirNamesTheProblem) {
+  fs::create_directories(dir_);
+  const std::string file = dir_ + "/plain_file";
+  std::ofstream(file) << "x";
+  EXPECT_EQ(PrepareCheckpointDir(file + "/ckpt").message(),
+            "checkpoint.dir " + file + "/ckpt: cannot create: Not a directory");
+  EXPECT_FALSE(PrepareCheckpointDir(file).ok());
+  // A usable directory is made, and the probe file does not stay.
+  ASSERT_TRUE(PrepareCheckpointDir(dir_ + "/new/ckpt").ok());
+  EXPECT_TRUE(fs::is_directory(dir_ + "/new/ckpt"));
+  EXPECT_TRUE(fs::is_empty(dir_ + "/new/ckpt"));
+}
+
+// A save that fails part-way (here: a file-size limit, as a full disk would)
+// says which file, which OS error, and what `latest` still names; it leaves
+// no step directory behind, and the previous checkpoint still loads.
+TEST_F(CheckpointTest, FailedWriteKeepsPreviousAndSaysSo) {
+  ASSERT_TRUE(SaveCheckpoint(dir_, MakeState(1), 0).ok());
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::signal(SIGXFSZ, SIG_IGN);
+    const struct rlimit limit = {4096, 4096};
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+    CheckpointState s;
+    s.step = 2;
+    s.tensors.push_back({"w", Tensor::Zeros({4096}, DType::kF32)});
+    const absl::Status st = SaveCheckpoint(dir_, s, 0);
+    const std::string want = absl::StrCat("[checkpoint] step 2 not saved: ", dir_, "/", StepDirName(2), ".tmp-",
+                                          ::getpid(), "/rank_00000.safetensors: write failed: File too large; ",
+                                          dir_, "/latest still names ", StepDirName(1));
+    if (st.message() != want) std::fprintf(stderr, "got:    %s\nwanted: %s\n", std::string(st.message()).c_str(), want.c_str());
+    std::_Exit(st.message() == want ? 0 : 1);
+  }
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+  ASSERT_TRUE(WIFEXITED(wstatus)) << "the writer died by signal " << WTERMSIG(wstatus);
+  EXPECT_EQ(WEXITSTATUS(wstatus), 0) << "wrong error message (printed above)";
+  for (const auto& e : fs::directory_iterator(dir_))
+    EXPECT_EQ(e.path().filename().string().find(StepDirName(2)), std::string::npos) << e.path() << " left behind";
+  std::vector<std::string> skipped;
+  absl::StatusOr<std::string> good = FindLatestGoodCheckpoint(dir_, &skipped);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(*good, absl::StrCat(dir_, "/", StepDirName(1)));
+}
+
+// A manifest may name any file in the step directory: a directory or a FIFO
+// there is an error at once, never a hang waiting for a writer.
+TEST_F(CheckpointTest, ShardThatIsNotARegularFileIsAnError) {
+  fs::create_directories(dir_ + "/a_directory");
+  ASSERT_EQ(::mkfifo((dir_ + "/a_fifo").c_str(), 0644), 0);
+  for (const char* name : {"a_directory", "a_fifo"}) {
+    const std::string path = dir_ + "/" + name;
+    EXPECT_EQ(ReadSafetensors(path).status().message(), path + ": not a regular file");
+  }
 }
 
 TEST_F(CheckpointTest, NoCheckpointIsNotFound) {
