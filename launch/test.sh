@@ -19,8 +19,9 @@ fi
 # Only the fuzz targets are built with clang, not the whole of Loom.
 "$LOOM_ROOT/launch/install_deps.sh"
 if [ ! -f build-fuzz/build.ninja ]; then
+  mkdir -p build-fuzz  # its configure log stays inside it (ignored by git)
   CC=clang CXX=clang++ cmake -S "$LOOM_ROOT" -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOOM_FUZZ=ON \
-    >build-fuzz.configure.log 2>&1 || { cat build-fuzz.configure.log; echo "[loom] fuzz configure failed (log above)"; exit 1; }
+    >build-fuzz/configure.log 2>&1 || { cat build-fuzz/configure.log; echo "[loom] fuzz configure failed (log above)"; exit 1; }
 fi
 echo "[loom] building build-fuzz (fuzz targets only)"
 cmake --build build-fuzz -j "$(loom_jobs)" --target loom_fuzz
