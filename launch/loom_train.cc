@@ -21,12 +21,14 @@
 #include "data/associative_recall.h"
 #include "data/gpt_dataset.h"
 #include "model/model.h"
+#include "model/pipeline.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
 #include "parallel/context_parallel.h"
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
+#include "parallel/solo_communicator.h"
 #include "parallel/tensor_parallel.h"
 #include "runtime/config.h"
 #include "runtime/log.h"
@@ -114,17 +116,32 @@ absl::StatusOr<EvalResult> Evaluate(Model& model, const DataSource& data, const 
   const int64_t begin = total * dp_rank / dp, end = total * (dp_rank + 1) / dp;
   Tensor sums = Tensor::Zeros({4}, DType::kF64);  // loss, counted, correct, answers
   double* sum = sums.data<double>();
+  std::vector<Batch> batches;
   for (int64_t first = begin; first < end; first += micro) {
     LOOM_ASSIGN_OR_RETURN(Batch batch, LocalShare(data.Eval(first, std::min(micro, end - first)), groups));
-    Tensor predictions = Tensor::Empty({batch.tokens_count()}, DType::kI32);
-    const auto ce = model.Evaluate(batch, 1.0, &predictions);
-    const Accuracy a = CountCorrect(predictions, batch.targets);
+    batches.push_back(std::move(batch));
+  }
+  std::vector<Tensor> predictions(batches.size());
+  if (groups.layout.pp == 1) {
+    for (size_t i = 0; i < batches.size(); ++i) {
+      predictions[i] = Tensor::Empty({batches[i].tokens_count()}, DType::kI32);
+      const auto ce = model.Evaluate(batches[i], 1.0, &predictions[i]);
+      sum[0] += ce.loss;
+      sum[1] += ce.counted;
+    }
+  } else {
+    LOOM_ASSIGN_OR_RETURN(const auto ce, PipelineEvaluate(model, *groups.pp, batches, &predictions));
     sum[0] += ce.loss;
     sum[1] += ce.counted;
+  }
+  for (size_t i = 0; i < batches.size(); ++i) {
+    if (!predictions[i].defined()) continue;  // not the last pipeline stage
+    const Accuracy a = CountCorrect(predictions[i], batches[i].targets);
     sum[2] += a.correct;
     sum[3] += a.total;
   }
   LOOM_RETURN_IF_ERROR(group.AllReduce(sums));
+  if (groups.layout.pp > 1) LOOM_RETURN_IF_ERROR(groups.pp->AllReduce(sums));  // from the last stage
   EvalResult r;
   r.loss = sum[0] / std::max(sum[1], 1.0);
   r.accuracy.correct = static_cast<int64_t>(sum[2]);
@@ -136,6 +153,41 @@ absl::Status WriteFile(const std::filesystem::path& path, const std::string& tex
   std::ofstream out(path);
   out << text;
   if (!out.good()) return absl::InternalError(absl::StrCat(path.string(), ": cannot write"));
+  return absl::OkStatus();
+}
+
+// A list of named tensors from one rank to another: a count, then per
+// tensor its header (name length, dtype, rank, dims), name and bytes.
+absl::Status SendTensors(Communicator& comm, int peer, const std::vector<checkpoint::NamedTensor>& tensors) {
+  Tensor count = Tensor::FromVector<int64_t>({static_cast<int64_t>(tensors.size())}, {1});
+  LOOM_RETURN_IF_ERROR(comm.Send(count, peer));
+  for (const auto& nt : tensors) {
+    LOOM_CHECK(nt.tensor.ndim() <= 8, "[checkpoint] ", nt.name, " has more than 8 dimensions");
+    std::vector<int64_t> header = {static_cast<int64_t>(nt.name.size()), static_cast<int64_t>(nt.tensor.dtype()),
+                                   nt.tensor.ndim()};
+    for (int64_t d : nt.tensor.shape()) header.push_back(d);
+    header.resize(3 + 8, 0);
+    LOOM_RETURN_IF_ERROR(comm.Send(Tensor::FromVector<int64_t>(header, {11}), peer));
+    std::vector<int32_t> name(nt.name.begin(), nt.name.end());
+    LOOM_RETURN_IF_ERROR(comm.Send(Tensor::FromVector<int32_t>(name, {static_cast<int64_t>(name.size())}), peer));
+    LOOM_RETURN_IF_ERROR(comm.Send(nt.tensor, peer));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RecvTensors(Communicator& comm, int peer, std::vector<checkpoint::NamedTensor>& out) {
+  Tensor count = Tensor::Empty({1}, DType::kI64);
+  LOOM_RETURN_IF_ERROR(comm.Recv(count, peer));
+  for (int64_t i = 0; i < count.data<int64_t>()[0]; ++i) {
+    Tensor header = Tensor::Empty({11}, DType::kI64);
+    LOOM_RETURN_IF_ERROR(comm.Recv(header, peer));
+    const int64_t* h = header.data<int64_t>();
+    Tensor name = Tensor::Empty({h[0]}, DType::kI32);
+    LOOM_RETURN_IF_ERROR(comm.Recv(name, peer));
+    Tensor t = Tensor::Empty(Shape(h + 3, h + 3 + h[2]), static_cast<DType>(h[1]));
+    LOOM_RETURN_IF_ERROR(comm.Recv(t, peer));
+    out.push_back({std::string(name.data<int32_t>(), name.data<int32_t>() + h[0]), t});
+  }
   return absl::OkStatus();
 }
 
@@ -178,7 +230,7 @@ class Trainer {
         groups_(groups),
         tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp},
         cp_(MakeContextParallel(config, groups)),
-        model_(dims_, tp_, cp_),
+        model_(dims_, tp_, cp_, PipelineParallel{groups.layout.pp, groups.coords.pp, groups.layout.vpp}),
         dp_(model_.params(), groups.dp_cp.get(), &world, groups.coords.tp, DpOptions(config)),
         data_(std::move(data)),
         run_dir_(config.train().run_dir()),
@@ -238,10 +290,15 @@ class Trainer {
       for (const Batch& b : batches) stats.data<double>()[0] += b.CountTargets();
       LOOM_RETURN_IF_ERROR(groups_.dp_cp->AllReduce(stats));
       const double normalizer = std::max(stats.data<double>()[0], 1.0);
-      stats.data<double>()[1] = model_.StepGradients(batches, normalizer);
+      if (layout.pp == 1) {
+        stats.data<double>()[1] = model_.StepGradients(batches, normalizer);
+      } else {
+        LOOM_ASSIGN_OR_RETURN(stats.data<double>()[1], PipelineStepGradients(model_, *groups_.pp, batches, normalizer));
+      }
       LOOM_RETURN_IF_ERROR(dp_.ReduceGradients());
       Tensor loss_sum = stats.Slice(1, 1);
       LOOM_RETURN_IF_ERROR(groups_.dp_cp->AllReduce(loss_sum));
+      if (layout.pp > 1) LOOM_RETURN_IF_ERROR(groups_.pp->AllReduce(loss_sum));  // from the last stage
       loss = loss_sum.data<double>()[0];
       LOOM_ASSIGN_OR_RETURN(grad_norm, dp_.ClipGradients(config_.optim().grad_clip()));
       if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -359,6 +416,16 @@ class Trainer {
       state.tensors.push_back({p.name, value});
       state.tensors.push_back({"optim.m." + p.name, gm});
       state.tensors.push_back({"optim.v." + p.name, gv});
+    }
+    // Pipeline stages send their tensors to the first stage's rank 0.
+    const Coords& at = groups_.coords;
+    if (groups_.layout.pp > 1 && at.tp == 0 && at.cp == 0 && at.dp == 0) {
+      Communicator& pp = *groups_.pp;
+      if (pp.rank() == 0) {
+        for (int stage = 1; stage < pp.size(); ++stage) LOOM_RETURN_IF_ERROR(RecvTensors(pp, stage, state.tensors));
+      } else {
+        LOOM_RETURN_IF_ERROR(SendTensors(pp, 0, state.tensors));
+      }
     }
     state.tensors.push_back({"optim.steps", Tensor::FromVector<int64_t>({dp_.steps()}, {1})});
     Timer t;
@@ -484,7 +551,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "loom-train: %s\n", std::string(config.status().message()).c_str());
     return 2;
   }
-  auto world = loom::MpiWorld(config->parallel().timeout_s());
+  // One process started by hand needs no MPI at all.
+  auto world = loom::LaunchedByParallelLauncher() ? loom::MpiWorld(config->parallel().timeout_s())
+                                                  : absl::StatusOr<std::unique_ptr<loom::Communicator>>(loom::SoloWorld());
   if (!world.ok()) {
     std::fprintf(stderr, "loom-train: %s\n", std::string(world.status().message()).c_str());
     return 1;

@@ -8,44 +8,63 @@
 
 namespace loom {
 
-Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp)
-    : dims_(dims), tp_(tp), cp_(cp) {
+Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, const PipelineParallel& pp)
+    : dims_(dims), tp_(tp), cp_(cp), pp_(pp) {
   const int64_t c = dims_.hidden;
-  embed_.InitSharded("embed", {dims_.padded_vocab, c}, 0, tp.size, tp.rank, dims_.dtype, dims_.seed,
-                     dims_.init_std);
-  for (int l = 0; l < dims_.layers; ++l) blocks_.push_back(std::make_unique<DecoderBlock>(dims_, tp_, cp_, l));
-  final_norm_.Init("final_norm", {c}, dims_.dtype, dims_.seed, 0, 1.0, /*decay=*/false);
-  if (!dims_.tie_embeddings)
-    lm_head_.InitSharded("lm_head", {dims_.padded_vocab, c}, 0, tp.size, tp.rank, dims_.dtype, dims_.seed,
-                         dims_.init_std);
-  params_.push_back(&embed_);
-  for (auto& b : blocks_) b->CollectParams(params_);
-  params_.push_back(&final_norm_);
-  if (!dims_.tie_embeddings) params_.push_back(&lm_head_);
+  const int stages = pp_.size * pp_.vpp;
+  LOOM_CHECK(dims_.layers % stages == 0, "[model] ", dims_.layers, " layers in ", stages, " pipeline stages");
+  const int per_stage = dims_.layers / stages;
+  chunks_.resize(pp_.vpp);
+  for (int v = 0; v < pp_.vpp; ++v) {
+    const int first_layer = (v * pp_.size + pp_.rank) * per_stage;
+    for (int l = first_layer; l < first_layer + per_stage; ++l)
+      chunks_[v].blocks.push_back(std::make_unique<DecoderBlock>(dims_, tp_, cp_, l));
+  }
+  const bool has_embed = first_stage(0), has_head = last_stage(pp_.vpp - 1);
+  LOOM_CHECK(!dims_.tie_embeddings || pp_.size == 1, "[model] tied embeddings need pp = 1");
+  if (has_embed || (has_head && dims_.tie_embeddings))
+    embed_.InitSharded("embed", {dims_.padded_vocab, c}, 0, tp.size, tp.rank, dims_.dtype, dims_.seed,
+                       dims_.init_std);
+  if (has_head) {
+    final_norm_.Init("final_norm", {c}, dims_.dtype, dims_.seed, 0, 1.0, /*decay=*/false);
+    if (!dims_.tie_embeddings)
+      lm_head_.InitSharded("lm_head", {dims_.padded_vocab, c}, 0, tp.size, tp.rank, dims_.dtype, dims_.seed,
+                           dims_.init_std);
+  }
+  if (has_embed) params_.push_back(&embed_);
+  for (auto& chunk : chunks_)
+    for (auto& b : chunk.blocks) b->CollectParams(params_);
+  if (has_head) {
+    params_.push_back(&final_norm_);
+    if (!dims_.tie_embeddings) params_.push_back(&lm_head_);
+  }
 }
 
 void Model::ZeroGrad() {
   for (Param* p : params_) p->grad.Zero();
 }
 
-Tensor Model::Trunk(const Batch& batch) {
-  const int64_t t = batch.tokens_count(), c = dims_.hidden;
-  layer_inputs_.assign(blocks_.size() + 1, Tensor());
-  layer_inputs_[0] = Tensor::Empty({t, c}, dims_.dtype);
+Tensor Model::Embed(const Batch& batch) {
+  Tensor x = Tensor::Empty({batch.tokens_count(), dims_.hidden}, dims_.dtype);
   if (tp_.size == 1) {
-    ops::EmbeddingForward(batch.tokens, embed_.value, layer_inputs_[0]);
+    ops::EmbeddingForward(batch.tokens, embed_.value, x);
   } else {
-    ops::EmbeddingForwardSlice(batch.tokens, embed_.value, embed_.split_start, layer_inputs_[0]);
-    tp_.AllReduce(layer_inputs_[0]);
+    ops::EmbeddingForwardSlice(batch.tokens, embed_.value, embed_.split_start, x);
+    tp_.AllReduce(x);
   }
-  for (size_t l = 0; l < blocks_.size(); ++l) {
-    layer_inputs_[l + 1] = Tensor::Empty({t, c}, dims_.dtype);
-    blocks_[l]->Forward(layer_inputs_[l], batch, layer_inputs_[l + 1]);
+  return x;
+}
+
+Tensor Model::ChunkForward(int v, const Batch& batch, const Tensor& input) {
+  Chunk& chunk = chunks_[v];
+  const int64_t t = batch.tokens_count(), c = dims_.hidden;
+  chunk.layer_inputs.assign(chunk.blocks.size() + 1, Tensor());
+  chunk.layer_inputs[0] = first_stage(v) ? Embed(batch) : input;
+  for (size_t l = 0; l < chunk.blocks.size(); ++l) {
+    chunk.layer_inputs[l + 1] = Tensor::Empty({t, c}, dims_.dtype);
+    chunk.blocks[l]->Forward(chunk.layer_inputs[l], batch, chunk.layer_inputs[l + 1]);
   }
-  final_x_ = Tensor::Empty({t, c}, dims_.dtype);
-  final_rstd_ = Tensor::Empty({t}, dims_.dtype);
-  ops::RmsNormForward(layer_inputs_.back(), final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
-  return final_x_;
+  return chunk.layer_inputs.back();
 }
 
 ops::CrossEntropyResult Model::Loss(const Tensor& h, const Batch& batch, double normalizer, Tensor* dh,
@@ -59,11 +78,73 @@ ops::CrossEntropyResult Model::Loss(const Tensor& h, const Batch& batch, double 
   return VocabParallelCrossEntropy(h, out.value, out.split_start, batch.targets, options, tp_, dh, dw, predictions);
 }
 
+ops::CrossEntropyResult Model::ChunkLoss(const Tensor& output, const Batch& batch, double normalizer,
+                                         Tensor* predictions) {
+  const int64_t t = batch.tokens_count(), c = dims_.hidden;
+  final_x_ = Tensor::Empty({t, c}, dims_.dtype);
+  final_rstd_ = Tensor::Empty({t}, dims_.dtype);
+  ops::RmsNormForward(output, final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
+  auto result = Loss(final_x_, batch, normalizer, nullptr, predictions);
+  final_x_ = final_rstd_ = Tensor();
+  return result;
+}
+
+Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, double normalizer,
+                            ops::CrossEntropyResult* loss) {
+  Chunk& chunk = chunks_[v];
+  const int64_t t = batch.tokens_count(), c = dims_.hidden;
+  Tensor dx = Tensor::Empty({t, c}, dims_.dtype);
+  if (last_stage(v)) {
+    // Final norm, loss, and back to the residual stream.
+    final_x_ = Tensor::Empty({t, c}, dims_.dtype);
+    final_rstd_ = Tensor::Empty({t}, dims_.dtype);
+    ops::RmsNormForward(chunk.layer_inputs.back(), final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
+    Tensor dh = Tensor::Empty({t, c}, dims_.dtype);
+    *loss = Loss(final_x_, batch, normalizer, &dh, nullptr);
+    if (!dims_.tie_embeddings) GradReady({&lm_head_});
+    ops::RmsNormBackward(chunk.layer_inputs.back(), final_norm_.value, final_rstd_, dh, dx, final_norm_.grad);
+    GradReady({&final_norm_});
+    final_x_ = final_rstd_ = Tensor();
+  } else {
+    dx.CopyFrom(dout);
+  }
+  Tensor dprev = Tensor::Empty({t, c}, dims_.dtype);
+  for (size_t l = chunk.blocks.size(); l-- > 0;) {
+    chunk.blocks[l]->Backward(chunk.layer_inputs[l], batch, dx, dprev);
+    std::swap(dx, dprev);
+    ParamList ready;
+    chunk.blocks[l]->CollectParams(ready);
+    GradReady(ready);
+  }
+  chunk.layer_inputs.clear();
+  if (!first_stage(v)) return dx;
+  if (tp_.size == 1) {
+    ops::EmbeddingBackward(batch.tokens, dx, embed_.grad);
+  } else {
+    ops::EmbeddingBackwardSlice(batch.tokens, dx, embed_.split_start, embed_.grad);
+  }
+  GradReady({&embed_});
+  return Tensor();
+}
+
+void Model::ReleaseChunk(int v) {
+  chunks_[v].layer_inputs.clear();
+  for (auto& b : chunks_[v].blocks) b->ReleaseActivations();
+}
+
 ops::CrossEntropyResult Model::Evaluate(const Batch& batch, double normalizer, Tensor* predictions) {
-  Tensor h = Trunk(batch);
-  auto result = Loss(h, batch, normalizer, nullptr, predictions);
-  layer_inputs_.clear();
-  for (auto& b : blocks_) b->ReleaseActivations();
+  LOOM_CHECK(pp_.size == 1, "[model] Evaluate runs one stage; pipelines use model/pipeline.h");
+  Tensor out = ChunkForward(0, batch, Tensor());
+  auto result = ChunkLoss(out, batch, normalizer, predictions);
+  ReleaseChunk(0);
+  return result;
+}
+
+ops::CrossEntropyResult Model::ForwardBackward(const Batch& batch, double normalizer) {
+  LOOM_CHECK(pp_.size == 1, "[model] ForwardBackward runs one stage; pipelines use model/pipeline.h");
+  ChunkForward(0, batch, Tensor());
+  ops::CrossEntropyResult result;
+  ChunkBackward(0, batch, Tensor(), normalizer, &result);
   return result;
 }
 
@@ -82,36 +163,6 @@ double Model::StepGradients(const std::vector<Batch>& micro_batches, double norm
   }
   hook_armed_ = true;
   return loss;
-}
-
-ops::CrossEntropyResult Model::ForwardBackward(const Batch& batch, double normalizer) {
-  const int64_t t = batch.tokens_count(), c = dims_.hidden;
-  Tensor h = Trunk(batch);
-  Tensor dh = Tensor::Empty({t, c}, dims_.dtype);
-  auto result = Loss(h, batch, normalizer, &dh, nullptr);
-  if (!dims_.tie_embeddings) GradReady({&lm_head_});
-  // Backward through the final norm and the blocks; dx carries the residual
-  // stream's gradient from the top down.
-  Tensor dx = Tensor::Empty({t, c}, dims_.dtype);
-  ops::RmsNormBackward(layer_inputs_.back(), final_norm_.value, final_rstd_, dh, dx, final_norm_.grad);
-  GradReady({&final_norm_});
-  Tensor dprev = Tensor::Empty({t, c}, dims_.dtype);
-  for (size_t l = blocks_.size(); l-- > 0;) {
-    blocks_[l]->Backward(layer_inputs_[l], batch, dx, dprev);
-    std::swap(dx, dprev);
-    ParamList ready;
-    blocks_[l]->CollectParams(ready);
-    GradReady(ready);
-  }
-  if (tp_.size == 1) {
-    ops::EmbeddingBackward(batch.tokens, dx, embed_.grad);
-  } else {
-    ops::EmbeddingBackwardSlice(batch.tokens, dx, embed_.split_start, embed_.grad);
-  }
-  GradReady({&embed_});
-  layer_inputs_.clear();
-  final_x_ = final_rstd_ = Tensor();
-  return result;
 }
 
 }  // namespace loom

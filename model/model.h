@@ -6,6 +6,11 @@
 // Tensor parallel: the embedding and W_out are split by vocabulary rows
 // (vocab-parallel embedding and cross-entropy), the blocks by heads and
 // hidden units (parallel/tensor_parallel.h).
+// Pipeline parallel: a rank holds `vpp` chunks of consecutive layers;
+// chunk v of pipeline rank r is virtual stage s = v·pp + r and holds layers
+// [s·L/(pp·vpp), (s+1)·L/(pp·vpp)). Virtual stage 0 also holds the
+// embedding, the last one the final norm and W_out (model/pipeline.h runs
+// the schedule).
 #pragma once
 
 #include <functional>
@@ -22,35 +27,61 @@
 
 namespace loom {
 
+struct PipelineParallel {
+  int size = 1, rank = 0, vpp = 1;
+};
+
 class Model {
  public:
-  explicit Model(const ModelDims& dims, const TensorParallel& tp = {}, const ContextParallel& cp = {});
+  explicit Model(const ModelDims& dims, const TensorParallel& tp = {}, const ContextParallel& cp = {},
+                 const PipelineParallel& pp = {});
 
-  // Forward and backward of one micro-batch. Parameter gradients accumulate;
-  // the loss is this batch's summed token loss / normalizer (the global count
-  // of non-ignored tokens of the step).
+  // Forward and backward of one micro-batch (one pipeline stage only).
+  // Parameter gradients accumulate; the loss is this batch's summed token
+  // loss / normalizer (the global count of non-ignored tokens of the step).
   ops::CrossEntropyResult ForwardBackward(const Batch& batch, double normalizer);
   // One optimizer step's gradients: zeroes them, then runs ForwardBackward on
   // every micro-batch with the loss normalised by the step's total count of
-  // target tokens, so accumulation equals one large batch. Returns the loss.
-  // normalizer > 0 overrides the count (data parallelism: the global count
-  // of the step's target tokens over all ranks).
+  // target tokens (normalizer > 0 overrides the count: data parallelism uses
+  // the global count over all ranks), so accumulation equals one large
+  // batch. Returns the loss.
   double StepGradients(const std::vector<Batch>& micro_batches, double normalizer = 0);
-  // Forward only. predictions (optional): argmax token at every position.
+  // Forward only (one pipeline stage only). predictions (optional): argmax
+  // token at every position.
   ops::CrossEntropyResult Evaluate(const Batch& batch, double normalizer, Tensor* predictions);
 
+  // ---- Pipeline pieces: one model chunk of this rank.
+  int chunks() const { return static_cast<int>(chunks_.size()); }
+  bool first_stage(int chunk) const { return pp_.rank == 0 && chunk == 0; }
+  bool last_stage(int chunk) const { return pp_.rank == pp_.size - 1 && chunk == pp_.vpp - 1; }
+  // Runs chunk v from `input` [T, C] (the embedding on the first stage,
+  // `input` unused) and returns its output, keeping what backward needs.
+  Tensor ChunkForward(int chunk, const Batch& batch, const Tensor& input);
+  // Backward of the chunk's last ChunkForward. The last stage computes the
+  // loss (into *loss) and ignores dout; others take dout [T, C]. Returns the
+  // gradient of the chunk's input (undefined on the first stage).
+  Tensor ChunkBackward(int chunk, const Batch& batch, const Tensor& dout, double normalizer,
+                       ops::CrossEntropyResult* loss);
+  // Forward-only loss on the last stage from the chunk's output.
+  ops::CrossEntropyResult ChunkLoss(const Tensor& output, const Batch& batch, double normalizer,
+                                    Tensor* predictions);
+  void ReleaseChunk(int chunk);
+
   const ParamList& params() const { return params_; }
-  // Called during backward with parameters whose gradient for the current
-  // micro-batch is complete (data parallelism starts bucket reductions
-  // from it), in the order backward finishes them.
-  void set_grad_ready_hook(std::function<void(const ParamList&)> hook) { grad_ready_ = std::move(hook); }
   const ModelDims& dims() const { return dims_; }
   void ZeroGrad();
+  // Called during backward with parameters whose gradient for the current
+  // micro-batch is complete (data parallelism starts bucket reductions
+  // from it), in the order backward finishes them, while armed.
+  void set_grad_ready_hook(std::function<void(const ParamList&)> hook) { grad_ready_ = std::move(hook); }
+  void set_grad_ready_armed(bool armed) { hook_armed_ = armed; }
 
  private:
-  // Embedding and blocks; fills layer_inputs_ (input of each block) and
-  // returns the final normalised hidden state.
-  Tensor Trunk(const Batch& batch);
+  struct Chunk {
+    std::vector<std::unique_ptr<DecoderBlock>> blocks;
+    std::vector<Tensor> layer_inputs;  // input of each block, then the chunk's output
+  };
+  Tensor Embed(const Batch& batch);
   Param& output_param() { return dims_.tie_embeddings ? embed_ : lm_head_; }
   // Loss (and dh, dW_out when dh is non-null) of the final hidden state.
   ops::CrossEntropyResult Loss(const Tensor& h, const Batch& batch, double normalizer, Tensor* dh,
@@ -62,14 +93,13 @@ class Model {
   ModelDims dims_;
   TensorParallel tp_;
   ContextParallel cp_;
+  PipelineParallel pp_;
   std::function<void(const ParamList&)> grad_ready_;
   bool hook_armed_ = true;
   Param embed_, final_norm_, lm_head_;
-  std::vector<std::unique_ptr<DecoderBlock>> blocks_;
+  std::vector<Chunk> chunks_;
   ParamList params_;
-  // Saved between Trunk and the backward pass.
-  std::vector<Tensor> layer_inputs_;
-  Tensor final_x_, final_rstd_;
+  Tensor final_x_, final_rstd_;  // the last stage's final norm, for backward
 };
 
 }  // namespace loom

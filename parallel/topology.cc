@@ -90,6 +90,9 @@ absl::StatusOr<Layout> MakeLayout(int world, const config::Config& config) {
   if (m.layers() % (l.pp * l.vpp) != 0)
     return bad(absl::StrCat("parallel.pp·vpp = ", l.pp, "·", l.vpp, " = ", l.pp * l.vpp,
                             " does not divide model.layers = ", m.layers()));
+  if (l.pp > 1 && m.tie_embeddings())
+    return bad(absl::StrCat("model.tie_embeddings with parallel.pp = ", l.pp,
+                            " is not supported yet: untie the embeddings or use pp = 1"));
   if (l.vpp > 1 && l.pp < 2) return bad(absl::StrCat("parallel.vpp = ", l.vpp, " needs parallel.pp >= 2"));
   if (l.dp % l.ep != 0)
     return bad(absl::StrCat("parallel.ep = ", l.ep, " does not divide the data-parallel size dp = ", l.dp,

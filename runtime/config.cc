@@ -330,7 +330,7 @@ absl::Status ValidateConfig(const config::Config& c) {
   const auto& p = c.parallel();
   LOOM_RETURN_IF_ERROR(Range(p.tp() >= 1, "parallel.tp", absl::StrCat(p.tp(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(p.cp() >= 1, "parallel.cp", absl::StrCat(p.cp(), " is below 1")));
-  LOOM_RETURN_IF_ERROR(Range(p.pp() == 1, "parallel.pp", "only 1 is supported in this build"));
+  LOOM_RETURN_IF_ERROR(Range(p.pp() >= 1, "parallel.pp", absl::StrCat(p.pp(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(p.vpp() >= 1, "parallel.vpp", absl::StrCat(p.vpp(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(p.ep() >= 1, "parallel.ep", absl::StrCat(p.ep(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(p.zero() == 0 || p.zero() == 1, "parallel.zero", absl::StrCat(p.zero(), " is not 0 or 1")));

@@ -1,4 +1,4 @@
-// Data, tensor and context parallelism are the single-process model: for each layout
+// Data, tensor, pipeline and context parallelism are the single-process model: for each layout
 // the losses, every gradient (the rank's slice of the global gradient) and
 // the parameters after three AdamW steps equal a single-process run of the
 // same global batches, in f64 (1e-10); and the work is really split
@@ -9,6 +9,7 @@
 #include <random>
 
 #include "model/model.h"
+#include "model/pipeline.h"
 #include "optim/adamw.h"
 #include "parallel/context_parallel.h"
 #include "parallel/data_parallel.h"
@@ -28,6 +29,8 @@ struct Case {
   int cp = 1;
   const char* cp_softmax = "ring";
   const char* cp_linear = "lasp2";
+  int vpp = 1;
+  bool f32 = false;  // an f32 run: losses within 1e-5 (gradients are checked in f64)
 };
 
 config::Config MakeConfig(const Case& c, int world) {
@@ -50,6 +53,7 @@ config::Config MakeConfig(const Case& c, int world) {
   auto* p = cfg.mutable_parallel();
   p->set_tp(c.tp);
   p->set_pp(c.pp);
+  p->set_vpp(c.vpp);
   p->set_zero(c.zero);
   p->set_cp(c.cp);
   p->set_cp_softmax(c.cp_softmax);
@@ -128,7 +132,7 @@ void RunCase(const Case& c) {
   SCOPED_TRACE(std::string(c.name) + " " + layout->ToString());
 
   ModelDims dims = ModelDims::FromConfig(cfg);
-  dims.dtype = DType::kF64;
+  dims.dtype = c.f32 ? DType::kF32 : DType::kF64;
   AdamWOptions adam;
   const double lr = 1e-2, clip = 0.05;  // small clip: clipping happens
 
@@ -140,7 +144,8 @@ void RunCase(const Case& c) {
   ContextParallel cp{g.cp.get(), g.coords.cp, layout->cp};
   cp.softmax.scheme = *ParseCpSoftmaxScheme(c.cp_softmax);
   cp.linear.scheme = *ParseCpLinearScheme(c.cp_linear);
-  Model model(dims, tp, cp);
+  PipelineParallel pp{layout->pp, g.coords.pp, layout->vpp};
+  Model model(dims, tp, cp, pp);
   DataParallelOptions dpo;
   dpo.bucket_mb = cfg.parallel().bucket_mb();
   dpo.zero = cfg.parallel().zero() == 1;
@@ -168,10 +173,24 @@ void RunCase(const Case& c) {
         b.cp_chunks = std::make_shared<CpChunks>(shard->chunks);
       }
     }
-    Tensor loss = Tensor::FromVector<double>({model.StepGradients(mine, normalizer)}, {1});
+    double local_loss = 0;
+    if (layout->pp == 1) {
+      local_loss = model.StepGradients(mine, normalizer);
+    } else {
+      auto l = PipelineStepGradients(model, *g.pp, mine, normalizer);
+      ASSERT_TRUE(l.ok()) << l.status();
+      local_loss = *l;
+    }
+    Tensor loss = Tensor::FromVector<double>({local_loss}, {1});
     ASSERT_TRUE(dp.ReduceGradients().ok());
     ASSERT_TRUE(g.dp_cp->AllReduce(loss).ok());
-    EXPECT_NEAR(loss.data<double>()[0], ref_loss, kTol * std::abs(ref_loss)) << "step " << step;
+    ASSERT_TRUE(g.pp->AllReduce(loss).ok());  // only the last stage has a loss
+    EXPECT_NEAR(loss.data<double>()[0], ref_loss, (c.f32 ? 1e-5 : kTol) * std::abs(ref_loss)) << "step " << step;
+    if (c.f32) {
+      ASSERT_TRUE(dp.ClipGradients(clip).ok());
+      ASSERT_TRUE(dp.Step(lr).ok());
+      continue;
+    }
     if (!dpo.zero) {
       for (const Param* p : model.params()) {
         const Param* r = Find(ref.params(), p->name);
@@ -186,6 +205,7 @@ void RunCase(const Case& c) {
     ASSERT_TRUE(dp.Step(lr).ok());
   }
   for (const Param* p : model.params()) {
+    if (c.f32) break;
     const Param* r = Find(ref.params(), p->name);
     EXPECT_TRUE(testing::AllClose(p->value, SliceOf(r->value, *p), kTol, 1e-14)) << "value of " << p->name;
   }
@@ -197,7 +217,7 @@ void RunCase(const Case& c) {
     local += p->value.numel();
   }
   for (const Param* p : ref.params()) global_elems += p->value.numel();
-  if (layout->tp > 1) EXPECT_LT(local, global_elems);
+  if (layout->tp > 1 || layout->pp > 1) EXPECT_LT(local, global_elems);
   if (dpo.zero) {
     // 2 moments of about local/dp elements (buckets are padded to the group).
     EXPECT_LE(dp.optimizer_state_elements(), 2 * (local / layout->dp + dp.buckets() * layout->dp));
@@ -215,6 +235,10 @@ TEST(ModelParallel, Np2Layouts) {
   RunCase({"cp2 ring lasp2", 1, 1, 0, "LS", false, 2, 2, "ring", "lasp2"});
   RunCase({"cp2 allgather lasp1", 1, 1, 0, "SL", false, 2, 2, "allgather", "lasp1"});
   RunCase({"cp2 ulysses", 1, 1, 0, "LS", false, 2, 2, "ulysses", "lasp2"});
+  RunCase({"pp2", 1, 2, 0, "LSLS"});
+  Case f32{"tp2 f32", 2, 1, 0};
+  f32.f32 = true;
+  RunCase(f32);
 }
 
 TEST(ModelParallel, Np4Layouts) {
@@ -225,6 +249,10 @@ TEST(ModelParallel, Np4Layouts) {
   RunCase({"cp4 hybrid LLLS ring lasp2", 1, 1, 0, "LLLS", false, 2, 4, "ring", "lasp2"});
   RunCase({"cp2 x tp2", 2, 1, 0, "LS", false, 2, 2, "allgather", "lasp2"});
   RunCase({"cp2 x dp2 + zero", 1, 1, 1, "SL", false, 2, 2, "ring", "lasp1"});
+  RunCase({"tp2 x pp2", 2, 2, 0, "LS"});
+  RunCase({"pp2 x dp2 + zero", 1, 2, 1, "SLLS"});
+  RunCase({"pp4 vpp2", 1, 4, 0, "LLLSLLLS", false, 2, 1, "ring", "lasp2", 2});
+  RunCase({"cp4 f32", 1, 1, 0, "LLLS", false, 2, 4, "ring", "lasp2", 1, true});
 }
 
 TEST(ModelParallel, Np8Layouts) {
@@ -232,6 +260,9 @@ TEST(ModelParallel, Np8Layouts) {
   RunCase({"tp4 x dp2", 4, 1, 0, "LS", false, 4});
   RunCase({"cp2 x tp2 x dp2", 2, 1, 0, "LS", false, 2, 2, "ring", "lasp2"});
   RunCase({"cp8 ring lasp2", 1, 1, 0, "SL", false, 2, 8, "ring", "lasp2"});
+  RunCase({"tp2 x pp2 x dp2", 2, 2, 0, "LSLS"});
+  RunCase({"tp2 x pp2 x dp2 + zero", 2, 2, 1, "SL"});
+  RunCase({"tp2 x pp2 x dp2 + zero f32", 2, 2, 1, "SL", false, 2, 1, "ring", "lasp2", 1, true});
 }
 
 }  // namespace

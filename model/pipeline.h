@@ -1,0 +1,31 @@
+// Pipeline parallelism over the ranks of a pipeline group (parallel.pp
+// stages, parallel.vpp chunks per rank): runs a step's micro-batches in the
+// 1F1B (or interleaved 1F1B) order of parallel/pipeline_schedule.h, sending
+// activations [T, C] forward and their gradients backward (non-blocking
+// sends, tagged by micro-batch and virtual stage).
+// Memory: between a micro-batch's forward and its backward a rank keeps
+// only the chunk's input; backward re-runs the chunk's forward first
+// (activation recomputation), so one micro-batch's layer activations are
+// live at a time.
+#pragma once
+
+#include <vector>
+
+#include "model/model.h"
+#include "parallel/communicator.h"
+
+namespace loom {
+
+// Zeroes the gradients and accumulates those of every micro-batch; returns
+// the summed loss / normalizer on the last stage (0 elsewhere).
+absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, const std::vector<Batch>& micro_batches,
+                                             double normalizer);
+
+// Forward only, micro-batch by micro-batch. On the last stage returns the
+// summed loss and counted tokens, and fills predictions[i] (argmax tokens
+// of micro-batch i); elsewhere zeros and undefined predictions.
+absl::StatusOr<ops::CrossEntropyResult> PipelineEvaluate(Model& model, Communicator& pp,
+                                                         const std::vector<Batch>& micro_batches,
+                                                         std::vector<Tensor>* predictions);
+
+}  // namespace loom
