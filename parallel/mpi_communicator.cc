@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <algorithm>
 #include <climits>
+#include <deque>
 #include <cstdlib>
 #include <functional>
 #include <thread>
@@ -56,6 +58,40 @@ void Communicator::Count(CommOp op, int64_t bytes, int peer) {
 namespace {
 
 constexpr int kProbeTag = 1, kReplyTag = 2;
+
+// Liveness probes travel over one duplicate of MPI_COMM_WORLD, whatever
+// group timed out, and a rank answers them from inside any wait on any
+// group. A rank that waits on the stopped rank in one group (a TP peer in the
+// TP all-reduce) still answers the rank that probes it from another (its DP
+// peer), and probing the whole world names the rank that is really silent,
+// on every rank. Created by MpiWorld (collective; every rank calls it first).
+MPI_Comm WorldWatch() {
+  static const MPI_Comm watch = [] {
+    MPI_Comm c;
+    MPI_Comm_dup(MPI_COMM_WORLD, &c);
+    return c;
+  }();
+  return watch;
+}
+
+// Probes from ranks that timed out: answer that this rank is alive, echoing
+// the probe's round (so a late reply is not taken for a later round's).
+void AnswerProbes() {
+  const MPI_Comm watch = WorldWatch();
+  static std::deque<int> replies;  // the buffers of sends whose requests are freed
+  for (;;) {
+    int flag = 0;
+    MPI_Status status;
+    MPI_Iprobe(MPI_ANY_SOURCE, kProbeTag, watch, &flag, &status);
+    if (!flag) return;
+    int round = 0;
+    MPI_Recv(&round, 1, MPI_INT, status.MPI_SOURCE, kProbeTag, watch, MPI_STATUS_IGNORE);
+    replies.push_back(round);
+    MPI_Request request;
+    MPI_Isend(&replies.back(), 1, MPI_INT, status.MPI_SOURCE, kReplyTag, watch, &request);
+    MPI_Request_free(&request);
+  }
+}
 
 absl::Status Error(const std::string& message) { return absl::InternalError("[comm] " + message); }
 
@@ -123,7 +159,6 @@ class MpiCommunicator : public Communicator {
   MpiCommunicator(MPI_Comm comm, double timeout_s) : comm_(comm), timeout_s_(timeout_s) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
-    MPI_Comm_dup(comm_, &watch_);
     MPI_Group group, world;
     MPI_Comm_group(comm_, &group);
     MPI_Comm_group(MPI_COMM_WORLD, &world);
@@ -138,7 +173,6 @@ class MpiCommunicator : public Communicator {
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
-    MPI_Comm_free(&watch_);
     if (comm_ != MPI_COMM_WORLD) MPI_Comm_free(&comm_);
   }
 
@@ -329,64 +363,64 @@ class MpiCommunicator : public Communicator {
     return CommHandle(Error(absl::StrCat(what, ": peer ", peer, " is not in a group of ", size_)));
   }
 
-  // Probes from ranks that timed out: answer that this rank is alive.
-  void AnswerProbes() {
-    for (;;) {
-      int flag = 0;
-      MPI_Status status;
-      MPI_Iprobe(MPI_ANY_SOURCE, kProbeTag, watch_, &flag, &status);
-      if (!flag) return;
-      int payload = 0;
-      MPI_Recv(&payload, 1, MPI_INT, status.MPI_SOURCE, kProbeTag, watch_, MPI_STATUS_IGNORE);
-      static int reply = 1;
+  // Asks every rank of the world whether it is alive and names those that do
+  // not answer within a grace period (members of this group or not).
+  absl::Status Unresponsive(CommOp op, double waited) {
+    const MPI_Comm watch = WorldWatch();
+    int world_size = 1, me = 0;
+    MPI_Comm_size(watch, &world_size);
+    MPI_Comm_rank(watch, &me);
+    static std::deque<int> rounds;  // probe payloads, alive while the sends are
+    rounds.push_back(static_cast<int>(rounds.size()) + 1);
+    const int round = rounds.back();
+    for (int r = 0; r < world_size; ++r) {
+      if (r == me) continue;
       MPI_Request request;
-      MPI_Isend(&reply, 1, MPI_INT, status.MPI_SOURCE, kReplyTag, watch_, &request);
+      MPI_Isend(&rounds.back(), 1, MPI_INT, r, kProbeTag, watch, &request);
       MPI_Request_free(&request);
     }
-  }
-
-  // Asks every member whether it is alive and names those that do not answer
-  // within a grace period.
-  absl::Status Unresponsive(CommOp op, double waited) {
-    static int probe = 1;
-    std::vector<MPI_Request> probes;
-    for (int r = 0; r < size_; ++r) {
-      if (r == rank_) continue;
-      probes.emplace_back();
-      MPI_Isend(&probe, 1, MPI_INT, r, kProbeTag, watch_, &probes.back());
-    }
-    std::vector<bool> answered(size_, false);
-    answered[rank_] = true;
+    std::vector<bool> answered(world_size, false);
+    answered[me] = true;
+    int missing = world_size - 1;
     const auto start = std::chrono::steady_clock::now();
     const double grace = std::min(timeout_s_, 3.0);
-    while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < grace) {
+    while (missing > 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < grace) {
       AnswerProbes();
       int flag = 0;
       MPI_Status status;
-      MPI_Iprobe(MPI_ANY_SOURCE, kReplyTag, watch_, &flag, &status);
+      MPI_Iprobe(MPI_ANY_SOURCE, kReplyTag, watch, &flag, &status);
       if (flag) {
         int reply = 0;
-        MPI_Recv(&reply, 1, MPI_INT, status.MPI_SOURCE, kReplyTag, watch_, MPI_STATUS_IGNORE);
-        answered[status.MPI_SOURCE] = true;
+        MPI_Recv(&reply, 1, MPI_INT, status.MPI_SOURCE, kReplyTag, watch, MPI_STATUS_IGNORE);
+        if (reply == round && !answered[status.MPI_SOURCE]) {
+          answered[status.MPI_SOURCE] = true;
+          --missing;
+        }
       } else {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
     }
     std::vector<int> silent;
-    for (int r = 0; r < size_; ++r)
-      if (!answered[r]) silent.push_back(world_ranks_[r]);
+    bool outside = false;
+    for (int r = 0; r < world_size; ++r) {
+      if (answered[r]) continue;
+      silent.push_back(r);
+      outside |= std::find(world_ranks_.begin(), world_ranks_.end(), r) == world_ranks_.end();
+    }
     std::string who = silent.empty() ? "every rank answered a probe, so the group is alive but out of step "
                                        "(ranks calling different collectives?)"
                                      : absl::StrCat(silent.size() == 1 ? "world rank " : "world ranks ",
                                                     absl::StrJoin(silent, ", "),
-                                                    " stopped answering (stopped, hung or dead)");
+                                                    " stopped answering (stopped, hung or dead)",
+                                                    outside ? "; a member of this group waits on it in another group"
+                                                            : "");
     return absl::DeadlineExceededError(absl::StrCat("[comm] world rank ", world_ranks_[rank_], ": ", CommOpName(op),
                                                     " in a group of ", size_, " waited ",
                                                     static_cast<int>(waited), " s (parallel.timeout_s = ",
                                                     timeout_s_, "): ", who));
   }
 
-  MPI_Comm comm_, watch_;
+  MPI_Comm comm_;
   double timeout_s_;
 };
 
@@ -414,6 +448,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> MpiWorld(double timeout_s) {
       if (!finalized) MPI_Finalize();
     });
   }
+  WorldWatch();
   return std::unique_ptr<Communicator>(new MpiCommunicator(MPI_COMM_WORLD, timeout_s));
 }
 
