@@ -69,7 +69,7 @@ awk 'BEGIN { for (i = 1; i <= 3000; i++) { s = ""; for (j = 0; j < i % 97; j++) 
 for w in 1 2 5; do
   "$bin" --input "$tmp/many.txt" --output-prefix "$tmp/many_w$w" --workers $w 2>"$tmp/err" || fail "--workers $w: $(cat "$tmp/err")"
 done
-"$bin" --input - --output-prefix "$tmp/many_stdin" --workers 2 <"$tmp/many.txt" 2>"$tmp/err" || fail "stdin: $(cat "$tmp/err")"
+"$bin" --input=- --output-prefix "$tmp/many_stdin" --workers 2 <"$tmp/many.txt" 2>"$tmp/err" || fail "stdin: $(cat "$tmp/err")"
 for w in 2 5 stdin; do
   for ext in bin idx; do
     cmp -s "$tmp/many_w1.$ext" "$tmp/many_$([ $w = stdin ] && echo stdin || echo w$w).$ext" \
