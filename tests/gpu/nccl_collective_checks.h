@@ -159,8 +159,12 @@ inline void CheckEveryCollective(Communicator& c, Device device) {
   // The trace records every call in order; sends and receives name their peer.
   EXPECT_EQ(trace.size(), 11u);
   for (const CommEvent& e : trace) {
-    if (e.op == CommOp::kSend) EXPECT_EQ(e.peer, right);
-    if (e.op == CommOp::kRecv) EXPECT_EQ(e.peer, left);
+    if (e.op == CommOp::kSend) {
+      EXPECT_EQ(e.peer, right);
+    }
+    if (e.op == CommOp::kRecv) {
+      EXPECT_EQ(e.peer, left);
+    }
   }
   c.set_trace(nullptr);
 }

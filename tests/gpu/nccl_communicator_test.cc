@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <thread>
 
 #include "parallel/communicator_factory.h"
@@ -151,6 +152,32 @@ TEST(MakeWorld, NcclThatCannotBeIsAClearError) {
   auto mpi = MakeWorld(parallel, /*gpu_tensors=*/true);
   ASSERT_TRUE(mpi.ok());
   EXPECT_EQ((*mpi)->backend(), "mpi");
+}
+
+// srun sets SLURM_LOCALID (and no Open MPI variables): the local rank comes
+// from it. An srun without PMI gives every task a world of one: refused.
+TEST(MakeWorld, SrunLocalRankAndSrunWithoutPmiIsRefused) {
+  auto world = MpiWorld(60);  // MPI up first, as under srun
+  ASSERT_TRUE(world.ok());
+  const char* saved_local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  const char* saved_size = std::getenv("OMPI_COMM_WORLD_SIZE");
+  const std::string local = saved_local ? saved_local : "", size = saved_size ? saved_size : "";
+  unsetenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  unsetenv("OMPI_COMM_WORLD_SIZE");
+  setenv("SLURM_LOCALID", "3", 1);
+  setenv("SLURM_STEP_NUM_TASKS", "4", 1);
+  EXPECT_EQ(LocalRank(), 3);
+  config::ParallelConfig parallel;
+  auto alone = MakeWorld(parallel, /*gpu_tensors=*/false);
+  EXPECT_TRUE(absl::IsInvalidArgument(alone.status())) << alone.status();
+  EXPECT_NE(alone.status().message().find("srun started 4 tasks but MPI sees a world of 1"), std::string::npos)
+      << alone.status();
+  EXPECT_NE(alone.status().message().find("--mpi=pmix"), std::string::npos) << alone.status();
+  unsetenv("SLURM_LOCALID");
+  unsetenv("SLURM_STEP_NUM_TASKS");
+  EXPECT_EQ(LocalRank(), 0) << "a world of one, no launcher variables: MPI's node-local rank";
+  if (saved_local) setenv("OMPI_COMM_WORLD_LOCAL_RANK", local.c_str(), 1);
+  if (saved_size) setenv("OMPI_COMM_WORLD_SIZE", size.c_str(), 1);
 }
 
 TEST(MakeNcclCommunicator, CpuBuildSaysItHasNoCuda) {
