@@ -1,5 +1,6 @@
 #include "runtime/tensor.h"
 
+#include <atomic>
 #include <cstdlib>
 
 #include "absl/strings/str_join.h"
@@ -15,6 +16,21 @@ int64_t NumElements(const Shape& shape) {
   return n;
 }
 
+namespace {
+std::atomic<int64_t> g_cpu_bytes{0}, g_peak_cpu_bytes{0};
+
+void CountCpuBytes(int64_t delta) {
+  const int64_t now = g_cpu_bytes.fetch_add(delta, std::memory_order_relaxed) + delta;
+  int64_t peak = g_peak_cpu_bytes.load(std::memory_order_relaxed);
+  while (now > peak && !g_peak_cpu_bytes.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace
+
+int64_t CpuTensorBytes() { return g_cpu_bytes.load(std::memory_order_relaxed); }
+int64_t PeakCpuTensorBytes() { return g_peak_cpu_bytes.load(std::memory_order_relaxed); }
+void ResetPeakCpuTensorBytes() { g_peak_cpu_bytes.store(g_cpu_bytes.load(std::memory_order_relaxed)); }
+
 std::string Device::ToString() const { return is_cpu() ? "cpu" : absl::StrCat("cuda:", index); }
 
 Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
@@ -23,6 +39,7 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
     // 64-byte alignment: whole cache lines, and what SIMD loads like.
     data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     LOOM_CHECK(data_ != nullptr, "[tensor] out of host memory allocating ", bytes, " bytes");
+    CountCpuBytes(static_cast<int64_t>(bytes));
   } else {
     data_ = CudaMalloc(bytes, device.index);
   }
@@ -32,6 +49,7 @@ Storage::~Storage() {
   if (!data_) return;
   if (device_.is_cpu()) {
     std::free(data_);
+    CountCpuBytes(-static_cast<int64_t>(bytes_));
   } else {
     CudaFree(data_, device_.index);
   }

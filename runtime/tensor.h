@@ -46,6 +46,13 @@ class Storage {
   Device device_;
 };
 
+// Bytes of CPU tensor storage allocated now, and the most at any moment
+// since the start (or the last ResetPeakCpuTensorBytes). Counts the bytes
+// tensors ask for, not the allocator's rounding; thread-safe.
+int64_t CpuTensorBytes();
+int64_t PeakCpuTensorBytes();
+void ResetPeakCpuTensorBytes();  // peak := current
+
 class Tensor {
  public:
   Tensor() = default;
