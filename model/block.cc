@@ -8,9 +8,13 @@ namespace loom {
 DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer)
     : dims_(dims),
       kind_(dims.kinds[layer]),
-      recompute_(dims.recompute[layer]),
-      mlp_(dims, tp, absl::StrCat("layers.", layer, ".mlp.")) {
+      recompute_(dims.recompute[layer]) {
   const std::string prefix = absl::StrCat("layers.", layer, ".");
+  if (dims.moe.experts > 0) {
+    moe_ = std::make_unique<MoeLayer>(dims, prefix + "moe.");
+  } else {
+    mlp_ = std::make_unique<SwigluMlp>(dims, tp, prefix + "mlp.");
+  }
   norm1_.Init(prefix + "norm1", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   norm2_.Init(prefix + "norm2", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   if (kind_ == 'S') {
@@ -25,7 +29,8 @@ void DecoderBlock::CollectParams(ParamList& out) {
   if (softmax_) softmax_->CollectParams(out);
   if (lightning_) lightning_->CollectParams(out);
   out.push_back(&norm2_);
-  mlp_.CollectParams(out);
+  if (mlp_) mlp_->CollectParams(out);
+  if (moe_) moe_->CollectParams(out);
 }
 
 void DecoderBlock::Forward(const Tensor& x, const Batch& batch, Tensor& out) {
@@ -47,11 +52,13 @@ void DecoderBlock::ForwardKeepingActivations(const Tensor& x, const Batch& batch
   n2_ = Tensor::Empty({t, c}, dt);
   rstd2_ = Tensor::Empty({t}, dt);
   ops::RmsNormForward(x1_, norm2_.value, dims_.norm_eps, n2_, rstd2_);
-  mlp_.Forward(n2_, out);
+  if (mlp_) mlp_->Forward(n2_, out);
+  if (moe_) moe_->Forward(n2_, out);
   ops::AddInPlace(out, x1_);
 }
 
-void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx) {
+void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx,
+                            double router_loss_scale) {
   const int64_t t = x.dim(0), c = dims_.hidden;
   const DType dt = x.dtype();
   if (recompute_) {
@@ -60,7 +67,8 @@ void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& d
   }
   // Residual: dx1 = dout + RMSNorm₂ᵀ(MLPᵀ(dout)).
   Tensor dn = Tensor::Empty({t, c}, dt);
-  mlp_.Backward(n2_, dout, dn);
+  if (mlp_) mlp_->Backward(n2_, dout, dn);
+  if (moe_) moe_->Backward(n2_, dout, dn, router_loss_scale);
   Tensor dx1 = Tensor::Empty({t, c}, dt);
   ops::RmsNormBackward(x1_, norm2_.value, rstd2_, dn, dx1, norm2_.grad);
   ops::AddInPlace(dx1, dout);
@@ -76,7 +84,8 @@ void DecoderBlock::ReleaseActivations() {
   n1_ = rstd1_ = x1_ = n2_ = rstd2_ = Tensor();
   if (softmax_) softmax_->ReleaseActivations();
   if (lightning_) lightning_->ReleaseActivations();
-  mlp_.ReleaseActivations();
+  if (mlp_) mlp_->ReleaseActivations();
+  if (moe_) moe_->ReleaseActivations();
 }
 
 }  // namespace loom

@@ -1,6 +1,9 @@
 // One decoder layer, pre-norm:
-//   x1 = x + Mixer(RMSNorm(x)),  x2 = x1 + SwiGLU(RMSNorm(x1))
-// where the mixer is softmax ('S') or lightning ('L') attention.
+//   x1 = x + Mixer(RMSNorm(x)),  x2 = x1 + MLP(RMSNorm(x1))
+// where the mixer is softmax ('S') or lightning ('L') attention and the MLP
+// is SwiGLU, or a mixture of experts when model.moe.experts > 0 (model/moe.h).
+// An MoE block also has a router loss (router_loss()); the caller weights it
+// in the training loss and passes that weight to Backward.
 // Recomputation: a block marked `recompute` keeps only its input after
 // Forward and re-runs Forward at the start of Backward.
 // Gradient rule: parameter gradients accumulate; dx is written (the caller
@@ -14,6 +17,7 @@
 #include "model/dims.h"
 #include "model/lightning_attention_layer.h"
 #include "model/mlp.h"
+#include "model/moe.h"
 #include "model/param.h"
 #include "model/softmax_attention_layer.h"
 
@@ -25,10 +29,15 @@ class DecoderBlock {
   // x [T, C] in, out [T, C].
   void Forward(const Tensor& x, const Batch& batch, Tensor& out);
   // dout [T, C] → dx [T, C] (written). x is the same input Forward saw.
-  void Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx);
+  // router_loss_scale: the weight of router_loss() in the loss (MoE only).
+  void Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx,
+                double router_loss_scale = 0);
   void CollectParams(ParamList& out);
   void ReleaseActivations();  // after an evaluation-only forward
   char kind() const { return kind_; }
+  // MoE: the last Forward's aux·coef + z·coef, and its routing; else 0, null.
+  double router_loss() const { return moe_ ? moe_->router_loss() : 0.0; }
+  MoeLayer* moe() { return moe_.get(); }
 
  private:
   void ForwardKeepingActivations(const Tensor& x, const Batch& batch, Tensor& out);
@@ -39,7 +48,8 @@ class DecoderBlock {
   Param norm1_, norm2_;
   std::unique_ptr<SoftmaxAttentionLayer> softmax_;
   std::unique_ptr<LightningAttentionLayer> lightning_;
-  SwigluMlp mlp_;
+  std::unique_ptr<SwigluMlp> mlp_;  // dense, or
+  std::unique_ptr<MoeLayer> moe_;
   // Saved activations [T, C] (and [T] for the norms' rstd).
   Tensor n1_, rstd1_, x1_, n2_, rstd2_;
 };

@@ -40,6 +40,18 @@ ModelDims ModelDims::FromConfig(const config::Config& config) {
   }
   d.dtype = config.train().dtype() == "f64" ? DType::kF64 : DType::kF32;
   d.seed = config.train().seed();
+  const auto& moe = m.moe();
+  d.moe.experts = moe.experts();
+  d.moe.top_k = moe.top_k();
+  d.moe.ffn = moe.moe_ffn() > 0 ? moe.moe_ffn() : d.ffn;
+  d.moe.shared_experts = moe.shared_experts();
+  d.moe.sigmoid = moe.router() == "sigmoid";
+  d.moe.normalize_top_k = moe.normalize_top_k();
+  d.moe.aux_loss_coef = moe.aux_loss_coef();
+  d.moe.z_loss_coef = moe.z_loss_coef();
+  d.moe.bias_balancing = moe.bias_balancing();
+  d.moe.bias_update_rate = moe.bias_update_rate();
+  d.moe.capacity_factor = moe.capacity_factor();
   return d;
 }
 
@@ -47,7 +59,12 @@ int64_t ModelDims::ParameterCount(bool with_embeddings) const {
   const int64_t c = hidden, qd = int64_t{heads} * head_dim, kvd = int64_t{kv_heads} * head_dim;
   int64_t n = c;  // final norm
   for (char kind : kinds) {
-    n += 2 * c + 3 * c * ffn;  // two norms, SwiGLU
+    n += 2 * c;  // two norms
+    if (moe.experts > 0) {
+      n += int64_t{moe.experts} * c + int64_t{moe.experts + moe.shared_experts} * 3 * c * moe.ffn;  // router, experts
+    } else {
+      n += 3 * c * ffn;  // SwiGLU
+    }
     if (kind == 'S') {
       n += c * qd + 2 * c * kvd + qd * c;
     } else {
@@ -64,6 +81,8 @@ double ModelDims::FlopsPerToken(int64_t seq_len) const {
   const double matmul_params =
       static_cast<double>(ParameterCount(false)) + static_cast<double>(padded_vocab) * hidden;
   double flops = 6.0 * matmul_params;
+  // MoE: only top_k of the routed experts run for a token.
+  if (moe.experts > 0) flops -= 6.0 * kinds.size() * (moe.experts - moe.top_k) * 3.0 * hidden * moe.ffn;
   for (char kind : kinds) {
     if (kind == 'S') {
       // QKᵀ and PV: 2·2·S·d per token and head forward, causal halves it,

@@ -10,6 +10,21 @@
 
 namespace loom {
 
+// Mixture-of-experts MLP (configs/loom.proto MoeConfig); experts == 0: dense.
+struct MoeDims {
+  int experts = 0;
+  int top_k = 2;
+  int ffn = 0;  // each expert's inner width, resolved
+  int shared_experts = 0;
+  bool sigmoid = false;
+  bool normalize_top_k = false;
+  double aux_loss_coef = 0;
+  double z_loss_coef = 0;
+  bool bias_balancing = false;
+  double bias_update_rate = 0;
+  double capacity_factor = 0;  // 0: dropless
+};
+
 struct ModelDims {
   int layers = 0;
   int hidden = 0;
@@ -34,6 +49,7 @@ struct ModelDims {
   std::vector<bool> recompute;  // per layer
   DType dtype = DType::kF32;
   uint64_t seed = 0;
+  MoeDims moe;
 
   static ModelDims FromConfig(const config::Config& config);
 

@@ -109,8 +109,9 @@ Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, doubl
     dx.CopyFrom(dout);
   }
   Tensor dprev = Tensor::Empty({t, c}, dims_.dtype);
+  const double router_share = RouterLossShare(batch, normalizer);
   for (size_t l = chunk.blocks.size(); l-- > 0;) {
-    chunk.blocks[l]->Backward(chunk.layer_inputs[l], batch, dx, dprev);
+    chunk.blocks[l]->Backward(chunk.layer_inputs[l], batch, dx, dprev, router_share);
     std::swap(dx, dprev);
     ParamList ready;
     chunk.blocks[l]->CollectParams(ready);
@@ -127,6 +128,23 @@ Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, doubl
   return Tensor();
 }
 
+double Model::RouterLoss(const Batch& batch, double normalizer) const {
+  double sum = 0;
+  for (const auto& chunk : chunks_)
+    for (const auto& b : chunk.blocks) sum += b->router_loss();
+  return sum * RouterLossShare(batch, normalizer);
+}
+
+std::vector<std::pair<int, RoutingStats>> Model::RoutingStatistics() const {
+  std::vector<std::pair<int, RoutingStats>> out;
+  const int stages = pp_.size * pp_.vpp, per_stage = dims_.layers / stages;
+  for (int v = 0; v < pp_.vpp; ++v)
+    for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
+      if (MoeLayer* moe = chunks_[v].blocks[i]->moe())
+        out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moe->stats()});
+  return out;
+}
+
 void Model::ReleaseChunk(int v) {
   chunks_[v].layer_inputs.clear();
   for (auto& b : chunks_[v].blocks) b->ReleaseActivations();
@@ -136,6 +154,7 @@ ops::CrossEntropyResult Model::Evaluate(const Batch& batch, double normalizer, T
   LOOM_CHECK(pp_.size == 1, "[model] Evaluate runs one stage; pipelines use model/pipeline.h");
   Tensor out = ChunkForward(0, batch, Tensor());
   auto result = ChunkLoss(out, batch, normalizer, predictions);
+  result.loss += RouterLoss(batch, normalizer);
   ReleaseChunk(0);
   return result;
 }
@@ -145,6 +164,7 @@ ops::CrossEntropyResult Model::ForwardBackward(const Batch& batch, double normal
   ChunkForward(0, batch, Tensor());
   ops::CrossEntropyResult result;
   ChunkBackward(0, batch, Tensor(), normalizer, &result);
+  result.loss += RouterLoss(batch, normalizer);
   return result;
 }
 
@@ -162,6 +182,9 @@ double Model::StepGradients(const std::vector<Batch>& micro_batches, double norm
     loss += ForwardBackward(micro_batches[i], normalizer).loss;
   }
   hook_armed_ = true;
+  for (auto& chunk : chunks_)
+    for (auto& b : chunk.blocks)
+      if (b->moe() != nullptr) b->moe()->UpdateBias();
   return loss;
 }
 

@@ -1,6 +1,9 @@
 // Decoder-only language model from a layer pattern:
 //   x = Embed(tokens); x = Block_l(x) for each layer; h = RMSNorm(x);
 //   loss = CrossEntropy(h W_outᵀ, targets) / normalizer
+//          + Σ_MoE layers router_loss · share,  share = the batch's target
+//            tokens / normalizer (the router losses are per-call means, so
+//            micro-batches add up to their token-weighted mean)
 // W_out is the embedding table when tied. Explicit forward/backward, no
 // autograd tape: each block keeps what its backward needs.
 // Tensor parallel: the embedding and W_out are split by vocabulary rows
@@ -44,7 +47,9 @@ class Model {
   // every micro-batch with the loss normalised by the step's total count of
   // target tokens (normalizer > 0 overrides the count: data parallelism uses
   // the global count over all ranks), so accumulation equals one large
-  // batch. Returns the loss.
+  // batch. Returns the loss. Then applies the MoE routers' bias-balancing
+  // update from this step's loads (outside the gradient; a no-op without
+  // bias balancing).
   double StepGradients(const std::vector<Batch>& micro_batches, double normalizer = 0);
   // Forward only (one pipeline stage only). predictions (optional): argmax
   // token at every position.
@@ -68,6 +73,8 @@ class Model {
   void ReleaseChunk(int chunk);
 
   const ParamList& params() const { return params_; }
+  // MoE layers' routing of their last forward: (layer index, statistics).
+  std::vector<std::pair<int, RoutingStats>> RoutingStatistics() const;
   const ModelDims& dims() const { return dims_; }
   void ZeroGrad();
   // Called during backward with parameters whose gradient for the current
@@ -86,6 +93,11 @@ class Model {
   // Loss (and dh, dW_out when dh is non-null) of the final hidden state.
   ops::CrossEntropyResult Loss(const Tensor& h, const Batch& batch, double normalizer, Tensor* dh,
                                Tensor* predictions);
+  // Σ_MoE blocks router_loss · share of the batch (see the top).
+  double RouterLoss(const Batch& batch, double normalizer) const;
+  static double RouterLossShare(const Batch& batch, double normalizer) {
+    return normalizer > 0 ? static_cast<double>(batch.CountTargets()) / normalizer : 0.0;
+  }
   void GradReady(const ParamList& params) {
     if (grad_ready_ && hook_armed_) grad_ready_(params);
   }

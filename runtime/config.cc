@@ -263,6 +263,38 @@ absl::Status ValidateConfig(const config::Config& c) {
                                  absl::StrCat("'", part, "' is not a layer index in [0, ", m.layers(), ")")));
     }
   }
+  const auto& moe = m.moe();
+  LOOM_RETURN_IF_ERROR(Range(moe.experts() >= 0 && moe.experts() <= 1024, "model.moe.experts",
+                             absl::StrCat(moe.experts(), " is outside [0, 1024] (0: dense MLP)")));
+  if (moe.experts() > 0) {
+    LOOM_RETURN_IF_ERROR(Range(moe.top_k() >= 1 && moe.top_k() <= moe.experts(), "model.moe.top_k",
+                               absl::StrCat(moe.top_k(), " is outside [1, model.moe.experts = ", moe.experts(), "]")));
+    LOOM_RETURN_IF_ERROR(Range(moe.moe_ffn() >= 0, "model.moe.moe_ffn", "must be >= 0 (0: the dense SwiGLU width)"));
+    LOOM_RETURN_IF_ERROR(Range(moe.shared_experts() >= 0 && moe.shared_experts() <= 64, "model.moe.shared_experts",
+                               absl::StrCat(moe.shared_experts(), " is outside [0, 64]")));
+    LOOM_RETURN_IF_ERROR(Range(moe.router() == "softmax" || moe.router() == "sigmoid", "model.moe.router",
+                               absl::StrCat("'", moe.router(), "' is not softmax or sigmoid")));
+    LOOM_RETURN_IF_ERROR(Range(moe.aux_loss_coef() >= 0 && moe.aux_loss_coef() <= 10, "model.moe.aux_loss_coef",
+                               absl::StrCat(moe.aux_loss_coef(), " is outside [0, 10]")));
+    LOOM_RETURN_IF_ERROR(Range(moe.z_loss_coef() >= 0 && moe.z_loss_coef() <= 10, "model.moe.z_loss_coef",
+                               absl::StrCat(moe.z_loss_coef(), " is outside [0, 10]")));
+    LOOM_RETURN_IF_ERROR(Range(moe.bias_update_rate() >= 0 && moe.bias_update_rate() <= 1,
+                               "model.moe.bias_update_rate",
+                               absl::StrCat(moe.bias_update_rate(), " is outside [0, 1]")));
+    LOOM_RETURN_IF_ERROR(Range(moe.capacity_factor() == 0 ||
+                                   (moe.capacity_factor() >= 1e-3 && moe.capacity_factor() <= 64),
+                               "model.moe.capacity_factor",
+                               absl::StrCat(moe.capacity_factor(), " is neither 0 (dropless) nor in [1e-3, 64]")));
+    // The router statistics are not yet reduced across ranks, and the MoE
+    // layer has no TP split or pipeline loss path: one process only for now.
+    const auto& p = c.parallel();
+    for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"},
+                                      std::pair{p.cp(), "parallel.cp"}, std::pair{p.ep(), "parallel.ep"}})
+      LOOM_RETURN_IF_ERROR(Range(value == 1, name,
+                                 absl::StrCat(value, ": MoE layers (model.moe.experts = ", moe.experts(),
+                                              ") run without tensor, pipeline, context or expert parallelism yet; "
+                                              "set it to 1")));
+  }
 
   LOOM_RETURN_IF_ERROR(Range(t.steps() >= 1, "train.steps", absl::StrCat(t.steps(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(t.seq_len() >= 2, "train.seq_len", absl::StrCat(t.seq_len(), " is below 2")));

@@ -1,0 +1,78 @@
+// Mixture-of-experts MLP:
+//   y = Σ_j g_tj · Expert_e(t,j)(x_t) + Σ_s Shared_s(x_t)
+// with the router of ops/moe_router.h (logits = x W_rᵀ, W_r [E, C]) and each
+// expert a SwiGLU MLP of width moe.ffn with its own weights
+// ("<prefix>experts.<e>.w_gate", ...; shared: "<prefix>shared.<s>.w_gate").
+//
+// Permutation: assignment (t, j) has id t·k + j; each expert takes its
+// assignments in increasing id order (= global token order), gathers those
+// rows of x into [n_e, C], runs, and its output rows are scattered back,
+// scaled by the gate, expert by expert: the result does not depend on
+// anything but the inputs.
+// Capacity (capacity_factor > 0): an expert keeps its first
+// ceil(factor · T·k / E) assignments in token order; later ones are dropped
+// (contribute nothing, their gate gets no gradient) and counted.
+//
+// Router loss: router_loss() = aux_coef · aux + z_coef · z of the last
+// Forward (means over this call's tokens). The caller states its weight in
+// the training loss (loss_scale, e.g. this micro-batch's share of the
+// step's target tokens) and Backward seeds the router's backward with it.
+//
+// Gradient rule: parameter gradients accumulate, dx is written.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/dims.h"
+#include "model/mlp.h"
+#include "model/param.h"
+#include "ops/moe_router.h"
+
+namespace loom {
+
+// Routing of the last Forward, for logging. Load = assignments routed to an
+// expert (before capacity drops), over the E experts.
+struct RoutingStats {
+  double load_min = 0, load_max = 0;
+  double load_cv = 0;        // coefficient of variation: std / mean (population std)
+  int64_t assignments = 0;   // T·k
+  int64_t dropped = 0;       // assignments over capacity
+};
+
+class MoeLayer {
+ public:
+  MoeLayer(const ModelDims& dims, const std::string& prefix);
+  // x [T, C] → y [T, C] (written).
+  void Forward(const Tensor& x, Tensor& y);
+  // dy [T, C] → dx [T, C] (written). loss_scale: weight of router_loss() in
+  // the loss being differentiated.
+  void Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double loss_scale);
+  double router_loss() const { return router_loss_; }
+  const RoutingStats& stats() const { return stats_; }
+  // Bias balancing: applies b_e += γ·sign(mean − load_e) with the loads of the
+  // backward passes since the last call; a no-op without bias_balancing.
+  void UpdateBias();
+  const std::vector<double>& bias() const { return bias_; }
+  void ReleaseActivations();
+  void CollectParams(ParamList& out);
+
+ private:
+  ModelDims expert_dims_;  // dims with ffn = moe.ffn; SwigluMlp keeps a reference
+  MoeDims moe_;
+  ops::MoeRouterOptions options_;
+  Param router_;  // [E, C]
+  std::vector<std::unique_ptr<SwigluMlp>> experts_, shared_;
+  std::vector<double> bias_;            // [E] selection bias
+  std::vector<int64_t> pending_load_;   // [E] loads since the last UpdateBias
+  double router_loss_ = 0;
+  RoutingStats stats_;
+  // Activations of the last Forward.
+  Tensor logits_;                               // [T, E]
+  ops::MoeRouting routing_;
+  std::vector<std::vector<int64_t>> kept_;      // per expert: kept assignment ids, increasing
+  std::vector<Tensor> expert_x_, expert_y_;     // per expert [n_e, C]
+};
+
+}  // namespace loom
