@@ -322,6 +322,10 @@ class Trainer {
       if ((step + 1) % tc.log_every() == 0 || step == start || step + 1 == steps) {
         LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.1f s", step + 1,
                                 steps, loss, lr, grad_norm, HumanCount(tokens_per_s), total_timer.Seconds()));
+        // MoE routing of the step's last micro-batch, one line per MoE layer.
+        for (const auto& [layer, r] : model_.RoutingStatistics())
+          LogInfo(absl::StrFormat("  moe layer %d | expert load min %.0f max %.0f cv %.4f | dropped %d of %d", layer,
+                                  r.load_min, r.load_max, r.load_cv, r.dropped, r.assignments));
       }
       if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
         LOOM_RETURN_IF_ERROR(LogEval(step + 1, metrics).status());
