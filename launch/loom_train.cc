@@ -5,14 +5,18 @@
 // checkpoint.every steps and whenever SIGTERM (a SLURM preemption) or Ctrl-C
 // stops the run at a step boundary; a restarted run resumes from the newest
 // checkpoint that verifies and continues bit for bit.
+#include <sys/resource.h>
+
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include <google/protobuf/text_format.h>
 
+#include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
@@ -20,10 +24,12 @@
 #include "checkpoint/checkpoint.h"
 #include "data/associative_recall.h"
 #include "data/gpt_dataset.h"
+#include "model/memory_estimate.h"
 #include "model/model.h"
 #include "model/pipeline.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
+#include "parallel/communicator_factory.h"
 #include "parallel/context_parallel.h"
 #include "parallel/data_parallel.h"
 #include "parallel/mpi_communicator.h"
@@ -33,7 +39,14 @@
 #include "runtime/config.h"
 #include "runtime/log.h"
 #include "runtime/metrics.h"
+#include "runtime/tensorboard.h"
 #include "runtime/timer.h"
+
+ABSL_FLAG(bool, dry_run, false,
+          "print the layout, parameters, FLOPs per step and memory per rank for the config, then exit without training");
+ABSL_FLAG(int, world_size, 0, "with --dry-run: plan for this many ranks (0: the ranks launched)");
+ABSL_FLAG(double, peak_tflops, 0,
+          "peak dense TFLOP/s of one device for MFU (989 for H100/H200 bf16); 0: no MFU (the CPU trainer's default)");
 
 namespace loom {
 namespace {
@@ -259,6 +272,8 @@ class Trainer {
     const int64_t micro = tc.micro_batch(), global = tc.global_batch(), steps = tc.steps();
     const int64_t per_rank = global / layout.dp, first_of_rank = groups_.coords.dp * per_rank;
     const int64_t tokens_per_step = global * tc.seq_len();
+    const double flops_per_step = dims_.FlopsPerToken(tc.seq_len()) * tokens_per_step;
+    if (lead_) LOOM_RETURN_IF_ERROR(tb_.Open((run_dir_ / "tb").string()));
     LogInfo("loom ", LOOM_VERSION, " | model ", dims_.kinds, " hidden ", dims_.hidden, " heads ", dims_.heads,
             "/", dims_.kv_heads, " | ", HumanCount(dims_.ParameterCount(true)), " parameters (",
             HumanCount(dims_.ParameterCount(false)), " without embeddings) | ", DTypeName(dims_.dtype), " on cpu");
@@ -316,16 +331,23 @@ class Trainer {
       LOOM_RETURN_IF_ERROR(dp_.Step(lr));
       const double seconds = step_timer.Seconds();
       const double tokens_per_s = tokens_per_step / seconds;
-      if (lead_)
-        metrics.Write({{"step", double(step + 1)}, {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm},
-                       {"tokens_per_s", tokens_per_s}, {"elapsed_s", total_timer.Seconds()}});
+      // docs/metrics.md: model FLOPs of the step over its time, per rank;
+      // MFU divides by the device's peak (--peak_tflops).
+      const double tflops = flops_per_step / seconds / layout.world / 1e12;
+      const double peak = absl::GetFlag(FLAGS_peak_tflops);
+      const double max_rss_mb = MaxRssMb(), tensor_peak_mb = PeakCpuTensorBytes() / 1048576.0;
+      std::vector<std::pair<std::string, double>> record = {
+          {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s},
+          {"tflops_per_rank", tflops}, {"max_rss_mb", max_rss_mb}, {"tensor_peak_mb", tensor_peak_mb},
+          {"elapsed_s", total_timer.Seconds()}};
+      if (peak > 0) record.insert(record.begin() + 5, {"mfu", tflops / peak});
+      LOOM_RETURN_IF_ERROR(Record(metrics, step + 1, record));
       if ((step + 1) % tc.log_every() == 0 || step == start || step + 1 == steps) {
-        LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.1f s", step + 1,
-                                steps, loss, lr, grad_norm, HumanCount(tokens_per_s), total_timer.Seconds()));
-        // MoE routing of the step's last micro-batch, one line per MoE layer.
-        for (const auto& [layer, r] : model_.RoutingStatistics())
-          LogInfo(absl::StrFormat("  moe layer %d | expert load min %.0f max %.0f cv %.4f | dropped %d of %d", layer,
-                                  r.load_min, r.load_max, r.load_cv, r.dropped, r.assignments));
+        LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.3g TFLOP/s%s | "
+                                "mem %.0f MB (tensors %.0f MB) | %.1f s",
+                                step + 1, steps, loss, lr, grad_norm, HumanCount(tokens_per_s), tflops,
+                                peak > 0 ? absl::StrFormat(" | MFU %.1f%%", 100 * tflops / peak) : "", max_rss_mb,
+                                tensor_peak_mb, total_timer.Seconds()));
       }
       if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
         LOOM_RETURN_IF_ERROR(LogEval(step + 1, metrics).status());
@@ -385,12 +407,28 @@ class Trainer {
     if (data_.is_recall()) {
       LogInfo(absl::StrFormat("eval  %5d | loss %.4f | accuracy %.3f (chance %.3f)", step, e.loss,
                               e.accuracy.value(), data_.chance()));
-      if (lead_) metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}});
+      LOOM_RETURN_IF_ERROR(Record(metrics, step, {{"eval_loss", e.loss}, {"accuracy", e.accuracy.value()}}));
     } else {
       LogInfo(absl::StrFormat("eval  %5d | loss %.4f | perplexity %.2f", step, e.loss, std::exp(e.loss)));
-      if (lead_) metrics.Write({{"step", double(step)}, {"eval_loss", e.loss}, {"perplexity", std::exp(e.loss)}});
+      LOOM_RETURN_IF_ERROR(Record(metrics, step, {{"eval_loss", e.loss}, {"perplexity", std::exp(e.loss)}}));
     }
     return e;
+  }
+
+  // One record on rank 0: a metrics.jsonl line and a TensorBoard event
+  // with the same keys as tags.
+  absl::Status Record(MetricsWriter& metrics, int64_t step, std::vector<std::pair<std::string, double>> fields) {
+    if (!lead_) return absl::OkStatus();
+    LOOM_RETURN_IF_ERROR(tb_.WriteScalars(step, fields));
+    fields.insert(fields.begin(), {"step", double(step)});
+    metrics.Write(fields);
+    return absl::OkStatus();
+  }
+
+  static double MaxRssMb() {
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    return usage.ru_maxrss / 1024.0;  // Linux reports KiB
   }
 
   std::string FirstNonFinite() const {
@@ -512,6 +550,7 @@ class Trainer {
   std::filesystem::path run_dir_;
   std::string ckpt_dir_;
   bool lead_;
+  TensorBoardWriter tb_;  // rank 0: <run_dir>/tb/, a new events file per run
 };
 
 absl::Status Train(const config::Config& config, Communicator& world) {
@@ -535,6 +574,53 @@ absl::Status Train(const config::Config& config, Communicator& world) {
   return trainer.Run();
 }
 
+std::string HumanBytes(double b) {
+  if (b >= 1 << 30) return absl::StrFormat("%.2f GiB", b / (1 << 30));
+  if (b >= 1 << 20) return absl::StrFormat("%.1f MiB", b / (1 << 20));
+  return absl::StrFormat("%.1f KiB", b / 1024);
+}
+
+// --dry-run: what a step of this config costs on each rank, from the shapes
+// alone (model/memory_estimate.h); nothing is allocated or trained. Every
+// rank may run it; rank 0 prints.
+absl::Status DryRun(const config::Config& config, int world, bool print) {
+  LOOM_ASSIGN_OR_RETURN(const Layout layout, MakeLayout(world, config));
+  const ModelDims dims = ModelDims::FromConfig(config);
+  const auto& tc = config.train();
+  const int64_t tokens = int64_t{tc.global_batch()} * tc.seq_len();
+  const double per_token = dims.FlopsPerToken(tc.seq_len());
+  std::string out = absl::StrFormat(
+      "layout: %d ranks = %s%s | micro-batch %d x %d tokens, %d per rank per step\n", layout.world, layout.ToString(),
+      config.parallel().zero() ? " | ZeRO-1" : "", tc.micro_batch(), tc.seq_len() / layout.cp,
+      tc.global_batch() / layout.dp / tc.micro_batch());
+  absl::StrAppend(&out, absl::StrFormat("model: %s | hidden %d, heads %d/%d, head dim %d, ffn %d, vocab %d (padded %d) | "
+                                        "%s | recompute \"%s\"\n",
+                                        dims.kinds, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.ffn,
+                                        dims.vocab, dims.padded_vocab, DTypeName(dims.dtype), config.model().recompute()));
+  absl::StrAppend(&out, absl::StrFormat("parameters: %s total, %s without embeddings (%d, %d)\n",
+                                        HumanCount(dims.ParameterCount(true)), HumanCount(dims.ParameterCount(false)),
+                                        dims.ParameterCount(true), dims.ParameterCount(false)));
+  absl::StrAppend(&out, absl::StrFormat("FLOPs: %.4g per token (6N + attention), %.4g per step of %d tokens, %.4g per "
+                                        "rank\n",
+                                        per_token, per_token * tokens, tokens, per_token * tokens / layout.world));
+  absl::StrAppend(&out, "memory per rank (one per pipeline stage; every tp/cp/dp rank of a stage alike):\n");
+  absl::StrAppend(&out, absl::StrFormat("  %-5s %14s %11s %11s %11s %12s %10s %11s\n", "stage", "parameters", "weights",
+                                        "gradients", "AdamW m+v", "activations", "inputs", "total"));
+  for (int stage = 0; stage < layout.pp; ++stage) {
+    MemoryEstimateOptions options = MemoryEstimateOptionsFromConfig(config, layout);
+    options.pp_rank = stage;
+    LOOM_ASSIGN_OR_RETURN(const MemoryEstimate m, EstimateMemory(dims, options));
+    absl::StrAppend(&out, absl::StrFormat("  %-5d %14d %11s %11s %11s %12s %10s %11s\n", stage, m.parameters,
+                                          HumanBytes(m.param_bytes), HumanBytes(m.grad_bytes),
+                                          HumanBytes(m.optimizer_bytes), HumanBytes(m.activation_bytes),
+                                          HumanBytes(m.input_bytes), HumanBytes(m.total())));
+  }
+  absl::StrAppend(&out, "(tensors of the CPU trainer in its dtype; activations: the peak of one step, formula in "
+                        "docs/metrics.md; context-parallel buffers not counted)\n");
+  if (print) std::fputs(out.c_str(), stdout);
+  return absl::OkStatus();
+}
+
 }  // namespace
 }  // namespace loom
 
@@ -544,6 +630,13 @@ int main(int argc, char** argv) {
   if (!args.ok()) {
     std::fprintf(stderr, "loom-train: %s\n", std::string(args.status().message()).c_str());
     return 2;
+  }
+  // Abseil spells flags with underscores; accept the dashed forms too.
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--dry-run") argv[i] = const_cast<char*>("--dry_run");
+    if (arg.starts_with("--world-size=")) *(argv[i] + std::strlen("--world")) = '_';
+    if (arg.starts_with("--peak-tflops=")) *(argv[i] + std::strlen("--peak")) = '_';
   }
   absl::ParseCommandLine(argc, argv);
   if (args->config_path.empty()) {
@@ -556,13 +649,23 @@ int main(int argc, char** argv) {
     return 2;
   }
   // One process started by hand needs no MPI at all.
-  auto world = loom::LaunchedByParallelLauncher() ? loom::MpiWorld(config->parallel().timeout_s())
+  // The tensors stay on the CPU until the GPU training step lands, so
+  // parallel.backend=auto picks MPI.
+  auto world = loom::LaunchedByParallelLauncher() ? loom::MakeWorld(config->parallel(), /*gpu_tensors=*/false)
                                                   : absl::StatusOr<std::unique_ptr<loom::Communicator>>(loom::SoloWorld());
   if (!world.ok()) {
     std::fprintf(stderr, "loom-train: %s\n", std::string(world.status().message()).c_str());
     return 1;
   }
   loom::SetLogRank((*world)->rank(), (*world)->size());
+  if (absl::GetFlag(FLAGS_dry_run)) {
+    const int ranks = absl::GetFlag(FLAGS_world_size) > 0 ? absl::GetFlag(FLAGS_world_size) : (*world)->size();
+    if (absl::Status s = loom::DryRun(*config, ranks, (*world)->rank() == 0); !s.ok()) {
+      if ((*world)->rank() == 0) std::fprintf(stderr, "loom-train: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
+    return 0;
+  }
   if (absl::Status s = loom::Train(*config, **world); !s.ok()) {
     // A rank that stopped answering: the others may be stuck, so leave
     // without MPI_Finalize.

@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <sstream>
 
 namespace loom {
 namespace {
@@ -121,6 +123,67 @@ TEST(TensorBoard, ReaderRejectsACorruptedByteWithItsRecord) {
   ASSERT_FALSE(truncated.ok());
   EXPECT_NE(truncated.status().message().find("truncated"), std::string::npos) << truncated.status();
   std::filesystem::remove_all(dir);
+}
+
+// loom-train writes <run_dir>/tb/ events with the values of metrics.jsonl
+// (as floats: simple_value is a float), a new file per run.
+TEST(TensorBoard, LoomTrainEventsEqualMetricsJsonl) {
+  const std::filesystem::path bin =
+      std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "bin" / "loom-train";
+  if (!std::filesystem::exists(bin)) GTEST_SKIP() << bin << " is not built";
+  const auto dir = FreshDir("train");
+  const std::string run = absl::StrCat(bin.string(), " --config ", LOOM_SOURCE_DIR,
+                                       "/configs/default.textproto --set train.steps=", "%d",
+                                       " --set optim.warmup_steps=1 --set train.eval_every=2 --set train.eval_sequences=64 --set train.run_dir=",
+                                       dir.string(), " --set checkpoint.every=3 > ", dir.string(), ".log 2>&1");
+  auto command = [&](int steps) {
+    std::string c = run;
+    c.replace(c.find("%d"), 2, std::to_string(steps));
+    return c;
+  };
+  ASSERT_EQ(std::system(command(3).c_str()), 0) << ReadBytes(dir.string() + ".log");
+  ASSERT_EQ(std::system(command(5).c_str()), 0) << ReadBytes(dir.string() + ".log");  // resumes at step 3
+
+  // metrics.jsonl: {"step": N, "key": value, ...} per line.
+  std::map<std::pair<int64_t, std::string>, double> want;
+  std::istringstream lines(ReadBytes((dir / "metrics.jsonl").string()));
+  for (std::string line; std::getline(lines, line);) {
+    std::string body = line.substr(1, line.size() - 2);
+    int64_t step = -1;
+    std::vector<std::pair<std::string, double>> fields;
+    for (size_t at = 0; at < body.size();) {
+      const size_t k0 = body.find('"', at) + 1, k1 = body.find('"', k0);
+      const size_t v0 = body.find(": ", k1) + 2, v1 = std::min(body.find(", ", v0), body.size());
+      const std::string key = body.substr(k0, k1 - k0);
+      const double value = std::stod(body.substr(v0, v1 - v0));
+      if (key == "step") step = static_cast<int64_t>(value);
+      else fields.emplace_back(key, value);
+      at = v1 + 2;
+    }
+    for (auto& [k, v] : fields) want[{step, k}] = v;
+  }
+  std::vector<std::string> files;
+  for (const auto& entry : std::filesystem::directory_iterator(dir / "tb")) files.push_back(entry.path().string());
+  ASSERT_EQ(files.size(), 2u) << "one events file per run";
+  std::map<std::pair<int64_t, std::string>, float> got;
+  for (const std::string& f : files) {
+    auto file = ReadTensorBoardFile(f);
+    ASSERT_TRUE(file.ok()) << file.status();
+    EXPECT_EQ(file->file_version, "brain.Event:2");
+    for (const auto& s : file->scalars) got[{s.step, s.tag}] = s.value;
+  }
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [key, value] : want) {
+    auto it = got.find(key);
+    ASSERT_NE(it, got.end()) << "step " << key.first << " " << key.second << " missing from the events";
+    EXPECT_EQ(it->second, static_cast<float>(value)) << "step " << key.first << " " << key.second;
+  }
+  for (const char* tag : {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_rank", "max_rss_mb", "eval_loss",
+                          "accuracy"})
+    EXPECT_TRUE(got.count({2, tag}) || got.count({3, tag})) << tag;
+  EXPECT_TRUE(got.count({5, "loss"}));
+  std::filesystem::remove_all(dir);
+  std::filesystem::remove(dir.string() + ".log");
 }
 
 }  // namespace

@@ -1,0 +1,32 @@
+#!/bin/bash
+# loom-train --dry-run: prints parameters, FLOPs and memory per rank for the
+# issue-9 GPU configs on a CPU machine, allocates nothing, writes no run dir,
+# exits 0; a layout that does not fit the world is one line and exit 2.
+set -u
+bin=$1 src=$2
+out=$(mktemp) && trap 'rm -f $out' EXIT
+fail() { echo "FAIL: $*"; cat "$out"; exit 1; }
+
+"$bin" --config "$src/configs/gpu_1b_softmax.textproto" --dry-run --set train.run_dir=/nonexistent/dry >"$out" 2>&1 \
+  || fail "softmax dry run exited $?"
+grep -q "parameters: 1.10B total, 968.98M without embeddings (1100048384, 968976384)" "$out" || fail "softmax parameters"
+grep -q "FLOPs: 8.422e+09 per token" "$out" || fail "softmax FLOPs per token"
+grep -Eq "^  0 +1100048384 +4.10 GiB +4.10 GiB +8.20 GiB" "$out" || fail "softmax memory row"
+[ -e /nonexistent/dry ] && fail "dry run created the run dir"
+
+"$bin" --config "$src/configs/gpu_1b_hybrid.textproto" --dry-run >"$out" 2>&1 || fail "hybrid dry run exited $?"
+grep -q "model: LLLSLLLSLLLSLLLSLLLSLL" "$out" || fail "hybrid pattern"
+grep -q "micro-batch 1 x 32768 tokens" "$out" || fail "hybrid context"
+
+# Eight ranks planned from one process: tp2 x pp2 x dp2 with ZeRO; two stage
+# rows, each holding about half the layers' parameters over tp 2.
+"$bin" --config "$src/configs/gpu_1b_softmax.textproto" --dry-run --world-size=8 --set parallel.tp=2 \
+  --set parallel.pp=2 --set parallel.zero=1 --set model.layers=22 >"$out" 2>&1 || fail "8-rank dry run exited $?"
+grep -q "layout: 8 ranks = tp2 cp1 dp2 pp2" "$out" || fail "8-rank layout"
+[ "$(grep -Ec '^  [01] +[0-9]+ ' "$out")" = 2 ] || fail "two stage rows expected"
+
+"$bin" --config "$src/configs/gpu_1b_softmax.textproto" --dry-run --world-size=3 --set parallel.tp=2 >"$out" 2>&1
+rc=$?
+[ $rc = 2 ] || fail "a layout that does not fit should exit 2, got $rc"
+[ "$(wc -l <"$out")" = 1 ] || fail "one line of error expected"
+echo "dry run: ok"
