@@ -348,6 +348,10 @@ class Trainer {
                                 step + 1, steps, loss, lr, grad_norm, HumanCount(tokens_per_s), tflops,
                                 peak > 0 ? absl::StrFormat(" | MFU %.1f%%", 100 * tflops / peak) : "", max_rss_mb,
                                 tensor_peak_mb, total_timer.Seconds()));
+        // MoE routing of the step's last micro-batch, one line per MoE layer.
+        for (const auto& [layer, r] : model_.RoutingStatistics())
+          LogInfo(absl::StrFormat("  moe layer %d | expert load min %.0f max %.0f cv %.4f | dropped %d of %d", layer,
+                                  r.load_min, r.load_max, r.load_cv, r.dropped, r.assignments));
       }
       if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
         LOOM_RETURN_IF_ERROR(LogEval(step + 1, metrics).status());
