@@ -253,6 +253,7 @@ TEST(ModelParallel, Np4Layouts) {
   RunCase({"pp2 x dp2 + zero", 1, 2, 1, "SLLS"});
   RunCase({"pp4 vpp2", 1, 4, 0, "LLLSLLLS", false, 2, 1, "ring", "lasp2", 2});
   RunCase({"cp4 f32", 1, 1, 0, "LLLS", false, 2, 4, "ring", "lasp2", 1, true});
+  RunCase({"cp2 x pp2", 1, 2, 0, "LSLS", false, 2, 2, "ring", "lasp2"});
 }
 
 TEST(ModelParallel, Np8Layouts) {
