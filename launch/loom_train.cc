@@ -630,9 +630,11 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("loom-train --config FILE [--set path.to.field=value ...]");
+  // Before MPI starts, bad input is said once: by the launcher's rank 0.
+  const bool say = loom::LauncherRank() <= 0;
   auto args = loom::ExtractConfigArgs(argc, argv);
   if (!args.ok()) {
-    std::fprintf(stderr, "loom-train: %s\n", std::string(args.status().message()).c_str());
+    if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(args.status().message()).c_str());
     return 2;
   }
   // Abseil spells flags with underscores; accept the dashed forms too.
@@ -644,12 +646,12 @@ int main(int argc, char** argv) {
   }
   absl::ParseCommandLine(argc, argv);
   if (args->config_path.empty()) {
-    std::fprintf(stderr, "loom-train: --config FILE is required (e.g. configs/default.textproto)\n");
+    if (say) std::fprintf(stderr, "loom-train: --config FILE is required (e.g. configs/default.textproto)\n");
     return 2;
   }
   auto config = loom::LoadConfig(args->config_path, args->sets);
   if (!config.ok()) {
-    std::fprintf(stderr, "loom-train: %s\n", std::string(config.status().message()).c_str());
+    if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(config.status().message()).c_str());
     return 2;
   }
   // One process started by hand needs no MPI at all.

@@ -74,4 +74,10 @@ bool LaunchedByParallelLauncher() {
   return false;
 }
 
+int LauncherRank() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"})
+    if (const char* value = std::getenv(var)) return std::atoi(value);
+  return -1;
+}
+
 }  // namespace loom

@@ -16,5 +16,9 @@ std::unique_ptr<Communicator> SoloWorld();
 // Whether a parallel launcher started this process (mpirun, srun, or any
 // PMI-based launcher): then MPI is initialised, even for one rank.
 bool LaunchedByParallelLauncher();
+// This process's rank as the launcher's environment gives it before MPI
+// starts (OMPI_COMM_WORLD_RANK, PMIX_RANK, PMI_RANK, SLURM_PROCID); -1 when
+// none is set.
+int LauncherRank();
 
 }  // namespace loom
