@@ -241,7 +241,7 @@ class Trainer {
         dims_(ModelDims::FromConfig(config)),
         world_(world),
         groups_(groups),
-        tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp},
+        tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp, config.parallel().sequence_parallel()},
         cp_(MakeContextParallel(config, groups)),
         model_(dims_, tp_, cp_, PipelineParallel{groups.layout.pp, groups.coords.pp, groups.layout.vpp}),
         dp_(model_.params(), groups.dp_cp.get(), &world, groups.coords.tp, DpOptions(config)),

@@ -7,6 +7,7 @@ namespace loom {
 
 DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer)
     : dims_(dims),
+      tp_(tp),
       kind_(dims.kinds[layer]),
       recompute_(dims.recompute[layer]) {
   const std::string prefix = absl::StrCat("layers.", layer, ".");
@@ -44,17 +45,33 @@ void DecoderBlock::ForwardKeepingActivations(const Tensor& x, const Batch& batch
   n1_ = Tensor::Empty({t, c}, dt);
   rstd1_ = Tensor::Empty({t}, dt);
   ops::RmsNormForward(x, norm1_.value, dims_.norm_eps, n1_, rstd1_);
-  Tensor mixed = Tensor::Empty({t, c}, dt);
-  if (softmax_) softmax_->Forward(n1_, batch, mixed);
-  if (lightning_) lightning_->Forward(n1_, batch, mixed);
-  x1_ = mixed;
+  const bool sp = tp_.sp();
+  n1_full_ = sp ? tp_.GatherTokens(n1_) : n1_;
+  Tensor mixed = Tensor::Empty(n1_full_.shape(), dt);
+  if (softmax_) softmax_->Forward(n1_full_, batch, mixed);
+  if (lightning_) lightning_->Forward(n1_full_, batch, mixed);
+  x1_ = sp ? tp_.ScatterTokens(mixed) : mixed;
   ops::AddInPlace(x1_, x);
   n2_ = Tensor::Empty({t, c}, dt);
   rstd2_ = Tensor::Empty({t}, dt);
   ops::RmsNormForward(x1_, norm2_.value, dims_.norm_eps, n2_, rstd2_);
-  if (mlp_) mlp_->Forward(n2_, out);
-  if (moe_) moe_->Forward(n2_, out);
+  n2_full_ = sp ? tp_.GatherTokens(n2_) : n2_;
+  Tensor y = sp ? Tensor::Empty(n2_full_.shape(), dt) : out;
+  if (mlp_) mlp_->Forward(n2_full_, y);
+  if (moe_) moe_->Forward(n2_full_, y);
+  if (sp) out.CopyFrom(tp_.ScatterTokens(y));
   ops::AddInPlace(out, x1_);
+}
+
+void DecoderBlock::NormBackward(const Tensor& x, Param& norm, const Tensor& rstd, const Tensor& dn, Tensor& dx) {
+  if (!tp_.sp()) {
+    ops::RmsNormBackward(x, norm.value, rstd, dn, dx, norm.grad);
+    return;
+  }
+  Tensor dw = Tensor::Zeros(norm.grad.shape(), norm.grad.dtype());
+  ops::RmsNormBackward(x, norm.value, rstd, dn, dx, dw);
+  tp_.AllReduce(dw);
+  ops::AddInPlace(norm.grad, dw);
 }
 
 void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx,
@@ -66,22 +83,28 @@ void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& d
     ForwardKeepingActivations(x, batch, scratch);
   }
   // Residual: dx1 = dout + RMSNorm₂ᵀ(MLPᵀ(dout)).
-  Tensor dn = Tensor::Empty({t, c}, dt);
-  if (mlp_) mlp_->Backward(n2_, dout, dn);
-  if (moe_) moe_->Backward(n2_, dout, dn, router_loss_scale);
+  const bool sp = tp_.sp();
+  const Tensor dout_full = sp ? tp_.GatherTokens(dout) : dout;
+  Tensor dn = Tensor::Empty(dout_full.shape(), dt);
+  if (mlp_) mlp_->Backward(n2_full_, dout_full, dn);
+  if (moe_) moe_->Backward(n2_full_, dout_full, dn, router_loss_scale);
+  if (sp) dn = tp_.ScatterTokens(dn);
   Tensor dx1 = Tensor::Empty({t, c}, dt);
-  ops::RmsNormBackward(x1_, norm2_.value, rstd2_, dn, dx1, norm2_.grad);
+  NormBackward(x1_, norm2_, rstd2_, dn, dx1);
   ops::AddInPlace(dx1, dout);
   // dx = dx1 + RMSNorm₁ᵀ(Mixerᵀ(dx1)).
-  if (softmax_) softmax_->Backward(n1_, batch, dx1, dn);
-  if (lightning_) lightning_->Backward(n1_, batch, dx1, dn);
-  ops::RmsNormBackward(x, norm1_.value, rstd1_, dn, dx, norm1_.grad);
+  const Tensor dx1_full = sp ? tp_.GatherTokens(dx1) : dx1;
+  dn = Tensor::Empty(dx1_full.shape(), dt);
+  if (softmax_) softmax_->Backward(n1_full_, batch, dx1_full, dn);
+  if (lightning_) lightning_->Backward(n1_full_, batch, dx1_full, dn);
+  if (sp) dn = tp_.ScatterTokens(dn);
+  NormBackward(x, norm1_, rstd1_, dn, dx);
   ops::AddInPlace(dx, dx1);
   ReleaseActivations();
 }
 
 void DecoderBlock::ReleaseActivations() {
-  n1_ = rstd1_ = x1_ = n2_ = rstd2_ = Tensor();
+  n1_ = rstd1_ = x1_ = n2_ = rstd2_ = n1_full_ = n2_full_ = Tensor();
   if (softmax_) softmax_->ReleaseActivations();
   if (lightning_) lightning_->ReleaseActivations();
   if (mlp_) mlp_->ReleaseActivations();

@@ -4,6 +4,9 @@
 // is SwiGLU, or a mixture of experts when model.moe.experts > 0 (model/moe.h).
 // An MoE block also has a router loss (router_loss()); the caller weights it
 // in the training loss and passes that weight to Backward.
+// Sequence parallelism (TensorParallel::sp()): x, the norms and the residual
+// adds hold this rank's 1/tp of the tokens; the mixer and the MLP get their
+// input all-gathered over the tokens and their output reduce-scattered.
 // Recomputation: a block marked `recompute` keeps only its input after
 // Forward and re-runs Forward at the start of Backward.
 // Gradient rule: parameter gradients accumulate; dx is written (the caller
@@ -42,7 +45,12 @@ class DecoderBlock {
  private:
   void ForwardKeepingActivations(const Tensor& x, const Batch& batch, Tensor& out);
 
+  // RMSNorm backward; the weight's gradient is summed over the TP group when
+  // sequence parallelism gave this rank only some of the tokens.
+  void NormBackward(const Tensor& x, Param& norm, const Tensor& rstd, const Tensor& dn, Tensor& dx);
+
   const ModelDims& dims_;
+  TensorParallel tp_;
   char kind_;
   bool recompute_;
   Param norm1_, norm2_;
@@ -50,8 +58,10 @@ class DecoderBlock {
   std::unique_ptr<LightningAttentionLayer> lightning_;
   std::unique_ptr<SwigluMlp> mlp_;  // dense, or
   std::unique_ptr<MoeLayer> moe_;
-  // Saved activations [T, C] (and [T] for the norms' rstd).
+  // Saved activations [T, C] (and [T] for the norms' rstd); with sequence
+  // parallelism [T/tp, C], and the gathered norm outputs [T, C].
   Tensor n1_, rstd1_, x1_, n2_, rstd2_;
+  Tensor n1_full_, n2_full_;
 };
 
 }  // namespace loom

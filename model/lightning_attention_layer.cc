@@ -82,7 +82,7 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
     y_ = n_.Reshape({t, h * d});
   }
   ops::LinearForward(y_, wo_.value, y);
-  tp_.AllReduce(y);
+  tp_.ReduceOutput(y);
 }
 
 void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
@@ -136,7 +136,7 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   add_input_grad(dq.Reshape({t, h * d}), wq_);
   add_input_grad(dk.Reshape({t, h * d}), wk_);
   add_input_grad(dv.Reshape({t, h * d}), wv_);
-  tp_.AllReduce(dx);
+  tp_.ReduceOutput(dx);
 }
 
 void LightningAttentionLayer::ReleaseActivations() {

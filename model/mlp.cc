@@ -26,7 +26,7 @@ void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
   ops::LinearForward(x, w_up_.value, up_);
   ops::SwigluForward(gate_, up_, h_);
   ops::LinearForward(h_, w_down_.value, y);
-  tp_.AllReduce(y);
+  tp_.ReduceOutput(y);
 }
 
 void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
@@ -36,7 +36,7 @@ void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
   ops::SwigluBackward(gate_, up_, dh, dgate, dup);
   ops::LinearBackward(x, w_gate_.value, dgate, &dx, w_gate_.grad);
   ops::LinearBackward(x, w_up_.value, dup, &dx, w_up_.grad, /*accumulate_dx=*/true);
-  tp_.AllReduce(dx);
+  tp_.ReduceOutput(dx);
 }
 
 }  // namespace loom

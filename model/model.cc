@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "ops/add.h"
 #include "ops/embedding.h"
 #include "ops/rmsnorm.h"
 #include "parallel/vocab_parallel_cross_entropy.h"
@@ -50,14 +51,27 @@ Tensor Model::Embed(const Batch& batch) {
     ops::EmbeddingForward(batch.tokens, embed_.value, x);
   } else {
     ops::EmbeddingForwardSlice(batch.tokens, embed_.value, embed_.split_start, x);
+    if (tp_.sp()) return tp_.ScatterTokens(x);
     tp_.AllReduce(x);
   }
   return x;
 }
 
+int64_t Model::residual_tokens(const Batch& batch) const {
+  return batch.tokens_count() / (tp_.sp() ? tp_.size : 1);
+}
+
+Tensor Model::FinalNorm(const Tensor& x) {
+  const int64_t t = x.dim(0), c = dims_.hidden;
+  final_x_ = Tensor::Empty({t, c}, dims_.dtype);
+  final_rstd_ = Tensor::Empty({t}, dims_.dtype);
+  ops::RmsNormForward(x, final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
+  return tp_.sp() ? tp_.GatherTokens(final_x_) : final_x_;
+}
+
 Tensor Model::ChunkForward(int v, const Batch& batch, const Tensor& input) {
   Chunk& chunk = chunks_[v];
-  const int64_t t = batch.tokens_count(), c = dims_.hidden;
+  const int64_t t = residual_tokens(batch), c = dims_.hidden;
   chunk.layer_inputs.assign(chunk.blocks.size() + 1, Tensor());
   chunk.layer_inputs[0] = first_stage(v) ? Embed(batch) : input;
   for (size_t l = 0; l < chunk.blocks.size(); ++l) {
@@ -80,11 +94,7 @@ ops::CrossEntropyResult Model::Loss(const Tensor& h, const Batch& batch, double 
 
 ops::CrossEntropyResult Model::ChunkLoss(const Tensor& output, const Batch& batch, double normalizer,
                                          Tensor* predictions) {
-  const int64_t t = batch.tokens_count(), c = dims_.hidden;
-  final_x_ = Tensor::Empty({t, c}, dims_.dtype);
-  final_rstd_ = Tensor::Empty({t}, dims_.dtype);
-  ops::RmsNormForward(output, final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
-  auto result = Loss(final_x_, batch, normalizer, nullptr, predictions);
+  auto result = Loss(FinalNorm(output), batch, normalizer, nullptr, predictions);
   final_x_ = final_rstd_ = Tensor();
   return result;
 }
@@ -92,17 +102,23 @@ ops::CrossEntropyResult Model::ChunkLoss(const Tensor& output, const Batch& batc
 Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, double normalizer,
                             ops::CrossEntropyResult* loss) {
   Chunk& chunk = chunks_[v];
-  const int64_t t = batch.tokens_count(), c = dims_.hidden;
+  const int64_t t = residual_tokens(batch), c = dims_.hidden;
   Tensor dx = Tensor::Empty({t, c}, dims_.dtype);
   if (last_stage(v)) {
     // Final norm, loss, and back to the residual stream.
-    final_x_ = Tensor::Empty({t, c}, dims_.dtype);
-    final_rstd_ = Tensor::Empty({t}, dims_.dtype);
-    ops::RmsNormForward(chunk.layer_inputs.back(), final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
-    Tensor dh = Tensor::Empty({t, c}, dims_.dtype);
-    *loss = Loss(final_x_, batch, normalizer, &dh, nullptr);
+    const Tensor h = FinalNorm(chunk.layer_inputs.back());
+    Tensor dh = Tensor::Empty(h.shape(), dims_.dtype);
+    *loss = Loss(h, batch, normalizer, &dh, nullptr);
     if (!dims_.tie_embeddings) GradReady({&lm_head_});
-    ops::RmsNormBackward(chunk.layer_inputs.back(), final_norm_.value, final_rstd_, dh, dx, final_norm_.grad);
+    // Under sequence parallelism dh is whole on every rank (the vocab-parallel
+    // cross-entropy sums it) and the norm saw only this rank's tokens.
+    const Tensor dh_local = tp_.sp() ? tp_.LocalTokens(dh) : dh;
+    Tensor dw = tp_.sp() ? Tensor::Zeros(final_norm_.grad.shape(), dims_.dtype) : final_norm_.grad;
+    ops::RmsNormBackward(chunk.layer_inputs.back(), final_norm_.value, final_rstd_, dh_local, dx, dw);
+    if (tp_.sp()) {
+      tp_.AllReduce(dw);
+      ops::AddInPlace(final_norm_.grad, dw);
+    }
     GradReady({&final_norm_});
     final_x_ = final_rstd_ = Tensor();
   } else {
@@ -122,7 +138,8 @@ Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, doubl
   if (tp_.size == 1) {
     ops::EmbeddingBackward(batch.tokens, dx, embed_.grad);
   } else {
-    ops::EmbeddingBackwardSlice(batch.tokens, dx, embed_.split_start, embed_.grad);
+    ops::EmbeddingBackwardSlice(batch.tokens, tp_.sp() ? tp_.GatherTokens(dx) : dx, embed_.split_start,
+                                embed_.grad);
   }
   GradReady({&embed_});
   return Tensor();

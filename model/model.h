@@ -71,6 +71,9 @@ class Model {
   ops::CrossEntropyResult ChunkLoss(const Tensor& output, const Batch& batch, double normalizer,
                                     Tensor* predictions);
   void ReleaseChunk(int chunk);
+  // Tokens of a micro-batch's residual stream on this rank: all of them, or
+  // 1/tp under sequence parallelism (what pipeline stages send).
+  int64_t residual_tokens(const Batch& batch) const;
 
   const ParamList& params() const { return params_; }
   // MoE layers' routing of their last forward: (layer index, statistics).
@@ -89,6 +92,9 @@ class Model {
     std::vector<Tensor> layer_inputs;  // input of each block, then the chunk's output
   };
   Tensor Embed(const Batch& batch);
+  // The final RMSNorm of the last stage (saved for backward); returns its
+  // output over all the micro-batch's tokens.
+  Tensor FinalNorm(const Tensor& x);
   Param& output_param() { return dims_.tie_embeddings ? embed_ : lm_head_; }
   // Loss (and dh, dW_out when dh is non-null) of the final hidden state.
   ops::CrossEntropyResult Loss(const Tensor& h, const Batch& batch, double normalizer, Tensor* dh,

@@ -28,7 +28,7 @@ absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, con
   for (const PipelineTask& task : schedule) {
     const int v = task.chunk, m = task.micro, s = v * p + r;
     const Batch& batch = micro_batches[m];
-    const int64_t t = batch.tokens_count();
+    const int64_t t = model.residual_tokens(batch);
     if (task.forward) {
       Tensor input;
       if (!model.first_stage(v)) {
@@ -83,7 +83,7 @@ absl::StatusOr<ops::CrossEntropyResult> PipelineEvaluate(Model& model, Communica
       const int s = v * p + r;
       Tensor input;
       if (!model.first_stage(v)) {
-        input = Tensor::Empty({batch.tokens_count(), c}, dtype);
+        input = Tensor::Empty({model.residual_tokens(batch), c}, dtype);
         LOOM_RETURN_IF_ERROR(pp.Recv(input, (s - 1) % p, Tag(static_cast<int>(m), s, stages, 0)));
       }
       Tensor out = model.ChunkForward(v, batch, input);

@@ -50,7 +50,7 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
                                  Options(dims_), o_, lse_, &cp_saved_));
   }
   ops::LinearForward(o_, wo_.value, y);
-  tp_.AllReduce(y);
+  tp_.ReduceOutput(y);
 }
 
 void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
@@ -73,7 +73,7 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   ops::LinearBackward(x, wq_.value, dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
   ops::LinearBackward(x, wk_.value, dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
   ops::LinearBackward(x, wv_.value, dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
-  tp_.AllReduce(dx);
+  tp_.ReduceOutput(dx);
 }
 
 void SoftmaxAttentionLayer::ReleaseActivations() {

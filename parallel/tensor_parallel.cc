@@ -24,6 +24,28 @@ void CheckComm(const absl::Status& status) {
   LOOM_CHECK(false, status.message());
 }
 
+Tensor TensorParallel::GatherTokens(const Tensor& local) const {
+  Shape shape = local.shape();
+  shape[0] *= size;
+  Tensor full = Tensor::Empty(shape, local.dtype(), local.device());
+  CheckComm(comm->AllGather(local, full));
+  return full;
+}
+
+Tensor TensorParallel::ScatterTokens(const Tensor& full) const {
+  Shape shape = full.shape();
+  LOOM_CHECK(shape[0] % size == 0, "[tensor_parallel] ", shape[0], " tokens do not split over ", size, " ranks");
+  shape[0] /= size;
+  Tensor local = Tensor::Empty(shape, full.dtype(), full.device());
+  CheckComm(comm->ReduceScatter(full, local));
+  return local;
+}
+
+Tensor TensorParallel::LocalTokens(const Tensor& full) const {
+  const int64_t t = full.dim(0) / size;
+  return full.Slice(rank * t, t);
+}
+
 absl::StatusOr<Tensor> GatherGlobal(const Param& p, const Tensor& local, const TensorParallel& tp) {
   if (!p.sharded() || tp.size == 1) return local.Clone();
   Tensor all = Tensor::Empty({tp.size * local.numel()}, local.dtype());

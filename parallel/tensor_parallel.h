@@ -14,6 +14,25 @@ struct TensorParallel {
   Communicator* comm = nullptr;  // null when size == 1
   int rank = 0;
   int size = 1;
+  // Sequence parallelism (Megatron-LM's): between the TP regions the
+  // residual stream and the norms hold only this rank's 1/size of the
+  // tokens. A TP region starts with an all-gather of its input over the
+  // tokens (GatherTokens) and ends with a reduce-scatter (ScatterTokens)
+  // instead of the all-reduce; backward mirrors them.
+  bool sequence_parallel = false;
+  bool sp() const { return sequence_parallel && size > 1; }
+
+  // The end of a row-parallel product (y or a region's dx): summed over the
+  // group, unless sequence parallelism leaves that to ScatterTokens.
+  void ReduceOutput(Tensor& t) const {
+    if (!sp()) AllReduce(t);
+  }
+  // [t, ...] of every rank, in rank order -> [size·t, ...].
+  Tensor GatherTokens(const Tensor& local) const;
+  // [size·t, ...] partial sums -> this rank's [t, ...] rows of their sum.
+  Tensor ScatterTokens(const Tensor& full) const;
+  // This rank's [t, ...] rows of a [size·t, ...] tensor (no communication).
+  Tensor LocalTokens(const Tensor& full) const;
 
   // Sums t over the group in place. A failed collective (a rank gone or
   // hung) ends the process with the communicator's message.

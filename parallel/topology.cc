@@ -111,6 +111,9 @@ absl::StatusOr<Layout> MakeLayout(int world, const config::Config& config) {
     absl::Status s = CheckCpAttention(scheme, l.cp, m.heads() / l.tp, m.kv_heads() / l.tp);
     if (!s.ok()) return bad(std::string(s.message()));
   }
+  if (p.sequence_parallel() && l.tp > 1 && (t.seq_len() / l.cp) % l.tp != 0)
+    return bad(absl::StrCat("parallel.sequence_parallel: train.seq_len / cp = ", t.seq_len() / l.cp,
+                            " tokens per rank and sequence do not split over tp = ", l.tp));
   if (p.zero() != 0 && p.zero() != 1) return bad(absl::StrCat("parallel.zero = ", p.zero(), " is not 0 or 1"));
   return l;
 }
