@@ -391,7 +391,10 @@ class Trainer {
   }
 
   static ContextParallel MakeContextParallel(const config::Config& c, const ProcessGroups& g) {
-    ContextParallel cp{g.cp.get(), g.coords.cp, g.layout.cp};
+    ContextParallel cp;
+    cp.comm = g.cp.get();
+    cp.rank = g.coords.cp;
+    cp.size = g.layout.cp;
     cp.softmax.scheme = *ParseCpSoftmaxScheme(c.parallel().cp_softmax());  // validated with the config
     cp.softmax.keep_gathered = c.parallel().cp_keep_gathered();
     cp.linear.scheme = *ParseCpLinearScheme(c.parallel().cp_linear());

@@ -230,7 +230,7 @@ absl::Status Lasp2Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Te
 absl::Status Lasp2Backward(Communicator& g, const Local& a, CpMemoryLedger* l, const Tensor& d_o,
                            const CpLightningSaved& saved, Tensor& dq, Tensor& dk, Tensor& dv) {
   const int cp = g.size();
-  const int64_t rows = a.lay.rows, n = a.state();
+  const int64_t rows = a.lay.rows;
   const DType dt = a.q.dtype();
   if (saved.cuts.size() != static_cast<size_t>(rows * 2 * cp))
     return absl::FailedPreconditionError("[cp_lightning] lasp2 backward needs the CpLightningSaved of its forward");

@@ -142,7 +142,10 @@ void RunCase(const Case& c) {
   AdamW ref_opt(ref.params(), adam);
 
   TensorParallel tp{g.tp.get(), g.coords.tp, layout->tp, c.sp};
-  ContextParallel cp{g.cp.get(), g.coords.cp, layout->cp};
+  ContextParallel cp;
+  cp.comm = g.cp.get();
+  cp.rank = g.coords.cp;
+  cp.size = layout->cp;
   cp.softmax.scheme = *ParseCpSoftmaxScheme(c.cp_softmax);
   cp.linear.scheme = *ParseCpLinearScheme(c.cp_linear);
   PipelineParallel pp{layout->pp, g.coords.pp, layout->vpp};
@@ -220,11 +223,15 @@ void RunCase(const Case& c) {
   // The work is split: TP slices, ZeRO shards, early bucket reductions.
   int64_t local = 0, global_elems = 0;
   for (const Param* p : model.params()) {
-    if (p->sharded()) EXPECT_EQ(p->value.numel() * layout->tp, NumElements(p->global_shape)) << p->name;
+    if (p->sharded()) {
+      EXPECT_EQ(p->value.numel() * layout->tp, NumElements(p->global_shape)) << p->name;
+    }
     local += p->value.numel();
   }
   for (const Param* p : ref.params()) global_elems += p->value.numel();
-  if (layout->tp > 1 || layout->pp > 1) EXPECT_LT(local, global_elems);
+  if (layout->tp > 1 || layout->pp > 1) {
+    EXPECT_LT(local, global_elems);
+  }
   if (dpo.zero) {
     // 2 moments of about local/dp elements (buckets are padded to the group).
     EXPECT_LE(dp.optimizer_state_elements(), 2 * (local / layout->dp + dp.buckets() * layout->dp));
