@@ -14,14 +14,9 @@ AssociativeRecall::AssociativeRecall(const config::Config& config)
 Batch AssociativeRecall::MakeBatch(Split split, int64_t first, int64_t rows) const {
   const int64_t n = seq_len_, pairs = task_.pairs(), queries = task_.queries();
   const int32_t keys = task_.key_vocab(), values = task_.value_vocab();
-  Batch b;
-  b.rows = rows;
-  b.seq_len = n;
-  b.tokens = Tensor::Zeros({rows * n}, DType::kI32);
-  b.targets = Tensor::Empty({rows * n}, DType::kI32);
+  Batch b = Batch::Allocate(rows, n, /*with_docs=*/false);
+  b.tokens.Zero();
   b.targets.Fill(-100);
-  b.positions = Tensor::Empty({rows * n}, DType::kI32);
-  b.token_rows = ops::TokenRows::Uniform(rows, n);
   const uint64_t key = RngKey(seed_, split == Split::kTrain ? "recall/train" : "recall/eval");
   for (int64_t r = 0; r < rows; ++r) {
     // A per-sample generator seeded from the counter-based stream.

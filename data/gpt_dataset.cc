@@ -274,14 +274,7 @@ Batch GptDataset::MakeBatch(Split split, int64_t first_sample, int64_t rows) con
   LOOM_CHECK(first_sample >= 0 && rows >= 0, "[gpt_dataset] samples [", first_sample, ", +", rows, ")");
   const int64_t n = options_.seq_len;
   const int32_t eod = options_.eod_token;
-  Batch b;
-  b.rows = rows;
-  b.seq_len = n;
-  b.tokens = Tensor::Empty({rows * n}, DType::kI32);
-  b.targets = Tensor::Empty({rows * n}, DType::kI32);
-  b.positions = Tensor::Empty({rows * n}, DType::kI32);
-  b.token_rows = ops::TokenRows::Uniform(rows, n);
-  b.token_rows.doc_ids = Tensor::Empty({rows * n}, DType::kI32);
+  Batch b = Batch::Allocate(rows, n, /*with_docs=*/true);
   const std::vector<SampleSource> sources = Sources(split, first_sample, rows);
   std::vector<int32_t> stream(n + 1);
   for (int64_t r = 0; r < rows; ++r) {

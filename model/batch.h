@@ -22,6 +22,19 @@ struct Batch {
   std::shared_ptr<const CpChunks> cp_chunks;
 
   int64_t tokens_count() const { return rows * seq_len; }
+  // rows × seq_len uninitialised tokens, targets and positions, uniform rows,
+  // and (with_docs) uninitialised per-token document ids.
+  static Batch Allocate(int64_t rows, int64_t seq_len, bool with_docs) {
+    Batch b;
+    b.rows = rows;
+    b.seq_len = seq_len;
+    b.tokens = Tensor::Empty({rows * seq_len}, DType::kI32);
+    b.targets = Tensor::Empty({rows * seq_len}, DType::kI32);
+    b.positions = Tensor::Empty({rows * seq_len}, DType::kI32);
+    b.token_rows = ops::TokenRows::Uniform(rows, seq_len);
+    if (with_docs) b.token_rows.doc_ids = Tensor::Empty({rows * seq_len}, DType::kI32);
+    return b;
+  }
   // Targets that count towards the loss (not −100).
   int64_t CountTargets() const {
     int64_t n = 0;

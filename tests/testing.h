@@ -3,9 +3,11 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -17,6 +19,22 @@
 #include "runtime/tensor.h"
 
 namespace loom::testing {
+
+// `name` inside a temporary folder of this test process (ctest runs each
+// test in its own process, maybe beside another build's suite), removed
+// when the process exits.
+inline std::string TempPath(const std::string& name) {
+  static const struct Dir {
+    std::filesystem::path path =
+        std::filesystem::path(::testing::TempDir()) / ("loom_test_" + std::to_string(::getpid()));
+    Dir() { std::filesystem::create_directories(path); }
+    ~Dir() {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  } dir;
+  return (dir.path / name).string();
+}
 
 // Uniform in [lo, hi), deterministic from `seed`.
 inline Tensor RandomTensor(const Shape& shape, DType dtype, uint64_t seed, double lo = -1, double hi = 1) {

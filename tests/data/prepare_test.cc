@@ -14,29 +14,14 @@
 #include <vector>
 
 #include "data/indexed_dataset.h"
+#include "tests/testing.h"
 
 namespace loom {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::string TempPath(const std::string& name) {
-  // Per process: ctest runs each test in its own process, maybe beside
-  // another build's suite.
-  const fs::path dir = fs::path(::testing::TempDir()) / ("loom_prepare_test_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  return (dir / name).string();
-}
-
-// Removes this process's temporary folder after the last test.
-class RemoveTempDir : public ::testing::Environment {
- public:
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(fs::path(TempPath("x")).parent_path(), ec);
-  }
-};
-const auto* const kRemoveTempDir = ::testing::AddGlobalTestEnvironment(new RemoveTempDir);
+using testing::TempPath;
 
 std::string ReadBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "data/indexed_dataset.h"
+#include "tests/testing.h"
 #include "data/prepare.h"
 
 namespace loom {
@@ -22,20 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string TempPath(const std::string& name) {
-  const fs::path dir = fs::path(::testing::TempDir()) / ("loom_sentencepiece_test_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  return (dir / name).string();
-}
-
-class RemoveTempDir : public ::testing::Environment {
- public:
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(fs::path(TempPath("x")).parent_path(), ec);
-  }
-};
-const auto* const kRemoveTempDir = ::testing::AddGlobalTestEnvironment(new RemoveTempDir);
+using testing::TempPath;
 
 void WriteLines(const std::string& path, const std::vector<std::string>& lines) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

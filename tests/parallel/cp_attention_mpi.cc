@@ -116,7 +116,9 @@ void RunCase(const Case& c, Inspect inspect) {
     run.backward = group->counters();
     group->set_trace(nullptr);
     EXPECT_TRUE(testing::AllClose(o, local(g.o), 0, kTol)) << "o";
-    if (!c.sigmoid) EXPECT_TRUE(testing::AllClose(lse, local(g.lse), 0, kTol)) << "lse";
+    if (!c.sigmoid) {
+      EXPECT_TRUE(testing::AllClose(lse, local(g.lse), 0, kTol)) << "lse";
+    }
     EXPECT_TRUE(testing::AllClose(dq, local(g.dq), 0, kTol)) << "dq";
     EXPECT_TRUE(testing::AllClose(dk, local(g.dk), 0, kTol)) << "dk";
     EXPECT_TRUE(testing::AllClose(dv, local(g.dv), 0, kTol)) << "dv";
@@ -135,7 +137,9 @@ void RunCase(const Case& c, Inspect inspect) {
     ++checked;
   }
   // Every world has at least 2 ranks and rank 0 is in every group.
-  if (testing::World().rank() == 0) EXPECT_GE(checked, 1) << "no cp group ran";
+  if (testing::World().rank() == 0) {
+    EXPECT_GE(checked, 1) << "no cp group ran";
+  }
 }
 
 void NoInspect(int, Communicator&, const Case&, const CaseRun&) {}

@@ -116,7 +116,9 @@ void RunCase(const Case& c, Inspect inspect) {
     inspect(cp, *group, c, run);
     ++checked;
   }
-  if (testing::World().rank() == 0) EXPECT_GE(checked, 1) << "no cp group ran";
+  if (testing::World().rank() == 0) {
+    EXPECT_GE(checked, 1) << "no cp group ran";
+  }
 }
 
 void NoInspect(int, Communicator&, const Case&, const LinearRun&) {}

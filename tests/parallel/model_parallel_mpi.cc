@@ -65,13 +65,7 @@ config::Config MakeConfig(const Case& c, int world) {
 
 // Sequence s of step `step`: random tokens, some targets ignored.
 Batch MakeBatch(int step, int first, int rows, int seq_len, int vocab) {
-  Batch b;
-  b.rows = rows;
-  b.seq_len = seq_len;
-  const int64_t n = int64_t{rows} * seq_len;
-  b.tokens = Tensor::Empty({n}, DType::kI32);
-  b.targets = Tensor::Empty({n}, DType::kI32);
-  b.positions = Tensor::Empty({n}, DType::kI32);
+  Batch b = Batch::Allocate(rows, seq_len, /*with_docs=*/true);
   for (int r = 0; r < rows; ++r) {
     std::mt19937 gen(1000 * step + first + r);
     for (int i = 0; i < seq_len; ++i) {
@@ -81,9 +75,7 @@ Batch MakeBatch(int step, int first, int rows, int seq_len, int vocab) {
       b.positions.data<int32_t>()[k] = i;
     }
   }
-  b.token_rows = ops::TokenRows::Uniform(rows, seq_len);
   // Packed documents whose boundaries fall inside and between CP chunks.
-  b.token_rows.doc_ids = Tensor::Empty({n}, DType::kI32);
   for (int r = 0; r < rows; ++r)
     for (int i = 0; i < seq_len; ++i)
       b.token_rows.doc_ids.data<int32_t>()[int64_t{r} * seq_len + i] = (i >= 5) + (i >= 8 + (first + r) % 3);

@@ -15,14 +15,7 @@ namespace {
 // Global batch: token value = 1000·row + position, doc starts at 5 and 11
 // (positions reset there), targets = token + 1.
 Batch MakeGlobal(int64_t rows, int64_t n) {
-  Batch b;
-  b.rows = rows;
-  b.seq_len = n;
-  b.tokens = Tensor::Empty({rows * n}, DType::kI32);
-  b.targets = Tensor::Empty({rows * n}, DType::kI32);
-  b.positions = Tensor::Empty({rows * n}, DType::kI32);
-  b.token_rows = ops::TokenRows::Uniform(rows, n);
-  b.token_rows.doc_ids = Tensor::Empty({rows * n}, DType::kI32);
+  Batch b = Batch::Allocate(rows, n, /*with_docs=*/true);
   for (int64_t r = 0; r < rows; ++r) {
     int32_t doc = 0, pos = 0;
     for (int64_t t = 0; t < n; ++t) {
