@@ -45,6 +45,18 @@ inline Tensor RandomTensor(const Shape& shape, DType dtype, uint64_t seed, doubl
   return dtype == DType::kF64 ? t : t.To(dtype);
 }
 
+// A copy of t on the first GPU, and a copy of a GPU tensor on the host.
+inline Tensor ToGpu(const Tensor& t) {
+  Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));
+  g.CopyFrom(t);
+  return g;
+}
+inline Tensor ToCpu(const Tensor& t) {
+  Tensor c = Tensor::Empty(t.shape(), t.dtype());
+  c.CopyFrom(t);
+  return c;
+}
+
 // Max |a-b| / (atol + rtol·|b|) <= 1, reporting the worst element.
 inline ::testing::AssertionResult AllClose(const Tensor& a, const Tensor& b, double rtol, double atol) {
   if (a.numel() != b.numel())

@@ -28,16 +28,8 @@ struct Case {
   int64_t q_offset = 0, k_offset = 0;
 };
 
-inline Tensor ToGpu(const Tensor& t) {
-  Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));
-  g.CopyFrom(t);
-  return g;
-}
-inline Tensor ToCpu(const Tensor& t) {
-  Tensor c = Tensor::Empty(t.shape(), t.dtype());
-  c.CopyFrom(t);
-  return c;
-}
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
 // A CUDA tensor whose every byte is 0xff (NaN in bf16 and f32): an element
 // the op forgets to write fails the comparison.
 inline Tensor Poisoned(const Shape& shape, DType dtype) {

@@ -33,16 +33,8 @@ constexpr double kMaxTol = 4e-2;
   if (CudaDeviceCount() == 0)          \
   GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
 
-Tensor ToGpu(const Tensor& t) {
-  Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));
-  g.CopyFrom(t);
-  return g;
-}
-Tensor ToCpu(const Tensor& t) {
-  Tensor c = Tensor::Empty(t.shape(), t.dtype());
-  c.CopyFrom(t);
-  return c;
-}
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
 // A device tensor full of NaN: what the op writes must replace all of it.
 Tensor Poisoned(const Shape& shape, DType dtype) {
   Tensor c = Tensor::Empty(shape, dtype);

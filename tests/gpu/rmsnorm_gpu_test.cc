@@ -8,16 +8,8 @@
 namespace loom {
 namespace {
 
-Tensor ToGpu(const Tensor& t) {
-  Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));
-  g.CopyFrom(t);
-  return g;
-}
-Tensor ToCpu(const Tensor& t) {
-  Tensor c = Tensor::Empty(t.shape(), t.dtype());
-  c.CopyFrom(t);
-  return c;
-}
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
 
 TEST(GpuRmsNorm, MatchesCpuReference) {
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
