@@ -17,14 +17,19 @@ namespace loom {
 
 struct Param {
   std::string name;          // "layers.3.attn.wq": also the init RNG stream
-  Tensor value;
-  Tensor grad;
+  Tensor value;              // the master (f32 in training; f64 in checks)
+  Tensor grad;               // same dtype as value, accumulated
+  // bf16 runs on the GPU (docs/gpu.md): a bf16 copy of value that matmuls
+  // and the embedding read, rewritten by each optimizer step; else undefined.
+  Tensor compute;
   bool weight_decay = true;  // false for norms and biases
   Shape global_shape;        // the unsharded shape
   int split_dim = -1;        // dimension split over TP ranks; -1: replicated
   int64_t split_start = 0;   // first global index along split_dim held here
 
   bool sharded() const { return split_dim >= 0; }
+  // What matmuls read: the compute copy if there is one, else the master.
+  const Tensor& weight() const { return compute.defined() ? compute : value; }
 
   // Allocates value and grad ([shape], dtype), normal(0, std) from the
   // (seed, name) stream, or `fill` when std == 0.
