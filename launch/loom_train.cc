@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "checkpoint/checkpoint.h"
+#include "checkpoint/oracle_export.h"
 #include "data/associative_recall.h"
 #include "data/gpt_dataset.h"
 #include "model/memory_estimate.h"
@@ -47,6 +48,9 @@ ABSL_FLAG(bool, dry_run, false,
 ABSL_FLAG(int, world_size, 0, "with --dry-run: plan for this many ranks (0: the ranks launched)");
 ABSL_FLAG(double, peak_tflops, 0,
           "peak dense TFLOP/s of one device for MFU (989 for H100/H200 bf16); 0: no MFU (the CPU trainer's default)");
+ABSL_FLAG(bool, export_oracle, false,
+          "write <run_dir>/oracle/: the initial weights and every micro-batch trained on, for bench/torch_oracle.py "
+          "(docs/oracle.md); one process, fresh runs only");
 
 namespace loom {
 namespace {
@@ -263,6 +267,11 @@ class Trainer {
       LOOM_RETURN_IF_ERROR(checkpoint::PrepareCheckpointDir(ckpt_dir_));
     }
     LOOM_ASSIGN_OR_RETURN(const int64_t start, Resume());
+    std::unique_ptr<checkpoint::OracleExport> oracle;  // --export_oracle
+    if (absl::GetFlag(FLAGS_export_oracle)) {
+      LOOM_ASSIGN_OR_RETURN(oracle, checkpoint::OracleExport::Start((run_dir_ / "oracle").string(), config_, dims_,
+                                                                    model_.params(), layout.world, start));
+    }
     MetricsWriter metrics;
     if (lead_) {
       LOOM_RETURN_IF_ERROR(CutMetricsBack(run_dir_ / "metrics.jsonl", start));
@@ -300,6 +309,7 @@ class Trainer {
         LOOM_ASSIGN_OR_RETURN(Batch b, LocalShare(data_.Train(step * global + first_of_rank + first, micro), groups_));
         batches.push_back(std::move(b));
       }
+      if (oracle) LOOM_RETURN_IF_ERROR(oracle->WriteStep(step, batches));
       // The loss is normalised by the step's global count of target tokens.
       Tensor stats = Tensor::Zeros({2}, DType::kF64);  // targets, loss
       for (const Batch& b : batches) stats.data<double>()[0] += b.CountTargets();
