@@ -1,5 +1,6 @@
 #include "checkpoint/oracle_export.h"
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -34,6 +35,10 @@ std::string ConfigJson(const config::Config& config, const ModelDims& d, const P
                                   }),
                                   "]"));
   }
+  // RoPE as ops/cpu/rope.cc computes it: inv_freq[i] = θ^(−2i/D), in double.
+  // (Scaled RoPE tables must be exported here too once the model has them.)
+  std::vector<double> inv_freq(d.head_dim / 2);
+  for (int i = 0; i < d.head_dim / 2; ++i) inv_freq[i] = std::pow(d.rope_theta, -2.0 * i / d.head_dim);
   std::vector<std::string> plist;
   for (const Param* p : params) {
     plist.push_back(absl::StrFormat("    {\"name\": \"%s\", \"shape\": [%s], \"weight_decay\": %s}", p->name,
@@ -50,7 +55,9 @@ std::string ConfigJson(const config::Config& config, const ModelDims& d, const P
                   ", \"sigmoid_bias\": ", Num(d.sigmoid_bias), ", \"lightning_block\": ", d.lightning_block,
                   ", \"lightning_decay\": ", Bool(d.lightning_decay), ", \"lightning_silu\": ", Bool(d.lightning_silu),
                   ", \"lightning_norm\": ", Bool(d.lightning_norm), ", \"lightning_gate\": ", Bool(d.lightning_gate),
-                  ", \"moe_experts\": ", d.moe.experts, ",\n    \"lightning_decays\": {",
+                  ", \"moe_experts\": ", d.moe.experts, ",\n    \"rope_inv_freq\": [",
+                  absl::StrJoin(inv_freq, ", ", [](std::string* out, double x) { absl::StrAppend(out, Num(x)); }),
+                  "], \"rope_attention_factor\": 1,\n    \"lightning_decays\": {",
                   absl::StrJoin(decays, ", "), "}},\n");
   absl::StrAppend(&j, "  \"train\": {\"steps\": ", t.steps(), ", \"seq_len\": ", t.seq_len(),
                   ", \"global_batch\": ", t.global_batch(), ", \"micro_batch\": ", t.micro_batch(),
@@ -94,7 +101,9 @@ absl::StatusOr<std::unique_ptr<OracleExport>> OracleExport::Start(const std::str
   state.config_text = ConfigToText(config);
   for (const Param* p : params) {
     if (p->sharded()) return absl::InvalidArgumentError(absl::StrCat("[oracle_export] ", p->name, " is a TP slice"));
-    state.tensors.push_back({p->name, p->value.device().is_cpu() ? p->value : p->value.To(Device::Cpu())});
+    Tensor host = Tensor::Empty(p->value.shape(), p->value.dtype());  // the master, wherever it lives
+    host.CopyFrom(p->value);
+    state.tensors.push_back({p->name, host});
   }
   LOOM_RETURN_IF_ERROR(SaveCheckpoint(dir + "/init", state, /*keep=*/0));
 

@@ -4,9 +4,10 @@
 //
 //   <dir>/config.json          resolved ModelDims, train and optim fields (the
 //                              config's float fields printed as the doubles
-//                              Loom computes with), each lightning layer's
-//                              decays, the parameter list in Loom's order
-//                              with shape and weight_decay
+//                              Loom computes with), the RoPE inv_freq table,
+//                              each lightning layer's decays, the parameter
+//                              list in Loom's order with shape and
+//                              weight_decay
 //   <dir>/init/step_00000000/  a checkpoint (checkpoint/checkpoint.h) of the
 //                              global parameter values before step 1:
 //                              rank_00000.safetensors, one tensor per Param
