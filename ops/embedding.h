@@ -3,6 +3,7 @@
 // Backward: dtable[ids[n]] += dout[n] (accumulated).
 #pragma once
 
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -15,5 +16,18 @@ void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable);
 // vocab-parallel embedding sums the slices' outputs).
 void EmbeddingForwardSlice(const Tensor& ids, const Tensor& table, int64_t first_row, Tensor& out);
 void EmbeddingBackwardSlice(const Tensor& ids, const Tensor& dout, int64_t first_row, Tensor& dtable);
+
+namespace cuda {
+// ops/cuda/embedding.cu. ids i32, table and out f32 or bf16 (one dtype);
+// dtable f32 (accumulated), dout f32 or bf16. The backward is deterministic
+// (sorted by id, fixed-order sums) and needs 8·N + 8·ceil(N/32)·D bytes of
+// stream-ordered scratch.
+void EmbeddingForward(const Tensor& ids, const Tensor& table, Tensor& out, CudaStream stream = nullptr);
+void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable, CudaStream stream = nullptr);
+void EmbeddingForwardSlice(const Tensor& ids, const Tensor& table, int64_t first_row, Tensor& out,
+                           CudaStream stream = nullptr);
+void EmbeddingBackwardSlice(const Tensor& ids, const Tensor& dout, int64_t first_row, Tensor& dtable,
+                            CudaStream stream = nullptr);
+}  // namespace cuda
 
 }  // namespace loom::ops

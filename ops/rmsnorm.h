@@ -4,6 +4,7 @@
 // Backward: dx written, dw accumulated.
 #pragma once
 
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -14,11 +15,15 @@ void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const
                      Tensor& dw);
 
 namespace cuda {
-// f32 CUDA tensors, on the default stream. dw is accumulated deterministically
-// (one thread a column walks the rows in order).
-void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd);
+// ops/cuda/rmsnorm.cu. x, y, dy, dx f32 or bf16 (one dtype); w, dw and rstd
+// f32 whatever x is (the master weight, its gradient, the statistic; the CPU
+// op keeps them in x's dtype). dw is accumulated deterministically (fixed
+// row ranges per block, summed in a fixed order through D·min(2048, ·)
+// floats of stream-ordered scratch).
+void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd,
+                    CudaStream stream = nullptr);
 void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                     Tensor& dw);
+                     Tensor& dw, CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

@@ -10,6 +10,7 @@ void AddKernel(T* a, const T* x, int64_t n) {
 }  // namespace
 
 void AddInPlace(Tensor& acc, const Tensor& b) {
+  if (!acc.device().is_cpu()) return cuda::AddInPlace(acc, b);
   LOOM_CHECK(acc.numel() == b.numel() && acc.dtype() == b.dtype() && acc.device().is_cpu(), "[add] ",
              ShapeString(acc.shape()), " += ", ShapeString(b.shape()));
   const int64_t n = acc.numel();

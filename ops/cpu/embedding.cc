@@ -75,6 +75,7 @@ void ScatterAdd(const int32_t* id, int64_t n, int64_t d, const T* dout, T* dtabl
 }  // namespace
 
 void EmbeddingForward(const Tensor& ids, const Tensor& table, Tensor& out) {
+  if (!ids.device().is_cpu()) return cuda::EmbeddingForward(ids, table, out);
   const int64_t n = CheckIds(ids, table, "table");
   const int64_t d = table.dim(1);
   LOOM_CHECK(out.device().is_cpu() && out.dtype() == table.dtype() && out.numel() == n * d, "[embedding] out ",
@@ -84,6 +85,7 @@ void EmbeddingForward(const Tensor& ids, const Tensor& table, Tensor& out) {
 }
 
 void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
+  if (!ids.device().is_cpu()) return cuda::EmbeddingBackward(ids, dout, dtable);
   const int64_t n = CheckIds(ids, dtable, "dtable");
   const int64_t d = dtable.dim(1);
   LOOM_CHECK(dout.device().is_cpu() && dout.dtype() == dtable.dtype() && dout.numel() == n * d,
@@ -94,6 +96,7 @@ void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable) {
 }
 
 void EmbeddingForwardSlice(const Tensor& ids, const Tensor& table, int64_t first_row, Tensor& out) {
+  if (!ids.device().is_cpu()) return cuda::EmbeddingForwardSlice(ids, table, first_row, out);
   LOOM_CHECK(ids.device().is_cpu() && ids.dtype() == DType::kI32 && table.ndim() == 2, "[embedding] slice: CPU i32 ids and a [V, D] table");
   const int64_t n = ids.numel(), d = table.dim(1);
   LOOM_CHECK(out.device().is_cpu() && out.dtype() == table.dtype() && out.numel() == n * d, "[embedding] out ",
@@ -104,6 +107,7 @@ void EmbeddingForwardSlice(const Tensor& ids, const Tensor& table, int64_t first
 }
 
 void EmbeddingBackwardSlice(const Tensor& ids, const Tensor& dout, int64_t first_row, Tensor& dtable) {
+  if (!ids.device().is_cpu()) return cuda::EmbeddingBackwardSlice(ids, dout, first_row, dtable);
   LOOM_CHECK(ids.device().is_cpu() && ids.dtype() == DType::kI32 && dtable.ndim() == 2, "[embedding] slice: CPU i32 ids and a [V, D] table");
   const int64_t n = ids.numel(), d = dtable.dim(1);
   LOOM_CHECK(dout.dtype() == dtable.dtype() && dout.numel() == n * d, "[embedding] dout ", ShapeString(dout.shape()),

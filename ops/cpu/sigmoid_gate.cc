@@ -35,12 +35,14 @@ void Backward(const T* x, const T* g, const T* dy, int64_t n, T* dx, T* dg) {
 }  // namespace
 
 void SigmoidGateForward(const Tensor& x, const Tensor& g, Tensor& y) {
+  if (!x.device().is_cpu()) return cuda::SigmoidGateForward(x, g, y);
   CheckLike(g, x, "g");
   CheckLike(y, x, "y");
   LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] { Forward(x.data<T>(), g.data<T>(), x.numel(), y.data<T>()); });
 }
 
 void SigmoidGateBackward(const Tensor& x, const Tensor& g, const Tensor& dy, Tensor& dx, Tensor& dg) {
+  if (!x.device().is_cpu()) return cuda::SigmoidGateBackward(x, g, dy, dx, dg);
   CheckLike(g, x, "g");
   CheckLike(dy, x, "dy");
   CheckLike(dx, x, "dx");

@@ -32,11 +32,13 @@ void Backward(const T* x, const T* dy, int64_t n, T* dx) {
 }  // namespace
 
 void SiluForward(const Tensor& x, Tensor& y) {
+  if (!x.device().is_cpu()) return cuda::SiluForward(x, y);
   CheckLike(y, x, "y");
   LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] { Forward(x.data<T>(), x.numel(), y.data<T>()); });
 }
 
 void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) {
+  if (!x.device().is_cpu()) return cuda::SiluBackward(x, dy, dx);
   CheckLike(dy, x, "dy");
   CheckLike(dx, x, "dx");
   LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] { Backward(x.data<T>(), dy.data<T>(), x.numel(), dx.data<T>()); });

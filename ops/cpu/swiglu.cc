@@ -36,6 +36,7 @@ void Backward(const T* gate, const T* up, const T* dh, int64_t n, T* dgate, T* d
 }  // namespace
 
 void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h) {
+  if (!gate.device().is_cpu()) return cuda::SwigluForward(gate, up, h);
   CheckLike(up, gate, "up");
   CheckLike(h, gate, "h");
   LOOM_DISPATCH_FLOAT(gate.dtype(), T,
@@ -43,6 +44,7 @@ void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h) {
 }
 
 void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
+  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgate, dup);
   CheckLike(up, gate, "up");
   CheckLike(dh, gate, "dh");
   CheckLike(dgate, gate, "dgate");

@@ -1,100 +1,226 @@
-// CUDA RMSNorm, f32 (see ops/rmsnorm.h). One block of 256 threads a row:
+// CUDA RMSNorm (see ops/rmsnorm.h): x, y, dy, dx f32 or bf16 (one dtype);
+// w, dw and rstd f32 (the master weight, its gradient, the statistic).
+// All math in f32.
 //   forward   r = 1/sqrt(mean(x²) + eps),  y = x · r · w
-//   backward  g = dy ⊙ w,  dx = r · (g − x · r² · (g·x) / D)
-//             dw += Σ_rows dy ⊙ x · r, one thread a column walking the rows in
-//             order, so the sum is the same on every run.
-#include <cuda_runtime.h>
-
+//   backward  g = dy ⊙ w,  dx = r · (g − x · r² · (g·x) / D)   (written)
+//             dw += Σ_rows dy ⊙ x · r                       (accumulated)
+//
+// One warp a row; lane l owns the columns 256·k + 8·l + [0, 8) of every row
+// (16-byte vectors when D is a multiple of 8 and the rows are aligned).
+//
+// dw is deterministic: each backward block walks a fixed range of rows, its
+// warps sum their rows' dy ⊙ x · r into a warp-private f32 row of shared
+// memory (a lane only touches its own columns), the block adds its warps'
+// rows in warp order into partial[block] (stream-ordered scratch), and a
+// second kernel adds partial[0..B) in order to dw. The block count depends
+// on the shape only, so every run sums in the same order.
+#include "ops/cuda/elementwise.cuh"
 #include "ops/rmsnorm.h"
-#include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kSliceCols = 32 * kVec;  // columns a warp covers per step
+constexpr int kRowWarps = 8;           // warps (rows) a forward block
+constexpr int64_t kMaxSmemBytes = 192 << 10;
 
-// Sum over the block; every thread gets the result.
-__device__ float BlockSum(float v) {
-  __shared__ float partial[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // partial may still be read by a previous call
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  float total = 0;
-  for (int i = 0; i < kThreads / 32; ++i) total += partial[i];
-  return total;
-}
-
-__global__ void ForwardKernel(const float* x, const float* w, int64_t d, float eps, float* y, float* rstd) {
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * d;
+template <typename T>
+__global__ void ForwardKernel(const T* x, const float* w, int64_t rows, int64_t d, float eps, bool vectorized, T* y,
+                              float* rstd) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const T* xr = x + row * d;
   float ss = 0;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) ss += xr[j] * xr[j];
-  const float r = rsqrtf(BlockSum(ss) / d + eps);
-  if (threadIdx.x == 0) rstd[row] = r;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) y[row * d + j] = xr[j] * r * (w ? w[j] : 1.0f);
+  for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
+    float v[kVec];
+    LoadCols(xr, col, d, vectorized, v);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) ss += v[e] * v[e];
+  }
+  const float r = rsqrtf(WarpSum(ss) / static_cast<float>(d) + eps);
+  if (lane == 0) rstd[row] = r;
+  for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
+    float v[kVec], wv[kVec];
+    LoadCols(xr, col, d, vectorized, v);
+    if (w != nullptr) {
+      LoadCols(w, col, d, vectorized, wv);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) wv[e] = 1.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = v[e] * r * wv[e];
+    StoreCols(y + row * d, col, d, vectorized, v);
+  }
 }
 
-__global__ void BackwardKernel(const float* x, const float* w, const float* rstd, const float* dy, int64_t d,
-                               float* dx) {
-  const int64_t row = blockIdx.x;
-  const float* xr = x + row * d;
-  const float* dyr = dy + row * d;
-  float gx = 0;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) gx += dyr[j] * (w ? w[j] : 1.0f) * xr[j];
-  const float r = rstd[row];
-  const float c = r * r * BlockSum(gx) / d;
-  for (int64_t j = threadIdx.x; j < d; j += kThreads) dx[row * d + j] = r * (dyr[j] * (w ? w[j] : 1.0f) - xr[j] * c);
+// Block b walks rows [b·rows_per_block, (b+1)·rows_per_block), warp w every
+// warps-th of them. With dw wanted (partial != nullptr) shared memory holds
+// one f32 row of `stride` (D rounded up to 256) per warp.
+template <typename T>
+__global__ void BackwardKernel(const T* x, const float* w, const float* rstd, const T* dy, int64_t rows, int64_t d,
+                               int64_t stride, int64_t rows_per_block, bool vectorized, T* dx, float* partial) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* mine = smem + warp * stride;
+  if (partial != nullptr) {
+    for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
+      reinterpret_cast<float4*>(mine + col)[0] = make_float4(0, 0, 0, 0);
+      reinterpret_cast<float4*>(mine + col)[1] = make_float4(0, 0, 0, 0);
+    }
+  }
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t row1 = row0 + rows_per_block < rows ? row0 + rows_per_block : rows;
+  for (int64_t row = row0 + warp; row < row1; row += warps) {
+    const T* xr = x + row * d;
+    const T* dyr = dy + row * d;
+    float gx = 0;
+    for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
+      float xv[kVec], gv[kVec], wv[kVec];
+      LoadCols(xr, col, d, vectorized, xv);
+      LoadCols(dyr, col, d, vectorized, gv);
+      if (w != nullptr) {
+        LoadCols(w, col, d, vectorized, wv);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) gv[e] *= wv[e];
+      }
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) gx += gv[e] * xv[e];
+    }
+    const float r = rstd[row];
+    const float c = r * r * WarpSum(gx) / static_cast<float>(d);
+    for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
+      float xv[kVec], dyv[kVec], wv[kVec], out[kVec];
+      LoadCols(xr, col, d, vectorized, xv);
+      LoadCols(dyr, col, d, vectorized, dyv);
+      if (w != nullptr) {
+        LoadCols(w, col, d, vectorized, wv);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) wv[e] = 1.0f;
+      }
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) out[e] = r * (dyv[e] * wv[e] - xv[e] * c);
+      if (partial != nullptr) {
+        float4* m = reinterpret_cast<float4*>(mine + col);
+        float4 a = m[0], b = m[1];
+        a.x += dyv[0] * xv[0] * r, a.y += dyv[1] * xv[1] * r, a.z += dyv[2] * xv[2] * r, a.w += dyv[3] * xv[3] * r;
+        b.x += dyv[4] * xv[4] * r, b.y += dyv[5] * xv[5] * r, b.z += dyv[6] * xv[6] * r, b.w += dyv[7] * xv[7] * r;
+        m[0] = a, m[1] = b;
+      }
+      StoreCols(dx + row * d, col, d, vectorized, out);
+    }
+  }
+  if (partial == nullptr) return;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float s = 0;
+    for (int k = 0; k < warps; ++k) s += smem[k * stride + j];
+    partial[blockIdx.x * d + j] = s;
+  }
+}
+static_assert(kVec == 8, "BackwardKernel's shared-memory update is written for 8 columns a lane");
+
+// dw[j] += Σ_b partial[b][j], b in order: 8 groups of threads take every
+// 8th block, then the groups are added in order.
+__global__ void SumPartialsKernel(const float* partial, int64_t blocks, int64_t d, float* dw) {
+  __shared__ float group[8][33];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0;
+  if (col < d)
+    for (int64_t b = threadIdx.y; b < blocks; b += 8) acc += partial[b * d + col];
+  group[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= d) return;
+  float sum = 0;
+  for (int k = 0; k < 8; ++k) sum += group[k][threadIdx.x];
+  dw[col] += sum;
 }
 
-__global__ void WeightGradKernel(const float* x, const float* rstd, const float* dy, int64_t rows, int64_t d,
-                                 float* dw) {
-  const int64_t j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= d) return;
-  float s = 0;
-  for (int64_t row = 0; row < rows; ++row) s += dy[row * d + j] * x[row * d + j] * rstd[row];
-  dw[j] += s;
-}
-
+// Returns D after checking x, w and rstd.
 int64_t CheckArgs(const Tensor& x, const Tensor& w, const Tensor& rstd) {
-  LOOM_CHECK(!x.device().is_cpu() && x.dtype() == DType::kF32, "[rmsnorm] CUDA path takes f32 CUDA tensors, got ",
-             DTypeName(x.dtype()), " on ", x.device().ToString());
+  LOOM_CHECK(x.defined() && !x.device().is_cpu() && (x.dtype() == DType::kF32 || x.dtype() == DType::kBF16),
+             "[rmsnorm] CUDA: x must be f32 or bf16 on a GPU, got ", DTypeName(x.dtype()), " on ",
+             x.device().ToString());
+  LOOM_CHECK(x.ndim() >= 1 && x.dim(-1) > 0, "[rmsnorm] CUDA: x ", ShapeString(x.shape()),
+             " needs a non-empty last dimension");
   const int64_t d = x.dim(-1);
   LOOM_CHECK(!w.defined() || (w.numel() == d && w.dtype() == DType::kF32 && w.device() == x.device()),
-             "[rmsnorm] w ", ShapeString(w.shape()), " must be [", d, "] f32 on ", x.device().ToString());
-  LOOM_CHECK(rstd.numel() == x.numel() / d && rstd.device() == x.device(), "[rmsnorm] rstd ",
-             ShapeString(rstd.shape()), " must hold one value per row of x ", ShapeString(x.shape()));
+             "[rmsnorm] CUDA: w ", ShapeString(w.shape()), " ", DTypeName(w.dtype()), " must be [", d, "] f32 on ",
+             x.device().ToString(), " (the master weight)");
+  LOOM_CHECK(rstd.defined() && rstd.numel() == x.numel() / d && rstd.dtype() == DType::kF32 &&
+                 rstd.device() == x.device(),
+             "[rmsnorm] CUDA: rstd ", ShapeString(rstd.shape()), " ", DTypeName(rstd.dtype()),
+             " must hold one f32 per row of x ", ShapeString(x.shape()));
   LOOM_CUDA_CHECK(cudaSetDevice(x.device().index));
   return d;
 }
 
 }  // namespace
 
-void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd) {
+void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd, CudaStream stream) {
+  NvtxRange range("RmsNormForward");
   const int64_t d = CheckArgs(x, w, rstd);
+  CheckLike("rmsnorm", y, x, "y", "x");
   const int64_t rows = x.numel() / d;
-  LOOM_CHECK(y.numel() == x.numel() && y.device() == x.device(), "[rmsnorm] y must match x");
   if (rows == 0) return;
-  ForwardKernel<<<rows, kThreads>>>(x.data<float>(), w.defined() ? w.data<float>() : nullptr, d,
-                                    static_cast<float>(eps), y.data<float>(), rstd.data<float>());
-  LOOM_CUDA_CHECK(cudaGetLastError());
+  const float* wp = w.defined() ? w.data<float>() : nullptr;
+  const bool vectorized = d % kVec == 0 && Aligned16(x.raw()) && Aligned16(y.raw()) && (!wp || Aligned16(wp));
+  LOOM_DISPATCH_ACTIVATION("rmsnorm", x.dtype(), T, [&] {
+    ForwardKernel<T><<<static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps), 32 * kRowWarps, 0,
+                       Native(stream)>>>(static_cast<const T*>(x.raw()), wp, rows, d, static_cast<float>(eps),
+                                         vectorized, static_cast<T*>(y.raw()), rstd.data<float>());
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
 }
 
-void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                     Tensor& dw) {
+void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
+                     CudaStream stream) {
+  NvtxRange range("RmsNormBackward");
   const int64_t d = CheckArgs(x, w, rstd);
-  const int64_t rows = x.numel() / d;
-  LOOM_CHECK(dy.numel() == x.numel() && dx.numel() == x.numel(), "[rmsnorm] dy and dx must match x");
-  if (rows == 0) return;
-  BackwardKernel<<<rows, kThreads>>>(x.data<float>(), w.defined() ? w.data<float>() : nullptr, rstd.data<float>(),
-                                     dy.data<float>(), d, dx.data<float>());
-  LOOM_CUDA_CHECK(cudaGetLastError());
+  CheckLike("rmsnorm", dy, x, "dy", "x");
+  CheckLike("rmsnorm", dx, x, "dx", "x");
   if (w.defined()) {
-    LOOM_CHECK(dw.numel() == d && dw.device() == x.device(), "[rmsnorm] dw must be [", d, "] like w");
-    WeightGradKernel<<<(d + 127) / 128, 128>>>(x.data<float>(), rstd.data<float>(), dy.data<float>(), rows, d,
-                                               dw.data<float>());
+    LOOM_CHECK(dw.defined() && dw.numel() == d && dw.dtype() == DType::kF32 && dw.device() == x.device(),
+               "[rmsnorm] CUDA: dw ", ShapeString(dw.shape()), " ", DTypeName(dw.dtype()), " must be [", d,
+               "] f32 on ", x.device().ToString(), " like w");
+  }
+  const int64_t rows = x.numel() / d;
+  if (rows == 0) return;
+  const cudaStream_t s = Native(stream);
+  const float* wp = w.defined() ? w.data<float>() : nullptr;
+  const bool vectorized = d % kVec == 0 && Aligned16(x.raw()) && Aligned16(dy.raw()) && Aligned16(dx.raw()) &&
+                          (!wp || Aligned16(wp));
+  // Shape-only launch plan (the order of the dw sums follows it).
+  const int64_t stride = (d + kSliceCols - 1) / kSliceCols * kSliceCols;
+  const int64_t row_bytes = stride * static_cast<int64_t>(sizeof(float));
+  const int warps = w.defined() ? static_cast<int>(std::min<int64_t>(8, kMaxSmemBytes / row_bytes)) : 8;
+  LOOM_CHECK(warps >= 1, "[rmsnorm] CUDA: D = ", d, " is too wide for the dw partial sums in shared memory");
+  const int64_t max_blocks = std::clamp<int64_t>((int64_t{1} << 19) / stride, 64, 2048);
+  const int64_t blocks = std::min<int64_t>((rows + warps - 1) / warps, max_blocks);
+  const int64_t rows_per_block = (rows + blocks - 1) / blocks;
+  const size_t smem = w.defined() ? static_cast<size_t>(warps * row_bytes) : 0;
+  float* partial = nullptr;
+  if (w.defined()) {
+    LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partial), blocks * d * sizeof(float), s));
+  }
+  LOOM_DISPATCH_ACTIVATION("rmsnorm", x.dtype(), T, [&] {
+    if (smem > (48 << 10)) {
+      LOOM_CUDA_CHECK(cudaFuncSetAttribute(BackwardKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)));
+    }
+    BackwardKernel<T><<<static_cast<unsigned>(blocks), 32 * warps, smem, s>>>(
+        static_cast<const T*>(x.raw()), wp, rstd.data<float>(), static_cast<const T*>(dy.raw()), rows, d, stride,
+        rows_per_block, vectorized, static_cast<T*>(dx.raw()), partial);
     LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+  if (w.defined()) {
+    SumPartialsKernel<<<static_cast<unsigned>((d + 31) / 32), dim3(32, 8), 0, s>>>(partial, blocks, d,
+                                                                                  dw.data<float>());
+    LOOM_CUDA_CHECK(cudaGetLastError());
+    LOOM_CUDA_CHECK(cudaFreeAsync(partial, s));
   }
 }
 
