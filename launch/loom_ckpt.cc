@@ -2,7 +2,11 @@
 // DIR is a checkpoint directory (resolved through its `latest`) or one
 // step_<N>/ directory. `inspect` prints the manifest and a table of tensors
 // without reading the data; `verify` loads everything and checks every
-// checksum. Exit 0 on success, 1 on a bad checkpoint, 2 on bad usage.
+// checksum.
+// loom-ckpt import-hf --from HF_DIR --to CKPT_DIR: a Hugging Face Llama
+// folder as a Loom checkpoint at step 0 (checkpoint/hf.h); export-hf --from
+// CKPT --to HF_DIR: back, loadable by transformers.
+// Exit 0 on success, 1 on a bad checkpoint or model, 2 on bad usage.
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -11,11 +15,14 @@
 
 #include "absl/strings/str_format.h"
 #include "checkpoint/checkpoint.h"
+#include "checkpoint/hf.h"
 
 namespace loom::checkpoint {
 namespace {
 
-constexpr char kUsage[] = "usage: loom-ckpt inspect|verify DIR_OR_STEP_DIR";
+constexpr char kUsage[] =
+    "usage: loom-ckpt inspect|verify DIR_OR_STEP_DIR | import-hf --from HF_DIR --to CKPT_DIR | "
+    "export-hf --from CKPT --to HF_DIR";
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "loom-ckpt: %s\n", std::string(s.message()).c_str());
@@ -56,7 +63,40 @@ int Verify(const std::string& step_dir) {
   return 0;
 }
 
+// import-hf / export-hf with --from A --to B (either order, or --from=A).
+int Convert(std::string_view command, int argc, char** argv) {
+  std::string from, to;
+  for (int i = 2; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    std::string* into = arg.starts_with("--from") ? &from : arg.starts_with("--to") ? &to : nullptr;
+    const size_t flag_len = arg.starts_with("--from") ? 6 : 4;
+    if (into == nullptr || (arg.size() > flag_len && arg[flag_len] != '=')) {
+      std::fprintf(stderr, "loom-ckpt: unknown argument '%s' (%s)\n", argv[i], kUsage);
+      return 2;
+    }
+    if (arg.size() > flag_len) {
+      *into = std::string(arg.substr(flag_len + 1));
+    } else if (i + 1 < argc) {
+      *into = argv[++i];
+    }
+  }
+  if (from.empty() || to.empty()) {
+    std::fprintf(stderr, "loom-ckpt: %s needs --from and --to (%s)\n", std::string(command).c_str(), kUsage);
+    return 2;
+  }
+  if (command == "import-hf") {
+    if (absl::Status s = ImportHf(from, to); !s.ok()) return Fail(s);
+    std::printf("imported %s into %s/%s\n", from.c_str(), to.c_str(), StepDirName(0).c_str());
+  } else {
+    if (absl::Status s = ExportHf(from, to); !s.ok()) return Fail(s);
+    std::printf("exported %s to %s\n", from.c_str(), to.c_str());
+  }
+  return 0;
+}
+
 int Main(int argc, char** argv) {
+  if (argc >= 2 && (std::string_view(argv[1]) == "import-hf" || std::string_view(argv[1]) == "export-hf"))
+    return Convert(argv[1], argc, argv);
   if (argc != 3) {
     std::fprintf(stderr, "loom-ckpt: %s\n", kUsage);
     return 2;

@@ -23,6 +23,9 @@ ModelDims ModelDims::FromConfig(const config::Config& config) {
   d.tie_embeddings = m.tie_embeddings();
   d.norm_eps = m.norm_eps();
   d.rope_theta = m.rope_theta();
+  absl::StatusOr<ops::RopeTable> rope = ops::RopeTable::FromConfig(m.rope_theta(), m.rope_scaling(), d.head_dim);
+  LOOM_CHECK(rope.ok(), "[model] ", rope.status().message());
+  d.rope = *std::move(rope);
   d.sigmoid_attention = m.attention() == "sigmoid";
   d.sigmoid_bias = -std::log(static_cast<double>(config.train().seq_len()));
   d.lightning_block = m.lightning_block();

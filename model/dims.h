@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "configs/loom.pb.h"
+#include "ops/rope.h"
 #include "runtime/tensor.h"
 
 namespace loom {
@@ -38,6 +39,7 @@ struct ModelDims {
   bool tie_embeddings = false;
   double norm_eps = 1e-5;
   double rope_theta = 10000;
+  ops::RopeTable rope;  // softmax layers' RoPE frequencies: rope_theta and rope_scaling
   bool sigmoid_attention = false;
   double sigmoid_bias = 0;  // −log(train.seq_len)
   int lightning_block = 64;

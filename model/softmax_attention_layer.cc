@@ -39,8 +39,8 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   ops::LinearForward(x, wq_.value, q_);
   ops::LinearForward(x, wk_.value, k_);
   ops::LinearForward(x, wv_.value, v_);
-  ops::RopeForward(q_, batch.positions, dims_.rope_theta, q_);
-  ops::RopeForward(k_, batch.positions, dims_.rope_theta, k_);
+  ops::RopeForward(q_, batch.positions, dims_.rope, q_);
+  ops::RopeForward(k_, batch.positions, dims_.rope, k_);
   o_ = Tensor::Empty({t, hq, d}, x.dtype());
   lse_ = Tensor::Empty({t, hq}, x.dtype());
   if (cp_.size == 1) {
@@ -67,8 +67,8 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
     CheckComm(CpAttentionBackward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, o_, lse_, d_o,
                                   batch.token_rows, Options(dims_), &cp_saved_, dq, dk, dv));
   }
-  ops::RopeBackward(dq, batch.positions, dims_.rope_theta, dq);
-  ops::RopeBackward(dk, batch.positions, dims_.rope_theta, dk);
+  ops::RopeBackward(dq, batch.positions, dims_.rope, dq);
+  ops::RopeBackward(dk, batch.positions, dims_.rope, dk);
   // dx = dq W_q + dk W_k + dv W_v.
   ops::LinearBackward(x, wq_.value, dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
   ops::LinearBackward(x, wk_.value, dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);

@@ -115,6 +115,38 @@ absl::Status Range(bool ok, const std::string& field, const std::string& why) {
   return ok ? absl::OkStatus() : absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
 }
 
+// model.rope_scaling (configs/loom.proto RopeScaling).
+absl::Status ValidateRopeScaling(const config::ModelConfig& m) {
+  const config::RopeScaling& r = m.rope_scaling();
+  const std::string& type = r.type();
+  LOOM_RETURN_IF_ERROR(Range(type == "default" || type == "linear" || type == "dynamic" || type == "yarn" ||
+                                 type == "llama3",
+                             "model.rope_scaling.type",
+                             absl::StrCat("'", type, "' is not default, linear, dynamic, yarn or llama3")));
+  LOOM_RETURN_IF_ERROR(Range(r.factor() >= 1 && r.factor() <= 1024, "model.rope_scaling.factor",
+                             absl::StrCat(r.factor(), " is outside [1, 1024]")));
+  LOOM_RETURN_IF_ERROR(Range(r.original_max_position_embeddings() >= 1,
+                             "model.rope_scaling.original_max_position_embeddings",
+                             absl::StrCat(r.original_max_position_embeddings(), " is below 1")));
+  LOOM_RETURN_IF_ERROR(Range(r.dynamic_seq_len() >= 0, "model.rope_scaling.dynamic_seq_len",
+                             absl::StrCat(r.dynamic_seq_len(), " is below 0")));
+  LOOM_RETURN_IF_ERROR(Range(r.attention_factor() >= 0, "model.rope_scaling.attention_factor",
+                             absl::StrCat(r.attention_factor(), " is below 0 (0: derived from factor)")));
+  LOOM_RETURN_IF_ERROR(Range(r.beta_slow() > 0 && r.beta_fast() > r.beta_slow(), "model.rope_scaling.beta_fast",
+                             absl::StrCat("beta_fast ", r.beta_fast(), " and beta_slow ", r.beta_slow(),
+                                          " must satisfy beta_fast > beta_slow > 0")));
+  LOOM_RETURN_IF_ERROR(Range(r.mscale() >= 0 && r.mscale_all_dim() >= 0, "model.rope_scaling.mscale",
+                             "mscale and mscale_all_dim must be >= 0"));
+  LOOM_RETURN_IF_ERROR(Range(r.low_freq_factor() > 0 && r.high_freq_factor() > r.low_freq_factor(),
+                             "model.rope_scaling.high_freq_factor",
+                             absl::StrCat("high_freq_factor ", r.high_freq_factor(), " and low_freq_factor ",
+                                          r.low_freq_factor(), " must satisfy high > low > 0")));
+  const int head_dim = m.hidden() / m.heads();
+  LOOM_RETURN_IF_ERROR(Range(type != "dynamic" || head_dim > 2, "model.rope_scaling.type",
+                             "dynamic needs head dim > 2 (its exponent is D/(D−2))"));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ConfigArgs> ExtractConfigArgs(int& argc, char** argv) {
@@ -246,6 +278,7 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(m.norm_eps() > 0 && m.norm_eps() <= 1e-2, "model.norm_eps",
                              absl::StrCat(m.norm_eps(), " is outside (0, 1e-2]")));
   LOOM_RETURN_IF_ERROR(Range(m.rope_theta() > 1, "model.rope_theta", "must be > 1"));
+  LOOM_RETURN_IF_ERROR(ValidateRopeScaling(m));
   LOOM_RETURN_IF_ERROR(Range(m.attention() == "softmax" || m.attention() == "sigmoid", "model.attention",
                              absl::StrCat("'", m.attention(), "' is not softmax or sigmoid")));
   LOOM_RETURN_IF_ERROR(Range(m.attention_backend() == "loom" || m.attention_backend() == "cudnn",
@@ -307,8 +340,12 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(t.eval_every() >= 0, "train.eval_every", "must be >= 0"));
   LOOM_RETURN_IF_ERROR(Range(t.eval_sequences() >= 1 && t.eval_sequences() <= (1 << 20), "train.eval_sequences",
                              absl::StrCat(t.eval_sequences(), " is outside [1, 2^20]")));
-  LOOM_RETURN_IF_ERROR(Range(t.dtype() == "f32" || t.dtype() == "f64", "train.dtype",
-                             absl::StrCat("'", t.dtype(), "' is not f32 or f64")));
+  LOOM_RETURN_IF_ERROR(Range(t.dtype() == "f32" || t.dtype() == "f64" || t.dtype() == "bf16", "train.dtype",
+                             absl::StrCat("'", t.dtype(), "' is not f32, f64 or bf16")));
+  LOOM_RETURN_IF_ERROR(Range(t.device() == "auto" || t.device() == "cpu" || t.device() == "cuda", "train.device",
+                             absl::StrCat("'", t.device(), "' is not auto, cpu or cuda")));
+  LOOM_RETURN_IF_ERROR(Range(t.dtype() != "bf16" || t.device() != "cpu", "train.dtype",
+                             "bf16 trains on the GPU only, and train.device is cpu"));
 
   LOOM_RETURN_IF_ERROR(Range(o.lr() > 0 && o.lr() <= 10, "optim.lr", absl::StrCat(o.lr(), " is outside (0, 10]")));
   LOOM_RETURN_IF_ERROR(Range(o.min_lr_ratio() >= 0 && o.min_lr_ratio() <= 1, "optim.min_lr_ratio",

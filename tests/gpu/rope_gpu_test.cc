@@ -1,0 +1,71 @@
+// The CUDA RoPE against the CPU reference on the same inputs and the same
+// RopeTable (plain and YaRN, whose attention factor is != 1), f32 and bf16.
+#include <gtest/gtest.h>
+
+#include "ops/rope.h"
+#include "runtime/cuda_runtime.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
+
+ops::RopeTable Table(const std::string& type, int64_t head_dim) {
+  config::RopeScaling r;
+  r.set_type(type);
+  if (type != "default") {
+    r.set_factor(8);
+    r.set_original_max_position_embeddings(256);
+  }
+  absl::StatusOr<ops::RopeTable> t = ops::RopeTable::FromConfig(500000, r, head_dim);
+  LOOM_CHECK(t.ok(), t.status().message());
+  return *t;
+}
+
+Tensor Positions(int64_t count, uint64_t seed) {
+  std::vector<int32_t> p(count);
+  for (int64_t i = 0; i < count; ++i) p[i] = static_cast<int32_t>((i * 7919 + seed * 104729) % 32768);
+  return Tensor::FromVector(p, {count});
+}
+
+TEST(GpuRope, MatchesCpuReference_F32) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  struct Case { int64_t t, h, d; const char* type; };
+  for (const Case& c : {Case{37, 4, 64, "default"}, Case{129, 2, 128, "yarn"}, Case{5, 8, 16, "llama3"},
+                        Case{300, 1, 256, "yarn"}}) {
+    SCOPED_TRACE(internal::StreamCat("T ", c.t, " H ", c.h, " D ", c.d, " ", c.type));
+    const ops::RopeTable table = Table(c.type, c.d);
+    const Tensor x = testing::RandomTensor({c.t, c.h, c.d}, DType::kF32, 1);
+    const Tensor pos = Positions(c.t, 3);
+    Tensor y = Tensor::Empty(x.shape(), DType::kF32), dx = Tensor::Empty(x.shape(), DType::kF32);
+    ops::RopeForward(x, pos, table, y);
+    ops::RopeBackward(x, pos, table, dx);
+    const Tensor gpos = ToGpu(pos);
+    Tensor gy = Tensor::Empty(x.shape(), DType::kF32, Device::Cuda(0));
+    Tensor gdx = ToGpu(x);  // in place, as the model calls it
+    ops::RopeForward(ToGpu(x), gpos, table, gy);
+    ops::RopeBackward(gdx, gpos, table, gdx);
+    // Both compute in double and round once to f32.
+    EXPECT_TRUE(testing::AllClose(ToCpu(gy), y, 1e-6, 1e-6));
+    EXPECT_TRUE(testing::AllClose(ToCpu(gdx), dx, 1e-6, 1e-6));
+  }
+}
+
+TEST(GpuRope, MatchesCpuReference_Bf16) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  const ops::RopeTable table = Table("yarn", 128);
+  const Tensor x32 = testing::RandomTensor({64, 4, 128}, DType::kF32, 5).To(DType::kBF16).To(DType::kF32);
+  const Tensor pos = Positions(64, 9);
+  Tensor y = Tensor::Empty(x32.shape(), DType::kF32);
+  ops::RopeForward(x32, pos, table, y);
+  Tensor gy = ToGpu(x32.To(DType::kBF16));
+  ops::RopeForward(gy, ToGpu(pos), table, gy);
+  // The CPU result of the same bf16 inputs, rounded once more to bf16
+  // (relative 2^-8) on the GPU.
+  EXPECT_TRUE(testing::AllClose(ToCpu(gy).To(DType::kF32), y, 1.0 / 128, 1e-3));
+}
+
+}  // namespace
+}  // namespace loom
