@@ -115,8 +115,13 @@ absl::Status RopeFromHfAt(std::string_view config_json, config::ModelConfig* mod
     type = it2->get<std::string>();
   }
   model->set_rope_theta(static_cast<float>(theta));
-  model->clear_rope_scaling();
-  if (type == "default") return absl::OkStatus();
+  // Fields a type does not use keep their values (the defaults, in a
+  // config from LoadConfig), so that the saved config compares equal to a
+  // user's config of the same model (loom-train's resume check).
+  if (type == "default") {
+    model->mutable_rope_scaling()->set_type("default");
+    return absl::OkStatus();
+  }
   if (type != "linear" && type != "dynamic" && type != "yarn" && type != "llama3")
     return Error(where, absl::StrCat("rope type '", type,
                                      "' is not supported (Loom has default, linear, dynamic, yarn, llama3)"));
@@ -179,8 +184,9 @@ absl::StatusOr<config::Config> ConfigFromHfAt(std::string_view config_json, cons
 
   config::Config config;
   LOOM_ASSIGN_OR_RETURN(config, LoadConfig("", {}));  // defaults for everything but the model
+  // Every field set to its default (as LoadConfig leaves a config), then
+  // the model's own.
   config::ModelConfig& m = *config.mutable_model();
-  m.Clear();
   LOOM_ASSIGN_OR_RETURN(const int64_t vocab, Integer(j, "vocab_size", std::nullopt, where));
   LOOM_ASSIGN_OR_RETURN(const int64_t hidden, Integer(j, "hidden_size", std::nullopt, where));
   LOOM_ASSIGN_OR_RETURN(const int64_t ffn, Integer(j, "intermediate_size", std::nullopt, where));

@@ -45,8 +45,9 @@
 namespace loom::checkpoint {
 
 // The RoPE fields of a config.json text (rope_theta + rope_scaling, or
-// rope_parameters) into model->rope_theta and model->rope_scaling (left
-// unset for plain RoPE). Errors start with "[hf]".
+// rope_parameters) into model->rope_theta and model->rope_scaling: its type
+// and the fields that type reads; others are left as they are. Errors
+// start with "[hf]".
 absl::Status RopeFromHfConfig(std::string_view config_json, config::ModelConfig* model);
 
 // A whole Loom config (defaults, then the model section from config.json),

@@ -98,7 +98,7 @@ TEST(HfImport, ConfigMapsShapesGqaTyingAndRope) {
   EXPECT_EQ(m.kv_heads(), 2);
   EXPECT_EQ(m.ffn_hidden(), 96);
   EXPECT_FALSE(m.tie_embeddings());
-  EXPECT_FALSE(m.has_rope_scaling());
+  EXPECT_EQ(m.rope_scaling().type(), "default");
   const auto w = ByName(f32->tensors);
   EXPECT_EQ(w.at("embed").shape(), (Shape{128, 64})) << "vocab 100 padded to 128";
   EXPECT_EQ(w.at("layers.1.attn.wk").shape(), (Shape{32, 64}));
