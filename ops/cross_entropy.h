@@ -7,6 +7,7 @@
 // Backward (same call): dh written, dW accumulated, both for that loss.
 #pragma once
 
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -27,5 +28,18 @@ struct CrossEntropyResult {
 CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                                 const CrossEntropyOptions& options, Tensor* dh, Tensor* dw,
                                 Tensor* predictions = nullptr);
+
+namespace cuda {
+// CUDA tensors (docs/gpu.md): h and W both f32 or both bf16, targets i32, dh
+// in h's dtype (written), dW f32 (accumulated), predictions i32. Rows go in
+// chunks of about 256 MiB of f32 logits; one device-to-host copy at the end.
+// A target outside [0, vocab) that is not ignore_index fails the check after
+// the work (the check needs that copy); its row counts as ignored.
+CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                                const CrossEntropyOptions& options, Tensor* dh, Tensor* dw, Tensor* predictions,
+                                CudaStream stream = nullptr);
+// Rows per chunk for tests (0: the default, sized by the vocab).
+void SetCrossEntropyChunkRowsForTesting(int64_t rows);
+}  // namespace cuda
 
 }  // namespace loom::ops

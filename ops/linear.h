@@ -4,6 +4,7 @@
 // input feeds several projections sums their input gradients), dW += dyᵀ · x.
 #pragma once
 
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -12,5 +13,13 @@ void LinearForward(const Tensor& x, const Tensor& w, Tensor& y);
 // dx may be null (the input needs no gradient, e.g. the embedding output).
 void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw,
                     bool accumulate_dx = false);
+
+namespace cuda {
+// CUDA tensors (docs/gpu.md): x, W, y, dy, dx all f32 or all bf16; dW f32,
+// accumulated (for bf16 a bf16·bf16 → f32 GEMM with C = D = dW).
+void LinearForward(const Tensor& x, const Tensor& w, Tensor& y, CudaStream stream = nullptr);
+void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, bool accumulate_dx,
+                    CudaStream stream = nullptr);
+}  // namespace cuda
 
 }  // namespace loom::ops

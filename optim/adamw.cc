@@ -35,8 +35,8 @@ void Scale(T* g, int64_t n, double f) {
 
 AdamW::AdamW(const ParamList& params, const AdamWOptions& options) : params_(params), options_(options) {
   for (Param* p : params_) {
-    m_.push_back(Tensor::Zeros(p->value.shape(), p->value.dtype()));
-    v_.push_back(Tensor::Zeros(p->value.shape(), p->value.dtype()));
+    m_.push_back(Tensor::Zeros(p->value.shape(), p->value.dtype(), p->value.device()));
+    v_.push_back(Tensor::Zeros(p->value.shape(), p->value.dtype(), p->value.device()));
   }
 }
 
@@ -45,6 +45,7 @@ void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, do
   LOOM_CHECK(g.numel() == p.numel() && m.numel() == p.numel() && v.numel() == p.numel() &&
                  g.dtype() == p.dtype() && m.dtype() == p.dtype() && v.dtype() == p.dtype(),
              "[adamw] p, g, m, v must have the same size and dtype");
+  if (!p.device().is_cpu()) return cuda::AdamWUpdate(p, g, m, v, lr, wd, step, options);
   const double bias1 = 1 - std::pow(options.beta1, step);
   const double bias2 = 1 - std::pow(options.beta2, step);
   LOOM_DISPATCH_FLOAT(p.dtype(), T, [&] {
@@ -54,15 +55,37 @@ void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, do
 }
 
 double SumSquares(const Tensor& g) {
+  if (!g.device().is_cpu()) return cuda::SumSquares({&g});
   return LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { return SumSquares(g.data<T>(), g.numel()); });
 }
 
 void ScaleInPlace(Tensor& g, double f) {
+  if (!g.device().is_cpu()) return cuda::ScaleInPlace(g, f);
   LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { Scale(g.data<T>(), g.numel(), f); });
 }
 
 void AdamW::Step(double lr) {
   ++steps_;
+  if (!params_.empty() && !params_[0]->value.device().is_cpu()) {
+    std::vector<cuda::AdamWTensor> tensors;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      Param& p = *params_[i];
+      const Device dev = p.value.device();
+      LOOM_CHECK(dev == params_[0]->value.device() && p.grad.device() == dev && m_[i].device() == dev &&
+                     p.value.dtype() == DType::kF32 && p.grad.dtype() == DType::kF32 &&
+                     m_[i].dtype() == DType::kF32 && p.grad.numel() == p.value.numel(),
+                 "[adamw] ", p.name, ": parameters on a GPU need f32 value, grad and moments on ",
+                 params_[0]->value.device().ToString());
+      LOOM_CHECK(!p.compute.defined() || (p.compute.device() == dev && p.compute.dtype() == DType::kBF16 &&
+                                          p.compute.numel() == p.value.numel()),
+                 "[adamw] ", p.name, ": the compute copy must be bf16 ", ShapeString(p.value.shape()), " on ",
+                 dev.ToString());
+      tensors.push_back({p.value.data<float>(), p.grad.data<float>(), m_[i].data<float>(), v_[i].data<float>(),
+                         p.compute.defined() ? p.compute.data<bf16>() : nullptr, p.value.numel(),
+                         p.weight_decay ? options_.weight_decay : 0.0});
+    }
+    return cuda::MultiTensorAdamW(device_table_, tensors, lr, steps_, options_);
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i];
     AdamWUpdate(p.value, p.grad, m_[i], v_[i], lr, p.weight_decay ? options_.weight_decay : 0.0, steps_, options_);
@@ -70,6 +93,11 @@ void AdamW::Step(double lr) {
 }
 
 double GlobalGradNorm(const ParamList& params) {
+  if (!params.empty() && !params[0]->grad.device().is_cpu()) {
+    std::vector<const Tensor*> grads;
+    for (const Param* p : params) grads.push_back(&p->grad);
+    return std::sqrt(cuda::SumSquares(grads));
+  }
   double s = 0;
   for (const Param* p : params) s += SumSquares(p->grad);
   return std::sqrt(s);

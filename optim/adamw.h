@@ -3,13 +3,41 @@
 //   m = β1 m + (1−β1) g,  v = β2 v + (1−β2) g²
 //   p -= lr · ( m/(1−β1^t) / (sqrt(v/(1−β2^t)) + eps) + wd · p )
 // Weight decay only on parameters marked for it (not norms or biases).
+//
+// Parameters on a GPU (optim/cuda/adamw.cu): f32 master, gradient and
+// moments; AdamW::Step updates all of them in one launch and, where a
+// Param's bf16 `compute` copy is defined, rewrites it from the new value in
+// the same pass. Norms of gradients are summed in a fixed order (the same
+// bits on every run).
 #pragma once
 
 #include <vector>
 
 #include "model/param.h"
+#include "runtime/cuda_runtime.h"
 
 namespace loom {
+
+namespace cuda {
+// One tensor of a multi-tensor AdamW launch (device pointers).
+struct AdamWTensor {
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+  bf16* compute;  // null: no bf16 copy to refresh
+  int64_t n;
+  double wd;
+  bool operator==(const AdamWTensor&) const = default;
+};
+// The device copy of a table of AdamWTensors: uploaded again only when the
+// host table changes (new tensors, moments replaced by a checkpoint load).
+struct AdamWTable {
+  std::vector<AdamWTensor> host;
+  Tensor device;        // the entries, then the first chunk of each tensor (int64, one past the last at the end)
+  int64_t chunks = 0;
+};
+}  // namespace cuda
 
 struct AdamWOptions {
   double beta1 = 0.9;
@@ -35,6 +63,7 @@ class AdamW {
   AdamWOptions options_;
   std::vector<Tensor> m_, v_;
   int64_t steps_ = 0;
+  cuda::AdamWTable device_table_;  // parameters on a GPU
 };
 
 // One AdamW update of p from g with moments m, v (same element counts, same
@@ -53,5 +82,17 @@ double GlobalGradNorm(const ParamList& params);
 // Scales all gradients so that their global norm is at most max_norm (0:
 // no clipping). Returns the norm before clipping.
 double ClipGradNorm(const ParamList& params, double max_norm);
+
+namespace cuda {
+// f32 CUDA tensors; the same arithmetic as the CPU (f64, no contraction).
+void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
+                 const AdamWOptions& options, CudaStream stream = nullptr);
+// One launch for every tensor of `tensors`; `table` keeps its device copy.
+void MultiTensorAdamW(AdamWTable& table, const std::vector<AdamWTensor>& tensors, double lr, int64_t step,
+                      const AdamWOptions& options, CudaStream stream = nullptr);
+// Σ g² over the tensors (f32), f64 partials in a fixed order; one host sync.
+double SumSquares(const std::vector<const Tensor*>& tensors, CudaStream stream = nullptr);
+void ScaleInPlace(Tensor& g, double f, CudaStream stream = nullptr);
+}  // namespace cuda
 
 }  // namespace loom

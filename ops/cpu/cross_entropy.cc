@@ -67,6 +67,7 @@ double SoftmaxRows(T* logits, int64_t rows, int64_t padded_vocab, int64_t vocab,
 
 CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                                 const CrossEntropyOptions& options, Tensor* dh, Tensor* dw, Tensor* predictions) {
+  if (!h.device().is_cpu()) return cuda::CrossEntropy(h, w, targets, options, dh, dw, predictions);
   LOOM_CHECK(h.device().is_cpu() && w.device().is_cpu() && targets.device().is_cpu(),
              "[cross_entropy] CPU tensors only");
   LOOM_CHECK(w.ndim() == 2, "[cross_entropy] W must be [Vp, D], got ", ShapeString(w.shape()));

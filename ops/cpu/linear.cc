@@ -14,6 +14,7 @@ Tensor Rows(const Tensor& t, int64_t rows, int64_t cols, const char* name) {
 }  // namespace
 
 void LinearForward(const Tensor& x, const Tensor& w, Tensor& y) {
+  if (!x.device().is_cpu()) return cuda::LinearForward(x, w, y);
   LOOM_CHECK(w.ndim() == 2, "[linear] W must be [out, in], got ", ShapeString(w.shape()));
   LOOM_CHECK(x.numel() % w.dim(1) == 0, "[linear] x ", ShapeString(x.shape()), " is not rows of W's input size ",
              w.dim(1));
@@ -25,6 +26,7 @@ void LinearForward(const Tensor& x, const Tensor& w, Tensor& y) {
 
 void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw,
                     bool accumulate_dx) {
+  if (!x.device().is_cpu()) return cuda::LinearBackward(x, w, dy, dx, dw, accumulate_dx);
   LOOM_CHECK(w.ndim() == 2 && dw.shape() == w.shape(), "[linear] dW ", ShapeString(dw.shape()),
              " must match W ", ShapeString(w.shape()));
   LOOM_CHECK(x.numel() % w.dim(1) == 0, "[linear] x ", ShapeString(x.shape()), " is not rows of W's input size ",

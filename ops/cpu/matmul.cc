@@ -28,6 +28,7 @@ MatrixView AsMatrix(const Tensor& t, const char* name) {
 }  // namespace
 
 void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha, double beta) {
+  if (!a.device().is_cpu()) return cuda::Matmul(a, trans_a, b, trans_b, c, alpha, beta);
   LOOM_CHECK(a.device().is_cpu() && b.device().is_cpu() && c.device().is_cpu(), "[matmul] CPU tensors only, got ",
              a.device().ToString(), ", ", b.device().ToString(), ", ", c.device().ToString());
   LOOM_CHECK(a.dtype() == b.dtype() && a.dtype() == c.dtype(), "[matmul] dtypes differ: a ", DTypeName(a.dtype()),

@@ -1,0 +1,145 @@
+// The fused CUDA cross-entropy against the CPU reference on the same inputs:
+// loss, counted tokens, predictions, dh (written) and dW (accumulated), with
+// ignored targets, padded vocab rows and a row count that is not a multiple
+// of the chunk.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "ops/cross_entropy.h"
+#include "runtime/cuda_runtime.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+using loom::testing::AllClose;
+using loom::testing::RandomTensor;
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
+
+double MaxAbs(const Tensor& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.Get(i)));
+  return m;
+}
+
+Tensor PoisonedGpu(const Shape& shape, DType dtype) {
+  Tensor t = Tensor::Empty(shape, dtype);
+  t.Fill(dtype == DType::kI32 ? -7 : std::numeric_limits<double>::quiet_NaN());
+  return ToGpu(t);
+}
+
+::testing::AssertionResult CloseToScale(const Tensor& got, const Tensor& expected, double rtol) {
+  const Tensor g = ToCpu(got);
+  return AllClose(g.dtype() == DType::kF32 ? g : g.To(DType::kF32), expected, rtol, rtol * MaxAbs(expected));
+}
+
+// Targets in [0, vocab), every `ignore_every`-th one ignored (-100).
+Tensor Targets(int64_t n, int64_t vocab, int ignore_every, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_int_distribution<int32_t> dist(0, static_cast<int32_t>(vocab - 1));
+  Tensor t = Tensor::Empty({n}, DType::kI32);
+  for (int64_t i = 0; i < n; ++i) t.data<int32_t>()[i] = i % ignore_every == 3 ? -100 : dist(gen);
+  return t;
+}
+
+struct Case {
+  int64_t n, d, padded_vocab, vocab;
+  int64_t chunk_rows;  // 0: the default
+  bool backward;
+};
+
+// Random h, W in `dtype`; the CPU runs in f32 on the same (rounded) values.
+void CheckCrossEntropy(const Case& c, DType dtype, double grad_rtol) {
+  SCOPED_TRACE(internal::StreamCat(DTypeName(dtype), " N ", c.n, " D ", c.d, " Vp ", c.padded_vocab, " vocab ",
+                                   c.vocab, " chunk ", c.chunk_rows, c.backward ? "" : " eval only"));
+  const Tensor h = RandomTensor({c.n, c.d}, dtype, 31, -2, 2);
+  const Tensor w = RandomTensor({c.padded_vocab, c.d}, dtype, 32, -0.5, 0.5);
+  const Tensor targets = Targets(c.n, c.vocab, 7, 33);
+  const Tensor dw0 = RandomTensor({c.padded_vocab, c.d}, DType::kF32, 34);
+  ops::CrossEntropyOptions options;
+  options.vocab = c.vocab;
+  options.normalizer = 0.9 * c.n;
+
+  const Tensor hf = h.To(DType::kF32), wf = w.To(DType::kF32);
+  Tensor dh = Tensor::Empty({c.n, c.d}, DType::kF32), dw = dw0.Clone();
+  Tensor pred = Tensor::Empty({c.n}, DType::kI32);
+  const ops::CrossEntropyResult want = ops::CrossEntropy(hf, wf, targets, options, c.backward ? &dh : nullptr,
+                                                         c.backward ? &dw : nullptr, &pred);
+
+  ops::cuda::SetCrossEntropyChunkRowsForTesting(c.chunk_rows);
+  Tensor gdh = PoisonedGpu({c.n, c.d}, dtype), gdw = ToGpu(dw0), gpred = PoisonedGpu({c.n}, DType::kI32);
+  const ops::CrossEntropyResult got =
+      ops::CrossEntropy(ToGpu(h), ToGpu(w), ToGpu(targets), options, c.backward ? &gdh : nullptr,
+                        c.backward ? &gdw : nullptr, &gpred);
+  ops::cuda::SetCrossEntropyChunkRowsForTesting(0);
+
+  EXPECT_EQ(got.counted, want.counted);
+  EXPECT_NEAR(got.loss, want.loss, 1e-5 * std::abs(want.loss)) << "loss (rtol 1e-5)";
+  const Tensor gp = ToCpu(gpred);
+  int64_t differ = 0, first = -1;
+  for (int64_t i = 0; i < c.n; ++i) {
+    if (gp.data<int32_t>()[i] != pred.data<int32_t>()[i]) {
+      if (first < 0) first = i;
+      ++differ;
+    }
+  }
+  EXPECT_EQ(differ, 0) << "predictions differ in " << differ << " rows; first row " << first << ": "
+                       << (first >= 0 ? gp.data<int32_t>()[first] : 0) << " vs expected "
+                       << (first >= 0 ? pred.data<int32_t>()[first] : 0);
+  if (c.backward) {
+    EXPECT_TRUE(CloseToScale(gdh, dh, grad_rtol)) << "dh";
+    EXPECT_TRUE(CloseToScale(gdw, dw, grad_rtol)) << "dW";
+  } else {
+    EXPECT_TRUE(AllClose(ToCpu(gdw), dw0, 0, 0)) << "eval only must leave dW alone";
+  }
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
+
+TEST(GpuCrossEntropy, MatchesCpuF32) {
+  SKIP_WITHOUT_GPU();
+  for (const Case& c : {Case{300, 96, 200, 190, 64, true},   // 4 full chunks and one of 44 rows, 10 padded columns
+                        Case{300, 96, 200, 190, 0, true},    // one default chunk
+                        Case{129, 33, 77, 77, 128, true},    // odd sizes, no padding, a 1-row last chunk
+                        Case{300, 96, 200, 190, 100, false}}) {  // eval only
+    CheckCrossEntropy(c, DType::kF32, 1e-5);
+  }
+}
+
+// At the real vocab the default chunk is 2,048 rows: 2,100 rows make two.
+TEST(GpuCrossEntropy, MatchesCpuF32AtVocab32000DefaultChunks) {
+  SKIP_WITHOUT_GPU();
+  CheckCrossEntropy(Case{2100, 64, 32000, 31990, 0, true}, DType::kF32, 1e-5);
+}
+
+// bf16 h and W: logits and the loss are f32 from exact products; dlogits are
+// rounded to bf16 for the two gradient GEMMs, and dh is stored in bf16.
+TEST(GpuCrossEntropy, MatchesCpuBf16) {
+  SKIP_WITHOUT_GPU();
+  for (const Case& c : {Case{300, 96, 200, 190, 64, true}, Case{136, 64, 128, 120, 0, true},
+                        Case{300, 96, 200, 190, 100, false}}) {
+    CheckCrossEntropy(c, DType::kBF16, 1e-2);
+  }
+}
+
+TEST(GpuCrossEntropy, AllIgnoredRowsGiveZeroLossAndGradient) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 40, d = 16, v = 24;
+  const Tensor h = RandomTensor({n, d}, DType::kF32, 41), w = RandomTensor({v, d}, DType::kF32, 42);
+  Tensor targets = Tensor::Empty({n}, DType::kI32);
+  targets.Fill(-100);
+  Tensor gdh = PoisonedGpu({n, d}, DType::kF32), gdw = Tensor::Zeros({v, d}, DType::kF32, Device::Cuda(0));
+  const ops::CrossEntropyResult r = ops::CrossEntropy(ToGpu(h), ToGpu(w), ToGpu(targets), {}, &gdh, &gdw);
+  EXPECT_EQ(r.counted, 0);
+  EXPECT_EQ(r.loss, 0.0);
+  EXPECT_TRUE(AllClose(ToCpu(gdh), Tensor::Zeros({n, d}, DType::kF32), 0, 0));
+  EXPECT_TRUE(AllClose(ToCpu(gdw), Tensor::Zeros({v, d}, DType::kF32), 0, 0));
+}
+
+}  // namespace
+}  // namespace loom

@@ -1,0 +1,165 @@
+// cuBLASLt Matmul and Linear against the CPU reference on the same inputs.
+// f32 runs must agree to about 1e-5 (true f32, no TF32); bf16 runs take
+// bf16-rounded inputs, which the CPU multiplies in f32, and agree to about
+// 1e-2 of the output's scale (the output is rounded to bf16), except the f32
+// weight gradient, accumulated in f32 from exact bf16 products.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops/linear.h"
+#include "ops/matmul.h"
+#include "runtime/cuda_runtime.h"
+#include "tests/testing.h"
+
+namespace loom {
+namespace {
+
+using loom::testing::AllClose;
+using loom::testing::RandomTensor;
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
+
+double MaxAbs(const Tensor& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.Get(i)));
+  return m;
+}
+
+// A GPU tensor of NaNs: an output the op must overwrite everywhere.
+Tensor PoisonedGpu(const Shape& shape, DType dtype) {
+  Tensor t = Tensor::Empty(shape, dtype);
+  t.Fill(std::numeric_limits<double>::quiet_NaN());
+  return ToGpu(t);
+}
+
+// Element-wise closeness with atol = rtol · max|expected|: the relative error
+// of a GEMM output is only meaningful against the scale of the output.
+::testing::AssertionResult CloseToScale(const Tensor& got, const Tensor& expected, double rtol) {
+  const Tensor g = got.device().is_cpu() ? got : ToCpu(got);
+  return AllClose(g.dtype() == DType::kF32 ? g : g.To(DType::kF32), expected, rtol, rtol * MaxAbs(expected));
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
+
+TEST(GpuMatmul, EveryTransposeMatchesCpuF32) {
+  SKIP_WITHOUT_GPU();
+  const int64_t m = 37, n = 53, k = 71;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      for (double beta : {0.0, 0.5}) {
+        SCOPED_TRACE(internal::StreamCat("trans_a ", ta, " trans_b ", tb, " beta ", beta));
+        const Tensor a = RandomTensor(ta ? Shape{k, m} : Shape{m, k}, DType::kF32, 1);
+        const Tensor b = RandomTensor(tb ? Shape{n, k} : Shape{k, n}, DType::kF32, 2);
+        Tensor c = RandomTensor({m, n}, DType::kF32, 3);
+        Tensor gc = beta == 0 ? PoisonedGpu({m, n}, DType::kF32) : ToGpu(c);
+        ops::Matmul(a, ta, b, tb, c, 1.5, beta);
+        ops::Matmul(ToGpu(a), ta, ToGpu(b), tb, gc, 1.5, beta);
+        EXPECT_TRUE(CloseToScale(gc, c, 1e-5));
+      }
+    }
+  }
+}
+
+TEST(GpuMatmul, Bf16IntoBf16AndIntoF32Accumulator) {
+  SKIP_WITHOUT_GPU();
+  const int64_t m = 64, n = 40, k = 200;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      SCOPED_TRACE(internal::StreamCat("trans_a ", ta, " trans_b ", tb));
+      const Tensor a = RandomTensor(ta ? Shape{k, m} : Shape{m, k}, DType::kBF16, 4);
+      const Tensor b = RandomTensor(tb ? Shape{n, k} : Shape{k, n}, DType::kBF16, 5);
+      const Tensor c0 = RandomTensor({m, n}, DType::kF32, 6);
+      Tensor c = c0.Clone();
+      ops::Matmul(a.To(DType::kF32), ta, b.To(DType::kF32), tb, c, 1.0, 1.0);
+      Tensor gacc = ToGpu(c0);  // f32 C = D, beta 1: how weight gradients accumulate
+      ops::Matmul(ToGpu(a), ta, ToGpu(b), tb, gacc, 1.0, 1.0);
+      EXPECT_TRUE(CloseToScale(gacc, c, 1e-5)) << "bf16 x bf16 -> f32 accumulate";
+
+      Tensor plain = Tensor::Empty({m, n}, DType::kF32);
+      ops::Matmul(a.To(DType::kF32), ta, b.To(DType::kF32), tb, plain);
+      Tensor gout = PoisonedGpu({m, n}, DType::kBF16);
+      ops::Matmul(ToGpu(a), ta, ToGpu(b), tb, gout, 1.0, 0.0);
+      EXPECT_TRUE(CloseToScale(gout, plain, 1e-2)) << "bf16 x bf16 -> bf16";
+    }
+  }
+}
+
+TEST(GpuMatmul, EmptyInnerDimensionScalesC) {
+  SKIP_WITHOUT_GPU();
+  const Tensor a = Tensor::Empty({5, 0}, DType::kF32), b = Tensor::Empty({0, 7}, DType::kF32);
+  Tensor c = RandomTensor({5, 7}, DType::kF32, 7);
+  Tensor gc = ToGpu(c), gz = PoisonedGpu({5, 7}, DType::kF32);
+  ops::Matmul(a, false, b, false, c, 1.0, 0.25);
+  ops::Matmul(ToGpu(a), false, ToGpu(b), false, gc, 1.0, 0.25);
+  ops::Matmul(ToGpu(a), false, ToGpu(b), false, gz, 1.0, 0.0);
+  EXPECT_TRUE(AllClose(ToCpu(gc), c, 1e-7, 0));
+  EXPECT_TRUE(AllClose(ToCpu(gz), Tensor::Zeros({5, 7}, DType::kF32), 0, 0));
+}
+
+struct LinearCase {
+  int64_t rows, in, out;
+  bool accumulate_dx;
+};
+
+// x [rows, in], W [out, in]; dW pre-filled (accumulated); dx poisoned or
+// pre-filled (accumulate_dx).
+void CheckLinear(const LinearCase& c, DType dtype) {
+  SCOPED_TRACE(internal::StreamCat(DTypeName(dtype), " rows ", c.rows, " in ", c.in, " out ", c.out,
+                                   c.accumulate_dx ? " accumulate_dx" : ""));
+  const Tensor x = RandomTensor({c.rows, c.in}, dtype, 11);
+  const Tensor w = RandomTensor({c.out, c.in}, dtype, 12);
+  const Tensor dy = RandomTensor({c.rows, c.out}, dtype, 13);
+  const Tensor dx0 = RandomTensor({c.rows, c.in}, dtype, 14);
+  const Tensor dw0 = RandomTensor({c.out, c.in}, DType::kF32, 15);
+
+  // CPU in f32 on the (rounded) inputs.
+  const Tensor xf = x.To(DType::kF32), wf = w.To(DType::kF32), dyf = dy.To(DType::kF32);
+  Tensor y = Tensor::Empty({c.rows, c.out}, DType::kF32);
+  Tensor dx = dx0.To(DType::kF32), dw = dw0.Clone();
+  ops::LinearForward(xf, wf, y);
+  ops::LinearBackward(xf, wf, dyf, &dx, dw, c.accumulate_dx);
+
+  const Tensor gx = ToGpu(x), gw = ToGpu(w);
+  Tensor gy = PoisonedGpu({c.rows, c.out}, dtype);
+  Tensor gdx = c.accumulate_dx ? ToGpu(dx0) : PoisonedGpu({c.rows, c.in}, dtype);
+  Tensor gdw = ToGpu(dw0);
+  ops::LinearForward(gx, gw, gy);
+  ops::LinearBackward(gx, gw, ToGpu(dy), &gdx, gdw, c.accumulate_dx);
+  const double tol = dtype == DType::kF32 ? 1e-5 : 1e-2;
+  EXPECT_TRUE(CloseToScale(gy, y, tol)) << "y";
+  EXPECT_TRUE(CloseToScale(gdx, dx, tol)) << "dx";
+  // dW is f32 from exact bf16 products: f32 accuracy in both runs.
+  EXPECT_TRUE(CloseToScale(gdw, dw, 1e-5)) << "dW";
+}
+
+TEST(GpuLinear, ForwardBackwardMatchCpuF32) {
+  SKIP_WITHOUT_GPU();
+  for (const LinearCase& c : {LinearCase{33, 65, 47, false}, LinearCase{128, 256, 192, true},
+                              LinearCase{1, 7, 3, false}, LinearCase{300, 64, 96, true}}) {
+    CheckLinear(c, DType::kF32);
+  }
+}
+
+TEST(GpuLinear, ForwardBackwardMatchCpuBf16) {
+  SKIP_WITHOUT_GPU();
+  for (const LinearCase& c : {LinearCase{33, 64, 48, false}, LinearCase{128, 256, 192, true},
+                              LinearCase{5, 24, 8, true}, LinearCase{300, 136, 96, false}}) {
+    CheckLinear(c, DType::kBF16);
+  }
+}
+
+TEST(GpuLinear, NullDxOnlyAccumulatesDw) {
+  SKIP_WITHOUT_GPU();
+  const Tensor x = RandomTensor({20, 16}, DType::kF32, 21), w = RandomTensor({12, 16}, DType::kF32, 22);
+  const Tensor dy = RandomTensor({20, 12}, DType::kF32, 23), dw0 = RandomTensor({12, 16}, DType::kF32, 24);
+  Tensor dw = dw0.Clone(), gdw = ToGpu(dw0);
+  ops::LinearBackward(x, w, dy, nullptr, dw);
+  ops::LinearBackward(ToGpu(x), ToGpu(w), ToGpu(dy), nullptr, gdw);
+  EXPECT_TRUE(CloseToScale(gdw, dw, 1e-5));
+}
+
+}  // namespace
+}  // namespace loom
