@@ -8,9 +8,15 @@
 //     id changes.
 #pragma once
 
+#include <memory>
+
 #include "runtime/tensor.h"
 
 namespace loom::ops {
+
+// The device copy the CUDA kernels read (defined in
+// ops/cpu/softmax_attention.cc; see ops::cuda::DeviceRows).
+struct TokenRowsDeviceCopy;
 
 struct TokenRows {
   Tensor cu_seqlens;
@@ -24,6 +30,11 @@ struct TokenRows {
 
   // R rows of n tokens each, one document a row.
   static TokenRows Uniform(int64_t rows, int64_t n);
+
+  // Filled on first use by ops::cuda::DeviceRows, so that a batch's rows are
+  // copied to the GPU once, not once per attention call; a cache, not state:
+  // it is checked against cu_seqlens and doc_ids on every use.
+  mutable std::shared_ptr<TokenRowsDeviceCopy> device_copy;
 };
 
 }  // namespace loom::ops

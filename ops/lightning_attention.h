@@ -117,6 +117,20 @@ void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Ten
                                  const Tensor& d_o, Tensor& dq, Tensor& ds, LightningWorkspace& workspace,
                                  CudaStream stream);
 
+// f32 kernels (ops/cuda/lightning_attention_f32.cu) for fp32 GPU runs: the
+// fused calls only, every product an f32 FMA (no tensor cores, so they agree
+// with the CPU to about 1e-5). q, k, v, o, d_o, dq, dk, dv f32 [T, H, D],
+// Dk = Dv = D in {16, 32, 64, 128}; decay, states and their gradients f32,
+// all on one CUDA device; cu_seqlens on the host, rows tiling [0, T); no
+// doc_ids. Outputs written; runs on `stream` with stream-ordered scratch.
+void LightningAttentionF32Forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                  const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out,
+                                  CudaStream stream = nullptr);
+void LightningAttentionF32Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                   const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
+                                   const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
+                                   CudaStream stream = nullptr);
+
 }  // namespace cuda
 
 }  // namespace loom::ops

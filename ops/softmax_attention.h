@@ -21,6 +21,11 @@
 
 namespace loom::ops {
 
+// Which kernels run bf16 CUDA tensors (model.attention_backend): Loom's flash
+// attention or cuDNN's SDPA. f32 CUDA tensors always run the f32 kernels, CPU
+// tensors the CPU reference.
+enum class AttentionBackend { kLoom, kCudnn };
+
 struct AttentionOptions {
   bool causal = true;
   double scale = 0;            // 0: 1/sqrt(D)
@@ -28,8 +33,14 @@ struct AttentionOptions {
   double sigmoid_bias = 0;     // b, DESIGN.md: −log(train.seq_len)
   int64_t q_offset = 0;        // position of a row's first query
   int64_t k_offset = 0;        // position of a row's first key
+  AttentionBackend backend = AttentionBackend::kLoom;  // bf16 CUDA tensors only
 };
 
+// CPU tensors (f32, f64): the reference below (ops/cpu/softmax_attention.cc);
+// lse in q's dtype. CUDA tensors: f32 → the f32 kernels, bf16 → the kernels
+// of options.backend; lse f32 either way; the host rows reach the kernels
+// through their cached device copy (cuda::DeviceRows). Outputs are allocated
+// by the caller on q's device.
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse);
 
@@ -60,8 +71,14 @@ struct CudaTokenRows {
 };
 // Copies host rows to `device` (synchronously: do it once per batch).
 CudaTokenRows ToDevice(const TokenRows& rows, int device);
+// The rows' device copy, made by ToDevice on first use for `device` and kept
+// in rows.device_copy (shared by copies of `rows`); remade when the contents
+// of cu_seqlens or doc_ids differ from what was copied (batch builders fill
+// doc_ids in place after Batch::Allocate), which costs one host comparison
+// of T ints a call. The reference stays valid until the next call on rows.
+const CudaTokenRows& DeviceRows(const TokenRows& rows, int device);
 
-enum class AttentionBackend { kLoom, kCudnn };
+using AttentionBackend = ops::AttentionBackend;
 AttentionBackend ParseAttentionBackend(const std::string& name);  // "loom" | "cudnn"
 
 // Loom's kernels: FA2-style tiles on mma.sync bf16 tensor cores, D in {64,
@@ -93,6 +110,30 @@ void CudnnAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
 std::string CudnnAttentionUnsupported(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                                       const CudaTokenRows& k_rows, const AttentionOptions& options,
                                       bool backward = true);
+
+// f32 kernels (ops/cuda/softmax_attention_f32.cu) for fp32 GPU runs: f32
+// FMA on tiles in shared memory (no tensor cores: TF32 would miss the 1e-5
+// agreement with the CPU), FA2's online softmax; everything
+// AttentionOptions offers; D in {16, 32, 64, 128}; q, k, v, o, d_o, dq, dk,
+// dv and lse all f32 on one CUDA device. Deterministic (no atomics).
+void AttentionF32Forward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
+                         const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,
+                         CudaStream stream = nullptr);
+void AttentionF32Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                          const Tensor& d_o, const CudaTokenRows& q_rows, const CudaTokenRows& k_rows,
+                          const AttentionOptions& options, Tensor& dq, Tensor& dk, Tensor& dv,
+                          CudaStream stream = nullptr);
+
+// Context parallelism's merge of one block's partial result into a running
+// one, on the device (parallel/cp_attention.cc's host loop, for CUDA
+// tensors): o, o_b [N, H, D] f32 or bf16, lse, lse_b [N, H] f32.
+//   softmax: m = max(lse, lse_b), w = e^(lse−m), w_b = e^(lse_b−m),
+//            o' = (w o + w_b o_b) / (w + w_b), lse' = m + log(w + w_b);
+//            a row with lse_b = −∞ keeps (o, lse), one with lse = −∞ takes
+//            (o_b, lse_b).
+//   sigmoid: o' = o + o_b (lse unused, may be undefined).
+void MergeAttentionPartial(bool sigmoid, Tensor& o, Tensor& lse, const Tensor& o_b, const Tensor& lse_b,
+                           CudaStream stream = nullptr);
 
 // One entry for the model: picks the backend.
 void AttentionForward(AttentionBackend backend, const Tensor& q, const Tensor& k, const Tensor& v,

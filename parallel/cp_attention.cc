@@ -1,5 +1,7 @@
 #include "parallel/cp_attention.h"
 
+#include "ops/add.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -77,7 +79,9 @@ void MergeTyped(bool sigmoid, Tensor& o, Tensor& lse, const Tensor& ob, const Te
   }
 }
 
+// CUDA tensors merge on their device (ops::cuda::MergeAttentionPartial, lse f32).
 void Merge(bool sigmoid, Tensor& o, Tensor& lse, const Tensor& ob, const Tensor& lseb) {
+  if (!o.device().is_cpu()) return ops::cuda::MergeAttentionPartial(sigmoid, o, lse, ob, lseb);
   LOOM_DISPATCH_FLOAT(o.dtype(), T, [&] { MergeTyped<T>(sigmoid, o, lse, ob, lseb); });
 }
 
@@ -90,20 +94,27 @@ void AddTyped(Tensor& dst, const Tensor& src) {
 void Add(Tensor& dst, const Tensor& src) {
   LOOM_CHECK(dst.numel() == src.numel() && dst.dtype() == src.dtype(), "[cp_attention] add of ",
              ShapeString(src.shape()), " to ", ShapeString(dst.shape()));
+  if (!dst.device().is_cpu()) return ops::AddInPlace(dst, src);
   LOOM_DISPATCH_FLOAT(dst.dtype(), T, [&] { AddTyped<T>(dst, src); });
 }
 
-// Scratch of one (query chunk, key block) pair.
+// The lse the op writes for q: q's dtype on the CPU, f32 on a GPU.
+DType LseType(const Tensor& q) { return q.device().is_cpu() ? q.dtype() : DType::kF32; }
+
+// Scratch of one (query chunk, key block) pair, on q's device.
 struct PairScratch {
   HeldTensor o, lse, dq, dk, dv;
-  PairScratch(CpMemoryLedger* l, int64_t c, int64_t hq, int64_t hk, int64_t d, DType dt, bool backward) {
+  PairScratch(CpMemoryLedger* l, const Tensor& q, int64_t c, int64_t hk, int64_t d, bool backward) {
+    const int64_t hq = q.dim(1);
+    const DType dt = q.dtype();
+    const Device dev = q.device();
     if (!backward) {
-      o = HeldTensor(l, {c, hq, d}, dt);
-      lse = HeldTensor(l, {c, hq}, dt);
+      o = HeldTensor(l, {c, hq, d}, dt, false, true, dev);
+      lse = HeldTensor(l, {c, hq}, LseType(q), false, true, dev);
     } else {
-      dq = HeldTensor(l, {c, hq, d}, dt);
-      dk = HeldTensor(l, {c, hk, d}, dt);
-      dv = HeldTensor(l, {c, hk, d}, dt);
+      dq = HeldTensor(l, {c, hq, d}, dt, false, true, dev);
+      dk = HeldTensor(l, {c, hk, d}, dt, false, true, dev);
+      dv = HeldTensor(l, {c, hk, d}, dt, false, true, dev);
     }
   }
 };
@@ -144,22 +155,31 @@ bool PairBackward(const ChunkArgs& a, const Tensor& q, const Tensor& o, const Te
 }
 
 void InitOutputs(const Tensor& q, const ops::AttentionOptions& options, Tensor& o, Tensor& lse) {
-  if (!o.defined()) o = Tensor::Empty(q.shape(), q.dtype());
-  LOOM_CHECK(o.shape() == q.shape() && o.dtype() == q.dtype(), "[cp_attention] o is ", ShapeString(o.shape()),
-             ", expected ", ShapeString(q.shape()));
+  if (!o.defined()) o = Tensor::Empty(q.shape(), q.dtype(), q.device());
+  LOOM_CHECK(o.shape() == q.shape() && o.dtype() == q.dtype() && o.device() == q.device(), "[cp_attention] o is ",
+             DTypeName(o.dtype()), " ", ShapeString(o.shape()), " on ", o.device().ToString(), ", expected ",
+             DTypeName(q.dtype()), " ", ShapeString(q.shape()), " on ", q.device().ToString());
   o.Zero();
   if (!options.sigmoid) {
-    if (!lse.defined()) lse = Tensor::Empty({q.dim(0), q.dim(1)}, q.dtype());
-    LOOM_CHECK(lse.shape() == (Shape{q.dim(0), q.dim(1)}) && lse.dtype() == q.dtype(), "[cp_attention] lse is ",
-               ShapeString(lse.shape()));
-    lse.Fill(-std::numeric_limits<double>::infinity());
+    if (!lse.defined()) lse = Tensor::Empty({q.dim(0), q.dim(1)}, LseType(q), q.device());
+    LOOM_CHECK(lse.shape() == (Shape{q.dim(0), q.dim(1)}) && lse.dtype() == LseType(q) && lse.device() == q.device(),
+               "[cp_attention] lse is ", DTypeName(lse.dtype()), " ", ShapeString(lse.shape()), ", expected ",
+               DTypeName(LseType(q)), " [", q.dim(0), ", ", q.dim(1), "] on ", q.device().ToString());
+    if (lse.device().is_cpu()) {
+      lse.Fill(-std::numeric_limits<double>::infinity());
+    } else {
+      Tensor host = Tensor::Empty(lse.shape(), lse.dtype());
+      host.Fill(-std::numeric_limits<double>::infinity());
+      lse.CopyFrom(host);
+    }
   }
 }
 
 void InitGrads(const Tensor& q, const Tensor& k, Tensor& dq, Tensor& dk, Tensor& dv) {
   for (auto [g, like] : {std::pair<Tensor*, const Tensor*>{&dq, &q}, {&dk, &k}, {&dv, &k}}) {
-    if (!g->defined()) *g = Tensor::Empty(like->shape(), like->dtype());
-    LOOM_CHECK(g->shape() == like->shape() && g->dtype() == like->dtype(), "[cp_attention] gradient is ",
+    if (!g->defined()) *g = Tensor::Empty(like->shape(), like->dtype(), like->device());
+    LOOM_CHECK(g->shape() == like->shape() && g->dtype() == like->dtype() && g->device() == like->device(),
+               "[cp_attention] gradient is ",
                ShapeString(g->shape()), ", expected ", ShapeString(like->shape()));
     g->Zero();
   }
@@ -185,14 +205,15 @@ int Tag(BlockKind kind, int64_t row, int slot) { return static_cast<int>((row * 
 // The K/V blocks (and doc ids) of one source rank, one per (row, slot).
 struct RingBlocks {
   std::vector<HeldTensor> k, v, doc;
-  void Allocate(CpMemoryLedger* l, const CpChunks& lay, int64_t hk, int64_t d, DType dt, bool docs) {
+  // K/V blocks on `dev` (the device of k), doc ids on the host.
+  void Allocate(CpMemoryLedger* l, const CpChunks& lay, int64_t hk, int64_t d, DType dt, bool docs, Device dev) {
     const int64_t n = lay.rows * 2;
     k.resize(n);
     v.resize(n);
     doc.resize(n);
     for (int64_t i = 0; i < n; ++i) {
-      k[i] = HeldTensor(l, {lay.chunk, hk, d}, dt);
-      v[i] = HeldTensor(l, {lay.chunk, hk, d}, dt);
+      k[i] = HeldTensor(l, {lay.chunk, hk, d}, dt, false, true, dev);
+      v[i] = HeldTensor(l, {lay.chunk, hk, d}, dt, false, true, dev);
       if (docs) doc[i] = HeldTensor(l, {lay.chunk}, DType::kI32);
     }
   }
@@ -233,7 +254,7 @@ absl::Status RingForward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l,
                          const Tensor& v, Tensor& o, Tensor& lse) {
   const int p = g.rank(), cp = g.size();
   const bool docs = a.local_rows.has_docs();
-  PairScratch scratch(l, a.c(), q.dim(1), k.dim(1), k.dim(2), q.dtype(), /*backward=*/false);
+  PairScratch scratch(l, q, a.c(), k.dim(1), k.dim(2), /*backward=*/false);
   RingBlocks cur;
   cur.Own(a.layout, k, v, a.local_rows);
   for (int s = 0; s < cp; ++s) {
@@ -241,7 +262,7 @@ absl::Status RingForward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l,
     RingBlocks next;
     std::vector<CommHandle> hs;
     if (s + 1 < cp) {  // the next step's blocks travel while this one computes
-      next.Allocate(l, a.layout, k.dim(1), k.dim(2), k.dtype(), docs);
+      next.Allocate(l, a.layout, k.dim(1), k.dim(2), k.dtype(), docs, k.device());
       cur.Exchange(g, next, docs, hs);
     }
     for (int64_t r = 0; r < a.layout.rows; ++r)
@@ -264,7 +285,7 @@ absl::Status RingBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l
   const bool docs = a.local_rows.has_docs();
   const CpChunks& lay = a.layout;
   const int64_t nb = lay.rows * 2, hk = k.dim(1), d = k.dim(2);
-  PairScratch scratch(l, a.c(), q.dim(1), hk, d, q.dtype(), /*backward=*/true);
+  PairScratch scratch(l, q, a.c(), hk, d, /*backward=*/true);
   RingBlocks cur;
   cur.Own(lay, k, v, a.local_rows);
   // dK/dV of the blocks being computed: this rank's share (acc), and the
@@ -273,8 +294,8 @@ absl::Status RingBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l
     dkb.resize(nb);
     dvb.resize(nb);
     for (int64_t i = 0; i < nb; ++i) {
-      dkb[i] = HeldTensor(l, {lay.chunk, hk, d}, k.dtype(), zero);
-      dvb[i] = HeldTensor(l, {lay.chunk, hk, d}, k.dtype(), zero);
+      dkb[i] = HeldTensor(l, {lay.chunk, hk, d}, k.dtype(), zero, true, k.device());
+      dvb[i] = HeldTensor(l, {lay.chunk, hk, d}, k.dtype(), zero, true, k.device());
     }
   };
   // Accumulators: `in` arrives from p−1 for the current blocks (posted a step
@@ -287,7 +308,7 @@ absl::Status RingBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l
     RingBlocks next;
     std::vector<CommHandle> kv;
     if (s + 1 < cp) {  // the next K/V blocks travel while this step computes
-      next.Allocate(l, lay, hk, d, k.dtype(), docs);
+      next.Allocate(l, lay, hk, d, k.dtype(), docs, k.device());
       cur.Exchange(g, next, docs, kv);
     }
     std::vector<HeldTensor> acc_dk, acc_dv;
@@ -345,10 +366,10 @@ absl::Status RingBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l
 // [K|V] of every rank: [cp, 2, T, Hk, D], slice r from rank r.
 absl::Status GatherKV(Communicator& g, CpMemoryLedger* l, const Tensor& k, const Tensor& v, HeldTensor& gathered) {
   const int64_t n = k.numel();
-  HeldTensor mine(l, {2, k.dim(0), k.dim(1), k.dim(2)}, k.dtype(), false, /*token_major=*/false);
+  HeldTensor mine(l, {2, k.dim(0), k.dim(1), k.dim(2)}, k.dtype(), false, /*token_major=*/false, k.device());
   mine.t().Slice(0, 1).CopyFrom(k.Reshape({1, k.dim(0), k.dim(1), k.dim(2)}));
   mine.t().Slice(1, 1).CopyFrom(v.Reshape({1, k.dim(0), k.dim(1), k.dim(2)}));
-  gathered = HeldTensor(l, {g.size() * 2 * k.dim(0), k.dim(1), k.dim(2)}, k.dtype());
+  gathered = HeldTensor(l, {g.size() * 2 * k.dim(0), k.dim(1), k.dim(2)}, k.dtype(), false, true, k.device());
   (void)n;
   return g.AllGather(mine.t(), gathered.t());
 }
@@ -373,7 +394,7 @@ absl::Status AllGatherForward(Communicator& g, const ChunkArgs& a, CpMemoryLedge
   HeldTensor gathered, docs;
   LOOM_RETURN_IF_ERROR(GatherKV(g, l, k, v, gathered));
   LOOM_RETURN_IF_ERROR(GatherDocs(g, l, a.local_rows, docs));
-  PairScratch scratch(l, a.c(), q.dim(1), k.dim(1), k.dim(2), q.dtype(), false);
+  PairScratch scratch(l, q, a.c(), k.dim(1), k.dim(2), false);
   for (int src = 0; src < cp; ++src)
     for (int64_t r = 0; r < lay.rows; ++r)
       for (int qs = 0; qs < 2; ++qs)
@@ -403,8 +424,8 @@ absl::Status AllGatherBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedg
   }
   LOOM_RETURN_IF_ERROR(GatherDocs(g, l, a.local_rows, docs));
   // dK|dV of every rank's keys, in the gather's order: slice r goes to rank r.
-  HeldTensor grads(l, {cp * 2 * t, hk, d}, k.dtype(), /*zero=*/true);
-  PairScratch scratch(l, a.c(), q.dim(1), hk, d, q.dtype(), true);
+  HeldTensor grads(l, {cp * 2 * t, hk, d}, k.dtype(), /*zero=*/true, true, k.device());
+  PairScratch scratch(l, q, a.c(), hk, d, true);
   for (int src = 0; src < cp; ++src)
     for (int64_t r = 0; r < lay.rows; ++r)
       for (int qs = 0; qs < 2; ++qs)
@@ -417,7 +438,7 @@ absl::Status AllGatherBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedg
         }
   gathered.Release();
   if (saved && saved->gathered_kv.defined()) saved->Release(l);
-  HeldTensor mine(l, {2 * t, hk, d}, k.dtype(), false, false);
+  HeldTensor mine(l, {2 * t, hk, d}, k.dtype(), false, false, k.device());
   LOOM_RETURN_IF_ERROR(g.ReduceScatter(grads.t(), mine.t()));
   dk.CopyFrom(mine.t().Slice(0, t));
   dv.CopyFrom(mine.t().Slice(t, t));
@@ -589,10 +610,20 @@ absl::Status CheckArgs(Communicator& g, const CpChunks& lay, const Tensor& q, co
                                                    ": expected [rows·2C = ", lay.local_tokens(), ", H, D]"));
   if (options.q_offset != 0 || options.k_offset != 0)
     return absl::InvalidArgumentError("[cp_attention] q_offset and k_offset must be 0: the schemes set them per chunk");
+  for (const Tensor* t : {&k, &v})
+    if (t->device() != q.device())
+      return absl::InvalidArgumentError(absl::StrCat("[cp_attention] q is on ", q.device().ToString(),
+                                                     " but k or v on ", t->device().ToString()));
   if (rows.has_docs() && rows.doc_ids.numel() != lay.local_tokens())
     return absl::InvalidArgumentError(absl::StrCat("[cp_attention] doc_ids has ", rows.doc_ids.numel(),
                                                    " entries, expected ", lay.local_tokens()));
   return CheckCpAttention(CpSoftmaxScheme::kRing, g.size(), q.dim(1), k.dim(1));
+}
+
+// Ulysses packs heads with host loops; its device version is not written yet.
+absl::Status UlyssesOnGpu() {
+  return absl::UnimplementedError(
+      "[cp_attention] parallel.cp_softmax = ulysses runs on CPU tensors only so far; use ring or allgather on the GPU");
 }
 
 }  // namespace
@@ -655,6 +686,7 @@ absl::Status CpAttentionForward(Communicator& cp_group, const CpAttentionOptions
     case CpSoftmaxScheme::kRing: return RingForward(cp_group, a, l, q, k, v, o, lse);
     case CpSoftmaxScheme::kAllGather: return AllGatherForward(cp_group, a, l, cp.keep_gathered, q, k, v, o, lse, saved);
     case CpSoftmaxScheme::kUlysses: {
+      if (!q.device().is_cpu()) return UlyssesOnGpu();
       absl::Status s;
       LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] { s = UlyssesForward<T>(cp_group, a, l, q, k, v, o, lse, saved); });
       return s;
@@ -681,6 +713,7 @@ absl::Status CpAttentionBackward(Communicator& cp_group, const CpAttentionOption
     case CpSoftmaxScheme::kAllGather:
       return AllGatherBackward(cp_group, a, l, q, k, v, o, lse, d_o, saved, dq, dk, dv);
     case CpSoftmaxScheme::kUlysses: {
+      if (!q.device().is_cpu()) return UlyssesOnGpu();
       absl::Status s;
       LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] { s = UlyssesBackward<T>(cp_group, a, l, d_o, saved, dq, dk, dv); });
       return s;

@@ -145,8 +145,9 @@ void CpMemoryLedger::Hold(const Tensor& t, bool token_major) {
   if (token_major && t.ndim() >= 1) largest_tokens = std::max(largest_tokens, t.dim(0));
 }
 
-HeldTensor::HeldTensor(CpMemoryLedger* ledger, const Shape& shape, DType dtype, bool zero, bool token_major)
-    : ledger_(ledger), t_(zero ? Tensor::Zeros(shape, dtype) : Tensor::Empty(shape, dtype)) {
+HeldTensor::HeldTensor(CpMemoryLedger* ledger, const Shape& shape, DType dtype, bool zero, bool token_major,
+                       Device device)
+    : ledger_(ledger), t_(zero ? Tensor::Zeros(shape, dtype, device) : Tensor::Empty(shape, dtype, device)) {
   if (ledger_) ledger_->Hold(t_, token_major);
 }
 

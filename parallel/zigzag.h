@@ -102,7 +102,10 @@ struct CpMemoryLedger {
 class HeldTensor {
  public:
   HeldTensor() = default;
-  HeldTensor(CpMemoryLedger* ledger, const Shape& shape, DType dtype, bool zero = false, bool token_major = true);
+  // On `device` (the CPU unless given: CP of CUDA tensors keeps its scratch
+  // on their device).
+  HeldTensor(CpMemoryLedger* ledger, const Shape& shape, DType dtype, bool zero = false, bool token_major = true,
+             Device device = Device::Cpu());
   // Counts an existing tensor (an input or output) for this scope.
   static HeldTensor Wrap(CpMemoryLedger* ledger, const Tensor& t);
   HeldTensor(HeldTensor&& o) noexcept { *this = std::move(o); }

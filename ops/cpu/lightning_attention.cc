@@ -490,6 +490,18 @@ Tensor& OnDevice(Tensor& t, const Shape& shape, DType dtype, Device device, bool
   return t;
 }
 
+// The kernels read λ as f32 on q's device; a host decay (the layer keeps one)
+// is copied per call (H floats).
+Tensor DecayOnDevice(const Tensor& decay, Device device) {
+  if (decay.device() == device) return decay;
+  LOOM_CHECK(decay.defined() && decay.device().is_cpu(), "[lightning_attention] decay is on ",
+             decay.device().ToString(), " but q on ", device.ToString());
+  const Tensor f32 = decay.dtype() == DType::kF32 ? decay : decay.To(DType::kF32);
+  Tensor g = Tensor::Empty(f32.shape(), DType::kF32, device);
+  g.CopyFrom(f32);
+  return g;
+}
+
 }  // namespace
 
 // ---- Decay ----
@@ -530,11 +542,14 @@ std::vector<double> LightningDecay(int heads, int layer, int layers) {
 void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
                                Tensor& o, Tensor& state_out) {
-  if (!q.device().is_cpu()) {
-    cuda::LightningWorkspace ws;
+  if (!q.device().is_cpu()) {  // f32: the f32 kernels; bf16: the tensor-core kernels
+    const Tensor lambda = DecayOnDevice(decay, q.device());
     const Shape state_shape{rows.rows(), q.dim(1), q.dim(2), v.dim(2)};
-    return cuda::LightningAttentionForward(q, k, v, decay, rows, state_in, OnDevice(o, v.shape(), v.dtype(), q.device(), false),
-                                           OnDevice(state_out, state_shape, DType::kF32, q.device(), false), ws, nullptr);
+    Tensor& out = OnDevice(o, v.shape(), v.dtype(), q.device(), false);
+    Tensor& s_out = OnDevice(state_out, state_shape, DType::kF32, q.device(), false);
+    if (q.dtype() == DType::kF32) return cuda::LightningAttentionF32Forward(q, k, v, lambda, rows, state_in, out, s_out);
+    cuda::LightningWorkspace ws;
+    return cuda::LightningAttentionForward(q, k, v, lambda, rows, state_in, out, s_out, ws, nullptr);
   }
   const Dims d = CheckInputs(q, k, v, decay);
   CheckRows(rows, d.t);
@@ -552,12 +567,16 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& d_o, const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv,
                                 Tensor& d_state_in) {
   if (!q.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, q.device());
+    Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), false);
+    Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), q.device(), false);
+    Tensor& gv = OnDevice(dv, v.shape(), v.dtype(), q.device(), false);
+    if (q.dtype() == DType::kF32)
+      return cuda::LightningAttentionF32Backward(q, k, v, lambda, rows, state_in, d_o, d_state_out, gq, gk, gv,
+                                                 d_state_in);
     cuda::LightningWorkspace ws;
-    return cuda::LightningAttentionBackward(q, k, v, decay, rows, state_in, d_o, d_state_out,
-                                            OnDevice(dq, q.shape(), q.dtype(), q.device(), false),
-                                            OnDevice(dk, k.shape(), k.dtype(), q.device(), false),
-                                            OnDevice(dv, v.shape(), v.dtype(), q.device(), false), d_state_in, ws,
-                                            nullptr);
+    return cuda::LightningAttentionBackward(q, k, v, lambda, rows, state_in, d_o, d_state_out, gq, gk, gv,
+                                            d_state_in, ws, nullptr);
   }
   const Dims d = CheckInputs(q, k, v, decay);
   CheckRows(rows, d.t);

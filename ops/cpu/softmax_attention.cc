@@ -37,6 +37,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace loom::ops {
@@ -532,8 +533,70 @@ void Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o
 
 }  // namespace
 
+// ---- CUDA tensors: the host rows' device copy, then the kernels of q's
+// dtype (f32: ops/cuda/softmax_attention_f32.cu; bf16: options.backend). ----
+
+struct TokenRowsDeviceCopy {
+  int device = -1;
+  std::vector<int32_t> cu, docs;  // what was copied
+  cuda::CudaTokenRows rows;
+};
+
+namespace cuda {
+
+const CudaTokenRows& DeviceRows(const TokenRows& rows, int device) {
+  LOOM_CHECK(rows.cu_seqlens.defined() && rows.cu_seqlens.device().is_cpu() &&
+                 rows.cu_seqlens.dtype() == DType::kI32 && rows.cu_seqlens.ndim() == 1,
+             "[softmax_attention] rows.cu_seqlens must be a CPU i32 vector [R+1]");
+  LOOM_CHECK(!rows.has_docs() || (rows.doc_ids.device().is_cpu() && rows.doc_ids.dtype() == DType::kI32),
+             "[softmax_attention] rows.doc_ids must be a CPU i32 vector [T]");
+  auto same = [](const std::vector<int32_t>& copied, const Tensor& t) {
+    const int64_t n = t.defined() ? t.numel() : 0;
+    return static_cast<int64_t>(copied.size()) == n &&
+           (n == 0 || std::equal(copied.begin(), copied.end(), t.data<int32_t>()));
+  };
+  TokenRowsDeviceCopy* c = rows.device_copy.get();
+  if (c && c->device == device && same(c->cu, rows.cu_seqlens) && same(c->docs, rows.doc_ids)) return c->rows;
+  auto fresh = std::make_shared<TokenRowsDeviceCopy>();
+  fresh->device = device;
+  const int32_t* cu = rows.cu_seqlens.data<int32_t>();
+  fresh->cu.assign(cu, cu + rows.cu_seqlens.numel());
+  if (rows.has_docs()) {
+    const int32_t* docs = rows.doc_ids.data<int32_t>();
+    fresh->docs.assign(docs, docs + rows.doc_ids.numel());
+  }
+  fresh->rows = ToDevice(rows, device);
+  rows.device_copy = std::move(fresh);
+  return rows.device_copy->rows;
+}
+
+}  // namespace cuda
+
+namespace {
+
+void CheckCudaCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse,
+                   const AttentionOptions& options) {
+  LOOM_CHECK(q.dtype() == DType::kF32 || q.dtype() == DType::kBF16,
+             "[softmax_attention] CUDA tensors must be f32 or bf16, got ", DTypeName(q.dtype()));
+  for (const Tensor* t : {&k, &v})
+    LOOM_CHECK(t->device() == q.device(), "[softmax_attention] q is on ", q.device().ToString(), " but k or v on ",
+               t->device().ToString());
+  LOOM_CHECK(options.sigmoid || lse.defined(), "[softmax_attention] lse must be given (f32 [Tq, Hq] on ",
+             q.device().ToString(), ")");
+}
+
+}  // namespace
+
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse) {
+  if (!q.device().is_cpu()) {
+    CheckCudaCall(q, k, v, lse, options);
+    const int device = q.device().index;
+    const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
+    const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
+    if (q.dtype() == DType::kF32) return cuda::AttentionF32Forward(q, k, v, gq, gk, options, o, lse);
+    return cuda::AttentionForward(options.backend, q, k, v, gq, gk, options, o, lse);
+  }
   CheckInputs(q, k, v, lse, q_rows, k_rows, options);
   CheckLike(o, q, "o", "q");
   LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] { Forward<T>(q, k, v, q_rows, k_rows, options, o, lse); });
@@ -543,6 +606,14 @@ void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
                               const Tensor& lse, const Tensor& d_o, const TokenRows& q_rows,
                               const TokenRows& k_rows, const AttentionOptions& options, Tensor& dq, Tensor& dk,
                               Tensor& dv) {
+  if (!q.device().is_cpu()) {
+    CheckCudaCall(q, k, v, lse, options);
+    const int device = q.device().index;
+    const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
+    const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
+    if (q.dtype() == DType::kF32) return cuda::AttentionF32Backward(q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
+    return cuda::AttentionBackward(options.backend, q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
+  }
   CheckInputs(q, k, v, lse, q_rows, k_rows, options);
   CheckLike(o, q, "o", "q");
   CheckLike(d_o, q, "d_o", "q");

@@ -86,5 +86,37 @@ TEST(GpuFlashAttention, LongRowMatchesCpu) {
   RunCase(kLoom, Case{.name = "causal 2048 GQA", .d = 128, .hq = 4, .hk = 1, .q_lens = {2048}});
 }
 
+// The ops:: entry points with bf16 CUDA tensors and host rows (as the model
+// calls them) run Loom's flash kernels: forward bit for bit, dk and dv bit
+// for bit (each written once from registers); dq is summed with atomics in
+// no fixed order, so it may differ by one bf16 rounding (2^-8 relative).
+TEST(GpuFlashAttention, OpsEntryWithBf16TensorsRunsTheFlashKernels) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const TokenRows rows = gpu_test::Rows({200, 333}, {{50, 150}, {333}});
+  const int64_t t = 533, hq = 4, hk = 2, d = 64;
+  const Tensor q = gpu_test::ToGpu(testing::RandomTensor({t, hq, d}, DType::kF32, 51, -2, 2).To(DType::kBF16));
+  const Tensor k = gpu_test::ToGpu(testing::RandomTensor({t, hk, d}, DType::kF32, 52, -2, 2).To(DType::kBF16));
+  const Tensor v = gpu_test::ToGpu(testing::RandomTensor({t, hk, d}, DType::kF32, 53).To(DType::kBF16));
+  const Tensor d_o = gpu_test::ToGpu(testing::RandomTensor({t, hq, d}, DType::kF32, 54).To(DType::kBF16));
+  AttentionOptions options;  // backend kLoom by default
+  auto bf16 = [](const Shape& s) { return gpu_test::Poisoned(s, DType::kBF16); };
+  Tensor o = bf16(q.shape()), lse = gpu_test::Poisoned({t, hq}, DType::kF32);
+  Tensor dq = bf16(q.shape()), dk = bf16(k.shape()), dv = bf16(v.shape());
+  SoftmaxAttentionForward(q, k, v, rows, rows, options, o, lse);
+  SoftmaxAttentionBackward(q, k, v, o, lse, d_o, rows, rows, options, dq, dk, dv);
+
+  const cuda::CudaTokenRows grows = cuda::ToDevice(rows, 0);
+  Tensor fo = bf16(q.shape()), flse = gpu_test::Poisoned({t, hq}, DType::kF32);
+  Tensor fdq = bf16(q.shape()), fdk = bf16(k.shape()), fdv = bf16(v.shape());
+  cuda::FlashAttentionForward(q, k, v, grows, grows, options, fo, flse);
+  cuda::FlashAttentionBackward(q, k, v, fo, flse, d_o, grows, grows, options, fdq, fdk, fdv);
+  CudaSynchronize();
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(o), gpu_test::ToCpu(fo), 0, 0)) << "o";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(lse), gpu_test::ToCpu(flse), 0, 0)) << "lse";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dk), gpu_test::ToCpu(fdk), 0, 0)) << "dk";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dv), gpu_test::ToCpu(fdv), 0, 0)) << "dv";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dq), gpu_test::ToCpu(fdq), 1.0 / 128, 1e-6)) << "dq";
+}
+
 }  // namespace
 }  // namespace loom::ops
