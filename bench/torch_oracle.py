@@ -30,6 +30,7 @@ nothing against Loom's).
 PyTorch is a tool for this check, never a dependency of Loom.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ---------------------------------------------------------------- inputs
 
@@ -195,11 +197,8 @@ class Attention:
         if not gqa and hq != hk:
             k = k.repeat_interleave(hq // hk, dim=1)
             v = v.repeat_interleave(hq // hk, dim=1)
-        if docs is None and self.cudnn:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if docs is None and q.device.type == "cuda":
+            # cuDNN's kernel when LoomModel.loss_sum restricted SDPA to it (bf16).
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if q.device.type == "cuda":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc_causal(docs, n, q.device),
@@ -271,7 +270,7 @@ class LoomModel:
     compile time of a 22-layer model that of one block.
     """
 
-    def __init__(self, cfg, device, act_dtype, gqa_native, lightning_chunk, compile_blocks):
+    def __init__(self, cfg, device, act_dtype, gqa_native, lightning_chunk, compile_blocks, recompute=False):
         self.m = m = cfg["model"]
         self.device, self.dt = device, act_dtype
         self.st = torch.float64 if act_dtype == torch.float64 else torch.float32  # statistics, as Loom's
@@ -289,9 +288,15 @@ class LoomModel:
                 sys.exit(f"torch_oracle: layer {layer}: exported decays differ from LightningDecay by {worst:g}")
             self.log_decay[int(layer)] = torch.log(torch.tensor(lam, dtype=torch.float64)).to(device, self.st)
         wrap = torch.compile if compile_blocks else (lambda f: f)
+        self.head = wrap(self._head)
         self.softmax_block = wrap(self._softmax_block)
         self.lightning_block = wrap(self._lightning_block)
-        self.head = wrap(self._head)
+        if recompute:
+            # Each block keeps only its input and runs its forward again in the backward (model.recompute "all").
+            from torch.utils.checkpoint import checkpoint
+            sb, lb = self.softmax_block, self.lightning_block
+            self.softmax_block = lambda *a: checkpoint(sb, *a, use_reentrant=False)
+            self.lightning_block = lambda *a: checkpoint(lb, *a, use_reentrant=False)
 
     def rope_tables(self, positions):
         # ops/cpu/rope.cc: angles, cos and sin in double.
@@ -345,6 +350,14 @@ class LoomModel:
 
     def loss_sum(self, w, tokens, targets, positions, docs):
         """Sum of cross-entropy over the targets != -100 of one micro-batch (f32)."""
+        m = self.m
+        # bf16 on CUDA without documents: SDPA may use cuDNN only (an error, not a fallback, if it cannot).
+        # Set around the compiled blocks, so that tracing sees it; the backward follows the forward's kernel.
+        only_cudnn = self.attention.cudnn and docs is None
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if only_cudnn else contextlib.nullcontext():
+            return self._loss_sum(w, tokens, targets, positions, docs)
+
+    def _loss_sum(self, w, tokens, targets, positions, docs):
         m = self.m
         cos, sin = self.rope_tables(positions)
         x = F.embedding(tokens, w["embed"].to(self.dt))
@@ -505,7 +518,6 @@ def synthetic_export(config_path, sets, steps, seed, device):
 
 def probe_cudnn_gqa(device):
     """Whether cuDNN SDPA takes GQA (enable_gqa) here, forward and backward; else k, v are repeated."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
         q = torch.randn(1, 8, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(1, 2, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -529,6 +541,8 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "bf16", "f64"], default="f32",
                     help="f64: everything in double on the CPU, against Loom's train.dtype=f64 (a check)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the blocks and the head")
+    ap.add_argument("--recompute", action="store_true",
+                    help="recompute each block in the backward (what makes gpu_1b_hybrid's 32K tokens fit)")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the mean tokens/s")
     ap.add_argument("--lightning-chunk", type=int, default=0, help="tokens a chunk (0: model.lightning_block)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -579,7 +593,7 @@ def main():
     params = list(w.values())
 
     gqa_native = probe_cudnn_gqa(device) if device.type == "cuda" and act_dtype == torch.bfloat16 else True
-    model = LoomModel(cfg, device, act_dtype, gqa_native, args.lightning_chunk, args.compile)
+    model = LoomModel(cfg, device, act_dtype, gqa_native, args.lightning_chunk, args.compile, args.recompute)
     loss_fn = model.loss_sum
 
     total_steps = cfg["train"]["steps"]
@@ -626,12 +640,13 @@ def main():
         print(f"step {step + 1:5d} | loss {loss_value:.6f} | grad norm {norm_value:.4f} | lr {lr:.3e} | "
               f"{tokens / seconds:,.0f} tok/s | {seconds:.3f} s", flush=True)
 
-    timed = rates[args.warmup:] if len(rates) > args.warmup else rates
+    skip = min(args.warmup, len(rates) - 1)
+    timed = rates[skip:]
     result = {"oracle": "torch", "torch": torch.__version__, "device": args.device,
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "dtype": args.dtype, "compile": args.compile, "kinds": cfg["model"]["kinds"],
               "steps": steps, "losses": losses, "grad_norms": norms,
-              "tokens_per_s_mean": sum(timed) / len(timed), "warmup_steps": min(args.warmup, len(rates) - 1)}
+              "tokens_per_s_mean": sum(timed) / len(timed), "warmup_steps": skip}
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     status = 0
