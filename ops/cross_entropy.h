@@ -40,6 +40,33 @@ CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& 
                                 CudaStream stream = nullptr);
 // Rows per chunk for tests (0: the default, sized by the vocab).
 void SetCrossEntropyChunkRowsForTesting(int64_t rows);
+
+// The per-row pieces of the vocab-parallel cross-entropy
+// (parallel/vocab_parallel_cross_entropy.h) for one block of f32 logits
+// [rows, Vl] of the vocab rows [v0, v0 + Vl); columns ≥ vocab are padding.
+// Row statistics are f64 [rows]; between the calls the caller all-reduces
+// them over the TP group.
+//   local_max = max of the row's valid columns (−inf if none),
+//   best      = the lowest global column holding it (INT64_MAX if none)
+void VocabShardRowMax(const Tensor& logits, int64_t v0, int64_t vocab, Tensor& local_max, Tensor& best,
+                      CudaStream stream = nullptr);
+//   sum = Σ_c exp(l_c − max), zt = the target's logit if this shard holds
+//   it (else 0), neg_best = −best where local_max == max (else −INT64_MAX),
+//   so that an all-reduce max gives −(lowest global argmax)
+void VocabShardSumExp(const Tensor& logits, int64_t v0, int64_t vocab, const Tensor& max, const Tensor& local_max,
+                      const Tensor& best, const Tensor& targets, int32_t ignore_index, Tensor& sum, Tensor& zt,
+                      Tensor& neg_best, CudaStream stream = nullptr);
+//   row_loss = max + log sum − zt (f32, 0 on ignored rows); predictions =
+//   −neg_best (if non-null); if grad is defined (f32 — it may be the logits
+//   — or bf16 [rows, Vl]), grad = (softmax − onehot_local(target)) · scale.
+void VocabShardSoftmaxGrad(const Tensor& logits, int64_t v0, int64_t vocab, const Tensor& max, const Tensor& sum,
+                           const Tensor& zt, const Tensor& neg_best, const Tensor& targets, int32_t ignore_index,
+                           double scale, Tensor& row_loss, Tensor* predictions, Tensor& grad,
+                           CudaStream stream = nullptr);
+// Σ row_loss in f64 (fixed order), the non-ignored targets, and a check that
+// each is in [0, vocab): one device-to-host copy.
+CrossEntropyResult SumRowLosses(const Tensor& row_loss, const Tensor& targets, int64_t vocab, int32_t ignore_index,
+                                double normalizer, CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

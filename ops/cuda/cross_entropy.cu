@@ -21,7 +21,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
+#include <initializer_list>
+#include <utility>
 
 #include "ops/cross_entropy.h"
 #include "ops/matmul.h"
@@ -153,6 +156,110 @@ __global__ void __launch_bounds__(kSumThreads)
   if (threadIdx.x == 0) *out = {s_loss[0], s_counted[0], s_bad[0]};
 }
 
+
+// ---- Vocab-parallel pieces (one block a row of a [rows, Vl] shard) ----
+
+// Lowest-index max over a block; every thread gets it.
+__device__ void BlockMaxArg(double& m, int64_t& arg) {
+  __shared__ double s_max[kRowThreads];
+  __shared__ int64_t s_arg[kRowThreads];
+  __syncthreads();  // the arrays may still be read by a previous call
+  s_max[threadIdx.x] = m;
+  s_arg[threadIdx.x] = arg;
+  __syncthreads();
+  for (int half = kRowThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) {
+      const double om = s_max[threadIdx.x + half];
+      const int64_t oa = s_arg[threadIdx.x + half];
+      if (om > s_max[threadIdx.x] || (om == s_max[threadIdx.x] && oa < s_arg[threadIdx.x])) {
+        s_max[threadIdx.x] = om;
+        s_arg[threadIdx.x] = oa;
+      }
+    }
+    __syncthreads();
+  }
+  m = s_max[0];
+  arg = s_arg[0];
+}
+
+// Fixed-tree f64 sum over a block; every thread gets it.
+__device__ double BlockSumF64(double x) {
+  __shared__ double s[kRowThreads];
+  __syncthreads();
+  s[threadIdx.x] = x;
+  __syncthreads();
+  for (int half = kRowThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) s[threadIdx.x] += s[threadIdx.x + half];
+    __syncthreads();
+  }
+  return s[0];
+}
+
+// Valid columns of the shard: c < valid, valid = clamp(vocab − v0, 0, Vl).
+__global__ void __launch_bounds__(kRowThreads)
+    ShardRowMaxKernel(const float* logits, int64_t vl, int64_t v0, int64_t valid, double* local_max,
+                      int64_t* best) {
+  const float* l = logits + blockIdx.x * vl;
+  double m = -INFINITY;
+  int64_t arg = INT64_MAX;
+  for (int64_t c = threadIdx.x; c < valid; c += kRowThreads) {
+    if (l[c] > m) {
+      m = l[c];
+      arg = v0 + c;
+    }
+  }
+  BlockMaxArg(m, arg);
+  if (threadIdx.x == 0) {
+    local_max[blockIdx.x] = m;
+    best[blockIdx.x] = arg;
+  }
+}
+
+__global__ void __launch_bounds__(kRowThreads)
+    ShardSumExpKernel(const float* logits, int64_t vl, int64_t v0, int64_t valid, const double* max,
+                      const double* local_max, const int64_t* best, const int32_t* target, int32_t ignore_index,
+                      double* sum, double* zt, int64_t* neg_best) {
+  const int64_t row = blockIdx.x;
+  const float* l = logits + row * vl;
+  const double m = max[row];
+  double acc = 0;
+  for (int64_t c = threadIdx.x; c < valid; c += kRowThreads) acc += exp(static_cast<double>(l[c]) - m);
+  const double total = BlockSumF64(acc);
+  if (threadIdx.x == 0) {
+    sum[row] = total;
+    const int64_t t = static_cast<int64_t>(target[row]) - v0;
+    zt[row] = target[row] != ignore_index && t >= 0 && t < valid ? l[t] : 0.0;
+    neg_best[row] = local_max[row] == m ? -best[row] : -INT64_MAX;
+  }
+}
+
+template <typename G>
+__global__ void __launch_bounds__(kRowThreads)
+    ShardSoftmaxGradKernel(const float* logits, G* grad, int64_t vl, int64_t v0, int64_t valid, int64_t vocab,
+                           const double* max, const double* sum, const double* zt, const int64_t* neg_best,
+                           const int32_t* target, int32_t ignore_index, double scale, float* row_loss,
+                           int32_t* predictions) {
+  const int64_t row = blockIdx.x;
+  const float* l = logits + row * vl;
+  const int32_t t = target[row];
+  const bool counted = t != ignore_index && t >= 0 && t < vocab;
+  const double lse = max[row] + log(sum[row]);
+  if (threadIdx.x == 0) {
+    row_loss[row] = counted ? static_cast<float>(lse - zt[row]) : 0.0f;
+    if (predictions != nullptr) predictions[row] = static_cast<int32_t>(-neg_best[row]);
+  }
+  if (grad == nullptr) return;
+  G* g = grad + row * vl;
+  const int64_t local_t = static_cast<int64_t>(t) - v0;
+  for (int64_t c = threadIdx.x; c < vl; c += kRowThreads) {
+    float d = 0.0f;
+    if (counted && c < valid) {
+      d = static_cast<float>(exp(static_cast<double>(l[c]) - lse) * scale - (c == local_t ? scale : 0.0));
+    }
+    Store(g + c, d);
+  }
+}
+
 int64_t ChunkRows(int64_t n, int64_t padded_vocab) {
   const int64_t forced = g_chunk_rows_for_testing.load();
   if (forced > 0) return std::min(forced, n);
@@ -213,8 +320,6 @@ CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& 
   Tensor grad_bf16 = backward && dtype == DType::kBF16 ? Tensor::Empty({chunk, padded_vocab}, DType::kBF16, dev)
                                                        : Tensor();
   Tensor row_loss = Tensor::Empty({n}, DType::kF32, dev);
-  static_assert(sizeof(LossSum) % 4 == 0);
-  Tensor sum = Tensor::Empty({static_cast<int64_t>(sizeof(LossSum) / 4)}, DType::kI32, dev);
   const int32_t* target = targets.data<int32_t>();
   const float scale = static_cast<float>(1.0 / options.normalizer);
 
@@ -246,16 +351,100 @@ CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& 
     if (dw != nullptr) Matmul(gb, /*trans_a=*/true, hb, false, *dw, 1.0, /*beta=*/1.0, stream);
   }
 
+  return SumRowLosses(row_loss, targets, vocab, options.ignore_index, options.normalizer, stream);
+}
+
+CrossEntropyResult SumRowLosses(const Tensor& row_loss, const Tensor& targets, int64_t vocab, int32_t ignore_index,
+                                double normalizer, CudaStream stream) {
+  const int64_t n = targets.numel();
+  LOOM_CHECK(row_loss.dtype() == DType::kF32 && row_loss.numel() == n && targets.dtype() == DType::kI32 &&
+                 row_loss.device() == targets.device() && !targets.device().is_cpu(),
+             "[cross_entropy] row losses ", ShapeString(row_loss.shape()), " must be f32 [", n,
+             "] beside the i32 targets on a GPU");
+  if (n == 0) return {};
+  LOOM_CUDA_CHECK(cudaSetDevice(targets.device().index));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  static_assert(sizeof(LossSum) % 4 == 0);
+  Tensor sum = Tensor::Empty({static_cast<int64_t>(sizeof(LossSum) / 4)}, DType::kI32, targets.device());
   LossSum* device_sum = static_cast<LossSum*>(sum.raw());
-  SumLossKernel<<<1, kSumThreads, 0, s>>>(row_loss.data<float>(), target, n, vocab, options.ignore_index,
+  SumLossKernel<<<1, kSumThreads, 0, s>>>(row_loss.data<float>(), targets.data<int32_t>(), n, vocab, ignore_index,
                                           device_sum);
   LOOM_CUDA_CHECK(cudaGetLastError());
   LossSum host{};
   LOOM_CUDA_CHECK(cudaMemcpyAsync(&host, device_sum, sizeof(host), cudaMemcpyDeviceToHost, s));
   LOOM_CUDA_CHECK(cudaStreamSynchronize(s));
   LOOM_CHECK(host.bad == 0, "[cross_entropy] ", host.bad, " targets are outside [0, ", vocab,
-             ") and are not ignore_index ", options.ignore_index);
-  return {host.loss / options.normalizer, static_cast<int64_t>(host.counted)};
+             ") and are not ignore_index ", ignore_index);
+  return {host.loss / normalizer, static_cast<int64_t>(host.counted)};
+}
+
+
+namespace {
+// Checks one block of shard logits and the [rows] statistics beside it.
+void CheckShard(const Tensor& logits, std::initializer_list<std::pair<const Tensor*, DType>> stats) {
+  LOOM_CHECK(!logits.device().is_cpu() && logits.dtype() == DType::kF32 && logits.ndim() == 2,
+             "[cross_entropy] vocab shard logits must be f32 [rows, Vl] on a GPU, got ",
+             ShapeString(logits.shape()), " ", DTypeName(logits.dtype()), " on ", logits.device().ToString());
+  for (const auto& [t, dtype] : stats) {
+    LOOM_CHECK(t->device() == logits.device() && t->dtype() == dtype && t->numel() == logits.dim(0),
+               "[cross_entropy] a row statistic ", ShapeString(t->shape()), " ", DTypeName(t->dtype()),
+               " must be [", logits.dim(0), "] ", DTypeName(dtype), " on ", logits.device().ToString());
+  }
+  LOOM_CUDA_CHECK(cudaSetDevice(logits.device().index));
+}
+int64_t ValidColumns(int64_t vocab, int64_t v0, int64_t vl) { return std::clamp<int64_t>(vocab - v0, 0, vl); }
+}  // namespace
+
+void VocabShardRowMax(const Tensor& logits, int64_t v0, int64_t vocab, Tensor& local_max, Tensor& best,
+                      CudaStream stream) {
+  CheckShard(logits, {{&local_max, DType::kF64}, {&best, DType::kI64}});
+  const int64_t rows = logits.dim(0), vl = logits.dim(1);
+  if (rows == 0) return;
+  ShardRowMaxKernel<<<rows, kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      logits.data<float>(), vl, v0, ValidColumns(vocab, v0, vl), local_max.data<double>(), best.data<int64_t>());
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
+
+void VocabShardSumExp(const Tensor& logits, int64_t v0, int64_t vocab, const Tensor& max, const Tensor& local_max,
+                      const Tensor& best, const Tensor& targets, int32_t ignore_index, Tensor& sum, Tensor& zt,
+                      Tensor& neg_best, CudaStream stream) {
+  CheckShard(logits, {{&max, DType::kF64}, {&local_max, DType::kF64}, {&best, DType::kI64},
+                      {&targets, DType::kI32}, {&sum, DType::kF64}, {&zt, DType::kF64}, {&neg_best, DType::kI64}});
+  const int64_t rows = logits.dim(0), vl = logits.dim(1);
+  if (rows == 0) return;
+  ShardSumExpKernel<<<rows, kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      logits.data<float>(), vl, v0, ValidColumns(vocab, v0, vl), max.data<double>(), local_max.data<double>(),
+      best.data<int64_t>(), targets.data<int32_t>(), ignore_index, sum.data<double>(), zt.data<double>(),
+      neg_best.data<int64_t>());
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
+
+void VocabShardSoftmaxGrad(const Tensor& logits, int64_t v0, int64_t vocab, const Tensor& max, const Tensor& sum,
+                           const Tensor& zt, const Tensor& neg_best, const Tensor& targets, int32_t ignore_index,
+                           double scale, Tensor& row_loss, Tensor* predictions, Tensor& grad, CudaStream stream) {
+  CheckShard(logits, {{&max, DType::kF64}, {&sum, DType::kF64}, {&zt, DType::kF64}, {&neg_best, DType::kI64},
+                      {&targets, DType::kI32}, {&row_loss, DType::kF32}});
+  if (predictions != nullptr) CheckShard(logits, {{predictions, DType::kI32}});
+  LOOM_CHECK(!grad.defined() || (grad.device() == logits.device() && grad.numel() == logits.numel() &&
+                                 (grad.dtype() == DType::kF32 || grad.dtype() == DType::kBF16)),
+             "[cross_entropy] shard dlogits ", ShapeString(grad.shape()), " must be f32 or bf16 like the logits ",
+             ShapeString(logits.shape()));
+  const int64_t rows = logits.dim(0), vl = logits.dim(1), valid = ValidColumns(vocab, v0, vl);
+  if (rows == 0) return;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  int32_t* pred = predictions != nullptr ? predictions->data<int32_t>() : nullptr;
+  if (grad.defined() && grad.dtype() == DType::kBF16) {
+    ShardSoftmaxGradKernel<__nv_bfloat16><<<rows, kRowThreads, 0, s>>>(
+        logits.data<float>(), static_cast<__nv_bfloat16*>(grad.raw()), vl, v0, valid, vocab, max.data<double>(),
+        sum.data<double>(), zt.data<double>(), neg_best.data<int64_t>(), targets.data<int32_t>(), ignore_index,
+        scale, row_loss.data<float>(), pred);
+  } else {
+    ShardSoftmaxGradKernel<float><<<rows, kRowThreads, 0, s>>>(
+        logits.data<float>(), grad.defined() ? grad.data<float>() : nullptr, vl, v0, valid, vocab,
+        max.data<double>(), sum.data<double>(), zt.data<double>(), neg_best.data<int64_t>(),
+        targets.data<int32_t>(), ignore_index, scale, row_loss.data<float>(), pred);
+  }
+  LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace loom::ops::cuda

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "ops/cross_entropy.h"
+#include "parallel/vocab_parallel_cross_entropy.h"
 #include "runtime/cuda_runtime.h"
 #include "tests/testing.h"
 
@@ -139,6 +140,40 @@ TEST(GpuCrossEntropy, AllIgnoredRowsGiveZeroLossAndGradient) {
   EXPECT_EQ(r.loss, 0.0);
   EXPECT_TRUE(AllClose(ToCpu(gdh), Tensor::Zeros({n, d}, DType::kF32), 0, 0));
   EXPECT_TRUE(AllClose(ToCpu(gdw), Tensor::Zeros({v, d}, DType::kF32), 0, 0));
+}
+
+// The vocab-parallel op on one GPU (a TP group of one, so no communication):
+// its device row statistics against the CPU version of the same op, for a
+// shard that starts at row 0 and one that starts mid-vocabulary (targets
+// below it belong to "other ranks": no target logit here, as on the CPU).
+TEST(GpuVocabParallelCrossEntropy, ShardMatchesCpuOnOneRank) {
+  SKIP_WITHOUT_GPU();
+  struct Shard { int64_t n, d, rows, first_row, vocab; DType dtype; };
+  for (const Shard& c : {Shard{300, 96, 200, 0, 190, DType::kF32}, Shard{700, 40, 100, 50, 120, DType::kF32},
+                         Shard{520, 64, 128, 0, 120, DType::kBF16}}) {
+    SCOPED_TRACE(internal::StreamCat(DTypeName(c.dtype), " N ", c.n, " shard rows ", c.rows, " from ", c.first_row,
+                                     " vocab ", c.vocab));
+    const Tensor h = RandomTensor({c.n, c.d}, c.dtype, 51, -2, 2);
+    const Tensor w = RandomTensor({c.rows, c.d}, c.dtype, 52, -0.5, 0.5);
+    const Tensor targets = Targets(c.n, c.vocab, 5, 53);
+    const Tensor dw0 = RandomTensor({c.rows, c.d}, DType::kF32, 54);
+    ops::CrossEntropyOptions options;
+    options.vocab = c.vocab;
+    options.normalizer = 123.0;
+    const TensorParallel tp;  // one rank
+    Tensor dh = Tensor::Empty({c.n, c.d}, DType::kF32), dw = dw0.Clone(), pred = Tensor::Empty({c.n}, DType::kI32);
+    const ops::CrossEntropyResult want = VocabParallelCrossEntropy(h.To(DType::kF32), w.To(DType::kF32), c.first_row,
+                                                                   targets, options, tp, &dh, &dw, &pred);
+    Tensor gdh = PoisonedGpu({c.n, c.d}, c.dtype), gdw = ToGpu(dw0), gpred = PoisonedGpu({c.n}, DType::kI32);
+    const ops::CrossEntropyResult got = VocabParallelCrossEntropy(ToGpu(h), ToGpu(w), c.first_row, ToGpu(targets),
+                                                                  options, tp, &gdh, &gdw, &gpred);
+    EXPECT_EQ(got.counted, want.counted);
+    EXPECT_NEAR(got.loss, want.loss, 1e-5 * std::abs(want.loss)) << "loss (rtol 1e-5)";
+    EXPECT_TRUE(AllClose(ToCpu(gpred), pred, 0, 0)) << "predictions";
+    const double rtol = c.dtype == DType::kF32 ? 1e-5 : 1e-2;
+    EXPECT_TRUE(CloseToScale(gdh, dh, rtol)) << "dh";
+    EXPECT_TRUE(CloseToScale(gdw, dw, rtol)) << "dW";
+  }
 }
 
 }  // namespace
