@@ -178,6 +178,7 @@ void LaunchMap(const char* name, const Tensor* const (&in)[kIn], Tensor* const (
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
+// σ(x). Backward formulas take 1 − σ(x) as σ(−x): no cancellation where σ(x) → 1.
 __device__ __forceinline__ float Sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 }  // namespace loom::ops::cuda

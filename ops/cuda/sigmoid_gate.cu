@@ -12,9 +12,9 @@ struct GateFwd {  // in: x, g
 };
 struct GateBwd {  // in: x, g, dy; out: dx, dg
   __device__ void operator()(const float (&in)[3], float (&out)[2]) const {
-    const float x = in[0], s = Sigmoid(in[1]), d = in[2];
+    const float x = in[0], s = Sigmoid(in[1]), one_minus_s = Sigmoid(-in[1]), d = in[2];
     out[0] = d * s;
-    out[1] = d * x * s * (1.0f - s);
+    out[1] = d * x * s * one_minus_s;
   }
 };
 

@@ -11,8 +11,8 @@ struct SiluFwd {
 };
 struct SiluBwd {  // in: x, dy
   __device__ void operator()(const float (&in)[2], float (&out)[1]) const {
-    const float s = Sigmoid(in[0]);
-    out[0] = in[1] * s * (1.0f + in[0] * (1.0f - s));
+    const float s = Sigmoid(in[0]), one_minus_s = Sigmoid(-in[0]);
+    out[0] = in[1] * s * (1.0f + in[0] * one_minus_s);
   }
 };
 

@@ -14,8 +14,8 @@ struct SwigluFwd {  // in: gate, up
 };
 struct SwigluBwd {  // in: gate, up, dh; out: dgate, dup
   __device__ void operator()(const float (&in)[3], float (&out)[2]) const {
-    const float g = in[0], u = in[1], d = in[2], s = Sigmoid(g);
-    out[0] = d * u * s * (1.0f + g * (1.0f - s));
+    const float g = in[0], u = in[1], d = in[2], s = Sigmoid(g), one_minus_s = Sigmoid(-g);
+    out[0] = d * u * s * (1.0f + g * one_minus_s);
     out[1] = d * g * s;
   }
 };
