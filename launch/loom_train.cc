@@ -38,6 +38,7 @@
 #include "parallel/solo_communicator.h"
 #include "parallel/tensor_parallel.h"
 #include "runtime/config.h"
+#include "runtime/cuda_runtime.h"
 #include "runtime/log.h"
 #include "runtime/metrics.h"
 #include "runtime/tensorboard.h"
@@ -138,16 +139,20 @@ absl::StatusOr<EvalResult> Evaluate(Model& model, const DataSource& data, const 
     LOOM_ASSIGN_OR_RETURN(Batch batch, LocalShare(data.Eval(first, std::min(micro, end - first)), groups));
     batches.push_back(std::move(batch));
   }
+  const Device device = model.dims().device;
+  std::vector<Batch> on_device;
+  for (const Batch& b : batches) on_device.push_back(b.To(device));
   std::vector<Tensor> predictions(batches.size());
   if (groups.layout.pp == 1) {
     for (size_t i = 0; i < batches.size(); ++i) {
-      predictions[i] = Tensor::Empty({batches[i].tokens_count()}, DType::kI32);
-      const auto ce = model.Evaluate(batches[i], 1.0, &predictions[i]);
+      Tensor predicted = Tensor::Empty({batches[i].tokens_count()}, DType::kI32, device);
+      const auto ce = model.Evaluate(on_device[i], 1.0, &predicted);
+      predictions[i] = predicted.To(Device::Cpu());
       sum[0] += ce.loss;
       sum[1] += ce.counted;
     }
   } else {
-    LOOM_ASSIGN_OR_RETURN(const auto ce, PipelineEvaluate(model, *groups.pp, batches, &predictions));
+    LOOM_ASSIGN_OR_RETURN(const auto ce, PipelineEvaluate(model, *groups.pp, on_device, &predictions));
     sum[0] += ce.loss;
     sum[1] += ce.counted;
   }
@@ -240,9 +245,9 @@ std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, cons
 
 class Trainer {
  public:
-  Trainer(const config::Config& config, DataSource data, Communicator& world, ProcessGroups& groups)
+  Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups)
       : config_(config),
-        dims_(ModelDims::FromConfig(config)),
+        dims_(PlacedDims(config, device)),
         world_(world),
         groups_(groups),
         tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp, config.parallel().sequence_parallel()},
@@ -285,7 +290,9 @@ class Trainer {
     if (lead_) LOOM_RETURN_IF_ERROR(tb_.Open((run_dir_ / "tb").string()));
     LogInfo("loom ", LOOM_VERSION, " | model ", dims_.kinds, " hidden ", dims_.hidden, " heads ", dims_.heads,
             "/", dims_.kv_heads, " | ", HumanCount(dims_.ParameterCount(true)), " parameters (",
-            HumanCount(dims_.ParameterCount(false)), " without embeddings) | ", DTypeName(dims_.dtype), " on cpu");
+            HumanCount(dims_.ParameterCount(false)), " without embeddings) | ", DTypeName(dims_.act_dtype()),
+            dims_.mixed_bf16 ? absl::StrCat(" (", DTypeName(dims_.dtype), " master weights)") : "",
+            " on ", DeviceDescription(dims_.device));
     if (layout.world > 1)
       LogInfo("ranks: ", layout.world, " = ", layout.ToString(), config_.parallel().zero() ? " | ZeRO-1" : "",
               " | ", world_.backend(), " backend | ", dp_.buckets(), " gradient buckets");
@@ -310,6 +317,7 @@ class Trainer {
         batches.push_back(std::move(b));
       }
       if (oracle) LOOM_RETURN_IF_ERROR(oracle->WriteStep(step, batches));
+      for (Batch& b : batches) b = b.To(dims_.device);
       // The loss is normalised by the step's global count of target tokens.
       Tensor stats = Tensor::Zeros({2}, DType::kF64);  // targets, loss
       for (const Batch& b : batches) stats.data<double>()[0] += b.CountTargets();
@@ -339,13 +347,16 @@ class Trainer {
       }
       const double lr = LearningRate(config_.optim(), step, steps);
       LOOM_RETURN_IF_ERROR(dp_.Step(lr));
+      // ZeRO all-gathered new masters; the bf16 copies follow them.
+      if (config_.parallel().zero() == 1) model_.RefreshComputeWeights();
+      if (!dims_.device.is_cpu()) CudaSynchronize();  // the step's kernels are done
       const double seconds = step_timer.Seconds();
       const double tokens_per_s = tokens_per_step / seconds;
       // docs/metrics.md: model FLOPs of the step over its time, per rank;
       // MFU divides by the device's peak (--peak_tflops).
       const double tflops = flops_per_step / seconds / layout.world / 1e12;
       const double peak = absl::GetFlag(FLAGS_peak_tflops);
-      const double max_rss_mb = MaxRssMb(), tensor_peak_mb = PeakCpuTensorBytes() / 1048576.0;
+      const double max_rss_mb = MaxRssMb(), tensor_peak_mb = PeakTensorBytes() / 1048576.0;
       std::vector<std::pair<std::string, double>> record = {
           {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s},
           {"tflops_per_rank", tflops}, {"max_rss_mb", max_rss_mb}, {"tensor_peak_mb", tensor_peak_mb},
@@ -389,6 +400,12 @@ class Trainer {
   }
 
  private:
+  static ModelDims PlacedDims(const config::Config& c, Device device) {
+    ModelDims d = ModelDims::FromConfig(c);
+    d.device = device;
+    return d;
+  }
+
   static DataParallelOptions DpOptions(const config::Config& c) {
     DataParallelOptions o;
     o.adam.beta1 = c.optim().beta1();
@@ -442,6 +459,17 @@ class Trainer {
     return absl::OkStatus();
   }
 
+  // Tensor bytes at the step's peak: CUDA's pool on the GPU, the CPU
+  // allocation counter otherwise.
+  double PeakTensorBytes() const {
+    return dims_.device.is_cpu() ? PeakCpuTensorBytes() : PeakCudaTensorBytes(dims_.device.index);
+  }
+
+  static std::string DeviceDescription(Device d) {
+    if (d.is_cpu()) return "cpu";
+    return absl::StrCat(d.ToString(), " (", CudaDeviceName(d.index), ")");
+  }
+
   static double MaxRssMb() {
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);
@@ -450,8 +478,9 @@ class Trainer {
 
   std::string FirstNonFinite() const {
     for (const Param* p : model_.params()) {
-      for (int64_t i = 0; i < p->grad.numel(); ++i)
-        if (!std::isfinite(p->grad.Get(i))) return p->name;
+      const Tensor g = p->grad.To(Device::Cpu());
+      for (int64_t i = 0; i < g.numel(); ++i)
+        if (!std::isfinite(g.Get(i))) return p->name;
     }
     return "the loss";
   }
@@ -469,9 +498,10 @@ class Trainer {
     const ParamList& params = model_.params();
     for (size_t i = 0; i < params.size(); ++i) {
       const Param& p = *params[i];
-      LOOM_ASSIGN_OR_RETURN(Tensor value, GatherGlobal(p, p.value, tp_));
-      LOOM_ASSIGN_OR_RETURN(Tensor gm, GatherGlobal(p, m[i], tp_));
-      LOOM_ASSIGN_OR_RETURN(Tensor gv, GatherGlobal(p, v[i], tp_));
+      const Device cpu = Device::Cpu();
+      LOOM_ASSIGN_OR_RETURN(Tensor value, GatherGlobal(p, p.value.To(cpu), tp_));
+      LOOM_ASSIGN_OR_RETURN(Tensor gm, GatherGlobal(p, m[i].To(cpu), tp_));
+      LOOM_ASSIGN_OR_RETURN(Tensor gv, GatherGlobal(p, v[i].To(cpu), tp_));
       state.tensors.push_back({p.name, value});
       state.tensors.push_back({"optim.m." + p.name, gm});
       state.tensors.push_back({"optim.v." + p.name, gv});
@@ -542,10 +572,13 @@ class Trainer {
       Param& p = *params[i];
       m.push_back(Tensor::Zeros(p.value.shape(), p.value.dtype()));
       v.push_back(Tensor::Zeros(p.value.shape(), p.value.dtype()));
-      LOOM_RETURN_IF_ERROR(restore(p, p.name, p.value));
+      Tensor value = Tensor::Zeros(p.value.shape(), p.value.dtype());
+      LOOM_RETURN_IF_ERROR(restore(p, p.name, value));
       LOOM_RETURN_IF_ERROR(restore(p, "optim.m." + p.name, m.back()));
       LOOM_RETURN_IF_ERROR(restore(p, "optim.v." + p.name, v.back()));
+      p.value.CopyFrom(value);
     }
+    model_.RefreshComputeWeights();
     dp_.ScatterMoments(m, v);
     auto steps = by_name.find("optim.steps");
     if (steps == by_name.end() || steps->second.dtype() != DType::kI64)
@@ -570,7 +603,7 @@ class Trainer {
   TensorBoardWriter tb_;  // rank 0: <run_dir>/tb/, a new events file per run
 };
 
-absl::Status Train(const config::Config& config, Communicator& world) {
+absl::Status Train(const config::Config& config, Device device, Communicator& world) {
   LOOM_ASSIGN_OR_RETURN(const Layout layout, MakeLayout(world.size(), config));
   if (world.rank() == 0) {
     std::error_code ec;
@@ -582,13 +615,32 @@ absl::Status Train(const config::Config& config, Communicator& world) {
   LOOM_RETURN_IF_ERROR(world.Barrier());
   LOOM_ASSIGN_OR_RETURN(DataSource data, DataSource::Create(config));
   LOOM_ASSIGN_OR_RETURN(std::unique_ptr<ProcessGroups> groups, ProcessGroups::Make(world, layout));
-  Trainer trainer(config, std::move(data), world, *groups);
+  Trainer trainer(config, device, std::move(data), world, *groups);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   // A file-size limit (ulimit -f) then fails a checkpoint write with EFBIG,
   // reported with the file's name, instead of killing the run mid-save.
   std::signal(SIGXFSZ, SIG_IGN);
   return trainer.Run();
+}
+
+// train.device: "cpu", "cuda" (this rank's GPU), or "auto" (cuda when there
+// is one). Picks the rank's GPU: local rank mod the visible GPUs.
+absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
+  const bool gpu = BuiltWithCuda() && CudaDeviceCount() > 0;
+  if (t.device() == "cpu" || (t.device() == "auto" && !gpu)) {
+    if (t.dtype() == "bf16")
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.dtype: bf16 trains on the GPU only, and ",
+          BuiltWithCuda() ? "no GPU is visible" : "Loom was built without CUDA (configure with -DLOOM_CUDA=ON)"));
+    return Device::Cpu();
+  }
+  if (!gpu)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train.device: cuda, but ",
+        BuiltWithCuda() ? "no GPU is visible" : "Loom was built without CUDA (configure with -DLOOM_CUDA=ON)"));
+  if (t.dtype() == "f64") return absl::InvalidArgumentError("train.dtype: f64 runs on the CPU only (train.device=cpu)");
+  return Device::Cuda(SelectLocalGpu());
 }
 
 std::string HumanBytes(double b) {
@@ -667,11 +719,15 @@ int main(int argc, char** argv) {
     if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(config.status().message()).c_str());
     return 2;
   }
+  auto device = loom::ResolveDevice(config->train());
+  if (!device.ok()) {
+    if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(device.status().message()).c_str());
+    return 2;
+  }
   // One process started by hand needs no MPI at all.
-  // The tensors stay on the CPU until the GPU training step lands, so
-  // parallel.backend=auto picks MPI.
-  auto world = loom::LaunchedByParallelLauncher() ? loom::MakeWorld(config->parallel(), /*gpu_tensors=*/false)
-                                                  : absl::StatusOr<std::unique_ptr<loom::Communicator>>(loom::SoloWorld());
+  auto world = loom::LaunchedByParallelLauncher()
+                   ? loom::MakeWorld(config->parallel(), /*gpu_tensors=*/!device->is_cpu())
+                   : absl::StatusOr<std::unique_ptr<loom::Communicator>>(loom::SoloWorld());
   if (!world.ok()) {
     std::fprintf(stderr, "loom-train: %s\n", std::string(world.status().message()).c_str());
     return 1;
@@ -685,7 +741,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (absl::Status s = loom::Train(*config, **world); !s.ok()) {
+  if (absl::Status s = loom::Train(*config, *device, **world); !s.ok()) {
     // A rank that stopped answering: the others may be stuck, so leave
     // without MPI_Finalize.
     if (absl::IsDeadlineExceeded(s)) loom::ExitAfterCommFailure(s);

@@ -35,10 +35,21 @@ struct Batch {
     if (with_docs) b.token_rows.doc_ids = Tensor::Empty({rows * seq_len}, DType::kI32);
     return b;
   }
+  // This batch with tokens, targets and positions on `device` (token_rows
+  // stay on the host; the attention ops keep their device copies).
+  Batch To(Device device) const {
+    Batch b = *this;
+    if (tokens.device() == device) return b;
+    b.tokens = tokens.To(device);
+    b.targets = targets.To(device);
+    b.positions = positions.To(device);
+    return b;
+  }
   // Targets that count towards the loss (not −100).
   int64_t CountTargets() const {
+    const Tensor host = targets.device().is_cpu() ? targets : targets.To(Device::Cpu());
     int64_t n = 0;
-    for (int64_t i = 0; i < targets.numel(); ++i) n += targets.data<int32_t>()[i] != -100;
+    for (int64_t i = 0; i < host.numel(); ++i) n += host.data<int32_t>()[i] != -100;
     return n;
   }
 };

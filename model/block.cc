@@ -41,22 +41,21 @@ void DecoderBlock::Forward(const Tensor& x, const Batch& batch, Tensor& out) {
 
 void DecoderBlock::ForwardKeepingActivations(const Tensor& x, const Batch& batch, Tensor& out) {
   const int64_t t = x.dim(0), c = dims_.hidden;
-  const DType dt = x.dtype();
-  n1_ = Tensor::Empty({t, c}, dt);
-  rstd1_ = Tensor::Empty({t}, dt);
+  n1_ = dims_.Act({t, c});
+  rstd1_ = dims_.Stat({t});
   ops::RmsNormForward(x, norm1_.value, dims_.norm_eps, n1_, rstd1_);
   const bool sp = tp_.sp();
   n1_full_ = sp ? tp_.GatherTokens(n1_) : n1_;
-  Tensor mixed = Tensor::Empty(n1_full_.shape(), dt);
+  Tensor mixed = dims_.Act(n1_full_.shape());
   if (softmax_) softmax_->Forward(n1_full_, batch, mixed);
   if (lightning_) lightning_->Forward(n1_full_, batch, mixed);
   x1_ = sp ? tp_.ScatterTokens(mixed) : mixed;
   ops::AddInPlace(x1_, x);
-  n2_ = Tensor::Empty({t, c}, dt);
-  rstd2_ = Tensor::Empty({t}, dt);
+  n2_ = dims_.Act({t, c});
+  rstd2_ = dims_.Stat({t});
   ops::RmsNormForward(x1_, norm2_.value, dims_.norm_eps, n2_, rstd2_);
   n2_full_ = sp ? tp_.GatherTokens(n2_) : n2_;
-  Tensor y = sp ? Tensor::Empty(n2_full_.shape(), dt) : out;
+  Tensor y = sp ? dims_.Act(n2_full_.shape()) : out;
   if (mlp_) mlp_->Forward(n2_full_, y);
   if (moe_) moe_->Forward(n2_full_, y);
   if (sp) out.CopyFrom(tp_.ScatterTokens(y));
@@ -68,7 +67,7 @@ void DecoderBlock::NormBackward(const Tensor& x, Param& norm, const Tensor& rstd
     ops::RmsNormBackward(x, norm.value, rstd, dn, dx, norm.grad);
     return;
   }
-  Tensor dw = Tensor::Zeros(norm.grad.shape(), norm.grad.dtype());
+  Tensor dw = Tensor::Zeros(norm.grad.shape(), norm.grad.dtype(), norm.grad.device());
   ops::RmsNormBackward(x, norm.value, rstd, dn, dx, dw);
   tp_.AllReduce(dw);
   ops::AddInPlace(norm.grad, dw);
@@ -77,24 +76,23 @@ void DecoderBlock::NormBackward(const Tensor& x, Param& norm, const Tensor& rstd
 void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx,
                             double router_loss_scale) {
   const int64_t t = x.dim(0), c = dims_.hidden;
-  const DType dt = x.dtype();
   if (recompute_) {
-    Tensor scratch = Tensor::Empty({t, c}, dt);
+    Tensor scratch = dims_.Act({t, c});
     ForwardKeepingActivations(x, batch, scratch);
   }
   // Residual: dx1 = dout + RMSNorm₂ᵀ(MLPᵀ(dout)).
   const bool sp = tp_.sp();
   const Tensor dout_full = sp ? tp_.GatherTokens(dout) : dout;
-  Tensor dn = Tensor::Empty(dout_full.shape(), dt);
+  Tensor dn = dims_.Act(dout_full.shape());
   if (mlp_) mlp_->Backward(n2_full_, dout_full, dn);
   if (moe_) moe_->Backward(n2_full_, dout_full, dn, router_loss_scale);
   if (sp) dn = tp_.ScatterTokens(dn);
-  Tensor dx1 = Tensor::Empty({t, c}, dt);
+  Tensor dx1 = dims_.Act({t, c});
   NormBackward(x1_, norm2_, rstd2_, dn, dx1);
   ops::AddInPlace(dx1, dout);
   // dx = dx1 + RMSNorm₁ᵀ(Mixerᵀ(dx1)).
   const Tensor dx1_full = sp ? tp_.GatherTokens(dx1) : dx1;
-  dn = Tensor::Empty(dx1_full.shape(), dt);
+  dn = dims_.Act(dx1_full.shape());
   if (softmax_) softmax_->Backward(n1_full_, batch, dx1_full, dn);
   if (lightning_) lightning_->Backward(n1_full_, batch, dx1_full, dn);
   if (sp) dn = tp_.ScatterTokens(dn);

@@ -49,11 +49,24 @@ struct ModelDims {
   bool lightning_gate = true;
   double init_std = 0.02;
   std::vector<bool> recompute;  // per layer
+  // Precision and place (docs/gpu.md). dtype: parameters, their gradients
+  // and the optimizer (the master weights). act_dtype(): activations and the
+  // residual stream, bf16 in mixed-precision GPU runs, else dtype.
+  // Statistics (norm rstd, lightning states, decays) are act_dtype() on the
+  // CPU and f32 on the GPU.
   DType dtype = DType::kF32;
+  bool mixed_bf16 = false;  // train.dtype = bf16
+  Device device;  // set by the launcher (FromConfig leaves the CPU)
   uint64_t seed = 0;
   MoeDims moe;
 
   static ModelDims FromConfig(const config::Config& config);
+
+  DType act_dtype() const { return mixed_bf16 ? DType::kBF16 : dtype; }
+  DType stat_dtype() const { return device.is_cpu() ? act_dtype() : DType::kF32; }
+  // Uninitialised activations and statistics on the model's device.
+  Tensor Act(const Shape& shape) const { return Tensor::Empty(shape, act_dtype(), device); }
+  Tensor Stat(const Shape& shape) const { return Tensor::Empty(shape, stat_dtype(), device); }
 
   // Parameters, with or without the embedding and output matrices.
   int64_t ParameterCount(bool with_embeddings) const;

@@ -19,7 +19,8 @@ LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const Te
   if (dims.lightning_decay) decay = ops::LightningDecay(dims.heads, layer, dims.layers);
   // This rank's heads keep their global decays.
   decay.assign(decay.begin() + tp.rank * h_, decay.begin() + (tp.rank + 1) * h_);
-  decay_ = Tensor::FromVector<double>(decay, {h_}).To(dims.dtype);
+  decay_ = Tensor::Empty({h_}, dims.stat_dtype(), dims.device);
+  decay_.CopyFrom(Tensor::FromVector<double>(decay, {h_}).To(dims.stat_dtype()));
   const double out_std = dims.init_std / std::sqrt(2.0 * dims.layers);
   const int n = tp.size, r = tp.rank;
   wq_.InitSharded(prefix + "wq", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
@@ -39,25 +40,24 @@ void LightningAttentionLayer::CollectParams(ParamList& out) {
 
 void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
   const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
-  const DType dt = x.dtype();
-  qa_ = Tensor::Empty({t, h, d}, dt);
-  ka_ = Tensor::Empty({t, h, d}, dt);
-  va_ = Tensor::Empty({t, h, d}, dt);
-  ops::LinearForward(x, wq_.value, qa_);
-  ops::LinearForward(x, wk_.value, ka_);
-  ops::LinearForward(x, wv_.value, va_);
+  qa_ = dims_.Act({t, h, d});
+  ka_ = dims_.Act({t, h, d});
+  va_ = dims_.Act({t, h, d});
+  ops::LinearForward(x, wq_.weight(), qa_);
+  ops::LinearForward(x, wk_.weight(), ka_);
+  ops::LinearForward(x, wv_.weight(), va_);
   if (dims_.lightning_silu) {
-    q_ = Tensor::Empty(qa_.shape(), dt);
-    k_ = Tensor::Empty(ka_.shape(), dt);
-    v_ = Tensor::Empty(va_.shape(), dt);
+    q_ = dims_.Act(qa_.shape());
+    k_ = dims_.Act(ka_.shape());
+    v_ = dims_.Act(va_.shape());
     ops::SiluForward(qa_, q_);
     ops::SiluForward(ka_, k_);
     ops::SiluForward(va_, v_);
   } else {
     q_ = qa_, k_ = ka_, v_ = va_;
   }
-  a_ = Tensor::Empty({t, h, d}, dt);
-  Tensor state_out = Tensor::Empty({batch.token_rows.rows(), h, d, d}, dt);
+  a_ = dims_.Act({t, h, d});
+  Tensor state_out = dims_.Stat({batch.token_rows.rows(), h, d, d});
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
   if (cp_.size == 1) {
@@ -67,57 +67,56 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
                                  &cp_saved_));
   }
   if (dims_.lightning_norm) {
-    n_ = Tensor::Empty({t * h, d}, dt);
-    rstd_ = Tensor::Empty({t * h}, dt);
+    n_ = dims_.Act({t * h, d});
+    rstd_ = dims_.Stat({t * h});
     ops::RmsNormForward(a_.Reshape({t * h, d}), norm_.value, dims_.norm_eps, n_, rstd_);
   } else {
     n_ = a_;
   }
   if (dims_.lightning_gate) {
-    g_ = Tensor::Empty({t, h * d}, dt);
-    ops::LinearForward(x, wg_.value, g_);
-    y_ = Tensor::Empty({t, h * d}, dt);
+    g_ = dims_.Act({t, h * d});
+    ops::LinearForward(x, wg_.weight(), g_);
+    y_ = dims_.Act({t, h * d});
     ops::SigmoidGateForward(n_.Reshape({t, h * d}), g_, y_);
   } else {
     y_ = n_.Reshape({t, h * d});
   }
-  ops::LinearForward(y_, wo_.value, y);
+  ops::LinearForward(y_, wo_.weight(), y);
   tp_.ReduceOutput(y);
 }
 
 void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
   const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
-  const DType dt = x.dtype();
-  Tensor d_y = Tensor::Empty({t, h * d}, dt);
-  ops::LinearBackward(y_, wo_.value, dy, &d_y, wo_.grad);
+  Tensor d_y = dims_.Act({t, h * d});
+  ops::LinearBackward(y_, wo_.weight(), dy, &d_y, wo_.grad);
   // Each branch below adds its input gradient into dx: the first writes.
   bool dx_written = false;
   auto add_input_grad = [&](const Tensor& dproj, Param& w) {
-    ops::LinearBackward(x, w.value, dproj, &dx, w.grad, /*accumulate_dx=*/dx_written);
+    ops::LinearBackward(x, w.weight(), dproj, &dx, w.grad, /*accumulate_dx=*/dx_written);
     dx_written = true;
   };
   Tensor dn = d_y;
   if (dims_.lightning_gate) {
-    dn = Tensor::Empty({t, h * d}, dt);
-    Tensor dg = Tensor::Empty({t, h * d}, dt);
+    dn = dims_.Act({t, h * d});
+    Tensor dg = dims_.Act({t, h * d});
     ops::SigmoidGateBackward(n_.Reshape({t, h * d}), g_, d_y, dn, dg);
     add_input_grad(dg, wg_);
   }
   Tensor da = dn;
   if (dims_.lightning_norm) {
-    da = Tensor::Empty({t * h, d}, dt);
+    da = dims_.Act({t * h, d});
     if (tp_.size == 1) {
       ops::RmsNormBackward(a_.Reshape({t * h, d}), norm_.value, rstd_, dn.Reshape({t * h, d}), da, norm_.grad);
     } else {
       // The shared norm weight sees only this rank's heads: sum the
       // micro-batch's contribution over the TP group.
-      Tensor dw = Tensor::Zeros(norm_.grad.shape(), dt);
+      Tensor dw = Tensor::Zeros(norm_.grad.shape(), norm_.grad.dtype(), norm_.grad.device());
       ops::RmsNormBackward(a_.Reshape({t * h, d}), norm_.value, rstd_, dn.Reshape({t * h, d}), da, dw);
       tp_.AllReduce(dw);
       ops::AddInPlace(norm_.grad, dw);
     }
   }
-  Tensor dq = Tensor::Empty({t, h, d}, dt), dk = Tensor::Empty({t, h, d}, dt), dv = Tensor::Empty({t, h, d}, dt);
+  Tensor dq = dims_.Act({t, h, d}), dk = dims_.Act({t, h, d}), dv = dims_.Act({t, h, d});
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
   Tensor no_state;

@@ -19,23 +19,23 @@ SwigluMlp::SwigluMlp(const ModelDims& dims, const TensorParallel& tp, const std:
 
 void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
   const int64_t t = x.dim(0), f = f_;
-  gate_ = Tensor::Empty({t, f}, x.dtype());
-  up_ = Tensor::Empty({t, f}, x.dtype());
-  h_ = Tensor::Empty({t, f}, x.dtype());
-  ops::LinearForward(x, w_gate_.value, gate_);
-  ops::LinearForward(x, w_up_.value, up_);
+  gate_ = dims_.Act({t, f});
+  up_ = dims_.Act({t, f});
+  h_ = dims_.Act({t, f});
+  ops::LinearForward(x, w_gate_.weight(), gate_);
+  ops::LinearForward(x, w_up_.weight(), up_);
   ops::SwigluForward(gate_, up_, h_);
-  ops::LinearForward(h_, w_down_.value, y);
+  ops::LinearForward(h_, w_down_.weight(), y);
   tp_.ReduceOutput(y);
 }
 
 void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
-  Tensor dh = Tensor::Empty(h_.shape(), x.dtype());
-  ops::LinearBackward(h_, w_down_.value, dy, &dh, w_down_.grad);
-  Tensor dgate = Tensor::Empty(gate_.shape(), x.dtype()), dup = Tensor::Empty(up_.shape(), x.dtype());
+  Tensor dh = dims_.Act(h_.shape());
+  ops::LinearBackward(h_, w_down_.weight(), dy, &dh, w_down_.grad);
+  Tensor dgate = dims_.Act(gate_.shape()), dup = dims_.Act(up_.shape());
   ops::SwigluBackward(gate_, up_, dh, dgate, dup);
-  ops::LinearBackward(x, w_gate_.value, dgate, &dx, w_gate_.grad);
-  ops::LinearBackward(x, w_up_.value, dup, &dx, w_up_.grad, /*accumulate_dx=*/true);
+  ops::LinearBackward(x, w_gate_.weight(), dgate, &dx, w_gate_.grad);
+  ops::LinearBackward(x, w_up_.weight(), dup, &dx, w_up_.grad, /*accumulate_dx=*/true);
   tp_.ReduceOutput(dx);
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "ops/add.h"
+#include "ops/convert.h"
 #include "ops/embedding.h"
 #include "ops/rmsnorm.h"
 #include "parallel/vocab_parallel_cross_entropy.h"
@@ -39,6 +40,23 @@ Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParal
     params_.push_back(&final_norm_);
     if (!dims_.tie_embeddings) params_.push_back(&lm_head_);
   }
+  if (!dims_.device.is_cpu()) {
+    LOOM_CHECK(dims_.moe.experts == 0, "[model] MoE layers run on the CPU only so far (train.device = cpu)");
+    for (Param* p : params_) {
+      p->value = p->value.To(dims_.device);
+      p->grad = Tensor::Zeros(p->grad.shape(), p->grad.dtype(), dims_.device);
+    }
+  }
+  RefreshComputeWeights();
+}
+
+void Model::RefreshComputeWeights() {
+  if (!dims_.mixed_bf16) return;
+  for (Param* p : params_) {
+    if (p->value.ndim() != 2) continue;  // norms read the master
+    if (!p->compute.defined()) p->compute = Tensor::Empty(p->value.shape(), dims_.act_dtype(), p->value.device());
+    ops::Convert(p->value, p->compute);
+  }
 }
 
 void Model::ZeroGrad() {
@@ -46,11 +64,11 @@ void Model::ZeroGrad() {
 }
 
 Tensor Model::Embed(const Batch& batch) {
-  Tensor x = Tensor::Empty({batch.tokens_count(), dims_.hidden}, dims_.dtype);
+  Tensor x = dims_.Act({batch.tokens_count(), dims_.hidden});
   if (tp_.size == 1) {
-    ops::EmbeddingForward(batch.tokens, embed_.value, x);
+    ops::EmbeddingForward(batch.tokens, embed_.weight(), x);
   } else {
-    ops::EmbeddingForwardSlice(batch.tokens, embed_.value, embed_.split_start, x);
+    ops::EmbeddingForwardSlice(batch.tokens, embed_.weight(), embed_.split_start, x);
     if (tp_.sp()) return tp_.ScatterTokens(x);
     tp_.AllReduce(x);
   }
@@ -63,8 +81,8 @@ int64_t Model::residual_tokens(const Batch& batch) const {
 
 Tensor Model::FinalNorm(const Tensor& x) {
   const int64_t t = x.dim(0), c = dims_.hidden;
-  final_x_ = Tensor::Empty({t, c}, dims_.dtype);
-  final_rstd_ = Tensor::Empty({t}, dims_.dtype);
+  final_x_ = dims_.Act({t, c});
+  final_rstd_ = dims_.Stat({t});
   ops::RmsNormForward(x, final_norm_.value, dims_.norm_eps, final_x_, final_rstd_);
   return tp_.sp() ? tp_.GatherTokens(final_x_) : final_x_;
 }
@@ -75,7 +93,7 @@ Tensor Model::ChunkForward(int v, const Batch& batch, const Tensor& input) {
   chunk.layer_inputs.assign(chunk.blocks.size() + 1, Tensor());
   chunk.layer_inputs[0] = first_stage(v) ? Embed(batch) : input;
   for (size_t l = 0; l < chunk.blocks.size(); ++l) {
-    chunk.layer_inputs[l + 1] = Tensor::Empty({t, c}, dims_.dtype);
+    chunk.layer_inputs[l + 1] = dims_.Act({t, c});
     chunk.blocks[l]->Forward(chunk.layer_inputs[l], batch, chunk.layer_inputs[l + 1]);
   }
   return chunk.layer_inputs.back();
@@ -88,8 +106,8 @@ ops::CrossEntropyResult Model::Loss(const Tensor& h, const Batch& batch, double 
   options.normalizer = normalizer;
   Param& out = output_param();
   Tensor* dw = dh != nullptr ? &out.grad : nullptr;
-  if (tp_.size == 1) return ops::CrossEntropy(h, out.value, batch.targets, options, dh, dw, predictions);
-  return VocabParallelCrossEntropy(h, out.value, out.split_start, batch.targets, options, tp_, dh, dw, predictions);
+  if (tp_.size == 1) return ops::CrossEntropy(h, out.weight(), batch.targets, options, dh, dw, predictions);
+  return VocabParallelCrossEntropy(h, out.weight(), out.split_start, batch.targets, options, tp_, dh, dw, predictions);
 }
 
 ops::CrossEntropyResult Model::ChunkLoss(const Tensor& output, const Batch& batch, double normalizer,
@@ -103,17 +121,17 @@ Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, doubl
                             ops::CrossEntropyResult* loss) {
   Chunk& chunk = chunks_[v];
   const int64_t t = residual_tokens(batch), c = dims_.hidden;
-  Tensor dx = Tensor::Empty({t, c}, dims_.dtype);
+  Tensor dx = dims_.Act({t, c});
   if (last_stage(v)) {
     // Final norm, loss, and back to the residual stream.
     const Tensor h = FinalNorm(chunk.layer_inputs.back());
-    Tensor dh = Tensor::Empty(h.shape(), dims_.dtype);
+    Tensor dh = dims_.Act(h.shape());
     *loss = Loss(h, batch, normalizer, &dh, nullptr);
     if (!dims_.tie_embeddings) GradReady({&lm_head_});
     // Under sequence parallelism dh is whole on every rank (the vocab-parallel
     // cross-entropy sums it) and the norm saw only this rank's tokens.
     const Tensor dh_local = tp_.sp() ? tp_.LocalTokens(dh) : dh;
-    Tensor dw = tp_.sp() ? Tensor::Zeros(final_norm_.grad.shape(), dims_.dtype) : final_norm_.grad;
+    Tensor dw = tp_.sp() ? Tensor::Zeros(final_norm_.grad.shape(), dims_.dtype, dims_.device) : final_norm_.grad;
     ops::RmsNormBackward(chunk.layer_inputs.back(), final_norm_.value, final_rstd_, dh_local, dx, dw);
     if (tp_.sp()) {
       tp_.AllReduce(dw);
@@ -124,7 +142,7 @@ Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, doubl
   } else {
     dx.CopyFrom(dout);
   }
-  Tensor dprev = Tensor::Empty({t, c}, dims_.dtype);
+  Tensor dprev = dims_.Act({t, c});
   const double router_share = RouterLossShare(batch, normalizer);
   for (size_t l = chunk.blocks.size(); l-- > 0;) {
     chunk.blocks[l]->Backward(chunk.layer_inputs[l], batch, dx, dprev, router_share);

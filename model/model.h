@@ -80,6 +80,10 @@ class Model {
   std::vector<std::pair<int, RoutingStats>> RoutingStatistics() const;
   const ModelDims& dims() const { return dims_; }
   void ZeroGrad();
+  // bf16 runs: rewrites every matrix's bf16 copy (Param::compute) from its
+  // master, after the masters changed outside the optimizer (a checkpoint
+  // load, a ZeRO all-gather). Nothing to do unless dims.mixed_bf16.
+  void RefreshComputeWeights();
   // Called during backward with parameters whose gradient for the current
   // micro-batch is complete (data parallelism starts bucket reductions
   // from it), in the order backward finishes them, while armed.

@@ -19,7 +19,6 @@ absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, con
   const int stages = p * vpp;
   LOOM_ASSIGN_OR_RETURN(const std::vector<PipelineTask> schedule, PipelineSchedule(p, vpp, r, m_count));
   const int64_t c = model.dims().hidden;
-  const DType dtype = model.dims().dtype;
   model.ZeroGrad();
   std::map<std::pair<int, int>, Tensor> inputs;  // (micro, chunk) -> the chunk's input
   std::vector<CommHandle> sends;
@@ -32,7 +31,7 @@ absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, con
     if (task.forward) {
       Tensor input;
       if (!model.first_stage(v)) {
-        input = Tensor::Empty({t, c}, dtype);
+        input = model.dims().Act({t, c});
         LOOM_RETURN_IF_ERROR(pp.Recv(input, (s - 1) % p, Tag(m, s, stages, 0)));
       }
       Tensor out = model.ChunkForward(v, batch, input);
@@ -49,7 +48,7 @@ absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, con
       inputs.erase({m, v});
       Tensor dout;
       if (!model.last_stage(v)) {
-        dout = Tensor::Empty({t, c}, dtype);
+        dout = model.dims().Act({t, c});
         LOOM_RETURN_IF_ERROR(pp.Recv(dout, (s + 1) % p, Tag(m, s, stages, 1)));
       }
       ops::CrossEntropyResult ce;
@@ -72,7 +71,6 @@ absl::StatusOr<ops::CrossEntropyResult> PipelineEvaluate(Model& model, Communica
   const int p = pp.size(), r = pp.rank(), vpp = model.chunks();
   const int stages = p * vpp;
   const int64_t c = model.dims().hidden;
-  const DType dtype = model.dims().dtype;
   ops::CrossEntropyResult total;
   predictions->assign(micro_batches.size(), Tensor());
   std::vector<CommHandle> sends;
@@ -83,13 +81,14 @@ absl::StatusOr<ops::CrossEntropyResult> PipelineEvaluate(Model& model, Communica
       const int s = v * p + r;
       Tensor input;
       if (!model.first_stage(v)) {
-        input = Tensor::Empty({model.residual_tokens(batch), c}, dtype);
+        input = model.dims().Act({model.residual_tokens(batch), c});
         LOOM_RETURN_IF_ERROR(pp.Recv(input, (s - 1) % p, Tag(static_cast<int>(m), s, stages, 0)));
       }
       Tensor out = model.ChunkForward(v, batch, input);
       if (model.last_stage(v)) {
-        (*predictions)[m] = Tensor::Empty({batch.tokens_count()}, DType::kI32);
-        const auto ce = model.ChunkLoss(out, batch, 1.0, &(*predictions)[m]);
+        Tensor predicted = Tensor::Empty({batch.tokens_count()}, DType::kI32, model.dims().device);
+        const auto ce = model.ChunkLoss(out, batch, 1.0, &predicted);
+        (*predictions)[m] = predicted.To(Device::Cpu());
         total.loss += ce.loss;
         total.counted += ce.counted;
       } else {

@@ -33,33 +33,33 @@ ops::AttentionOptions Options(const ModelDims& d) {
 
 void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
   const int64_t t = x.dim(0), hq = hq_, hk = hk_, d = dims_.head_dim;
-  q_ = Tensor::Empty({t, hq, d}, x.dtype());
-  k_ = Tensor::Empty({t, hk, d}, x.dtype());
-  v_ = Tensor::Empty({t, hk, d}, x.dtype());
-  ops::LinearForward(x, wq_.value, q_);
-  ops::LinearForward(x, wk_.value, k_);
-  ops::LinearForward(x, wv_.value, v_);
+  q_ = dims_.Act({t, hq, d});
+  k_ = dims_.Act({t, hk, d});
+  v_ = dims_.Act({t, hk, d});
+  ops::LinearForward(x, wq_.weight(), q_);
+  ops::LinearForward(x, wk_.weight(), k_);
+  ops::LinearForward(x, wv_.weight(), v_);
   ops::RopeForward(q_, batch.positions, dims_.rope, q_);
   ops::RopeForward(k_, batch.positions, dims_.rope, k_);
-  o_ = Tensor::Empty({t, hq, d}, x.dtype());
-  lse_ = Tensor::Empty({t, hq}, x.dtype());
+  o_ = dims_.Act({t, hq, d});
+  lse_ = dims_.Stat({t, hq});
   if (cp_.size == 1) {
     ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_), o_, lse_);
   } else {
     CheckComm(CpAttentionForward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, batch.token_rows,
                                  Options(dims_), o_, lse_, &cp_saved_));
   }
-  ops::LinearForward(o_, wo_.value, y);
+  ops::LinearForward(o_, wo_.weight(), y);
   tp_.ReduceOutput(y);
 }
 
 void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
   const int64_t t = x.dim(0);
-  Tensor d_o = Tensor::Empty(o_.shape(), x.dtype());
-  ops::LinearBackward(o_, wo_.value, dy, &d_o, wo_.grad);
-  Tensor dq = Tensor::Empty(q_.shape(), x.dtype());
-  Tensor dk = Tensor::Empty(k_.shape(), x.dtype());
-  Tensor dv = Tensor::Empty(v_.shape(), x.dtype());
+  Tensor d_o = dims_.Act(o_.shape());
+  ops::LinearBackward(o_, wo_.weight(), dy, &d_o, wo_.grad);
+  Tensor dq = dims_.Act(q_.shape());
+  Tensor dk = dims_.Act(k_.shape());
+  Tensor dv = dims_.Act(v_.shape());
   if (cp_.size == 1) {
     ops::SoftmaxAttentionBackward(q_, k_, v_, o_, lse_, d_o, batch.token_rows, batch.token_rows, Options(dims_), dq,
                                   dk, dv);
@@ -70,9 +70,9 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   ops::RopeBackward(dq, batch.positions, dims_.rope, dq);
   ops::RopeBackward(dk, batch.positions, dims_.rope, dk);
   // dx = dq W_q + dk W_k + dv W_v.
-  ops::LinearBackward(x, wq_.value, dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
-  ops::LinearBackward(x, wk_.value, dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
-  ops::LinearBackward(x, wv_.value, dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
+  ops::LinearBackward(x, wq_.weight(), dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
+  ops::LinearBackward(x, wk_.weight(), dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
+  ops::LinearBackward(x, wv_.weight(), dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
   tp_.ReduceOutput(dx);
 }
 

@@ -28,8 +28,9 @@ DataParallel::DataParallel(const ParamList& params, Communicator* grad_group, Co
     : params_(params), group_(grad_group), norm_group_(norm_group), tp_rank_(tp_rank), options_(options) {
   LOOM_CHECK(!params_.empty(), "[data_parallel] no parameters");
   const DType dtype = params_[0]->value.dtype();
+  const Device device = params_[0]->value.device();
   for (Param* p : params_)
-    LOOM_CHECK(p->value.dtype() == dtype, "[data_parallel] parameters of mixed dtypes (", p->name, ")");
+    LOOM_CHECK(p->value.dtype() == dtype && p->value.device() == device, "[data_parallel] parameters of mixed dtypes or devices (", p->name, ")");
   const int g = group_->size();
   const int64_t bucket_elems =
       std::max<int64_t>(1, static_cast<int64_t>(options_.bucket_mb * (1 << 20) / DTypeSize(dtype)));
@@ -57,8 +58,8 @@ DataParallel::DataParallel(const ParamList& params, Communicator* grad_group, Co
   }
   close(begin);
   // Move values and gradients into the flat buffers.
-  flat_value_ = Tensor::Zeros({total}, dtype);
-  flat_grad_ = Tensor::Zeros({total}, dtype);
+  flat_value_ = Tensor::Zeros({total}, dtype, device);
+  flat_grad_ = Tensor::Zeros({total}, dtype, device);
   for (size_t k = 0; k < params_.size(); ++k) {
     Param* p = params_[k];
     Tensor value = flat_value_.Slice(offset_of[k], p->value.numel()).Reshape(p->value.shape());
@@ -78,9 +79,9 @@ DataParallel::DataParallel(const ParamList& params, Communicator* grad_group, Co
   const int r = group_->rank();
   for (auto& b : buckets_) {
     const int64_t n = b->size / g, lo = b->offset + r * n, hi = lo + n;
-    b->grad_slice = Tensor::Zeros({n}, dtype);
-    b->m = Tensor::Zeros({n}, dtype);
-    b->v = Tensor::Zeros({n}, dtype);
+    b->grad_slice = Tensor::Zeros({n}, dtype, device);
+    b->m = Tensor::Zeros({n}, dtype, device);
+    b->v = Tensor::Zeros({n}, dtype, device);
     for (size_t k = 0; k < params_.size(); ++k) {
       const int64_t p_lo = offset_of[k], p_hi = p_lo + params_[k]->value.numel();
       const int64_t a = std::max(lo, p_lo), z = std::min(hi, p_hi);
@@ -217,8 +218,8 @@ absl::Status DataParallel::GatherMoments(std::vector<Tensor>& m, std::vector<Ten
     return absl::OkStatus();
   }
   // Gather each bucket's slices into flat moments, then cut per parameter.
-  Tensor flat_m = Tensor::Zeros(flat_value_.shape(), flat_value_.dtype());
-  Tensor flat_v = Tensor::Zeros(flat_value_.shape(), flat_value_.dtype());
+  Tensor flat_m = Tensor::Zeros(flat_value_.shape(), flat_value_.dtype(), flat_value_.device());
+  Tensor flat_v = Tensor::Zeros(flat_value_.shape(), flat_value_.dtype(), flat_value_.device());
   for (auto& b : buckets_) {
     Tensor rm = flat_m.Slice(b->offset, b->size), rv = flat_v.Slice(b->offset, b->size);
     LOOM_RETURN_IF_ERROR(group_->AllGather(b->m, rm));

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <string>
 
 #include "runtime/status.h"
 
@@ -15,8 +17,19 @@ using CudaStream = void*;
 
 bool BuiltWithCuda();
 int CudaDeviceCount();  // 0 when built without CUDA or no GPU is visible
+// Tensor memory: stream-ordered on the default stream, from the device's
+// pool, which keeps freed blocks for reuse (docs/gpu.md).
 void* CudaMalloc(size_t bytes, int device);
 void CudaFree(void* ptr, int device);
+// Bytes of the pool in use now, the most since the last reset, and a reset
+// (peak := current).
+int64_t CudaTensorBytes(int device);
+int64_t PeakCudaTensorBytes(int device);
+void ResetPeakCudaTensorBytes(int device);
+// Device memory in use by anything (cudaMemGetInfo: total − free).
+int64_t CudaDeviceUsedBytes(int device);
+std::string CudaDeviceName(int device);
+int CudaComputeCapability(int device);  // 90 for sm_90 (Hopper)
 // Page-locked host memory (fast, async-capable copies; MPI staging buffers).
 void* CudaHostAlloc(size_t bytes);
 void CudaHostFree(void* ptr);

@@ -87,6 +87,12 @@ Tensor Tensor::Slice(int64_t start, int64_t length) const {
   return t;
 }
 
+Tensor Tensor::To(Device target) const {
+  Tensor t = Empty(shape_, dtype_, target);
+  t.CopyFrom(*this);
+  return t;
+}
+
 Tensor Tensor::Clone() const {
   Tensor t = Empty(shape_, dtype_, device());
   t.CopyFrom(*this);

@@ -93,6 +93,7 @@ class Tensor {
   void Zero();
   void Fill(double value);           // CPU float tensors
   Tensor To(DType dtype) const;      // CPU conversion (a copy)
+  Tensor To(Device device) const;    // a copy on `device`
   // Element i as a double, whatever the (CPU) dtype: for tests and logs.
   double Get(int64_t i) const;
 

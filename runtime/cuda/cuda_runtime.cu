@@ -1,6 +1,10 @@
 // runtime/cuda_runtime.h on the CUDA runtime API.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <mutex>
+#include <string>
+
 #include "runtime/cuda_check.h"
 #include "runtime/cuda_runtime.h"
 
@@ -17,16 +21,77 @@ int CudaDeviceCount() {
   return n;
 }
 
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+// The device's stream-ordered pool, made to keep what is freed (release
+// threshold unlimited) the first time a tensor is allocated there: after
+// the first step, a step's allocations are served from the pool without
+// cudaMalloc's device-wide synchronisation.
+cudaMemPool_t Pool(int device) {
+  static std::once_flag once[kMaxDevices];
+  LOOM_CHECK(device >= 0 && device < kMaxDevices, "[cuda] device ", device);
+  cudaMemPool_t pool;
+  LOOM_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  std::call_once(once[device], [&] {
+    uint64_t keep = UINT64_MAX;
+    LOOM_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  });
+  return pool;
+}
+
+uint64_t PoolAttribute(int device, cudaMemPoolAttr attr) {
+  uint64_t value = 0;
+  LOOM_CUDA_CHECK(cudaMemPoolGetAttribute(Pool(device), attr, &value));
+  return value;
+}
+
+}  // namespace
+
 void* CudaMalloc(size_t bytes, int device) {
   void* ptr = nullptr;
   LOOM_CUDA_CHECK(cudaSetDevice(device));
-  LOOM_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+  LOOM_CUDA_CHECK(cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), /*stream=*/nullptr));
   return ptr;
 }
 
 void CudaFree(void* ptr, int device) {
   LOOM_CUDA_CHECK(cudaSetDevice(device));
-  LOOM_CUDA_CHECK(cudaFree(ptr));
+  LOOM_CUDA_CHECK(cudaFreeAsync(ptr, /*stream=*/nullptr));
+}
+
+int64_t CudaTensorBytes(int device) {
+  return static_cast<int64_t>(PoolAttribute(device, cudaMemPoolAttrUsedMemCurrent));
+}
+
+int64_t PeakCudaTensorBytes(int device) {
+  return static_cast<int64_t>(PoolAttribute(device, cudaMemPoolAttrUsedMemHigh));
+}
+
+void ResetPeakCudaTensorBytes(int device) {
+  uint64_t zero = 0;  // the pool resets the high-water mark to the current use
+  LOOM_CUDA_CHECK(cudaMemPoolSetAttribute(Pool(device), cudaMemPoolAttrUsedMemHigh, &zero));
+}
+
+int64_t CudaDeviceUsedBytes(int device) {
+  LOOM_CUDA_CHECK(cudaSetDevice(device));
+  size_t free_bytes = 0, total = 0;
+  LOOM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  return static_cast<int64_t>(total - free_bytes);
+}
+
+std::string CudaDeviceName(int device) {
+  cudaDeviceProp prop;
+  LOOM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+int CudaComputeCapability(int device) {
+  int major = 0, minor = 0;
+  LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major * 10 + minor;
 }
 
 void* CudaHostAlloc(size_t bytes) {

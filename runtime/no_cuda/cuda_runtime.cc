@@ -18,5 +18,11 @@ void CudaHostFree(void*) { NoCuda("CudaHostFree"); }
 void CudaMemcpy(void*, const void*, size_t) { NoCuda("CudaMemcpy"); }
 void CudaMemset(void*, int, size_t) { NoCuda("CudaMemset"); }
 void CudaSynchronize() { NoCuda("CudaSynchronize"); }
+int64_t CudaTensorBytes(int) { return 0; }
+int64_t PeakCudaTensorBytes(int) { return 0; }
+void ResetPeakCudaTensorBytes(int) {}
+int64_t CudaDeviceUsedBytes(int) { return 0; }
+std::string CudaDeviceName(int) { NoCuda("CudaDeviceName"); }
+int CudaComputeCapability(int) { NoCuda("CudaComputeCapability"); }
 
 }  // namespace loom
