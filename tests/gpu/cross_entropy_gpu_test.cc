@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 
@@ -125,6 +126,32 @@ TEST(GpuCrossEntropy, MatchesCpuBf16) {
   for (const Case& c : {Case{300, 96, 200, 190, 64, true}, Case{136, 64, 128, 120, 0, true},
                         Case{300, 96, 200, 190, 100, false}}) {
     CheckCrossEntropy(c, DType::kBF16, 1e-2);
+  }
+}
+
+// docs/gpu.md, Determinism: the same inputs give the same loss, dh and dW
+// bits on every call.
+TEST(GpuCrossEntropy, RepeatsItsBits) {
+  SKIP_WITHOUT_GPU();
+  const int64_t n = 1000, d = 128, v = 4000;
+  const Tensor h = ToGpu(RandomTensor({n, d}, DType::kBF16, 61)), w = ToGpu(RandomTensor({v, d}, DType::kBF16, 62));
+  const Tensor targets = ToGpu(Targets(n, v, 9, 63));
+  ops::CrossEntropyOptions options;
+  options.normalizer = n;
+  Tensor first_dh, first_dw;
+  double first_loss = 0;
+  for (int run = 0; run < 3; ++run) {
+    Tensor dh = Tensor::Empty({n, d}, DType::kBF16, Device::Cuda(0)), dw = Tensor::Zeros({v, d}, DType::kF32, Device::Cuda(0));
+    const double loss = ops::CrossEntropy(h, w, targets, options, &dh, &dw).loss;
+    if (run == 0) {
+      first_loss = loss;
+      first_dh = ToCpu(dh);
+      first_dw = ToCpu(dw);
+      continue;
+    }
+    EXPECT_EQ(std::memcmp(&loss, &first_loss, sizeof(double)), 0) << loss << " vs first run " << first_loss;
+    EXPECT_EQ(std::memcmp(ToCpu(dh).raw(), first_dh.raw(), first_dh.nbytes()), 0) << "dh bits differ, run " << run;
+    EXPECT_EQ(std::memcmp(ToCpu(dw).raw(), first_dw.raw(), first_dw.nbytes()), 0) << "dW bits differ, run " << run;
   }
 }
 
