@@ -81,6 +81,29 @@ __device__ __forceinline__ void StoreCols(T* row, int64_t col, int64_t d, bool v
     if (col + e < d) row[col + e] = FromF32<T>(v[e]);
 }
 
+// kVec elements kept as loaded (bf16 stays packed: half the registers of f32).
+template <typename T>
+struct RawVec {
+  uint4 u[kVec * sizeof(T) / 16];
+};
+template <typename T>
+__device__ __forceinline__ void LoadRaw(const T* row, int64_t col, int64_t d, bool vectorized, RawVec<T>& r) {
+  if (vectorized) {
+#pragma unroll
+    for (int c = 0; c < kVec * static_cast<int>(sizeof(T)) / 16; ++c) r.u[c] = reinterpret_cast<const uint4*>(row + col)[c];
+    return;
+  }
+  T* e = reinterpret_cast<T*>(r.u);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) e[k] = col + k < d ? row[col + k] : FromF32<T>(0.0f);
+}
+template <typename T>
+__device__ __forceinline__ void Unpack(const RawVec<T>& r, float (&v)[kVec]) {
+  const T* e = reinterpret_cast<const T*>(r.u);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) v[k] = ToF32(e[k]);
+}
+
 inline bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 __device__ __forceinline__ float WarpSum(float v) {

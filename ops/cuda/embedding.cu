@@ -153,14 +153,26 @@ __global__ void ChainSumKernel(const int32_t* keys, int64_t n, int64_t d, int32_
   if (keys[p0] == last && c > 0 && keys[p0 - 1] == last) return;  // the key started before: a head, not a tail
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kSliceCols + lane * kVec;
   if (col >= d) return;
-  float sum[kVec], part[kVec];
+  // The key's run ends before `lo`: the first sorted position past it
+  // (binary search, so the loads of the sum below do not wait on a walk).
+  int64_t lo = p0 + kChunk, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] == last) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t c_end = (lo - 1) / kChunk;  // the chunk holding the run's last token
+  float sum[kVec];
   LoadCols(tail + c * d, col, d, vectorized, sum);
-  for (int64_t c2 = c + 1;; ++c2) {
+#pragma unroll 8
+  for (int64_t c2 = c + 1; c2 <= c_end; ++c2) {
+    float part[kVec];
     LoadCols(head + c2 * d, col, d, vectorized, part);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) sum[e] += part[e];
-    const int64_t next = (c2 + 1) * kChunk;
-    if (next >= n || keys[next] != last) break;
   }
   AddCols(dtable + static_cast<int64_t>(last) * d, col, d, vectorized, sum);
 }

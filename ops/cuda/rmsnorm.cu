@@ -6,7 +6,10 @@
 //             dw += Σ_rows dy ⊙ x · r                       (accumulated)
 //
 // One warp a row; lane l owns the columns 256·k + 8·l + [0, 8) of every row
-// (16-byte vectors when D is a multiple of 8 and the rows are aligned).
+// (16-byte vectors when D is a multiple of 8 and the rows are aligned). The
+// first 8 of those groups (D <= 2048) stay in registers between the row sum
+// and the write, so such rows are read from memory once; wider rows read
+// the rest twice.
 //
 // dw is deterministic: each backward block walks a fixed range of rows, its
 // warps sum their rows' dy ⊙ x · r into a warp-private f32 row of shared
@@ -23,6 +26,7 @@ namespace {
 constexpr int kSliceCols = 32 * kVec;  // columns a warp covers per step
 constexpr int kRowWarps = 8;           // warps (rows) a forward block
 constexpr int64_t kMaxSmemBytes = 192 << 10;
+constexpr int kCached = 8;  // column groups a lane holds in registers: rows up to D = 2048 are read once
 
 template <typename T>
 __global__ void ForwardKernel(const T* x, const float* w, int64_t rows, int64_t d, float eps, bool vectorized, T* y,
@@ -31,18 +35,32 @@ __global__ void ForwardKernel(const T* x, const float* w, int64_t rows, int64_t 
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   if (row >= rows) return;
   const T* xr = x + row * d;
+  // The first kCached column groups are loaded once, all at the start.
+  RawVec<T> xc[kCached];
+#pragma unroll
+  for (int g = 0; g < kCached; ++g)
+    if (g * kSliceCols + lane * kVec < d) LoadRaw(xr, g * kSliceCols + lane * kVec, d, vectorized, xc[g]);
   float ss = 0;
-  for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
-    float v[kVec];
-    LoadCols(xr, col, d, vectorized, v);
+  auto sum_squares = [&](const float (&v)[kVec]) {
 #pragma unroll
     for (int e = 0; e < kVec; ++e) ss += v[e] * v[e];
+  };
+#pragma unroll
+  for (int g = 0; g < kCached; ++g) {
+    if (g * kSliceCols + lane * kVec >= d) break;
+    float v[kVec];
+    Unpack(xc[g], v);
+    sum_squares(v);
+  }
+  for (int64_t col = kCached * kSliceCols + lane * kVec; col < d; col += kSliceCols) {
+    float v[kVec];
+    LoadCols(xr, col, d, vectorized, v);
+    sum_squares(v);
   }
   const float r = rsqrtf(WarpSum(ss) / static_cast<float>(d) + eps);
   if (lane == 0) rstd[row] = r;
-  for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
-    float v[kVec], wv[kVec];
-    LoadCols(xr, col, d, vectorized, v);
+  auto write = [&](int64_t col, float (&v)[kVec]) {
+    float wv[kVec];
     if (w != nullptr) {
       LoadCols(w, col, d, vectorized, wv);
     } else {
@@ -52,6 +70,19 @@ __global__ void ForwardKernel(const T* x, const float* w, int64_t rows, int64_t 
 #pragma unroll
     for (int e = 0; e < kVec; ++e) v[e] = v[e] * r * wv[e];
     StoreCols(y + row * d, col, d, vectorized, v);
+  };
+#pragma unroll
+  for (int g = 0; g < kCached; ++g) {
+    const int64_t col = g * kSliceCols + lane * kVec;
+    if (col >= d) break;
+    float v[kVec];
+    Unpack(xc[g], v);
+    write(col, v);
+  }
+  for (int64_t col = kCached * kSliceCols + lane * kVec; col < d; col += kSliceCols) {
+    float v[kVec];
+    LoadCols(xr, col, d, vectorized, v);
+    write(col, v);
   }
 }
 
@@ -76,25 +107,46 @@ __global__ void BackwardKernel(const T* x, const float* w, const float* rstd, co
   for (int64_t row = row0 + warp; row < row1; row += warps) {
     const T* xr = x + row * d;
     const T* dyr = dy + row * d;
+    RawVec<T> xc[kCached], dyc[kCached];
+#pragma unroll
+    for (int g = 0; g < kCached; ++g) {
+      const int64_t col = g * kSliceCols + lane * kVec;
+      if (col < d) {
+        LoadRaw(xr, col, d, vectorized, xc[g]);
+        LoadRaw(dyr, col, d, vectorized, dyc[g]);
+      }
+    }
     float gx = 0;
-    for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
-      float xv[kVec], gv[kVec], wv[kVec];
-      LoadCols(xr, col, d, vectorized, xv);
-      LoadCols(dyr, col, d, vectorized, gv);
+    auto dot = [&](int64_t col, const float (&xv)[kVec], const float (&dyv)[kVec]) {
+      float wv[kVec];
       if (w != nullptr) {
         LoadCols(w, col, d, vectorized, wv);
+      } else {
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) gv[e] *= wv[e];
+        for (int e = 0; e < kVec; ++e) wv[e] = 1.0f;
       }
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) gx += gv[e] * xv[e];
+      for (int e = 0; e < kVec; ++e) gx += dyv[e] * wv[e] * xv[e];
+    };
+#pragma unroll
+    for (int g = 0; g < kCached; ++g) {
+      const int64_t col = g * kSliceCols + lane * kVec;
+      if (col >= d) break;
+      float xv[kVec], dyv[kVec];
+      Unpack(xc[g], xv);
+      Unpack(dyc[g], dyv);
+      dot(col, xv, dyv);
+    }
+    for (int64_t col = kCached * kSliceCols + lane * kVec; col < d; col += kSliceCols) {
+      float xv[kVec], dyv[kVec];
+      LoadCols(xr, col, d, vectorized, xv);
+      LoadCols(dyr, col, d, vectorized, dyv);
+      dot(col, xv, dyv);
     }
     const float r = rstd[row];
     const float c = r * r * WarpSum(gx) / static_cast<float>(d);
-    for (int64_t col = lane * kVec; col < d; col += kSliceCols) {
-      float xv[kVec], dyv[kVec], wv[kVec], out[kVec];
-      LoadCols(xr, col, d, vectorized, xv);
-      LoadCols(dyr, col, d, vectorized, dyv);
+    auto write = [&](int64_t col, const float (&xv)[kVec], const float (&dyv)[kVec]) {
+      float wv[kVec], out[kVec];
       if (w != nullptr) {
         LoadCols(w, col, d, vectorized, wv);
       } else {
@@ -111,6 +163,21 @@ __global__ void BackwardKernel(const T* x, const float* w, const float* rstd, co
         m[0] = a, m[1] = b;
       }
       StoreCols(dx + row * d, col, d, vectorized, out);
+    };
+#pragma unroll
+    for (int g = 0; g < kCached; ++g) {
+      const int64_t col = g * kSliceCols + lane * kVec;
+      if (col >= d) break;
+      float xv[kVec], dyv[kVec];
+      Unpack(xc[g], xv);
+      Unpack(dyc[g], dyv);
+      write(col, xv, dyv);
+    }
+    for (int64_t col = kCached * kSliceCols + lane * kVec; col < d; col += kSliceCols) {
+      float xv[kVec], dyv[kVec];
+      LoadCols(xr, col, d, vectorized, xv);
+      LoadCols(dyr, col, d, vectorized, dyv);
+      write(col, xv, dyv);
     }
   }
   if (partial == nullptr) return;
