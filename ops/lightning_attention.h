@@ -118,7 +118,7 @@ void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Ten
                                  CudaStream stream);
 
 // f32 kernels (ops/cuda/lightning_attention_f32.cu) for fp32 GPU runs: the
-// fused calls only, every product an f32 FMA (no tensor cores, so they agree
+// fused calls and the chunk phases, every product an f32 FMA (no tensor cores, so they agree
 // with the CPU to about 1e-5). q, k, v, o, d_o, dq, dk, dv f32 [T, H, D],
 // Dk = Dv = D in {16, 32, 64, 128}; decay, states and their gradients f32,
 // all on one CUDA device; cu_seqlens on the host, rows tiling [0, T); no
@@ -130,6 +130,21 @@ void LightningAttentionF32Backward(const Tensor& q, const Tensor& k, const Tenso
                                    const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
                                    const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
                                    CudaStream stream = nullptr);
+// The three phases on one chunk, f32 (what LASP-1/2 call on the GPU): same
+// math, "written" and "accumulated" as the CPU phases; no doc_ids.
+bool LightningF32ChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m,
+                            CudaStream stream = nullptr);
+void LightningF32ChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
+                                    const Tensor& dm, Tensor& dk, Tensor& dv, CudaStream stream = nullptr);
+void LightningF32IntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                            const Tensor& doc_ids, Tensor& o, CudaStream stream = nullptr);
+void LightningF32IntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                    const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv,
+                                    CudaStream stream = nullptr);
+void LightningF32InterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o,
+                            CudaStream stream = nullptr);
+void LightningF32InterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
+                                    const Tensor& d_o, Tensor& dq, Tensor& ds, CudaStream stream = nullptr);
 
 }  // namespace cuda
 

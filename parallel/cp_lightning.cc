@@ -19,6 +19,7 @@ struct Local {
   const Tensor &q, &k, &v, &decay;
   const ops::TokenRows& rows;
   int64_t h, dk, dv;
+  Tensor decay_host;  // λ on the host in the states' dtype, for the chains below
   Tensor Q(int64_t r, int s) const { return q.Slice(lay.offset(r, s), lay.chunk); }
   Tensor K(int64_t r, int s) const { return k.Slice(lay.offset(r, s), lay.chunk); }
   Tensor V(int64_t r, int s) const { return v.Slice(lay.offset(r, s), lay.chunk); }
@@ -36,6 +37,24 @@ struct Local {
   int64_t state() const { return h * dk * dv; }
 };
 
+// States ([H, Dk, Dv] per chunk) live on the host, where the chains below
+// combine them (a few per row: small next to the chunks); the phases of CUDA
+// tensors get device copies. Their dtype: q's on the CPU, f32 on a GPU (the
+// lightning states are f32 there, docs/gpu.md).
+DType StateType(const Tensor& q) { return q.device().is_cpu() ? q.dtype() : DType::kF32; }
+
+// `host` itself for CPU phases; else a device tensor like it (a copy if asked).
+Tensor OnPhaseDevice(const Tensor& host, const Local& a, bool copy) {
+  if (a.q.device().is_cpu()) return host;
+  Tensor d = Tensor::Empty(host.shape(), host.dtype(), a.q.device());
+  if (copy) d.CopyFrom(host);
+  return d;
+}
+// Brings a phase's state result back to the host (no-op on the CPU).
+void ToHost(const Tensor& phase, Tensor host) {
+  if (phase.raw() != host.raw()) host.CopyFrom(phase);
+}
+
 // One state of a [n, H, Dk, Dv] buffer.
 Tensor StateAt(const Tensor& states, int64_t i, const Local& a) {
   return states.Slice(i, 1).Reshape({a.h, a.dk, a.dv});
@@ -50,6 +69,7 @@ void DecayAddTyped(T* s, const T* m, const Tensor& decay, int64_t c, bool cut, i
   }
 }
 void DecayAdd(void* s, const void* m, const Tensor& decay, const Local& a, bool cut) {
+  LOOM_CHECK(decay.device().is_cpu(), "[cp_lightning] DecayAdd reads λ on the host");
   LOOM_DISPATCH_FLOAT(decay.dtype(), T, [&] {
     DecayAddTyped<T>(static_cast<T*>(s), static_cast<const T*>(m), decay, a.lay.chunk, cut, a.dk * a.dv);
   });
@@ -78,7 +98,8 @@ void InterForward(const Local& a, const Tensor& entering, Tensor& o) {
     for (int s = 0; s < 2; ++s) {
       if (a.lay.starts_doc(r, s)) continue;  // nothing before this chunk is visible
       Tensor oc = o.Slice(a.lay.offset(r, s), a.lay.chunk);
-      ops::LightningInterChunk(a.Q(r, s), a.decay, a.Docs(r, s), StateAt(entering, s * a.lay.rows + r, a), oc);
+      ops::LightningInterChunk(a.Q(r, s), a.decay, a.Docs(r, s),
+                               OnPhaseDevice(StateAt(entering, s * a.lay.rows + r, a), a, true), oc);
     }
 }
 
@@ -87,7 +108,9 @@ void ChunkStates(const Local& a, Tensor& m) {
   for (int64_t r = 0; r < a.lay.rows; ++r)
     for (int s = 0; s < 2; ++s) {
       Tensor mc = StateAt(m, s * a.lay.rows + r, a);
-      ops::LightningChunkState(a.K(r, s), a.V(r, s), a.decay, a.Docs(r, s), mc);
+      Tensor phase = OnPhaseDevice(mc, a, false);
+      ops::LightningChunkState(a.K(r, s), a.V(r, s), a.decay, a.Docs(r, s), phase);
+      ToHost(phase, mc);
     }
 }
 
@@ -96,7 +119,7 @@ void ChunkStates(const Local& a, Tensor& m) {
 absl::Status Lasp1Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Tensor& o, CpLightningSaved* saved) {
   const int p = g.rank(), cp = g.size();
   const int64_t rows = a.lay.rows;
-  const DType dt = a.q.dtype();
+  const DType dt = StateType(a.q);
   HeldTensor m(l, {2 * rows, a.h, a.dk, a.dv}, dt, false, false);
   HeldTensor entering(l, {2 * rows, a.h, a.dk, a.dv}, dt, /*zero=*/true, false);
   HeldTensor out_up(l, {rows, a.h, a.dk, a.dv}, dt, false, false), out_down(l, {rows, a.h, a.dk, a.dv}, dt, false, false);
@@ -109,7 +132,7 @@ absl::Status Lasp1Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Te
   if (p > 0) LOOM_RETURN_IF_ERROR(g.Recv(in0, p - 1, kUp));
   out_up.t().CopyFrom(in0);
   for (int64_t r = 0; r < rows; ++r)
-    DecayAdd(StateAt(out_up.t(), r, a).raw(), StateAt(m.t(), r, a).raw(), a.decay, a, a.Cut(r, 0));
+    DecayAdd(StateAt(out_up.t(), r, a).raw(), StateAt(m.t(), r, a).raw(), a.decay_host, a, a.Cut(r, 0));
   if (p + 1 < cp)
     sends.push_back(g.StartSend(out_up.t(), p + 1, kUp));
   else
@@ -119,7 +142,7 @@ absl::Status Lasp1Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Te
   if (p > 0) {
     out_down.t().CopyFrom(in1);
     for (int64_t r = 0; r < rows; ++r)
-      DecayAdd(StateAt(out_down.t(), r, a).raw(), StateAt(m.t(), rows + r, a).raw(), a.decay, a, a.Cut(r, 1));
+      DecayAdd(StateAt(out_down.t(), r, a).raw(), StateAt(m.t(), rows + r, a).raw(), a.decay_host, a, a.Cut(r, 1));
     sends.push_back(g.StartSend(out_down.t(), p - 1, kDown));
   }
   InterForward(a, entering.t(), o);
@@ -133,13 +156,17 @@ absl::Status Lasp1Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Te
 void ChunkBackward(const Local& a, const Tensor& entering, int64_t r, int s, const Tensor& g_next,
                    const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv, Tensor g_out) {
   Tensor dkc = dk.Slice(a.lay.offset(r, s), a.lay.chunk), dvc = dv.Slice(a.lay.offset(r, s), a.lay.chunk);
-  ops::LightningChunkStateBackward(a.K(r, s), a.V(r, s), a.decay, a.Docs(r, s), g_next, dkc, dvc);
+  ops::LightningChunkStateBackward(a.K(r, s), a.V(r, s), a.decay, a.Docs(r, s), OnPhaseDevice(g_next, a, true), dkc,
+                                   dvc);
   g_out.CopyFrom(g_next);
-  DecayAdd(g_out.raw(), nullptr, a.decay, a, a.Cut(r, s));
+  DecayAdd(g_out.raw(), nullptr, a.decay_host, a, a.Cut(r, s));
   if (!a.lay.starts_doc(r, s)) {
     Tensor dqc = dq.Slice(a.lay.offset(r, s), a.lay.chunk);
-    ops::LightningInterChunkBackward(a.Q(r, s), a.decay, a.Docs(r, s), StateAt(entering, s * a.lay.rows + r, a),
-                                     d_o.Slice(a.lay.offset(r, s), a.lay.chunk), dqc, g_out);
+    Tensor g_phase = OnPhaseDevice(g_out, a, true);
+    ops::LightningInterChunkBackward(a.Q(r, s), a.decay, a.Docs(r, s),
+                                     OnPhaseDevice(StateAt(entering, s * a.lay.rows + r, a), a, true),
+                                     d_o.Slice(a.lay.offset(r, s), a.lay.chunk), dqc, g_phase);
+    ToHost(g_phase, g_out);
   }
 }
 
@@ -157,7 +184,7 @@ absl::Status Lasp1Backward(Communicator& g, const Local& a, CpMemoryLedger* l, c
                            const CpLightningSaved& saved, Tensor& dq, Tensor& dk, Tensor& dv) {
   const int p = g.rank(), cp = g.size();
   const int64_t rows = a.lay.rows;
-  const DType dt = a.q.dtype();
+  const DType dt = StateType(a.q);
   IntraBackward(a, d_o, dq, dk, dv);
   // G_{u+1} of the second chunk (u = 2cp−1−p) comes from p − 1 (0 at the end
   // of the row); G_u goes to p + 1, or to our own first chunk when p = cp−1.
@@ -184,7 +211,7 @@ absl::Status Lasp1Backward(Communicator& g, const Local& a, CpMemoryLedger* l, c
 absl::Status Lasp2Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Tensor& o, CpLightningSaved* saved) {
   const int cp = g.size();
   const int64_t rows = a.lay.rows, n = a.state(), width = n + 1;
-  const DType dt = a.q.dtype();
+  const DType dt = StateType(a.q);
   HeldTensor m(l, {2 * rows, a.h, a.dk, a.dv}, dt, false, false);
   ChunkStates(a, m.t());
   // [M_u | cut_u] of (slot, row), slot-major.
@@ -215,7 +242,7 @@ absl::Status Lasp2Forward(Communicator& g, const Local& a, CpMemoryLedger* l, Te
       for (int64_t r = 0; r < rows; ++r) {
         T* st = entering.t().data<T>() + (s * rows + r) * n;  // S_t = Σ_{a≤u<t} λ^(C(t−1−u)) M_u
         for (int64_t u = 0; u < a.lay.global_chunk(s); ++u)
-          DecayAdd(st, entry(u, r), a.decay, a, cuts[r * 2 * cp + u]);
+          DecayAdd(st, entry(u, r), a.decay_host, a, cuts[r * 2 * cp + u]);
       }
   });
   all.Release();
@@ -231,7 +258,7 @@ absl::Status Lasp2Backward(Communicator& g, const Local& a, CpMemoryLedger* l, c
                            const CpLightningSaved& saved, Tensor& dq, Tensor& dk, Tensor& dv) {
   const int cp = g.size();
   const int64_t rows = a.lay.rows;
-  const DType dt = a.q.dtype();
+  const DType dt = StateType(a.q);
   if (saved.cuts.size() != static_cast<size_t>(rows * 2 * cp))
     return absl::FailedPreconditionError("[cp_lightning] lasp2 backward needs the CpLightningSaved of its forward");
   // dS_t of the inter term of both local chunks (0 where a chunk starts a document).
@@ -241,8 +268,11 @@ absl::Status Lasp2Backward(Communicator& g, const Local& a, CpMemoryLedger* l, c
       if (a.lay.starts_doc(r, s)) continue;
       const int64_t at = a.lay.offset(r, s), c = a.lay.chunk;
       Tensor dqc = dq.Slice(at, c), dsc = StateAt(ds.t(), s * rows + r, a);
-      ops::LightningInterChunkBackward(a.Q(r, s), a.decay, a.Docs(r, s), StateAt(saved.entering, s * rows + r, a),
-                                       d_o.Slice(at, c), dqc, dsc);
+      Tensor ds_phase = OnPhaseDevice(dsc, a, true);
+      ops::LightningInterChunkBackward(a.Q(r, s), a.decay, a.Docs(r, s),
+                                       OnPhaseDevice(StateAt(saved.entering, s * rows + r, a), a, true),
+                                       d_o.Slice(at, c), dqc, ds_phase);
+      ToHost(ds_phase, dsc);
     }
   HeldTensor all(l, {cp * 2 * rows, a.h, a.dk, a.dv}, dt, false, false);
   CommHandle gather = g.StartAllGather(ds.t(), all.t());
@@ -257,13 +287,24 @@ absl::Status Lasp2Backward(Communicator& g, const Local& a, CpMemoryLedger* l, c
       gnext.t().Zero();
       for (int64_t t = 2 * cp - 1; t > u; --t) {
         const Tensor dst = StateAt(all.t(), (CpChunks::Owner(t, cp) * 2 + CpChunks::Slot(t, cp)) * rows + r, a);
-        DecayAdd(gnext.t().raw(), dst.raw(), a.decay, a, saved.cuts[r * 2 * cp + t]);
+        DecayAdd(gnext.t().raw(), dst.raw(), a.decay_host, a, saved.cuts[r * 2 * cp + t]);
       }
       const int64_t at = a.lay.offset(r, s), c = a.lay.chunk;
       Tensor dkc = dk.Slice(at, c), dvc = dv.Slice(at, c);
-      ops::LightningChunkStateBackward(a.K(r, s), a.V(r, s), a.decay, a.Docs(r, s), gnext.t(), dkc, dvc);
+      ops::LightningChunkStateBackward(a.K(r, s), a.V(r, s), a.decay, a.Docs(r, s), OnPhaseDevice(gnext.t(), a, true),
+                                       dkc, dvc);
     }
   return absl::OkStatus();
+}
+
+// λ for the host chains, in the states' dtype.
+Tensor HostDecay(const Tensor& decay, const Tensor& q) {
+  Tensor host = decay;
+  if (!decay.device().is_cpu()) {
+    host = Tensor::Empty(decay.shape(), decay.dtype());
+    host.CopyFrom(decay);
+  }
+  return host.dtype() == StateType(q) ? host : host.To(StateType(q));
 }
 
 absl::Status CheckArgs(Communicator& g, const CpChunks& lay, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -313,12 +354,13 @@ absl::Status CpLightningForward(Communicator& cp_group, const CpLightningOptions
                                 const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                 const ops::TokenRows& local_rows, Tensor& o, CpLightningSaved* saved) {
   LOOM_RETURN_IF_ERROR(CheckArgs(cp_group, layout, q, k, v, decay, local_rows));
-  if (!o.defined()) o = Tensor::Empty(v.shape(), v.dtype());
-  LOOM_CHECK(o.shape() == v.shape() && o.dtype() == v.dtype(), "[cp_lightning] o is ", ShapeString(o.shape()));
+  if (!o.defined()) o = Tensor::Empty(v.shape(), v.dtype(), v.device());
+  LOOM_CHECK(o.shape() == v.shape() && o.dtype() == v.dtype() && o.device() == v.device(), "[cp_lightning] o is ",
+             ShapeString(o.shape()), " on ", o.device().ToString());
   CpMemoryLedger* l = cp.ledger;
   std::vector<HeldTensor> io;
   for (const Tensor* t : {&q, &k, &v, static_cast<const Tensor*>(&o)}) io.push_back(HeldTensor::Wrap(l, *t));
-  const Local a{layout, q, k, v, decay, local_rows, q.dim(1), q.dim(2), v.dim(2)};
+  const Local a{layout, q, k, v, decay, local_rows, q.dim(1), q.dim(2), v.dim(2), HostDecay(decay, q)};
   return cp.scheme == CpLinearScheme::kLasp1 ? Lasp1Forward(cp_group, a, l, o, saved)
                                              : Lasp2Forward(cp_group, a, l, o, saved);
 }
@@ -331,7 +373,7 @@ absl::Status CpLightningBackward(Communicator& cp_group, const CpLightningOption
   if (!saved || !saved->entering.defined())
     return absl::FailedPreconditionError("[cp_lightning] backward needs the CpLightningSaved of its forward");
   for (auto [gr, like] : {std::pair<Tensor*, const Tensor*>{&dq, &q}, {&dk, &k}, {&dv, &v}}) {
-    if (!gr->defined()) *gr = Tensor::Empty(like->shape(), like->dtype());
+    if (!gr->defined()) *gr = Tensor::Empty(like->shape(), like->dtype(), like->device());
     LOOM_CHECK(gr->shape() == like->shape(), "[cp_lightning] gradient is ", ShapeString(gr->shape()));
     gr->Zero();  // the phases accumulate; this call writes
   }
@@ -339,7 +381,7 @@ absl::Status CpLightningBackward(Communicator& cp_group, const CpLightningOption
   std::vector<HeldTensor> io;
   for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &d_o, &dq, &dk, &dv})
     io.push_back(HeldTensor::Wrap(l, *t));
-  const Local a{layout, q, k, v, decay, local_rows, q.dim(1), q.dim(2), v.dim(2)};
+  const Local a{layout, q, k, v, decay, local_rows, q.dim(1), q.dim(2), v.dim(2), HostDecay(decay, q)};
   absl::Status s = cp.scheme == CpLinearScheme::kLasp1 ? Lasp1Backward(cp_group, a, l, d_o, *saved, dq, dk, dv)
                                                        : Lasp2Backward(cp_group, a, l, d_o, *saved, dq, dk, dv);
   saved->Release(l);

@@ -661,9 +661,11 @@ void LightningAttentionNaive(const Tensor& q, const Tensor& k, const Tensor& v, 
 
 bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m) {
   if (!k.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, k.device());
+    Tensor& out = OnDevice(m, {k.dim(1), k.dim(2), v.dim(2)}, DType::kF32, k.device(), false);
+    if (k.dtype() == DType::kF32) return cuda::LightningF32ChunkState(k, v, lambda, doc_ids, out);
     cuda::LightningWorkspace ws;
-    return cuda::LightningChunkState(
-        k, v, decay, doc_ids, OnDevice(m, {k.dim(1), k.dim(2), v.dim(2)}, DType::kF32, k.device(), false), ws, nullptr);
+    return cuda::LightningChunkState(k, v, lambda, doc_ids, out, ws, nullptr);
   }
   const Dims d = CheckInputs(k, k, v, decay, "k");
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
@@ -679,10 +681,12 @@ bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, 
 void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
                                  const Tensor& dm, Tensor& dk, Tensor& dv) {
   if (!k.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, k.device());
+    Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), k.device(), true);
+    Tensor& gv = OnDevice(dv, v.shape(), v.dtype(), k.device(), true);
+    if (k.dtype() == DType::kF32) return cuda::LightningF32ChunkStateBackward(k, v, lambda, doc_ids, dm, gk, gv);
     cuda::LightningWorkspace ws;
-    return cuda::LightningChunkStateBackward(k, v, decay, doc_ids, dm,
-                                             OnDevice(dk, k.shape(), k.dtype(), k.device(), true),
-                                             OnDevice(dv, v.shape(), v.dtype(), k.device(), true), ws, nullptr);
+    return cuda::LightningChunkStateBackward(k, v, lambda, doc_ids, dm, gk, gv, ws, nullptr);
   }
   const Dims d = CheckInputs(k, k, v, decay, "k");
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
@@ -700,9 +704,11 @@ void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor&
 void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                          const Tensor& doc_ids, Tensor& o) {
   if (!q.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, q.device());
+    Tensor& out = OnDevice(o, v.shape(), v.dtype(), q.device(), false);
+    if (q.dtype() == DType::kF32) return cuda::LightningF32IntraChunk(q, k, v, lambda, doc_ids, out);
     cuda::LightningWorkspace ws;
-    return cuda::LightningIntraChunk(q, k, v, decay, doc_ids, OnDevice(o, v.shape(), v.dtype(), q.device(), false),
-                                     ws, nullptr);
+    return cuda::LightningIntraChunk(q, k, v, lambda, doc_ids, out, ws, nullptr);
   }
   const Dims d = CheckInputs(q, k, v, decay);
   const BlockWalk walk{d.t, LightningOptions{}.block, ChunkDocs(doc_ids, d.t)};
@@ -713,11 +719,13 @@ void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, cons
 void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                  const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv) {
   if (!q.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, q.device());
+    Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), true);
+    Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), q.device(), true);
+    Tensor& gv = OnDevice(dv, v.shape(), v.dtype(), q.device(), true);
+    if (q.dtype() == DType::kF32) return cuda::LightningF32IntraChunkBackward(q, k, v, lambda, doc_ids, d_o, gq, gk, gv);
     cuda::LightningWorkspace ws;
-    return cuda::LightningIntraChunkBackward(q, k, v, decay, doc_ids, d_o,
-                                             OnDevice(dq, q.shape(), q.dtype(), q.device(), true),
-                                             OnDevice(dk, k.shape(), k.dtype(), q.device(), true),
-                                             OnDevice(dv, v.shape(), v.dtype(), q.device(), true), ws, nullptr);
+    return cuda::LightningIntraChunkBackward(q, k, v, lambda, doc_ids, d_o, gq, gk, gv, ws, nullptr);
   }
   const Dims d = CheckInputs(q, k, v, decay);
   const BlockWalk walk{d.t, LightningOptions{}.block, ChunkDocs(doc_ids, d.t)};
@@ -729,9 +737,12 @@ void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor&
 }
 
 void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o) {
-  if (!q.device().is_cpu())
-    return cuda::LightningInterChunk(q, decay, doc_ids, s, OnDevice(o, {q.dim(0), q.dim(1), s.dim(2)}, q.dtype(), q.device(), true),
-                                     nullptr);
+  if (!q.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, q.device());
+    Tensor& out = OnDevice(o, {q.dim(0), q.dim(1), s.dim(2)}, q.dtype(), q.device(), true);
+    if (q.dtype() == DType::kF32) return cuda::LightningF32InterChunk(q, lambda, doc_ids, s, out);
+    return cuda::LightningInterChunk(q, lambda, doc_ids, s, out, nullptr);
+  }
   const Dims d = CheckInterInputs(q, decay, s);
   const int32_t* docs = ChunkDocs(doc_ids, d.t);
   PrepareAccumulated(o, {d.t, d.h, d.dv}, q.dtype(), "o");
@@ -742,10 +753,12 @@ void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc
 void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
                                  const Tensor& d_o, Tensor& dq, Tensor& ds) {
   if (!q.device().is_cpu()) {
+    const Tensor lambda = DecayOnDevice(decay, q.device());
+    Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), true);
+    Tensor& gs = OnDevice(ds, s.shape(), s.dtype(), q.device(), true);
+    if (q.dtype() == DType::kF32) return cuda::LightningF32InterChunkBackward(q, lambda, doc_ids, s, d_o, gq, gs);
     cuda::LightningWorkspace ws;
-    return cuda::LightningInterChunkBackward(q, decay, doc_ids, s, d_o,
-                                             OnDevice(dq, q.shape(), q.dtype(), q.device(), true),
-                                             OnDevice(ds, s.shape(), s.dtype(), q.device(), true), ws, nullptr);
+    return cuda::LightningInterChunkBackward(q, lambda, doc_ids, s, d_o, gq, gs, ws, nullptr);
   }
   const Dims d = CheckInterInputs(q, decay, s);
   const int32_t* docs = ChunkDocs(doc_ids, d.t);

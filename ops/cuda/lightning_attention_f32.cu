@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(kThreads) StateKernel(const float* a, const fl
 // Forward: states[s] := E_s (entry), final = E after the last segment.
 // Reverse: states[s] := G_s (exit gradient), final = the row's entry gradient.
 __global__ void ScanKernel(float* states, const Segment* segments, const int* row_first, int heads, int d,
-                           const float* decay, const float* init, bool init_transposed, bool reverse, float* final) {
+                           const float* decay, const float* init, bool init_transposed, bool reverse, float* final,
+                           bool accumulate_final) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x, h = blockIdx.y, row = blockIdx.z;
   if (e >= d * d) return;
   const float lambda = decay[h];
@@ -167,7 +168,7 @@ __global__ void ScanKernel(float* states, const Segment* segments, const int* ro
     *m = s;
     s = Pow(lambda, segments[seg].length) * s + contribution;
   }
-  if (final) final[row_state + e] = s;
+  if (final) final[row_state + e] = accumulate_final ? final[row_state + e] + s : s;
 }
 
 // ---- (c) outputs from each segment's entry state ----
@@ -179,7 +180,7 @@ constexpr int OutputSmem() {
 template <int D>
 __global__ void __launch_bounds__(kThreads) OutputKernel(const float* q, const float* k, const float* v,
                                                          const float* decay, const Segment* segments, int heads,
-                                                         const float* states, float* o) {
+                                                         const float* states, float* o, bool accumulate) {
   constexpr int kLd = D + 1, kCols = D / 16;
   extern __shared__ float smem[];
   float* ss = smem;                  // S [D][D + 1]
@@ -236,7 +237,10 @@ __global__ void __launch_bounds__(kThreads) OutputKernel(const float* q, const f
       if (i >= n) continue;
       float* out = o + ((first + i) * heads + h) * D;
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) out[tx + 16 * c] = intra[a][c] + pw[i + 1] * inter[a][c];
+      for (int c = 0; c < kCols; ++c) {
+        const float value = intra[a][c] + pw[i + 1] * inter[a][c];
+        out[tx + 16 * c] = accumulate ? out[tx + 16 * c] + value : value;
+      }
     }
     __syncthreads();  // S is read above; each thread updates its own elements below
     // S ← λ^n S + Σ_j λ^(n−1−j) k_jᵀ v_j
@@ -260,7 +264,7 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) DkDvKernel(const float* q, const float* k, const float* v,
                                                        const float* d_o, const float* decay,
                                                        const Segment* segments, int heads, const float* states,
-                                                       float* dk, float* dv) {
+                                                       float* dk, float* dv, bool intra, bool accumulate) {
   constexpr int kLd = D + 1, kCols = D / 16;
   extern __shared__ float smem[];
   float* sg = smem;                  // dS [D][D + 1]
@@ -282,17 +286,17 @@ __global__ void __launch_bounds__(kThreads) DkDvKernel(const float* q, const flo
     const int c0 = c * kChunk, n = min(kChunk, seg.length - c0);
     const int64_t first = static_cast<int64_t>(seg.begin) + c0;
     __syncthreads();
-    LoadTile<D>(sq, q, heads, h, first, n);
+    if (intra) LoadTile<D>(sq, q, heads, h, first, n);
     LoadTile<D>(sk, k, heads, h, first, n);
     LoadTile<D>(sv, v, heads, h, first, n);
-    LoadTile<D>(sdo, d_o, heads, h, first, n);
+    if (intra) LoadTile<D>(sdo, d_o, heads, h, first, n);
     __syncthreads();
     // Rows j of this thread: ty + 16a; columns tx + 16cc.
     float acc[4][kCols] = {};
-    // dV = Aᵀ dO + diag(λ^(n−1−j)) K dS,  A = (Q Kᵀ) ⊙ D
-    MaskedScores<D>(sq, sk, pw, n, sa);
+    // dV = Aᵀ dO + diag(λ^(n−1−j)) K dS,  A = (Q Kᵀ) ⊙ D (no A without intra)
+    if (intra) MaskedScores<D>(sq, sk, pw, n, sa);
     __syncthreads();
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; intra && i < n; ++i) {
       float aa[4], dc[kCols];
 #pragma unroll
       for (int a = 0; a < 4; ++a) aa[a] = sa[i * kScoreLd + ty + 16 * a];
@@ -323,18 +327,21 @@ __global__ void __launch_bounds__(kThreads) DkDvKernel(const float* q, const flo
         if (j >= n) continue;
         float* out = dv + ((first + j) * heads + h) * D;
 #pragma unroll
-        for (int cc = 0; cc < kCols; ++cc) out[tx + 16 * cc] = acc[a][cc] + pw[n - 1 - j] * st[a][cc];
+        for (int cc = 0; cc < kCols; ++cc) {
+          const float value = acc[a][cc] + pw[n - 1 - j] * st[a][cc];
+          out[tx + 16 * cc] = accumulate ? out[tx + 16 * cc] + value : value;
+        }
       }
     }
     __syncthreads();  // sa is rewritten below
     // dK = Bᵀ Q + diag(λ^(n−1−j)) V dSᵀ,  B = (dO Vᵀ) ⊙ D
-    MaskedScores<D>(sdo, sv, pw, n, sa);
+    if (intra) MaskedScores<D>(sdo, sv, pw, n, sa);
     __syncthreads();
 #pragma unroll
     for (int a = 0; a < 4; ++a)
 #pragma unroll
       for (int cc = 0; cc < kCols; ++cc) acc[a][cc] = 0.f;
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; intra && i < n; ++i) {
       float ba[4], qc[kCols];
 #pragma unroll
       for (int a = 0; a < 4; ++a) ba[a] = sa[i * kScoreLd + ty + 16 * a];
@@ -365,7 +372,10 @@ __global__ void __launch_bounds__(kThreads) DkDvKernel(const float* q, const flo
         if (j >= n) continue;
         float* out = dk + ((first + j) * heads + h) * D;
 #pragma unroll
-        for (int cc = 0; cc < kCols; ++cc) out[tx + 16 * cc] = acc[a][cc] + pw[n - 1 - j] * st[a][cc];
+        for (int cc = 0; cc < kCols; ++cc) {
+          const float value = acc[a][cc] + pw[n - 1 - j] * st[a][cc];
+          out[tx + 16 * cc] = accumulate ? out[tx + 16 * cc] + value : value;
+        }
       }
     }
     __syncthreads();  // dS is read above; each thread updates its own elements below
@@ -374,9 +384,57 @@ __global__ void __launch_bounds__(kThreads) DkDvKernel(const float* q, const flo
       for (int qq = 0; qq < kCols; ++qq) {
         const int x = ty + 16 * p, y = tx + 16 * qq;
         float g = 0.f;
-        for (int i = 0; i < n; ++i) g = fmaf(sq[i * kLd + x] * pw[i + 1], sdo[i * kLd + y], g);
+        for (int i = 0; intra && i < n; ++i) g = fmaf(sq[i * kLd + x] * pw[i + 1], sdo[i * kLd + y], g);
         sg[x * kLd + y] = pw[n] * sg[x * kLd + y] + g;
       }
+  }
+}
+
+// ---- the inter-chunk phase: o_i += λ^(i+1) q_i S (S, or Sᵀ if transposed) ----
+template <int D>
+constexpr int InterSmem() {
+  return (D * (D + 1) + kChunk * (D + 1) + kChunk) * 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) InterKernel(const float* q, const float* decay, int tokens, int heads,
+                                                        const float* s, bool transposed, float* o) {
+  constexpr int kLd = D + 1, kCols = D / 16;
+  extern __shared__ float smem[];
+  float* ss = smem;
+  float* sq = ss + D * kLd;
+  float* w = sq + kChunk * kLd;
+  const int h = blockIdx.y, ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int n = min(kChunk, tokens - static_cast<int>(first));
+  const float* state = s + static_cast<int64_t>(h) * D * D;
+  for (int e = threadIdx.x; e < D * D; e += kThreads) {
+    const int x = e / D, y = e % D;
+    ss[x * kLd + y] = transposed ? state[y * D + x] : state[e];
+  }
+  if (threadIdx.x < kChunk) w[threadIdx.x] = Pow(decay[h], static_cast<int>(first) + threadIdx.x + 1);
+  LoadTile<D>(sq, q, heads, h, first, n);
+  __syncthreads();
+  float acc[4][kCols] = {};
+#pragma unroll 4
+  for (int x = 0; x < D; ++x) {
+    float qa[4], sc[kCols];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) qa[a] = sq[(ty + 16 * a) * kLd + x];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) sc[c] = ss[x * kLd + tx + 16 * c];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[a][c] = fmaf(qa[a], sc[c], acc[a][c]);
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int i = ty + 16 * a;
+    if (i >= n) continue;
+    float* out = o + ((first + i) * heads + h) * D;
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) out[tx + 16 * c] += w[i] * acc[a][c];
   }
 }
 
@@ -395,17 +453,21 @@ void CheckCuda(const Tensor& t, const Shape& shape, int device, const char* name
              t.device().ToString());
 }
 
-Dims CheckInputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay, const TokenRows& rows) {
+// q (or the chunk phase's first operand) and decay.
+Dims CheckTokens(const Tensor& q, const Tensor& decay, const char* name) {
   LOOM_CHECK(q.defined() && !q.device().is_cpu() && q.ndim() == 3 && q.dtype() == DType::kF32,
-             "[lightning_attention_f32] q must be f32 [T, H, D] on a CUDA device, got ",
+             "[lightning_attention_f32] ", name, " must be f32 [T, H, D] on a CUDA device, got ",
              q.defined() ? DTypeName(q.dtype()) : "undefined", " ", ShapeString(q.shape()));
   const Dims d{q.dim(0), q.dim(1), q.dim(2), q.device().index};
   LOOM_CHECK(d.d == 16 || d.d == 32 || d.d == 64 || d.d == 128, "[lightning_attention_f32] head dim ", d.d,
              " not compiled: 16, 32, 64 or 128 (Dk = Dv)");
   LOOM_CHECK(d.t < (int64_t{1} << 31), "[lightning_attention_f32] token count must fit i32");
-  CheckCuda(k, q.shape(), d.device, "k");
-  CheckCuda(v, q.shape(), d.device, "v");
   CheckCuda(decay, {d.h}, d.device, "decay");
+  LOOM_CUDA_CHECK(cudaSetDevice(d.device));
+  return d;
+}
+
+void CheckRowsHost(const TokenRows& rows, int64_t tokens) {
   const Tensor& cu = rows.cu_seqlens;
   LOOM_CHECK(cu.defined() && cu.device().is_cpu() && cu.dtype() == DType::kI32 && cu.ndim() == 1 && cu.numel() >= 1,
              "[lightning_attention_f32] cu_seqlens must be a CPU i32 [R+1] tensor");
@@ -414,29 +476,34 @@ Dims CheckInputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
              "give each document its own row in cu_seqlens");
   const int32_t* c = cu.data<int32_t>();
   const int64_t r = rows.rows();
-  LOOM_CHECK(c[0] == 0 && c[r] == d.t, "[lightning_attention_f32] cu_seqlens must run from 0 to T = ", d.t,
+  LOOM_CHECK(c[0] == 0 && c[r] == tokens, "[lightning_attention_f32] cu_seqlens must run from 0 to T = ", tokens,
              ", got ", c[0], " .. ", c[r]);
   for (int64_t i = 0; i < r; ++i)
     LOOM_CHECK(c[i] <= c[i + 1], "[lightning_attention_f32] cu_seqlens decreases at ", i + 1);
-  LOOM_CUDA_CHECK(cudaSetDevice(d.device));
-  return d;
+}
+
+void CheckNoChunkDocs(const Tensor& doc_ids) {
+  LOOM_CHECK(!doc_ids.defined(),
+             "[lightning_attention_f32] doc_ids (documents inside a chunk) are not supported by the CUDA kernels");
+}
+
+std::vector<int32_t> HostCu(const TokenRows& rows) {
+  const int32_t* c = rows.cu_seqlens.data<int32_t>();
+  return std::vector<int32_t>(c, c + rows.rows() + 1);
 }
 
 // The segment plan and the per-segment states, on the device for one call
 // (stream-ordered memory, freed by ~Scratch after the launches are queued).
 struct Scratch {
   int64_t segments = 0, rows = 0;
+  size_t plan_bytes = 0, state_bytes = 0;
   void* base = nullptr;
   cudaStream_t stream = nullptr;
   const Segment* segs() const { return static_cast<const Segment*>(base); }
   const int* row_first() const { return reinterpret_cast<const int*>(segs() + segments); }
-  float* states() const {
-    const size_t plan = (segments * sizeof(Segment) + (rows + 1) * sizeof(int) + 255) / 256 * 256;
-    return reinterpret_cast<float*>(static_cast<char*>(base) + plan);
-  }
-  Scratch(const TokenRows& rows_in, const Dims& d, cudaStream_t s) : stream(s) {
-    const int32_t* cu = rows_in.cu_seqlens.data<int32_t>();
-    rows = rows_in.rows();
+  float* states() const { return reinterpret_cast<float*>(static_cast<char*>(base) + plan_bytes); }
+  Scratch(const std::vector<int32_t>& cu, const Dims& d, cudaStream_t s) : stream(s) {
+    rows = static_cast<int64_t>(cu.size()) - 1;
     std::vector<Segment> plan;
     std::vector<int> first;
     for (int64_t r = 0; r < rows; ++r) {
@@ -446,9 +513,9 @@ struct Scratch {
     }
     first.push_back(static_cast<int>(plan.size()));
     segments = static_cast<int64_t>(plan.size());
-    const size_t plan_bytes = (segments * sizeof(Segment) + (rows + 1) * sizeof(int) + 255) / 256 * 256;
-    const size_t bytes = plan_bytes + static_cast<size_t>(segments) * d.h * d.d * d.d * sizeof(float);
-    LOOM_CUDA_CHECK(cudaMallocAsync(&base, bytes, stream));
+    plan_bytes = (segments * sizeof(Segment) + (rows + 1) * sizeof(int) + 255) / 256 * 256;
+    state_bytes = static_cast<size_t>(segments) * d.h * d.d * d.d * sizeof(float);
+    LOOM_CUDA_CHECK(cudaMallocAsync(&base, plan_bytes + state_bytes, stream));
     std::vector<char> host(plan_bytes, 0);
     std::memcpy(host.data(), plan.data(), plan.size() * sizeof(Segment));
     std::memcpy(host.data() + plan.size() * sizeof(Segment), first.data(), first.size() * sizeof(int));
@@ -479,11 +546,21 @@ void Allow(Kernel kernel, int smem) {
   LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
 }
 
-// o = lightning attention of (q, k, v) from `init` (transposed if asked);
-// `final` (optional) = the state after each row.
+void LaunchScan(const Scratch& sc, const Dims& d, const float* decay, const float* init, bool init_transposed,
+                bool reverse, float* final, bool accumulate_final, cudaStream_t stream) {
+  if (sc.rows == 0 || d.h == 0) return;
+  const int dd = static_cast<int>(d.d);
+  ScanKernel<<<dim3((dd * dd + 255) / 256, static_cast<unsigned>(d.h), static_cast<unsigned>(sc.rows)), 256, 0,
+               stream>>>(sc.states(), sc.segs(), sc.row_first(), static_cast<int>(d.h), dd, decay, init,
+                         init_transposed, reverse, final, accumulate_final);
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
+
+// o (written or added) = lightning attention of (q, k, v) from `init`
+// (transposed if asked); `final` (optional) = the state after each row.
 void ForwardPipeline(const float* q, const float* k, const float* v, const float* decay, const Dims& d,
                      const Scratch& sc, const float* init, bool init_transposed, float* final, float* o,
-                     cudaStream_t stream) {
+                     bool accumulate, cudaStream_t stream) {
   if (sc.rows == 0 || d.h == 0) return;
   const int heads = static_cast<int>(d.h);
   DispatchHeadDim(d.d, [&](auto dim) {
@@ -493,71 +570,179 @@ void ForwardPipeline(const float* q, const float* k, const float* v, const float
       StateKernel<D, false><<<grid, kThreads, 0, stream>>>(k, v, decay, sc.segs(), heads, sc.states());
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
-    ScanKernel<<<dim3((D * D + 255) / 256, heads, static_cast<unsigned>(sc.rows)), 256, 0, stream>>>(
-        sc.states(), sc.segs(), sc.row_first(), heads, D, decay, init, init_transposed, false, final);
-    LOOM_CUDA_CHECK(cudaGetLastError());
-    if (sc.segments > 0) {
+    LaunchScan(sc, d, decay, init, init_transposed, false, final, false, stream);
+    if (sc.segments > 0 && o) {
       Allow(OutputKernel<D>, OutputSmem<D>());
-      OutputKernel<D><<<grid, kThreads, OutputSmem<D>(), stream>>>(q, k, v, decay, sc.segs(), heads, sc.states(), o);
+      OutputKernel<D><<<grid, kThreads, OutputSmem<D>(), stream>>>(q, k, v, decay, sc.segs(), heads, sc.states(), o,
+                                                                   accumulate);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
   });
 }
 
-}  // namespace
-
-void LightningAttentionF32Forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
-                                  const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out,
-                                  CudaStream stream) {
-  const Dims d = CheckInputs(q, k, v, decay, rows);
-  const Shape state_shape{rows.rows(), d.h, d.d, d.d};
-  CheckCuda(o, q.shape(), d.device, "o");
-  if (state_in.defined()) CheckCuda(state_in, state_shape, d.device, "state_in");
-  if (state_out.defined()) CheckCuda(state_out, state_shape, d.device, "state_out");
-  auto s = static_cast<cudaStream_t>(stream);
-  const Scratch sc(rows, d, s);
-  ForwardPipeline(q.data<float>(), k.data<float>(), v.data<float>(), decay.data<float>(), d, sc, F32(state_in),
-                  false, F32Mut(state_out), o.data<float>(), s);
-}
-
-void LightningAttentionF32Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
-                                   const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
-                                   const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
-                                   CudaStream stream) {
-  const Dims d = CheckInputs(q, k, v, decay, rows);
-  const Shape state_shape{rows.rows(), d.h, d.d, d.d};
-  for (auto [t, name] : {std::pair{&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
-    CheckCuda(*t, q.shape(), d.device, name);
-  if (state_in.defined()) CheckCuda(state_in, state_shape, d.device, "state_in");
-  if (d_state_out.defined()) CheckCuda(d_state_out, state_shape, d.device, "d_state_out");
-  if (d_state_in.defined()) CheckCuda(d_state_in, state_shape, d.device, "d_state_in");
-  auto s = static_cast<cudaStream_t>(stream);
-  const Scratch sc(rows, d, s);
-  // dQ: the forward of (dO, V, K) from state_inᵀ.
-  ForwardPipeline(d_o.data<float>(), v.data<float>(), k.data<float>(), decay.data<float>(), d, sc, F32(state_in),
-                  true, nullptr, dq.data<float>(), s);
+// dk, dv (written or added) from the exit gradients: per-segment sums of
+// (q, do) (intra) or none (the state-only path), the reverse scan from
+// d_state_out (optional), d_state_in (optional) = the rows' entry gradient.
+void DkDvPipeline(const float* q, const float* k, const float* v, const float* d_o, const float* decay,
+                  const Dims& d, const Scratch& sc, const float* d_state_out, float* d_state_in,
+                  bool accumulate_d_state_in, float* dk, float* dv, bool accumulate, bool intra,
+                  cudaStream_t stream) {
   if (sc.rows == 0 || d.h == 0) return;
   const int heads = static_cast<int>(d.h);
   DispatchHeadDim(d.d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     const dim3 grid(static_cast<unsigned>(sc.segments), heads);
     if (sc.segments > 0) {
-      StateKernel<D, true><<<grid, kThreads, 0, s>>>(q.data<float>(), d_o.data<float>(), decay.data<float>(),
-                                                      sc.segs(), heads, sc.states());
-      LOOM_CUDA_CHECK(cudaGetLastError());
+      if (intra) {
+        StateKernel<D, true><<<grid, kThreads, 0, stream>>>(q, d_o, decay, sc.segs(), heads, sc.states());
+        LOOM_CUDA_CHECK(cudaGetLastError());
+      } else {
+        LOOM_CUDA_CHECK(cudaMemsetAsync(sc.states(), 0, sc.state_bytes, stream));
+      }
     }
-    ScanKernel<<<dim3((D * D + 255) / 256, heads, static_cast<unsigned>(sc.rows)), 256, 0, s>>>(
-        sc.states(), sc.segs(), sc.row_first(), heads, D, decay.data<float>(), F32(d_state_out), false, true,
-        F32Mut(d_state_in));
-    LOOM_CUDA_CHECK(cudaGetLastError());
-    if (sc.segments > 0) {
+    LaunchScan(sc, d, decay, d_state_out, false, true, d_state_in, accumulate_d_state_in, stream);
+    if (sc.segments > 0 && dk) {
       Allow(DkDvKernel<D>, DkDvSmem<D>());
-      DkDvKernel<D><<<grid, kThreads, DkDvSmem<D>(), s>>>(q.data<float>(), k.data<float>(), v.data<float>(),
-                                                          d_o.data<float>(), decay.data<float>(), sc.segs(), heads,
-                                                          sc.states(), dk.data<float>(), dv.data<float>());
+      DkDvKernel<D><<<grid, kThreads, DkDvSmem<D>(), stream>>>(q, k, v, d_o, decay, sc.segs(), heads, sc.states(),
+                                                              dk, dv, intra, accumulate);
       LOOM_CUDA_CHECK(cudaGetLastError());
     }
   });
+}
+
+void LaunchInter(const float* q, const float* decay, const Dims& d, const float* s, bool transposed, float* o,
+                 cudaStream_t stream) {
+  if (d.t == 0 || d.h == 0) return;
+  DispatchHeadDim(d.d, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    Allow(InterKernel<D>, InterSmem<D>());
+    const dim3 grid(static_cast<unsigned>((d.t + kChunk - 1) / kChunk), static_cast<unsigned>(d.h));
+    InterKernel<D><<<grid, kThreads, InterSmem<D>(), stream>>>(q, decay, static_cast<int>(d.t),
+                                                               static_cast<int>(d.h), s, transposed, o);
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+}  // namespace
+
+// ---- Fused calls ----
+
+void LightningAttentionF32Forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                  const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out,
+                                  CudaStream stream) {
+  const Dims d = CheckTokens(q, decay, "q");
+  CheckCuda(k, q.shape(), d.device, "k");
+  CheckCuda(v, q.shape(), d.device, "v");
+  CheckCuda(o, q.shape(), d.device, "o");
+  CheckRowsHost(rows, d.t);
+  const Shape state_shape{rows.rows(), d.h, d.d, d.d};
+  if (state_in.defined()) CheckCuda(state_in, state_shape, d.device, "state_in");
+  if (state_out.defined()) CheckCuda(state_out, state_shape, d.device, "state_out");
+  auto s = static_cast<cudaStream_t>(stream);
+  const Scratch sc(HostCu(rows), d, s);
+  ForwardPipeline(q.data<float>(), k.data<float>(), v.data<float>(), decay.data<float>(), d, sc, F32(state_in),
+                  false, F32Mut(state_out), o.data<float>(), false, s);
+}
+
+void LightningAttentionF32Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                   const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
+                                   const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
+                                   CudaStream stream) {
+  const Dims d = CheckTokens(q, decay, "q");
+  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
+    CheckCuda(*t, q.shape(), d.device, name);
+  CheckRowsHost(rows, d.t);
+  const Shape state_shape{rows.rows(), d.h, d.d, d.d};
+  if (state_in.defined()) CheckCuda(state_in, state_shape, d.device, "state_in");
+  if (d_state_out.defined()) CheckCuda(d_state_out, state_shape, d.device, "d_state_out");
+  if (d_state_in.defined()) CheckCuda(d_state_in, state_shape, d.device, "d_state_in");
+  auto s = static_cast<cudaStream_t>(stream);
+  const Scratch sc(HostCu(rows), d, s);
+  // dQ: the forward of (dO, V, K) from state_inᵀ.
+  ForwardPipeline(d_o.data<float>(), v.data<float>(), k.data<float>(), decay.data<float>(), d, sc, F32(state_in),
+                  true, nullptr, dq.data<float>(), false, s);
+  DkDvPipeline(q.data<float>(), k.data<float>(), v.data<float>(), d_o.data<float>(), decay.data<float>(), d, sc,
+               F32(d_state_out), F32Mut(d_state_in), false, dk.data<float>(), dv.data<float>(), false, true, s);
+}
+
+// ---- Phases on one chunk (one row of C tokens) ----
+
+bool LightningF32ChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m,
+                            CudaStream stream) {
+  const Dims d = CheckTokens(k, decay, "k");
+  CheckCuda(v, k.shape(), d.device, "v");
+  CheckCuda(m, {d.h, d.d, d.d}, d.device, "m");
+  CheckNoChunkDocs(doc_ids);
+  auto s = static_cast<cudaStream_t>(stream);
+  const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
+  ForwardPipeline(nullptr, k.data<float>(), v.data<float>(), decay.data<float>(), d, sc, nullptr, false,
+                  m.data<float>(), nullptr, false, s);
+  return false;  // no documents, so no boundary
+}
+
+void LightningF32ChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
+                                    const Tensor& dm, Tensor& dk, Tensor& dv, CudaStream stream) {
+  const Dims d = CheckTokens(k, decay, "k");
+  for (auto [t, name] : {std::pair{&v, "v"}, {&dk, "dk"}, {&dv, "dv"}}) CheckCuda(*t, k.shape(), d.device, name);
+  CheckCuda(dm, {d.h, d.d, d.d}, d.device, "dm");
+  CheckNoChunkDocs(doc_ids);
+  auto s = static_cast<cudaStream_t>(stream);
+  const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
+  DkDvPipeline(nullptr, k.data<float>(), v.data<float>(), nullptr, decay.data<float>(), d, sc, dm.data<float>(),
+               nullptr, false, dk.data<float>(), dv.data<float>(), true, false, s);
+}
+
+void LightningF32IntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                            const Tensor& doc_ids, Tensor& o, CudaStream stream) {
+  const Dims d = CheckTokens(q, decay, "q");
+  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&o, "o"}}) CheckCuda(*t, q.shape(), d.device, name);
+  CheckNoChunkDocs(doc_ids);
+  auto s = static_cast<cudaStream_t>(stream);
+  const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
+  ForwardPipeline(q.data<float>(), k.data<float>(), v.data<float>(), decay.data<float>(), d, sc, nullptr, false,
+                  nullptr, o.data<float>(), false, s);
+}
+
+void LightningF32IntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
+                                    const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv,
+                                    CudaStream stream) {
+  const Dims d = CheckTokens(q, decay, "q");
+  for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
+    CheckCuda(*t, q.shape(), d.device, name);
+  CheckNoChunkDocs(doc_ids);
+  auto s = static_cast<cudaStream_t>(stream);
+  const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
+  ForwardPipeline(d_o.data<float>(), v.data<float>(), k.data<float>(), decay.data<float>(), d, sc, nullptr, false,
+                  nullptr, dq.data<float>(), true, s);
+  DkDvPipeline(q.data<float>(), k.data<float>(), v.data<float>(), d_o.data<float>(), decay.data<float>(), d, sc,
+               nullptr, nullptr, false, dk.data<float>(), dv.data<float>(), true, true, s);
+}
+
+void LightningF32InterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s_in,
+                            Tensor& o, CudaStream stream) {
+  const Dims d = CheckTokens(q, decay, "q");
+  CheckCuda(s_in, {d.h, d.d, d.d}, d.device, "s");
+  CheckCuda(o, q.shape(), d.device, "o");
+  CheckNoChunkDocs(doc_ids);
+  LaunchInter(q.data<float>(), decay.data<float>(), d, s_in.data<float>(), false, o.data<float>(),
+              static_cast<cudaStream_t>(stream));
+}
+
+void LightningF32InterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s_in,
+                                    const Tensor& d_o, Tensor& dq, Tensor& ds, CudaStream stream) {
+  const Dims d = CheckTokens(q, decay, "q");
+  CheckCuda(s_in, {d.h, d.d, d.d}, d.device, "s");
+  CheckCuda(ds, {d.h, d.d, d.d}, d.device, "ds");
+  CheckCuda(d_o, q.shape(), d.device, "d_o");
+  CheckCuda(dq, q.shape(), d.device, "dq");
+  CheckNoChunkDocs(doc_ids);
+  auto s = static_cast<cudaStream_t>(stream);
+  // dq_i += λ^(i+1) do_i Sᵀ
+  LaunchInter(d_o.data<float>(), decay.data<float>(), d, s_in.data<float>(), true, dq.data<float>(), s);
+  // dS += Σ_i λ^(i+1) q_iᵀ do_i: per-segment sums folded by the reverse scan.
+  const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
+  DkDvPipeline(q.data<float>(), nullptr, nullptr, d_o.data<float>(), decay.data<float>(), d, sc, nullptr,
+               ds.data<float>(), true, nullptr, nullptr, false, true, s);
 }
 
 }  // namespace loom::ops::cuda

@@ -22,4 +22,27 @@ void LightningAttentionF32Backward(const Tensor&, const Tensor&, const Tensor&, 
   BuiltWithoutCuda("LightningAttentionF32Backward");
 }
 
+bool LightningF32ChunkState(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, CudaStream) {
+  BuiltWithoutCuda("LightningF32ChunkState");
+}
+void LightningF32ChunkStateBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
+                                    Tensor&, CudaStream) {
+  BuiltWithoutCuda("LightningF32ChunkStateBackward");
+}
+void LightningF32IntraChunk(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
+                            CudaStream) {
+  BuiltWithoutCuda("LightningF32IntraChunk");
+}
+void LightningF32IntraChunkBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    const Tensor&, Tensor&, Tensor&, Tensor&, CudaStream) {
+  BuiltWithoutCuda("LightningF32IntraChunkBackward");
+}
+void LightningF32InterChunk(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, CudaStream) {
+  BuiltWithoutCuda("LightningF32InterChunk");
+}
+void LightningF32InterChunkBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&,
+                                    Tensor&, CudaStream) {
+  BuiltWithoutCuda("LightningF32InterChunkBackward");
+}
+
 }  // namespace loom::ops::cuda

@@ -19,6 +19,9 @@
 #include <vector>
 
 #include "ops/lightning_attention.h"
+#include "parallel/cp_lightning.h"
+#include "parallel/solo_communicator.h"
+#include "parallel/zigzag.h"
 #include "runtime/cuda_runtime.h"
 #include "tests/testing.h"
 
@@ -136,6 +139,111 @@ TEST(GpuLightningF32, StateInAndOutWithTheirGradientsMatchCpu) {
   RunLightningCase({.name = "states D64", .d = 64, .h = 2, .lens = {130, 1100}, .decay = {0.9, 1.0},
                     .states = true});
   RunLightningCase({.name = "states D128", .d = 128, .h = 2, .lens = {70}, .decay = {0.99, 0.8}, .states = true});
+}
+
+// The three phases on one chunk (what LASP-1/2 call), f32 on the GPU against
+// the CPU phases; accumulated outputs start from the same random values on
+// both sides, so writing instead of adding fails.
+void RunPhasesCase(int64_t c, int64_t h, int64_t d, const std::vector<double>& decays) {
+  SCOPED_TRACE("phases C=" + std::to_string(c) + " D=" + std::to_string(d));
+  const Shape x_shape{c, h, d}, s_shape{h, d, d};
+  const Tensor q = testing::RandomTensor(x_shape, DType::kF32, 71, -0.5, 1);
+  const Tensor k = testing::RandomTensor(x_shape, DType::kF32, 72, -0.5, 1);
+  const Tensor v = testing::RandomTensor(x_shape, DType::kF32, 73, -0.5, 1);
+  const Tensor d_o = testing::RandomTensor(x_shape, DType::kF32, 74);
+  const Tensor st = testing::RandomTensor(s_shape, DType::kF32, 75);
+  std::vector<float> lambda(decays.begin(), decays.end());
+  const Tensor decay = Tensor::FromVector(lambda, {h}), gdecay = ToGpu(decay);
+  const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o), gst = ToGpu(st);
+  auto start = [&](const Shape& shape, uint64_t seed) { return testing::RandomTensor(shape, DType::kF32, seed); };
+  const Tensor none;
+  std::printf("[phases C=%ld D=%ld]\n", c, d);
+
+  Tensor m = Tensor::Empty(s_shape, DType::kF32), gm = Poisoned(s_shape);
+  LightningChunkState(k, v, decay, none, m);
+  LightningChunkState(gk, gv, gdecay, none, gm);
+
+  Tensor dk1 = start(x_shape, 81), dv1 = start(x_shape, 82), gdk1 = ToGpu(dk1), gdv1 = ToGpu(dv1);
+  LightningChunkStateBackward(k, v, decay, none, st, dk1, dv1);
+  LightningChunkStateBackward(gk, gv, gdecay, none, gst, gdk1, gdv1);
+
+  Tensor o = Tensor::Empty(x_shape, DType::kF32), go = Poisoned(x_shape);
+  LightningIntraChunk(q, k, v, decay, none, o);
+  LightningIntraChunk(gq, gk, gv, gdecay, none, go);
+
+  Tensor dq2 = start(x_shape, 83), dk2 = start(x_shape, 84), dv2 = start(x_shape, 85);
+  Tensor gdq2 = ToGpu(dq2), gdk2 = ToGpu(dk2), gdv2 = ToGpu(dv2);
+  LightningIntraChunkBackward(q, k, v, decay, none, d_o, dq2, dk2, dv2);
+  LightningIntraChunkBackward(gq, gk, gv, gdecay, none, gdo, gdq2, gdk2, gdv2);
+
+  Tensor o3 = start(x_shape, 86), go3 = ToGpu(o3);
+  LightningInterChunk(q, decay, none, st, o3);
+  LightningInterChunk(gq, gdecay, none, gst, go3);
+
+  Tensor dq4 = start(x_shape, 87), ds4 = start(s_shape, 88), gdq4 = ToGpu(dq4), gds4 = ToGpu(ds4);
+  LightningInterChunkBackward(q, decay, none, st, d_o, dq4, ds4);
+  LightningInterChunkBackward(gq, gdecay, none, gst, gdo, gdq4, gds4);
+  CudaSynchronize();
+
+  EXPECT_TRUE(Close(gm, m, "chunk m"));
+  EXPECT_TRUE(Close(gdk1, dk1, "state dk (+=)"));
+  EXPECT_TRUE(Close(gdv1, dv1, "state dv (+=)"));
+  EXPECT_TRUE(Close(go, o, "intra o"));
+  EXPECT_TRUE(Close(gdq2, dq2, "intra dq (+=)"));
+  EXPECT_TRUE(Close(gdk2, dk2, "intra dk (+=)"));
+  EXPECT_TRUE(Close(gdv2, dv2, "intra dv (+=)"));
+  EXPECT_TRUE(Close(go3, o3, "inter o (+=)"));
+  EXPECT_TRUE(Close(gdq4, dq4, "inter dq (+=)"));
+  EXPECT_TRUE(Close(gds4, ds4, "inter ds (+=)"));
+}
+
+TEST(GpuLightningF32, ChunkPhasesMatchCpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunPhasesCase(70, 2, 64, {0.9, 1.0});
+  RunPhasesCase(1100, 2, 32, {0.99, 1.0});
+  RunPhasesCase(64, 4, 128, {0.5, 0.8, 0.95, 1.0});
+}
+
+// LASP-1 and LASP-2 on CUDA tensors in a world of one rank: a row is its two
+// zig-zag chunks, so the chains run (chunk 0's state enters chunk 1) and the
+// result must equal the fused single-process op on the CPU.
+void RunCpLightningCase(CpLinearScheme scheme) {
+  SCOPED_TRACE(CpLinearSchemeName(scheme));
+  const int64_t rows_n = 2, seq = 256, t = rows_n * seq, h = 4, d = 32;
+  const TokenRows rows = TokenRows::Uniform(rows_n, seq);
+  auto layout = ZigzagChunks(rows_n, seq, 1, 0);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  const Shape x_shape{t, h, d};
+  const Tensor q = testing::RandomTensor(x_shape, DType::kF32, 91, -0.5, 1);
+  const Tensor k = testing::RandomTensor(x_shape, DType::kF32, 92, -0.5, 1);
+  const Tensor v = testing::RandomTensor(x_shape, DType::kF32, 93, -0.5, 1);
+  const Tensor d_o = testing::RandomTensor(x_shape, DType::kF32, 94);
+  const std::vector<double> decays = LightningDecay(h, 1, 4);
+  const Tensor decay = Tensor::FromVector(std::vector<float>(decays.begin(), decays.end()), {h});
+  Tensor o, s_out, dq, dk, dv, no_state;
+  LightningAttentionForward(q, k, v, decay, rows, {}, Tensor(), o, s_out);
+  LightningAttentionBackward(q, k, v, decay, rows, {}, Tensor(), d_o, Tensor(), dq, dk, dv, no_state);
+
+  std::unique_ptr<Communicator> world = SoloWorld();
+  CpLightningOptions cp;
+  cp.scheme = scheme;
+  CpLightningSaved saved;
+  const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o), gdecay = ToGpu(decay);
+  Tensor go = Poisoned(x_shape), gdq = Poisoned(x_shape), gdk = Poisoned(x_shape), gdv = Poisoned(x_shape);
+  ASSERT_TRUE(CpLightningForward(*world, cp, *layout, gq, gk, gv, gdecay, rows, go, &saved).ok());
+  ASSERT_TRUE(CpLightningBackward(*world, cp, *layout, gq, gk, gv, gdecay, rows, gdo, &saved, gdq, gdk, gdv).ok());
+  CudaSynchronize();
+  std::printf("[cp %s]\n", CpLinearSchemeName(scheme));
+  EXPECT_TRUE(Close(go, o, "o"));
+  EXPECT_TRUE(Close(gdq, dq, "dq"));
+  EXPECT_TRUE(Close(gdk, dk, "dk"));
+  EXPECT_TRUE(Close(gdv, dv, "dv"));
+}
+
+TEST(GpuCpLightningF32, Lasp1AndLasp2OnCudaTensorsMatchTheFusedOp) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCpLightningCase(CpLinearScheme::kLasp1);
+  RunCpLightningCase(CpLinearScheme::kLasp2);
 }
 
 }  // namespace
