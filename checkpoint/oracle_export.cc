@@ -35,10 +35,9 @@ std::string ConfigJson(const config::Config& config, const ModelDims& d, const P
                                   }),
                                   "]"));
   }
-  // RoPE as ops/cpu/rope.cc computes it: inv_freq[i] = θ^(−2i/D), in double.
-  // (Scaled RoPE tables must be exported here too once the model has them.)
-  std::vector<double> inv_freq(d.head_dim / 2);
-  for (int i = 0; i < d.head_dim / 2; ++i) inv_freq[i] = std::pow(d.rope_theta, -2.0 * i / d.head_dim);
+  // The softmax layers' RoPE table (rope_theta and rope_scaling), as the model
+  // holds it: the oracle rotates with these very frequencies.
+  const std::vector<double>& inv_freq = d.rope.inv_freq;
   std::vector<std::string> plist;
   for (const Param* p : params) {
     plist.push_back(absl::StrFormat("    {\"name\": \"%s\", \"shape\": [%s], \"weight_decay\": %s}", p->name,
@@ -57,7 +56,7 @@ std::string ConfigJson(const config::Config& config, const ModelDims& d, const P
                   ", \"lightning_norm\": ", Bool(d.lightning_norm), ", \"lightning_gate\": ", Bool(d.lightning_gate),
                   ", \"moe_experts\": ", d.moe.experts, ",\n    \"rope_inv_freq\": [",
                   absl::StrJoin(inv_freq, ", ", [](std::string* out, double x) { absl::StrAppend(out, Num(x)); }),
-                  "], \"rope_attention_factor\": 1,\n    \"lightning_decays\": {",
+                  "], \"rope_attention_factor\": ", Num(d.rope.attention_factor), ",\n    \"lightning_decays\": {",
                   absl::StrJoin(decays, ", "), "}},\n");
   absl::StrAppend(&j, "  \"train\": {\"steps\": ", t.steps(), ", \"seq_len\": ", t.seq_len(),
                   ", \"global_batch\": ", t.global_batch(), ", \"micro_batch\": ", t.micro_batch(),
