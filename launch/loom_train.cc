@@ -25,6 +25,8 @@
 #include "checkpoint/oracle_export.h"
 #include "data/associative_recall.h"
 #include "data/gpt_dataset.h"
+#include "data/needle.h"
+#include "launch/stages.h"
 #include "model/memory_estimate.h"
 #include "model/model.h"
 #include "model/pipeline.h"
@@ -80,6 +82,10 @@ class DataSource {
       d.recall_ = std::make_shared<AssociativeRecall>(config);
       return d;
     }
+    if (config.data().task() == "needle") {
+      d.needle_ = std::make_shared<Needle>(config);
+      return d;
+    }
     GptDatasetOptions o;
     for (const auto& p : config.data().paths()) o.sources.push_back({p.prefix(), p.weight()});
     o.split = config.data().split();
@@ -93,20 +99,24 @@ class DataSource {
     d.text_ = std::move(text);
     return d;
   }
-  bool is_recall() const { return recall_ != nullptr; }
-  double chance() const { return recall_ ? recall_->chance() : 0.0; }
-  bool has_eval() const { return recall_ || text_->num_tokens(GptDataset::Split::kValid) > 0; }
+  // A built-in task with answers to count (recall or needle).
+  bool is_recall() const { return recall_ != nullptr || needle_ != nullptr; }
+  double chance() const { return recall_ ? recall_->chance() : needle_ ? needle_->chance() : 0.0; }
+  bool has_eval() const { return is_recall() || text_->num_tokens(GptDataset::Split::kValid) > 0; }
   Batch Train(int64_t first, int64_t rows) const {
+    if (needle_) return needle_->MakeBatch(Needle::Split::kTrain, first, rows);
     return recall_ ? recall_->MakeBatch(AssociativeRecall::Split::kTrain, first, rows)
                    : text_->MakeBatch(GptDataset::Split::kTrain, first, rows);
   }
   Batch Eval(int64_t first, int64_t rows) const {
+    if (needle_) return needle_->MakeBatch(Needle::Split::kEval, first, rows);
     return recall_ ? recall_->MakeBatch(AssociativeRecall::Split::kEval, first, rows)
                    : text_->MakeBatch(GptDataset::Split::kValid, first, rows);
   }
 
  private:
   std::shared_ptr<AssociativeRecall> recall_;
+  std::shared_ptr<Needle> needle_;
   std::shared_ptr<GptDataset> text_;
 };
 
@@ -245,7 +255,8 @@ std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, cons
 
 class Trainer {
  public:
-  Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups)
+  Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups,
+          const TrainStagePlan& stage)
       : config_(config),
         dims_(PlacedDims(config, device)),
         world_(world),
@@ -258,7 +269,8 @@ class Trainer {
         run_dir_(config.train().run_dir()),
         ckpt_dir_(config.checkpoint().dir().empty() ? (run_dir_ / "checkpoints").string()
                                                     : config.checkpoint().dir()),
-        lead_(world.rank() == 0) {
+        lead_(world.rank() == 0),
+        stage_(stage) {
     model_.set_grad_ready_hook([this](const ParamList& ready) { dp_.GradReady(ready); });
   }
 
@@ -272,6 +284,9 @@ class Trainer {
       LOOM_RETURN_IF_ERROR(checkpoint::PrepareCheckpointDir(ckpt_dir_));
     }
     LOOM_ASSIGN_OR_RETURN(const int64_t start, Resume());
+    if (start < stage_.first_step)
+      return absl::InvalidArgumentError(absl::StrCat("resumed at step ", start, ", before train.stages[", stage_.index,
+                                                     "] starts (step ", stage_.first_step, ")"));
     std::unique_ptr<checkpoint::OracleExport> oracle;  // --export_oracle
     if (absl::GetFlag(FLAGS_export_oracle)) {
       LOOM_ASSIGN_OR_RETURN(oracle, checkpoint::OracleExport::Start((run_dir_ / "oracle").string(), config_, dims_,
@@ -298,6 +313,10 @@ class Trainer {
               " | ", world_.backend(), " backend | ", dp_.buckets(), " gradient buckets");
     LogInfo("data: ", data_.is_recall() ? "associative recall" : "indexed datasets", ", seq_len ", tc.seq_len(),
             " | ", steps, " steps of ", global, " sequences | run dir ", tc.run_dir());
+    if (stage_.count > 1)
+      LogInfo(absl::StrFormat("stage %d of %d: steps %d-%d, seq_len %d, cp %d, dp %d, lr %.3g, data from token %d",
+                              stage_.index + 1, stage_.count, stage_.first_step + 1, steps, tc.seq_len(), layout.cp,
+                              layout.dp, config_.optim().lr(), stage_.data_tokens_at(start)));
 
     if (start >= steps) {
       LogInfo("already at step ", start, " of train.steps = ", steps,
@@ -313,7 +332,8 @@ class Trainer {
       Timer step_timer;
       std::vector<Batch> batches;
       for (int64_t first = 0; first < per_rank; first += micro) {
-        LOOM_ASSIGN_OR_RETURN(Batch b, LocalShare(data_.Train(step * global + first_of_rank + first, micro), groups_));
+        LOOM_ASSIGN_OR_RETURN(Batch b, LocalShare(data_.Train(stage_.first_sample() + (step - stage_.first_step) * global + first_of_rank + first, micro),
+                                               groups_));
         batches.push_back(std::move(b));
       }
       if (oracle) LOOM_RETURN_IF_ERROR(oracle->WriteStep(step, batches));
@@ -345,7 +365,7 @@ class Trainer {
                    skipped, " so far)");
         continue;
       }
-      const double lr = LearningRate(config_.optim(), step, steps);
+      const double lr = LearningRate(config_.optim(), step - stage_.first_step, steps - stage_.first_step);
       LOOM_RETURN_IF_ERROR(dp_.Step(lr));
       // ZeRO all-gathered new masters; the bf16 copies follow them.
       if (config_.parallel().zero() == 1) model_.RefreshComputeWeights();
@@ -395,7 +415,9 @@ class Trainer {
       LogInfo(absl::StrFormat("answer accuracy %.1f%% on %d held-out answers (chance %.1f%%)",
                               100 * e.accuracy.value(), e.accuracy.total, 100 * data_.chance()));
     }
-    if (config_.checkpoint().every() > 0 && step % config_.checkpoint().every() != 0) LOOM_RETURN_IF_ERROR(Save(step));
+    // Always at a stage boundary: the next stage starts from that checkpoint.
+    const int every = config_.checkpoint().every();
+    if ((every > 0 || !stage_.last()) && (every == 0 || step % every != 0)) LOOM_RETURN_IF_ERROR(Save(step));
     return absl::OkStatus();
   }
 
@@ -491,7 +513,7 @@ class Trainer {
   absl::Status Save(int64_t step) {
     checkpoint::CheckpointState state;
     state.step = step;
-    state.data_tokens = step * config_.train().global_batch() * config_.train().seq_len();
+    state.data_tokens = stage_.data_tokens_at(step);
     state.config_text = ConfigToText(config_);
     std::vector<Tensor> m, v;
     LOOM_RETURN_IF_ERROR(dp_.GatherMoments(m, v));
@@ -601,9 +623,11 @@ class Trainer {
   std::string ckpt_dir_;
   bool lead_;
   TensorBoardWriter tb_;  // rank 0: <run_dir>/tb/, a new events file per run
+  TrainStagePlan stage_;  // launch/stages.h: its first step and data position
 };
 
-absl::Status Train(const config::Config& config, Device device, Communicator& world) {
+absl::Status TrainStage(const TrainStagePlan& stage, Device device, Communicator& world) {
+  const config::Config& config = stage.config;
   LOOM_ASSIGN_OR_RETURN(const Layout layout, MakeLayout(world.size(), config));
   if (world.rank() == 0) {
     std::error_code ec;
@@ -615,13 +639,34 @@ absl::Status Train(const config::Config& config, Device device, Communicator& wo
   LOOM_RETURN_IF_ERROR(world.Barrier());
   LOOM_ASSIGN_OR_RETURN(DataSource data, DataSource::Create(config));
   LOOM_ASSIGN_OR_RETURN(std::unique_ptr<ProcessGroups> groups, ProcessGroups::Make(world, layout));
-  Trainer trainer(config, device, std::move(data), world, *groups);
+  Trainer trainer(config, device, std::move(data), world, *groups, stage);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   // A file-size limit (ulimit -f) then fails a checkpoint write with EFBIG,
   // reported with the file's name, instead of killing the run mid-save.
   std::signal(SIGXFSZ, SIG_IGN);
   return trainer.Run();
+}
+
+// Progressive length (launch/stages.h): the stages in order, each with its
+// own layout and model; a restarted run skips the stages its checkpoint has
+// passed, and each later stage resumes from the boundary checkpoint.
+absl::Status Train(const config::Config& config, Device device, Communicator& world) {
+  LOOM_ASSIGN_OR_RETURN(std::vector<TrainStagePlan> stages, ResolveStages(config, world.size()));
+  if (stages.size() == 1) return TrainStage(stages[0], device, world);
+  LOOM_ASSIGN_OR_RETURN(const ResumePoint resume, FindResumePoint(config));
+  bool first_run = true;
+  for (TrainStagePlan& stage : stages) {
+    if (resume.step >= stage.end_step() && !stage.last()) continue;  // passed before this restart
+    if (first_run && !resume.step_dir.empty()) stage.config.mutable_checkpoint()->set_resume(resume.step_dir);
+    if (!first_run)
+      stage.config.mutable_checkpoint()->set_resume(
+          absl::StrCat(CheckpointDirOf(config), "/", checkpoint::StepDirName(stage.first_step)));
+    first_run = false;
+    LOOM_RETURN_IF_ERROR(TrainStage(stage, device, world));
+    if (g_stop) break;  // stopped by a signal, checkpoint saved
+  }
+  return absl::OkStatus();
 }
 
 // train.device: "cpu", "cuda" (this rank's GPU), or "auto" (cuda when there

@@ -147,6 +147,31 @@ absl::Status ValidateRopeScaling(const config::ModelConfig& m) {
   return absl::OkStatus();
 }
 
+// data.needle (configs/loom.proto NeedleConfig; data/needle.h).
+absl::Status ValidateNeedle(const config::Config& c) {
+  const config::NeedleConfig& n = c.data().needle();
+  LOOM_RETURN_IF_ERROR(Range(n.needles() >= 1 && n.needles() <= 64, "data.needle.needles",
+                             absl::StrCat(n.needles(), " is outside [1, 64]")));
+  LOOM_RETURN_IF_ERROR(Range(n.key_vocab() >= n.needles(), "data.needle.key_vocab",
+                             absl::StrCat(n.key_vocab(), " is below data.needle.needles = ", n.needles(),
+                                          " (the needles' keys are distinct)")));
+  LOOM_RETURN_IF_ERROR(Range(n.value_vocab() >= 2, "data.needle.value_vocab", "must be >= 2"));
+  LOOM_RETURN_IF_ERROR(Range(n.filler_vocab() >= 1, "data.needle.filler_vocab", "must be >= 1"));
+  LOOM_RETURN_IF_ERROR(Range(n.depth() == -1 || (n.depth() >= 0 && n.depth() <= 1), "data.needle.depth",
+                             absl::StrCat(n.depth(), " is neither -1 (uniform) nor in [0, 1]")));
+  if (c.data().task() != "needle") return absl::OkStatus();
+  const int64_t vocab = 2 + int64_t{n.key_vocab()} + n.value_vocab() + n.filler_vocab();
+  LOOM_RETURN_IF_ERROR(Range(vocab <= c.model().vocab(), "model.vocab",
+                             absl::StrCat(c.model().vocab(), " is below the needle task's 2 + key_vocab + value_vocab",
+                                          " + filler_vocab = ", vocab)));
+  // The needles fill at most half of the haystack, so distractors find room.
+  const int64_t need = 6 * int64_t{n.needles()} + 5;
+  LOOM_RETURN_IF_ERROR(Range(c.train().seq_len() >= need, "train.seq_len",
+                             absl::StrCat(c.train().seq_len(), " cannot hold ", n.needles(),
+                                          " needles and the question (needs 6·needles + 5 = ", need, ")")));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ConfigArgs> ExtractConfigArgs(int& argc, char** argv) {
@@ -366,8 +391,9 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(o.grad_clip() >= 0, "optim.grad_clip", "must be >= 0 (0 disables)"));
 
   const auto& d = c.data();
-  LOOM_RETURN_IF_ERROR(Range(d.task() == "recall" || d.task() == "files", "data.task",
-                             absl::StrCat("'", d.task(), "' is not recall or files")));
+  LOOM_RETURN_IF_ERROR(Range(d.task() == "recall" || d.task() == "needle" || d.task() == "files", "data.task",
+                             absl::StrCat("'", d.task(), "' is not recall, needle or files")));
+  LOOM_RETURN_IF_ERROR(ValidateNeedle(c));
   if (d.task() == "files") {
     LOOM_RETURN_IF_ERROR(Range(d.paths_size() > 0, "data.paths", "task files needs at least one dataset prefix"));
     for (int i = 0; i < d.paths_size(); ++i) {
