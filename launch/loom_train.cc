@@ -99,6 +99,9 @@ class DataSource {
     d.text_ = std::move(text);
     return d;
   }
+  const char* name() const {
+    return recall_ ? "associative recall" : needle_ ? "needle in a haystack" : "indexed datasets";
+  }
   // A built-in task with answers to count (recall or needle).
   bool is_recall() const { return recall_ != nullptr || needle_ != nullptr; }
   double chance() const { return recall_ ? recall_->chance() : needle_ ? needle_->chance() : 0.0; }
@@ -311,7 +314,7 @@ class Trainer {
     if (layout.world > 1)
       LogInfo("ranks: ", layout.world, " = ", layout.ToString(), config_.parallel().zero() ? " | ZeRO-1" : "",
               " | ", world_.backend(), " backend | ", dp_.buckets(), " gradient buckets");
-    LogInfo("data: ", data_.is_recall() ? "associative recall" : "indexed datasets", ", seq_len ", tc.seq_len(),
+    LogInfo("data: ", data_.name(), ", seq_len ", tc.seq_len(),
             " | ", steps, " steps of ", global, " sequences | run dir ", tc.run_dir());
     if (stage_.count > 1)
       LogInfo(absl::StrFormat("stage %d of %d: steps %d-%d, seq_len %d, cp %d, dp %d, lr %.3g, data from token %d",
