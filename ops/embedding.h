@@ -20,8 +20,8 @@ void EmbeddingBackwardSlice(const Tensor& ids, const Tensor& dout, int64_t first
 namespace cuda {
 // ops/cuda/embedding.cu. ids i32, table and out f32 or bf16 (one dtype);
 // dtable f32 (accumulated), dout f32 or bf16. The backward is deterministic
-// (sorted by id, fixed-order sums) and needs 8·N + 8·ceil(N/32)·D bytes of
-// stream-ordered scratch.
+// (sorted by id, fixed-order sums) and takes 16·N + 8·ceil(N/32)·D bytes
+// (plus the radix sort's temporary storage) of stream-ordered scratch.
 void EmbeddingForward(const Tensor& ids, const Tensor& table, Tensor& out, CudaStream stream = nullptr);
 void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dtable, CudaStream stream = nullptr);
 void EmbeddingForwardSlice(const Tensor& ids, const Tensor& table, int64_t first_row, Tensor& out,

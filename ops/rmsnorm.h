@@ -18,8 +18,8 @@ namespace cuda {
 // ops/cuda/rmsnorm.cu. x, y, dy, dx f32 or bf16 (one dtype); w, dw and rstd
 // f32 whatever x is (the master weight, its gradient, the statistic; the CPU
 // op keeps them in x's dtype). dw is accumulated deterministically (fixed
-// row ranges per block, summed in a fixed order through D·min(2048, ·)
-// floats of stream-ordered scratch).
+// row ranges per block, summed in a fixed order through blocks·D floats of
+// stream-ordered scratch, blocks <= 2048 and fixed by the shape).
 void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Tensor& rstd,
                     CudaStream stream = nullptr);
 void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
