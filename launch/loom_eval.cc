@@ -158,10 +158,13 @@ absl::StatusOr<BatchSource> HeldOutData(const config::Config& config, const std:
 }
 
 // One forward per micro-batch; the final norm and the loss run per bucket
-// of each row on the slice of the residual stream at those positions.
+// of each row on the slice of the residual stream at those positions. The
+// last entry is all positions at once (one loss over the whole micro-batch),
+// which the buckets must add up to.
 std::vector<BucketResult> PerplexityByPosition(Model& model, const BatchSource& data, int64_t seq_len,
                                                int64_t sequences, int buckets, int64_t micro) {
-  std::vector<BucketResult> out(buckets);
+  std::vector<BucketResult> out(buckets + 1);
+  out[buckets].to = seq_len;
   for (int b = 0; b < buckets; ++b) {
     out[b].from = b * seq_len / buckets;
     out[b].to = (b + 1) * seq_len / buckets;
@@ -171,8 +174,12 @@ std::vector<BucketResult> PerplexityByPosition(Model& model, const BatchSource& 
     const int64_t rows = std::min(micro, sequences - first);
     const Batch batch = data(first, rows).To(device);
     const Tensor residual = model.ChunkForward(0, batch, Tensor());
+    const ops::CrossEntropyResult all = model.ChunkLoss(residual, batch, 1.0, nullptr);
+    out[buckets].loss_sum += all.loss;
+    out[buckets].tokens += all.counted;
     for (int64_t r = 0; r < rows; ++r) {
-      for (BucketResult& b : out) {
+      for (int i = 0; i < buckets; ++i) {
+        BucketResult& b = out[i];
         if (b.to == b.from) continue;
         const int64_t at = r * seq_len + b.from, n = b.to - b.from;
         Batch part;
@@ -221,9 +228,13 @@ std::string Num(double v, const char* format = "%.4f") {
 
 std::string PerplexityMarkdown(const std::vector<BucketResult>& buckets) {
   std::string s = "| positions | tokens | loss | perplexity |\n|---|---:|---:|---:|\n";
-  for (const BucketResult& b : buckets)
-    absl::StrAppend(&s, absl::StrFormat("| %d-%d | %d | %s | %s |\n", b.from, b.to - 1, b.tokens,
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    const BucketResult& b = buckets[i];
+    absl::StrAppend(&s, absl::StrFormat("| %s | %d | %s | %s |\n",
+                                        i + 1 == buckets.size() ? "all" : absl::StrFormat("%d-%d", b.from, b.to - 1),
+                                        b.tokens,
                                         b.tokens ? Num(b.loss()) : "-", b.tokens ? Num(std::exp(b.loss()), "%.3f") : "-"));
+  }
   return s;
 }
 
@@ -252,14 +263,17 @@ std::string Json(const LoadedModel& m, const std::string& data_what, int64_t seq
     absl::StrAppend(&s, absl::StrFormat("  \"perplexity_by_position\": {\"data\": \"%s\", \"seq_len\": %d, "
                                         "\"sequences\": %d, \"buckets\": [\n",
                                         data_what, seq_len, sequences));
-    for (size_t i = 0; i < buckets.size(); ++i) {
+    for (size_t i = 0; i + 1 < buckets.size(); ++i) {
       const BucketResult& b = buckets[i];
       absl::StrAppend(&s, absl::StrFormat("    {\"from\": %d, \"to\": %d, \"tokens\": %d, \"loss\": %s, "
                                           "\"perplexity\": %s}%s\n",
                                           b.from, b.to, b.tokens, Num(b.loss(), "%.6f"),
-                                          Num(std::exp(b.loss()), "%.6f"), i + 1 < buckets.size() ? "," : ""));
+                                          Num(std::exp(b.loss()), "%.6f"), i + 2 < buckets.size() ? "," : ""));
     }
-    absl::StrAppend(&s, "  ]}", g ? "," : "", "\n");
+    const BucketResult& all = buckets.back();
+    absl::StrAppend(&s, absl::StrFormat("  ], \"all\": {\"tokens\": %d, \"loss\": %s, \"perplexity\": %s}}%s\n",
+                                        all.tokens, Num(all.loss(), "%.6f"), Num(std::exp(all.loss()), "%.6f"),
+                                        g ? "," : ""));
   }
   if (g) {
     absl::StrAppend(&s, absl::StrFormat("  \"needle\": {\"samples\": %d, \"chance\": %.6f,\n", samples, g->chance));
