@@ -4,7 +4,7 @@
 //
 // 1. Perplexity by position. Held-out sequences of --seq_len tokens (default
 //    the checkpoint's train.seq_len) from --data (indexed-dataset prefixes,
-//    comma-separated, all of their documents held out) or else the
+//    comma-separated; the valid split of --data_split) or else the
 //    checkpoint config's own data (the valid split of its files, or the
 //    eval split of its built-in task). The positions 0 .. L−1 are cut into
 //    --buckets equal ranges [b·L/B, (b+1)·L/B); a bucket's loss is the mean
@@ -53,6 +53,9 @@ ABSL_FLAG(std::string, checkpoint, "", "checkpoint directory (through its `lates
 ABSL_FLAG(std::string, data, "",
           "held-out indexed datasets for the perplexity, comma-separated prefixes (default: the checkpoint config's "
           "data)");
+ABSL_FLAG(std::string, data_split, "",
+          "train,valid,test shares of the --data documents; the valid split is evaluated (default: the checkpoint "
+          "config's data.split)");
 ABSL_FLAG(int, seq_len, 0, "tokens per perplexity sequence (0: the checkpoint's train.seq_len)");
 ABSL_FLAG(int, sequences, 32, "held-out sequences for the perplexity (0: skip it)");
 ABSL_FLAG(int, buckets, 8, "position buckets of the perplexity table");
@@ -144,8 +147,9 @@ absl::StatusOr<BatchSource> HeldOutData(const config::Config& config, const std:
   o.reset_positions = c.data().reset_positions();
   if (!data_flag.empty()) {
     for (absl::string_view p : absl::StrSplit(data_flag, ',', absl::SkipEmpty())) o.sources.push_back({std::string(p), 1.0});
-    o.split = "0,1,0";  // every document held out
-    *what = absl::StrCat("--data ", data_flag);
+    const std::string split = absl::GetFlag(FLAGS_data_split);
+    o.split = split.empty() ? c.data().split() : split;
+    *what = absl::StrCat("the valid split (", o.split, ") of ", data_flag);
   } else {
     for (const auto& p : c.data().paths()) o.sources.push_back({p.prefix(), p.weight()});
     o.split = c.data().split();
