@@ -248,6 +248,8 @@ std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, cons
   for (int i = 0; i < d->field_count(); ++i) {
     const auto* f = d->field(i);
     if (f->name() == "recompute") continue;  // memory policy, not shape
+    // Position scaling, changed on purpose to extend a trained model's context.
+    if (f->name() == "rope_scaling" || f->name() == "rope_theta") continue;
     std::string a, b;
     google::protobuf::TextFormat::PrintFieldValueToString(saved, f, -1, &a);
     google::protobuf::TextFormat::PrintFieldValueToString(now, f, -1, &b);
@@ -702,7 +704,10 @@ std::string HumanBytes(double b) {
 // rank may run it; rank 0 prints.
 absl::Status DryRun(const config::Config& config, int world, bool print) {
   LOOM_ASSIGN_OR_RETURN(const Layout layout, MakeLayout(world, config));
-  const ModelDims dims = ModelDims::FromConfig(config);
+  ModelDims dims = ModelDims::FromConfig(config);
+  // Plans for the GPU when the config trains there (bf16 only runs there).
+  const bool gpu = config.train().device() == "cuda" || config.train().dtype() == "bf16";
+  if (gpu) dims.device = Device::Cuda(0);
   const auto& tc = config.train();
   const int64_t tokens = int64_t{tc.global_batch()} * tc.seq_len();
   const double per_token = dims.FlopsPerToken(tc.seq_len());
@@ -713,7 +718,7 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
   absl::StrAppend(&out, absl::StrFormat("model: %s | hidden %d, heads %d/%d, head dim %d, ffn %d, vocab %d (padded %d) | "
                                         "%s | recompute \"%s\"\n",
                                         dims.kinds, dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.ffn,
-                                        dims.vocab, dims.padded_vocab, DTypeName(dims.dtype), config.model().recompute()));
+                                        dims.vocab, dims.padded_vocab, DTypeName(dims.act_dtype()), config.model().recompute()));
   absl::StrAppend(&out, absl::StrFormat("parameters: %s total, %s without embeddings (%d, %d)\n",
                                         HumanCount(dims.ParameterCount(true)), HumanCount(dims.ParameterCount(false)),
                                         dims.ParameterCount(true), dims.ParameterCount(false)));
@@ -732,8 +737,11 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
                                           HumanBytes(m.optimizer_bytes), HumanBytes(m.activation_bytes),
                                           HumanBytes(m.input_bytes), HumanBytes(m.total())));
   }
-  absl::StrAppend(&out, "(tensors of the CPU trainer in its dtype; activations: the peak of one step, formula in "
-                        "docs/metrics.md; context-parallel buffers not counted)\n");
+  absl::StrAppend(&out, gpu ? "(GPU tensors: f32 master weights, gradients and AdamW state, bf16 copies of the "
+                              "matrices and bf16 activations in bf16 runs; activations: the peak of one step, formula "
+                              "in docs/metrics.md; context-parallel buffers and kernel scratch not counted)\n"
+                            : "(tensors of the CPU trainer in its dtype; activations: the peak of one step, formula in "
+                              "docs/metrics.md; context-parallel buffers not counted)\n");
   if (print) std::fputs(out.c_str(), stdout);
   return absl::OkStatus();
 }
@@ -767,7 +775,9 @@ int main(int argc, char** argv) {
     if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(config.status().message()).c_str());
     return 2;
   }
-  auto device = loom::ResolveDevice(config->train());
+  // --dry-run plans from the shapes alone: no GPU needed.
+  const bool dry_run = absl::GetFlag(FLAGS_dry_run);
+  auto device = dry_run ? absl::StatusOr<loom::Device>(loom::Device::Cpu()) : loom::ResolveDevice(config->train());
   if (!device.ok()) {
     if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(device.status().message()).c_str());
     return 2;
@@ -781,7 +791,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   loom::SetLogRank((*world)->rank(), (*world)->size());
-  if (absl::GetFlag(FLAGS_dry_run)) {
+  if (dry_run) {
     const int ranks = absl::GetFlag(FLAGS_world_size) > 0 ? absl::GetFlag(FLAGS_world_size) : (*world)->size();
     if (absl::Status s = loom::DryRun(*config, ranks, (*world)->rank() == 0); !s.ok()) {
       if ((*world)->rank() == 0) std::fprintf(stderr, "loom-train: %s\n", std::string(s.message()).c_str());
