@@ -22,28 +22,30 @@ struct Ledger {
 struct StepShapes {
   const ModelDims& d;
   int64_t t, rows, c, f, hq, hk, e, tp;
+  int64_t es;  // statistics (rstd, lse, lightning states): e on the CPU, f32 on the GPU
   int64_t Tc() const { return t * c * e; }
 
   // Saved tensors of one block up to (pre) and after (post) the lightning
   // state transient, in Forward's order (block.cc, the layers' Forward).
   int64_t SavedPre(char kind) const {
-    int64_t n = t * c + t + t * c;  // n1, rstd1, mixed (= x1)
-    if (kind == 'S') return (n + t * (2 * hq * d.head_dim + 2 * hk * d.head_dim + hq)) * e;
+    int64_t n = t * c + t * c;  // n1, mixed (= x1); rstd1 below
+    if (kind == 'S') return (n + t * (2 * hq * d.head_dim + 2 * hk * d.head_dim)) * e + (t + t * hq) * es;  // + lse
     const int64_t thd = t * hq * d.head_dim;
     n += thd * (3 + (d.lightning_silu ? 3 : 0) + 1);  // qa,ka,va, q,k,v, a
-    return n * e;
+    return n * e + t * es;
   }
   int64_t SavedPost(char kind) const {
-    int64_t n = t * c + t + 3 * t * f;  // n2, rstd2, SwiGLU gate, up, h
+    int64_t n = t * c + 3 * t * f;  // n2, SwiGLU gate, up, h; rstd2 below
+    int64_t stats = t;
     if (kind == 'L') {
       const int64_t thd = t * hq * d.head_dim;
-      if (d.lightning_norm) n += thd + t * hq;  // n, rstd
-      if (d.lightning_gate) n += 2 * thd;       // g, y
+      if (d.lightning_norm) n += thd, stats += t * hq;  // n, rstd
+      if (d.lightning_gate) n += 2 * thd;               // g, y
     }
-    return n * e;
+    return n * e + stats * es;
   }
   int64_t Saved(char kind) const { return SavedPre(kind) + SavedPost(kind); }
-  int64_t LightningState() const { return rows * hq * d.head_dim * d.head_dim * e; }
+  int64_t LightningState() const { return rows * hq * d.head_dim * d.head_dim * es; }
 
   void BlockForward(Ledger& m, char kind) const {
     m.Alloc(SavedPre(kind));
@@ -72,7 +74,7 @@ struct StepShapes {
       held += thd;
     }
     if (d.lightning_norm) {
-      const int64_t dw = tp > 1 ? d.head_dim * e : 0;
+      const int64_t dw = tp > 1 ? d.head_dim * DTypeSize(d.dtype) : 0;
       m.Alloc(thd + dw);  // da
       m.Free(dw);
       held += thd;
@@ -82,10 +84,15 @@ struct StepShapes {
   }
 
   void LossBackward(Ledger& m) const {
-    m.Alloc(t * c * e + t * e);  // final_x, final_rstd
-    m.Alloc(Tc());               // dh
+    m.Alloc(t * c * e + t * es);  // final_x, final_rstd
+    m.Alloc(Tc());                // dh
     int64_t logits, extra = 0;
-    if (tp == 1) {
+    if (!d.device.is_cpu() && tp == 1) {
+      // ops/cuda/cross_entropy.cu: f32 logits of 2,048 rows at vocab 32,000
+      // (rows scaled to keep 250 MiB), plus their bf16 copy in bf16 runs.
+      const int64_t rows = std::min<int64_t>(t, std::max<int64_t>(1, 2048 * 32000 / d.padded_vocab));
+      logits = rows * d.padded_vocab * (4 + (d.mixed_bf16 ? 2 : 0));
+    } else if (tp == 1) {
       logits = std::min<int64_t>(128, t) * d.padded_vocab * e;
     } else {
       // parallel/vocab_parallel_cross_entropy.cc: row max, sum, z_t, index,
@@ -95,7 +102,7 @@ struct StepShapes {
     }
     m.Alloc(extra + logits);
     m.Free(extra + logits);
-    m.Free(t * c * e + t * e);
+    m.Free(t * c * e + t * es);
     m.Free(Tc());
   }
 };
@@ -170,7 +177,8 @@ MemoryEstimateOptions MemoryEstimateOptionsFromConfig(const config::Config& conf
 
 absl::StatusOr<MemoryEstimate> EstimateMemory(const ModelDims& d, const MemoryEstimateOptions& o) {
   const Layout& lay = o.layout;
-  const int64_t e = DTypeSize(d.dtype), c = d.hidden, tp = lay.tp;
+  // e: master weights, gradients, AdamW state; ea: activations.
+  const int64_t e = DTypeSize(d.dtype), ea = DTypeSize(d.act_dtype()), c = d.hidden, tp = lay.tp;
   const int stages = lay.pp * lay.vpp;
   if (d.layers % stages != 0)
     return absl::InvalidArgumentError(absl::StrCat("[memory] ", d.layers, " layers in ", stages, " stages"));
@@ -236,10 +244,15 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const ModelDims& d, const MemoryEs
   } else {
     m.optimizer_bytes = 2 * m.parameters * e;
   }
+  // bf16 runs: the bf16 copy of every matrix (Param::compute).
+  if (d.mixed_bf16)
+    for (int64_t n : sizes)
+      if (n != c && n != d.head_dim) m.param_bytes += n * ea;
 
   // ---- Activations of one step.
   if (o.seq_len % lay.cp != 0) return absl::InvalidArgumentError("[memory] seq_len not divisible by cp");
-  const StepShapes s{d, o.micro_batch * o.seq_len / lay.cp, o.micro_batch, c, f, hq, hk, e, tp};
+  const StepShapes s{d, o.micro_batch * o.seq_len / lay.cp, o.micro_batch, c, f, hq, hk, ea, tp,
+                     DTypeSize(d.stat_dtype())};
   m.input_bytes = o.micro_batches * 3 * s.t * 4;  // tokens, targets, positions (i32)
   Ledger ledger;
   if (lay.pp == 1) {

@@ -9,6 +9,8 @@
 namespace loom::ops {
 
 void Convert(const Tensor& src, Tensor& dst);
+// A converted copy of t on t's device.
+Tensor ConvertedCopy(const Tensor& t, DType dtype);
 
 namespace cuda {
 // f32 ↔ bf16 (and same-dtype copies) of CUDA tensors.

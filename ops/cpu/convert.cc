@@ -10,4 +10,10 @@ void Convert(const Tensor& src, Tensor& dst) {
   dst.CopyFrom(src.To(dst.dtype()));
 }
 
+Tensor ConvertedCopy(const Tensor& t, DType dtype) {
+  Tensor c = Tensor::Empty(t.shape(), dtype, t.device());
+  Convert(t, c);
+  return c;
+}
+
 }  // namespace loom::ops

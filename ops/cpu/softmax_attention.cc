@@ -30,6 +30,8 @@
 // recomputing S and dP once more (7 GEMMs per tile pair instead of 5).
 #include "ops/softmax_attention.h"
 
+#include "ops/convert.h"
+
 #include "ops/cpu/blas.h"
 #include <omp.h>
 
@@ -585,6 +587,11 @@ void CheckCudaCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
              q.device().ToString(), ")");
 }
 
+// The bf16 kernels are compiled for head dims 64 and 128; other head dims
+// (small test models) run the f32 kernels on f32 copies.
+bool Bf16KernelsFit(const Tensor& q) { return q.dtype() != DType::kBF16 || q.dim(-1) == 64 || q.dim(-1) == 128; }
+Tensor F32Copy(const Tensor& t) { return ConvertedCopy(t, DType::kF32); }
+
 }  // namespace
 
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
@@ -595,6 +602,11 @@ void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, 
     const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
     const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
     if (q.dtype() == DType::kF32) return cuda::AttentionF32Forward(q, k, v, gq, gk, options, o, lse);
+    if (!Bf16KernelsFit(q)) {
+      Tensor o32 = F32Copy(o);
+      cuda::AttentionF32Forward(F32Copy(q), F32Copy(k), F32Copy(v), gq, gk, options, o32, lse);
+      return Convert(o32, o);
+    }
     return cuda::AttentionForward(options.backend, q, k, v, gq, gk, options, o, lse);
   }
   CheckInputs(q, k, v, lse, q_rows, k_rows, options);
@@ -612,6 +624,14 @@ void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
     const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
     const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
     if (q.dtype() == DType::kF32) return cuda::AttentionF32Backward(q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
+    if (!Bf16KernelsFit(q)) {
+      Tensor dq32 = F32Copy(dq), dk32 = F32Copy(dk), dv32 = F32Copy(dv);
+      cuda::AttentionF32Backward(F32Copy(q), F32Copy(k), F32Copy(v), F32Copy(o), lse, F32Copy(d_o), gq, gk, options,
+                                 dq32, dk32, dv32);
+      Convert(dq32, dq);
+      Convert(dk32, dk);
+      return Convert(dv32, dv);
+    }
     return cuda::AttentionBackward(options.backend, q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
   }
   CheckInputs(q, k, v, lse, q_rows, k_rows, options);
