@@ -50,7 +50,7 @@ ABSL_FLAG(bool, dry_run, false,
           "print the layout, parameters, FLOPs per step and memory per rank for the config, then exit without training");
 ABSL_FLAG(int, world_size, 0, "with --dry-run: plan for this many ranks (0: the ranks launched)");
 ABSL_FLAG(double, peak_tflops, 0,
-          "peak dense TFLOP/s of one device for MFU (989 for H100/H200 bf16); 0: no MFU (the CPU trainer's default)");
+          "peak dense TFLOP/s of one device for MFU; 0: 989 (H100/H200 dense bf16) on the GPU, no MFU on the CPU");
 ABSL_FLAG(bool, export_oracle, false,
           "write <run_dir>/oracle/: the initial weights and every micro-batch trained on, for bench/torch_oracle.py "
           "(docs/oracle.md); one process, fresh runs only");
@@ -380,7 +380,10 @@ class Trainer {
       // docs/metrics.md: model FLOPs of the step over its time, per rank;
       // MFU divides by the device's peak (--peak_tflops).
       const double tflops = flops_per_step / seconds / layout.world / 1e12;
-      const double peak = absl::GetFlag(FLAGS_peak_tflops);
+      // DESIGN.md: MFU against 989 TFLOP/s (H100/H200 dense bf16) on the GPU.
+      const double peak = absl::GetFlag(FLAGS_peak_tflops) > 0 ? absl::GetFlag(FLAGS_peak_tflops)
+                          : dims_.device.is_cpu()            ? 0.0
+                                                             : 989.0;
       const double max_rss_mb = MaxRssMb(), tensor_peak_mb = PeakTensorBytes() / 1048576.0;
       std::vector<std::pair<std::string, double>> record = {
           {"loss", loss}, {"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s},
@@ -690,7 +693,15 @@ absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
         "train.device: cuda, but ",
         BuiltWithCuda() ? "no GPU is visible" : "Loom was built without CUDA (configure with -DLOOM_CUDA=ON)"));
   if (t.dtype() == "f64") return absl::InvalidArgumentError("train.dtype: f64 runs on the CPU only (train.device=cpu)");
-  return Device::Cuda(SelectLocalGpu());
+  const int gpu_index = SelectLocalGpu();
+  // The CUDA build holds sm_90a code only (CMakeLists.txt): on another GPU no
+  // kernel would load, so say so before the first launch fails.
+  if (const int cc = CudaComputeCapability(gpu_index); cc != 90)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "train.device: GPU %d (%s) is sm_%d, and Loom's kernels are built for Hopper (sm_90a) only; train on an "
+        "H100/H200, or set train.device=cpu",
+        gpu_index, CudaDeviceName(gpu_index), cc));
+  return Device::Cuda(gpu_index);
 }
 
 std::string HumanBytes(double b) {
