@@ -693,6 +693,10 @@ absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
         "train.device: cuda, but ",
         BuiltWithCuda() ? "no GPU is visible" : "Loom was built without CUDA (configure with -DLOOM_CUDA=ON)"));
   if (t.dtype() == "f64") return absl::InvalidArgumentError("train.dtype: f64 runs on the CPU only (train.device=cpu)");
+  if (t.deterministic())
+    return absl::UnimplementedError(
+        "train.deterministic: not available on the GPU yet (the flash attention backward adds dq with atomics); "
+        "CPU runs are deterministic without it");
   const int gpu_index = SelectLocalGpu();
   // The CUDA build holds sm_90a code only (CMakeLists.txt): on another GPU no
   // kernel would load, so say so before the first launch fails.
