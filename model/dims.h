@@ -11,6 +11,8 @@
 
 namespace loom {
 
+struct MoeParallel;  // model/moe.h
+
 // Mixture-of-experts MLP (configs/loom.proto MoeConfig); experts == 0: dense.
 struct MoeDims {
   int experts = 0;
@@ -24,6 +26,7 @@ struct MoeDims {
   bool bias_balancing = false;
   double bias_update_rate = 0;
   double capacity_factor = 0;  // 0: dropless
+  const MoeParallel* parallel = nullptr;  // not owned; set by the caller, not the config (model/moe.h)
 };
 
 struct ModelDims {

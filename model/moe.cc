@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "ops/add.h"
 #include "ops/linear.h"
+#include "parallel/communicator.h"
 
 namespace loom {
 namespace {
@@ -60,6 +61,13 @@ void ScatterAddRows(const Tensor& dxe, const std::vector<int64_t>& ids, int k, T
   }
 }
 
+// The dp (× cp) group when it has other ranks, else null.
+Communicator* StatsGroup(const MoeDims& moe) {
+  return moe.parallel != nullptr && moe.parallel->stats != nullptr && moe.parallel->stats->size() > 1
+             ? moe.parallel->stats
+             : nullptr;
+}
+
 }  // namespace
 
 MoeLayer::MoeLayer(const ModelDims& dims, const std::string& prefix) : expert_dims_(dims), moe_(dims.moe) {
@@ -92,19 +100,61 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
   ops::LinearForward(x, router_.value, logits_);
   static const std::vector<double> kNoBias;
   ops::MoeRouterForward(logits_, moe_.bias_balancing ? bias_ : kNoBias, options_, routing_);
-  router_loss_ = moe_.aux_loss_coef * routing_.aux_loss + moe_.z_loss_coef * routing_.z_loss;
-  // Permute: assignment ids per expert in token order, then the capacity cut.
+  // Global statistics: sums over the stats group of (load_e, Σ_t p_te,
+  // Σ_t lse_t², T), added in group-rank order so every rank gets the same
+  // numbers; `before`: each expert's assignments on the lower ranks.
+  std::vector<int64_t> before(e_count, 0);
+  global_load_ = routing_.load;
+  global_tokens_ = t;
+  double aux = routing_.aux_loss, zl = routing_.z_loss;
+  if (Communicator* group = StatsGroup(moe_)) {
+    const int64_t w = 2 * e_count + 2;
+    Tensor mine = Tensor::Empty({w}, DType::kF64), all = Tensor::Empty({group->size() * w}, DType::kF64);
+    double* m = mine.data<double>();
+    for (int e = 0; e < e_count; ++e) {
+      m[e] = double(routing_.load[e]);
+      m[e_count + e] = routing_.mean_prob[e] * double(t);
+    }
+    m[2 * e_count] = routing_.z_loss * double(t);
+    m[2 * e_count + 1] = double(t);
+    const absl::Status st = group->AllGather(mine, all);
+    LOOM_CHECK(st.ok(), "[moe] router statistics: ", st.message());
+    std::vector<double> prob(e_count, 0.0);
+    double z_sum = 0;
+    global_load_.assign(e_count, 0);
+    global_tokens_ = 0;
+    for (int r = 0; r < group->size(); ++r) {
+      const double* a = all.data<double>() + r * w;
+      for (int e = 0; e < e_count; ++e) {
+        const auto load = static_cast<int64_t>(a[e]);
+        if (r < group->rank()) before[e] += load;
+        global_load_[e] += load;
+        prob[e] += a[e_count + e];
+      }
+      z_sum += a[2 * e_count];
+      global_tokens_ += static_cast<int64_t>(a[2 * e_count + 1]);
+    }
+    const double n = double(global_tokens_);
+    aux = 0;
+    for (int e = 0; e < e_count; ++e)
+      aux += n > 0 ? double(global_load_[e]) / (n * k) * (prob[e] / n) : 0.0;
+    aux *= e_count;
+    zl = n > 0 ? z_sum / n : 0.0;
+  }
+  router_loss_ = moe_.aux_loss_coef * aux + moe_.z_loss_coef * zl;
+  // Permute: assignment ids per expert in token order, then the capacity cut
+  // (in global token order: the lower ranks' assignments come first).
   kept_.assign(e_count, {});
   const int32_t* chosen = routing_.experts.data<int32_t>();
   for (int64_t id = 0; id < t * k; ++id) kept_[chosen[id]].push_back(id);
   int64_t dropped = 0;
   if (moe_.capacity_factor > 0) {
-    const auto capacity = static_cast<int64_t>(std::ceil(moe_.capacity_factor * double(t * k) / e_count));
-    for (auto& ids : kept_) {
-      if (static_cast<int64_t>(ids.size()) > capacity) {
-        dropped += static_cast<int64_t>(ids.size()) - capacity;
-        ids.resize(capacity);
-      }
+    const auto capacity =
+        static_cast<int64_t>(std::ceil(moe_.capacity_factor * double(global_tokens_ * k) / e_count));
+    for (int e = 0; e < e_count; ++e) {
+      dropped += std::max<int64_t>(global_load_[e] - capacity, 0);
+      const int64_t keep = std::clamp<int64_t>(capacity - before[e], 0, static_cast<int64_t>(kept_[e].size()));
+      kept_[e].resize(keep);
     }
   }
   // Experts, then unpermute: y[t] += g · expert(x[t]), expert by expert.
@@ -127,14 +177,14 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
   }
   // Statistics.
   stats_ = RoutingStats();
-  stats_.assignments = t * k;
+  stats_.assignments = global_tokens_ * k;
   stats_.dropped = dropped;
-  const auto [lo, hi] = std::minmax_element(routing_.load.begin(), routing_.load.end());
+  const auto [lo, hi] = std::minmax_element(global_load_.begin(), global_load_.end());
   stats_.load_min = double(*lo);
   stats_.load_max = double(*hi);
-  const double mean = double(t * k) / e_count;
+  const double mean = double(global_tokens_ * k) / e_count;
   double var = 0;
-  for (int64_t l : routing_.load) var += (double(l) - mean) * (double(l) - mean);
+  for (int64_t l : global_load_) var += (double(l) - mean) * (double(l) - mean);
   stats_.load_cv = mean > 0 ? std::sqrt(var / e_count) / mean : 0.0;
 }
 
@@ -159,11 +209,24 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
     s->Backward(x, dy, dxs);
     ops::AddInPlace(dx, dxs);
   }
+  // Router: the local part of the global losses' gradient. The router's
+  // backward reads f_e from routing_.load over this call's t tokens:
+  //   daux·E·(load_e/(t k))/t with load = global loads and daux scaled by
+  //   (t/N)² is daux·E·(load_e/(N k))/N;  dz·2 lse/t with dz·t/N is dz·2 lse/N.
+  double aux_seed = loss_scale * moe_.aux_loss_coef, z_seed = loss_scale * moe_.z_loss_coef;
+  if (Communicator* group = StatsGroup(moe_)) {
+    Tensor scale = Tensor::FromVector<double>({loss_scale}, {1});
+    const absl::Status st = group->AllReduce(scale);
+    LOOM_CHECK(st.ok(), "[moe] router loss scale: ", st.message());
+    const double share = global_tokens_ > 0 ? double(t) / double(global_tokens_) : 0.0;
+    aux_seed = scale.data<double>()[0] * moe_.aux_loss_coef * share * share;
+    z_seed = scale.data<double>()[0] * moe_.z_loss_coef * share;
+    routing_.load = global_load_;
+  }
   Tensor dlogits = Tensor::Empty({t, e_count}, dt);
-  ops::MoeRouterBackward(logits_, routing_, dgates, loss_scale * moe_.aux_loss_coef, loss_scale * moe_.z_loss_coef,
-                         options_, dlogits);
+  ops::MoeRouterBackward(logits_, routing_, dgates, aux_seed, z_seed, options_, dlogits);
   ops::LinearBackward(x, router_.value, dlogits, &dx, router_.grad, /*accumulate_dx=*/true);
-  for (int e = 0; e < e_count; ++e) pending_load_[e] += routing_.load[e];
+  for (int e = 0; e < e_count; ++e) pending_load_[e] += global_load_[e];
 }
 
 void MoeLayer::UpdateBias() {

@@ -18,6 +18,19 @@
 // the training loss (loss_scale, e.g. this micro-batch's share of the
 // step's target tokens) and Backward seeds the router's backward with it.
 //
+// Data parallelism (MoeParallel::stats, the dp (× cp) group): the ranks'
+// tokens of one call form one global micro-batch, in group-rank order. The
+// router statistics are summed over the group before use (DESIGN.md, Global
+// normalisation): with N = Σ_ranks T and load_e, Σ_t p_te summed over ranks,
+//   aux = E Σ_e (load_e / (N k)) (Σ_t p_te / N),   z = Σ_t lse_t² / N,
+// capacity = ceil(factor · N k / E), and expert e keeps its first `capacity`
+// assignments in global token order (a rank keeps capacity minus the
+// assignments of the lower ranks). router_loss() is then the global value
+// on every rank; Backward sums loss_scale over the group (each rank's share
+// of the global micro-batch) and seeds its local part of the router's
+// backward with it, so the summed gradients are those of one process.
+// Bias balancing uses the global loads, identically on every rank.
+//
 // Gradient rule: parameter gradients accumulate, dx is written.
 #pragma once
 
@@ -31,6 +44,14 @@
 #include "ops/moe_router.h"
 
 namespace loom {
+
+class Communicator;
+
+// How an MoE layer is spread over ranks: ModelDims::moe.parallel points at
+// one (owned by the caller, alive as long as the model).
+struct MoeParallel {
+  Communicator* stats = nullptr;  // dp (× cp) group; null: this process alone
+};
 
 // Routing of the last Forward, for logging. Load = assignments routed to an
 // expert (before capacity drops), over the E experts.
@@ -71,6 +92,8 @@ class MoeLayer {
   // Activations of the last Forward.
   Tensor logits_;                               // [T, E]
   ops::MoeRouting routing_;
+  std::vector<int64_t> global_load_;            // [E] load summed over the stats group
+  int64_t global_tokens_ = 0;                   // N
   std::vector<std::vector<int64_t>> kept_;      // per expert: kept assignment ids, increasing
   std::vector<Tensor> expert_x_, expert_y_;     // per expert [n_e, C]
 };

@@ -90,9 +90,6 @@ absl::StatusOr<Layout> MakeLayout(int world, const config::Config& config) {
   if (m.layers() % (l.pp * l.vpp) != 0)
     return bad(absl::StrCat("parallel.pp·vpp = ", l.pp, "·", l.vpp, " = ", l.pp * l.vpp,
                             " does not divide model.layers = ", m.layers()));
-  if (m.moe().experts() > 0 && l.dp > 1)
-    return bad(absl::StrCat("model.moe with ", l.dp, " data-parallel ranks is not supported yet (router statistics "
-                            "are not reduced over dp): launch tp·cp·pp ranks, or set model.moe.experts = 0"));
   if (l.pp > 1 && m.tie_embeddings())
     return bad(absl::StrCat("model.tie_embeddings with parallel.pp = ", l.pp,
                             " is not supported yet: untie the embeddings or use pp = 1"));

@@ -343,8 +343,8 @@ absl::Status ValidateConfig(const config::Config& c) {
                                    (moe.capacity_factor() >= 1e-3 && moe.capacity_factor() <= 64),
                                "model.moe.capacity_factor",
                                absl::StrCat(moe.capacity_factor(), " is neither 0 (dropless) nor in [1e-3, 64]")));
-    // The router statistics are not yet reduced across ranks, and the MoE
-    // layer has no TP split or pipeline loss path: one process only for now.
+    // Router statistics are reduced over data parallelism only (model/moe.h);
+    // the MoE layer has no TP split, pipeline loss path or CP statistics yet.
     const auto& p = c.parallel();
     for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"},
                                       std::pair{p.cp(), "parallel.cp"}, std::pair{p.ep(), "parallel.ep"}})
