@@ -29,6 +29,7 @@
 #include "launch/stages.h"
 #include "model/memory_estimate.h"
 #include "model/model.h"
+#include "model/moe.h"
 #include "model/pipeline.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
@@ -263,7 +264,8 @@ class Trainer {
   Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups,
           const TrainStagePlan& stage)
       : config_(config),
-        dims_(PlacedDims(config, device)),
+        moe_parallel_{.stats = groups.dp.get()},
+        dims_(PlacedDims(config, device, &moe_parallel_)),
         world_(world),
         groups_(groups),
         tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp, config.parallel().sequence_parallel()},
@@ -430,9 +432,10 @@ class Trainer {
   }
 
  private:
-  static ModelDims PlacedDims(const config::Config& c, Device device) {
+  static ModelDims PlacedDims(const config::Config& c, Device device, const MoeParallel* moe) {
     ModelDims d = ModelDims::FromConfig(c);
     d.device = device;
+    d.moe.parallel = moe;  // router statistics summed over dp (model/moe.h)
     return d;
   }
 
@@ -619,6 +622,7 @@ class Trainer {
   }
 
   config::Config config_;
+  MoeParallel moe_parallel_;
   ModelDims dims_;
   Communicator& world_;
   ProcessGroups& groups_;
