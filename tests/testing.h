@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -51,6 +53,20 @@ inline Tensor ToGpu(const Tensor& t) {
   g.CopyFrom(t);
   return g;
 }
+// A GPU tensor full of NaN (integers: −7): an output the op must overwrite
+// everywhere, or the comparison fails.
+inline Tensor PoisonedGpu(const Shape& shape, DType dtype) {
+  Tensor t = Tensor::Empty(shape, dtype);
+  t.Fill(dtype == DType::kI32 || dtype == DType::kI64 ? -7 : std::numeric_limits<double>::quiet_NaN());
+  return ToGpu(t);
+}
+
+inline double MaxAbs(const Tensor& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.Get(i)));
+  return m;
+}
+
 inline Tensor ToCpu(const Tensor& t) {
   Tensor c = Tensor::Empty(t.shape(), t.dtype());
   c.CopyFrom(t);

@@ -19,11 +19,15 @@
 #include "bench/bench.h"
 #include "ops/softmax_attention.h"
 #include "runtime/cuda_check.h"
+#include "bench/cuda/timing.h"
 
 ABSL_FLAG(bool, attention_cudnn_backward, false, "--what=attention: also time cuDNN's backward (known to fault)");
 
 namespace loom {
 namespace {
+
+using bench::MedianSeconds;
+using bench::RelativeDiffBf16;
 
 constexpr int64_t kTokens = 65536, kHq = 32, kD = 128;
 
@@ -47,41 +51,6 @@ Tensor RandomBf16(const Shape& shape, uint64_t seed) {
     at += len;
   }
   return t;
-}
-
-template <typename Fn>
-double MedianSeconds(int steps, Fn&& fn) {
-  cudaEvent_t start, stop;
-  LOOM_CUDA_CHECK(cudaEventCreate(&start));
-  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();  // warm-up: plans, pools, module load
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    LOOM_CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    LOOM_CUDA_CHECK(cudaEventRecord(stop));
-    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1e-3);
-  }
-  LOOM_CUDA_CHECK(cudaEventDestroy(start));
-  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-double RelativeDiff(const Tensor& a, const Tensor& b) {
-  Tensor ha = Tensor::Empty(a.shape(), a.dtype()), hb = Tensor::Empty(b.shape(), b.dtype());
-  ha.CopyFrom(a);
-  hb.CopyFrom(b);
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < ha.numel(); i += 7) {  // a strided sample keeps the host pass short
-    const double x = Bf16ToFloat(ha.data<bf16>()[i]), y = Bf16ToFloat(hb.data<bf16>()[i]);
-    num += (x - y) * (x - y);
-    den += y * y;
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
 }
 
 int BenchAttention(const config::Config&) {
@@ -130,7 +99,7 @@ int BenchAttention(const config::Config&) {
           ops::cuda::AttentionForward(AttentionBackend::kCudnn, q, k, v, rows, rows, options, o, lse);
         });
         LOOM_CUDA_CHECK(cudaDeviceSynchronize());
-        diff = RelativeDiff(o, o_ref);
+        diff = RelativeDiffBf16(o, o_ref);
         if (why_bwd.empty()) {
           cb = MedianSeconds(steps, [&] {
             ops::cuda::AttentionBackward(AttentionBackend::kCudnn, q, k, v, o, lse, d_o, rows, rows, options, dq, dk,

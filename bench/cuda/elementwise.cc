@@ -34,9 +34,12 @@
 #include "ops/swiglu.h"
 #include "runtime/cuda_check.h"
 #include "runtime/cuda_runtime.h"
+#include "bench/cuda/timing.h"
 
 namespace loom {
 namespace {
+
+using bench::MedianSeconds;
 
 constexpr int64_t kTokens = 65536, kHidden = 2048, kVocab = 32000, kFfn = 5632, kHeads = 16, kHeadDim = 128;
 
@@ -62,27 +65,6 @@ Tensor Random(const Shape& shape, DType dtype, uint64_t seed) {
                                cudaMemcpyHostToDevice));
   }
   return t;
-}
-
-double MedianSeconds(int steps, const std::function<void()>& fn) {
-  cudaEvent_t start, stop;
-  LOOM_CUDA_CHECK(cudaEventCreate(&start));
-  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    LOOM_CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    LOOM_CUDA_CHECK(cudaEventRecord(stop));
-    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1e-3);
-  }
-  LOOM_CUDA_CHECK(cudaEventDestroy(start));
-  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
 }
 
 // ids on the host: uniform, or Zipf(s) by inverse CDF over ranks shuffled

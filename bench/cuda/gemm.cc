@@ -25,9 +25,14 @@
 #include "ops/cross_entropy.h"
 #include "ops/linear.h"
 #include "runtime/cuda_check.h"
+#include "bench/cuda/timing.h"
+#include "runtime/cuda_runtime.h"
 
 namespace loom {
 namespace {
+
+using bench::MedianSeconds;
+using bench::RelativeDiffBf16;
 
 Tensor RandomBf16(const Shape& shape, uint64_t seed, float scale) {
   std::mt19937_64 gen(seed);
@@ -39,66 +44,6 @@ Tensor RandomBf16(const Shape& shape, uint64_t seed, float scale) {
   return t;
 }
 
-template <typename Fn>
-double MedianSeconds(int steps, Fn&& fn) {
-  cudaEvent_t start, stop;
-  LOOM_CUDA_CHECK(cudaEventCreate(&start));
-  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();  // warm-up: handle, workspace, heuristic
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    LOOM_CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    LOOM_CUDA_CHECK(cudaEventRecord(stop));
-    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1e-3);
-  }
-  LOOM_CUDA_CHECK(cudaEventDestroy(start));
-  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-double RelativeDiff(const Tensor& a, const Tensor& b) {
-  Tensor ha = Tensor::Empty(a.shape(), a.dtype()), hb = Tensor::Empty(b.shape(), b.dtype());
-  ha.CopyFrom(a);
-  hb.CopyFrom(b);
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < ha.numel(); i += 7) {
-    const double x = Bf16ToFloat(ha.data<bf16>()[i]), y = Bf16ToFloat(hb.data<bf16>()[i]);
-    num += (x - y) * (x - y);
-    den += y * y;
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
-int64_t PoolHighWater() {
-  cudaMemPool_t pool;
-  LOOM_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
-  uint64_t high = 0;
-  LOOM_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &high));
-  return static_cast<int64_t>(high);
-}
-int64_t PoolUsed() {
-  cudaMemPool_t pool;
-  LOOM_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
-  uint64_t used = 0;
-  LOOM_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrUsedMemCurrent, &used));
-  return static_cast<int64_t>(used);
-}
-void ResetPoolHighWater() {
-  cudaMemPool_t pool;
-  LOOM_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, 0));
-  uint64_t zero = 0;
-  LOOM_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero));
-}
-int64_t DeviceUsed() {
-  size_t free = 0, total = 0;
-  LOOM_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-  return static_cast<int64_t>(total - free);
-}
 
 int BenchGemm(const config::Config&) {
   if (CudaDeviceCount() == 0) {
@@ -137,7 +82,7 @@ int BenchGemm(const config::Config&) {
     cublasDestroy(handle);
     ops::cuda::LinearForward(x, w, y);
     LOOM_CUDA_CHECK(cudaDeviceSynchronize());
-    const double diff = RelativeDiff(y, y_ref);
+    const double diff = RelativeDiffBf16(y, y_ref);
     if (json) {
       std::printf(
           "{\"what\": \"gemm\", \"case\": \"linear_bf16\", \"n\": %ld, \"in\": %ld, \"out\": %ld, "
@@ -167,10 +112,10 @@ int BenchGemm(const config::Config&) {
     ops::CrossEntropyOptions options;
     options.normalizer = static_cast<double>(n);
     LOOM_CUDA_CHECK(cudaDeviceSynchronize());
-    const int64_t used0 = DeviceUsed(), pool0 = PoolUsed();
-    ResetPoolHighWater();
+    const int64_t used0 = CudaDeviceUsedBytes(0), pool0 = CudaTensorBytes(0);
+    ResetPeakCudaTensorBytes(0);
     ops::CrossEntropyResult r = ops::cuda::CrossEntropy(h, w, targets, options, &dh, &dw, nullptr);
-    const int64_t pool_peak = PoolHighWater() - pool0, used_delta = DeviceUsed() - used0;
+    const int64_t pool_peak = PeakCudaTensorBytes(0) - pool0, used_delta = CudaDeviceUsedBytes(0) - used0;
     const double train = MedianSeconds(steps, [&] { r = ops::cuda::CrossEntropy(h, w, targets, options, &dh, &dw, nullptr); });
     const double eval = MedianSeconds(steps, [&] { ops::cuda::CrossEntropy(h, w, targets, options, nullptr, nullptr, nullptr); });
     const double flops = 6.0 * n * vocab * d;

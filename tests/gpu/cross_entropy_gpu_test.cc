@@ -21,18 +21,8 @@ using loom::testing::AllClose;
 using loom::testing::RandomTensor;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
-
-double MaxAbs(const Tensor& t) {
-  double m = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.Get(i)));
-  return m;
-}
-
-Tensor PoisonedGpu(const Shape& shape, DType dtype) {
-  Tensor t = Tensor::Empty(shape, dtype);
-  t.Fill(dtype == DType::kI32 ? -7 : std::numeric_limits<double>::quiet_NaN());
-  return ToGpu(t);
-}
+using loom::testing::PoisonedGpu;
+using loom::testing::MaxAbs;
 
 ::testing::AssertionResult CloseToScale(const Tensor& got, const Tensor& expected, double rtol) {
   const Tensor g = ToCpu(got);

@@ -26,15 +26,10 @@ namespace {
 using loom::testing::AllClose;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
+using loom::testing::PoisonedGpu;
 
 constexpr double kF32Rtol = 1e-5, kF32Atol = 1e-5;
 constexpr double kBf16Rtol = 1e-2, kBf16Atol = 1e-5;
-
-Tensor NanGpu(const Shape& shape, DType dtype) {
-  Tensor t = Tensor::Empty(shape, dtype);
-  t.Fill(NAN);
-  return ToGpu(t);
-}
 
 struct ElementwiseOp {
   const char* name;
@@ -70,7 +65,7 @@ void ExpectOpMatches(const ElementwiseOp& op, int64_t n, DType dtype, int64_t of
   }
   for (int k = 0; k < op.outputs; ++k) {
     cpu_out.push_back(Tensor::Empty({n}, DType::kF64));
-    gpu_out.push_back(NanGpu({n + offset}, dtype).Slice(offset, n));
+    gpu_out.push_back(PoisonedGpu({n + offset}, dtype).Slice(offset, n));
   }
   op.run(cpu_in, cpu_out);
   op.run(gpu_in, gpu_out);

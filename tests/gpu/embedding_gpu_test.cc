@@ -22,14 +22,9 @@ namespace {
 using loom::testing::AllClose;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
+using loom::testing::PoisonedGpu;
 
 constexpr double kGradRtol = 1e-5, kGradAtol = 1e-5;
-
-Tensor NanGpu(const Shape& shape, DType dtype) {
-  Tensor t = Tensor::Empty(shape, dtype);
-  t.Fill(NAN);
-  return ToGpu(t);
-}
 
 // n ids in [0, vocab): every third one is `hot` (a run of sorted positions
 // much longer than one chunk of 32), the rest uniform.
@@ -63,7 +58,7 @@ TEST(GpuEmbedding, ForwardAndBackwardMatchCpuReference) {
       ops::EmbeddingBackward(ids, dout.To(DType::kF32), dtable);
 
       const Tensor gids = ToGpu(ids);
-      Tensor gout = NanGpu({c.tokens, c.d}, dtype), gdtable = ToGpu(dtable0);
+      Tensor gout = PoisonedGpu({c.tokens, c.d}, dtype), gdtable = ToGpu(dtable0);
       ops::EmbeddingForward(gids, ToGpu(table), gout);
       ops::EmbeddingBackward(gids, ToGpu(dout), gdtable);
       EXPECT_TRUE(AllClose(ToCpu(gout).To(DType::kF32), out, 0, 0)) << "forward (a copy: exact)";
@@ -90,7 +85,7 @@ TEST(GpuEmbedding, SliceMatchesCpuReferenceWithIdsOutside) {
     ops::EmbeddingBackwardSlice(ids, dout.To(DType::kF32), kFirst, dtable);
 
     const Tensor gids = ToGpu(ids);
-    Tensor gout = NanGpu({kTokens, kD}, dtype), gdtable = ToGpu(dtable0);
+    Tensor gout = PoisonedGpu({kTokens, kD}, dtype), gdtable = ToGpu(dtable0);
     ops::EmbeddingForwardSlice(gids, ToGpu(table), kFirst, gout);
     ops::EmbeddingBackwardSlice(gids, ToGpu(dout), kFirst, gdtable);
     EXPECT_TRUE(AllClose(ToCpu(gout).To(DType::kF32), out, 0, 0)) << "forward (a copy or zeros: exact)";

@@ -35,13 +35,7 @@ constexpr double kMaxTol = 4e-2;
 
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
-// A device tensor full of NaN: what the op writes must replace all of it.
-Tensor Poisoned(const Shape& shape, DType dtype) {
-  Tensor c = Tensor::Empty(shape, dtype);
-  c.Fill(std::nan(""));
-  return ToGpu(c);
-}
-
+using loom::testing::PoisonedGpu;
 // ‖a − b‖ / ‖b‖ and max |a − b| / max |b| over all elements (a on either device).
 ::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, const char* what) {
   const Tensor a = gpu.device().is_cpu() ? gpu : ToCpu(gpu);
@@ -144,10 +138,10 @@ TEST_P(GpuLightningFused, MatchesCpuReference) {
   ops::LightningAttentionBackward(q.cpu, k.cpu, v.cpu, lam.cpu, rows, {}, s_in.cpu, d_o.cpu, ds_out.cpu, dq, dk,
                                   dv, ds_in);
 
-  Tensor go = Poisoned(x_shape, DType::kBF16), gs_out = Poisoned(s_shape, DType::kF32);
-  Tensor gdq = Poisoned(x_shape, DType::kBF16), gdk = Poisoned(x_shape, DType::kBF16);
-  Tensor gdv = Poisoned(x_shape, DType::kBF16);
-  Tensor gds_in = c.states ? Poisoned(s_shape, DType::kF32) : Tensor();
+  Tensor go = PoisonedGpu(x_shape, DType::kBF16), gs_out = PoisonedGpu(s_shape, DType::kF32);
+  Tensor gdq = PoisonedGpu(x_shape, DType::kBF16), gdk = PoisonedGpu(x_shape, DType::kBF16);
+  Tensor gdv = PoisonedGpu(x_shape, DType::kBF16);
+  Tensor gds_in = c.states ? PoisonedGpu(s_shape, DType::kF32) : Tensor();
   ops::cuda::LightningAttentionForward(q.gpu, k.gpu, v.gpu, lam.gpu, rows, s_in.gpu, go, gs_out, workspace, nullptr);
   ops::cuda::LightningAttentionBackward(q.gpu, k.gpu, v.gpu, lam.gpu, rows, s_in.gpu, d_o.gpu, ds_out.gpu, gdq, gdk,
                                         gdv, gds_in, workspace, nullptr);
@@ -226,7 +220,7 @@ TEST_P(GpuLightningPhases, ChunkStateMatchesCpu) {
   LOOM_SKIP_WITHOUT_GPU();
   Tensor m;
   ops::LightningChunkState(k.cpu, v.cpu, lam.cpu, Tensor(), m);
-  Tensor gm = Poisoned(s_shape, DType::kF32);
+  Tensor gm = PoisonedGpu(s_shape, DType::kF32);
   EXPECT_FALSE(ops::cuda::LightningChunkState(k.gpu, v.gpu, lam.gpu, Tensor(), gm, workspace, nullptr));
   CudaSynchronize();
   EXPECT_TRUE(Close(gm, m, "m"));
@@ -249,7 +243,7 @@ TEST_P(GpuLightningPhases, IntraChunkMatchesCpu) {
   LOOM_SKIP_WITHOUT_GPU();
   Tensor o;
   ops::LightningIntraChunk(q.cpu, k.cpu, v.cpu, lam.cpu, Tensor(), o);
-  Tensor go = Poisoned(shape, DType::kBF16);
+  Tensor go = PoisonedGpu(shape, DType::kBF16);
   ops::cuda::LightningIntraChunk(q.gpu, k.gpu, v.gpu, lam.gpu, Tensor(), go, workspace, nullptr);
   CudaSynchronize();
   EXPECT_TRUE(Close(go, o, "o"));

@@ -30,17 +30,12 @@ namespace {
 
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
+using loom::testing::PoisonedGpu;
 
 #define LOOM_SKIP_WITHOUT_GPU() \
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
 
 constexpr double kRel = 1e-5;
-
-Tensor Poisoned(const Shape& shape) {
-  Tensor c = Tensor::Empty(shape, DType::kF32);
-  c.Fill(std::nan(""));
-  return ToGpu(c);
-}
 
 ::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, const std::string& what) {
   const Tensor a = ToCpu(gpu);
@@ -94,9 +89,10 @@ void RunLightningCase(const LightningCase& c) {
 
   const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o), gdecay = ToGpu(decay);
   const Tensor gs_in = c.states ? ToGpu(s_in) : Tensor(), gds_out = c.states ? ToGpu(ds_out) : Tensor();
-  Tensor go = Poisoned(x_shape), gs_out = Poisoned(s_shape);
-  Tensor gdq = Poisoned(x_shape), gdk = Poisoned(x_shape), gdv = Poisoned(x_shape);
-  Tensor gds_in = c.states ? Poisoned(s_shape) : Tensor();
+  Tensor go = PoisonedGpu(x_shape, DType::kF32), gs_out = PoisonedGpu(s_shape, DType::kF32);
+  Tensor gdq = PoisonedGpu(x_shape, DType::kF32), gdk = PoisonedGpu(x_shape, DType::kF32);
+  Tensor gdv = PoisonedGpu(x_shape, DType::kF32);
+  Tensor gds_in = c.states ? PoisonedGpu(s_shape, DType::kF32) : Tensor();
   LightningAttentionForward(gq, gk, gv, gdecay, rows, options, gs_in, go, gs_out);
   LightningAttentionBackward(gq, gk, gv, gdecay, rows, options, gs_in, gdo, gds_out, gdq, gdk, gdv, gds_in);
   CudaSynchronize();
@@ -159,7 +155,7 @@ void RunPhasesCase(int64_t c, int64_t h, int64_t d, const std::vector<double>& d
   const Tensor none;
   std::printf("[phases C=%ld D=%ld]\n", c, d);
 
-  Tensor m = Tensor::Empty(s_shape, DType::kF32), gm = Poisoned(s_shape);
+  Tensor m = Tensor::Empty(s_shape, DType::kF32), gm = PoisonedGpu(s_shape, DType::kF32);
   LightningChunkState(k, v, decay, none, m);
   LightningChunkState(gk, gv, gdecay, none, gm);
 
@@ -167,7 +163,7 @@ void RunPhasesCase(int64_t c, int64_t h, int64_t d, const std::vector<double>& d
   LightningChunkStateBackward(k, v, decay, none, st, dk1, dv1);
   LightningChunkStateBackward(gk, gv, gdecay, none, gst, gdk1, gdv1);
 
-  Tensor o = Tensor::Empty(x_shape, DType::kF32), go = Poisoned(x_shape);
+  Tensor o = Tensor::Empty(x_shape, DType::kF32), go = PoisonedGpu(x_shape, DType::kF32);
   LightningIntraChunk(q, k, v, decay, none, o);
   LightningIntraChunk(gq, gk, gv, gdecay, none, go);
 
@@ -229,7 +225,8 @@ void RunCpLightningCase(CpLinearScheme scheme) {
   cp.scheme = scheme;
   CpLightningSaved saved;
   const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o), gdecay = ToGpu(decay);
-  Tensor go = Poisoned(x_shape), gdq = Poisoned(x_shape), gdk = Poisoned(x_shape), gdv = Poisoned(x_shape);
+  Tensor go = PoisonedGpu(x_shape, DType::kF32), gdq = PoisonedGpu(x_shape, DType::kF32);
+  Tensor gdk = PoisonedGpu(x_shape, DType::kF32), gdv = PoisonedGpu(x_shape, DType::kF32);
   ASSERT_TRUE(CpLightningForward(*world, cp, *layout, gq, gk, gv, gdecay, rows, go, &saved).ok());
   ASSERT_TRUE(CpLightningBackward(*world, cp, *layout, gq, gk, gv, gdecay, rows, gdo, &saved, gdq, gdk, gdv).ok());
   CudaSynchronize();

@@ -20,19 +20,8 @@ using loom::testing::AllClose;
 using loom::testing::RandomTensor;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
-
-double MaxAbs(const Tensor& t) {
-  double m = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.Get(i)));
-  return m;
-}
-
-// A GPU tensor of NaNs: an output the op must overwrite everywhere.
-Tensor PoisonedGpu(const Shape& shape, DType dtype) {
-  Tensor t = Tensor::Empty(shape, dtype);
-  t.Fill(std::numeric_limits<double>::quiet_NaN());
-  return ToGpu(t);
-}
+using loom::testing::PoisonedGpu;
+using loom::testing::MaxAbs;
 
 // Element-wise closeness with atol = rtol · max|expected|: the relative error
 // of a GEMM output is only meaningful against the scale of the output.

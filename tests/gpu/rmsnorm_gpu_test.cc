@@ -19,12 +19,7 @@ namespace {
 using loom::testing::AllClose;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
-
-Tensor NanGpu(const Shape& shape, DType dtype) {
-  Tensor t = Tensor::Empty(shape, dtype);
-  t.Fill(NAN);
-  return ToGpu(t);
-}
+using loom::testing::PoisonedGpu;
 
 struct Case {
   int64_t rows, d;
@@ -54,7 +49,7 @@ void ExpectMatches(const Case& c, DType dtype) {
 
   const Tensor gw = c.weight ? ToGpu(w) : Tensor();
   const Tensor gx = ToGpu(x);
-  Tensor gy = NanGpu(x.shape(), dtype), grstd = NanGpu({c.rows}, DType::kF32), gdx = NanGpu(x.shape(), dtype);
+  Tensor gy = PoisonedGpu(x.shape(), dtype), grstd = PoisonedGpu({c.rows}, DType::kF32), gdx = PoisonedGpu(x.shape(), dtype);
   Tensor gdw = ToGpu(dw0);
   ops::RmsNormForward(gx, gw, 1e-5, gy, grstd);
   ops::RmsNormBackward(gx, gw, grstd, ToGpu(dy), gdx, gdw);

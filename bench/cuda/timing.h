@@ -1,0 +1,53 @@
+// What the GPU benchmarks share: the median time of a call measured with
+// CUDA events on the default stream (one untimed warm-up call first: plans,
+// pools, module loads), and a normwise bf16 difference for the untimed
+// correctness column.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "runtime/cuda_check.h"
+#include "runtime/tensor.h"
+
+namespace loom::bench {
+
+template <typename Fn>
+double MedianSeconds(int steps, Fn&& fn) {
+  cudaEvent_t start, stop;
+  LOOM_CUDA_CHECK(cudaEventCreate(&start));
+  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
+  fn();
+  std::vector<double> times;
+  for (int i = 0; i < steps; ++i) {
+    LOOM_CUDA_CHECK(cudaEventRecord(start));
+    fn();
+    LOOM_CUDA_CHECK(cudaEventRecord(stop));
+    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms * 1e-3);
+  }
+  LOOM_CUDA_CHECK(cudaEventDestroy(start));
+  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// ‖a − b‖ / ‖b‖ of two bf16 tensors (any device), on every 7th element: a
+// strided sample keeps the host pass short.
+inline double RelativeDiffBf16(const Tensor& a, const Tensor& b) {
+  const Tensor ha = a.To(Device::Cpu()), hb = b.To(Device::Cpu());
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < ha.numel(); i += 7) {
+    const double x = Bf16ToFloat(ha.data<bf16>()[i]), y = Bf16ToFloat(hb.data<bf16>()[i]);
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+}  // namespace loom::bench
