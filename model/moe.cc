@@ -77,7 +77,15 @@ MoeLayer::MoeLayer(const ModelDims& dims, const std::string& prefix) : expert_di
   options_ = {.experts = moe_.experts, .top_k = moe_.top_k, .sigmoid = moe_.sigmoid,
               .normalize_top_k = moe_.normalize_top_k};
   router_.Init(prefix + "router", {moe_.experts, dims.hidden}, dims.dtype, dims.seed, dims.init_std);
-  for (int e = 0; e < moe_.experts; ++e)
+  int owned = moe_.experts;
+  if (moe_.parallel != nullptr && moe_.parallel->ep != nullptr && moe_.parallel->ep->size() > 1) {
+    ep_ = moe_.parallel->ep;
+    LOOM_CHECK(moe_.experts % ep_->size() == 0, "[moe] ", moe_.experts, " experts do not split over ep = ",
+               ep_->size());
+    owned = moe_.experts / ep_->size();
+    first_expert_ = ep_->rank() * owned;
+  }
+  for (int e = first_expert_; e < first_expert_ + owned; ++e)
     experts_.push_back(std::make_unique<SwigluMlp>(expert_dims_, TensorParallel{}, absl::StrCat(prefix, "experts.", e, ".")));
   for (int s = 0; s < moe_.shared_experts; ++s)
     shared_.push_back(std::make_unique<SwigluMlp>(expert_dims_, TensorParallel{}, absl::StrCat(prefix, "shared.", s, ".")));
@@ -157,19 +165,27 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
       kept_[e].resize(keep);
     }
   }
-  // Experts, then unpermute: y[t] += g · expert(x[t]), expert by expert.
-  y.Zero();
-  expert_x_.assign(e_count, Tensor());
-  expert_y_.assign(e_count, Tensor());
+  // Dispatch the kept rows to their experts, run the local experts, combine,
+  // then unpermute: y[t] += g · expert(x[t]), expert by expert.
+  sent_ids_.clear();
+  std::vector<int64_t> rows_per_expert(e_count);
   for (int e = 0; e < e_count; ++e) {
-    const auto n = static_cast<int64_t>(kept_[e].size());
-    if (n == 0) continue;  // no tokens: the expert's weights get no gradient
-    expert_x_[e] = Tensor::Empty({n, c}, dt);
-    expert_y_[e] = Tensor::Empty({n, c}, dt);
-    LOOM_DISPATCH_FLOAT(dt, T, [&] { Gather<T>(x, kept_[e], k, expert_x_[e]); });
-    experts_[e]->Forward(expert_x_[e], expert_y_[e]);
-    LOOM_DISPATCH_FLOAT(dt, T, [&] { ScatterAdd<T>(expert_y_[e], kept_[e], k, routing_.gates, y); });
+    sent_ids_.insert(sent_ids_.end(), kept_[e].begin(), kept_[e].end());
+    rows_per_expert[e] = static_cast<int64_t>(kept_[e].size());
   }
+  exchange_ = std::make_unique<ExpertExchange>(ep_, e_count, rows_per_expert);
+  Tensor sent = Tensor::Empty({static_cast<int64_t>(sent_ids_.size()), c}, dt);
+  LOOM_DISPATCH_FLOAT(dt, T, [&] { Gather<T>(x, sent_ids_, k, sent); });
+  expert_x_ = exchange_->Dispatch(sent);
+  std::vector<Tensor> expert_y(experts_.size());
+  for (size_t i = 0; i < experts_.size(); ++i) {
+    if (exchange_->local_rows(i) == 0) continue;  // no tokens: the expert's weights get no gradient
+    expert_y[i] = Tensor::Empty(expert_x_[i].shape(), dt);
+    experts_[i]->Forward(expert_x_[i], expert_y[i]);
+  }
+  returned_y_ = exchange_->Combine(expert_y, c, dt);
+  y.Zero();
+  LOOM_DISPATCH_FLOAT(dt, T, [&] { ScatterAdd<T>(returned_y_, sent_ids_, k, routing_.gates, y); });
   for (auto& s : shared_) {
     Tensor ys = Tensor::Empty({t, c}, dt);
     s->Forward(x, ys);
@@ -194,16 +210,17 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
   const DType dt = x.dtype();
   dx.Zero();
   Tensor dgates = Tensor::Zeros({t, k}, dt);  // dropped assignments keep 0
-  for (int e = 0; e < e_count; ++e) {
-    const auto n = static_cast<int64_t>(kept_[e].size());
-    if (n == 0) continue;
-    Tensor dye = Tensor::Empty({n, c}, dt), dxe = Tensor::Empty({n, c}, dt);
-    LOOM_DISPATCH_FLOAT(dt, T, [&] {
-      GateBackward<T>(dy, expert_y_[e], kept_[e], k, routing_.gates, dye, dgates);
-    });
-    experts_[e]->Backward(expert_x_[e], dye, dxe);
-    LOOM_DISPATCH_FLOAT(dt, T, [&] { ScatterAddRows<T>(dxe, kept_[e], k, dx); });
+  // The mirror of Forward: dispatch g·dy, run the experts' backward, combine dx.
+  Tensor dsent = Tensor::Empty(returned_y_.shape(), dt);
+  LOOM_DISPATCH_FLOAT(dt, T, [&] { GateBackward<T>(dy, returned_y_, sent_ids_, k, routing_.gates, dsent, dgates); });
+  std::vector<Tensor> dye = exchange_->Dispatch(dsent), dxe(experts_.size());
+  for (size_t i = 0; i < experts_.size(); ++i) {
+    if (exchange_->local_rows(i) == 0) continue;
+    dxe[i] = Tensor::Empty(expert_x_[i].shape(), dt);
+    experts_[i]->Backward(expert_x_[i], dye[i], dxe[i]);
   }
+  const Tensor dreturned = exchange_->Combine(dxe, c, dt);
+  LOOM_DISPATCH_FLOAT(dt, T, [&] { ScatterAddRows<T>(dreturned, sent_ids_, k, dx); });
   for (auto& s : shared_) {
     Tensor dxs = Tensor::Empty({t, c}, dt);
     s->Backward(x, dy, dxs);
@@ -238,8 +255,10 @@ void MoeLayer::ReleaseActivations() {
   logits_ = Tensor();
   routing_ = ops::MoeRouting();
   kept_.clear();
+  sent_ids_.clear();
+  exchange_.reset();
   expert_x_.clear();
-  expert_y_.clear();
+  returned_y_ = Tensor();
   for (auto& e : experts_) e->ReleaseActivations();
   for (auto& s : shared_) s->ReleaseActivations();
 }

@@ -31,6 +31,12 @@
 // backward with it, so the summed gradients are those of one process.
 // Bias balancing uses the global loads, identically on every rank.
 //
+// Expert parallelism (MoeParallel::ep, parallel/expert_parallel.h): this
+// rank holds experts [first, first + E/ep) only (global names); the rows of
+// every kept assignment, in the order above (expert, then token), travel to
+// their expert's owner and back. The same exchange runs locally without ep,
+// so both give the same expert inputs and the same summation orders.
+//
 // Gradient rule: parameter gradients accumulate, dx is written.
 #pragma once
 
@@ -42,6 +48,7 @@
 #include "model/mlp.h"
 #include "model/param.h"
 #include "ops/moe_router.h"
+#include "parallel/expert_parallel.h"
 
 namespace loom {
 
@@ -51,6 +58,7 @@ class Communicator;
 // one (owned by the caller, alive as long as the model).
 struct MoeParallel {
   Communicator* stats = nullptr;  // dp (× cp) group; null: this process alone
+  Communicator* ep = nullptr;     // expert parallelism (parallel/expert_parallel.h); null: every expert here
 };
 
 // Routing of the last Forward, for logging. Load = assignments routed to an
@@ -84,7 +92,9 @@ class MoeLayer {
   MoeDims moe_;
   ops::MoeRouterOptions options_;
   Param router_;  // [E, C]
-  std::vector<std::unique_ptr<SwigluMlp>> experts_, shared_;
+  std::vector<std::unique_ptr<SwigluMlp>> experts_, shared_;  // experts_[i]: expert first + i
+  Communicator* ep_ = nullptr;
+  int first_expert_ = 0;
   std::vector<double> bias_;            // [E] selection bias
   std::vector<int64_t> pending_load_;   // [E] loads since the last UpdateBias
   double router_loss_ = 0;
@@ -95,7 +105,10 @@ class MoeLayer {
   std::vector<int64_t> global_load_;            // [E] load summed over the stats group
   int64_t global_tokens_ = 0;                   // N
   std::vector<std::vector<int64_t>> kept_;      // per expert: kept assignment ids, increasing
-  std::vector<Tensor> expert_x_, expert_y_;     // per expert [n_e, C]
+  std::vector<int64_t> sent_ids_;               // [S] kept_ concatenated: the exchange's row order
+  std::unique_ptr<ExpertExchange> exchange_;
+  std::vector<Tensor> expert_x_;                // per local expert [n_i, C] (all sources)
+  Tensor returned_y_;                           // [S, C] expert outputs of sent_ids_
 };
 
 }  // namespace loom

@@ -138,7 +138,7 @@ absl::Status DataParallel::ReduceGradients() {
   return status;
 }
 
-absl::StatusOr<double> DataParallel::ClipGradients(double max_norm) {
+absl::StatusOr<double> DataParallel::SquaredNorm() {
   // Σ g² over the elements this rank is the one to count.
   double local = 0;
   if (options_.zero) {
@@ -151,15 +151,21 @@ absl::StatusOr<double> DataParallel::ClipGradients(double max_norm) {
   }
   Tensor sum = Tensor::FromVector<double>({local}, {1});
   LOOM_RETURN_IF_ERROR(norm_group_->AllReduce(sum));
-  const double norm = std::sqrt(sum.data<double>()[0]);
-  if (max_norm > 0 && norm > max_norm) {
-    const double f = max_norm / (norm + 1e-6);
-    if (options_.zero) {
-      for (auto& b : buckets_) ScaleInPlace(b->grad_slice, f);
-    } else {
-      for (Param* p : params_) ScaleInPlace(p->grad, f);
-    }
+  return sum.data<double>()[0];
+}
+
+void DataParallel::ScaleGradients(double f) {
+  if (options_.zero) {
+    for (auto& b : buckets_) ScaleInPlace(b->grad_slice, f);
+  } else {
+    for (Param* p : params_) ScaleInPlace(p->grad, f);
   }
+}
+
+absl::StatusOr<double> DataParallel::ClipGradients(double max_norm) {
+  LOOM_ASSIGN_OR_RETURN(const double squares, SquaredNorm());
+  const double norm = std::sqrt(squares);
+  if (max_norm > 0 && norm > max_norm) ScaleGradients(max_norm / (norm + 1e-6));
   return norm;
 }
 

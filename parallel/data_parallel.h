@@ -53,6 +53,11 @@ class DataParallel {
   // Global gradient norm before clipping; scales the gradients (this rank's
   // shard under ZeRO) so the norm is at most max_norm (0: no clipping).
   absl::StatusOr<double> ClipGradients(double max_norm);
+  // ClipGradients' two halves, for instances that share one norm
+  // (parallel/expert_parallel.h): Σ g² of the elements this instance
+  // counts, summed over norm_group (collective); gradients (shards) × f.
+  absl::StatusOr<double> SquaredNorm();
+  void ScaleGradients(double f);
   // One AdamW update at learning rate lr.
   absl::Status Step(double lr);
 

@@ -1,10 +1,13 @@
-// MoE under data parallelism is the single-process model: dp ranks whose
-// micro-batches together form the single process's micro-batches (rank r
-// holding rows [r·micro, (r+1)·micro) of each) give its losses, every
-// gradient, routing statistics (loads, dropped assignments) and, after
-// AdamW steps and bias-balancing updates, its parameters, in f64 within
-// 1e-10. The router statistics (f_i, P_i, z-loss), the capacity cut and the
-// balancing loads are global (model/moe.h).
+// MoE under data and expert parallelism is the single-process model: dp
+// ranks whose micro-batches together form the single process's micro-batches
+// (rank r holding rows [r·micro, (r+1)·micro) of each), with the experts
+// split over ep ranks of the DP group, give its losses, every gradient (each
+// expert's on its owner: together all of them), the clipped gradient norm,
+// routing statistics (loads, dropped assignments) and, after AdamW steps and
+// bias-balancing updates, its parameters, in f64 within 1e-10. The router
+// statistics (f_i, P_i, z-loss), the capacity cut and the balancing loads
+// are global (model/moe.h); tokens reach remote experts by all-to-all(v)
+// (parallel/expert_parallel.h).
 #include <gtest/gtest.h>
 
 #include <random>
@@ -13,6 +16,7 @@
 #include "model/moe.h"
 #include "optim/adamw.h"
 #include "parallel/data_parallel.h"
+#include "parallel/expert_parallel.h"
 #include "parallel/process_groups.h"
 #include "runtime/config.h"
 #include "tests/mpi_testing.h"
@@ -67,12 +71,13 @@ const Param* Find(const ParamList& params, const std::string& name) {
 }
 
 // Runs the case on the first `dp` ranks of the world.
-void RunDp(const MoeCase& c, int dp) {
+void RunCase(const MoeCase& c, int dp, int ep) {
   std::unique_ptr<Communicator> comm = testing::FirstRanks(dp);
   if (comm == nullptr) return;
-  SCOPED_TRACE(absl::StrCat(c.name, " dp", dp));
+  SCOPED_TRACE(absl::StrCat(c.name, " dp", dp, " ep", ep));
   Layout layout;
   layout.world = layout.dp = dp;
+  layout.ep = ep;
   auto groups_or = ProcessGroups::Make(*comm, layout);
   ASSERT_TRUE(groups_or.ok()) << groups_or.status();
   ProcessGroups& g = **groups_or;
@@ -84,17 +89,17 @@ void RunDp(const MoeCase& c, int dp) {
 
   // The statistics group is the dp communicator, not dp_cp, on which the
   // gradient buckets are reduced during backward.
-  MoeParallel moe_parallel{.stats = g.dp.get()};
+  MoeParallel moe_parallel{.stats = g.dp.get(), .ep = g.ep.get()};
   ModelDims dims = ref_dims;
   dims.moe.parallel = &moe_parallel;
   Model model(dims);
   DataParallelOptions dpo;
   dpo.bucket_mb = 0.004;
   dpo.adam = adam;
-  DataParallel data_parallel(model.params(), g.dp_cp.get(), g.world, 0, dpo);
+  ExpertDataParallel data_parallel(model.params(), g.dp_cp.get(), g.expert_dp.get(), g.world, 0, dpo);
   model.set_grad_ready_hook([&](const ParamList& ready) { data_parallel.GradReady(ready); });
 
-  const double lr = 1e-2;
+  const double lr = 1e-2, clip = 0.05;  // small clip: clipping happens
   int64_t dropped = 0;
   for (int step = 0; step < kSteps; ++step) {
     SCOPED_TRACE(absl::StrCat("step ", step));
@@ -109,6 +114,9 @@ void RunDp(const MoeCase& c, int dp) {
     }
     const double ref_loss = ref.StepGradients(all, normalizer);
     const auto ref_stats = ref.RoutingStatistics();
+    std::vector<Tensor> ref_grads;
+    for (const Param* p : ref.params()) ref_grads.push_back(p->grad.Clone());
+    const double ref_norm = ClipGradNorm(ref.params(), clip);
     ref_opt.Step(lr);
 
     Tensor loss = Tensor::FromVector<double>({model.StepGradients(mine, normalizer)}, {1});
@@ -118,7 +126,8 @@ void RunDp(const MoeCase& c, int dp) {
     for (const Param* p : model.params()) {
       const Param* r = Find(ref.params(), p->name);
       ASSERT_NE(r, nullptr) << p->name;
-      EXPECT_TRUE(testing::AllClose(p->grad, r->grad, kTol, 1e-14)) << "gradient of " << p->name;
+      const size_t i = std::find(ref.params().begin(), ref.params().end(), r) - ref.params().begin();
+      EXPECT_TRUE(testing::AllClose(p->grad, ref_grads[i], kTol, 1e-14)) << "gradient of " << p->name;
     }
     // Routing statistics of the last micro-batch: global on every rank.
     const auto stats = model.RoutingStatistics();
@@ -132,8 +141,19 @@ void RunDp(const MoeCase& c, int dp) {
       EXPECT_NEAR(a.load_cv, b.load_cv, 1e-12) << "layer " << stats[i].first;
       dropped += b.dropped;
     }
+    auto norm = data_parallel.ClipGradients(clip);
+    ASSERT_TRUE(norm.ok()) << norm.status();
+    EXPECT_NEAR(*norm, ref_norm, kTol * ref_norm);
     ASSERT_TRUE(data_parallel.Step(lr).ok());
   }
+  // The experts are split: this rank holds E/ep of them, the ep group all.
+  int64_t mine = 0, all = 0;
+  for (const Param* p : model.params()) mine += IsExpertParam(*p);
+  for (const Param* p : ref.params()) all += IsExpertParam(*p);
+  EXPECT_EQ(mine * ep, all);
+  Tensor held = Tensor::FromVector<double>({double(mine)}, {1});
+  ASSERT_TRUE(g.ep->AllReduce(held).ok());
+  EXPECT_EQ(held.data<double>()[0], double(all));
   if (c.expect_drops) {
     EXPECT_GT(dropped, 0) << "the capacity cut was not exercised";
   }
@@ -162,8 +182,17 @@ const std::vector<MoeCase>& Cases() {
 TEST(MoeParallel, DataParallelEqualsOneProcess) {
   const int n = testing::World().size();
   for (const MoeCase& c : Cases()) {
-    RunDp(c, 2);
-    if (n >= 4) RunDp(c, 4);
+    RunCase(c, 2, 1);
+    if (n >= 4) RunCase(c, 4, 1);
+  }
+}
+
+TEST(MoeParallel, ExpertParallelEqualsOneProcess) {
+  const int n = testing::World().size();
+  for (const MoeCase& c : Cases()) {
+    RunCase(c, 2, 2);
+    if (n >= 4) RunCase(c, 4, 4);
+    if (n >= 4) RunCase(c, 4, 2);
   }
 }
 

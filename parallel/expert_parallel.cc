@@ -1,0 +1,149 @@
+#include "parallel/expert_parallel.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace loom {
+namespace {
+
+// Copies `rows` rows of width c from src (starting at row s) to dst (row d).
+void CopyRows(const Tensor& src, int64_t s, Tensor& dst, int64_t d, int64_t rows, int64_t c) {
+  if (rows == 0) return;
+  LOOM_DISPATCH_FLOAT(src.dtype(), T, [&] { std::copy_n(src.data<T>() + s * c, rows * c, dst.data<T>() + d * c); });
+}
+
+void CheckStatus(const absl::Status& s, const char* what) { LOOM_CHECK(s.ok(), "[expert_parallel] ", what, ": ", s.message()); }
+
+}  // namespace
+
+ExpertExchange::ExpertExchange(Communicator* ep, int experts, const std::vector<int64_t>& rows_per_expert)
+    : ep_(ep != nullptr && ep->size() > 1 ? ep : nullptr) {
+  split_ = {.experts = experts, .size = ep_ ? ep_->size() : 1, .rank = ep_ ? ep_->rank() : 0};
+  LOOM_CHECK(experts % split_.size == 0, "[expert_parallel] ", experts, " experts do not split over ep = ", split_.size);
+  LOOM_CHECK(static_cast<int>(rows_per_expert.size()) == experts, "[expert_parallel] ", rows_per_expert.size(),
+             " row counts for ", experts, " experts");
+  const int size = split_.size, per = split_.per_rank();
+  send_rows_.assign(size, 0);
+  for (int e = 0; e < experts; ++e) send_rows_[split_.owner(e)] += rows_per_expert[e];
+  for (int64_t r : send_rows_) sent_ += r;
+  if (ep_ == nullptr) {
+    counts_ = rows_per_expert;
+  } else {
+    // counts_[s·per + i]: rows source s sends to local expert i.
+    Tensor mine = Tensor::FromVector<int64_t>(rows_per_expert, {experts});
+    Tensor theirs = Tensor::Empty({experts}, DType::kI64);
+    CheckStatus(ep_->AllToAll(mine, theirs), "row counts");
+    counts_.assign(theirs.data<int64_t>(), theirs.data<int64_t>() + experts);
+  }
+  recv_rows_.assign(size, 0);
+  local_rows_.assign(per, 0);
+  for (int s = 0; s < size; ++s)
+    for (int i = 0; i < per; ++i) {
+      recv_rows_[s] += counts_[s * per + i];
+      local_rows_[i] += counts_[s * per + i];
+    }
+  for (int64_t r : recv_rows_) received_ += r;
+}
+
+std::vector<Tensor> ExpertExchange::Dispatch(const Tensor& rows) const {
+  LOOM_CHECK(rows.ndim() == 2 && rows.dim(0) == sent_, "[expert_parallel] dispatch of ", ShapeString(rows.shape()),
+             ", expected ", sent_, " rows");
+  const int64_t c = rows.dim(1);
+  const int size = split_.size, per = split_.per_rank();
+  Tensor received = rows;
+  if (ep_ != nullptr) {
+    received = Tensor::Empty({std::max<int64_t>(received_, 1), c}, rows.dtype());  // 1: never a 0-row buffer
+    Tensor in = sent_ > 0 ? rows : Tensor::Empty({1, c}, rows.dtype());
+    std::vector<int64_t> send(size), recv(size);
+    for (int s = 0; s < size; ++s) {
+      send[s] = send_rows_[s] * c;
+      recv[s] = recv_rows_[s] * c;
+    }
+    Tensor in_view = in.Slice(0, sent_), out_view = received.Slice(0, received_);
+    CheckStatus(ep_->AllToAllV(in_view, send, out_view, recv), "dispatch");
+  }
+  // Source-major (s, i) blocks → expert-major, sources in rank order.
+  std::vector<Tensor> out(per);
+  std::vector<int64_t> filled(per, 0);
+  for (int i = 0; i < per; ++i)
+    if (local_rows_[i] > 0) out[i] = Tensor::Empty({local_rows_[i], c}, rows.dtype());
+  int64_t at = 0;
+  for (int s = 0; s < size; ++s)
+    for (int i = 0; i < per; ++i) {
+      const int64_t n = counts_[s * per + i];
+      CopyRows(received, at, out[i], filled[i], n, c);
+      filled[i] += n;
+      at += n;
+    }
+  return out;
+}
+
+Tensor ExpertExchange::Combine(const std::vector<Tensor>& per_expert, int64_t c, DType dtype) const {
+  const int size = split_.size, per = split_.per_rank();
+  LOOM_CHECK(static_cast<int>(per_expert.size()) == per, "[expert_parallel] combine of ", per_expert.size(),
+             " experts, expected ", per);
+  Tensor packed = Tensor::Empty({std::max<int64_t>(received_, 1), c}, dtype);
+  std::vector<int64_t> taken(per, 0);
+  int64_t at = 0;
+  for (int s = 0; s < size; ++s)
+    for (int i = 0; i < per; ++i) {
+      const int64_t n = counts_[s * per + i];
+      CopyRows(per_expert[i], taken[i], packed, at, n, c);
+      taken[i] += n;
+      at += n;
+    }
+  if (ep_ == nullptr) return sent_ > 0 ? packed : Tensor::Empty({0, c}, dtype);
+  Tensor out = Tensor::Empty({std::max<int64_t>(sent_, 1), c}, dtype);
+  std::vector<int64_t> send(size), recv(size);
+  for (int s = 0; s < size; ++s) {
+    send[s] = recv_rows_[s] * c;
+    recv[s] = send_rows_[s] * c;
+  }
+  Tensor in_view = packed.Slice(0, received_), out_view = out.Slice(0, sent_);
+  CheckStatus(ep_->AllToAllV(in_view, send, out_view, recv), "combine");
+  return out;
+}
+
+bool IsExpertParam(const Param& p) { return p.name.find(".moe.experts.") != std::string::npos; }
+
+ExpertDataParallel::ExpertDataParallel(const ParamList& params, Communicator* dense_group,
+                                       Communicator* expert_group, Communicator* norm_group, int tp_rank,
+                                       const DataParallelOptions& options) {
+  ParamList dense, experts;
+  for (Param* p : params) (IsExpertParam(*p) ? experts : dense).push_back(p);
+  dense_ = std::make_unique<DataParallel>(dense, dense_group, norm_group, tp_rank, options);
+  if (!experts.empty())
+    experts_ = std::make_unique<DataParallel>(experts, expert_group, norm_group, tp_rank, options);
+}
+
+void ExpertDataParallel::GradReady(const ParamList& ready) {
+  dense_->GradReady(ready);  // each instance skips the parameters it does not hold
+  if (experts_) experts_->GradReady(ready);
+}
+
+absl::Status ExpertDataParallel::ReduceGradients() {
+  LOOM_RETURN_IF_ERROR(dense_->ReduceGradients());
+  return experts_ ? experts_->ReduceGradients() : absl::OkStatus();
+}
+
+absl::StatusOr<double> ExpertDataParallel::ClipGradients(double max_norm) {
+  if (!experts_) return dense_->ClipGradients(max_norm);
+  LOOM_ASSIGN_OR_RETURN(const double dense_squares, dense_->SquaredNorm());
+  LOOM_ASSIGN_OR_RETURN(const double expert_squares, experts_->SquaredNorm());
+  const double norm = std::sqrt(dense_squares + expert_squares);
+  if (max_norm > 0 && norm > max_norm) {
+    const double f = max_norm / (norm + 1e-6);
+    dense_->ScaleGradients(f);
+    experts_->ScaleGradients(f);
+  }
+  return norm;
+}
+
+absl::Status ExpertDataParallel::Step(double lr) {
+  LOOM_RETURN_IF_ERROR(dense_->Step(lr));
+  return experts_ ? experts_->Step(lr) : absl::OkStatus();
+}
+
+}  // namespace loom
