@@ -30,6 +30,7 @@
 #include "model/memory_estimate.h"
 #include "model/model.h"
 #include "model/moe.h"
+#include "parallel/expert_parallel.h"
 #include "model/pipeline.h"
 #include "optim/adamw.h"
 #include "optim/lr_schedule.h"
@@ -264,14 +265,14 @@ class Trainer {
   Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups,
           const TrainStagePlan& stage)
       : config_(config),
-        moe_parallel_{.stats = groups.dp.get()},
+        moe_parallel_{.stats = groups.dp.get(), .ep = groups.ep.get()},
         dims_(PlacedDims(config, device, &moe_parallel_)),
         world_(world),
         groups_(groups),
         tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp, config.parallel().sequence_parallel()},
         cp_(MakeContextParallel(config, groups)),
         model_(dims_, tp_, cp_, PipelineParallel{groups.layout.pp, groups.coords.pp, groups.layout.vpp}),
-        dp_(model_.params(), groups.dp_cp.get(), &world, groups.coords.tp, DpOptions(config)),
+        dp_(model_.params(), groups.dp_cp.get(), groups.expert_dp.get(), &world, groups.coords.tp, DpOptions(config)),
         data_(std::move(data)),
         run_dir_(config.train().run_dir()),
         ckpt_dir_(config.checkpoint().dir().empty() ? (run_dir_ / "checkpoints").string()
@@ -539,8 +540,21 @@ class Trainer {
       state.tensors.push_back({"optim.m." + p.name, gm});
       state.tensors.push_back({"optim.v." + p.name, gv});
     }
-    // Pipeline stages send their tensors to the first stage's rank 0.
     const Coords& at = groups_.coords;
+    // Expert parallelism: the ep ranks of the first DP block send their
+    // experts to its ep rank 0 (dp 0).
+    if (groups_.layout.ep > 1 && at.tp == 0 && at.cp == 0 && at.dp < groups_.layout.ep) {
+      Communicator& ep = *groups_.ep;
+      if (ep.rank() == 0) {
+        for (int r = 1; r < ep.size(); ++r) LOOM_RETURN_IF_ERROR(RecvTensors(ep, r, state.tensors));
+      } else {
+        std::vector<checkpoint::NamedTensor> experts;
+        for (const auto& nt : state.tensors)
+          if (nt.name.find(".moe.experts.") != std::string::npos) experts.push_back(nt);
+        LOOM_RETURN_IF_ERROR(SendTensors(ep, 0, experts));
+      }
+    }
+    // Pipeline stages send their tensors to the first stage's rank 0.
     if (groups_.layout.pp > 1 && at.tp == 0 && at.cp == 0 && at.dp == 0) {
       Communicator& pp = *groups_.pp;
       if (pp.rank() == 0) {
@@ -629,7 +643,7 @@ class Trainer {
   TensorParallel tp_;
   ContextParallel cp_;
   Model model_;
-  DataParallel dp_;
+  ExpertDataParallel dp_;  // expert parameters over expert_dp, the rest over dp × cp
   DataSource data_;
   std::filesystem::path run_dir_;
   std::string ckpt_dir_;

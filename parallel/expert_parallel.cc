@@ -112,7 +112,10 @@ ExpertDataParallel::ExpertDataParallel(const ParamList& params, Communicator* de
                                        Communicator* expert_group, Communicator* norm_group, int tp_rank,
                                        const DataParallelOptions& options) {
   ParamList dense, experts;
-  for (Param* p : params) (IsExpertParam(*p) ? experts : dense).push_back(p);
+  for (Param* p : params) {
+    is_expert_.push_back(IsExpertParam(*p));
+    (is_expert_.back() ? experts : dense).push_back(p);
+  }
   dense_ = std::make_unique<DataParallel>(dense, dense_group, norm_group, tp_rank, options);
   if (!experts.empty())
     experts_ = std::make_unique<DataParallel>(experts, expert_group, norm_group, tp_rank, options);
@@ -144,6 +147,37 @@ absl::StatusOr<double> ExpertDataParallel::ClipGradients(double max_norm) {
 absl::Status ExpertDataParallel::Step(double lr) {
   LOOM_RETURN_IF_ERROR(dense_->Step(lr));
   return experts_ ? experts_->Step(lr) : absl::OkStatus();
+}
+
+void ExpertDataParallel::set_steps(int64_t steps) {
+  dense_->set_steps(steps);
+  if (experts_) experts_->set_steps(steps);
+}
+
+absl::Status ExpertDataParallel::GatherMoments(std::vector<Tensor>& m, std::vector<Tensor>& v) {
+  std::vector<Tensor> dm, dv, em, ev;
+  LOOM_RETURN_IF_ERROR(dense_->GatherMoments(dm, dv));
+  if (experts_) LOOM_RETURN_IF_ERROR(experts_->GatherMoments(em, ev));
+  m.clear();
+  v.clear();
+  size_t d = 0, e = 0;
+  for (bool expert : is_expert_) {
+    m.push_back(expert ? em[e] : dm[d]);
+    v.push_back(expert ? ev[e++] : dv[d++]);
+  }
+  return absl::OkStatus();
+}
+
+void ExpertDataParallel::ScatterMoments(const std::vector<Tensor>& m, const std::vector<Tensor>& v) {
+  LOOM_CHECK(m.size() == is_expert_.size() && v.size() == is_expert_.size(), "[expert_parallel] moments for ",
+             m.size(), " parameters, model has ", is_expert_.size());
+  std::vector<Tensor> dm, dv, em, ev;
+  for (size_t i = 0; i < is_expert_.size(); ++i) {
+    (is_expert_[i] ? em : dm).push_back(m[i]);
+    (is_expert_[i] ? ev : dv).push_back(v[i]);
+  }
+  dense_->ScatterMoments(dm, dv);
+  if (experts_) experts_->ScatterMoments(em, ev);
 }
 
 }  // namespace loom

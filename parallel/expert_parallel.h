@@ -78,11 +78,18 @@ class ExpertDataParallel {
   absl::Status ReduceGradients();
   absl::StatusOr<double> ClipGradients(double max_norm);
   absl::Status Step(double lr);
+  int64_t steps() const { return dense_->steps(); }
+  void set_steps(int64_t steps);
+  int buckets() const { return dense_->buckets() + (experts_ ? experts_->buckets() : 0); }
+  // DataParallel's, in the order of `params` (checkpoints).
+  absl::Status GatherMoments(std::vector<Tensor>& m, std::vector<Tensor>& v);
+  void ScatterMoments(const std::vector<Tensor>& m, const std::vector<Tensor>& v);
   DataParallel& dense() { return *dense_; }
   DataParallel* experts() { return experts_.get(); }  // null without expert parameters
 
  private:
   std::unique_ptr<DataParallel> dense_, experts_;
+  std::vector<bool> is_expert_;  // per parameter of `params`
 };
 
 }  // namespace loom

@@ -343,15 +343,18 @@ absl::Status ValidateConfig(const config::Config& c) {
                                    (moe.capacity_factor() >= 1e-3 && moe.capacity_factor() <= 64),
                                "model.moe.capacity_factor",
                                absl::StrCat(moe.capacity_factor(), " is neither 0 (dropless) nor in [1e-3, 64]")));
-    // Router statistics are reduced over data parallelism only (model/moe.h);
-    // the MoE layer has no TP split, pipeline loss path or CP statistics yet.
+    // Router statistics are reduced over data parallelism only, and experts
+    // split over ep ranks of the DP group (model/moe.h); the MoE layer has no
+    // TP split, pipeline loss path or CP statistics yet.
     const auto& p = c.parallel();
     for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"},
-                                      std::pair{p.cp(), "parallel.cp"}, std::pair{p.ep(), "parallel.ep"}})
+                                      std::pair{p.cp(), "parallel.cp"}})
       LOOM_RETURN_IF_ERROR(Range(value == 1, name,
                                  absl::StrCat(value, ": MoE layers (model.moe.experts = ", moe.experts(),
-                                              ") run without tensor, pipeline, context or expert parallelism yet; "
+                                              ") run without tensor, pipeline or context parallelism yet; "
                                               "set it to 1")));
+    LOOM_RETURN_IF_ERROR(Range(p.ep() >= 1 && moe.experts() % p.ep() == 0, "parallel.ep",
+                               absl::StrCat(p.ep(), " does not divide model.moe.experts = ", moe.experts())));
   }
 
   LOOM_RETURN_IF_ERROR(Range(t.steps() >= 1, "train.steps", absl::StrCat(t.steps(), " is below 1")));
