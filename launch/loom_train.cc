@@ -540,6 +540,10 @@ class Trainer {
       state.tensors.push_back({"optim.m." + p.name, gm});
       state.tensors.push_back({"optim.v." + p.name, gv});
     }
+    // The MoE selection bias: the same on every rank (global loads).
+    for (const auto& [layer, moe] : model_.MoeLayers())
+      state.tensors.push_back({absl::StrCat("layers.", layer, ".moe.bias"),
+                               Tensor::FromVector<double>(moe->bias(), {static_cast<int64_t>(moe->bias().size())})});
     const Coords& at = groups_.coords;
     // Expert parallelism: the ep ranks of the first DP block send their
     // experts to its ep rank 0 (dp 0).
@@ -624,6 +628,20 @@ class Trainer {
       LOOM_RETURN_IF_ERROR(restore(p, "optim.m." + p.name, m.back()));
       LOOM_RETURN_IF_ERROR(restore(p, "optim.v." + p.name, v.back()));
       p.value.CopyFrom(value);
+    }
+    for (const auto& [layer, moe] : model_.MoeLayers()) {
+      const std::string name = absl::StrCat("layers.", layer, ".moe.bias");
+      auto it = by_name.find(name);
+      if (it == by_name.end()) {  // a checkpoint from before the bias was saved
+        if (dims_.moe.bias_balancing) LogWarning(step_dir, ": tensor ", name, " missing: the selection bias restarts at 0");
+        continue;
+      }
+      if (it->second.numel() != dims_.moe.experts)
+        return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor ", name, " has ", it->second.numel(),
+                                                       " values for ", dims_.moe.experts, " experts"));
+      std::vector<double> bias(dims_.moe.experts);
+      for (int e = 0; e < dims_.moe.experts; ++e) bias[e] = it->second.Get(e);
+      moe->set_bias(bias);
     }
     model_.RefreshComputeWeights();
     dp_.ScatterMoments(m, v);

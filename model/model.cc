@@ -180,6 +180,16 @@ std::vector<std::pair<int, RoutingStats>> Model::RoutingStatistics() const {
   return out;
 }
 
+std::vector<std::pair<int, MoeLayer*>> Model::MoeLayers() {
+  std::vector<std::pair<int, MoeLayer*>> out;
+  const int per_stage = dims_.layers / (pp_.size * pp_.vpp);
+  for (int v = 0; v < pp_.vpp; ++v)
+    for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
+      if (MoeLayer* moe = chunks_[v].blocks[i]->moe())
+        out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moe});
+  return out;
+}
+
 void Model::ReleaseChunk(int v) {
   chunks_[v].layer_inputs.clear();
   for (auto& b : chunks_[v].blocks) b->ReleaseActivations();

@@ -78,6 +78,8 @@ class Model {
   const ParamList& params() const { return params_; }
   // MoE layers' routing of their last forward: (layer index, statistics).
   std::vector<std::pair<int, RoutingStats>> RoutingStatistics() const;
+  // This rank's MoE layers: (layer index, layer), e.g. to checkpoint their selection bias.
+  std::vector<std::pair<int, MoeLayer*>> MoeLayers();
   const ModelDims& dims() const { return dims_; }
   void ZeroGrad();
   // bf16 runs: rewrites every matrix's bf16 copy (Param::compute) from its

@@ -251,6 +251,11 @@ void MoeLayer::UpdateBias() {
   std::fill(pending_load_.begin(), pending_load_.end(), 0);
 }
 
+void MoeLayer::set_bias(const std::vector<double>& bias) {
+  LOOM_CHECK(bias.size() == bias_.size(), "[moe] a bias of ", bias.size(), " values for ", bias_.size(), " experts");
+  bias_ = bias;
+}
+
 void MoeLayer::ReleaseActivations() {
   logits_ = Tensor();
   routing_ = ops::MoeRouting();

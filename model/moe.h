@@ -84,6 +84,7 @@ class MoeLayer {
   // backward passes since the last call; a no-op without bias_balancing.
   void UpdateBias();
   const std::vector<double>& bias() const { return bias_; }
+  void set_bias(const std::vector<double>& bias);  // a checkpoint's
   void ReleaseActivations();
   void CollectParams(ParamList& out);
 
