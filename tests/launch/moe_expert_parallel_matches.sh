@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# MoE with data and expert parallelism trains to the losses of one process
+# (configs/tiny_moe.textproto in f64, auxiliary loss and bias balancing on):
+# dp2 ep2, dp4 ep4 and dp4 ep2 give the 6 losses of one process within 1e-10
+# relative (router statistics summed over dp, experts split over ep and
+# reached by all-to-all). A checkpoint saved under ep2 at step 3 (experts
+# gathered from their owners, the selection bias included) resumes under
+# ep4 and in one process to the same losses at steps 4-6.
+set -eu
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+bin=$1; src=$2
+mpi=(mpirun --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1 -x OPENBLAS_NUM_THREADS=1)
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+losses() { grep '"loss"' "$1/metrics.jsonl" | sed 's/.*"step": \([0-9]*\).*"loss": \([0-9.e+-]*\).*/\1 \2/'; }
+steps=6
+common=(--config "$src/configs/tiny_moe.textproto" --set train.steps=$steps --set optim.warmup_steps=2
+        --set train.log_every=1 --set train.dtype=f64 --set model.moe.bias_balancing=true
+        --set model.moe.bias_update_rate=0.05)
+"$bin" "${common[@]}" --set train.micro_batch=32 --set train.run_dir="$work/one" | grep -E "step +$steps"
+"${mpi[@]}" -np 2 "$bin" "${common[@]}" --set train.micro_batch=16 --set parallel.ep=2 --set checkpoint.every=3 \
+  --set train.run_dir="$work/ep2" | grep -E "ranks|step +$steps"
+"${mpi[@]}" -np 4 "$bin" "${common[@]}" --set train.micro_batch=8 --set parallel.ep=4 \
+  --set train.run_dir="$work/ep4" | grep -E "step +$steps"
+"${mpi[@]}" -np 4 "$bin" "${common[@]}" --set train.micro_batch=8 --set parallel.ep=2 \
+  --set train.run_dir="$work/dp4ep2" | grep -E "step +$steps"
+ckpt="$work/ep2/checkpoints/step_00000003"
+"${mpi[@]}" -np 4 "$bin" "${common[@]}" --set train.micro_batch=8 --set parallel.ep=4 \
+  --set checkpoint.resume="$ckpt" --set train.run_dir="$work/resume_ep4" | grep -E "resumed|step +$steps"
+"$bin" "${common[@]}" --set train.micro_batch=32 --set checkpoint.resume="$ckpt" \
+  --set train.run_dir="$work/resume_one" | grep -E "resumed|step +$steps"
+compare() {  # run, expected number of steps
+  paste <(losses "$work/one" | tail -n "$2") <(losses "$work/$1") | awk -v run="$1" -v want="$2" '
+    { n++; d = $2 - $4; if (d < 0) d = -d; if ($1 != $3 || d > 1e-10 * $2) { print run ": step " $1 " loss " $2 " vs " $3 " " $4; bad = 1 } }
+    END { if (n != want) { print run ": " n " steps, want " want; bad = 1 }; exit bad }'
+  echo "$1: $2 losses match one process within 1e-10"
+}
+compare ep2 $steps
+compare ep4 $steps
+compare dp4ep2 $steps
+compare resume_ep4 3
+compare resume_one 3
