@@ -62,7 +62,8 @@ struct MoeParallel {
 };
 
 // Routing of the last Forward, for logging. Load = assignments routed to an
-// expert (before capacity drops), over the E experts.
+// expert (before capacity drops), over the E experts; under data parallelism
+// over the global micro-batch (the same on every rank).
 struct RoutingStats {
   double load_min = 0, load_max = 0;
   double load_cv = 0;        // coefficient of variation: std / mean (population std)
