@@ -94,7 +94,7 @@ Tensor ExpertExchange::Combine(const std::vector<Tensor>& per_expert, int64_t c,
       taken[i] += n;
       at += n;
     }
-  if (ep_ == nullptr) return sent_ > 0 ? packed : Tensor::Empty({0, c}, dtype);
+  if (ep_ == nullptr) return packed.Slice(0, sent_);  // received_ = sent_
   Tensor out = Tensor::Empty({std::max<int64_t>(sent_, 1), c}, dtype);
   std::vector<int64_t> send(size), recv(size);
   for (int s = 0; s < size; ++s) {
@@ -103,7 +103,7 @@ Tensor ExpertExchange::Combine(const std::vector<Tensor>& per_expert, int64_t c,
   }
   Tensor in_view = packed.Slice(0, received_), out_view = out.Slice(0, sent_);
   CheckStatus(ep_->AllToAllV(in_view, send, out_view, recv), "combine");
-  return out;
+  return out_view;
 }
 
 bool IsExpertParam(const Param& p) { return p.name.find(".moe.experts.") != std::string::npos; }
