@@ -17,9 +17,9 @@
 
 #include "absl/flags/flag.h"
 #include "bench/bench.h"
+#include "bench/cuda/timing.h"
 #include "ops/softmax_attention.h"
 #include "runtime/cuda_check.h"
-#include "bench/cuda/timing.h"
 
 ABSL_FLAG(bool, attention_cudnn_backward, false, "--what=attention: also time cuDNN's backward (known to fault)");
 

@@ -29,12 +29,12 @@
 
 #include "absl/flags/flag.h"
 #include "bench/bench.h"
+#include "bench/cuda/timing.h"
 #include "ops/embedding.h"
 #include "ops/rmsnorm.h"
 #include "ops/swiglu.h"
 #include "runtime/cuda_check.h"
 #include "runtime/cuda_runtime.h"
-#include "bench/cuda/timing.h"
 
 namespace loom {
 namespace {

@@ -22,10 +22,10 @@
 
 #include "absl/flags/flag.h"
 #include "bench/bench.h"
+#include "bench/cuda/timing.h"
 #include "ops/cross_entropy.h"
 #include "ops/linear.h"
 #include "runtime/cuda_check.h"
-#include "bench/cuda/timing.h"
 #include "runtime/cuda_runtime.h"
 
 namespace loom {

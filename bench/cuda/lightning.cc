@@ -30,6 +30,7 @@
 
 #include "absl/flags/flag.h"
 #include "bench/bench.h"
+#include "bench/cuda/timing.h"
 #include "ops/lightning_attention.h"
 #include "runtime/cuda_check.h"
 #include "runtime/cuda_runtime.h"
@@ -57,38 +58,13 @@ Tensor RandomBf16(const Shape& shape, uint64_t seed) {
   return t;
 }
 
-Tensor ToDevice(const Tensor& t) {
-  Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));
-  g.CopyFrom(t);
-  return g;
-}
-Tensor ToHost(const Tensor& t) {
-  Tensor c = Tensor::Empty(t.shape(), t.dtype());
-  c.CopyFrom(t);
-  return c;
-}
-
 // Median milliseconds of `reps` runs of fn after two warm-ups.
+Tensor ToGpu(const Tensor& t) { return t.To(Device::Cuda(0)); }
+Tensor ToCpu(const Tensor& t) { return t.To(Device::Cpu()); }
+
 template <typename Fn>
 double MedianMs(int reps, Fn&& fn) {
-  cudaEvent_t start, stop;
-  LOOM_CUDA_CHECK(cudaEventCreate(&start));
-  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 2; ++i) fn();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    LOOM_CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    LOOM_CUDA_CHECK(cudaEventRecord(stop));
-    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    LOOM_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  LOOM_CUDA_CHECK(cudaEventDestroy(start));
-  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return 1e3 * bench::MedianSeconds(reps, fn, /*warmups=*/2);
 }
 
 // Tokens [0, n) of a host [T, H, D] tensor, as f32.
@@ -124,11 +100,11 @@ int BenchLightning(const config::Config&) {
   const Shape shape{kTokens, kHeads, kDim};
   const Tensor hq = RandomBf16(shape, 1), hk = RandomBf16(shape, 2), hv = RandomBf16(shape, 3),
                hdo = RandomBf16(shape, 4);
-  const Tensor q = ToDevice(hq), k = ToDevice(hk), v = ToDevice(hv), d_o = ToDevice(hdo);
+  const Tensor q = ToGpu(hq), k = ToGpu(hk), v = ToGpu(hv), d_o = ToGpu(hdo);
   const std::vector<double> lam64 = ops::LightningDecay(kHeads, 0, 1);
   const std::vector<float> lam32(lam64.begin(), lam64.end());
   const Tensor hdecay = Tensor::FromVector(lam32, {kHeads});
-  const Tensor decay = ToDevice(hdecay);
+  const Tensor decay = ToGpu(hdecay);
   Tensor o = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
   Tensor dq = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
   Tensor dk = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
@@ -167,7 +143,7 @@ int BenchLightning(const config::Config&) {
     ops::LightningAttentionBackward(cq, ck, cv, hdecay, check_rows, {}, Tensor(), cdo, Tensor(), rdq, rdk, rdv, rds);
     // dq of a token depends on earlier tokens only; dk, dv on later ones, so
     // they cannot be checked on a prefix (the GPU test covers them).
-    const double err = std::max(RelErr(ToHost(o), ro), RelErr(ToHost(dq), rdq));
+    const double err = std::max(RelErr(ToCpu(o), ro), RelErr(ToCpu(dq), rdq));
     const double fb_tok_s = kTokens / (fb_ms * 1e-3);
     if (json) {
       std::printf(
@@ -204,10 +180,10 @@ int BenchLightning(const config::Config&) {
     WriteRaw(dir, "k", hk, elems);
     WriteRaw(dir, "v", hv, elems);
     WriteRaw(dir, "do", hdo, elems);
-    WriteRaw(dir, "o", ToHost(so), elems);
-    WriteRaw(dir, "dq", ToHost(sdq), elems);
-    WriteRaw(dir, "dk", ToHost(sdk), elems);
-    WriteRaw(dir, "dv", ToHost(sdv), elems);
+    WriteRaw(dir, "o", ToCpu(so), elems);
+    WriteRaw(dir, "dq", ToCpu(sdq), elems);
+    WriteRaw(dir, "dk", ToCpu(sdk), elems);
+    WriteRaw(dir, "dv", ToCpu(sdv), elems);
     WriteRaw(dir, "decay", hdecay, kHeads);
     std::printf("wrote B=%ld S=%ld case to %s\n", static_cast<long>(kB), static_cast<long>(kS), dir.c_str());
   }

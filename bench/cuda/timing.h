@@ -1,5 +1,5 @@
 // What the GPU benchmarks share: the median time of a call measured with
-// CUDA events on the default stream (one untimed warm-up call first: plans,
+// CUDA events on the default stream (after untimed warm-up calls: plans,
 // pools, module loads), and a normwise bf16 difference for the untimed
 // correctness column.
 #pragma once
@@ -16,11 +16,11 @@
 namespace loom::bench {
 
 template <typename Fn>
-double MedianSeconds(int steps, Fn&& fn) {
+double MedianSeconds(int steps, Fn&& fn, int warmups = 1) {
   cudaEvent_t start, stop;
   LOOM_CUDA_CHECK(cudaEventCreate(&start));
   LOOM_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();
+  for (int i = 0; i < warmups; ++i) fn();
   std::vector<double> times;
   for (int i = 0; i < steps; ++i) {
     LOOM_CUDA_CHECK(cudaEventRecord(start));
