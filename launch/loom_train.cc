@@ -393,6 +393,15 @@ class Trainer {
           {"tflops_per_rank", tflops}, {"max_rss_mb", max_rss_mb}, {"tensor_peak_mb", tensor_peak_mb},
           {"elapsed_s", total_timer.Seconds()}};
       if (peak > 0) record.insert(record.begin() + 5, {"mfu", tflops / peak});
+      // MoE routing of the step's last micro-batch, per layer of this rank
+      // (rank 0 writes: under pipeline parallelism, the first stage's layers).
+      for (const auto& [layer, r] : model_.RoutingStatistics()) {
+        const std::string key = absl::StrCat("moe/layer", layer, "/");
+        record.insert(record.end(), {{key + "load_min", r.load_min},
+                                     {key + "load_max", r.load_max},
+                                     {key + "load_cv", r.load_cv},
+                                     {key + "dropped", static_cast<double>(r.dropped)}});
+      }
       LOOM_RETURN_IF_ERROR(Record(metrics, step + 1, record));
       if ((step + 1) % tc.log_every() == 0 || step == start || step + 1 == steps) {
         LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.3g TFLOP/s%s | "

@@ -31,3 +31,9 @@ grep 'moe layer' "$run_dir/aux.log" | tail -3
 awk -v a="$(first_loss aux)" -v b="$(last_loss aux)" 'BEGIN { if (!(b < 0.7 * a)) { print "loss did not fall by 30%"; exit 1 } }'
 awk -v a="$(final_cv aux)" -v b="$(final_cv none)" 'BEGIN { if (!(a < b)) { print "aux loss: CV " a " not below " b; exit 1 } }'
 awk -v a="$(final_cv bias)" -v b="$(final_cv none)" 'BEGIN { if (!(a < b)) { print "bias balancing: CV " a " not below " b; exit 1 } }'
+# The same statistics reach metrics.jsonl (and TensorBoard, with the same
+# keys as tags): the last step's layer-0 CV equals the step log's.
+cv_log=$(grep 'moe layer 0 ' "$run_dir/aux.log" | tail -1 | sed 's/.* cv \([0-9.]*\).*/\1/')
+cv_json=$(tail -2 "$run_dir/aux/metrics.jsonl" | grep -o '"moe/layer0/load_cv": [0-9.e-]*' | awk '{print $2}')
+[ -n "$cv_json" ] || { echo "metrics.jsonl has no moe/layer0/load_cv"; exit 1; }
+awk -v a="$cv_log" -v b="$cv_json" 'BEGIN { if ((a - b) > 5e-5 || (b - a) > 5e-5) { print "CV log " a " vs jsonl " b; exit 1 } }'
