@@ -77,6 +77,9 @@ CudaTokenRows ToDevice(const TokenRows& rows, int device);
 // doc_ids in place after Batch::Allocate), which costs one host comparison
 // of T ints a call. The reference stays valid until the next call on rows.
 const CudaTokenRows& DeviceRows(const TokenRows& rows, int device);
+// Checks that rows fit tokens laid out like `like` ([T, ...] on a CUDA
+// device); a failure starts "[op] name".
+void CheckDeviceRows(const CudaTokenRows& rows, const Tensor& like, const char* op, const char* name);
 
 using AttentionBackend = ops::AttentionBackend;
 AttentionBackend ParseAttentionBackend(const std::string& name);  // "loom" | "cudnn"

@@ -46,11 +46,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "ops/cuda/lightning_rows.h"
 #include "ops/lightning_attention.h"
 #include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda {
 namespace {
+
+constexpr char kOp[] = "[lightning_attention] CUDA:";  // starts the row checks' messages
 
 using nv_bf16 = __nv_bfloat16;
 
@@ -671,26 +674,6 @@ Dims CheckTokens(const Tensor& q, const Tensor& decay, const char* name) {
   return d;
 }
 
-void CheckRowsHost(const TokenRows& rows, int64_t tokens) {
-  const Tensor& cu = rows.cu_seqlens;
-  LOOM_CHECK(cu.defined() && cu.ndim() == 1 && cu.numel() >= 1 && cu.dtype() == DType::kI32 && cu.device().is_cpu(),
-             "[lightning_attention] CUDA: cu_seqlens must be a CPU i32 [R+1] tensor (the launcher plans on the host)");
-  LOOM_CHECK(!rows.has_docs(),
-             "[lightning_attention] CUDA: doc_ids (documents inside a row) are not supported by the CUDA kernels; "
-             "give each document its own row in cu_seqlens");
-  const int32_t* c = cu.data<int32_t>();
-  const int64_t r = rows.rows();
-  LOOM_CHECK(c[0] == 0 && c[r] == tokens, "[lightning_attention] CUDA: cu_seqlens must run from 0 to T = ", tokens,
-             ", got ", c[0], " .. ", c[r]);
-  for (int64_t i = 0; i < r; ++i)
-    LOOM_CHECK(c[i] <= c[i + 1], "[lightning_attention] CUDA: cu_seqlens decreases at ", i + 1);
-}
-
-void CheckNoChunkDocs(const Tensor& doc_ids) {
-  LOOM_CHECK(!doc_ids.defined(),
-             "[lightning_attention] CUDA: doc_ids (documents inside a chunk) are not supported by the CUDA kernels");
-}
-
 // ---- The plan: segments of every row, uploaded into the workspace ----
 
 struct Plan {
@@ -745,11 +728,6 @@ Scratch Prepare(const std::vector<int32_t>& cu, int64_t heads, int64_t d, int de
   }
   return {reinterpret_cast<const SegmentInfo*>(base), reinterpret_cast<const RowInfo*>(base + nseg * sizeof(SegmentInfo)),
           reinterpret_cast<float*>(base + plan_bytes), nseg, nrows};
-}
-
-std::vector<int32_t> HostCu(const TokenRows& rows) {
-  const int32_t* c = rows.cu_seqlens.data<int32_t>();
-  return std::vector<int32_t>(c, c + rows.rows() + 1);
 }
 
 // ---- Launchers of each kernel, one head dim ----
@@ -866,7 +844,7 @@ void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v
   CheckCuda(k, q.shape(), DType::kBF16, d.device, "k");
   CheckCuda(v, q.shape(), DType::kBF16, d.device, "v");
   CheckCuda(o, q.shape(), DType::kBF16, d.device, "o");
-  CheckRowsHost(rows, d.t);
+  CheckRowsHost(rows, d.t, kOp);
   const Shape state_shape{rows.rows(), d.h, d.d, d.d};
   if (state_in.defined()) CheckCuda(state_in, state_shape, DType::kF32, d.device, "state_in");
   if (state_out.defined()) CheckCuda(state_out, state_shape, DType::kF32, d.device, "state_out");
@@ -882,7 +860,7 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
   const Dims d = CheckTokens(q, decay, "q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
     CheckCuda(*t, q.shape(), DType::kBF16, d.device, name);
-  CheckRowsHost(rows, d.t);
+  CheckRowsHost(rows, d.t, kOp);
   const Shape state_shape{rows.rows(), d.h, d.d, d.d};
   if (state_in.defined()) CheckCuda(state_in, state_shape, DType::kF32, d.device, "state_in");
   if (d_state_out.defined()) CheckCuda(d_state_out, state_shape, DType::kF32, d.device, "d_state_out");
@@ -903,7 +881,7 @@ bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, 
   const Dims d = CheckTokens(k, decay, "k");
   CheckCuda(v, k.shape(), DType::kBF16, d.device, "v");
   CheckCuda(m, {d.h, d.d, d.d}, DType::kF32, d.device, "m");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   const std::vector<int32_t> cu{0, static_cast<int32_t>(d.t)};
   const Scratch sc = Prepare(cu, d.h, d.d, d.device, workspace, Native(stream));
   DispatchHeadDim(d.d, [&](auto dim) {
@@ -924,7 +902,7 @@ void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor&
   CheckCuda(dk, k.shape(), DType::kBF16, d.device, "dk");
   CheckCuda(dv, k.shape(), DType::kBF16, d.device, "dv");
   CheckCuda(dm, {d.h, d.d, d.d}, DType::kF32, d.device, "dm");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   const std::vector<int32_t> cu{0, static_cast<int32_t>(d.t)};
   DkDvPipeline(Tensor(), k, v, Tensor(), decay, d, cu, F32(dm), nullptr, false, dk, dv, true, false, workspace,
                Native(stream));
@@ -937,7 +915,7 @@ void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, cons
   CheckCuda(k, q.shape(), DType::kBF16, d.device, "k");
   CheckCuda(v, q.shape(), DType::kBF16, d.device, "v");
   CheckCuda(o, q.shape(), DType::kBF16, d.device, "o");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   ForwardPipeline(q, k, v, decay, d, {0, static_cast<int32_t>(d.t)}, nullptr, false, nullptr, BfMut(o), false,
                   workspace, Native(stream));
 }
@@ -949,7 +927,7 @@ void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor&
   const Dims d = CheckTokens(q, decay, "q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
     CheckCuda(*t, q.shape(), DType::kBF16, d.device, name);
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   const std::vector<int32_t> cu{0, static_cast<int32_t>(d.t)};
   ForwardPipeline(d_o, v, k, decay, d, cu, nullptr, false, nullptr, BfMut(dq), true, workspace, Native(stream));
   DkDvPipeline(q, k, v, d_o, decay, d, cu, nullptr, nullptr, false, dk, dv, true, true, workspace, Native(stream));
@@ -961,7 +939,7 @@ void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc
   const Dims d = CheckTokens(q, decay, "q");
   CheckCuda(s, {d.h, d.d, d.d}, DType::kF32, d.device, "s");
   CheckCuda(o, q.shape(), DType::kBF16, d.device, "o");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   DispatchHeadDim(d.d, [&](auto dim) {
     LaunchInter<decltype(dim)::value>(Bf(q), F32(decay), d.t, static_cast<int>(d.h), F32(s), false, BfMut(o),
                                       Native(stream));
@@ -977,7 +955,7 @@ void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Ten
   CheckCuda(ds, {d.h, d.d, d.d}, DType::kF32, d.device, "ds");
   CheckCuda(d_o, q.shape(), DType::kBF16, d.device, "d_o");
   CheckCuda(dq, q.shape(), DType::kBF16, d.device, "dq");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   const std::vector<int32_t> cu{0, static_cast<int32_t>(d.t)};
   const Scratch sc = Prepare(cu, d.h, d.d, d.device, workspace, Native(stream));
   const int heads = static_cast<int>(d.h);

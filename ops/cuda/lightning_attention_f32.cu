@@ -45,11 +45,15 @@
 #include <utility>
 #include <vector>
 
+#include "ops/cuda/f32_tiles.cuh"
+#include "ops/cuda/lightning_rows.h"
 #include "ops/lightning_attention.h"
 #include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda {
 namespace {
+
+constexpr char kOp[] = "[lightning_attention_f32]";  // starts the row checks' messages
 
 constexpr int kChunk = 64;
 constexpr int kSegment = 1024;
@@ -78,19 +82,8 @@ __device__ void LoadTile(float* tile, const float* x, int heads, int head, int64
 template <int D>
 __device__ void MaskedScores(const float* x, const float* y, const float* pw, int n, float* score) {
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  float acc[4][4] = {};
-#pragma unroll 8
-  for (int d = 0; d < D; ++d) {
-    float xa[4], yb[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) xa[a] = x[(ty + 16 * a) * (D + 1) + d];
-#pragma unroll
-    for (int b = 0; b < 4; ++b) yb[b] = y[(tx + 16 * b) * (D + 1) + d];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(xa[a], yb[b], acc[a][b]);
-  }
+  float acc[4][4];
+  RowDots<D>(x, y, ty, tx, acc);
 #pragma unroll
   for (int a = 0; a < 4; ++a)
 #pragma unroll
@@ -467,31 +460,6 @@ Dims CheckTokens(const Tensor& q, const Tensor& decay, const char* name) {
   return d;
 }
 
-void CheckRowsHost(const TokenRows& rows, int64_t tokens) {
-  const Tensor& cu = rows.cu_seqlens;
-  LOOM_CHECK(cu.defined() && cu.device().is_cpu() && cu.dtype() == DType::kI32 && cu.ndim() == 1 && cu.numel() >= 1,
-             "[lightning_attention_f32] cu_seqlens must be a CPU i32 [R+1] tensor");
-  LOOM_CHECK(!rows.has_docs(),
-             "[lightning_attention_f32] doc_ids (documents inside a row) are not supported by the CUDA kernels: "
-             "give each document its own row in cu_seqlens");
-  const int32_t* c = cu.data<int32_t>();
-  const int64_t r = rows.rows();
-  LOOM_CHECK(c[0] == 0 && c[r] == tokens, "[lightning_attention_f32] cu_seqlens must run from 0 to T = ", tokens,
-             ", got ", c[0], " .. ", c[r]);
-  for (int64_t i = 0; i < r; ++i)
-    LOOM_CHECK(c[i] <= c[i + 1], "[lightning_attention_f32] cu_seqlens decreases at ", i + 1);
-}
-
-void CheckNoChunkDocs(const Tensor& doc_ids) {
-  LOOM_CHECK(!doc_ids.defined(),
-             "[lightning_attention_f32] doc_ids (documents inside a chunk) are not supported by the CUDA kernels");
-}
-
-std::vector<int32_t> HostCu(const TokenRows& rows) {
-  const int32_t* c = rows.cu_seqlens.data<int32_t>();
-  return std::vector<int32_t>(c, c + rows.rows() + 1);
-}
-
 // The segment plan and the per-segment states, on the device for one call
 // (stream-ordered memory, freed by ~Scratch after the launches are queued).
 struct Scratch {
@@ -634,7 +602,7 @@ void LightningAttentionF32Forward(const Tensor& q, const Tensor& k, const Tensor
   CheckCuda(k, q.shape(), d.device, "k");
   CheckCuda(v, q.shape(), d.device, "v");
   CheckCuda(o, q.shape(), d.device, "o");
-  CheckRowsHost(rows, d.t);
+  CheckRowsHost(rows, d.t, kOp);
   const Shape state_shape{rows.rows(), d.h, d.d, d.d};
   if (state_in.defined()) CheckCuda(state_in, state_shape, d.device, "state_in");
   if (state_out.defined()) CheckCuda(state_out, state_shape, d.device, "state_out");
@@ -651,7 +619,7 @@ void LightningAttentionF32Backward(const Tensor& q, const Tensor& k, const Tenso
   const Dims d = CheckTokens(q, decay, "q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
     CheckCuda(*t, q.shape(), d.device, name);
-  CheckRowsHost(rows, d.t);
+  CheckRowsHost(rows, d.t, kOp);
   const Shape state_shape{rows.rows(), d.h, d.d, d.d};
   if (state_in.defined()) CheckCuda(state_in, state_shape, d.device, "state_in");
   if (d_state_out.defined()) CheckCuda(d_state_out, state_shape, d.device, "d_state_out");
@@ -672,7 +640,7 @@ bool LightningF32ChunkState(const Tensor& k, const Tensor& v, const Tensor& deca
   const Dims d = CheckTokens(k, decay, "k");
   CheckCuda(v, k.shape(), d.device, "v");
   CheckCuda(m, {d.h, d.d, d.d}, d.device, "m");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   auto s = static_cast<cudaStream_t>(stream);
   const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
   ForwardPipeline(nullptr, k.data<float>(), v.data<float>(), decay.data<float>(), d, sc, nullptr, false,
@@ -685,7 +653,7 @@ void LightningF32ChunkStateBackward(const Tensor& k, const Tensor& v, const Tens
   const Dims d = CheckTokens(k, decay, "k");
   for (auto [t, name] : {std::pair{&v, "v"}, {&dk, "dk"}, {&dv, "dv"}}) CheckCuda(*t, k.shape(), d.device, name);
   CheckCuda(dm, {d.h, d.d, d.d}, d.device, "dm");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   auto s = static_cast<cudaStream_t>(stream);
   const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
   DkDvPipeline(nullptr, k.data<float>(), v.data<float>(), nullptr, decay.data<float>(), d, sc, dm.data<float>(),
@@ -696,7 +664,7 @@ void LightningF32IntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, c
                             const Tensor& doc_ids, Tensor& o, CudaStream stream) {
   const Dims d = CheckTokens(q, decay, "q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&o, "o"}}) CheckCuda(*t, q.shape(), d.device, name);
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   auto s = static_cast<cudaStream_t>(stream);
   const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
   ForwardPipeline(q.data<float>(), k.data<float>(), v.data<float>(), decay.data<float>(), d, sc, nullptr, false,
@@ -709,7 +677,7 @@ void LightningF32IntraChunkBackward(const Tensor& q, const Tensor& k, const Tens
   const Dims d = CheckTokens(q, decay, "q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
     CheckCuda(*t, q.shape(), d.device, name);
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   auto s = static_cast<cudaStream_t>(stream);
   const Scratch sc({0, static_cast<int32_t>(d.t)}, d, s);
   ForwardPipeline(d_o.data<float>(), v.data<float>(), k.data<float>(), decay.data<float>(), d, sc, nullptr, false,
@@ -723,7 +691,7 @@ void LightningF32InterChunk(const Tensor& q, const Tensor& decay, const Tensor& 
   const Dims d = CheckTokens(q, decay, "q");
   CheckCuda(s_in, {d.h, d.d, d.d}, d.device, "s");
   CheckCuda(o, q.shape(), d.device, "o");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   LaunchInter(q.data<float>(), decay.data<float>(), d, s_in.data<float>(), false, o.data<float>(),
               static_cast<cudaStream_t>(stream));
 }
@@ -735,7 +703,7 @@ void LightningF32InterChunkBackward(const Tensor& q, const Tensor& decay, const 
   CheckCuda(ds, {d.h, d.d, d.d}, d.device, "ds");
   CheckCuda(d_o, q.shape(), d.device, "d_o");
   CheckCuda(dq, q.shape(), d.device, "dq");
-  CheckNoChunkDocs(doc_ids);
+  CheckNoChunkDocs(doc_ids, kOp);
   auto s = static_cast<cudaStream_t>(stream);
   // dq_i += λ^(i+1) do_i Sᵀ
   LaunchInter(d_o.data<float>(), decay.data<float>(), d, s_in.data<float>(), true, dq.data<float>(), s);

@@ -630,18 +630,6 @@ void CheckTensor(const Tensor& t, const Tensor& like, const char* name, DType dt
              ShapeString(t.shape()), " on ", t.device().ToString());
 }
 
-void CheckRows(const CudaTokenRows& rows, const Tensor& like, const char* name) {
-  LOOM_CHECK(rows.cu_seqlens.defined() && rows.cu_seqlens.dtype() == DType::kI32 && rows.cu_seqlens.ndim() == 1 &&
-                 rows.cu_seqlens.numel() >= 1 && rows.cu_seqlens.device() == like.device(),
-             "[flash_attention] ", name, ".cu_seqlens must be an i32 vector [R+1] on ", like.device().ToString(),
-             " (ops::cuda::ToDevice makes one)");
-  LOOM_CHECK(!rows.doc_ids.defined() || (rows.doc_ids.dtype() == DType::kI32 && rows.doc_ids.numel() == like.dim(0) &&
-                                         rows.doc_ids.device() == like.device()),
-             "[flash_attention] ", name, ".doc_ids must be i32 [", like.dim(0), "] on ", like.device().ToString());
-  LOOM_CHECK(rows.max_len >= 0 && rows.max_len <= like.dim(0), "[flash_attention] ", name, ".max_len ", rows.max_len,
-             " is not in [0, ", like.dim(0), "]");
-}
-
 Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                   const CudaTokenRows& k_rows, const AttentionOptions& options, const char* op) {
   LOOM_CHECK(!q.device().is_cpu() && q.dtype() == DType::kBF16 && q.ndim() == 3, "[", op,
@@ -653,8 +641,8 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
              ShapeString(k.shape()), " must be [Tk, Hk, D] with Hq = ", q.dim(1), " a multiple of Hk");
   CheckTensor(k, q, "k", DType::kBF16, k.shape());
   CheckTensor(v, q, "v", DType::kBF16, k.shape());
-  CheckRows(q_rows, q, "q_rows");
-  CheckRows(k_rows, k, "k_rows");
+  CheckDeviceRows(q_rows, q, "flash_attention", "q_rows");
+  CheckDeviceRows(k_rows, k, "flash_attention", "k_rows");
   LOOM_CHECK(q_rows.rows() == k_rows.rows(), "[", op, "] ", q_rows.rows(), " query rows but ", k_rows.rows(),
              " key rows");
   LOOM_CHECK(q_rows.doc_ids.defined() == k_rows.doc_ids.defined(), "[", op,
@@ -717,6 +705,18 @@ void LaunchBackward(const Params& p, int64_t max_k, int64_t rows, cudaStream_t s
 }
 
 }  // namespace
+
+void CheckDeviceRows(const CudaTokenRows& rows, const Tensor& like, const char* op, const char* name) {
+  LOOM_CHECK(rows.cu_seqlens.defined() && rows.cu_seqlens.dtype() == DType::kI32 && rows.cu_seqlens.ndim() == 1 &&
+                 rows.cu_seqlens.numel() >= 1 && rows.cu_seqlens.device() == like.device(),
+             "[", op, "] ", name, ".cu_seqlens must be an i32 vector [R+1] on ", like.device().ToString(),
+             " (ops::cuda::ToDevice makes one)");
+  LOOM_CHECK(!rows.doc_ids.defined() || (rows.doc_ids.dtype() == DType::kI32 && rows.doc_ids.numel() == like.dim(0) &&
+                                         rows.doc_ids.device() == like.device()),
+             "[", op, "] ", name, ".doc_ids must be i32 [", like.dim(0), "] on ", like.device().ToString());
+  LOOM_CHECK(rows.max_len >= 0 && rows.max_len <= like.dim(0), "[", op, "] ", name, ".max_len ", rows.max_len,
+             " is not in [0, ", like.dim(0), "]");
+}
 
 CudaTokenRows ToDevice(const TokenRows& rows, int device) {
   LOOM_CHECK(rows.cu_seqlens.defined() && rows.cu_seqlens.device().is_cpu() &&

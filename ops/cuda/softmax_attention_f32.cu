@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ops/cuda/f32_tiles.cuh"
 #include "ops/softmax_attention.h"
 #include "runtime/cuda_check.h"
 
@@ -95,27 +96,6 @@ __device__ __forceinline__ float RowSum16(float x) {
 __device__ __forceinline__ float Sigmoid(float z) {
   const float t = expf(-fabsf(z));
   return (z >= 0 ? 1.f : t) / (1.f + t);
-}
-
-// acc[a][b] = Σ_d x[(ty + 16a)][d] · y[(tx + 16b)][d] over padded tiles.
-template <int D>
-__device__ __forceinline__ void RowDots(const float* x, const float* y, int ty, int tx, float (&acc)[4][4]) {
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-#pragma unroll
-    for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
-#pragma unroll 8
-  for (int d = 0; d < D; ++d) {
-    float xa[4], yb[4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) xa[a] = x[(ty + 16 * a) * (D + 1) + d];
-#pragma unroll
-    for (int b = 0; b < 4; ++b) yb[b] = y[(tx + 16 * b) * (D + 1) + d];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) acc[a][b] = fmaf(xa[a], yb[b], acc[a][b]);
-  }
 }
 
 // acc[a][c] += Σ_j s[(ty + 16a)][j] · y[j][tx + 16c], s a score tile, y a
@@ -459,18 +439,6 @@ void CheckTensor(const Tensor& t, const Tensor& like, const char* name, const Sh
              t.device().ToString());
 }
 
-void CheckRows(const CudaTokenRows& rows, const Tensor& like, const char* name) {
-  LOOM_CHECK(rows.cu_seqlens.defined() && rows.cu_seqlens.dtype() == DType::kI32 && rows.cu_seqlens.ndim() == 1 &&
-                 rows.cu_seqlens.numel() >= 1 && rows.cu_seqlens.device() == like.device(),
-             "[attention_f32] ", name, ".cu_seqlens must be an i32 vector [R+1] on ", like.device().ToString(),
-             " (ops::cuda::ToDevice makes one)");
-  LOOM_CHECK(!rows.doc_ids.defined() || (rows.doc_ids.dtype() == DType::kI32 && rows.doc_ids.numel() == like.dim(0) &&
-                                         rows.doc_ids.device() == like.device()),
-             "[attention_f32] ", name, ".doc_ids must be i32 [", like.dim(0), "] on ", like.device().ToString());
-  LOOM_CHECK(rows.max_len >= 0 && rows.max_len <= like.dim(0), "[attention_f32] ", name, ".max_len ", rows.max_len,
-             " is not in [0, ", like.dim(0), "]");
-}
-
 Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                   const CudaTokenRows& k_rows, const AttentionOptions& options) {
   LOOM_CHECK(q.defined() && !q.device().is_cpu() && q.dtype() == DType::kF32 && q.ndim() == 3,
@@ -484,8 +452,8 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
              ShapeString(k.shape()), " must be [Tk, Hk, D] with Hq = ", q.dim(1), " a multiple of Hk");
   CheckTensor(k, q, "k", k.shape());
   CheckTensor(v, q, "v", k.shape());
-  CheckRows(q_rows, q, "q_rows");
-  CheckRows(k_rows, k, "k_rows");
+  CheckDeviceRows(q_rows, q, "attention_f32", "q_rows");
+  CheckDeviceRows(k_rows, k, "attention_f32", "k_rows");
   LOOM_CHECK(q_rows.rows() == k_rows.rows(), "[attention_f32] ", q_rows.rows(), " query rows but ", k_rows.rows(),
              " key rows");
   LOOM_CHECK(q_rows.doc_ids.defined() == k_rows.doc_ids.defined(),
