@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -18,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::testing {
@@ -53,6 +55,11 @@ inline Tensor ToGpu(const Tensor& t) {
   g.CopyFrom(t);
   return g;
 }
+// GPU tests skip, saying why, where no GPU is visible.
+#define LOOM_SKIP_WITHOUT_GPU() \
+  if (::loom::CudaDeviceCount() == 0)  \
+  GTEST_SKIP() << "skipped: no GPU" << (::loom::BuiltWithCuda() ? "" : " (CPU-only build)")
+
 // A GPU tensor full of NaN (integers: −7): an output the op must overwrite
 // everywhere, or the comparison fails.
 inline Tensor PoisonedGpu(const Shape& shape, DType dtype) {
@@ -93,6 +100,32 @@ inline ::testing::AssertionResult AllClose(const Tensor& a, const Tensor& b, dou
   return ::testing::AssertionFailure() << "element " << at << " of " << ShapeString(a.shape()) << ": "
                                        << a.Get(at) << " vs expected " << b.Get(at) << " (rtol " << rtol
                                        << ", atol " << atol << ")";
+}
+
+// A GPU result against its CPU reference (a on either device): normwise
+// ‖a − b‖ / ‖b‖ ≤ rel over the finite entries of b, element-wise
+// |a − b| ≤ rel·(max|b| + |b|), and a equal to b where b is infinite (a
+// softmax row with no visible key has lse −∞). Prints the normwise error.
+inline ::testing::AssertionResult NormwiseClose(const Tensor& gpu, const Tensor& ref, const std::string& what,
+                                                double rel) {
+  const Tensor a = gpu.To(Device::Cpu());
+  double num = 0, den = 0, maxabs = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double x = a.Get(i), y = ref.Get(i);
+    if (std::isinf(y)) {
+      if (x != y) return ::testing::AssertionFailure() << what << " element " << i << ": " << x << " vs " << y;
+      continue;
+    }
+    num += (x - y) * (x - y);
+    den += y * y;
+    maxabs = std::max(maxabs, std::abs(y));
+  }
+  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  std::printf("  %-28s normwise %.3g\n", what.c_str(), err);
+  if (!(err <= rel)) return ::testing::AssertionFailure() << what << ": normwise error " << err << " > " << rel;
+  auto r = AllClose(a, ref, rel, rel * std::max(maxabs, 1e-30));
+  if (!r) return r << " (" << what << ")";
+  return r;
 }
 
 // Golden files of ../shared/golden: `param NAME VALUE` and

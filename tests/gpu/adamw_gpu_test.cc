@@ -22,11 +22,8 @@ using loom::testing::RandomTensor;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
 
-#define SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 TEST(GpuAdamW, SingleTensorUpdateMatchesCpu) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const AdamWOptions options;
   for (int64_t n : {1, 1000, 100003}) {
     SCOPED_TRACE(internal::StreamCat("n ", n));
@@ -47,7 +44,7 @@ TEST(GpuAdamW, SingleTensorUpdateMatchesCpu) {
 // data_parallel.cc updates slices of flat buffers: the view starts mid-buffer
 // and the rest of the buffer must stay as it was.
 TEST(GpuAdamW, UpdateOnFlatBufferViewTouchesOnlyTheView) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const AdamWOptions options;
   const int64_t total = 5000, start = 1237, len = 2001;
   const Tensor p0 = RandomTensor({total}, DType::kF32, 2), g = RandomTensor({total}, DType::kF32, 3);
@@ -69,7 +66,7 @@ struct Twin {
 };
 
 TEST(GpuAdamW, MultiTensorStepMatchesCpuAndWritesBf16Copies) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   struct Spec { int64_t rows, cols; bool decay, compute; };
   // Sizes around the 65,536-element chunk: one element, odd, exactly one
   // chunk, a chunk and a bit, several chunks.
@@ -125,7 +122,7 @@ TEST(GpuAdamW, MultiTensorStepMatchesCpuAndWritesBf16Copies) {
 }
 
 TEST(GpuGradNorm, SumSquaresRepeatsItsBitsAndMatchesCpu) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   for (int64_t n : {1, 255, 1 << 20, 3000001}) {
     SCOPED_TRACE(internal::StreamCat("n ", n));
     const Tensor g = RandomTensor({n}, DType::kF32, 50 + n);
@@ -140,7 +137,7 @@ TEST(GpuGradNorm, SumSquaresRepeatsItsBitsAndMatchesCpu) {
 }
 
 TEST(GpuGradNorm, GlobalNormAndClipMatchCpu) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   std::vector<std::unique_ptr<Twin>> twins;
   ParamList cpu_params, gpu_params;
   for (int64_t i = 0; i < 4; ++i) {

@@ -30,38 +30,14 @@ namespace loom::ops {
 namespace {
 
 using gpu_test::Case;
-using gpu_test::Poisoned;
+using gpu_test::OptionsOf;
+using gpu_test::PoisonedGpu;
 using gpu_test::Rows;
+using loom::testing::NormwiseClose;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
 
-#define LOOM_SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 constexpr double kRel = 1e-5;
-
-// ‖a − b‖ / ‖b‖ ≤ kRel over finite entries, |a − b| ≤ kRel (max|b| + |b|)
-// element-wise, and −∞ where b is −∞.
-::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, const std::string& what) {
-  const Tensor a = ToCpu(gpu);
-  double num = 0, den = 0, maxabs = 0;
-  for (int64_t i = 0; i < ref.numel(); ++i) {
-    const double x = a.Get(i), y = ref.Get(i);
-    if (std::isinf(y)) {
-      if (x != y) return ::testing::AssertionFailure() << what << " element " << i << ": " << x << " vs " << y;
-      continue;
-    }
-    num += (x - y) * (x - y);
-    den += y * y;
-    maxabs = std::max(maxabs, std::abs(y));
-  }
-  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  std::printf("  %-28s normwise %.3g\n", what.c_str(), err);
-  if (!(err <= kRel)) return ::testing::AssertionFailure() << what << ": normwise error " << err << " > " << kRel;
-  auto r = testing::AllClose(a, ref, kRel, kRel * std::max(maxabs, 1e-30));
-  if (!r) return r << " (" << what << ")";
-  return r;
-}
 
 void RunF32Case(const Case& c) {
   SCOPED_TRACE(c.name);
@@ -73,12 +49,7 @@ void RunF32Case(const Case& c) {
   const Tensor v = testing::RandomTensor({tk, c.hk, c.d}, DType::kF32, 23);
   const Tensor d_o = testing::RandomTensor({tq, c.hq, c.d}, DType::kF32, 24);
 
-  AttentionOptions options;
-  options.causal = c.causal;
-  options.sigmoid = c.sigmoid;
-  options.sigmoid_bias = c.sigmoid ? -std::log(1024.0) : 0.0;
-  options.q_offset = c.q_offset;
-  options.k_offset = c.k_offset;
+  const AttentionOptions options = OptionsOf(c);
 
   Tensor o = Tensor::Empty(q.shape(), DType::kF32);
   Tensor lse = c.sigmoid ? Tensor() : Tensor::Empty({tq, c.hq}, DType::kF32);
@@ -88,22 +59,22 @@ void RunF32Case(const Case& c) {
   SoftmaxAttentionBackward(q, k, v, o, lse, d_o, q_rows, k_rows, options, dq, dk, dv);
 
   const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o);
-  Tensor go = Poisoned(q.shape(), DType::kF32);
-  Tensor glse = c.sigmoid ? Tensor() : Poisoned({tq, c.hq}, DType::kF32);
+  Tensor go = PoisonedGpu(q.shape(), DType::kF32);
+  Tensor glse = c.sigmoid ? Tensor() : PoisonedGpu({tq, c.hq}, DType::kF32);
   SoftmaxAttentionForward(gq, gk, gv, q_rows, k_rows, options, go, glse);
-  Tensor gdq = Poisoned(q.shape(), DType::kF32), gdk = Poisoned(k.shape(), DType::kF32),
-         gdv = Poisoned(v.shape(), DType::kF32);
+  Tensor gdq = PoisonedGpu(q.shape(), DType::kF32), gdk = PoisonedGpu(k.shape(), DType::kF32),
+         gdv = PoisonedGpu(v.shape(), DType::kF32);
   SoftmaxAttentionBackward(gq, gk, gv, go, glse, gdo, q_rows, k_rows, options, gdq, gdk, gdv);
   CudaSynchronize();
 
   std::printf("[%s]\n", c.name.c_str());
-  EXPECT_TRUE(Close(go, o, "o"));
+  EXPECT_TRUE(NormwiseClose(go, o, "o", kRel));
   if (!c.sigmoid) {
-    EXPECT_TRUE(Close(glse, lse, "lse"));
+    EXPECT_TRUE(NormwiseClose(glse, lse, "lse", kRel));
   }
-  EXPECT_TRUE(Close(gdq, dq, "dq"));
-  EXPECT_TRUE(Close(gdk, dk, "dk"));
-  EXPECT_TRUE(Close(gdv, dv, "dv"));
+  EXPECT_TRUE(NormwiseClose(gdq, dq, "dq", kRel));
+  EXPECT_TRUE(NormwiseClose(gdk, dk, "dk", kRel));
+  EXPECT_TRUE(NormwiseClose(gdv, dv, "dv", kRel));
 }
 
 TEST(GpuAttentionF32, CausalUniformRowsMatchCpu) {
@@ -188,8 +159,8 @@ TEST(GpuAttentionF32, DeviceRowsAreCachedAndFollowInPlaceEdits) {
   Tensor o = Tensor::Empty(q.shape(), DType::kF32), lse = Tensor::Empty({t, h}, DType::kF32);
   SoftmaxAttentionForward(q, k, v, rows, rows, options, o, lse);
   std::printf("[in-place doc_ids]\n");
-  EXPECT_TRUE(Close(go, o, "o after editing doc_ids"));
-  EXPECT_TRUE(Close(glse, lse, "lse after editing doc_ids"));
+  EXPECT_TRUE(NormwiseClose(go, o, "o after editing doc_ids", kRel));
+  EXPECT_TRUE(NormwiseClose(glse, lse, "lse after editing doc_ids", kRel));
 }
 
 // Context parallelism on CUDA tensors (parallel/cp_attention.cc: scratch on
@@ -221,21 +192,21 @@ void RunCpCase(CpSoftmaxScheme scheme, bool docs, bool sigmoid) {
   cp.scheme = scheme;
   CpAttentionSaved saved;
   const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o);
-  Tensor go = Poisoned(q.shape(), DType::kF32), glse = Poisoned({t, hq}, DType::kF32);
+  Tensor go = PoisonedGpu(q.shape(), DType::kF32), glse = PoisonedGpu({t, hq}, DType::kF32);
   ASSERT_TRUE(CpAttentionForward(*world, cp, *layout, gq, gk, gv, rows, options, go, glse, &saved).ok());
-  Tensor gdq = Poisoned(q.shape(), DType::kF32), gdk = Poisoned(k.shape(), DType::kF32),
-         gdv = Poisoned(v.shape(), DType::kF32);
+  Tensor gdq = PoisonedGpu(q.shape(), DType::kF32), gdk = PoisonedGpu(k.shape(), DType::kF32),
+         gdv = PoisonedGpu(v.shape(), DType::kF32);
   ASSERT_TRUE(
       CpAttentionBackward(*world, cp, *layout, gq, gk, gv, go, glse, gdo, rows, options, &saved, gdq, gdk, gdv).ok());
   CudaSynchronize();
   std::printf("[cp %s%s%s]\n", CpSoftmaxSchemeName(scheme), docs ? " docs" : "", sigmoid ? " sigmoid" : "");
-  EXPECT_TRUE(Close(go, o, "o"));
+  EXPECT_TRUE(NormwiseClose(go, o, "o", kRel));
   if (!sigmoid) {
-    EXPECT_TRUE(Close(glse, lse, "lse"));
+    EXPECT_TRUE(NormwiseClose(glse, lse, "lse", kRel));
   }
-  EXPECT_TRUE(Close(gdq, dq, "dq"));
-  EXPECT_TRUE(Close(gdk, dk, "dk"));
-  EXPECT_TRUE(Close(gdv, dv, "dv"));
+  EXPECT_TRUE(NormwiseClose(gdq, dq, "dq", kRel));
+  EXPECT_TRUE(NormwiseClose(gdk, dk, "dk", kRel));
+  EXPECT_TRUE(NormwiseClose(gdv, dv, "dv", kRel));
 }
 
 TEST(GpuCpAttentionF32, RingOnCudaTensorsMatchesTheSingleProcessOp) {

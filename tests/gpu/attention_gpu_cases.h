@@ -28,16 +28,20 @@ struct Case {
   int64_t q_offset = 0, k_offset = 0;
 };
 
-using loom::testing::ToCpu;
-using loom::testing::ToGpu;
-// A CUDA tensor whose every byte is 0xff (NaN in bf16 and f32): an element
-// the op forgets to write fails the comparison.
-inline Tensor Poisoned(const Shape& shape, DType dtype) {
-  Tensor g = Tensor::Empty(shape, dtype, Device::Cuda(0));
-  CudaMemset(g.raw(), 0xff, g.nbytes());
-  return g;
+// The case's mask and variant (sigmoid bias −log 1024).
+inline AttentionOptions OptionsOf(const Case& c) {
+  AttentionOptions options;
+  options.causal = c.causal;
+  options.sigmoid = c.sigmoid;
+  options.sigmoid_bias = c.sigmoid ? -std::log(1024.0) : 0.0;
+  options.q_offset = c.q_offset;
+  options.k_offset = c.k_offset;
+  return options;
 }
 
+using loom::testing::PoisonedGpu;
+using loom::testing::ToCpu;
+using loom::testing::ToGpu;
 inline TokenRows Rows(const std::vector<int32_t>& lens, const std::vector<std::vector<int32_t>>& docs) {
   std::vector<int32_t> cu{0};
   for (int32_t n : lens) cu.push_back(cu.back() + n);
@@ -85,12 +89,7 @@ inline void RunCase(cuda::AttentionBackend backend, const Case& c, bool backward
   const Tensor d_o = testing::RandomTensor({tq, c.hq, c.d}, DType::kF32, 14).To(DType::kBF16);
   const Tensor q32 = q.To(DType::kF32), k32 = k.To(DType::kF32), v32 = v.To(DType::kF32), do32 = d_o.To(DType::kF32);
 
-  AttentionOptions options;
-  options.causal = c.causal;
-  options.sigmoid = c.sigmoid;
-  options.sigmoid_bias = c.sigmoid ? -std::log(1024.0) : 0.0;
-  options.q_offset = c.q_offset;
-  options.k_offset = c.k_offset;
+  const AttentionOptions options = OptionsOf(c);
 
   Tensor o = Tensor::Empty(q32.shape(), DType::kF32);
   Tensor lse = c.sigmoid ? Tensor() : Tensor::Empty({tq, c.hq}, DType::kF32);
@@ -101,22 +100,26 @@ inline void RunCase(cuda::AttentionBackend backend, const Case& c, bool backward
 
   const cuda::CudaTokenRows gq_rows = cuda::ToDevice(q_rows, 0), gk_rows = cuda::ToDevice(k_rows, 0);
   const Tensor gq = ToGpu(q), gk = ToGpu(k), gv = ToGpu(v), gdo = ToGpu(d_o);
-  Tensor go = Poisoned(q.shape(), DType::kBF16);
-  Tensor glse = c.sigmoid ? Tensor() : Poisoned({tq, c.hq}, DType::kF32);
+  Tensor go = PoisonedGpu(q.shape(), DType::kBF16);
+  Tensor glse = c.sigmoid ? Tensor() : PoisonedGpu({tq, c.hq}, DType::kF32);
   cuda::AttentionForward(backend, gq, gk, gv, gq_rows, gk_rows, options, go, glse);
   if (!backward) {
     CudaSynchronize();
     EXPECT_TRUE(Close(go, o, 1e-2, 3e-2, 2e-2)) << "o";
-    if (!c.sigmoid) EXPECT_TRUE(Close(glse, lse, 1e-4, 1e-3, 0)) << "lse";
+    if (!c.sigmoid) {
+      EXPECT_TRUE(Close(glse, lse, 1e-4, 1e-3, 0)) << "lse";
+    }
     return;
   }
-  Tensor gdq = Poisoned(q.shape(), DType::kBF16), gdk = Poisoned(k.shape(), DType::kBF16),
-         gdv = Poisoned(v.shape(), DType::kBF16);
+  Tensor gdq = PoisonedGpu(q.shape(), DType::kBF16), gdk = PoisonedGpu(k.shape(), DType::kBF16),
+         gdv = PoisonedGpu(v.shape(), DType::kBF16);
   cuda::AttentionBackward(backend, gq, gk, gv, go, glse, gdo, gq_rows, gk_rows, options, gdq, gdk, gdv);
   CudaSynchronize();
 
   EXPECT_TRUE(Close(go, o, 1e-2, 3e-2, 2e-2)) << "o";
-  if (!c.sigmoid) EXPECT_TRUE(Close(glse, lse, 1e-4, 1e-3, 0)) << "lse";
+  if (!c.sigmoid) {
+    EXPECT_TRUE(Close(glse, lse, 1e-4, 1e-3, 0)) << "lse";
+  }
   EXPECT_TRUE(Close(gdq, dq, 1e-2, 3e-2, 2e-2)) << "dq";
   EXPECT_TRUE(Close(gdk, dk, 1e-2, 3e-2, 2e-2)) << "dk";
   EXPECT_TRUE(Close(gdv, dv, 1e-2, 3e-2, 2e-2)) << "dv";

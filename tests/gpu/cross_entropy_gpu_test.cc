@@ -90,11 +90,8 @@ void CheckCrossEntropy(const Case& c, DType dtype, double grad_rtol) {
   }
 }
 
-#define SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 TEST(GpuCrossEntropy, MatchesCpuF32) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   for (const Case& c : {Case{300, 96, 200, 190, 64, true},   // 4 full chunks and one of 44 rows, 10 padded columns
                         Case{300, 96, 200, 190, 0, true},    // one default chunk
                         Case{129, 33, 77, 77, 128, true},    // odd sizes, no padding, a 1-row last chunk
@@ -105,14 +102,14 @@ TEST(GpuCrossEntropy, MatchesCpuF32) {
 
 // At the real vocab the default chunk is 2,048 rows: 2,100 rows make two.
 TEST(GpuCrossEntropy, MatchesCpuF32AtVocab32000DefaultChunks) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   CheckCrossEntropy(Case{2100, 64, 32000, 31990, 0, true}, DType::kF32, 1e-5);
 }
 
 // bf16 h and W: logits and the loss are f32 from exact products; dlogits are
 // rounded to bf16 for the two gradient GEMMs, and dh is stored in bf16.
 TEST(GpuCrossEntropy, MatchesCpuBf16) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   for (const Case& c : {Case{300, 96, 200, 190, 64, true}, Case{136, 64, 128, 120, 0, true},
                         Case{300, 96, 200, 190, 100, false}}) {
     CheckCrossEntropy(c, DType::kBF16, 1e-2);
@@ -122,7 +119,7 @@ TEST(GpuCrossEntropy, MatchesCpuBf16) {
 // docs/gpu.md, Determinism: the same inputs give the same loss, dh and dW
 // bits on every call.
 TEST(GpuCrossEntropy, RepeatsItsBits) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const int64_t n = 1000, d = 128, v = 4000;
   const Tensor h = ToGpu(RandomTensor({n, d}, DType::kBF16, 61)), w = ToGpu(RandomTensor({v, d}, DType::kBF16, 62));
   const Tensor targets = ToGpu(Targets(n, v, 9, 63));
@@ -146,7 +143,7 @@ TEST(GpuCrossEntropy, RepeatsItsBits) {
 }
 
 TEST(GpuCrossEntropy, AllIgnoredRowsGiveZeroLossAndGradient) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const int64_t n = 40, d = 16, v = 24;
   const Tensor h = RandomTensor({n, d}, DType::kF32, 41), w = RandomTensor({v, d}, DType::kF32, 42);
   Tensor targets = Tensor::Empty({n}, DType::kI32);
@@ -164,7 +161,7 @@ TEST(GpuCrossEntropy, AllIgnoredRowsGiveZeroLossAndGradient) {
 // shard that starts at row 0 and one that starts mid-vocabulary (targets
 // below it belong to "other ranks": no target logit here, as on the CPU).
 TEST(GpuVocabParallelCrossEntropy, ShardMatchesCpuOnOneRank) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   struct Shard { int64_t n, d, rows, first_row, vocab; DType dtype; };
   for (const Shard& c : {Shard{300, 96, 200, 0, 190, DType::kF32}, Shard{700, 40, 100, 50, 120, DType::kF32},
                          Shard{520, 64, 128, 0, 120, DType::kBF16}}) {

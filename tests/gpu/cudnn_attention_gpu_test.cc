@@ -39,9 +39,6 @@ void RunCudnn(const Case& c, bool backward = false) {
   gpu_test::RunCase(cuda::AttentionBackend::kCudnn, c, backward);
 }
 
-#define LOOM_SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 TEST(GpuCudnnAttention, CausalD128) {
   LOOM_SKIP_WITHOUT_GPU();
   RunCudnn(Case{.name = "cudnn causal D128", .d = 128, .hq = 4, .hk = 4, .q_lens = {256, 256}});

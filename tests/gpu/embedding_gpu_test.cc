@@ -44,7 +44,7 @@ struct Case {
 constexpr Case kCases[] = {{1, 5, 8}, {1000, 50, 37}, {1000, 300, 64}, {2053, 40, 300}};
 
 TEST(GpuEmbedding, ForwardAndBackwardMatchCpuReference) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   for (const DType dtype : {DType::kF32, DType::kBF16}) {
     for (const Case& c : kCases) {
       SCOPED_TRACE(internal::StreamCat(DTypeName(dtype), " tokens ", c.tokens, " vocab ", c.vocab, " d ", c.d));
@@ -71,7 +71,7 @@ TEST(GpuEmbedding, ForwardAndBackwardMatchCpuReference) {
 // ids outside give zero rows and no gradient (rows of dtable they would hit
 // do not exist; the rest must match).
 TEST(GpuEmbedding, SliceMatchesCpuReferenceWithIdsOutside) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   constexpr int64_t kVocab = 120, kFirst = 40, kRows = 50, kTokens = 3001, kD = 72;
   for (const DType dtype : {DType::kF32, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(dtype));
@@ -95,7 +95,7 @@ TEST(GpuEmbedding, SliceMatchesCpuReferenceWithIdsOutside) {
 
 // The same backward twice from the same dtable gives the same bits.
 TEST(GpuEmbedding, BackwardIsBitwiseDeterministic) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   constexpr int64_t kTokens = 8192, kVocab = 500, kD = 512;
   const Tensor gids = ToGpu(Ids(kTokens, kVocab, 17, 9));
   const Tensor gdout = ToGpu(testing::RandomTensor({kTokens, kD}, DType::kBF16, 10));

@@ -29,10 +29,6 @@ namespace {
 constexpr double kRelTol = 1e-2;
 constexpr double kMaxTol = 4e-2;
 
-#define LOOM_SKIP_WITHOUT_GPU()        \
-  if (CudaDeviceCount() == 0)          \
-  GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
 using loom::testing::PoisonedGpu;

@@ -28,31 +28,12 @@
 namespace loom::ops {
 namespace {
 
+using loom::testing::NormwiseClose;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
 using loom::testing::PoisonedGpu;
 
-#define LOOM_SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 constexpr double kRel = 1e-5;
-
-::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, const std::string& what) {
-  const Tensor a = ToCpu(gpu);
-  double num = 0, den = 0, maxabs = 0;
-  for (int64_t i = 0; i < ref.numel(); ++i) {
-    const double x = a.Get(i), y = ref.Get(i);
-    num += (x - y) * (x - y);
-    den += y * y;
-    maxabs = std::max(maxabs, std::abs(y));
-  }
-  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  std::printf("  %-14s normwise %.3g\n", what.c_str(), err);
-  if (!(err <= kRel)) return ::testing::AssertionFailure() << what << ": normwise error " << err << " > " << kRel;
-  auto r = testing::AllClose(a, ref, kRel, kRel * std::max(maxabs, 1e-30));
-  if (!r) return r << " (" << what << ")";
-  return r;
-}
 
 struct LightningCase {
   std::string name;
@@ -98,13 +79,13 @@ void RunLightningCase(const LightningCase& c) {
   CudaSynchronize();
 
   std::printf("[%s]\n", c.name.c_str());
-  EXPECT_TRUE(Close(go, o, "o"));
-  EXPECT_TRUE(Close(gs_out, s_out, "state_out"));
-  EXPECT_TRUE(Close(gdq, dq, "dq"));
-  EXPECT_TRUE(Close(gdk, dk, "dk"));
-  EXPECT_TRUE(Close(gdv, dv, "dv"));
+  EXPECT_TRUE(NormwiseClose(go, o, "o", kRel));
+  EXPECT_TRUE(NormwiseClose(gs_out, s_out, "state_out", kRel));
+  EXPECT_TRUE(NormwiseClose(gdq, dq, "dq", kRel));
+  EXPECT_TRUE(NormwiseClose(gdk, dk, "dk", kRel));
+  EXPECT_TRUE(NormwiseClose(gdv, dv, "dv", kRel));
   if (c.states) {
-    EXPECT_TRUE(Close(gds_in, ds_in, "d_state_in"));
+    EXPECT_TRUE(NormwiseClose(gds_in, ds_in, "d_state_in", kRel));
   }
 }
 
@@ -181,16 +162,16 @@ void RunPhasesCase(int64_t c, int64_t h, int64_t d, const std::vector<double>& d
   LightningInterChunkBackward(gq, gdecay, none, gst, gdo, gdq4, gds4);
   CudaSynchronize();
 
-  EXPECT_TRUE(Close(gm, m, "chunk m"));
-  EXPECT_TRUE(Close(gdk1, dk1, "state dk (+=)"));
-  EXPECT_TRUE(Close(gdv1, dv1, "state dv (+=)"));
-  EXPECT_TRUE(Close(go, o, "intra o"));
-  EXPECT_TRUE(Close(gdq2, dq2, "intra dq (+=)"));
-  EXPECT_TRUE(Close(gdk2, dk2, "intra dk (+=)"));
-  EXPECT_TRUE(Close(gdv2, dv2, "intra dv (+=)"));
-  EXPECT_TRUE(Close(go3, o3, "inter o (+=)"));
-  EXPECT_TRUE(Close(gdq4, dq4, "inter dq (+=)"));
-  EXPECT_TRUE(Close(gds4, ds4, "inter ds (+=)"));
+  EXPECT_TRUE(NormwiseClose(gm, m, "chunk m", kRel));
+  EXPECT_TRUE(NormwiseClose(gdk1, dk1, "state dk (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(gdv1, dv1, "state dv (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(go, o, "intra o", kRel));
+  EXPECT_TRUE(NormwiseClose(gdq2, dq2, "intra dq (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(gdk2, dk2, "intra dk (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(gdv2, dv2, "intra dv (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(go3, o3, "inter o (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(gdq4, dq4, "inter dq (+=)", kRel));
+  EXPECT_TRUE(NormwiseClose(gds4, ds4, "inter ds (+=)", kRel));
 }
 
 TEST(GpuLightningF32, ChunkPhasesMatchCpu) {
@@ -231,10 +212,10 @@ void RunCpLightningCase(CpLinearScheme scheme) {
   ASSERT_TRUE(CpLightningBackward(*world, cp, *layout, gq, gk, gv, gdecay, rows, gdo, &saved, gdq, gdk, gdv).ok());
   CudaSynchronize();
   std::printf("[cp %s]\n", CpLinearSchemeName(scheme));
-  EXPECT_TRUE(Close(go, o, "o"));
-  EXPECT_TRUE(Close(gdq, dq, "dq"));
-  EXPECT_TRUE(Close(gdk, dk, "dk"));
-  EXPECT_TRUE(Close(gdv, dv, "dv"));
+  EXPECT_TRUE(NormwiseClose(go, o, "o", kRel));
+  EXPECT_TRUE(NormwiseClose(gdq, dq, "dq", kRel));
+  EXPECT_TRUE(NormwiseClose(gdk, dk, "dk", kRel));
+  EXPECT_TRUE(NormwiseClose(gdv, dv, "dv", kRel));
 }
 
 TEST(GpuCpLightningF32, Lasp1AndLasp2OnCudaTensorsMatchTheFusedOp) {

@@ -30,11 +30,8 @@ using loom::testing::MaxAbs;
   return AllClose(g.dtype() == DType::kF32 ? g : g.To(DType::kF32), expected, rtol, rtol * MaxAbs(expected));
 }
 
-#define SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 TEST(GpuMatmul, EveryTransposeMatchesCpuF32) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const int64_t m = 37, n = 53, k = 71;
   for (bool ta : {false, true}) {
     for (bool tb : {false, true}) {
@@ -53,7 +50,7 @@ TEST(GpuMatmul, EveryTransposeMatchesCpuF32) {
 }
 
 TEST(GpuMatmul, Bf16IntoBf16AndIntoF32Accumulator) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const int64_t m = 64, n = 40, k = 200;
   for (bool ta : {false, true}) {
     for (bool tb : {false, true}) {
@@ -77,7 +74,7 @@ TEST(GpuMatmul, Bf16IntoBf16AndIntoF32Accumulator) {
 }
 
 TEST(GpuMatmul, EmptyInnerDimensionScalesC) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const Tensor a = Tensor::Empty({5, 0}, DType::kF32), b = Tensor::Empty({0, 7}, DType::kF32);
   Tensor c = RandomTensor({5, 7}, DType::kF32, 7);
   Tensor gc = ToGpu(c), gz = PoisonedGpu({5, 7}, DType::kF32);
@@ -125,7 +122,7 @@ void CheckLinear(const LinearCase& c, DType dtype) {
 }
 
 TEST(GpuLinear, ForwardBackwardMatchCpuF32) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   for (const LinearCase& c : {LinearCase{33, 65, 47, false}, LinearCase{128, 256, 192, true},
                               LinearCase{1, 7, 3, false}, LinearCase{300, 64, 96, true}}) {
     CheckLinear(c, DType::kF32);
@@ -133,7 +130,7 @@ TEST(GpuLinear, ForwardBackwardMatchCpuF32) {
 }
 
 TEST(GpuLinear, ForwardBackwardMatchCpuBf16) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   for (const LinearCase& c : {LinearCase{33, 64, 48, false}, LinearCase{128, 256, 192, true},
                               LinearCase{5, 24, 8, true}, LinearCase{300, 136, 96, false}}) {
     CheckLinear(c, DType::kBF16);
@@ -141,7 +138,7 @@ TEST(GpuLinear, ForwardBackwardMatchCpuBf16) {
 }
 
 TEST(GpuLinear, NullDxOnlyAccumulatesDw) {
-  SKIP_WITHOUT_GPU();
+  LOOM_SKIP_WITHOUT_GPU();
   const Tensor x = RandomTensor({20, 16}, DType::kF32, 21), w = RandomTensor({12, 16}, DType::kF32, 22);
   const Tensor dy = RandomTensor({20, 12}, DType::kF32, 23), dw0 = RandomTensor({12, 16}, DType::kF32, 24);
   Tensor dw = dw0.Clone(), gdw = ToGpu(dw0);

@@ -67,18 +67,18 @@ void ExpectMatches(const Case& c, DType dtype) {
 }
 
 TEST(GpuRmsNorm, MatchesCpuReference_F32) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   for (const Case& c : kCases) ExpectMatches(c, DType::kF32);
 }
 
 TEST(GpuRmsNorm, MatchesCpuReference_Bf16) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   for (const Case& c : kCases) ExpectMatches(c, DType::kBF16);
 }
 
 // The same backward twice from the same dw gives the same bits (dw and dx).
 TEST(GpuRmsNorm, BackwardIsBitwiseDeterministic) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   constexpr int64_t kRows = 4096, kD = 2048;
   const Tensor gx = ToGpu(testing::RandomTensor({kRows, kD}, DType::kBF16, 1));
   const Tensor gdy = ToGpu(testing::RandomTensor({kRows, kD}, DType::kBF16, 2));

@@ -31,7 +31,7 @@ Tensor Positions(int64_t count, uint64_t seed) {
 }
 
 TEST(GpuRope, MatchesCpuReference_F32) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   struct Case { int64_t t, h, d; const char* type; };
   for (const Case& c : {Case{37, 4, 64, "default"}, Case{129, 2, 128, "yarn"}, Case{5, 8, 16, "llama3"},
                         Case{300, 1, 256, "yarn"}}) {
@@ -54,7 +54,7 @@ TEST(GpuRope, MatchesCpuReference_F32) {
 }
 
 TEST(GpuRope, MatchesCpuReference_Bf16) {
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  LOOM_SKIP_WITHOUT_GPU();
   const ops::RopeTable table = Table("yarn", 128);
   const Tensor x32 = testing::RandomTensor({64, 4, 128}, DType::kF32, 5).To(DType::kBF16).To(DType::kF32);
   const Tensor pos = Positions(64, 9);

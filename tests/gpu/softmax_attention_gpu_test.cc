@@ -27,9 +27,6 @@ namespace {
 using gpu_test::Case;
 using gpu_test::RunCase;
 
-#define LOOM_SKIP_WITHOUT_GPU() \
-  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)")
-
 const auto kLoom = cuda::AttentionBackend::kLoom;
 
 TEST(GpuFlashAttention, CausalUniformRowsD128) {
@@ -99,14 +96,14 @@ TEST(GpuFlashAttention, OpsEntryWithBf16TensorsRunsTheFlashKernels) {
   const Tensor v = gpu_test::ToGpu(testing::RandomTensor({t, hk, d}, DType::kF32, 53).To(DType::kBF16));
   const Tensor d_o = gpu_test::ToGpu(testing::RandomTensor({t, hq, d}, DType::kF32, 54).To(DType::kBF16));
   AttentionOptions options;  // backend kLoom by default
-  auto bf16 = [](const Shape& s) { return gpu_test::Poisoned(s, DType::kBF16); };
-  Tensor o = bf16(q.shape()), lse = gpu_test::Poisoned({t, hq}, DType::kF32);
+  auto bf16 = [](const Shape& s) { return gpu_test::PoisonedGpu(s, DType::kBF16); };
+  Tensor o = bf16(q.shape()), lse = gpu_test::PoisonedGpu({t, hq}, DType::kF32);
   Tensor dq = bf16(q.shape()), dk = bf16(k.shape()), dv = bf16(v.shape());
   SoftmaxAttentionForward(q, k, v, rows, rows, options, o, lse);
   SoftmaxAttentionBackward(q, k, v, o, lse, d_o, rows, rows, options, dq, dk, dv);
 
   const cuda::CudaTokenRows grows = cuda::ToDevice(rows, 0);
-  Tensor fo = bf16(q.shape()), flse = gpu_test::Poisoned({t, hq}, DType::kF32);
+  Tensor fo = bf16(q.shape()), flse = gpu_test::PoisonedGpu({t, hq}, DType::kF32);
   Tensor fdq = bf16(q.shape()), fdk = bf16(k.shape()), fdv = bf16(v.shape());
   cuda::FlashAttentionForward(q, k, v, grows, grows, options, fo, flse);
   cuda::FlashAttentionBackward(q, k, v, fo, flse, d_o, grows, grows, options, fdq, fdk, fdv);
