@@ -345,10 +345,11 @@ class Trainer {
         batches.push_back(std::move(b));
       }
       if (oracle) LOOM_RETURN_IF_ERROR(oracle->WriteStep(step, batches));
-      for (Batch& b : batches) b = b.To(dims_.device);
-      // The loss is normalised by the step's global count of target tokens.
+      // The loss is normalised by the step's global count of target tokens
+      // (counted on the host batches, before they cross to the device).
       Tensor stats = Tensor::Zeros({2}, DType::kF64);  // targets, loss
       for (const Batch& b : batches) stats.data<double>()[0] += b.CountTargets();
+      for (Batch& b : batches) b = b.To(dims_.device);
       LOOM_RETURN_IF_ERROR(groups_.dp_cp->AllReduce(stats));
       const double normalizer = std::max(stats.data<double>()[0], 1.0);
       if (layout.pp == 1) {
@@ -375,8 +376,6 @@ class Trainer {
       }
       const double lr = LearningRate(config_.optim(), step - stage_.first_step, steps - stage_.first_step);
       LOOM_RETURN_IF_ERROR(dp_.Step(lr));
-      // ZeRO all-gathered new masters; the bf16 copies follow them.
-      if (config_.parallel().zero() == 1) model_.RefreshComputeWeights();
       if (!dims_.device.is_cpu()) CudaSynchronize();  // the step's kernels are done
       const double seconds = step_timer.Seconds();
       const double tokens_per_s = tokens_per_step / seconds;

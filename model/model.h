@@ -84,7 +84,7 @@ class Model {
   void ZeroGrad();
   // bf16 runs: rewrites every matrix's bf16 copy (Param::compute) from its
   // master, after the masters changed outside the optimizer (a checkpoint
-  // load, a ZeRO all-gather). Nothing to do unless dims.mixed_bf16.
+  // load). Nothing to do unless dims.mixed_bf16.
   void RefreshComputeWeights();
   // Called during backward with parameters whose gradient for the current
   // micro-batch is complete (data parallelism starts bucket reductions

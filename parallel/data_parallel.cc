@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "ops/convert.h"
+
 namespace loom {
 
 // A parameter's piece of a bucket's slice (ZeRO): elements [param_offset,
@@ -194,6 +196,10 @@ absl::Status DataParallel::Step(double lr) {
     gathers.push_back(group_->StartAllGather(mine[i], region));
   }
   for (CommHandle& h : gathers) LOOM_RETURN_IF_ERROR(h.Wait());
+  // bf16 runs: the matmuls' copies follow the gathered masters (the
+  // unsharded path's fused AdamW writes them itself).
+  for (Param* p : params_)
+    if (p->compute.defined()) ops::Convert(p->value, p->compute);
   return absl::OkStatus();
 }
 
