@@ -1,0 +1,169 @@
+// Loom's flash attention for Hopper (sm_90a), FA2 design: bf16 tiles in
+// shared memory fed by cp.async, mma.sync m16n8k16 tensor-core products with
+// f32 accumulators, ldmatrix fragments, the online softmax kept in
+// registers. The math is ops/softmax_attention.h's; shapes:
+//   q, o, d_o, dq [Tq, Hq, D] bf16    k, v, dk, dv [Tk, Hk, D] bf16
+//   lse [Tq, Hq] f32 (natural log)    query head h reads KV head h / (Hq/Hk)
+//
+// What the forward (ops/cuda/softmax_attention.cu) and the backward
+// (ops/cuda/flash_attention_backward.cu) share: the PTX pieces, the swizzled
+// tile layout, the mask, the kernel parameters and the host checks that fill
+// them.
+//
+// Masks: row r's query i has position q_offset + i, key j k_offset + j;
+// causal: visible iff i − shift ≥ j, shift = k_offset − q_offset; documents:
+// visible only within equal doc ids. Tiles wholly visible skip the mask;
+// tiles wholly invisible are never visited (causal bounds; documents mask
+// element-wise). A query that sees no key gets o = 0, lse = −∞.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/softmax_attention.h"
+
+namespace loom::ops::cuda::flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------- PTX pieces
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; zero-filled when !valid (src must still be a
+// mapped address).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c[16x8] += a[16x16] · b[16x8], bf16 in, f32 accumulate. Fragments (lane =
+// 4g + t): a0 (g, 2t..2t+1), a1 (g+8, ..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+// b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); c0,c1 (g, 2t..2t+1), c2,c3 (g+8, ..).
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two f32 added to global memory in one atomic (sm_90).
+__device__ __forceinline__ void AtomicAdd2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// Tiles in shared memory are rows of D bf16 = D/8 chunks of 16 bytes; chunk
+// c of row r sits at chunk c ^ (r mod 8), so the 8 rows an ldmatrix reads
+// hit 8 different bank groups.
+template <int kChunks>
+__device__ __forceinline__ uint32_t Swz(int row, int chunk) {
+  static_assert(kChunks % 8 == 0, "a row must be a multiple of 8 chunks for the swizzle");
+  return static_cast<uint32_t>((row * kChunks + (chunk ^ (row & 7))) * 16);
+}
+
+// The lanes of an ldmatrix.x4 read rows (16·R + r_lane) and chunks
+// (2·C + c_lane) of a swizzled tile, with r_lane mod 8 = lane mod 8. Since
+// 2C + c = 2C ^ c, the swizzled chunk is 2C ^ (c_lane ^ lane mod 8): one
+// per-lane constant and an XOR per use, instead of one address register per
+// (R, C) held across the main loop.
+template <int kChunks>
+struct FragAddr {
+  uint32_t base;  // row r_lane of the tile
+  uint32_t x;     // c_lane ^ (lane mod 8)
+  __device__ __forceinline__ FragAddr(uint32_t tile, int r_lane, int c_lane)
+      : base(tile + r_lane * kChunks * 16), x(c_lane ^ (r_lane & 7)) {}
+  __device__ __forceinline__ uint32_t at(int r16, int c2) const {
+    return base + r16 * 16 * kChunks * 16 + ((2 * c2) ^ x) * 16;
+  }
+};
+
+// kRows x D tile of token-major rows (stride `ld` elements) into shared
+// memory; rows ≥ valid read as zeros.
+template <int kRows, int D, int kThreads>
+__device__ __forceinline__ void LoadTile(uint32_t smem, const __nv_bfloat16* base, int64_t ld, int valid, int tid) {
+  constexpr int kChunks = D / 8, kStep = kThreads / kChunks;  // rows per pass
+  static_assert(kThreads % kChunks == 0 && kRows % kStep == 0, "tile does not split evenly over the threads");
+  const int r0 = tid / kChunks, ch = tid % kChunks;
+  const __nv_bfloat16* src = base + r0 * ld + ch * 8;
+  uint32_t dst = smem + Swz<kChunks>(r0, ch);  // (r0 + kStep·i) mod 8 = r0 mod 8 when kStep % 8 == 0
+  static_assert(kStep % 8 == 0, "the swizzle must repeat every pass");
+#pragma unroll
+  for (int r = r0; r < kRows; r += kStep) {
+    const bool ok = r < valid;
+    CpAsync16(dst, ok ? src : base, ok);
+    src += kStep * ld;
+    dst += kStep * kChunks * 16;
+  }
+}
+
+struct MaskArgs {
+  bool causal;
+  int shift;            // k_offset − q_offset
+  const int32_t* qdoc;  // this row's doc ids or null
+  const int32_t* kdoc;
+  int nq, nk;
+  __device__ __forceinline__ bool Visible(int i, int j) const {
+    if (j >= nk || i >= nq) return false;
+    if (causal && i - shift < j) return false;
+    if (qdoc && qdoc[i] != kdoc[j]) return false;
+    return true;
+  }
+};
+
+struct Params {
+  const __nv_bfloat16 *q, *k, *v, *o, *d_o;
+  __nv_bfloat16 *out, *dk, *dv;
+  float* lse;           // [Tq, Hq] natural log (forward output)
+  const float* lse2;    // [Hq, Tq] log2 domain (backward)
+  const float* delta;   // [Hq, Tq]
+  float* dq_acc;        // [Tq, Hq, D]
+  const int32_t *cu_q, *cu_k, *doc_q, *doc_k;
+  int64_t tq, hq, hk, group;
+  float scale, scale_log2, bias;
+  bool causal, sigmoid;
+  int shift;
+};
+
+// ------------------------------------------------------------------ host side
+
+inline const __nv_bfloat16* Bf16(const Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.raw()); }
+inline __nv_bfloat16* Bf16Mut(Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.raw()); }
+
+// t must be `dtype` `shape` on like's device; the failure starts "[flash_attention]".
+void CheckTensor(const Tensor& t, const Tensor& like, const char* name, DType dtype, const Shape& shape);
+
+// Checks q, k, v and the rows, and fills the fields both directions share
+// (the output pointers are the caller's); selects q's device.
+Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
+                  const CudaTokenRows& k_rows, const AttentionOptions& options, const char* op);
+
+}  // namespace loom::ops::cuda::flash
