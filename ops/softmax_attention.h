@@ -34,6 +34,7 @@ struct AttentionOptions {
   int64_t q_offset = 0;        // position of a row's first query
   int64_t k_offset = 0;        // position of a row's first key
   AttentionBackend backend = AttentionBackend::kLoom;  // bf16 CUDA tensors only
+  bool deterministic = false;  // Loom's bf16 backward: dq without float atomics, bitwise repeatable
 };
 
 // CPU tensors (f32, f64): the reference below (ops/cpu/softmax_attention.cc);
