@@ -18,11 +18,19 @@ DecoderBlock::DecoderBlock(const ModelDims& dims, const TensorParallel& tp, cons
   }
   norm1_.Init(prefix + "norm1", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
   norm2_.Init(prefix + "norm2", {dims.hidden}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
-  if (kind_ == 'S') {
-    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, tp, cp, prefix + "attn.");
+  if (SoftmaxKind(kind_)) {
+    softmax_ = std::make_unique<SoftmaxAttentionLayer>(dims, tp, cp, prefix + "attn.", MohKind(kind_));
   } else {
-    lightning_ = std::make_unique<LightningAttentionLayer>(dims, tp, cp, layer, prefix + "attn.");
+    lightning_ = std::make_unique<LightningAttentionLayer>(dims, tp, cp, layer, prefix + "attn.", MohKind(kind_));
   }
+}
+
+MohRouter* DecoderBlock::moh() { return softmax_ ? softmax_->moh() : lightning_->moh(); }
+
+double DecoderBlock::router_loss() const {
+  double loss = moe_ ? moe_->router_loss() : 0.0;
+  const MohRouter* moh = softmax_ ? softmax_->moh() : lightning_->moh();
+  return moh ? loss + moh->router_loss() : loss;
 }
 
 void DecoderBlock::CollectParams(ParamList& out) {
@@ -93,8 +101,8 @@ void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& d
   // dx = dx1 + RMSNorm₁ᵀ(Mixerᵀ(dx1)).
   const Tensor dx1_full = sp ? tp_.GatherTokens(dx1) : dx1;
   dn = dims_.Act(dx1_full.shape());
-  if (softmax_) softmax_->Backward(n1_full_, batch, dx1_full, dn);
-  if (lightning_) lightning_->Backward(n1_full_, batch, dx1_full, dn);
+  if (softmax_) softmax_->Backward(n1_full_, batch, dx1_full, dn, router_loss_scale);
+  if (lightning_) lightning_->Backward(n1_full_, batch, dx1_full, dn, router_loss_scale);
   if (sp) dn = tp_.ScatterTokens(dn);
   NormBackward(x, norm1_, rstd1_, dn, dx);
   ops::AddInPlace(dx, dx1);

@@ -1,9 +1,11 @@
 // One decoder layer, pre-norm:
 //   x1 = x + Mixer(RMSNorm(x)),  x2 = x1 + MLP(RMSNorm(x1))
-// where the mixer is softmax ('S') or lightning ('L') attention and the MLP
-// is SwiGLU, or a mixture of experts when model.moe.experts > 0 (model/moe.h).
-// An MoE block also has a router loss (router_loss()); the caller weights it
-// in the training loss and passes that weight to Backward.
+// where the mixer is softmax ('S') or lightning ('L') attention, or MoH over
+// either ('H', 'R': gated heads, model/moh.h), and the MLP is SwiGLU, or a
+// mixture of experts when model.moe.experts > 0 (model/moe.h).
+// MoE and MoH blocks also have a router loss (router_loss(), the sum of
+// both); the caller weights it in the training loss and passes that weight
+// to Backward.
 // Sequence parallelism (TensorParallel::sp()): x, the norms and the residual
 // adds hold this rank's 1/tp of the tokens; the mixer and the MLP get their
 // input all-gathered over the tokens and their output reduce-scattered.
@@ -32,15 +34,16 @@ class DecoderBlock {
   // x [T, C] in, out [T, C].
   void Forward(const Tensor& x, const Batch& batch, Tensor& out);
   // dout [T, C] → dx [T, C] (written). x is the same input Forward saw.
-  // router_loss_scale: the weight of router_loss() in the loss (MoE only).
+  // router_loss_scale: the weight of router_loss() in the loss (MoE, MoH).
   void Backward(const Tensor& x, const Batch& batch, const Tensor& dout, Tensor& dx,
                 double router_loss_scale = 0);
   void CollectParams(ParamList& out);
   void ReleaseActivations();  // after an evaluation-only forward
   char kind() const { return kind_; }
-  // MoE: the last Forward's aux·coef + z·coef, and its routing; else 0, null.
-  double router_loss() const { return moe_ ? moe_->router_loss() : 0.0; }
-  MoeLayer* moe() { return moe_.get(); }
+  // MoE: the last Forward's aux·coef + z·coef; MoH: its coef·L_b; summed.
+  double router_loss() const;
+  MoeLayer* moe() { return moe_.get(); }  // null unless MoE
+  MohRouter* moh();                       // null unless H or R
 
  private:
   void ForwardKeepingActivations(const Tensor& x, const Batch& batch, Tensor& out);

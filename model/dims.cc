@@ -28,6 +28,7 @@ ModelDims ModelDims::FromConfig(const config::Config& config) {
   d.rope = *std::move(rope);
   d.sigmoid_attention = m.attention() == "sigmoid";
   d.sigmoid_bias = -std::log(static_cast<double>(config.train().seq_len()));
+  d.attention_backend = m.attention_backend() == "cudnn" ? ops::AttentionBackend::kCudnn : ops::AttentionBackend::kLoom;
   d.lightning_block = m.lightning_block();
   d.lightning_decay = m.lightning_decay();
   d.lightning_silu = m.lightning_silu();
@@ -56,6 +57,11 @@ ModelDims ModelDims::FromConfig(const config::Config& config) {
   d.moe.bias_balancing = moe.bias_balancing();
   d.moe.bias_update_rate = moe.bias_update_rate();
   d.moe.capacity_factor = moe.capacity_factor();
+  const auto& moh = m.moh();
+  d.moh.shared_heads = moh.shared_heads();
+  d.moh.top_k = moh.top_k();
+  d.moh.aux_loss_coef = moh.aux_loss_coef();
+  d.moh.fixed_gates = moh.fixed_gates();
   return d;
 }
 
@@ -69,14 +75,22 @@ int64_t ModelDims::ParameterCount(bool with_embeddings) const {
     } else {
       n += 3 * c * ffn;  // SwiGLU
     }
-    if (kind == 'S') {
+    if (SoftmaxKind(kind)) {
       n += c * qd + 2 * c * kvd + qd * c;
     } else {
       n += 4 * c * qd + qd * c + head_dim;  // q, k, v, gate, out, per-head norm
     }
+    if (MohKind(kind)) n += MohRouterRows() * c;  // W_s, W_r, W_h
   }
   if (with_embeddings) n += int64_t{padded_vocab} * c * (tie_embeddings ? 1 : 2);
   return n;
+}
+
+int64_t ModelDims::MohRouterRows() const {
+  const int shared = moh.shared_heads, routed = heads - moh.shared_heads;
+  int64_t rows = routed;  // W_r selects even with fixed gates
+  if (!moh.fixed_gates) rows += shared + (shared > 0 && routed > 0 ? 2 : 0);
+  return rows;
 }
 
 double ModelDims::FlopsPerToken(int64_t seq_len) const {
@@ -88,7 +102,7 @@ double ModelDims::FlopsPerToken(int64_t seq_len) const {
   // MoE: only top_k of the routed experts run for a token.
   if (moe.experts > 0) flops -= 6.0 * kinds.size() * (moe.experts - moe.top_k) * 3.0 * hidden * moe.ffn;
   for (char kind : kinds) {
-    if (kind == 'S') {
+    if (SoftmaxKind(kind)) {
       // QKᵀ and PV: 2·2·S·d per token and head forward, causal halves it,
       // backward twice the forward: 6·S·d per head (DESIGN.md: 6·L·S·d).
       flops += 6.0 * seq_len * head_dim * heads;

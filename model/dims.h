@@ -7,11 +7,13 @@
 
 #include "configs/loom.pb.h"
 #include "ops/rope.h"
+#include "ops/softmax_attention.h"
 #include "runtime/tensor.h"
 
 namespace loom {
 
 struct MoeParallel;  // model/moe.h
+class Communicator;
 
 // Mixture-of-experts MLP (configs/loom.proto MoeConfig); experts == 0: dense.
 struct MoeDims {
@@ -29,6 +31,23 @@ struct MoeDims {
   const MoeParallel* parallel = nullptr;  // not owned; set by the caller, not the config (model/moe.h)
 };
 
+// Mixture-of-head attention of the H and R layers (configs/loom.proto
+// MohConfig, model/moh.h).
+struct MohDims {
+  int shared_heads = 0;
+  int top_k = 2;
+  double aux_loss_coef = 0;
+  bool fixed_gates = false;
+  // Not the config: the dp × cp group the routing statistics are summed over
+  // (model/moh.h); null: this process alone. Set by the launcher.
+  Communicator* stats = nullptr;
+};
+
+// Layer letters: 'S' and 'H' run softmax attention, 'L' and 'R' lightning;
+// 'H' and 'R' gate their heads (MoH).
+inline bool SoftmaxKind(char kind) { return kind == 'S' || kind == 'H'; }
+inline bool MohKind(char kind) { return kind == 'H' || kind == 'R'; }
+
 struct ModelDims {
   int layers = 0;
   int hidden = 0;
@@ -38,13 +57,14 @@ struct ModelDims {
   int ffn = 0;
   int vocab = 0;         // true vocabulary
   int padded_vocab = 0;  // multiple of 64·tp; rows ≥ vocab are masked
-  std::string kinds;     // one letter a layer: 'S' or 'L'
+  std::string kinds;     // one letter a layer: 'S', 'L', 'H' or 'R'
   bool tie_embeddings = false;
   double norm_eps = 1e-5;
   double rope_theta = 10000;
   ops::RopeTable rope;  // softmax layers' RoPE frequencies: rope_theta and rope_scaling
   bool sigmoid_attention = false;
   double sigmoid_bias = 0;  // −log(train.seq_len)
+  ops::AttentionBackend attention_backend = ops::AttentionBackend::kLoom;  // bf16 CUDA softmax attention
   int lightning_block = 64;
   bool lightning_decay = true;
   bool lightning_silu = true;
@@ -62,6 +82,7 @@ struct ModelDims {
   Device device;  // set by the launcher (FromConfig leaves the CPU)
   uint64_t seed = 0;
   MoeDims moe;
+  MohDims moh;
 
   static ModelDims FromConfig(const config::Config& config);
 
@@ -73,6 +94,8 @@ struct ModelDims {
 
   // Parameters, with or without the embedding and output matrices.
   int64_t ParameterCount(bool with_embeddings) const;
+  // Rows of an MoH layer's router weights W_s, W_r, W_h together ([rows, C]).
+  int64_t MohRouterRows() const;
   // Model FLOPs per token, forward + backward, at sequence length seq_len
   // (the formula is in docs/metrics.md).
   double FlopsPerToken(int64_t seq_len) const;

@@ -12,7 +12,8 @@
 namespace loom {
 
 LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp,
-                                                 const ContextParallel& cp, int layer, const std::string& prefix)
+                                                 const ContextParallel& cp, int layer, const std::string& prefix,
+                                                 bool moh)
     : dims_(dims), tp_(tp), cp_(cp), h_(dims.heads / tp.size) {
   const int64_t c = dims.hidden, hd = int64_t{dims.heads} * dims.head_dim;
   std::vector<double> decay(dims.heads, 1.0);
@@ -29,6 +30,10 @@ LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const Te
   wg_.InitSharded(prefix + "wg", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
   wo_.InitSharded(prefix + "wo", {c, hd}, 1, n, r, dims.dtype, dims.seed, out_std);
   norm_.Init(prefix + "norm", {dims.head_dim}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
+  if (moh) {
+    LOOM_CHECK(tp.size == 1, "[moh] R layers run without tensor parallelism (tp = ", tp.size, ")");
+    moh_ = std::make_unique<MohRouter>(dims, prefix + "moh.");
+  }
 }
 
 void LightningAttentionLayer::CollectParams(ParamList& out) {
@@ -36,6 +41,7 @@ void LightningAttentionLayer::CollectParams(ParamList& out) {
   if (dims_.lightning_gate) out.push_back(&wg_);
   out.push_back(&wo_);
   if (dims_.lightning_norm) out.push_back(&norm_);
+  if (moh_) moh_->CollectParams(out);
 }
 
 void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
@@ -60,6 +66,11 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   Tensor state_out = dims_.Stat({batch.token_rows.rows(), h, d, d});
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
+  if (moh_) {
+    moh_->Forward(x, gates_);
+    if (cp_.size == 1 && skip_inactive_) active_ = moh_->ActiveMask(dims_.lightning_block);
+  }
+  options.active = active_;
   if (cp_.size == 1) {
     ops::LightningAttentionForward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), a_, state_out);
   } else {
@@ -81,14 +92,26 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   } else {
     y_ = n_.Reshape({t, h * d});
   }
-  ops::LinearForward(y_, wo_.weight(), y);
+  if (moh_) {
+    yg_ = dims_.Act({t, h * d});
+    ApplyHeadGates(y_, gates_, yg_);
+  } else {
+    yg_ = y_;
+  }
+  ops::LinearForward(yg_, wo_.weight(), y);
   tp_.ReduceOutput(y);
 }
 
-void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
+void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx,
+                                       double router_loss_scale) {
   const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
   Tensor d_y = dims_.Act({t, h * d});
-  ops::LinearBackward(y_, wo_.weight(), dy, &d_y, wo_.grad);
+  ops::LinearBackward(yg_, wo_.weight(), dy, &d_y, wo_.grad);
+  Tensor dgates;
+  if (moh_) {
+    dgates = Tensor::Empty(gates_.shape(), gates_.dtype());
+    HeadGatesBackward(y_, gates_, d_y, d_y, dgates);
+  }
   // Each branch below adds its input gradient into dx: the first writes.
   bool dx_written = false;
   auto add_input_grad = [&](const Tensor& dproj, Param& w) {
@@ -119,6 +142,7 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   Tensor dq = dims_.Act({t, h, d}), dk = dims_.Act({t, h, d}), dv = dims_.Act({t, h, d});
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
+  options.active = active_;
   Tensor no_state;
   if (cp_.size == 1) {
     ops::LightningAttentionBackward(q_, k_, v_, decay_, batch.token_rows, options, Tensor(), da.Reshape({t, h, d}),
@@ -135,11 +159,13 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   add_input_grad(dq.Reshape({t, h * d}), wq_);
   add_input_grad(dk.Reshape({t, h * d}), wk_);
   add_input_grad(dv.Reshape({t, h * d}), wv_);
+  if (moh_) moh_->Backward(x, dgates, dx, router_loss_scale);
   tp_.ReduceOutput(dx);
 }
 
 void LightningAttentionLayer::ReleaseActivations() {
-  qa_ = ka_ = va_ = q_ = k_ = v_ = a_ = rstd_ = n_ = g_ = y_ = Tensor();
+  qa_ = ka_ = va_ = q_ = k_ = v_ = a_ = rstd_ = n_ = g_ = y_ = gates_ = active_ = yg_ = Tensor();
+  if (moh_) moh_->ReleaseActivations();
   cp_saved_.Release(cp_.linear.ledger);
 }
 

@@ -10,13 +10,22 @@
 // y and dx are summed over the TP group.
 // Context parallel: the recurrence runs over the zig-zag chunks through the
 // CP group's scheme (parallel/cp_lightning.h: LASP-1 or LASP-2).
+// MoH ('R' layers, model/moh.h): the input of W_o is gated per head,
+// y = (g ⊙ RMSNorm_head(a) ⊙ sigmoid(x W_gᵀ)) W_oᵀ, g [T, H]; without
+// context parallelism the outputs of (head, block of lightning_block
+// tokens) pairs no token gates are not computed, their k, v still enter the
+// state (ops/lightning_attention.h LightningOptions::active). Under context
+// parallelism every head is computed and multiplied by its gate (0 for
+// those): the same result.
 // Gradient rule: parameter gradients accumulate, dx is written.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "model/batch.h"
 #include "model/dims.h"
+#include "model/moh.h"
 #include "model/param.h"
 #include "parallel/context_parallel.h"
 #include "parallel/tensor_parallel.h"
@@ -26,11 +35,15 @@ namespace loom {
 class LightningAttentionLayer {
  public:
   LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer,
-                          const std::string& prefix);
+                          const std::string& prefix, bool moh = false);
   void Forward(const Tensor& x, const Batch& batch, Tensor& y);
-  void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx);
+  // router_loss_scale: the weight of the MoH router loss in the loss.
+  void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx, double router_loss_scale = 0);
   void ReleaseActivations();
   void CollectParams(ParamList& out);
+  MohRouter* moh() const { return moh_.get(); }
+  // MoH: computes every head's output when false (tests compare the two).
+  void set_skip_inactive_heads(bool skip) { skip_inactive_ = skip; }
 
  private:
   const ModelDims& dims_;
@@ -47,7 +60,13 @@ class LightningAttentionLayer {
   Tensor rstd_;          // per-head norm [T·H]
   Tensor n_;             // normalised a (alias of a_ when the norm is off)
   Tensor g_;             // gate pre-activation [T, H·D]
-  Tensor y_;             // gated output, input of W_o
+  Tensor y_;             // gated output [T, H·D]
+  // MoH.
+  std::unique_ptr<MohRouter> moh_;
+  bool skip_inactive_ = true;
+  Tensor gates_;   // [T, H]
+  Tensor active_;  // [H, ceil(T / lightning_block)] or undefined
+  Tensor yg_;      // g ⊙ y_, the input of W_o (alias of y_ without MoH)
 };
 
 }  // namespace loom

@@ -41,7 +41,8 @@ Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParal
     if (!dims_.tie_embeddings) params_.push_back(&lm_head_);
   }
   if (!dims_.device.is_cpu()) {
-    LOOM_CHECK(dims_.moe.experts == 0, "[model] MoE layers run on the CPU only so far (train.device = cpu)");
+    LOOM_CHECK(dims_.kinds.find_first_of("HR") == std::string::npos,
+               "[model] MoH layers (H, R) run on the CPU only so far (train.device = cpu)");
     for (Param* p : params_) {
       p->value = p->value.To(dims_.device);
       p->grad = Tensor::Zeros(p->grad.shape(), p->grad.dtype(), dims_.device);
@@ -177,6 +178,16 @@ std::vector<std::pair<int, RoutingStats>> Model::RoutingStatistics() const {
     for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
       if (MoeLayer* moe = chunks_[v].blocks[i]->moe())
         out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moe->stats()});
+  return out;
+}
+
+std::vector<std::pair<int, RoutingStats>> Model::MohStatistics() const {
+  std::vector<std::pair<int, RoutingStats>> out;
+  const int per_stage = dims_.layers / (pp_.size * pp_.vpp);
+  for (int v = 0; v < pp_.vpp; ++v)
+    for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
+      if (const MohRouter* moh = chunks_[v].blocks[i]->moh(); moh != nullptr && moh->routed_heads() > 0)
+        out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moh->stats()});
   return out;
 }
 

@@ -1,7 +1,7 @@
 // Decoder-only language model from a layer pattern:
 //   x = Embed(tokens); x = Block_l(x) for each layer; h = RMSNorm(x);
 //   loss = CrossEntropy(h W_outᵀ, targets) / normalizer
-//          + Σ_MoE layers router_loss · share,  share = the batch's target
+//          + Σ_MoE, MoH layers router_loss · share,  share = the batch's target
 //            tokens / normalizer (the router losses are per-call means, so
 //            micro-batches add up to their token-weighted mean)
 // W_out is the embedding table when tied. Explicit forward/backward, no
@@ -78,6 +78,9 @@ class Model {
   const ParamList& params() const { return params_; }
   // MoE layers' routing of their last forward: (layer index, statistics).
   std::vector<std::pair<int, RoutingStats>> RoutingStatistics() const;
+  // MoH layers' routing of their last forward over the routed heads (layers
+  // with routed heads only): (layer index, statistics).
+  std::vector<std::pair<int, RoutingStats>> MohStatistics() const;
   // This rank's MoE layers: (layer index, layer), e.g. to checkpoint their selection bias.
   std::vector<std::pair<int, MoeLayer*>> MoeLayers();
   const ModelDims& dims() const { return dims_; }

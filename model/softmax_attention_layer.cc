@@ -10,7 +10,7 @@
 namespace loom {
 
 SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const TensorParallel& tp,
-                                             const ContextParallel& cp, const std::string& prefix)
+                                             const ContextParallel& cp, const std::string& prefix, bool moh)
     : dims_(dims), tp_(tp), cp_(cp), hq_(dims.heads / tp.size), hk_(dims.kv_heads / tp.size) {
   const int64_t c = dims.hidden, qd = int64_t{dims.heads} * dims.head_dim,
                 kvd = int64_t{dims.kv_heads} * dims.head_dim;
@@ -19,14 +19,27 @@ SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const Tensor
   wk_.InitSharded(prefix + "wk", {kvd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
   wv_.InitSharded(prefix + "wv", {kvd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
   wo_.InitSharded(prefix + "wo", {c, qd}, 1, tp.size, tp.rank, dims.dtype, dims.seed, out_std);
+  if (moh) {
+    LOOM_CHECK(tp.size == 1, "[moh] H layers run without tensor parallelism (tp = ", tp.size, ")");
+    moh_ = std::make_unique<MohRouter>(dims, prefix + "moh.");
+  }
+}
+
+void SoftmaxAttentionLayer::CollectParams(ParamList& out) {
+  out.insert(out.end(), {&wq_, &wk_, &wv_, &wo_});
+  if (moh_) moh_->CollectParams(out);
 }
 
 namespace {
-ops::AttentionOptions Options(const ModelDims& d) {
+// active: MoH's mask, or undefined.
+ops::AttentionOptions Options(const ModelDims& d, const Tensor& active) {
   ops::AttentionOptions o;
   o.causal = true;
   o.sigmoid = d.sigmoid_attention;
   o.sigmoid_bias = d.sigmoid_bias;
+  o.backend = d.attention_backend;
+  o.active = active;
+  o.active_block = SoftmaxAttentionLayer::kMohBlock;
   return o;
 }
 }  // namespace
@@ -43,29 +56,45 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   ops::RopeForward(k_, batch.positions, dims_.rope, k_);
   o_ = dims_.Act({t, hq, d});
   lse_ = dims_.Stat({t, hq});
+  if (moh_) {
+    moh_->Forward(x, gates_);
+    if (cp_.size == 1 && skip_inactive_) active_ = moh_->ActiveMask(kMohBlock);
+  }
   if (cp_.size == 1) {
-    ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_), o_, lse_);
+    ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_, active_), o_, lse_);
   } else {
     CheckComm(CpAttentionForward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, batch.token_rows,
-                                 Options(dims_), o_, lse_, &cp_saved_));
+                                 Options(dims_, active_), o_, lse_, &cp_saved_));
   }
-  ops::LinearForward(o_, wo_.weight(), y);
+  if (moh_) {
+    gated_ = dims_.Act(o_.shape());
+    ApplyHeadGates(o_, gates_, gated_);
+  } else {
+    gated_ = o_;
+  }
+  ops::LinearForward(gated_, wo_.weight(), y);
   tp_.ReduceOutput(y);
 }
 
-void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx) {
+void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx,
+                                     double router_loss_scale) {
   const int64_t t = x.dim(0);
   Tensor d_o = dims_.Act(o_.shape());
-  ops::LinearBackward(o_, wo_.weight(), dy, &d_o, wo_.grad);
+  ops::LinearBackward(gated_, wo_.weight(), dy, &d_o, wo_.grad);
+  Tensor dgates;
+  if (moh_) {
+    dgates = Tensor::Empty(gates_.shape(), gates_.dtype());
+    HeadGatesBackward(o_, gates_, d_o, d_o, dgates);
+  }
   Tensor dq = dims_.Act(q_.shape());
   Tensor dk = dims_.Act(k_.shape());
   Tensor dv = dims_.Act(v_.shape());
   if (cp_.size == 1) {
-    ops::SoftmaxAttentionBackward(q_, k_, v_, o_, lse_, d_o, batch.token_rows, batch.token_rows, Options(dims_), dq,
-                                  dk, dv);
+    ops::SoftmaxAttentionBackward(q_, k_, v_, o_, lse_, d_o, batch.token_rows, batch.token_rows,
+                                  Options(dims_, active_), dq, dk, dv);
   } else {
     CheckComm(CpAttentionBackward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, o_, lse_, d_o,
-                                  batch.token_rows, Options(dims_), &cp_saved_, dq, dk, dv));
+                                  batch.token_rows, Options(dims_, active_), &cp_saved_, dq, dk, dv));
   }
   ops::RopeBackward(dq, batch.positions, dims_.rope, dq);
   ops::RopeBackward(dk, batch.positions, dims_.rope, dk);
@@ -73,11 +102,13 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   ops::LinearBackward(x, wq_.weight(), dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
   ops::LinearBackward(x, wk_.weight(), dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
   ops::LinearBackward(x, wv_.weight(), dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
+  if (moh_) moh_->Backward(x, dgates, dx, router_loss_scale);
   tp_.ReduceOutput(dx);
 }
 
 void SoftmaxAttentionLayer::ReleaseActivations() {
-  q_ = k_ = v_ = o_ = lse_ = Tensor();
+  q_ = k_ = v_ = o_ = lse_ = gates_ = active_ = gated_ = Tensor();
+  if (moh_) moh_->ReleaseActivations();
   cp_saved_.Release(cp_.softmax.ledger);
 }
 

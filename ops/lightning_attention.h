@@ -32,6 +32,15 @@ std::vector<double> LightningDecay(int heads, int layer, int layers);
 
 struct LightningOptions {
   int block = 64;  // tokens per block of the block algorithm
+  // MoH (model/moh.h): which (head, block) outputs are computed. i32
+  // [H, ceil(T / block)] on the CPU, non-zero = computed; block b holds the
+  // tokens [b·block, (b+1)·block) of q. An inactive pair's o is 0 and its
+  // d_o is read as 0; its k, v still enter the state. A block of the block
+  // algorithm whose tokens are all inactive is skipped (rows starting at
+  // multiples of `block` make the two kinds of blocks the same). Undefined:
+  // everything is computed. Fused calls on CPU tensors only (the CUDA
+  // entries refuse a mask).
+  Tensor active;
 };
 
 // Fused call over all rows. state_in (optional, undefined = zero) and

@@ -35,6 +35,14 @@ struct AttentionOptions {
   int64_t k_offset = 0;        // position of a row's first key
   AttentionBackend backend = AttentionBackend::kLoom;  // bf16 CUDA tensors only
   bool deterministic = false;  // Loom's bf16 backward: dq without float atomics, bitwise repeatable
+  // MoH (model/moh.h): which (query head, query block) pairs run. i32
+  // [Hq, ceil(Tq / active_block)] on the CPU, non-zero = run; block b holds
+  // the query tokens [b·active_block, (b+1)·active_block) of q. An inactive
+  // pair is skipped, not computed: its o is 0 and lse −∞, and its d_o is
+  // read as 0 (it adds nothing to dq, dk, dv). Undefined: every pair runs.
+  // CPU tensors only (the CUDA entries refuse a mask).
+  Tensor active;
+  int64_t active_block = 64;
 };
 
 // CPU tensors (f32, f64): the reference below (ops/cpu/softmax_attention.cc);

@@ -115,6 +115,31 @@ absl::Status Range(bool ok, const std::string& field, const std::string& why) {
   return ok ? absl::OkStatus() : absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
 }
 
+// model.moh (configs/loom.proto MohConfig), checked only when the pattern has
+// an H or R layer. MoH computes gates for this rank's heads from the whole
+// router, so it has no TP split, and its router loss has no pipeline path.
+absl::Status ValidateMoh(const config::Config& c) {
+  const config::ModelConfig& m = c.model();
+  if (m.pattern().find_first_of("HR") == std::string::npos) return absl::OkStatus();
+  const config::MohConfig& moh = m.moh();
+  const int routed = m.heads() - moh.shared_heads();
+  LOOM_RETURN_IF_ERROR(Range(moh.shared_heads() >= 0 && routed >= 0, "model.moh.shared_heads",
+                             absl::StrCat(moh.shared_heads(), " is outside [0, model.heads = ", m.heads(), "]")));
+  if (routed > 0)
+    LOOM_RETURN_IF_ERROR(Range(moh.top_k() >= 1 && moh.top_k() <= routed, "model.moh.top_k",
+                               absl::StrCat(moh.top_k(), " is outside [1, routed heads = ", routed, "] (model.heads ",
+                                            m.heads(), " − model.moh.shared_heads ", moh.shared_heads(), ")")));
+  LOOM_RETURN_IF_ERROR(Range(moh.aux_loss_coef() >= 0 && moh.aux_loss_coef() <= 10, "model.moh.aux_loss_coef",
+                             absl::StrCat(moh.aux_loss_coef(), " is outside [0, 10]")));
+  const auto& p = c.parallel();
+  for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"}})
+    LOOM_RETURN_IF_ERROR(Range(value == 1, name,
+                               absl::StrCat(value, ": MoH layers (H, R in model.pattern '", m.pattern(),
+                                            "') run without tensor or pipeline parallelism yet; set it to 1")));
+  return Range(c.train().device() != "cuda", "train.device",
+               "'cuda': MoH layers (H, R) run on the CPU only so far (set cpu)");
+}
+
 // model.rope_scaling (configs/loom.proto RopeScaling).
 absl::Status ValidateRopeScaling(const config::ModelConfig& m) {
   const config::RopeScaling& r = m.rope_scaling();
@@ -282,8 +307,9 @@ absl::Status ValidateConfig(const config::Config& c) {
   const auto& o = c.optim();
   LOOM_RETURN_IF_ERROR(Range(!m.pattern().empty(), "model.pattern", "must not be empty"));
   for (char ch : m.pattern())
-    LOOM_RETURN_IF_ERROR(Range(ch == 'S' || ch == 'L', "model.pattern",
-                               absl::StrCat("'", std::string(1, ch), "' is not a layer kind (S softmax, L lightning)")));
+    LOOM_RETURN_IF_ERROR(Range(ch == 'S' || ch == 'L' || ch == 'H' || ch == 'R', "model.pattern",
+                               absl::StrCat("'", std::string(1, ch),
+                                            "' is not a layer kind (S softmax, L lightning, H / R MoH over them)")));
   LOOM_RETURN_IF_ERROR(Range(m.layers() >= 1 && m.layers() <= 1024, "model.layers",
                              absl::StrCat(m.layers(), " is outside [1, 1024]")));
   LOOM_RETURN_IF_ERROR(Range(m.hidden() >= 8 && m.hidden() <= 65536, "model.hidden",
@@ -356,6 +382,8 @@ absl::Status ValidateConfig(const config::Config& c) {
     LOOM_RETURN_IF_ERROR(Range(p.ep() >= 1 && moe.experts() % p.ep() == 0, "parallel.ep",
                                absl::StrCat(p.ep(), " does not divide model.moe.experts = ", moe.experts())));
   }
+
+  LOOM_RETURN_IF_ERROR(ValidateMoh(c));
 
   LOOM_RETURN_IF_ERROR(Range(t.steps() >= 1, "train.steps", absl::StrCat(t.steps(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(t.seq_len() >= 2, "train.seq_len", absl::StrCat(t.seq_len(), " is below 2")));

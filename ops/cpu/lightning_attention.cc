@@ -16,6 +16,8 @@
 //   intra   dV += Pᵀ dO,  dA = (dO Vᵀ) ⊙ Mask,  dQ += dA K,  dK += dAᵀ Q
 //   inter   dQ[i] += λ^(i+1) dO[i] Eᵀ,  dE += Σ_i λ^(i+1) q_iᵀ dO[i]
 //   state   dk_j += λ^(n−1−j) v_j dS'ᵀ,  dv_j += λ^(n−1−j) k_j dS',  dE += [no boundary] λ^n dS'
+// MoH (options.active): a block whose outputs are all inactive skips intra
+// and inter (forward and backward) but still runs the state update.
 #include "ops/lightning_attention.h"
 
 #include "ops/convert.h"
@@ -183,10 +185,12 @@ struct BlockWalk {
 };
 
 // o may be nullptr (states only); s_in nullptr means zero; s_out and
-// entries (blocks()·Dk·Dv, the entry states E_b) are optional.
+// entries (blocks()·Dk·Dv, the entry states E_b) are optional. runs: empty,
+// or per block whether its output is computed (MoH; skipped ones are left
+// as they are).
 template <typename T>
 void BlocksForwardHead(const HeadSlice<T>& x, const BlockWalk& walk, double lambda, const T* s_in, T* o, T* s_out,
-                       std::vector<T>* entries) {
+                       std::vector<T>* entries, const std::vector<char>& runs = {}) {
   const int64_t dkdv = x.dk * x.dv;
   const std::vector<T> pw = DecayPowers<T>(lambda, std::min(walk.block, walk.n) + 1);
   std::vector<T> s(dkdv, T(0)), a, rows;
@@ -202,7 +206,7 @@ void BlocksForwardHead(const HeadSlice<T>& x, const BlockWalk& walk, double lamb
       s_is_zero = true;
     }
     if (entries) std::copy(s.begin(), s.end(), entries->begin() + b * dkdv);
-    if (o) {
+    if (o && (runs.empty() || runs[b])) {
       IntraHead(xb, len, db, pw.data(), o + t0 * x.ldv, a);
       if (!s_is_zero) InterHead(xb, len, db, pw.data(), s.data(), o + t0 * x.ldv, rows);
     }
@@ -214,10 +218,11 @@ void BlocksForwardHead(const HeadSlice<T>& x, const BlockWalk& walk, double lamb
 
 // Reverse walk: dS is the gradient of S_{b+1}; entry states are recomputed by
 // a states-only forward (blocks()·Dk·Dv per head, the price of not storing
-// them across the API). ds_out / ds_in may be nullptr; dq, dk, dv accumulate.
+// them across the API). ds_out / ds_in may be nullptr; dq, dk, dv accumulate;
+// runs as in the forward (a skipped block must have d_o = 0).
 template <typename T>
 void BlocksBackwardHead(const HeadSlice<T>& x, const BlockWalk& walk, double lambda, const T* s_in, const T* d_o,
-                        const T* ds_out, T* dq, T* dk, T* dv, T* ds_in) {
+                        const T* ds_out, T* dq, T* dk, T* dv, T* ds_in, const std::vector<char>& runs = {}) {
   const int64_t dkdv = x.dk * x.dv;
   std::vector<T> entries;
   BlocksForwardHead<T>(x, walk, lambda, s_in, nullptr, nullptr, &entries);
@@ -233,11 +238,13 @@ void BlocksBackwardHead(const HeadSlice<T>& x, const BlockWalk& walk, double lam
     const T carry = has_boundary ? T(0) : pw[len];
     for (int64_t i = 0; i < dkdv; ++i) de[i] = carry * ds[i];
     const bool reset = walk.starts_document(t0);
-    if (!reset)
+    const bool run = runs.empty() || runs[b];  // else d_o is 0 here: nothing to add
+    if (!reset && run)
       InterBackwardHead(xb, len, db, pw.data(), entries.data() + b * dkdv, d_o + t0 * x.ldv, dq + t0 * x.ldk,
                         de.data(), rows);
-    IntraBackwardHead(xb, len, db, pw.data(), d_o + t0 * x.ldv, dq + t0 * x.ldk, dk + t0 * x.ldk,
-                      dv + t0 * x.ldv, p, da);
+    if (run)
+      IntraBackwardHead(xb, len, db, pw.data(), d_o + t0 * x.ldv, dq + t0 * x.ldk, dk + t0 * x.ldk,
+                        dv + t0 * x.ldv, p, da);
     if (reset)
       std::fill(ds.begin(), ds.end(), T(0));
     else
@@ -358,6 +365,35 @@ HeadSlice<T> Head(const Tensor& q, const Tensor& k, const Tensor& v, const Dims&
 // hold a #pragma. Each iteration touches disjoint strided slices of the
 // outputs, so the loops are race-free.
 
+// MoH's options.active [H, ceil(T / block)]: whether head h's output at
+// token t is computed.
+struct ActiveMask {
+  const int32_t* on = nullptr;  // null: everything
+  int64_t blocks = 0, block = 1;
+  bool at(int64_t h, int64_t t) const { return on == nullptr || on[h * blocks + t / block] != 0; }
+  // Per block of the walk over the row starting at token `begin`: whether
+  // any of its tokens is active; empty without a mask.
+  std::vector<char> Runs(int64_t h, int64_t begin, const BlockWalk& walk) const {
+    std::vector<char> runs;
+    if (on == nullptr) return runs;
+    runs.assign(walk.blocks(), 0);
+    for (int64_t i = 0; i < walk.n; ++i) runs[i / walk.block] |= at(h, begin + i) ? 1 : 0;
+    return runs;
+  }
+  // o[t, h] = 0 for the row's inactive tokens (blocks the walk ran partly).
+  template <typename T>
+  void ZeroInactive(int64_t h, int64_t begin, int64_t n, T* o_head, int64_t ld, int64_t dv) const {
+    if (on == nullptr) return;
+    for (int64_t i = 0; i < n; ++i)
+      if (!at(h, begin + i)) std::fill_n(o_head + i * ld, dv, T(0));
+  }
+};
+
+ActiveMask MaskOf(const LightningOptions& options) {
+  if (!options.active.defined()) return {};
+  return {options.active.data<int32_t>(), options.active.dim(1), options.block};
+}
+
 // Threads pay off only beyond a few hundred kFLOP: below that (gradient
 // checks call the op thousands of times on tiny inputs) waking the team,
 // which spins when the machine is busy, costs more than the work.
@@ -368,7 +404,8 @@ bool WorthThreads(int64_t tokens, const Dims& d, int64_t block) {
 
 template <typename T>
 void ForwardRows(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay, const TokenRows& rows,
-                 const Dims& d, int64_t block, const Tensor& state_in, Tensor& o, Tensor& state_out) {
+                 const Dims& d, int64_t block, const ActiveMask& active, const Tensor& state_in, Tensor& o,
+                 Tensor& state_out) {
   const int32_t* docs = rows.has_docs() ? rows.doc_ids.data<int32_t>() : nullptr;
   const T* s_in = state_in.defined() ? state_in.data<T>() : nullptr;
   const T* lam = decay.data<T>();
@@ -381,14 +418,17 @@ void ForwardRows(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
     const int64_t row = rh / d.h, h = rh % d.h;
     const int64_t begin = rows.begin(row);
     const BlockWalk walk{rows.end(row) - begin, block, docs ? docs + begin : nullptr};
-    BlocksForwardHead<T>(Head<T>(q, k, v, d, begin, h), walk, lam[h], s_in ? s_in + rh * dkdv : nullptr,
-                         op + begin * d.h * d.dv + h * d.dv, s_out + rh * dkdv, nullptr);
+    T* o_head = op + begin * d.h * d.dv + h * d.dv;
+    const std::vector<char> runs = active.Runs(h, begin, walk);
+    BlocksForwardHead<T>(Head<T>(q, k, v, d, begin, h), walk, lam[h], s_in ? s_in + rh * dkdv : nullptr, o_head,
+                         s_out + rh * dkdv, nullptr, runs);
+    active.ZeroInactive(h, begin, walk.n, o_head, d.h * d.dv, d.dv);  // skipped blocks included
   }
 }
 
 template <typename T>
 void BackwardRows(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay, const TokenRows& rows,
-                  const Dims& d, int64_t block, const Tensor& state_in, const Tensor& d_o,
+                  const Dims& d, int64_t block, const ActiveMask& active, const Tensor& state_in, const Tensor& d_o,
                   const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in) {
   const int32_t* docs = rows.has_docs() ? rows.doc_ids.data<int32_t>() : nullptr;
   const T* s_in = state_in.defined() ? state_in.data<T>() : nullptr;
@@ -405,7 +445,8 @@ void BackwardRows(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
     const int64_t qo = begin * d.h * d.dk + h * d.dk, vo = begin * d.h * d.dv + h * d.dv;
     BlocksBackwardHead<T>(Head<T>(q, k, v, d, begin, h), walk, lam[h], s_in ? s_in + rh * dkdv : nullptr,
                           d_o.data<T>() + vo, ds_out ? ds_out + rh * dkdv : nullptr, dq.data<T>() + qo,
-                          dk.data<T>() + qo, dv.data<T>() + vo, ds_in ? ds_in + rh * dkdv : nullptr);
+                          dk.data<T>() + qo, dv.data<T>() + vo, ds_in ? ds_in + rh * dkdv : nullptr,
+                          active.Runs(h, begin, walk));
   }
 }
 
@@ -483,6 +524,21 @@ void InterBackwardHeads(const Tensor& q, const Tensor& decay, const int32_t* doc
   }
 }
 
+void CheckActive(const LightningOptions& options, const Dims& d) {
+  if (!options.active.defined()) return;
+  const Tensor& a = options.active;
+  const int64_t blocks = (d.t + options.block - 1) / options.block;
+  LOOM_CHECK(a.device().is_cpu() && a.dtype() == DType::kI32 && a.shape() == (Shape{d.h, blocks}),
+             "[lightning_attention] active must be a CPU i32 [H, ceil(T / block)] = [", d.h, ", ", blocks, "], got ",
+             DTypeName(a.dtype()), " ", ShapeString(a.shape()), " on ", a.device().ToString());
+}
+
+void CheckNoMaskOnGpu(const LightningOptions& options) {
+  LOOM_CHECK(!options.active.defined(),
+             "[lightning_attention] MoH's active-head mask (options.active) runs on the CPU only: no GPU MoH kernels "
+             "yet");
+}
+
 // ---- CUDA tensors go to ops/cuda (the default stream, a workspace per call;
 // callers that care about speed call ops::cuda:: with their own). Undefined
 // outputs are allocated on q's device as the CPU path allocates them. ----
@@ -549,6 +605,7 @@ void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v
                                const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
                                Tensor& o, Tensor& state_out) {
   if (!q.device().is_cpu()) {  // f32: the f32 kernels; bf16: the tensor-core kernels
+    CheckNoMaskOnGpu(options);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     const Shape state_shape{rows.rows(), q.dim(1), q.dim(2), v.dim(2)};
     Tensor& out = OnDevice(o, v.shape(), v.dtype(), q.device(), false);
@@ -569,8 +626,10 @@ void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v
   if (state_in.defined()) CheckSame(state_in, state_shape, q.dtype(), "state_in");
   PrepareWritten(o, {d.t, d.h, d.dv}, q.dtype(), "o");
   PrepareWritten(state_out, state_shape, q.dtype(), "state_out");
-  LOOM_DISPATCH_FLOAT(q.dtype(), T,
-                      [&] { ForwardRows<T>(q, k, v, decay, rows, d, options.block, state_in, o, state_out); });
+  CheckActive(options, d);
+  LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
+    ForwardRows<T>(q, k, v, decay, rows, d, options.block, MaskOf(options), state_in, o, state_out);
+  });
 }
 
 void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
@@ -578,6 +637,7 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& d_o, const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv,
                                 Tensor& d_state_in) {
   if (!q.device().is_cpu()) {
+    CheckNoMaskOnGpu(options);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), false);
     Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), q.device(), false);
@@ -612,8 +672,19 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
   dq.Zero();
   dk.Zero();
   dv.Zero();
+  CheckActive(options, d);
+  // MoH: inactive outputs read d_o as 0 (blocks run partly need it).
+  Tensor d_o_read = d_o;
+  if (options.active.defined()) {
+    d_o_read = d_o.Clone();
+    LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
+      const ActiveMask active = MaskOf(options);
+      for (int64_t h = 0; h < d.h; ++h) active.ZeroInactive(h, 0, d.t, d_o_read.data<T>() + h * d.dv, d.h * d.dv, d.dv);
+    });
+  }
   LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] {
-    BackwardRows<T>(q, k, v, decay, rows, d, options.block, state_in, d_o, d_state_out, dq, dk, dv, d_state_in);
+    BackwardRows<T>(q, k, v, decay, rows, d, options.block, MaskOf(options), state_in, d_o_read, d_state_out, dq, dk,
+                    dv, d_state_in);
   });
 }
 

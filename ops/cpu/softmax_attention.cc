@@ -19,6 +19,9 @@
 //   sigmoid: dS = P ⊙ (1 − P) ⊙ dP
 //   dQ = scale · dS K,   dK = scale · dSᵀ Q,   dV = Pᵀ dO
 // Gradient rule: dq, dk, dv are activation gradients and are written.
+// MoH (options.active): query tiles are also cut at the mask's blocks and an
+// inactive (head, block) tile is never computed; a key tile's backward runs
+// only over the active runs of the queries that see it.
 //
 // Parallel backward without races: dK and dV of one key sum over every query
 // (and every query head of the GQA group) that sees it, dQ of one query over
@@ -103,6 +106,35 @@ struct RowMask {
   }
 };
 
+// MoH's options.active: whether query head h runs at token t (q's index).
+// Query tiles never straddle a mask block (Tiles splits them), so a tile is
+// skipped whole; a key tile walks only the active runs of its queries.
+struct ActiveMask {
+  const int32_t* on = nullptr;  // [Hq, blocks]; null: everything runs
+  int64_t blocks = 0, block = 1;
+  bool at(int64_t h, int64_t t) const { return on == nullptr || on[h * blocks + t / block] != 0; }
+  // First token after t's mask block (t itself when there is no mask).
+  int64_t block_end(int64_t t) const { return on == nullptr ? t : (t / block + 1) * block; }
+  // The active runs of [lo, hi) (row-relative, the row starting at token
+  // `base`) for head h, in order.
+  std::vector<Range> Runs(int64_t h, int64_t base, Range r) const {
+    if (on == nullptr) return {r};
+    std::vector<Range> runs;
+    for (int64_t i = r.lo; i < r.hi;) {
+      const int64_t next = std::min(r.hi, block_end(base + i) - base);
+      if (at(h, base + i)) {
+        if (!runs.empty() && runs.back().hi == i) {
+          runs.back().hi = next;
+        } else {
+          runs.push_back({i, next});
+        }
+      }
+      i = next;
+    }
+    return runs;
+  }
+};
+
 // Everything a tile needs besides its position.
 template <typename T>
 struct Problem {
@@ -115,6 +147,7 @@ struct Problem {
   bool sigmoid;
   bool causal;
   int64_t shift;
+  ActiveMask active;
 
   RowMask Mask(int64_t r) const {
     RowMask m;
@@ -248,17 +281,25 @@ void BackwardRow(bool sigmoid, T bias, T* p, T* ds, int64_t n, int64_t a, int64_
   }
 }
 
-// A tile: query (or key) block [start, start + kBlock) ∩ row of `head`.
+// A tile: query (or key) block [start, end) of a row (at most kBlock long) of `head`.
 struct Tile {
-  int64_t row, head, start;
+  int64_t row, head, start, end;
 };
 
-std::vector<Tile> Tiles(const TokenRows& rows, int64_t heads) {
+// Without a mask: [s, s + kBlock) ∩ row. With one (query tiles): also cut
+// at the mask's block boundaries, and inactive tiles left out.
+std::vector<Tile> Tiles(const TokenRows& rows, int64_t heads, const ActiveMask& active = {}) {
   std::vector<Tile> tiles;
   for (int64_t r = 0; r < rows.rows(); ++r) {
-    const int64_t n = rows.end(r) - rows.begin(r);
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t s = 0; s < n; s += kBlock) tiles.push_back({r, h, s});
+    const int64_t b = rows.begin(r), n = rows.end(r) - b;
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t s = 0; s < n;) {
+        int64_t e = std::min(s + kBlock, n);
+        if (active.on != nullptr) e = std::min(e, active.block_end(b + s) - b);
+        if (active.at(h, b + s)) tiles.push_back({r, h, s, e});
+        s = e;
+      }
+    }
   }
   return tiles;
 }
@@ -286,7 +327,7 @@ int64_t LongestRow(const TokenRows& rows) {
 template <typename T>
 void ForwardTile(const Problem<T>& p, const Tile& tile, Heads<T> o, T* lse, T* s) {
   const RowMask mask = p.Mask(tile.row);
-  const int64_t i0 = tile.start, i1 = std::min(tile.start + kBlock, mask.nq);
+  const int64_t i0 = tile.start, i1 = tile.end;
   const Range keys = mask.Keys(i0, i1);
   if (keys.size() == 0) return;  // o stays 0 and lse −∞ as filled by the caller
   const int64_t qb = p.q_rows->begin(tile.row), kb = p.k_rows->begin(tile.row);
@@ -318,34 +359,38 @@ template <typename T>
 void KeyValueGradTile(const Problem<T>& p, const Tile& tile, Heads<const T> d_o, const T* lse, const T* delta,
                       Heads<T> dk, Heads<T> dv, T* st, T* dpt, T* lse_h, T* delta_h) {
   const RowMask mask = p.Mask(tile.row);
-  const int64_t j0 = tile.start, j1 = std::min(tile.start + kBlock, mask.nk);
+  const int64_t j0 = tile.start, j1 = tile.end;
   const Range queries = mask.Queries(j0, j1);
   if (queries.size() == 0) return;  // dk, dv stay 0
   const int64_t qb = p.q_rows->begin(tile.row), kb = p.k_rows->begin(tile.row);
-  const int64_t g = tile.head, nb = j1 - j0, m = queries.size(), d = p.q.dim, hq = p.q.heads;
+  const int64_t g = tile.head, nb = j1 - j0, d = p.q.dim, hq = p.q.heads;
 
   for (int64_t h = g * p.group; h < (g + 1) * p.group; ++h) {
-    const T* q_h = p.q.at(qb + queries.lo, h);
-    const T* do_h = d_o.at(qb + queries.lo, h);
-    Gemm(CblasNoTrans, CblasTrans, nb, m, d, p.scale, p.k.at(kb + j0, g), p.k.ld(), q_h, p.q.ld(), T(0), st, m);
-    Gemm(CblasNoTrans, CblasTrans, nb, m, d, T(1), p.v.at(kb + j0, g), p.v.ld(), do_h, d_o.ld(), T(0), dpt, m);
-    // This head's lse and Δ of the tile's queries, contiguous for the loop below.
-    if (!p.sigmoid) {
-      for (int64_t i = 0; i < m; ++i) {
-        lse_h[i] = lse[(qb + queries.lo + i) * hq + h];
-        delta_h[i] = delta[(qb + queries.lo + i) * hq + h];
+    // MoH: only the runs of queries whose head h is active.
+    for (const Range run : p.active.Runs(h, qb, queries)) {
+      const int64_t m = run.size();
+      const T* q_h = p.q.at(qb + run.lo, h);
+      const T* do_h = d_o.at(qb + run.lo, h);
+      Gemm(CblasNoTrans, CblasTrans, nb, m, d, p.scale, p.k.at(kb + j0, g), p.k.ld(), q_h, p.q.ld(), T(0), st, m);
+      Gemm(CblasNoTrans, CblasTrans, nb, m, d, T(1), p.v.at(kb + j0, g), p.v.ld(), do_h, d_o.ld(), T(0), dpt, m);
+      // This head's lse and Δ of the run's queries, contiguous for the loop below.
+      if (!p.sigmoid) {
+        for (int64_t i = 0; i < m; ++i) {
+          lse_h[i] = lse[(qb + run.lo + i) * hq + h];
+          delta_h[i] = delta[(qb + run.lo + i) * hq + h];
+        }
       }
+      for (int64_t j = j0; j < j1; ++j) {
+        const Range seen = mask.Queries(j, j + 1);
+        T* p_row = st + (j - j0) * m;
+        T* ds_row = dpt + (j - j0) * m;
+        const int64_t a = std::clamp(seen.lo - run.lo, int64_t{0}, m);
+        const int64_t b = std::clamp(seen.hi - run.lo, a, m);
+        BackwardRow<true>(p.sigmoid, p.bias, p_row, ds_row, m, a, b, lse_h, delta_h);
+      }
+      Gemm(CblasNoTrans, CblasNoTrans, nb, d, m, T(1), st, m, do_h, d_o.ld(), T(1), dv.at(kb + j0, g), dv.ld());
+      Gemm(CblasNoTrans, CblasNoTrans, nb, d, m, p.scale, dpt, m, q_h, p.q.ld(), T(1), dk.at(kb + j0, g), dk.ld());
     }
-    for (int64_t j = j0; j < j1; ++j) {
-      const Range seen = mask.Queries(j, j + 1);
-      T* p_row = st + (j - j0) * m;
-      T* ds_row = dpt + (j - j0) * m;
-      const int64_t a = std::clamp(seen.lo - queries.lo, int64_t{0}, m);
-      const int64_t b = std::clamp(seen.hi - queries.lo, a, m);
-      BackwardRow<true>(p.sigmoid, p.bias, p_row, ds_row, m, a, b, lse_h, delta_h);
-    }
-    Gemm(CblasNoTrans, CblasNoTrans, nb, d, m, T(1), st, m, do_h, d_o.ld(), T(1), dv.at(kb + j0, g), dv.ld());
-    Gemm(CblasNoTrans, CblasNoTrans, nb, d, m, p.scale, dpt, m, q_h, p.q.ld(), T(1), dk.at(kb + j0, g), dk.ld());
   }
 }
 
@@ -355,7 +400,7 @@ template <typename T>
 void QueryGradTile(const Problem<T>& p, const Tile& tile, Heads<const T> d_o, const T* lse, const T* delta,
                    Heads<T> dq, T* s, T* dp) {
   const RowMask mask = p.Mask(tile.row);
-  const int64_t i0 = tile.start, i1 = std::min(tile.start + kBlock, mask.nq);
+  const int64_t i0 = tile.start, i1 = tile.end;
   const Range keys = mask.Keys(i0, i1);
   if (keys.size() == 0) return;  // dq stays 0
   const int64_t qb = p.q_rows->begin(tile.row), kb = p.k_rows->begin(tile.row);
@@ -432,6 +477,15 @@ void CheckInputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
              "[softmax_attention] doc_ids must be given for both q_rows and k_rows or for neither");
   CheckRows(q_rows, q.dim(0), "q_rows");
   CheckRows(k_rows, k.dim(0), "k_rows");
+  if (options.active.defined()) {
+    const Tensor& a = options.active;
+    LOOM_CHECK(options.active_block >= 1, "[softmax_attention] active_block must be >= 1, got ",
+               options.active_block);
+    const int64_t blocks = (q.dim(0) + options.active_block - 1) / options.active_block;
+    LOOM_CHECK(a.device().is_cpu() && a.dtype() == DType::kI32 && a.shape() == (Shape{q.dim(1), blocks}),
+               "[softmax_attention] active must be a CPU i32 [Hq, ceil(Tq / active_block)] = [", q.dim(1), ", ",
+               blocks, "], got ", DTypeName(a.dtype()), " ", ShapeString(a.shape()), " on ", a.device().ToString());
+  }
 }
 
 void CheckLike(const Tensor& t, const Tensor& like, const char* name, const char* like_name) {
@@ -457,6 +511,9 @@ Problem<T> MakeProblem(const Tensor& q, const Tensor& k, const Tensor& v, const 
       .sigmoid = options.sigmoid,
       .causal = options.causal,
       .shift = options.k_offset - options.q_offset,
+      .active = options.active.defined()
+                    ? ActiveMask{options.active.data<int32_t>(), options.active.dim(1), options.active_block}
+                    : ActiveMask{},
   };
 }
 
@@ -471,7 +528,7 @@ void Forward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows&
   if (!options.sigmoid) lse.Fill(-std::numeric_limits<double>::infinity());
   const Heads<T> out{o.data<T>(), q.dim(1), q.dim(2)};
   T* lse_data = options.sigmoid ? nullptr : lse.data<T>();
-  const std::vector<Tile> tiles = Tiles(q_rows, q.dim(1));
+  const std::vector<Tile> tiles = Tiles(q_rows, q.dim(1), p.active);
   const int64_t buffer = kBlock * LongestRow(k_rows);
   const bool threaded = WorthThreads(q_rows, k_rows, q.dim(1), q.dim(2));
 #pragma omp parallel if (threaded)
@@ -513,7 +570,7 @@ void Backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o
   const Heads<T> grad_k{dk.data<T>(), k.dim(1), d}, grad_v{dv.data<T>(), k.dim(1), d};
   const Heads<T> grad_q{dq.data<T>(), hq, d};
   const std::vector<Tile> key_tiles = Tiles(k_rows, k.dim(1));
-  const std::vector<Tile> query_tiles = Tiles(q_rows, hq);
+  const std::vector<Tile> query_tiles = Tiles(q_rows, hq, p.active);
   const int64_t longest_q = LongestRow(q_rows), longest_k = LongestRow(k_rows);
 #pragma omp parallel if (threaded)
   {
@@ -585,11 +642,18 @@ void CheckCudaCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                t->device().ToString());
   LOOM_CHECK(options.sigmoid || lse.defined(), "[softmax_attention] lse must be given (f32 [Tq, Hq] on ",
              q.device().ToString(), ")");
+  LOOM_CHECK(!options.active.defined(),
+             "[softmax_attention] MoH's active-head mask (options.active) runs on the CPU only: no GPU MoH kernels yet");
 }
 
-// The bf16 kernels are compiled for head dims 64 and 128; other head dims
-// (small test models) run the f32 kernels on f32 copies.
-bool Bf16KernelsFit(const Tensor& q) { return q.dtype() != DType::kBF16 || q.dim(-1) == 64 || q.dim(-1) == 128; }
+// Loom's bf16 kernels are compiled for head dims 64 and 128, cuDNN's SDPA
+// takes multiples of 8 up to 128; other head dims (small test models) run
+// the f32 kernels on f32 copies.
+bool Bf16KernelsFit(const Tensor& q, const AttentionOptions& options) {
+  const int64_t d = q.dim(-1);
+  if (q.dtype() != DType::kBF16 || d == 64 || d == 128) return true;
+  return options.backend == AttentionBackend::kCudnn && d % 8 == 0 && d <= 128;
+}
 Tensor F32Copy(const Tensor& t) { return ConvertedCopy(t, DType::kF32); }
 
 }  // namespace
@@ -602,7 +666,7 @@ void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, 
     const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
     const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
     if (q.dtype() == DType::kF32) return cuda::AttentionF32Forward(q, k, v, gq, gk, options, o, lse);
-    if (!Bf16KernelsFit(q)) {
+    if (!Bf16KernelsFit(q, options)) {
       Tensor o32 = F32Copy(o);
       cuda::AttentionF32Forward(F32Copy(q), F32Copy(k), F32Copy(v), gq, gk, options, o32, lse);
       return Convert(o32, o);
@@ -624,7 +688,7 @@ void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
     const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
     const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
     if (q.dtype() == DType::kF32) return cuda::AttentionF32Backward(q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
-    if (!Bf16KernelsFit(q)) {
+    if (!Bf16KernelsFit(q, options)) {
       Tensor dq32 = F32Copy(dq), dk32 = F32Copy(dk), dv32 = F32Copy(dv);
       cuda::AttentionF32Backward(F32Copy(q), F32Copy(k), F32Copy(v), F32Copy(o), lse, F32Copy(d_o), gq, gk, options,
                                  dq32, dk32, dv32);
