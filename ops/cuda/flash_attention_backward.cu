@@ -15,8 +15,15 @@
 //        (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
 //        dV += Pᵀ dO,  dK += dSᵀ Q,  dQ += dS K (dS through shared memory,
 //        added to an f32 dQ buffer with vector atomics: order not fixed)
-//      then dK ·= scale, dQ ·= scale.
+//      in that order (Sᵀ, Pᵀ, dV, then dPᵀ, dSᵀ, dK, dQ), so that the 128
+//      accumulator registers of dK, dV leave room for one product's tile
+//      and its operands (255 registers, 8 bytes of spills, was 308); then
+//      dK ·= scale.
 //   3. Finish: dq = bf16(scale · dQ_f32).
+// Deterministic mode (AttentionOptions::deterministic): step 2 skips dQ and
+// a dQ pass replaces step 3: one block per query tile and query head walks
+// the key tiles in order, recomputes S, dP, dS and keeps dQ in registers
+// (two more products per tile, no atomics, bitwise repeatable).
 // Gradient rule: dq, dk, dv are written (keys no query sees get 0).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -65,15 +72,18 @@ struct BwdTile {
   static constexpr int kSmem = (2 * kN * D + 4 * kM * D + kN * kM) * 2 + 4 * kM * 4;
 };
 
+// p.dq_acc null (deterministic mode): dK and dV only; FlashBackwardDqKernel
+// makes dq.
 template <int D>
 __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(const Params p) {
   using T = BwdTile<D>;
   constexpr int kM = T::kM, kN = T::kN, kChunks = D / 8, kDt = D / 8;
+  constexpr uint32_t kTileQ = kM * D * 2;  // bytes of one Q (or dO) buffer
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sk = SmemAddr(smem), sv = sk + kN * D * 2;
-  const uint32_t sq0 = sv + kN * D * 2;                   // Q buffers, then dO buffers
-  const uint32_t sdo0 = sq0 + 2 * kM * D * 2;
-  const uint32_t sds = sdo0 + 2 * kM * D * 2;             // dSᵀ [kN keys][kM queries]
+  const uint32_t sq0 = sv + kN * D * 2;  // Q buffers, then dO buffers
+  const uint32_t sdo0 = sq0 + 2 * kTileQ;
+  const uint32_t sds = sdo0 + 2 * kTileQ;  // dSᵀ [kN keys][kM queries]
   float* stats = reinterpret_cast<float*>(smem + (2 * kN * D + 4 * kM * D + kN * kM) * 2);  // [2][lse2 kM, Δ kM]
 
   const int kvh = blockIdx.y, row = blockIdx.z;
@@ -96,8 +106,8 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
   auto issue = [&](int s, int buf) {
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
     const int64_t off = (q0 + i0) * ldq + h * D;
-    LoadTile<kM, D, T::kThreads>(sq0 + buf * kM * D * 2, p.q + off, ldq, nq - i0, tid);
-    LoadTile<kM, D, T::kThreads>(sdo0 + buf * kM * D * 2, p.d_o + off, ldq, nq - i0, tid);
+    LoadTile<kM, D, T::kThreads>(sq0 + buf * kTileQ, p.q + off, ldq, nq - i0, tid);
+    LoadTile<kM, D, T::kThreads>(sdo0 + buf * kTileQ, p.d_o + off, ldq, nq - i0, tid);
     if (!p.sigmoid && tid < 2 * kM) {
       const int r = tid % kM;
       const bool ok = i0 + r < nq;
@@ -110,6 +120,14 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
   LoadTile<kN, D, T::kThreads>(sv, p.v + k0 * ldk + kvh * D + j0 * ldk, ldk, nk - j0, tid);
   if (steps > 0) issue(0, 0);
   CpAsyncCommit();
+
+  // Lane offsets of the ldmatrix fragments (added to a tile's base): A rows
+  // of K, V (this warp's 16 keys); B rows of Q, dO (queries along n);
+  // transposed B of dO, Q, K (rows along k); transposed A of dSᵀ.
+  const FragAddr<kChunks> fa(0, lane % 16, lane / 16);
+  const FragAddr<kChunks> fb(0, lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
+  const FragAddr<kChunks> fbt(0, lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
+  const FragAddr<kM / 8> fds(sds, lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
 
   float dk[kDt][4], dv[kDt][4];
 #pragma unroll
@@ -125,96 +143,113 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
     __syncthreads();  // step s landed; nobody reads buffer buf ^ 1 any more
     if (s + 1 < steps) issue(s + 1, buf ^ 1);
     CpAsyncCommit();
-    const uint32_t sq = sq0 + buf * kM * D * 2, sdo = sdo0 + buf * kM * D * 2;
+    const uint32_t sq = sq0 + buf * kTileQ, sdo = sdo0 + buf * kTileQ;
     const float* lse2 = stats + buf * 2 * kM;
     const float* delta = lse2 + kM;
 
-    // Sᵀ = K_w Qᵀ and dPᵀ = V_w dOᵀ: 16 keys x 64 queries a warp.
-    float st[kM / 8][4], dpt[kM / 8][4];
+    // Sᵀ = K_w Qᵀ, then Pᵀ in place (element (key j, query i)); then
+    // dPᵀ = V_w dOᵀ and dSᵀ in place: 16 keys x 64 queries a warp. The two
+    // products run one after the other so that only one operand pair is live.
+    const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
+                           mask.qdoc != nullptr;
+    float st[kM / 8][4];
 #pragma unroll
     for (int nt = 0; nt < kM / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = 0.f, dpt[nt][e] = 0.f;
+      for (int e = 0; e < 4; ++e) st[nt][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t ak[4], av[4];
-      LdMatrixX4(ak, sk + Swz<kChunks>(kw + lane % 16, kk * 2 + lane / 16));
-      LdMatrixX4(av, sv + Swz<kChunks>(kw + lane % 16, kk * 2 + lane / 16));
+      uint32_t a[4];
+      LdMatrixX4(a, sk + fa.at(warp, kk));
 #pragma unroll
       for (int np = 0; np < kM / 16; ++np) {
-        uint32_t bq[4], bo[4];
-        const int r = np * 16 + lane % 8 + 8 * (lane / 16), c = kk * 2 + (lane / 8) % 2;
-        LdMatrixX4(bq, sq + Swz<kChunks>(r, c));
-        LdMatrixX4(bo, sdo + Swz<kChunks>(r, c));
-        Mma(st[2 * np], ak, bq[0], bq[1]);
-        Mma(st[2 * np + 1], ak, bq[2], bq[3]);
-        Mma(dpt[2 * np], av, bo[0], bo[1]);
-        Mma(dpt[2 * np + 1], av, bo[2], bo[3]);
+        uint32_t b[4];
+        LdMatrixX4(b, sq + fb.at(np, kk));
+        Mma(st[2 * np], a, b[0], b[1]);
+        Mma(st[2 * np + 1], a, b[2], b[3]);
       }
     }
-
-    // Pᵀ into st, dSᵀ into dpt. Element (key j, query i).
-    const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
-                           mask.qdoc != nullptr;
 #pragma unroll
     for (int nt = 0; nt < kM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = nt * 8 + 2 * t + (e % 2);
-        const int j = j0 + kw + g + 8 * (e / 2);
-        const bool visible = !need_mask || mask.Visible(i0 + il, j);
-        float pe, ds;
-        if (p.sigmoid) {
-          pe = 1.f / (1.f + exp2f(-(st[nt][e] * p.scale + p.bias) * kLog2e));
-          ds = pe * (1.f - pe) * dpt[nt][e];
-        } else {
-          pe = exp2f(fmaf(st[nt][e], p.scale_log2, -lse2[il]));
-          ds = pe * (dpt[nt][e] - delta[il]);
-        }
+        const bool visible = !need_mask || mask.Visible(i0 + il, j0 + kw + g + 8 * (e / 2));
+        const float pe = p.sigmoid ? 1.f / (1.f + exp2f(-(st[nt][e] * p.scale + p.bias) * kLog2e))
+                                   : exp2f(fmaf(st[nt][e], p.scale_log2, -lse2[il]));
         st[nt][e] = visible ? pe : 0.f;
-        dpt[nt][e] = visible ? ds : 0.f;
       }
-
-    // dV += Pᵀ dO and dK += dSᵀ Q (k = the 64 queries); dSᵀ to shared memory.
+    // dV += Pᵀ dO (k = the 64 queries): Pᵀ's C fragments are A fragments.
 #pragma unroll
     for (int kk = 0; kk < kM / 16; ++kk) {
-      uint32_t ap[4], ads[4];
-      ap[0] = PackBf16(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = PackBf16(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = PackBf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = PackBf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      ads[0] = PackBf16(dpt[2 * kk][0], dpt[2 * kk][1]);
-      ads[1] = PackBf16(dpt[2 * kk][2], dpt[2 * kk][3]);
-      ads[2] = PackBf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      ads[3] = PackBf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-      // dSᵀ rows kw + g (+8), queries kk·16 + 2t (+8): 4-byte stores into the
-      // swizzled [kN][kM] tile (kM/8 chunks a row).
-      {
-        constexpr int kSc = kM / 8;
-        const int c0 = kk * 2, c1 = kk * 2 + 1, w0 = (2 * t) * 2;  // byte in chunk
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sds + Swz<kSc>(kw + g, c0) + w0), "r"(ads[0]));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sds + Swz<kSc>(kw + g + 8, c0) + w0), "r"(ads[1]));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sds + Swz<kSc>(kw + g, c1) + w0), "r"(ads[2]));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sds + Swz<kSc>(kw + g + 8, c1) + w0), "r"(ads[3]));
+      const uint32_t a[4] = {PackBf16(st[2 * kk][0], st[2 * kk][1]), PackBf16(st[2 * kk][2], st[2 * kk][3]),
+                             PackBf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                             PackBf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, sdo + fbt.at(kk, dp));
+        Mma(dv[2 * dp], a, b[0], b[1]);
+        Mma(dv[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    float dpt[kM / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dpt[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      LdMatrixX4(a, sv + fa.at(warp, kk));
+#pragma unroll
+      for (int np = 0; np < kM / 16; ++np) {
+        uint32_t b[4];
+        LdMatrixX4(b, sdo + fb.at(np, kk));
+        Mma(dpt[2 * np], a, b[0], b[1]);
+        Mma(dpt[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), sigmoid: Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ (Pᵀ is 0 where masked).
+#pragma unroll
+    for (int nt = 0; nt < kM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = st[nt][e];
+        dpt[nt][e] = p.sigmoid ? pe * (1.f - pe) * dpt[nt][e] : pe * (dpt[nt][e] - delta[2 * t + nt * 8 + (e % 2)]);
+      }
+
+    // dK += dSᵀ Q (k = the 64 queries); dSᵀ to shared memory for dQ.
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) {
+      const uint32_t a[4] = {PackBf16(dpt[2 * kk][0], dpt[2 * kk][1]), PackBf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                             PackBf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                             PackBf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+      if (p.dq_acc) {
+        // dSᵀ rows kw + g (+8), queries kk·16 + 2t (+8): 4-byte stores into
+        // the swizzled [kN][kM] tile (kM/8 chunks a row; (kw + g) mod 8 = g).
+        const uint32_t r0 = sds + (kw + g) * kM * 2 + 4 * t, r8 = r0 + 8 * kM * 2;
+        const uint32_t c0 = ((2 * kk) ^ g) * 16, c1 = ((2 * kk + 1) ^ g) * 16;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r0 + c0), "r"(a[0]));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r8 + c0), "r"(a[1]));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r0 + c1), "r"(a[2]));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r8 + c1), "r"(a[3]));
       }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bo[4], bq[4];
-        const int r = kk * 16 + lane % 8 + 8 * ((lane / 8) % 2), c = dp * 2 + lane / 16;
-        LdMatrixX4Trans(bo, sdo + Swz<kChunks>(r, c));
-        LdMatrixX4Trans(bq, sq + Swz<kChunks>(r, c));
-        Mma(dv[2 * dp], ap, bo[0], bo[1]);
-        Mma(dv[2 * dp + 1], ap, bo[2], bo[3]);
-        Mma(dk[2 * dp], ads, bq[0], bq[1]);
-        Mma(dk[2 * dp + 1], ads, bq[2], bq[3]);
+        uint32_t b[4];
+        LdMatrixX4Trans(b, sq + fbt.at(kk, dp));
+        Mma(dk[2 * dp], a, b[0], b[1]);
+        Mma(dk[2 * dp + 1], a, b[2], b[3]);
       }
     }
+    if (!p.dq_acc) continue;
     __syncthreads();  // dSᵀ complete
 
     // dQ[64 x D] += dS K: warp w owns query m-tile w % 4 and half the head dim.
     {
-      constexpr int kHalf = D / 2, kSc = kM / 8;
-      const int mtile = warp % 4, d0 = (warp / 4) * kHalf;
+      constexpr int kHalf = D / 2;
+      const int mtile = warp % 4, c2 = (warp / 4) * (kHalf / 16);
       float dq[kHalf / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kHalf / 8; ++nt)
@@ -223,11 +258,11 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
 #pragma unroll
       for (int kk = 0; kk < kN / 16; ++kk) {
         uint32_t a[4];
-        LdMatrixX4Trans(a, sds + Swz<kSc>(kk * 16 + lane % 8 + 8 * (lane / 16), mtile * 2 + (lane / 8) % 2));
+        LdMatrixX4Trans(a, fds.at(kk, mtile));
 #pragma unroll
         for (int dp = 0; dp < kHalf / 16; ++dp) {
           uint32_t b[4];
-          LdMatrixX4Trans(b, sk + Swz<kChunks>(kk * 16 + lane % 8 + 8 * ((lane / 8) % 2), d0 / 8 + dp * 2 + lane / 16));
+          LdMatrixX4Trans(b, sk + fbt.at(kk, c2 + dp));
           Mma(dq[2 * dp], a, b[0], b[1]);
           Mma(dq[2 * dp + 1], a, b[2], b[3]);
         }
@@ -236,7 +271,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
       for (int r = 0; r < 2; ++r) {
         const int i = i0 + mtile * 16 + g + 8 * r;
         if (i >= nq) continue;
-        float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + d0 + 2 * t;
+        float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + c2 * 16 + 2 * t;
 #pragma unroll
         for (int nt = 0; nt < kHalf / 8; ++nt) AtomicAdd2(dst + nt * 8, dq[nt][2 * r], dq[nt][2 * r + 1]);
       }
@@ -262,6 +297,158 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
   }
 }
 
+// Deterministic dQ pass (AttentionOptions::deterministic): one block = kM
+// queries of one row and one query head, 4 warps of 16 query rows, walking
+// the key tiles in order and recomputing S = Q Kᵀ and dP = dO Vᵀ:
+//   P = 2^(S·c − lse·log2 e), dS = P ⊙ (dP − Δ)  (sigmoid: P ⊙ (1 − P) ⊙ dP),
+//   dQ += dS K in registers, then dq = bf16(scale · dQ).
+// Each dq element is written once, summed in the same order every run. K, V
+// of tile j+1 load while tile j runs.
+template <int D>
+struct DqTile {
+  static constexpr int kM = 64, kN = 64, kWarps = 4, kThreads = kWarps * 32;
+  // Q, dO [kM][D]; K, V [2][kN][D].
+  static constexpr int kSmem = (2 * kM * D + 4 * kN * D) * 2;
+};
+
+template <int D>
+__global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
+    FlashBackwardDqKernel(const Params p, __nv_bfloat16* dq_out) {
+  using T = DqTile<D>;
+  constexpr int kM = T::kM, kN = T::kN, kChunks = D / 8, kDt = D / 8;
+  constexpr uint32_t kTileKV = kN * D * 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sq = SmemAddr(smem), sdo = sq + kM * D * 2, sk0 = sdo + kM * D * 2, sv0 = sk0 + 2 * kTileKV;
+
+  const int tile = gridDim.x - 1 - blockIdx.x;  // heavy causal tiles first
+  const int h = blockIdx.y, row = blockIdx.z, kvh = h / p.group;
+  const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
+  const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
+  const int i0 = tile * kM;
+  if (i0 >= nq) return;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
+
+  int n_end = nk;
+  if (p.causal) n_end = max(0, min(nk, i0 + kM - p.shift));
+  const int n_tiles = (n_end + kN - 1) / kN;
+
+  const int64_t ldq = p.hq * D, ldk = p.hk * D;
+  const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;
+  const __nv_bfloat16* vbase = p.v + k0 * ldk + kvh * D;
+
+  // lse·log2 e and Δ of this thread's two query rows (g, g + 8).
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = i0 + warp * 16 + g + 8 * r;
+    const bool ok = i < nq && !p.sigmoid;
+    lse2[r] = ok ? p.lse2[h * p.tq + q0 + i] : 0.f;
+    delta[r] = ok ? p.delta[h * p.tq + q0 + i] : 0.f;
+  }
+
+  // Lane offsets: A rows of Q, dO; B rows of K, V (keys along n);
+  // transposed B of K (keys along k).
+  const FragAddr<kChunks> fa(0, lane % 16, lane / 16);
+  const FragAddr<kChunks> fb(0, lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
+  const FragAddr<kChunks> fbt(0, lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
+
+  float dq[kDt][4];
+#pragma unroll
+  for (int dt = 0; dt < kDt; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
+
+  if (n_tiles > 0) {
+    const int64_t off = (q0 + i0) * ldq + h * D;
+    LoadTile<kM, D, T::kThreads>(sq, p.q + off, ldq, nq - i0, tid);
+    LoadTile<kM, D, T::kThreads>(sdo, p.d_o + off, ldq, nq - i0, tid);
+    LoadTile<kN, D, T::kThreads>(sk0, kbase, ldk, nk, tid);
+    LoadTile<kN, D, T::kThreads>(sv0, vbase, ldk, nk, tid);
+    CpAsyncCommit();
+  }
+  for (int jt = 0; jt < n_tiles; ++jt) {
+    const int j0 = jt * kN, buf = jt & 1;
+    CpAsyncWait<0>();
+    __syncthreads();  // tile jt landed; nobody reads buffer buf ^ 1 any more
+    if (jt + 1 < n_tiles) {
+      LoadTile<kN, D, T::kThreads>(sk0 + (buf ^ 1) * kTileKV, kbase + (j0 + kN) * ldk, ldk, nk - j0 - kN, tid);
+      LoadTile<kN, D, T::kThreads>(sv0 + (buf ^ 1) * kTileKV, vbase + (j0 + kN) * ldk, ldk, nk - j0 - kN, tid);
+    }
+    CpAsyncCommit();
+    const uint32_t sk = sk0 + buf * kTileKV, sv = sv0 + buf * kTileKV;
+
+    // S = Q Kᵀ and dP = dO Vᵀ: 16 queries x 64 keys a warp.
+    float s[kN / 8][4], dp[kN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f, dp[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t aq[4], ao[4];
+      LdMatrixX4(aq, sq + fa.at(warp, kk));
+      LdMatrixX4(ao, sdo + fa.at(warp, kk));
+#pragma unroll
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t bk[4], bv[4];
+        LdMatrixX4(bk, sk + fb.at(np, kk));
+        LdMatrixX4(bv, sv + fb.at(np, kk));
+        Mma(s[2 * np], aq, bk[0], bk[1]);
+        Mma(s[2 * np + 1], aq, bk[2], bk[3]);
+        Mma(dp[2 * np], ao, bv[0], bv[1]);
+        Mma(dp[2 * np + 1], ao, bv[2], bv[3]);
+      }
+    }
+
+    // dS into s. Element (query i, key j).
+    const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
+                           mask.qdoc != nullptr;
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const bool visible =
+            !need_mask || mask.Visible(i0 + warp * 16 + g + 8 * r, j0 + nt * 8 + 2 * t + (e % 2));
+        float ds;
+        if (p.sigmoid) {
+          const float pe = 1.f / (1.f + exp2f(-(s[nt][e] * p.scale + p.bias) * kLog2e));
+          ds = pe * (1.f - pe) * dp[nt][e];
+        } else {
+          ds = exp2f(fmaf(s[nt][e], p.scale_log2, -lse2[r])) * (dp[nt][e] - delta[r]);
+        }
+        s[nt][e] = visible ? ds : 0.f;
+      }
+
+    // dQ += dS K_j: dS's C fragments are A fragments (k = the 64 keys).
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint32_t a[4] = {PackBf16(s[2 * kk][0], s[2 * kk][1]), PackBf16(s[2 * kk][2], s[2 * kk][3]),
+                             PackBf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             PackBf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp2 = 0; dp2 < D / 16; ++dp2) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, sk + fbt.at(kk, dp2));
+        Mma(dq[2 * dp2], a, b[0], b[1]);
+        Mma(dq[2 * dp2 + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  CpAsyncWait<0>();  // no copy may be in flight when the block exits
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = i0 + warp * 16 + g + 8 * r;
+    if (i >= nq) continue;
+    __nv_bfloat16* out = dq_out + (q0 + i) * ldq + h * D;
+#pragma unroll
+    for (int dt = 0; dt < kDt; ++dt)
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * t) = PackBf16(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
+  }
+}
+
 __global__ void BackwardFinishKernel(const float* dq_acc, int64_t n, float scale, __nv_bfloat16* dq) {
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
   if (i >= n) return;
@@ -282,6 +469,21 @@ void LaunchBackward(const Params& p, int64_t max_k, int64_t rows, cudaStream_t s
   const dim3 grid((max_k + T::kN - 1) / T::kN, p.hk, rows);
   if (grid.x == 0 || rows == 0) return;
   FlashBackwardKernel<D><<<grid, T::kThreads, T::kSmem, stream>>>(p);
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
+
+template <int D>
+void LaunchBackwardDq(const Params& p, int64_t max_q, int64_t rows, __nv_bfloat16* dq, cudaStream_t stream) {
+  using T = DqTile<D>;
+  static bool configured = [] {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(FlashBackwardDqKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         T::kSmem));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid((max_q + T::kM - 1) / T::kM, p.hq, rows);
+  if (grid.x == 0 || rows == 0) return;
+  FlashBackwardDqKernel<D><<<grid, T::kThreads, T::kSmem, stream>>>(p, dq);
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -314,11 +516,14 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
     return true;
   }();
   (void)pool_kept;
+  // Deterministic mode has no dQ buffer: the dQ pass writes dq itself.
+  const bool dq_atomic = !options.deterministic;
   float* scratch = nullptr;
   const size_t dq_n = static_cast<size_t>(tq * hq * d), stat_n = static_cast<size_t>(tq * hq);
-  LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&scratch), (dq_n + 2 * stat_n) * sizeof(float), s));
-  p.dq_acc = scratch;
-  float* delta = scratch + dq_n;
+  const size_t acc_n = dq_atomic ? dq_n : 0;
+  LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&scratch), (acc_n + 2 * stat_n) * sizeof(float), s));
+  p.dq_acc = dq_atomic ? scratch : nullptr;
+  float* delta = scratch + acc_n;
   float* lse2 = delta + stat_n;
   p.delta = delta;
   p.lse2 = lse2;
@@ -326,7 +531,7 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.d_o = Bf16(d_o);
   p.dk = Bf16Mut(dk);
   p.dv = Bf16Mut(dv);
-  LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_acc, 0, dq_n * sizeof(float), s));
+  if (dq_atomic) LOOM_CUDA_CHECK(cudaMemsetAsync(p.dq_acc, 0, dq_n * sizeof(float), s));
   if (!options.sigmoid && tq * hq > 0) {
     const int64_t blocks = (tq * hq * 32 + 255) / 256;
     if (d == 64)
@@ -337,12 +542,17 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   if (d == 64) LaunchBackward<64>(p, k_rows.max_len, k_rows.rows(), s);
   else LaunchBackward<128>(p, k_rows.max_len, k_rows.rows(), s);
-  if (dq_n > 0) {
+  if (dq_atomic && dq_n > 0) {
     BackwardFinishKernel<<<(dq_n / 4 + 255) / 256, 256, 0, s>>>(p.dq_acc, dq_n, p.scale, Bf16Mut(dq));
     LOOM_CUDA_CHECK(cudaGetLastError());
   }
+  if (!dq_atomic) {
+    // Queries outside every row keep dq = 0.
+    if (!q_rows.uniform) LOOM_CUDA_CHECK(cudaMemsetAsync(dq.raw(), 0, dq.nbytes(), s));
+    if (d == 64) LaunchBackwardDq<64>(p, q_rows.max_len, q_rows.rows(), Bf16Mut(dq), s);
+    else LaunchBackwardDq<128>(p, q_rows.max_len, q_rows.rows(), Bf16Mut(dq), s);
+  }
   LOOM_CUDA_CHECK(cudaFreeAsync(scratch, s));
 }
-
 
 }  // namespace loom::ops::cuda

@@ -26,6 +26,7 @@ struct Case {
   bool causal = true;
   bool sigmoid = false;
   int64_t q_offset = 0, k_offset = 0;
+  bool deterministic = false;  // Loom's backward: dq without atomics
 };
 
 // The case's mask and variant (sigmoid bias −log 1024).
@@ -36,6 +37,7 @@ inline AttentionOptions OptionsOf(const Case& c) {
   options.sigmoid_bias = c.sigmoid ? -std::log(1024.0) : 0.0;
   options.q_offset = c.q_offset;
   options.k_offset = c.k_offset;
+  options.deterministic = c.deterministic;
   return options;
 }
 

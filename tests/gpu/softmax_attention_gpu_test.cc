@@ -83,6 +83,58 @@ TEST(GpuFlashAttention, LongRowMatchesCpu) {
   RunCase(kLoom, Case{.name = "causal 2048 GQA", .d = 128, .hq = 4, .hk = 1, .q_lens = {2048}});
 }
 
+// AttentionOptions::deterministic: dq from the in-order dQ pass instead of
+// atomics; every mask kind against the CPU reference.
+TEST(GpuFlashAttention, DeterministicBackwardMatchesCpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCase(kLoom, Case{.name = "det causal GQA varlen D128", .d = 128, .hq = 6, .hk = 2, .q_lens = {64, 300, 17},
+                      .deterministic = true});
+  RunCase(kLoom, Case{.name = "det full GQA varlen D64", .d = 64, .hq = 8, .hk = 2, .q_lens = {70, 230, 1, 129},
+                      .causal = false, .deterministic = true});
+  RunCase(kLoom, Case{.name = "det q_offset 256", .d = 128, .hq = 4, .hk = 2, .q_lens = {100}, .k_lens = {300},
+                      .q_offset = 256, .deterministic = true});
+  RunCase(kLoom, Case{.name = "det k_offset 100", .d = 128, .hq = 4, .hk = 4, .q_lens = {260}, .k_lens = {260},
+                      .k_offset = 100, .deterministic = true});
+  RunCase(kLoom, Case{.name = "det docs causal", .d = 128, .hq = 4, .hk = 2, .q_lens = {300, 150},
+                      .doc_lens = {{40, 200, 60}, {1, 149}}, .deterministic = true});
+  RunCase(kLoom, Case{.name = "det sigmoid causal D64", .d = 64, .hq = 4, .hk = 2, .q_lens = {150, 260},
+                      .sigmoid = true, .deterministic = true});
+  RunCase(kLoom, Case{.name = "det causal 2048 GQA", .d = 128, .hq = 4, .hk = 1, .q_lens = {2048},
+                      .deterministic = true});
+}
+
+// Two deterministic backward passes on the same inputs give the same bits
+// (dq, dk, dv); the atomic pass gives the same dk, dv and a dq within the
+// tests' bf16 tolerance.
+TEST(GpuFlashAttention, DeterministicBackwardIsBitwiseRepeatable) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const TokenRows rows = gpu_test::Rows({1500, 548}, {});
+  const int64_t t = 2048, hq = 8, hk = 2, d = 128;
+  const Tensor q = gpu_test::ToGpu(testing::RandomTensor({t, hq, d}, DType::kF32, 61, -2, 2).To(DType::kBF16));
+  const Tensor k = gpu_test::ToGpu(testing::RandomTensor({t, hk, d}, DType::kF32, 62, -2, 2).To(DType::kBF16));
+  const Tensor v = gpu_test::ToGpu(testing::RandomTensor({t, hk, d}, DType::kF32, 63).To(DType::kBF16));
+  const Tensor d_o = gpu_test::ToGpu(testing::RandomTensor({t, hq, d}, DType::kF32, 64).To(DType::kBF16));
+  const cuda::CudaTokenRows grows = cuda::ToDevice(rows, 0);
+  AttentionOptions options;
+  auto bf16 = [](const Shape& s) { return gpu_test::PoisonedGpu(s, DType::kBF16); };
+  Tensor o = bf16(q.shape()), lse = gpu_test::PoisonedGpu({t, hq}, DType::kF32);
+  cuda::FlashAttentionForward(q, k, v, grows, grows, options, o, lse);
+  Tensor dq_atomic = bf16(q.shape()), dk_atomic = bf16(k.shape()), dv_atomic = bf16(v.shape());
+  cuda::FlashAttentionBackward(q, k, v, o, lse, d_o, grows, grows, options, dq_atomic, dk_atomic, dv_atomic);
+  options.deterministic = true;
+  Tensor dq[2] = {bf16(q.shape()), bf16(q.shape())}, dk[2] = {bf16(k.shape()), bf16(k.shape())},
+         dv[2] = {bf16(v.shape()), bf16(v.shape())};
+  for (int run = 0; run < 2; ++run)
+    cuda::FlashAttentionBackward(q, k, v, o, lse, d_o, grows, grows, options, dq[run], dk[run], dv[run]);
+  CudaSynchronize();
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dq[0]), gpu_test::ToCpu(dq[1]), 0, 0)) << "dq";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dk[0]), gpu_test::ToCpu(dk[1]), 0, 0)) << "dk";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dv[0]), gpu_test::ToCpu(dv[1]), 0, 0)) << "dv";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dk_atomic), gpu_test::ToCpu(dk[0]), 0, 0)) << "dk, atomic pass";
+  EXPECT_TRUE(testing::AllClose(gpu_test::ToCpu(dv_atomic), gpu_test::ToCpu(dv[0]), 0, 0)) << "dv, atomic pass";
+  EXPECT_TRUE(gpu_test::Close(dq_atomic, gpu_test::ToCpu(dq[0]), 1e-2, 3e-2, 2e-2)) << "dq, atomic pass";
+}
+
 // The ops:: entry points with bf16 CUDA tensors and host rows (as the model
 // calls them) run Loom's flash kernels: forward bit for bit, dk and dv bit
 // for bit (each written once from registers); dq is summed with atomics in
