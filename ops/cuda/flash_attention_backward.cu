@@ -36,6 +36,11 @@
 #include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda {
+namespace flash {
+// The KV pass on wgmma for D = 128 (ops/cuda/flash_attention_backward_sm90.cu).
+void LaunchBackwardSm90(const Params& p, int64_t max_k, int64_t rows, cudaStream_t stream);
+}  // namespace flash
+
 namespace {
 
 using namespace flash;
@@ -541,7 +546,7 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
     LOOM_CUDA_CHECK(cudaGetLastError());
   }
   if (d == 64) LaunchBackward<64>(p, k_rows.max_len, k_rows.rows(), s);
-  else LaunchBackward<128>(p, k_rows.max_len, k_rows.rows(), s);
+  else LaunchBackwardSm90(p, k_rows.max_len, k_rows.rows(), s);
   if (dq_atomic && dq_n > 0) {
     BackwardFinishKernel<<<(dq_n / 4 + 255) / 256, 256, 0, s>>>(p.dq_acc, dq_n, p.scale, Bf16Mut(dq));
     LOOM_CUDA_CHECK(cudaGetLastError());
