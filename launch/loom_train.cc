@@ -266,7 +266,7 @@ class Trainer {
           const TrainStagePlan& stage)
       : config_(config),
         moe_parallel_{.stats = groups.dp.get(), .ep = groups.ep.get()},
-        dims_(PlacedDims(config, device, &moe_parallel_)),
+        dims_(PlacedDims(config, device, &moe_parallel_, groups.dp_cp.get())),
         world_(world),
         groups_(groups),
         tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp, config.parallel().sequence_parallel()},
@@ -401,6 +401,11 @@ class Trainer {
                                      {key + "load_cv", r.load_cv},
                                      {key + "dropped", static_cast<double>(r.dropped)}});
       }
+      for (const auto& [layer, r] : model_.MohStatistics()) {  // MoH: the load of the routed heads
+        const std::string key = absl::StrCat("moh/layer", layer, "/");
+        record.insert(record.end(), {{key + "load_min", r.load_min}, {key + "load_max", r.load_max},
+                                     {key + "load_cv", r.load_cv}});
+      }
       LOOM_RETURN_IF_ERROR(Record(metrics, step + 1, record));
       if ((step + 1) % tc.log_every() == 0 || step == start || step + 1 == steps) {
         LogInfo(absl::StrFormat("step %5d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.3g TFLOP/s%s | "
@@ -412,6 +417,9 @@ class Trainer {
         for (const auto& [layer, r] : model_.RoutingStatistics())
           LogInfo(absl::StrFormat("  moe layer %d | expert load min %.0f max %.0f cv %.4f | dropped %d of %d", layer,
                                   r.load_min, r.load_max, r.load_cv, r.dropped, r.assignments));
+        for (const auto& [layer, r] : model_.MohStatistics())
+          LogInfo(absl::StrFormat("  moh layer %d | head load min %.0f max %.0f cv %.4f of %d", layer, r.load_min,
+                                  r.load_max, r.load_cv, r.assignments));
       }
       if (tc.eval_every() > 0 && (step + 1) % tc.eval_every() == 0 && step + 1 < steps) {
         LOOM_RETURN_IF_ERROR(LogEval(step + 1, metrics).status());
@@ -441,10 +449,11 @@ class Trainer {
   }
 
  private:
-  static ModelDims PlacedDims(const config::Config& c, Device device, const MoeParallel* moe) {
+  static ModelDims PlacedDims(const config::Config& c, Device device, const MoeParallel* moe, Communicator* dp_cp) {
     ModelDims d = ModelDims::FromConfig(c);
     d.device = device;
     d.moe.parallel = moe;  // router statistics summed over dp (model/moe.h)
+    d.moh.stats = dp_cp;   // MoH's over dp × cp (model/moh.h)
     return d;
   }
 

@@ -34,6 +34,8 @@ absl::StatusOr<Decoder> Decoder::Create(const Model& model) {
   if (!d.device.is_cpu() || d.mixed_bf16)
     return absl::InvalidArgumentError("[decode] the model must be on the CPU in f32 or f64");
   if (d.moe.experts > 0) return absl::UnimplementedError("[decode] MoE layers cannot be decoded yet");
+  if (d.kinds.find_first_of("HR") != std::string::npos)
+    return absl::UnimplementedError("[decode] MoH layers (H, R) cannot be decoded yet");
   std::map<std::string, const Param*> by_name;
   for (const Param* p : model.params()) {
     if (p->sharded())

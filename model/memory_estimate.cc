@@ -29,15 +29,25 @@ struct StepShapes {
   // state transient, in Forward's order (block.cc, the layers' Forward).
   int64_t SavedPre(char kind) const {
     int64_t n = t * c + t * c;  // n1, mixed (= x1); rstd1 below
-    if (kind == 'S') return (n + t * (2 * hq * d.head_dim + 2 * hk * d.head_dim)) * e + (t + t * hq) * es;  // + lse
+    if (SoftmaxKind(kind))
+      return (n + t * (2 * hq * d.head_dim + 2 * hk * d.head_dim)) * e + (t + t * hq) * es + MohSaved(kind);  // + lse
     const int64_t thd = t * hq * d.head_dim;
     n += thd * (3 + (d.lightning_silu ? 3 : 0) + 1);  // qa,ka,va, q,k,v, a
-    return n * e + t * es;
+    return n * e + t * es + MohSaved(kind);
+  }
+  // MoH (model/moh.h): the router's activations (shared scores, routed
+  // logits and scores, the kept heads' ids and p, lse, α), the gates, the
+  // gated input of W_o and the skip mask.
+  int64_t MohSaved(char kind) const {
+    if (!MohKind(kind)) return 0;
+    const int64_t shared = d.moh.shared_heads, routed = d.heads - shared, k = routed > 0 ? d.moh.top_k : 0;
+    const int64_t block = SoftmaxKind(kind) ? 64 : d.lightning_block;
+    return t * (shared + 2 * routed + 2 * k + 3 + hq + hq * d.head_dim) * e + hq * ((t + block - 1) / block) * 4;
   }
   int64_t SavedPost(char kind) const {
     int64_t n = t * c + 3 * t * f;  // n2, SwiGLU gate, up, h; rstd2 below
     int64_t stats = t;
-    if (kind == 'L') {
+    if (!SoftmaxKind(kind)) {
       const int64_t thd = t * hq * d.head_dim;
       if (d.lightning_norm) n += thd, stats += t * hq;  // n, rstd
       if (d.lightning_gate) n += 2 * thd;               // g, y
@@ -49,7 +59,7 @@ struct StepShapes {
 
   void BlockForward(Ledger& m, char kind) const {
     m.Alloc(SavedPre(kind));
-    if (kind == 'L') {
+    if (!SoftmaxKind(kind)) {
       m.Alloc(LightningState());
       m.Free(LightningState());
     }
@@ -59,7 +69,12 @@ struct StepShapes {
   // Mixer backward transients (softmax_attention_layer.cc /
   // lightning_attention_layer.cc Backward), all freed at its return.
   void MixerBackward(Ledger& m, char kind) const {
-    if (kind == 'S') {
+    if (MohKind(kind)) {  // dgates, then the router's logit gradients (model/moh.cc)
+      const int64_t router = t * (hq + d.heads + 2) * e;
+      m.Alloc(router);
+      m.Free(router);
+    }
+    if (SoftmaxKind(kind)) {
       const int64_t b = t * (2 * hq + 2 * hk) * d.head_dim * e;  // d_o, dq, dk, dv
       m.Alloc(b);
       m.Free(b);
@@ -196,7 +211,7 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const ModelDims& d, const MemoryEs
     for (int l = first_layer; l < first_layer + per_stage; ++l) {
       chunk_layers[v].push_back(l);
       sizes.push_back(c);  // norm1
-      if (d.kinds[l] == 'S') {
+      if (SoftmaxKind(d.kinds[l])) {
         sizes.insert(sizes.end(), {qd * c, kvd * c, kvd * c, c * qd});
       } else {
         sizes.insert(sizes.end(), {qd * c, qd * c, qd * c});
@@ -204,6 +219,7 @@ absl::StatusOr<MemoryEstimate> EstimateMemory(const ModelDims& d, const MemoryEs
         sizes.push_back(c * qd);
         if (d.lightning_norm) sizes.push_back(d.head_dim);
       }
+      if (MohKind(d.kinds[l])) sizes.push_back(d.MohRouterRows() * c);  // W_s, W_r, W_h (counted as one)
       sizes.push_back(c);  // norm2
       sizes.insert(sizes.end(), {f * c, f * c, c * f});
     }

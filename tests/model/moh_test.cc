@@ -13,6 +13,7 @@
 
 #include "data/associative_recall.h"
 #include "model/lightning_attention_layer.h"
+#include "model/memory_estimate.h"
 #include "model/model.h"
 #include "model/softmax_attention_layer.h"
 #include "ops/lightning_attention.h"
@@ -350,6 +351,25 @@ TEST(LightningAttention, ActiveMaskEqualsZeroedOutputsAndGradients) {
   const auto want = grads(plain, Masked(d_o, masked.active, block));
   const auto got = grads(masked, d_o);
   for (int i = 0; i < 4; ++i) EXPECT_TRUE(testing::AllClose(got[i], want[i], 0, 1e-13)) << "output " << i;
+}
+
+// The dry-run estimate counts the router weights exactly and MoH's
+// activations on top of the plain layers'.
+TEST(MohModel, MemoryEstimateCountsRouterWeightsAndActivations) {
+  const config::Config moh = MohConfig(), plain = MohConfig({"model.pattern=SL"});
+  auto layout = MakeLayout(1, moh);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  const ModelDims dims = ModelDims::FromConfig(moh);
+  auto a = EstimateMemory(dims, MemoryEstimateOptionsFromConfig(moh, *layout));
+  auto b = EstimateMemory(ModelDims::FromConfig(plain), MemoryEstimateOptionsFromConfig(plain, *layout));
+  ASSERT_TRUE(a.ok() && b.ok());
+  Model model(dims);
+  int64_t elements = 0;
+  for (const Param* p : model.params()) elements += p->value.numel();
+  EXPECT_EQ(a->parameters, elements);
+  EXPECT_EQ(a->parameters - b->parameters, 2 * dims.MohRouterRows() * dims.hidden);
+  EXPECT_EQ(dims.ParameterCount(true), elements);
+  EXPECT_GT(a->activation_bytes, b->activation_bytes);
 }
 
 TEST(MohConfig, RefusesBadFieldsAndParallelism) {
