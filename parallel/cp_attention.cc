@@ -1,11 +1,13 @@
 #include "parallel/cp_attention.h"
 
 #include "ops/add.h"
+#include "runtime/cuda_runtime.h"
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace loom {
@@ -446,123 +448,143 @@ absl::Status AllGatherBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedg
 }
 
 // ---- ulysses ----
+// The exchanges only move elements, so they work on bytes: `w` below is the
+// bytes of one token's slice of one head (D elements, or 1 for the LSE).
 
-// Pack [T, H, D] (or [T, H] with d = 1) into [cp, T, H/cp, D]: slice j holds
-// head group j. `out` advances by the slice's elements per destination, so
-// several tensors can be packed one after the other inside each slice.
-template <typename T>
-void PackHeads(const Tensor& x, int cp, int64_t d, std::vector<T*>& out) {
+char* Bytes(const Tensor& t) { return static_cast<char*>(t.raw()); }
+
+// height rows of width bytes: row i from src + i·spitch to dst + i·dpitch,
+// with memcpy on the CPU, one 2-D copy on the default stream on a GPU.
+void CopyRows(char* dst, int64_t dpitch, const char* src, int64_t spitch, int64_t width, int64_t height, bool cuda) {
+  if (cuda) {
+    CudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height);
+    return;
+  }
+  for (int64_t i = 0; i < height; ++i) std::memcpy(dst + i * dpitch, src + i * spitch, width);
+}
+
+// Pack [T, H, ·] into [cp, T, H/cp, ·]: slice j holds head group j. `out`
+// advances by the slice's bytes per destination, so several tensors can be
+// packed one after the other inside each slice.
+void PackHeads(const Tensor& x, int cp, int64_t w, std::vector<char*>& out) {
   const int64_t tokens = x.dim(0), h = x.dim(1), hg = h / cp;
-  const T* src = x.data<T>();
   for (int j = 0; j < cp; ++j) {
-    T* dst = out[j];
-    for (int64_t t = 0; t < tokens; ++t) std::memcpy(dst + t * hg * d, src + (t * h + j * hg) * d, sizeof(T) * hg * d);
-    out[j] += tokens * hg * d;
+    CopyRows(out[j], hg * w, Bytes(x) + j * hg * w, h * w, hg * w, tokens, !x.device().is_cpu());
+    out[j] += tokens * hg * w;
   }
 }
-// The inverse: slices [cp, T, H/cp, D] -> x [T, H, D].
-template <typename T>
-void UnpackHeads(Tensor& x, int cp, int64_t d, std::vector<const T*>& in) {
+// The inverse: slices [cp, T, H/cp, ·] -> x [T, H, ·].
+void UnpackHeads(Tensor& x, int cp, int64_t w, std::vector<char*>& in) {
   const int64_t tokens = x.dim(0), h = x.dim(1), hg = h / cp;
-  T* dst = x.data<T>();
   for (int j = 0; j < cp; ++j) {
-    const T* src = in[j];
-    for (int64_t t = 0; t < tokens; ++t) std::memcpy(dst + (t * h + j * hg) * d, src + t * hg * d, sizeof(T) * hg * d);
-    in[j] += tokens * hg * d;
+    CopyRows(Bytes(x) + j * hg * w, h * w, in[j], hg * w, hg * w, tokens, !x.device().is_cpu());
+    in[j] += tokens * hg * w;
   }
 }
-// Received slices [cp (source rank), T_local, hg, d] -> x [rows·N, hg, d] in
+// Received slices [cp (source rank), T_local, hg, ·] -> x [rows·N, hg, ·] in
 // global token order (zig-zag inverse), or the reverse when to_slices.
-template <typename T>
-void SeqOrder(const CpChunks& lay, int64_t hg, int64_t d, std::vector<T*>& slices, T* x, bool to_slices) {
+void SeqOrder(const CpChunks& lay, int64_t hg, int64_t w, std::vector<char*>& slices, char* x, bool to_slices,
+              bool cuda) {
   const int cp = lay.cp;
-  const int64_t c = lay.chunk, n = lay.seq_len(), per = hg * d;
+  const int64_t c = lay.chunk, n = lay.seq_len(), per = hg * w;
   for (int src = 0; src < cp; ++src) {
     for (int64_t r = 0; r < lay.rows; ++r)
       for (int s = 0; s < 2; ++s) {
         const int64_t u = s == 0 ? src : 2 * cp - 1 - src;
-        T* sp = slices[src] + (r * 2 + s) * c * per;
-        T* xp = x + (r * n + u * c) * per;
+        char* sp = slices[src] + (r * 2 + s) * c * per;
+        char* xp = x + (r * n + u * c) * per;
         if (to_slices)
-          std::memcpy(sp, xp, sizeof(T) * c * per);
+          CopyRows(sp, 0, xp, 0, c * per, 1, cuda);
         else
-          std::memcpy(xp, sp, sizeof(T) * c * per);
+          CopyRows(xp, 0, sp, 0, c * per, 1, cuda);
       }
     slices[src] += lay.local_tokens() * per;
   }
 }
 
-template <typename T>
-std::vector<T*> SlicePointers(Tensor& buf, int cp) {
-  std::vector<T*> p(cp);
-  for (int j = 0; j < cp; ++j) p[j] = buf.data<T>() + j * (buf.numel() / cp);
+std::vector<char*> SlicePointers(const Tensor& buf, int cp) {
+  std::vector<char*> p(cp);
+  for (int j = 0; j < cp; ++j) p[j] = Bytes(buf) + j * (buf.nbytes() / cp);
   return p;
 }
 
-// Sequence shards [T, H·, D] of the listed tensors -> head shards of the full
-// rows [rows·N, H·/cp, D], through one all-to-all.
-template <typename T>
+// Bytes per token and head of x [T, H, D] (or [T, H]: one element).
+int64_t HeadBytes(const Tensor& x) { return (x.ndim() == 3 ? x.dim(2) : 1) * DTypeSize(x.dtype()); }
+
+// A send and a receive buffer of `bytes` each, in the elements of xs (one
+// dtype, one device).
+std::pair<HeldTensor, HeldTensor> ExchangeBuffers(CpMemoryLedger* l, const std::vector<const Tensor*>& xs,
+                                                  int64_t bytes) {
+  const Tensor& x = *xs[0];
+  for (const Tensor* t : xs)
+    LOOM_CHECK(t->dtype() == x.dtype() && t->device() == x.device(), "[cp_attention] ulysses exchanges one dtype");
+  const int64_t n = bytes / static_cast<int64_t>(DTypeSize(x.dtype()));
+  return {HeldTensor(l, {n}, x.dtype(), false, false, x.device()), HeldTensor(l, {n}, x.dtype(), false, false, x.device())};
+}
+
+// Sequence shards [T, H·, ·] of the listed tensors -> head shards of the full
+// rows [rows·N, H·/cp, ·], through one all-to-all.
 absl::Status SeqToHeads(Communicator& g, CpMemoryLedger* l, const CpChunks& lay, const std::vector<const Tensor*>& xs,
-                        const std::vector<int64_t>& dims, std::vector<Tensor*> outs) {
+                        std::vector<Tensor*> outs) {
   const int cp = g.size();
   int64_t per_slice = 0;
-  for (size_t i = 0; i < xs.size(); ++i) per_slice += xs[i]->dim(0) * (xs[i]->dim(1) / cp) * dims[i];
-  HeldTensor send(l, {cp * per_slice}, xs[0]->dtype(), false, false);
-  HeldTensor recv(l, {cp * per_slice}, xs[0]->dtype(), false, false);
-  std::vector<T*> w = SlicePointers<T>(send.t(), cp);
-  for (size_t i = 0; i < xs.size(); ++i) PackHeads<T>(*xs[i], cp, dims[i], w);
+  for (const Tensor* x : xs) per_slice += x->dim(0) * (x->dim(1) / cp) * HeadBytes(*x);
+  auto [send, recv] = ExchangeBuffers(l, xs, cp * per_slice);
+  std::vector<char*> w = SlicePointers(send.t(), cp);
+  for (const Tensor* x : xs) PackHeads(*x, cp, HeadBytes(*x), w);
   LOOM_RETURN_IF_ERROR(g.AllToAll(send.t(), recv.t()));
   send.Release();
-  std::vector<T*> rp = SlicePointers<T>(recv.t(), cp);
+  std::vector<char*> rp = SlicePointers(recv.t(), cp);
   for (size_t i = 0; i < xs.size(); ++i)
-    SeqOrder<T>(lay, xs[i]->dim(1) / cp, dims[i], rp, outs[i]->data<T>(), /*to_slices=*/false);
+    SeqOrder(lay, xs[i]->dim(1) / cp, HeadBytes(*xs[i]), rp, Bytes(*outs[i]), /*to_slices=*/false,
+             !xs[i]->device().is_cpu());
   return absl::OkStatus();
 }
 
-// Head shards of the full rows -> sequence shards [T, H, D] (one all-to-all).
-template <typename T>
+// Head shards of the full rows -> sequence shards [T, H, ·] (one all-to-all).
 absl::Status HeadsToSeq(Communicator& g, CpMemoryLedger* l, const CpChunks& lay, const std::vector<const Tensor*>& xs,
-                        const std::vector<int64_t>& dims, std::vector<Tensor*> outs) {
+                        std::vector<Tensor*> outs) {
   const int cp = g.size();
   int64_t per_slice = 0;
-  for (size_t i = 0; i < xs.size(); ++i) per_slice += lay.local_tokens() * xs[i]->dim(1) * dims[i];
-  HeldTensor send(l, {cp * per_slice}, xs[0]->dtype(), false, false);
-  HeldTensor recv(l, {cp * per_slice}, xs[0]->dtype(), false, false);
-  std::vector<T*> w = SlicePointers<T>(send.t(), cp);
-  for (size_t i = 0; i < xs.size(); ++i)
-    SeqOrder<T>(lay, xs[i]->dim(1), dims[i], w, const_cast<T*>(xs[i]->data<T>()), /*to_slices=*/true);
+  for (const Tensor* x : xs) per_slice += lay.local_tokens() * x->dim(1) * HeadBytes(*x);
+  auto [send, recv] = ExchangeBuffers(l, xs, cp * per_slice);
+  std::vector<char*> w = SlicePointers(send.t(), cp);
+  for (const Tensor* x : xs) SeqOrder(lay, x->dim(1), HeadBytes(*x), w, Bytes(*x), /*to_slices=*/true, !x->device().is_cpu());
   LOOM_RETURN_IF_ERROR(g.AllToAll(send.t(), recv.t()));
   send.Release();
-  std::vector<T*> rp = SlicePointers<T>(recv.t(), cp);
-  std::vector<const T*> cr(rp.begin(), rp.end());
-  for (size_t i = 0; i < xs.size(); ++i) UnpackHeads<T>(*outs[i], cp, dims[i], cr);
+  std::vector<char*> rp = SlicePointers(recv.t(), cp);
+  for (size_t i = 0; i < xs.size(); ++i) UnpackHeads(*outs[i], cp, HeadBytes(*outs[i]), rp);
   return absl::OkStatus();
 }
 
-template <typename T>
 absl::Status UlyssesForward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l, const Tensor& q, const Tensor& k,
                             const Tensor& v, Tensor& o, Tensor& lse, CpAttentionSaved* saved) {
   const int cp = g.size();
   const CpChunks& lay = a.layout;
   const int64_t tokens = lay.rows * lay.seq_len(), hq = q.dim(1) / cp, hk = k.dim(1) / cp, d = q.dim(2);
-  HeldTensor qh(l, {tokens, hq, d}, q.dtype()), kh(l, {tokens, hk, d}, q.dtype()), vh(l, {tokens, hk, d}, q.dtype());
-  HeldTensor oh(l, {tokens, hq, d}, q.dtype()), lh(l, {tokens, hq}, q.dtype()), docs;
-  LOOM_RETURN_IF_ERROR(SeqToHeads<T>(g, l, lay, {&q, &k, &v}, {d, d, d}, {&qh.t(), &kh.t(), &vh.t()}));
+  const Device dev = q.device();
+  HeldTensor qh(l, {tokens, hq, d}, q.dtype(), false, true, dev), kh(l, {tokens, hk, d}, q.dtype(), false, true, dev);
+  HeldTensor vh(l, {tokens, hk, d}, q.dtype(), false, true, dev), oh(l, {tokens, hq, d}, q.dtype(), false, true, dev);
+  HeldTensor lh, docs;  // lse of the head shards (none for sigmoid)
+  if (!a.options.sigmoid) lh = HeldTensor(l, {tokens, hq}, lse.dtype(), false, true, dev);
+  LOOM_RETURN_IF_ERROR(SeqToHeads(g, l, lay, {&q, &k, &v}, {&qh.t(), &kh.t(), &vh.t()}));
   ops::TokenRows rows = ops::TokenRows::Uniform(lay.rows, lay.seq_len());
-  if (a.local_rows.has_docs()) {
+  if (a.local_rows.has_docs()) {  // host ids
     HeldTensor gathered;
     LOOM_RETURN_IF_ERROR(GatherDocs(g, l, a.local_rows, gathered));
     docs = HeldTensor(l, {tokens}, DType::kI32, false, false);
-    std::vector<int32_t*> sp = SlicePointers<int32_t>(gathered.t(), cp);
-    SeqOrder<int32_t>(lay, 1, 1, sp, docs.t().data<int32_t>(), false);
+    std::vector<char*> sp = SlicePointers(gathered.t(), cp);
+    SeqOrder(lay, 1, sizeof(int32_t), sp, Bytes(docs.t()), /*to_slices=*/false, /*cuda=*/false);
     rows.doc_ids = docs.t();
   }
   ops::SoftmaxAttentionForward(qh.t(), kh.t(), vh.t(), rows, rows, a.options, oh.t(), lh.t());
   if (a.options.sigmoid) {
-    LOOM_RETURN_IF_ERROR(HeadsToSeq<T>(g, l, lay, {&oh.t()}, {d}, {&o}));
-  } else {
-    Tensor lh3 = lh.t().Reshape({tokens, hq, 1}), lse3 = lse.Reshape({lse.dim(0), lse.dim(1), 1});
-    LOOM_RETURN_IF_ERROR(HeadsToSeq<T>(g, l, lay, {&oh.t(), &lh3}, {d, 1}, {&o, &lse3}));
+    LOOM_RETURN_IF_ERROR(HeadsToSeq(g, l, lay, {&oh.t()}, {&o}));
+  } else if (lse.dtype() == o.dtype()) {  // one exchange for both
+    LOOM_RETURN_IF_ERROR(HeadsToSeq(g, l, lay, {&oh.t(), &lh.t()}, {&o, &lse}));
+  } else {  // bf16 o, f32 lse
+    LOOM_RETURN_IF_ERROR(HeadsToSeq(g, l, lay, {&oh.t()}, {&o}));
+    LOOM_RETURN_IF_ERROR(HeadsToSeq(g, l, lay, {&lh.t()}, {&lse}));
   }
   if (saved) {  // the head shards stay for backward (same size as the local q, k, v, o, lse)
     saved->q_heads = qh.Detach();
@@ -575,24 +597,24 @@ absl::Status UlyssesForward(Communicator& g, const ChunkArgs& a, CpMemoryLedger*
   return absl::OkStatus();
 }
 
-template <typename T>
 absl::Status UlyssesBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedger* l, const Tensor& d_o,
                              CpAttentionSaved* saved, Tensor& dq, Tensor& dk, Tensor& dv) {
   if (!saved || !saved->q_heads.defined())
     return absl::FailedPreconditionError("[cp_attention] ulysses backward needs the CpAttentionSaved of its forward");
   const CpChunks& lay = a.layout;
   const Tensor &qh = saved->q_heads, &kh = saved->k_heads, &vh = saved->v_heads;
-  const int64_t d = qh.dim(2);
-  HeldTensor doh(l, qh.shape(), qh.dtype());
-  LOOM_RETURN_IF_ERROR(SeqToHeads<T>(g, l, lay, {&d_o}, {d}, {&doh.t()}));
+  const Device dev = qh.device();
+  HeldTensor doh(l, qh.shape(), qh.dtype(), false, true, dev);
+  LOOM_RETURN_IF_ERROR(SeqToHeads(g, l, lay, {&d_o}, {&doh.t()}));
   ops::TokenRows rows = ops::TokenRows::Uniform(lay.rows, lay.seq_len());
   rows.doc_ids = saved->global_doc_ids;
-  HeldTensor dqh(l, qh.shape(), qh.dtype()), dkh(l, kh.shape(), kh.dtype()), dvh(l, vh.shape(), vh.dtype());
+  HeldTensor dqh(l, qh.shape(), qh.dtype(), false, true, dev), dkh(l, kh.shape(), kh.dtype(), false, true, dev);
+  HeldTensor dvh(l, vh.shape(), vh.dtype(), false, true, dev);
   ops::SoftmaxAttentionBackward(qh, kh, vh, saved->o_heads, a.options.sigmoid ? Tensor() : saved->lse_heads,
                                 doh.t(), rows, rows, a.options, dqh.t(), dkh.t(), dvh.t());
   doh.Release();
   saved->Release(l);
-  return HeadsToSeq<T>(g, l, lay, {&dqh.t(), &dkh.t(), &dvh.t()}, {d, d, d}, {&dq, &dk, &dv});
+  return HeadsToSeq(g, l, lay, {&dqh.t(), &dkh.t(), &dvh.t()}, {&dq, &dk, &dv});
 }
 
 absl::Status CheckArgs(Communicator& g, const CpChunks& lay, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -618,12 +640,6 @@ absl::Status CheckArgs(Communicator& g, const CpChunks& lay, const Tensor& q, co
     return absl::InvalidArgumentError(absl::StrCat("[cp_attention] doc_ids has ", rows.doc_ids.numel(),
                                                    " entries, expected ", lay.local_tokens()));
   return CheckCpAttention(CpSoftmaxScheme::kRing, g.size(), q.dim(1), k.dim(1));
-}
-
-// Ulysses packs heads with host loops; its device version is not written yet.
-absl::Status UlyssesOnGpu() {
-  return absl::UnimplementedError(
-      "[cp_attention] parallel.cp_softmax = ulysses runs on CPU tensors only so far; use ring or allgather on the GPU");
 }
 
 }  // namespace
@@ -685,12 +701,7 @@ absl::Status CpAttentionForward(Communicator& cp_group, const CpAttentionOptions
   switch (cp.scheme) {
     case CpSoftmaxScheme::kRing: return RingForward(cp_group, a, l, q, k, v, o, lse);
     case CpSoftmaxScheme::kAllGather: return AllGatherForward(cp_group, a, l, cp.keep_gathered, q, k, v, o, lse, saved);
-    case CpSoftmaxScheme::kUlysses: {
-      if (!q.device().is_cpu()) return UlyssesOnGpu();
-      absl::Status s;
-      LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] { s = UlyssesForward<T>(cp_group, a, l, q, k, v, o, lse, saved); });
-      return s;
-    }
+    case CpSoftmaxScheme::kUlysses: return UlyssesForward(cp_group, a, l, q, k, v, o, lse, saved);
   }
   return absl::InternalError("[cp_attention] unknown scheme");
 }
@@ -712,12 +723,7 @@ absl::Status CpAttentionBackward(Communicator& cp_group, const CpAttentionOption
     case CpSoftmaxScheme::kRing: return RingBackward(cp_group, a, l, q, k, v, o, lse, d_o, dq, dk, dv);
     case CpSoftmaxScheme::kAllGather:
       return AllGatherBackward(cp_group, a, l, q, k, v, o, lse, d_o, saved, dq, dk, dv);
-    case CpSoftmaxScheme::kUlysses: {
-      if (!q.device().is_cpu()) return UlyssesOnGpu();
-      absl::Status s;
-      LOOM_DISPATCH_FLOAT(q.dtype(), T, [&] { s = UlyssesBackward<T>(cp_group, a, l, d_o, saved, dq, dk, dv); });
-      return s;
-    }
+    case CpSoftmaxScheme::kUlysses: return UlyssesBackward(cp_group, a, l, d_o, saved, dq, dk, dv);
   }
   return absl::InternalError("[cp_attention] unknown scheme");
 }

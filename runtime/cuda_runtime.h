@@ -35,6 +35,9 @@ void* CudaHostAlloc(size_t bytes);
 void CudaHostFree(void* ptr);
 // Copies between host and device memory (either side may be the host).
 void CudaMemcpy(void* dst, const void* src, size_t bytes);
+// `height` rows of `width` bytes, row i from src + i·spitch to dst + i·dpitch,
+// on the default stream after the work queued there (device memory).
+void CudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height);
 void CudaMemset(void* ptr, int value, size_t bytes);
 void CudaSynchronize();
 

@@ -106,6 +106,10 @@ void CudaMemcpy(void* dst, const void* src, size_t bytes) {
   LOOM_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
 }
 
+void CudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height) {
+  LOOM_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, nullptr));
+}
+
 void CudaMemset(void* ptr, int value, size_t bytes) { LOOM_CUDA_CHECK(cudaMemset(ptr, value, bytes)); }
 
 void CudaSynchronize() { LOOM_CUDA_CHECK(cudaDeviceSynchronize()); }

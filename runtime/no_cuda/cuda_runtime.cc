@@ -16,6 +16,7 @@ void CudaFree(void*, int) { NoCuda("CudaFree"); }
 void* CudaHostAlloc(size_t) { NoCuda("CudaHostAlloc"); }
 void CudaHostFree(void*) { NoCuda("CudaHostFree"); }
 void CudaMemcpy(void*, const void*, size_t) { NoCuda("CudaMemcpy"); }
+void CudaMemcpy2DAsync(void*, size_t, const void*, size_t, size_t, size_t) { NoCuda("CudaMemcpy2DAsync"); }
 void CudaMemset(void*, int, size_t) { NoCuda("CudaMemset"); }
 void CudaSynchronize() { NoCuda("CudaSynchronize"); }
 int64_t CudaTensorBytes(int) { return 0; }
