@@ -5,61 +5,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "ops/add.h"
+#include "ops/grouped_linear.h"
 #include "ops/linear.h"
+#include "ops/swiglu.h"
 #include "parallel/communicator.h"
 
 namespace loom {
 namespace {
-
-// xe[r] = x[id_r / k]
-template <typename T>
-void Gather(const Tensor& x, const std::vector<int64_t>& ids, int k, Tensor& xe) {
-  const int64_t c = x.dim(1);
-  for (size_t r = 0; r < ids.size(); ++r)
-    std::copy_n(x.data<T>() + ids[r] / k * c, c, xe.data<T>() + r * c);
-}
-
-// y[id_r / k] += g[id_r] · ye[r]
-template <typename T>
-void ScatterAdd(const Tensor& ye, const std::vector<int64_t>& ids, int k, const Tensor& gates, Tensor& y) {
-  const int64_t c = y.dim(1);
-  for (size_t r = 0; r < ids.size(); ++r) {
-    const T g = gates.data<T>()[ids[r]];
-    const T* src = ye.data<T>() + r * c;
-    T* dst = y.data<T>() + ids[r] / k * c;
-    for (int64_t i = 0; i < c; ++i) dst[i] += g * src[i];
-  }
-}
-
-// dye[r] = g[id_r] · dy[t],  dg[id_r] = dy[t] · ye[r]   (t = id_r / k)
-template <typename T>
-void GateBackward(const Tensor& dy, const Tensor& ye, const std::vector<int64_t>& ids, int k, const Tensor& gates,
-                  Tensor& dye, Tensor& dgates) {
-  const int64_t c = dy.dim(1);
-  for (size_t r = 0; r < ids.size(); ++r) {
-    const T g = gates.data<T>()[ids[r]];
-    const T* d = dy.data<T>() + ids[r] / k * c;
-    const T* o = ye.data<T>() + r * c;
-    T* out = dye.data<T>() + r * c;
-    T dot = 0;
-    for (int64_t i = 0; i < c; ++i) {
-      out[i] = g * d[i];
-      dot += d[i] * o[i];
-    }
-    dgates.data<T>()[ids[r]] = dot;
-  }
-}
-
-// dx[id_r / k] += dxe[r]
-template <typename T>
-void ScatterAddRows(const Tensor& dxe, const std::vector<int64_t>& ids, int k, Tensor& dx) {
-  const int64_t c = dx.dim(1);
-  for (size_t r = 0; r < ids.size(); ++r) {
-    const T* src = dxe.data<T>() + r * c;
-    T* dst = dx.data<T>() + ids[r] / k * c;
-    for (int64_t i = 0; i < c; ++i) dst[i] += src[i];
-  }
-}
 
 // The dp (× cp) group when it has other ranks, else null.
 Communicator* StatsGroup(const MoeDims& moe) {
@@ -85,8 +37,14 @@ MoeLayer::MoeLayer(const ModelDims& dims, const std::string& prefix) : expert_di
     owned = moe_.experts / ep_->size();
     first_expert_ = ep_->rank() * owned;
   }
-  for (int e = first_expert_; e < first_expert_ + owned; ++e)
-    experts_.push_back(std::make_unique<SwigluMlp>(expert_dims_, TensorParallel{}, absl::StrCat(prefix, "experts.", e, ".")));
+  const int64_t c = dims.hidden, f = moe_.ffn;
+  experts_.resize(owned);  // never resized again: CollectParams hands out pointers
+  for (int i = 0; i < owned; ++i) {
+    const std::string name = absl::StrCat(prefix, "experts.", first_expert_ + i, ".");
+    experts_[i].w_gate.Init(name + "w_gate", {f, c}, dims.dtype, dims.seed, dims.init_std);
+    experts_[i].w_up.Init(name + "w_up", {f, c}, dims.dtype, dims.seed, dims.init_std);
+    experts_[i].w_down.Init(name + "w_down", {c, f}, dims.dtype, dims.seed, dims.init_std / std::sqrt(2.0 * dims.layers));
+  }
   for (int s = 0; s < moe_.shared_experts; ++s)
     shared_.push_back(std::make_unique<SwigluMlp>(expert_dims_, TensorParallel{}, absl::StrCat(prefix, "shared.", s, ".")));
   bias_.assign(moe_.experts, 0.0);
@@ -95,17 +53,30 @@ MoeLayer::MoeLayer(const ModelDims& dims, const std::string& prefix) : expert_di
 
 void MoeLayer::CollectParams(ParamList& out) {
   out.push_back(&router_);
-  for (auto& e : experts_) e->CollectParams(out);
+  for (Expert& e : experts_) out.insert(out.end(), {&e.w_gate, &e.w_up, &e.w_down});
   for (auto& s : shared_) s->CollectParams(out);
+}
+
+std::vector<const Tensor*> MoeLayer::ExpertWeights(Param Expert::*which) const {
+  std::vector<const Tensor*> out;
+  for (const Expert& e : experts_) out.push_back(&(e.*which).weight());
+  return out;
+}
+
+std::vector<Tensor*> MoeLayer::ExpertGrads(Param Expert::*which) {
+  std::vector<Tensor*> out;
+  for (Expert& e : experts_) out.push_back(&(e.*which).grad);
+  return out;
 }
 
 void MoeLayer::Forward(const Tensor& x, Tensor& y) {
   const int64_t t = x.dim(0), c = x.dim(1);
   const int e_count = moe_.experts, k = moe_.top_k;
   const DType dt = x.dtype();
+  const Device dev = x.device();
   // Route.
-  logits_ = Tensor::Empty({t, e_count}, dt);
-  ops::LinearForward(x, router_.value, logits_);
+  logits_ = Tensor::Empty({t, e_count}, dt, dev);
+  ops::LinearForward(x, router_.weight(), logits_);
   static const std::vector<double> kNoBias;
   ops::MoeRouterForward(logits_, moe_.bias_balancing ? bias_ : kNoBias, options_, routing_);
   // Global statistics: sums over the stats group of (load_e, Σ_t p_te,
@@ -150,47 +121,49 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
     zl = n > 0 ? z_sum / n : 0.0;
   }
   router_loss_ = moe_.aux_loss_coef * aux + moe_.z_loss_coef * zl;
-  // Permute: assignment ids per expert in token order, then the capacity cut
+  // Permute: each expert's assignments in token order, cut at the capacity
   // (in global token order: the lower ranks' assignments come first).
-  kept_.assign(e_count, {});
-  const int32_t* chosen = routing_.experts.data<int32_t>();
-  for (int64_t id = 0; id < t * k; ++id) kept_[chosen[id]].push_back(id);
+  std::vector<int64_t> kept = routing_.load;
   int64_t dropped = 0;
   if (moe_.capacity_factor > 0) {
     const auto capacity =
         static_cast<int64_t>(std::ceil(moe_.capacity_factor * double(global_tokens_ * k) / e_count));
     for (int e = 0; e < e_count; ++e) {
       dropped += std::max<int64_t>(global_load_[e] - capacity, 0);
-      const int64_t keep = std::clamp<int64_t>(capacity - before[e], 0, static_cast<int64_t>(kept_[e].size()));
-      kept_[e].resize(keep);
+      kept[e] = std::clamp<int64_t>(capacity - before[e], 0, routing_.load[e]);
     }
   }
-  // Dispatch the kept rows to their experts, run the local experts, combine,
-  // then unpermute: y[t] += g · expert(x[t]), expert by expert.
-  sent_ids_.clear();
-  std::vector<int64_t> rows_per_expert(e_count);
-  for (int e = 0; e < e_count; ++e) {
-    sent_ids_.insert(sent_ids_.end(), kept_[e].begin(), kept_[e].end());
-    rows_per_expert[e] = static_cast<int64_t>(kept_[e].size());
-  }
-  exchange_ = std::make_unique<ExpertExchange>(ep_, e_count, rows_per_expert);
-  Tensor sent = Tensor::Empty({static_cast<int64_t>(sent_ids_.size()), c}, dt);
-  LOOM_DISPATCH_FLOAT(dt, T, [&] { Gather<T>(x, sent_ids_, k, sent); });
+  ops::MoePermuteIndex(routing_.experts, kept, perm_);
+  Tensor sent = Tensor::Empty({perm_.ids.numel(), c}, dt, dev);
+  ops::MoeGather(x, perm_.ids, k, sent);
+  // Dispatch the kept rows to their experts, run the local experts as one
+  // grouped SwiGLU, combine, then y[t] = Σ_j g_tj · expert(x[t]) + shared(x[t]).
+  exchange_ = std::make_unique<ExpertExchange>(ep_, e_count, perm_.counts);
   expert_x_ = exchange_->Dispatch(sent);
-  std::vector<Tensor> expert_y(experts_.size());
-  for (size_t i = 0; i < experts_.size(); ++i) {
-    if (exchange_->local_rows(i) == 0) continue;  // no tokens: the expert's weights get no gradient
-    expert_y[i] = Tensor::Empty(expert_x_[i].shape(), dt);
-    experts_[i]->Forward(expert_x_[i], expert_y[i]);
+  const std::vector<int64_t>& rows = exchange_->local_rows();
+  const int64_t r = expert_x_.dim(0), f = moe_.ffn;
+  gate_ = Tensor::Empty({r, f}, dt, dev);
+  up_ = Tensor::Empty({r, f}, dt, dev);
+  h_ = Tensor::Empty({r, f}, dt, dev);
+  Tensor expert_y = Tensor::Empty({r, c}, dt, dev);
+  if (r > 0) {  // an expert without rows: its weights get no gradient
+    ops::GroupedLinearForward(expert_x_, ExpertWeights(&Expert::w_gate), rows, gate_);
+    ops::GroupedLinearForward(expert_x_, ExpertWeights(&Expert::w_up), rows, up_);
+    ops::SwigluForward(gate_, up_, h_);
+    ops::GroupedLinearForward(h_, ExpertWeights(&Expert::w_down), rows, expert_y);
   }
-  returned_y_ = exchange_->Combine(expert_y, c, dt);
-  y.Zero();
-  LOOM_DISPATCH_FLOAT(dt, T, [&] { ScatterAdd<T>(returned_y_, sent_ids_, k, routing_.gates, y); });
+  returned_y_ = exchange_->Combine(expert_y);
+  Tensor shared_y;  // Σ_s Shared_s(x)
   for (auto& s : shared_) {
-    Tensor ys = Tensor::Empty({t, c}, dt);
+    Tensor ys = Tensor::Empty({t, c}, dt, dev);
     s->Forward(x, ys);
-    ops::AddInPlace(y, ys);
+    if (shared_y.defined()) {
+      ops::AddInPlace(shared_y, ys);
+    } else {
+      shared_y = ys;
+    }
   }
+  ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, shared_y.defined() ? &shared_y : nullptr, y);
   // Statistics.
   stats_ = RoutingStats();
   stats_.assignments = global_tokens_ * k;
@@ -208,24 +181,38 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
   const int64_t t = x.dim(0), c = x.dim(1);
   const int e_count = moe_.experts, k = moe_.top_k;
   const DType dt = x.dtype();
-  dx.Zero();
-  Tensor dgates = Tensor::Zeros({t, k}, dt);  // dropped assignments keep 0
-  // The mirror of Forward: dispatch g·dy, run the experts' backward, combine dx.
-  Tensor dsent = Tensor::Empty(returned_y_.shape(), dt);
-  LOOM_DISPATCH_FLOAT(dt, T, [&] { GateBackward<T>(dy, returned_y_, sent_ids_, k, routing_.gates, dsent, dgates); });
-  std::vector<Tensor> dye = exchange_->Dispatch(dsent), dxe(experts_.size());
-  for (size_t i = 0; i < experts_.size(); ++i) {
-    if (exchange_->local_rows(i) == 0) continue;
-    dxe[i] = Tensor::Empty(expert_x_[i].shape(), dt);
-    experts_[i]->Backward(expert_x_[i], dye[i], dxe[i]);
+  const Device dev = x.device();
+  // The mirror of Forward: g·dy to the experts (and dg), the grouped SwiGLU's
+  // backward, their input gradients back, each token's summed.
+  Tensor dgates = Tensor::Empty({t, k}, routing_.gates.dtype(), dev);  // 0 where dropped
+  Tensor dsent = Tensor::Empty(returned_y_.shape(), dt, dev);
+  ops::MoeCombineBackward(dy, returned_y_, perm_.rows, routing_.gates, dsent, dgates);
+  const Tensor dye = exchange_->Dispatch(dsent);
+  const std::vector<int64_t>& rows = exchange_->local_rows();
+  const int64_t r = expert_x_.dim(0);
+  Tensor dxe = Tensor::Empty(expert_x_.shape(), dt, dev);
+  if (r > 0) {
+    Tensor dh = Tensor::Empty(h_.shape(), dt, dev), dgate = Tensor::Empty(gate_.shape(), dt, dev),
+           dup = Tensor::Empty(up_.shape(), dt, dev);
+    ops::GroupedLinearBackward(h_, ExpertWeights(&Expert::w_down), rows, dye, &dh, ExpertGrads(&Expert::w_down));
+    ops::SwigluBackward(gate_, up_, dh, dgate, dup);
+    ops::GroupedLinearBackward(expert_x_, ExpertWeights(&Expert::w_gate), rows, dgate, &dxe,
+                               ExpertGrads(&Expert::w_gate));
+    ops::GroupedLinearBackward(expert_x_, ExpertWeights(&Expert::w_up), rows, dup, &dxe, ExpertGrads(&Expert::w_up),
+                               /*accumulate_dx=*/true);
   }
-  const Tensor dreturned = exchange_->Combine(dxe, c, dt);
-  LOOM_DISPATCH_FLOAT(dt, T, [&] { ScatterAddRows<T>(dreturned, sent_ids_, k, dx); });
+  const Tensor dreturned = exchange_->Combine(dxe);
+  Tensor shared_dx;
   for (auto& s : shared_) {
-    Tensor dxs = Tensor::Empty({t, c}, dt);
+    Tensor dxs = Tensor::Empty({t, c}, dt, dev);
     s->Backward(x, dy, dxs);
-    ops::AddInPlace(dx, dxs);
+    if (shared_dx.defined()) {
+      ops::AddInPlace(shared_dx, dxs);
+    } else {
+      shared_dx = dxs;
+    }
   }
+  ops::MoeCombine(dreturned, perm_.rows, /*gates=*/nullptr, shared_dx.defined() ? &shared_dx : nullptr, dx);
   // Router: the local part of the global losses' gradient. The router's
   // backward reads f_e from routing_.load over this call's t tokens:
   //   daux·E·(load_e/(t k))/t with load = global loads and daux scaled by
@@ -240,9 +227,9 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
     z_seed = scale.data<double>()[0] * moe_.z_loss_coef * share;
     routing_.load = global_load_;
   }
-  Tensor dlogits = Tensor::Empty({t, e_count}, dt);
+  Tensor dlogits = Tensor::Empty({t, e_count}, dt, dev);
   ops::MoeRouterBackward(logits_, routing_, dgates, aux_seed, z_seed, options_, dlogits);
-  ops::LinearBackward(x, router_.value, dlogits, &dx, router_.grad, /*accumulate_dx=*/true);
+  ops::LinearBackward(x, router_.weight(), dlogits, &dx, router_.grad, /*accumulate_dx=*/true);
   for (int e = 0; e < e_count; ++e) pending_load_[e] += global_load_[e];
 }
 
@@ -259,12 +246,9 @@ void MoeLayer::set_bias(const std::vector<double>& bias) {
 void MoeLayer::ReleaseActivations() {
   logits_ = Tensor();
   routing_ = ops::MoeRouting();
-  kept_.clear();
-  sent_ids_.clear();
+  perm_ = ops::MoePermutation();
   exchange_.reset();
-  expert_x_.clear();
-  returned_y_ = Tensor();
-  for (auto& e : experts_) e->ReleaseActivations();
+  expert_x_ = gate_ = up_ = h_ = returned_y_ = Tensor();
   for (auto& s : shared_) s->ReleaseActivations();
 }
 

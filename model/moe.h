@@ -2,13 +2,20 @@
 //   y = Σ_j g_tj · Expert_e(t,j)(x_t) + Σ_s Shared_s(x_t)
 // with the router of ops/moe_router.h (logits = x W_rᵀ, W_r [E, C]) and each
 // expert a SwiGLU MLP of width moe.ffn with its own weights
-// ("<prefix>experts.<e>.w_gate", ...; shared: "<prefix>shared.<s>.w_gate").
+// ("<prefix>experts.<e>.w_gate", ...; shared: "<prefix>shared.<s>.w_gate",
+// a dense SwigluMlp).
 //
-// Permutation: assignment (t, j) has id t·k + j; each expert takes its
-// assignments in increasing id order (= global token order), gathers those
-// rows of x into [n_e, C], runs, and its output rows are scattered back,
-// scaled by the gate, expert by expert: the result does not depend on
-// anything but the inputs.
+// Permutation (ops/moe_permute.h): assignment (t, j) has id t·k + j; each
+// expert takes its assignments in increasing id order (= global token
+// order); their rows of x are gathered expert after expert into [S, C], the
+// experts run as one grouped SwiGLU (ops/grouped_linear.h: each expert's
+// rows times its own weights), and each token sums its k outputs scaled by
+// the gates, in j order, then adds the shared experts': the result does not
+// depend on anything but the inputs.
+// Devices: the same code on the CPU (f32/f64) and on CUDA tensors (f32, or
+// bf16 activations with f32 router statistics, gates and master gradients;
+// docs/gpu.md). What crosses to the host each call: the router's [E]
+// statistics (ops/moe_router.h), nothing else.
 // Capacity (capacity_factor > 0): an expert keeps its first
 // ceil(factor · T·k / E) assignments in token order; later ones are dropped
 // (contribute nothing, their gate gets no gradient) and counted.
@@ -47,6 +54,7 @@
 #include "model/dims.h"
 #include "model/mlp.h"
 #include "model/param.h"
+#include "ops/moe_permute.h"
 #include "ops/moe_router.h"
 #include "parallel/expert_parallel.h"
 
@@ -90,27 +98,37 @@ class MoeLayer {
   void CollectParams(ParamList& out);
 
  private:
+  // One routed expert's SwiGLU weights (model/mlp.h's, the same names and
+  // initialisation): W_gate, W_up [F, C], W_down [C, F].
+  struct Expert {
+    Param w_gate, w_up, w_down;
+  };
   ModelDims expert_dims_;  // dims with ffn = moe.ffn; SwigluMlp keeps a reference
   MoeDims moe_;
   ops::MoeRouterOptions options_;
   Param router_;  // [E, C]
-  std::vector<std::unique_ptr<SwigluMlp>> experts_, shared_;  // experts_[i]: expert first + i
+  std::vector<Expert> experts_;  // experts_[i]: expert first + i
+  std::vector<std::unique_ptr<SwigluMlp>> shared_;
   Communicator* ep_ = nullptr;
   int first_expert_ = 0;
   std::vector<double> bias_;            // [E] selection bias
   std::vector<int64_t> pending_load_;   // [E] loads since the last UpdateBias
   double router_loss_ = 0;
   RoutingStats stats_;
-  // Activations of the last Forward.
+  // Activations of the last Forward (S: this rank's kept assignments, R: the
+  // rows of its local experts; S = R without ep).
   Tensor logits_;                               // [T, E]
   ops::MoeRouting routing_;
   std::vector<int64_t> global_load_;            // [E] load summed over the stats group
   int64_t global_tokens_ = 0;                   // N
-  std::vector<std::vector<int64_t>> kept_;      // per expert: kept assignment ids, increasing
-  std::vector<int64_t> sent_ids_;               // [S] kept_ concatenated: the exchange's row order
+  ops::MoePermutation perm_;                    // rows [T, k], ids [S], counts [E]
   std::unique_ptr<ExpertExchange> exchange_;
-  std::vector<Tensor> expert_x_;                // per local expert [n_i, C] (all sources)
-  Tensor returned_y_;                           // [S, C] expert outputs of sent_ids_
+  Tensor expert_x_;                             // [R, C] local experts' inputs, expert-major
+  Tensor gate_, up_, h_;                        // [R, F]
+  Tensor returned_y_;                           // [S, C] expert outputs of perm_.ids
+
+  std::vector<const Tensor*> ExpertWeights(Param Expert::*which) const;
+  std::vector<Tensor*> ExpertGrads(Param Expert::*which);
 };
 
 }  // namespace loom

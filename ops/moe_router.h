@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
 namespace loom::ops {
@@ -48,7 +49,7 @@ struct MoeRouting {
   double z_loss = 0;             // mean lse²
 };
 
-// logits [T, E] f32/f64. bias: empty or E values added to the scores for the
+// logits [T, E] f32/f64 (CPU), f32/bf16 (CUDA, below). bias: empty or E values added to the scores for the
 // selection only.
 void MoeRouterForward(const Tensor& logits, const std::vector<double>& bias, const MoeRouterOptions& options,
                       MoeRouting& out);
@@ -57,5 +58,18 @@ void MoeRouterBackward(const Tensor& logits, const MoeRouting& routing, const Te
                        double dz, const MoeRouterOptions& options, Tensor& dlogits);
 // b_e += rate · sign(mean load − load_e).
 void MoeBiasUpdate(const std::vector<int64_t>& load, double rate, std::vector<double>& bias);
+
+namespace cuda {
+// CUDA (ops/cuda/moe_router.cu), the same math and tie rule: logits and
+// dlogits in the activations' dtype (f32 or bf16), scores, gates, lse and
+// dgates f32 (statistics are f32 on the GPU), scores computed in f32 and
+// compared as s + b in f64. One thread a token; the [E] statistics (load,
+// Σ_t p_te, Σ_t lse²) are summed per expert in a fixed order (f64) and
+// copied to the host, the one synchronisation of the router.
+void MoeRouterForward(const Tensor& logits, const std::vector<double>& bias, const MoeRouterOptions& options,
+                      MoeRouting& out, CudaStream stream = nullptr);
+void MoeRouterBackward(const Tensor& logits, const MoeRouting& routing, const Tensor& dgates, double daux,
+                       double dz, const MoeRouterOptions& options, Tensor& dlogits, CudaStream stream = nullptr);
+}  // namespace cuda
 
 }  // namespace loom::ops

@@ -8,10 +8,11 @@
 namespace loom {
 namespace {
 
-// Copies `rows` rows of width c from src (starting at row s) to dst (row d).
-void CopyRows(const Tensor& src, int64_t s, Tensor& dst, int64_t d, int64_t rows, int64_t c) {
+// Copies `rows` rows from src (starting at row s) to dst (row d), on any devices.
+void CopyRows(const Tensor& src, int64_t s, Tensor& dst, int64_t d, int64_t rows) {
   if (rows == 0) return;
-  LOOM_DISPATCH_FLOAT(src.dtype(), T, [&] { std::copy_n(src.data<T>() + s * c, rows * c, dst.data<T>() + d * c); });
+  Tensor to = dst.Slice(d, rows);
+  to.CopyFrom(src.Slice(s, rows));
 }
 
 void CheckStatus(const absl::Status& s, const char* what) { LOOM_CHECK(s.ok(), "[expert_parallel] ", what, ": ", s.message()); }
@@ -47,61 +48,61 @@ ExpertExchange::ExpertExchange(Communicator* ep, int experts, const std::vector<
   for (int64_t r : recv_rows_) received_ += r;
 }
 
-std::vector<Tensor> ExpertExchange::Dispatch(const Tensor& rows) const {
+// The all-to-all's buffers are source-major: (source s, local expert i)
+// blocks of counts_[s·per + i] rows; the experts' are expert-major.
+Tensor ExpertExchange::Dispatch(const Tensor& rows) const {
   LOOM_CHECK(rows.ndim() == 2 && rows.dim(0) == sent_, "[expert_parallel] dispatch of ", ShapeString(rows.shape()),
              ", expected ", sent_, " rows");
+  if (ep_ == nullptr) return rows;
   const int64_t c = rows.dim(1);
   const int size = split_.size, per = split_.per_rank();
-  Tensor received = rows;
-  if (ep_ != nullptr) {
-    received = Tensor::Empty({std::max<int64_t>(received_, 1), c}, rows.dtype());  // 1: never a 0-row buffer
-    Tensor in = sent_ > 0 ? rows : Tensor::Empty({1, c}, rows.dtype());
-    std::vector<int64_t> send(size), recv(size);
-    for (int s = 0; s < size; ++s) {
-      send[s] = send_rows_[s] * c;
-      recv[s] = recv_rows_[s] * c;
-    }
-    Tensor in_view = in.Slice(0, sent_), out_view = received.Slice(0, received_);
-    CheckStatus(ep_->AllToAllV(in_view, send, out_view, recv), "dispatch");
+  Tensor received = Tensor::Empty({std::max<int64_t>(received_, 1), c}, rows.dtype(), rows.device());  // never 0 rows
+  Tensor in = sent_ > 0 ? rows : Tensor::Empty({1, c}, rows.dtype(), rows.device());
+  std::vector<int64_t> send(size), recv(size);
+  for (int s = 0; s < size; ++s) {
+    send[s] = send_rows_[s] * c;
+    recv[s] = recv_rows_[s] * c;
   }
-  // Source-major (s, i) blocks → expert-major, sources in rank order.
-  std::vector<Tensor> out(per);
+  Tensor in_view = in.Slice(0, sent_), received_view = received.Slice(0, received_);
+  CheckStatus(ep_->AllToAllV(in_view, send, received_view, recv), "dispatch");
+  Tensor out = Tensor::Empty({std::max<int64_t>(received_, 1), c}, rows.dtype(), rows.device());
   std::vector<int64_t> filled(per, 0);
-  for (int i = 0; i < per; ++i)
-    if (local_rows_[i] > 0) out[i] = Tensor::Empty({local_rows_[i], c}, rows.dtype());
+  for (int i = 1; i < per; ++i) filled[i] = filled[i - 1] + local_rows_[i - 1];
   int64_t at = 0;
   for (int s = 0; s < size; ++s)
     for (int i = 0; i < per; ++i) {
       const int64_t n = counts_[s * per + i];
-      CopyRows(received, at, out[i], filled[i], n, c);
+      CopyRows(received, at, out, filled[i], n);
       filled[i] += n;
       at += n;
     }
-  return out;
+  return out.Slice(0, received_);
 }
 
-Tensor ExpertExchange::Combine(const std::vector<Tensor>& per_expert, int64_t c, DType dtype) const {
+Tensor ExpertExchange::Combine(const Tensor& packed) const {
+  LOOM_CHECK(packed.ndim() == 2 && packed.dim(0) == received_, "[expert_parallel] combine of ",
+             ShapeString(packed.shape()), ", expected ", received_, " rows");
+  if (ep_ == nullptr) return packed;  // received_ = sent_
+  const int64_t c = packed.dim(1);
   const int size = split_.size, per = split_.per_rank();
-  LOOM_CHECK(static_cast<int>(per_expert.size()) == per, "[expert_parallel] combine of ", per_expert.size(),
-             " experts, expected ", per);
-  Tensor packed = Tensor::Empty({std::max<int64_t>(received_, 1), c}, dtype);
+  Tensor source_major = Tensor::Empty({std::max<int64_t>(received_, 1), c}, packed.dtype(), packed.device());
   std::vector<int64_t> taken(per, 0);
+  for (int i = 1; i < per; ++i) taken[i] = taken[i - 1] + local_rows_[i - 1];
   int64_t at = 0;
   for (int s = 0; s < size; ++s)
     for (int i = 0; i < per; ++i) {
       const int64_t n = counts_[s * per + i];
-      CopyRows(per_expert[i], taken[i], packed, at, n, c);
+      CopyRows(packed, taken[i], source_major, at, n);
       taken[i] += n;
       at += n;
     }
-  if (ep_ == nullptr) return packed.Slice(0, sent_);  // received_ = sent_
-  Tensor out = Tensor::Empty({std::max<int64_t>(sent_, 1), c}, dtype);
+  Tensor out = Tensor::Empty({std::max<int64_t>(sent_, 1), c}, packed.dtype(), packed.device());
   std::vector<int64_t> send(size), recv(size);
   for (int s = 0; s < size; ++s) {
     send[s] = recv_rows_[s] * c;
     recv[s] = send_rows_[s] * c;
   }
-  Tensor in_view = packed.Slice(0, received_), out_view = out.Slice(0, sent_);
+  Tensor in_view = source_major.Slice(0, received_), out_view = out.Slice(0, sent_);
   CheckStatus(ep_->AllToAllV(in_view, send, out_view, recv), "combine");
   return out_view;
 }

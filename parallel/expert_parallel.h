@@ -6,15 +6,18 @@
 //
 //   forward   dispatch: rows [S, C] (this rank's assignments, ordered by
 //             expert, each expert's in token order) --all-to-all(v)-->
-//             per local expert i: [n_i, C], the sources in ep-rank order
-//             (= global token order: lower dp indices hold earlier tokens);
-//             combine: the experts' outputs --reverse all-to-all(v)--> [S, C]
+//             [R, C], the local experts' rows expert after expert (expert
+//             i's n_i rows, the sources in ep-rank order = global token
+//             order: lower dp indices hold earlier tokens);
+//             combine: the experts' outputs [R, C] --reverse all-to-all(v)--> [S, C]
 //   backward  the same pair: the output gradients are dispatched, the input
 //             gradients combined.
 //
 // The row counts (an ep × E/ep matrix) are exchanged once per call with an
-// all-to-all. Without a group (or ep = 1) the exchange is local: dispatch
-// splits the rows by expert, combine concatenates them.
+// all-to-all. Without a group (or ep = 1) the exchange is the identity (S =
+// R, no copy). Tensors may live on the CPU or a GPU: the row blocks move
+// with Tensor::CopyFrom and the communicator takes device tensors (NCCL
+// directly, MPI staged through the host).
 //
 // Gradients: expert parameters exist only on their owner and are summed
 // over expert_dp (the dp/ep ranks owning the same experts); the others
@@ -46,13 +49,12 @@ class ExpertExchange {
   // rows_per_expert [E]: rows this rank sends to each expert. ep: the ep
   // group (null or size 1: local). Collective over ep (the counts).
   ExpertExchange(Communicator* ep, int experts, const std::vector<int64_t>& rows_per_expert);
-  // rows [S, C] ordered by expert → per local expert [n_i, C] (undefined
-  // tensors where n_i = 0).
-  std::vector<Tensor> Dispatch(const Tensor& rows) const;
-  // Per local expert [n_i, C] → [S, C] in the order Dispatch took them.
-  Tensor Combine(const std::vector<Tensor>& per_expert, int64_t c, DType dtype) const;
-  // Rows of local expert i over all sources.
-  int64_t local_rows(int i) const { return local_rows_[i]; }
+  // rows [S, C] ordered by expert → [R, C], local expert after local expert.
+  Tensor Dispatch(const Tensor& rows) const;
+  // [R, C] in Dispatch's order → [S, C] in the order Dispatch took them.
+  Tensor Combine(const Tensor& packed) const;
+  // Rows of each local expert over all sources [E/ep]; R is their sum.
+  const std::vector<int64_t>& local_rows() const { return local_rows_; }
   const ExpertSplit& split() const { return split_; }
 
  private:

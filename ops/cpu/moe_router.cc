@@ -125,6 +125,7 @@ void Backward(const Tensor& logits_t, const MoeRouting& r, const Tensor& dgates_
 
 void MoeRouterForward(const Tensor& logits, const std::vector<double>& bias, const MoeRouterOptions& options,
                       MoeRouting& out) {
+  if (!logits.device().is_cpu()) return cuda::MoeRouterForward(logits, bias, options, out);
   CheckOptions(logits, options);
   LOOM_CHECK(bias.empty() || static_cast<int>(bias.size()) == options.experts, "[moe_router] bias has ",
              bias.size(), " values for ", options.experts, " experts");
@@ -140,6 +141,7 @@ void MoeRouterForward(const Tensor& logits, const std::vector<double>& bias, con
 
 void MoeRouterBackward(const Tensor& logits, const MoeRouting& routing, const Tensor& dgates, double daux,
                        double dz, const MoeRouterOptions& options, Tensor& dlogits) {
+  if (!logits.device().is_cpu()) return cuda::MoeRouterBackward(logits, routing, dgates, daux, dz, options, dlogits);
   CheckOptions(logits, options);
   LOOM_CHECK(dgates.numel() == routing.gates.numel() && dgates.dtype() == logits.dtype(),
              "[moe_router] dgates ", ShapeString(dgates.shape()), " must match gates ",

@@ -1,0 +1,35 @@
+// Grouped linear (the experts of an MoE layer): the R rows of x are G
+// consecutive groups of rows[g] rows, and group g has its own weight:
+//   y[g]  = x[g] · W_gᵀ            x [R, in], W_g [out, in], y [R, out]
+// Backward:
+//   dx[g] = dy[g] · W_g            (written, or added when accumulate_dx)
+//   dW_g += dy[g]ᵀ · x[g]          (a group of 0 rows adds nothing)
+// It is Linear (ops/linear.h) on each group's rows, in one call.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/cuda_runtime.h"
+#include "runtime/tensor.h"
+
+namespace loom::ops {
+
+void GroupedLinearForward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
+                          Tensor& y);
+// dx may be null.
+void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
+                           const Tensor& dy, Tensor* dx, const std::vector<Tensor*>& dw, bool accumulate_dx = false);
+
+namespace cuda {
+// CUDA tensors (ops/cuda/grouped_linear.cu), the dtype contract of Linear:
+// x, W_g, y, dy, dx all f32 or all bf16, dW_g f32 (bf16 products
+// accumulated in f32 into the f32 gradient).
+void GroupedLinearForward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
+                          Tensor& y, CudaStream stream = nullptr);
+void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
+                           const Tensor& dy, Tensor* dx, const std::vector<Tensor*>& dw, bool accumulate_dx,
+                           CudaStream stream = nullptr);
+}  // namespace cuda
+
+}  // namespace loom::ops
