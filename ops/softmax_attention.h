@@ -105,10 +105,10 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
                             CudaStream stream = nullptr);
 
 // cuDNN's SDPA through the backend graph API: softmax only, causal or full,
-// GQA, uniform rows (q_rows.uniform and k_rows.uniform); no doc_ids, no
-// sigmoid, no causal offsets (refused with a message). The forward is
-// verified on an H100; the backward graph builds but faults on execution
-// (known bug, docs/kernels/attention.md).
+// GQA, uniform rows (q_rows.uniform and k_rows.uniform), head dims that
+// are multiples of 8 up to 128; no doc_ids, no sigmoid, no causal offsets
+// (refused with a message). Forward and backward verified on an H100
+// (tests/gpu/cudnn_attention_gpu_test.cc).
 void CudnnAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                            const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,
                            CudaStream stream = nullptr);

@@ -21,8 +21,6 @@
 #include "ops/softmax_attention.h"
 #include "runtime/cuda_check.h"
 
-ABSL_FLAG(bool, attention_cudnn_backward, false, "--what=attention: also time cuDNN's backward (known to fault)");
-
 namespace loom {
 namespace {
 
@@ -87,12 +85,7 @@ int BenchAttention(const config::Config&) {
         ops::cuda::AttentionBackward(AttentionBackend::kLoom, q, k, v, o, lse, d_o, rows, rows, options, dq, dk, dv);
       });
       const std::string why_fwd = ops::cuda::CudnnAttentionUnsupported(q, k, v, rows, rows, options, false);
-      // cuDNN's backward graph faults on execution (docs/kernels/attention.md):
-      // timed only with --attention_cudnn_backward.
-      const std::string why_bwd =
-          absl::GetFlag(FLAGS_attention_cudnn_backward)
-              ? ops::cuda::CudnnAttentionUnsupported(q, k, v, rows, rows, options, true)
-              : "backward graph faults on execution (known bug); --attention_cudnn_backward to try it";
+      const std::string why_bwd = ops::cuda::CudnnAttentionUnsupported(q, k, v, rows, rows, options, true);
       if (why_fwd.empty()) {
         ops::cuda::AttentionForward(AttentionBackend::kLoom, q, k, v, rows, rows, options, o_ref, lse);
         cf = MedianSeconds(steps, [&] {

@@ -7,8 +7,9 @@
 //             M = rowmax S, E = exp(S − M), Z = rowsum E, stats = M + log Z,
 //             O = (E / Z) V
 //   backward  Δ = rowsum(dO ⊙ O), P = exp(scale·Q Kᵀ (masked) − stats),
-//             dV = Pᵀ dO, dP = dO Vᵀ, dS = scale · P ⊙ (dP − Δ),
-//             dQ = dS K, dK = dSᵀ Q (GQA: summed over the heads of a group)
+//             dV = Pᵀ dO, dP = dO Vᵀ, dS = scale · (dP − Δ) ⊙ P,
+//             dQ = dS K (f32 accumulator), dK = dSᵀ Q (GQA: dK, dV summed
+//             over the query heads of a group)
 // Layout: Loom's token-major [T, H, D] rows of uniform length S are the
 // strided 4-D tensors [B, H, S, D] with strides (S·H·D, D, H·D, 1); stats are
 // cuDNN's packed [B, H, S, 1] f32, transposed to and from Loom's lse [T, H].
@@ -74,7 +75,7 @@ using DescPtr = std::shared_ptr<Desc>;
 
 // Unique ids of the tensors a caller binds.
 enum Uid : int64_t {
-  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kShift, kDO, kDQ, kDK, kDV,
+  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kShift, kDO, kDQ, kDK, kDV, kOne, kDelta, kDQAccum,
   kVirtual = 100,
 };
 
@@ -256,11 +257,10 @@ struct Shape4 {
 std::vector<int64_t> TokenMajorStrides(int64_t h, int64_t s, int64_t d) { return {s * h * d, d, h * d, 1}; }
 
 // S = scale · Q Kᵀ with the causal mask applied; returns the masked scores.
-DescPtr Scores(Graph& g, const Shape4& s, const DescPtr& q, const DescPtr& k_t) {
+DescPtr Scores(Graph& g, const Shape4& s, const DescPtr& q, const DescPtr& k_t, const DescPtr& scale) {
   const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk};
   auto raw = g.Virtual(sdims);
   g.Matmul(q, k_t, raw);
-  auto scale = g.Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
   auto scaled = g.Virtual(sdims);
   g.Pointwise(CUDNN_POINTWISE_MUL, raw, scale, nullptr, scaled);
   if (!s.causal) return scaled;
@@ -292,7 +292,8 @@ std::unique_ptr<Graph> BuildForward(cudnnHandle_t handle, const Shape4& s) {
   auto o = g->Tensor({s.b, s.hq, s.sq, s.d}, TokenMajorStrides(s.hq, s.sq, s.d), CUDNN_DATA_BFLOAT16, kO, false);
   auto stats = g->Tensor({s.b, s.hq, s.sq, 1}, {s.hq * s.sq, s.sq, 1, 1}, CUDNN_DATA_FLOAT, kStats, false);
   const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk}, rdims{s.b, s.hq, s.sq, 1};
-  auto scores = Scores(*g, s, q, k_t);
+  auto scale = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
+  auto scores = Scores(*g, s, q, k_t, scale);
   auto max = g->Virtual(rdims);
   g->Reduction(CUDNN_REDUCE_TENSOR_MAX, scores, max);
   auto centred = g->Virtual(sdims);
@@ -313,53 +314,92 @@ std::unique_ptr<Graph> BuildForward(cudnnHandle_t handle, const Shape4& s) {
   return g;
 }
 
+// The backward graph in the form cuDNN's fused SDPA backward engines match
+// (the one cudnn-frontend's SDPA backward node lowers to). Besides the
+// outputs, two intermediates live in memory the caller provides:
+//   Δ       [B, Hq, Sq, 1] f32, written by the graph (non-virtual);
+//   dQ_acc  [B, Hq, Sq, D] f32 packed, zero-filled before execution: the
+//           engine accumulates dQ there over key blocks, and the identity
+//           node rounds it into dQ.
+// P and dS stay f32; the reshapes that transpose them for dV = Pᵀ dO and
+// dK = dSᵀ Q round them to bf16. dQ = dS K reads K through a reshape of the
+// Kᵀ tensor, not through a second tensor with K's uid. GQA: dK and dV are
+// formed per query head and summed over each group by a reduction.
+// (An earlier graph, with dQ written straight by the matmul, Δ virtual, K
+// declared twice and bf16 P and dS, got an engine whose dQ kernel faulted
+// with an illegal address; which difference mattered was not isolated.)
 std::unique_ptr<Graph> BuildBackward(cudnnHandle_t handle, const Shape4& s) {
   auto g = std::make_unique<Graph>(handle);
   const auto qs = TokenMajorStrides(s.hq, s.sq, s.d), ks = TokenMajorStrides(s.hk, s.sk, s.d);
+  const std::vector<int64_t> kt_strides{s.sk * s.hk * s.d, s.d, 1, s.hk * s.d};
   auto q = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kQ, false);
-  auto k_t = g->Tensor({s.b, s.hk, s.d, s.sk}, {s.sk * s.hk * s.d, s.d, 1, s.hk * s.d}, CUDNN_DATA_BFLOAT16, kK, false);
-  auto v_t = g->Tensor({s.b, s.hk, s.d, s.sk}, {s.sk * s.hk * s.d, s.d, 1, s.hk * s.d}, CUDNN_DATA_BFLOAT16, kV, false);
+  auto k_t = g->Tensor({s.b, s.hk, s.d, s.sk}, kt_strides, CUDNN_DATA_BFLOAT16, kK, false);
+  auto v_t = g->Tensor({s.b, s.hk, s.d, s.sk}, kt_strides, CUDNN_DATA_BFLOAT16, kV, false);
   auto o = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kO, false);
   auto d_o = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kDO, false);
   auto stats = g->Tensor({s.b, s.hq, s.sq, 1}, {s.hq * s.sq, s.sq, 1, 1}, CUDNN_DATA_FLOAT, kStats, false);
   auto dq = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kDQ, false);
   auto dk = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kDK, false);
   auto dv = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kDV, false);
+  auto scale = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
+  auto one = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kOne, false, true);
   const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk}, rdims{s.b, s.hq, s.sq, 1};
+  const std::vector<int64_t> transposed{s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk};  // [B, Hq, Sk, Sq] over S
 
-  // Δ = rowsum(dO ⊙ O)
+  // Δ = rowsum(dO ⊙ O) · 1 (the factor is where dropout's 1 − p would go)
   auto do_o = g->Virtual({s.b, s.hq, s.sq, s.d});
   g->Pointwise(CUDNN_POINTWISE_MUL, d_o, o, nullptr, do_o);
-  auto delta = g->Virtual(rdims);
-  g->Reduction(CUDNN_REDUCE_TENSOR_ADD, do_o, delta);
-  // P = exp(S − stats)
-  auto scores = Scores(*g, s, q, k_t);
+  auto do_o_sum = g->Virtual(rdims);
+  g->Reduction(CUDNN_REDUCE_TENSOR_ADD, do_o, do_o_sum);
+  auto delta = g->Tensor(rdims, Graph::Packed(rdims), CUDNN_DATA_FLOAT, kDelta, false);
+  g->Pointwise(CUDNN_POINTWISE_MUL, do_o_sum, one, nullptr, delta);
+  // P = exp(scale · Q Kᵀ (masked) − stats)
+  auto scores = Scores(*g, s, q, k_t, scale);
   auto centred = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_SUB, scores, stats, nullptr, centred);
-  auto p = g->Virtual(sdims, CUDNN_DATA_BFLOAT16);  // matmul operands share dO's type
+  auto p = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_EXP, centred, nullptr, nullptr, p);
-  // dV = Pᵀ dO (GQA: cuDNN sums the group when dV has Hk heads)
-  auto p_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, {s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk}, CUDNN_DATA_BFLOAT16,
-                       kVirtual, true);
+  // dV = Pᵀ dO
+  auto p_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, transposed, CUDNN_DATA_BFLOAT16, kVirtual, true);
   g->Reshape(p, p_t);
-  g->Matmul(p_t, d_o, dv);
-  // dP = dO Vᵀ, dS = scale · P ⊙ (dP − Δ)
+  const bool gqa = s.hk != s.hq;
+  auto per_head = [&] {  // [B, Hq, Sk, D] bf16, summed over the group into dK or dV
+    const std::vector<int64_t> dims{s.b, s.hq, s.sk, s.d};
+    return g->Tensor(dims, Graph::Packed(dims), CUDNN_DATA_BFLOAT16, kVirtual, true);
+  };
+  if (gqa) {
+    auto dv_heads = per_head();
+    g->Matmul(p_t, d_o, dv_heads);
+    g->Reduction(CUDNN_REDUCE_TENSOR_ADD, dv_heads, dv);
+  } else {
+    g->Matmul(p_t, d_o, dv);
+  }
+  // dS = scale · (dO Vᵀ − Δ) ⊙ P
   auto dp = g->Virtual(sdims);
   g->Matmul(d_o, v_t, dp);
   auto dp_centred = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_SUB, dp, delta, nullptr, dp_centred);
   auto ds_unscaled = g->Virtual(sdims);
-  g->Pointwise(CUDNN_POINTWISE_MUL, p, dp_centred, nullptr, ds_unscaled);
-  auto scale = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
-  auto ds = g->Virtual(sdims, CUDNN_DATA_BFLOAT16);
+  g->Pointwise(CUDNN_POINTWISE_MUL, dp_centred, p, nullptr, ds_unscaled);
+  auto ds = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_MUL, ds_unscaled, scale, nullptr, ds);
-  // dQ = dS K, dK = dSᵀ Q
-  auto k = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kK, false);
-  g->Matmul(ds, k, dq);
-  auto ds_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, {s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk}, CUDNN_DATA_BFLOAT16,
-                        kVirtual, true);
+  // dK = dSᵀ Q
+  auto ds_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, transposed, CUDNN_DATA_BFLOAT16, kVirtual, true);
   g->Reshape(ds, ds_t);
-  g->Matmul(ds_t, q, dk);
+  if (gqa) {
+    auto dk_heads = per_head();
+    g->Matmul(ds_t, q, dk_heads);
+    g->Reduction(CUDNN_REDUCE_TENSOR_ADD, dk_heads, dk);
+  } else {
+    g->Matmul(ds_t, q, dk);
+  }
+  // dQ = dS K into the f32 accumulator, then rounded into dQ
+  auto k = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kVirtual, true);
+  g->Reshape(k_t, k);
+  const std::vector<int64_t> qdims{s.b, s.hq, s.sq, s.d};
+  auto dq_acc = g->Tensor(qdims, Graph::Packed(qdims), CUDNN_DATA_FLOAT, kDQAccum, false);
+  g->Matmul(ds, k, dq_acc);
+  g->Pointwise(CUDNN_POINTWISE_IDENTITY, dq_acc, nullptr, nullptr, dq);
   g->Build();
   return g;
 }
@@ -521,21 +561,28 @@ void CudnnAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   auto cs = static_cast<cudaStream_t>(stream);
   Ok(cudnnSetStream(st.handles[device], cs), "set stream");
+  // Scratch: stats [B, Hq, Sq] | Δ [B, Hq, Sq] | dQ_acc [B, Hq, Sq, D] | the plan's workspace.
   const int64_t n = lse.numel();
+  auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t stats_bytes = aligned(n * sizeof(float)), acc_bytes = aligned(q.numel() * sizeof(float));
   char* scratch = nullptr;
-  const size_t stats_bytes = (n * sizeof(float) + 255) / 256 * 256;
-  LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&scratch), stats_bytes + g->workspace(), cs));
+  LOOM_CUDA_CHECK(
+      cudaMallocAsync(reinterpret_cast<void**>(&scratch), 2 * stats_bytes + acc_bytes + g->workspace(), cs));
+  char* delta = scratch + stats_bytes;
+  char* dq_acc = delta + stats_bytes;
+  LOOM_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, q.numel() * sizeof(float), cs));
   LseToStatsKernel<<<(n + 255) / 256, 256, 0, cs>>>(lse.data<float>(), s.sq, s.hq, n, reinterpret_cast<float*>(scratch));
   LOOM_CUDA_CHECK(cudaGetLastError());
   float scale = static_cast<float>(options.scale != 0 ? options.scale : 1.0 / std::sqrt(double(q.dim(2))));
-  float neg_inf = -INFINITY;
+  float one = 1, neg_inf = -INFINITY;
   int32_t shift = static_cast<int32_t>(s.shift);
-  std::vector<int64_t> uids{kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale};
-  std::vector<void*> ptrs{q.raw(), k.raw(), v.raw(), o.raw(), d_o.raw(), scratch, dq.raw(), dk.raw(), dv.raw(), &scale};
+  std::vector<int64_t> uids{kQ, kK, kV, kO, kDO, kStats, kDelta, kDQAccum, kDQ, kDK, kDV, kScale, kOne};
+  std::vector<void*> ptrs{q.raw(), k.raw(),  v.raw(),   o.raw(),  d_o.raw(), scratch, delta,
+                          dq_acc,  dq.raw(), dk.raw(), dv.raw(), &scale,    &one};
   if (s.causal) uids.push_back(kNegInf), ptrs.push_back(&neg_inf);
   if (s.causal && s.shift != 0) uids.push_back(kShift), ptrs.push_back(&shift);
   try {
-    g->Execute(uids, ptrs, scratch + stats_bytes);
+    g->Execute(uids, ptrs, dq_acc + acc_bytes);
   } catch (const CudnnError& e) {
     LOOM_CHECK(false, e.message);
   }
