@@ -243,13 +243,25 @@ absl::Status CutMetricsBack(const std::filesystem::path& path, int64_t step) {
   return WriteFile(path, kept);
 }
 
+// A dense checkpoint loads into the MoH model of the same layers (S -> H,
+// L -> R, docs/moh.md): the router weights it lacks keep their
+// initialisation.
+bool DenseToMoh(const std::string& saved, const std::string& now) {
+  if (saved.size() != now.size() || saved == now) return false;
+  for (size_t i = 0; i < saved.size(); ++i)
+    if (saved[i] != now[i] && !(saved[i] == 'S' && now[i] == 'H') && !(saved[i] == 'L' && now[i] == 'R')) return false;
+  return true;
+}
+
 // The model fields that differ between two configs, "model.hidden 128 -> 256".
 std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, const config::ModelConfig& now) {
   std::vector<std::string> diffs;
   const auto* d = config::ModelConfig::descriptor();
+  const bool to_moh = DenseToMoh(saved.pattern(), now.pattern());
   for (int i = 0; i < d->field_count(); ++i) {
     const auto* f = d->field(i);
     if (f->name() == "recompute") continue;  // memory policy, not shape
+    if (to_moh && (f->name() == "pattern" || f->name() == "moh")) continue;
     // Position scaling, changed on purpose to extend a trained model's context.
     if (f->name() == "rope_scaling" || f->name() == "rope_theta") continue;
     std::string a, b;
@@ -627,8 +639,14 @@ class Trainer {
                                                      "); set checkpoint.resume=none to start fresh"));
     std::map<std::string, Tensor> by_name;
     for (auto& t : state.tensors) by_name[t.name] = t.tensor;
+    const bool to_moh = DenseToMoh(saved.model().pattern(), config_.model().pattern());
     auto restore = [&](const Param& p, const std::string& name, Tensor& into) -> absl::Status {
       auto it = by_name.find(name);
+      if (it == by_name.end() && to_moh && p.name.find(".attn.moh.") != std::string::npos) {
+        if (name == p.name) LogWarning(step_dir, ": dense checkpoint: ", name, " starts from its initialisation");
+        if (name == p.name) into.CopyFrom(p.value);  // moments stay 0
+        return absl::OkStatus();
+      }
       if (it == by_name.end()) return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor ", name, " missing"));
       absl::Status s = CopyLocalSlice(p, it->second, into);
       if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(step_dir, ": ", s.message()));
