@@ -5,8 +5,8 @@
 #         torch.distributed (same NCCL), by size;
 #   cp    context-parallel weak scaling: 32K tokens per GPU (seq = 32K × n
 #         at cp = n): lasp1 and lasp2 on an all-lightning model, ring and
-#         allgather on a softmax model, ring + lasp2 on the hybrid
-#         (ulysses refuses CUDA tensors so far);
+#         allgather on a softmax model, and ulysses where the 4 KV heads
+#         split over the GPUs (cp = 1, 2, 4), ring + lasp2 on the hybrid;
 #   dp    data-parallel weak scaling of gpu_1b_softmax (8 sequences of 8K
 #         per GPU), without and with ZeRO-1;
 #   tp    gpu_1b_softmax at tp = 1, 2, 4, 8.
@@ -73,6 +73,9 @@ if [ "$what" = cp ] || [ "$what" = all ]; then
     train cp "lasp1 (L)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=L "${all_l[@]}" --set parallel.cp_linear=lasp1
     train cp "ring (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=ring
     train cp "allgather (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=allgather
+    if [ $((4 % n)) -eq 0 ]; then  # ulysses splits the KV heads over the ranks
+      train cp "ulysses (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=ulysses
+    fi
     train cp "hybrid LLLS (ring + lasp2)" "$n" "$hybrid_cfg" "${cp_run[@]}"
   done
 fi
