@@ -47,7 +47,8 @@ void HeadGatesBackward(const Tensor& o, const Tensor& gates, const Tensor& dout,
 
 class MohRouter {
  public:
-  // heads: the layer's query heads (all of them: MoH has no TP split).
+  // Gates for all dims.heads query heads (MoH has no TP split); prefix e.g.
+  // "layers.3.attn.moh.".
   MohRouter(const ModelDims& dims, const std::string& prefix);
   // x [T, C] → gates [T, H] (written, x's dtype).
   void Forward(const Tensor& x, Tensor& gates);

@@ -129,6 +129,7 @@ TEST(MohParallel, Np2MatchesOneProcess) {
   RunCase({"cp2 ring lasp2", 2, "ring", "lasp2"});
   RunCase({"cp2 allgather lasp2", 2, "allgather", "lasp2"});
   RunCase({"cp2 ring lasp1", 2, "ring", "lasp1"});
+  RunCase({"cp2 ulysses lasp2", 2, "ulysses", "lasp2"});
 }
 
 }  // namespace
