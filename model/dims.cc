@@ -44,6 +44,7 @@ ModelDims ModelDims::FromConfig(const config::Config& config) {
   }
   d.dtype = config.train().dtype() == "f64" ? DType::kF64 : DType::kF32;
   d.mixed_bf16 = config.train().dtype() == "bf16";
+  d.deterministic = config.train().deterministic();
   d.seed = config.train().seed();
   const auto& moe = m.moe();
   d.moe.experts = moe.experts();

@@ -79,6 +79,7 @@ struct ModelDims {
   // CPU and f32 on the GPU.
   DType dtype = DType::kF32;
   bool mixed_bf16 = false;  // train.dtype = bf16
+  bool deterministic = false;  // train.deterministic: GPU reductions in a fixed order
   Device device;  // set by the launcher (FromConfig leaves the CPU)
   uint64_t seed = 0;
   MoeDims moe;

@@ -38,6 +38,7 @@ ops::AttentionOptions Options(const ModelDims& d, const Tensor& active) {
   o.sigmoid = d.sigmoid_attention;
   o.sigmoid_bias = d.sigmoid_bias;
   o.backend = d.attention_backend;
+  o.deterministic = d.deterministic;
   o.active = active;
   o.active_block = SoftmaxAttentionLayer::kMohBlock;
   return o;
