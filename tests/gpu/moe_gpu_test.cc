@@ -216,7 +216,9 @@ void CheckLayer(DType act, std::vector<std::string> sets) {
   std::vector<std::string> all = {"model.pattern=S", "model.layers=1", "model.hidden=64", "model.heads=2",
                                   "model.kv_heads=2", "model.vocab=64", "train.dtype=f32", "model.init_std=0.3",
                                   "model.moe.moe_ffn=40", "model.moe.shared_experts=1",
-                                  "model.moe.aux_loss_coef=0.5", "model.moe.z_loss_coef=0.1"};
+                                  "model.moe.aux_loss_coef=0.5", "model.moe.z_loss_coef=0.1",
+                                  "train.seq_len=14", "data.recall.pairs=3", "data.recall.queries=3",
+                                  "data.recall.key_vocab=8", "data.recall.value_vocab=8"};
   all.insert(all.end(), sets.begin(), sets.end());
   auto config = LoadConfig("", all);
   ASSERT_TRUE(config.ok()) << config.status();
