@@ -135,6 +135,17 @@ TEST(GpuFlashAttention, DeterministicBackwardIsBitwiseRepeatable) {
   EXPECT_TRUE(gpu_test::Close(dq_atomic, gpu_test::ToCpu(dq[0]), 1e-2, 3e-2, 2e-2)) << "dq, atomic pass";
 }
 
+// Several full key tiles per block (the forward streams 128-key tiles
+// through two shared-memory stages), without a causal mask, for both head
+// dims; row lengths that are not multiples of the tile.
+TEST(GpuFlashAttention, LongRowsFullManyKeyTiles) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCase(kLoom, Case{.name = "full GQA D64 many tiles", .d = 64, .hq = 4, .hk = 2, .q_lens = {1100, 700},
+                      .causal = false});
+  RunCase(kLoom, Case{.name = "full GQA D128 many tiles", .d = 128, .hq = 2, .hk = 1, .q_lens = {1500},
+                      .causal = false});
+}
+
 // The ops:: entry points with bf16 CUDA tensors and host rows (as the model
 // calls them) run Loom's flash kernels: forward bit for bit, dk and dv bit
 // for bit (each written once from registers); dq is summed with atomics in

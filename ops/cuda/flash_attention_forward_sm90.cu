@@ -1,0 +1,295 @@
+// Loom's flash attention forward for Hopper, FA3 design (Shah et al. 2024,
+// "FlashAttention-3"): warpgroup MMA (wgmma) on bf16 tiles in 128-byte
+// swizzled shared memory, a producer warpgroup that streams K and V tiles in
+// through cp.async completing on mbarriers, and two consumer warpgroups of
+// 64 query rows each. The math is ops/softmax_attention.h's (masks, LSE,
+// sigmoid: ops/cuda/flash_common.cuh):
+//   S = Q Kᵀ (wgmma, Q and K from shared memory, f32 accumulators),
+//   m' = max(m, rowmax(S·c)), c = scale·log2(e), P = 2^(S·c − m'),
+//   l' = 2^(m − m') l + rowsum(P), O' = 2^(m − m') O + P V
+//   (wgmma, P from registers as the A operand, V from shared memory),
+//   at the end O /= l, lse = (m + log2 l)·ln 2.
+//   Sigmoid: P = σ(scale·S + b) on visible entries, O = Σ P V, no m, l, lse.
+// One block = kM = 128 queries of one row and one query head; it walks its
+// key tiles (kN = 128) from the last (the causal diagonal, masked) to the
+// first. Each consumer warpgroup overlaps the softmax of one tile with the
+// P·V of the tile before it (FA3's intra-warpgroup pipeline):
+//   issue S_j = Q K_jᵀ; issue O += P_{j'} V_{j'} (j' the previous step);
+//   wait S_j; softmax S_j (P·V still running); wait P·V; O ·= 2^(m_{j'} − m_j).
+// Shared memory (D = 128): Q 32 KB, K and V two stages of 32 KB each: 160 KB,
+// one block an SM. 384 threads start with 168 registers each; the producer
+// warpgroup gives back to 40 and the consumers take 232 (O 64 + S 64 + P 32
+// a consumer thread) through setmaxnreg: 128·40 + 256·232 ≤ 64 Ki.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "ops/cuda/flash_common.cuh"
+#include "ops/cuda/sm90.cuh"
+#include "runtime/cuda_check.h"
+
+namespace loom::ops::cuda::flash {
+namespace {
+
+using namespace sm90;
+
+template <int D>
+struct Sm90FwdTile {
+  static constexpr int kM = 128, kN = 128, kStages = 2;
+  static constexpr int kProducers = 128, kConsumers = 256, kThreads = kProducers + kConsumers;
+  static constexpr int kQBytes = kM * D * 2, kTileBytes = kN * D * 2;
+  // Q | K stages | V stages | 9 mbarriers; +1024 to align the base.
+  static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
+  static constexpr int kSmem = kBarOffset + 128 + 1024;
+};
+
+// kRows x D tile of token-major rows (stride `ld` elements) into 64-column
+// panels with the 128-byte swizzle (sm90.cuh), by kThreads threads; rows ≥
+// valid read as zeros. Consecutive threads read consecutive 16 bytes of a row.
+template <int kRows, int D, int kThreads>
+__device__ __forceinline__ void LoadPanels(uint32_t smem, const __nv_bfloat16* base, int64_t ld, int valid,
+                                           int tid) {
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  static_assert(kRows % kRowsPerPass == 0, "tile does not split evenly over the threads");
+  const int c = tid % kChunks, r0 = tid / kChunks;
+  const uint32_t panel = smem + (c / 8) * (kRows * 128);
+  const __nv_bfloat16* src = base + r0 * ld + c * 8;
+#pragma unroll 8
+  for (int r = r0; r < kRows; r += kRowsPerPass) {
+    const bool ok = r < valid;
+    CpAsync16(panel + r * 128 + (((c & 7) ^ (r & 7)) << 4), ok ? src : base, ok);
+    src += kRowsPerPass * ld;
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90Kernel(const Params p) {
+  using T = Sm90FwdTile<D>;
+  constexpr int kM = T::kM, kN = T::kN;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t sq = (SmemAddr(smem_raw) + 1023) & ~1023u;
+  const uint32_t sk = sq + T::kQBytes, sv = sk + T::kStages * T::kTileBytes;
+  // Barriers: 0 Q full; 1+s K full; 3+s V full; 5+s K empty; 7+s V empty.
+  const uint32_t bars = sq + T::kBarOffset;
+  auto bar = [bars](int i) { return bars + 8 * i; };
+
+  const int tile = gridDim.x - 1 - blockIdx.x;  // heavy causal tiles first
+  const int h = blockIdx.y, row = blockIdx.z, kvh = h / p.group;
+  const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
+  const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
+  const int i0 = tile * kM;
+  if (i0 >= nq) return;
+  int n_end = nk;
+  if (p.causal) n_end = max(0, min(nk, i0 + kM - p.shift));
+  const int n_tiles = (n_end + kN - 1) / kN;
+  const int64_t ldq = p.hq * D, ldk = p.hk * D;
+  const int tid = threadIdx.x;
+
+  if (tid == 0) {
+    MbarInit(bar(0), T::kProducers);
+    for (int s = 0; s < T::kStages; ++s) {
+      MbarInit(bar(1 + s), T::kProducers);
+      MbarInit(bar(3 + s), T::kProducers);
+      MbarInit(bar(5 + s), T::kConsumers);
+      MbarInit(bar(7 + s), T::kConsumers);
+    }
+  }
+  __syncthreads();
+
+  // ------------------------------------------------------------ producer
+  // Step `it` fills stage it mod 2 with key tile n_tiles − 1 − it once the
+  // consumers have released that stage's previous tile (step it − 2).
+  if (tid < T::kProducers) {
+    SetMaxRegsDec<40>();
+    if (n_tiles == 0) return;
+    LoadPanels<kM, D, T::kProducers>(sq, p.q + (q0 + i0) * ldq + h * D, ldq, nq - i0, tid);
+    CpAsyncArriveNoinc(bar(0));
+    const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;
+    const __nv_bfloat16* vbase = p.v + k0 * ldk + kvh * D;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int j0 = (n_tiles - 1 - it) * kN, st = it & 1;
+      const uint32_t parity = ((it >> 1) & 1) ^ 1;
+      if (it >= T::kStages) MbarWait(bar(5 + st), parity);
+      LoadPanels<kN, D, T::kProducers>(sk + st * T::kTileBytes, kbase + j0 * ldk, ldk, nk - j0, tid);
+      CpAsyncArriveNoinc(bar(1 + st));
+      if (it >= T::kStages) MbarWait(bar(7 + st), parity);
+      LoadPanels<kN, D, T::kProducers>(sv + st * T::kTileBytes, vbase + j0 * ldk, ldk, nk - j0, tid);
+      CpAsyncArriveNoinc(bar(3 + st));
+    }
+    CpAsyncWaitAll();
+    return;
+  }
+
+  // ------------------------------------------------------------ consumers
+  SetMaxRegsInc<232>();
+  const int wg = tid / 128 - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int iw = i0 + wg * 64 + warp * 16 + g;  // this thread's rows: iw and iw + 8
+  const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // m in the log2 domain
+
+  // S = Q Kᵀ for the K tile in stage st (issued, not waited).
+  const uint64_t qdesc = Desc128B(sq + wg * 64 * 128, 16, 1024);
+  auto issue_qk = [&](float (&s)[kN / 2], int st) {
+    const uint32_t kt = sk + st * T::kTileBytes;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t off = (kk / 4) * 128 * 128 + (kk % 4) * 32;  // panel, 16-column step (kM = kN = 128)
+      WgmmaM64N128SS(s, qdesc + (off >> 4), Desc128B(kt + off, 16, 1024), kk > 0);
+    }
+    WgmmaCommit();
+  };
+  // O += P V for the V tile in stage st (issued, not waited).
+  auto issue_pv = [&](const uint32_t (&pa)[kN / 16][4], int st) {
+    const uint32_t vt = sv + st * T::kTileBytes;
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint64_t b = Desc128B(vt + kk * 16 * 128, kN * 128, 1024);
+      if constexpr (D == 128) WgmmaM64N128RS(o, pa[kk], b);
+      else WgmmaM64N64RS(o, pa[kk], b);
+    }
+    WgmmaCommit();
+  };
+  // Mask, then P in place of S; alpha = 2^(m_old − m_new) per row.
+  auto softmax = [&](float (&s)[kN / 2], int j0, float (&alpha)[2]) {
+    const bool need_mask =
+        (p.causal && i0 + wg * 64 - p.shift < j0 + kN - 1) || j0 + kN > nk || mask.qdoc != nullptr;
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!mask.Visible(iw + 8 * (e / 2), j0 + nt * 8 + 2 * t + (e % 2))) s[4 * nt + e] = -INFINITY;
+    }
+    if (p.sigmoid) {
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) s[i] = 1.f / (1.f + exp2f(-(s[i] * p.scale + p.bias) * kLog2e));  // σ(−∞) = 0
+      alpha[0] = alpha[1] = 1.f;
+      return;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx * p.scale_log2);
+      // A row with nothing visible yet keeps m = −∞; subtract 0 then so that
+      // 2^(−∞ − (−∞)) never appears.
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[r] = exp2f(m[r] - m_use);
+      m[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float e = exp2f(fmaf(s[4 * nt + 2 * r + c], p.scale_log2, -m_use));
+          s[4 * nt + 2 * r + c] = e;
+          sum += e;
+        }
+      l[r] = l[r] * alpha[r] + sum;
+    }
+  };
+  // The S fragment of keys 16kk..16kk+15 is the A fragment of P V as it stands.
+  auto to_bf16 = [](const float (&s)[kN / 2], uint32_t (&pa)[kN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) pa[kk][q] = PackBf16(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+  };
+
+  if (n_tiles > 0) {
+    MbarWait(bar(0), 0);
+    float s[kN / 2], alpha[2];
+    uint32_t pa[kN / 16][4];
+    MbarWait(bar(1), 0);
+    FenceProxyAsync();
+    issue_qk(s, 0);
+    WgmmaWait<0>();
+    FenceRegs(s);
+    MbarArrive(bar(5));
+    softmax(s, (n_tiles - 1) * kN, alpha);  // O is still 0: no rescale
+    to_bf16(s, pa);
+    for (int it = 1; it < n_tiles; ++it) {
+      const int st = it & 1, prev = st ^ 1;
+      MbarWait(bar(1 + st), (it >> 1) & 1);
+      FenceProxyAsync();
+      issue_qk(s, st);
+      MbarWait(bar(3 + prev), ((it - 1) >> 1) & 1);
+      FenceProxyAsync();
+      issue_pv(pa, prev);
+      WgmmaWait<1>();  // S_j landed; P_{j−1} V_{j−1} may still run
+      FenceRegs(s);
+      MbarArrive(bar(5 + st));
+      softmax(s, (n_tiles - 1 - it) * kN, alpha);
+      WgmmaWait<0>();
+      FenceRegs(o);
+      MbarArrive(bar(7 + prev));
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[4 * dt] *= alpha[0], o[4 * dt + 1] *= alpha[0];
+        o[4 * dt + 2] *= alpha[1], o[4 * dt + 3] *= alpha[1];
+      }
+      to_bf16(s, pa);
+    }
+    const int last = (n_tiles - 1) & 1;
+    MbarWait(bar(3 + last), ((n_tiles - 1) >> 1) & 1);
+    FenceProxyAsync();
+    issue_pv(pa, last);
+    WgmmaWait<0>();
+    FenceRegs(o);
+  }
+
+  // O /= l, lse = (m + log2 l) ln 2; straight from the accumulators to global.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = iw + 8 * r;
+    float inv = 1.f;
+    if (!p.sigmoid) {
+      float sum = l[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      inv = sum > 0.f ? 1.f / sum : 0.f;
+      if (t == 0 && i < nq) p.lse[(q0 + i) * p.hq + h] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
+    }
+    if (i < nq) {
+      __nv_bfloat16* orow = p.out + (q0 + i) * ldq + h * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = PackBf16(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
+    }
+  }
+}
+
+template <int D>
+void Launch(const Params& p, int64_t max_q, int64_t rows, cudaStream_t stream) {
+  using T = Sm90FwdTile<D>;
+  static bool configured = [] {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(FlashForwardSm90Kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         T::kSmem));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid((max_q + T::kM - 1) / T::kM, p.hq, rows);
+  if (grid.x == 0 || rows == 0) return;
+  FlashForwardSm90Kernel<D><<<grid, T::kThreads, T::kSmem, stream>>>(p);
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void LaunchForwardSm90(const Params& p, int64_t d, int64_t max_q, int64_t rows, cudaStream_t stream) {
+  if (d == 64) Launch<64>(p, max_q, rows, stream);
+  else Launch<128>(p, max_q, rows, stream);
+}
+
+}  // namespace loom::ops::cuda::flash
