@@ -95,7 +95,8 @@ AttentionBackend ParseAttentionBackend(const std::string& name);  // "loom" | "c
 
 // Loom's kernels: FA2-style tiles on mma.sync bf16 tensor cores, D in {64,
 // 128}; everything AttentionOptions offers, doc_ids included. The backward
-// accumulates dq in f32 with atomic adds (not bitwise deterministic).
+// accumulates dq in f32 with atomic adds (not bitwise deterministic) unless
+// options.deterministic: then a separate dQ pass sums it in a fixed order.
 void FlashAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                            const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,
                            CudaStream stream = nullptr);

@@ -1,24 +1,26 @@
-// Loom's flash attention backward for Hopper (sm_90a), FA2 design (the
-// forward and the shared pieces: ops/cuda/softmax_attention.cu,
-// ops/cuda/flash_common.cuh). Shapes:
+// Loom's flash attention backward for Hopper (sm_90a): the entry point, the
+// passes around the KV pass, the KV pass for D = 64 (FA2 design on mma.sync)
+// and the deterministic dQ pass (the forward and the shared pieces:
+// ops/cuda/softmax_attention.cu, ops/cuda/flash_common.cuh). Shapes:
 //   q, o, d_o, dq [Tq, Hq, D] bf16    k, v, dk, dv [Tk, Hk, D] bf16
 //   lse [Tq, Hq] f32 (natural log)    query head h reads KV head h / (Hq/Hk)
 //
 // Backward, three launches:
 //   1. Prepare: Δ_i = Σ_d dO_id O_id and lse·log2(e) per (head, token), in
 //      head-major order so the main kernel reads them contiguously.
-//   2. KV pass: one block = kBlockN keys of one KV head, 8 warps of 16 keys.
-//      dK and dV stay in registers while the block walks every query tile of
-//      every query head in the GQA group (so no dK/dV reduction across
-//      heads), recomputing Sᵀ = K Qᵀ and dPᵀ = V dOᵀ:
+//   2. KV pass: D = 128 on wgmma (ops/cuda/flash_attention_backward_sm90.cu,
+//      same schedule); D = 64 here on mma.sync: one block = kBlockN keys of
+//      one KV head, 8 warps of 16 keys. dK and dV stay in registers while
+//      the block walks every query tile of every query head in the GQA group
+//      (so no dK/dV reduction across heads), recomputing Sᵀ = K Qᵀ and
+//      dPᵀ = V dOᵀ:
 //        Pᵀ = 2^(Sᵀ·c − lse·log2 e),  dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
 //        (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
 //        dV += Pᵀ dO,  dK += dSᵀ Q,  dQ += dS K (dS through shared memory,
 //        added to an f32 dQ buffer with vector atomics: order not fixed)
-//      in that order (Sᵀ, Pᵀ, dV, then dPᵀ, dSᵀ, dK, dQ), so that the 128
-//      accumulator registers of dK, dV leave room for one product's tile
-//      and its operands (255 registers, 8 bytes of spills, was 308); then
-//      dK ·= scale.
+//      in that order (Sᵀ, Pᵀ, dV, then dPᵀ, dSᵀ, dK, dQ), so that one
+//      product's tile and its operands sit beside the dK, dV accumulators
+//      (D = 64: 236 registers, no spills); then dK ·= scale.
 //   3. Finish: dq = bf16(scale · dQ_f32).
 // Deterministic mode (AttentionOptions::deterministic): step 2 skips dQ and
 // a dQ pass replaces step 3: one block per query tile and query head walks
