@@ -94,7 +94,7 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   }
   if (moh_) {
     yg_ = dims_.Act({t, h * d});
-    ApplyHeadGates(y_, gates_, yg_);
+    ops::ApplyHeadGates(y_, gates_, yg_);
   } else {
     yg_ = y_;
   }
@@ -109,8 +109,8 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   ops::LinearBackward(yg_, wo_.weight(), dy, &d_y, wo_.grad);
   Tensor dgates;
   if (moh_) {
-    dgates = Tensor::Empty(gates_.shape(), gates_.dtype());
-    HeadGatesBackward(y_, gates_, d_y, d_y, dgates);
+    dgates = Tensor::Empty(gates_.shape(), gates_.dtype(), gates_.device());
+    ops::HeadGatesBackward(y_, gates_, d_y, d_y, dgates);
   }
   // Each branch below adds its input gradient into dx: the first writes.
   bool dx_written = false;

@@ -41,8 +41,6 @@ Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParal
     if (!dims_.tie_embeddings) params_.push_back(&lm_head_);
   }
   if (!dims_.device.is_cpu()) {
-    LOOM_CHECK(dims_.kinds.find_first_of("HR") == std::string::npos,
-               "[model] MoH layers (H, R) run on the CPU only so far (train.device = cpu)");
     for (Param* p : params_) {
       p->value = p->value.To(dims_.device);
       p->grad = Tensor::Zeros(p->grad.shape(), p->grad.dtype(), dims_.device);

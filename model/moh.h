@@ -25,6 +25,11 @@
 // outputs are multiplied by g = 0 anyway, and the router has no gradient
 // through an unkept gate, so skipping changes nothing).
 //
+// Devices (docs/gpu.md): on the GPU the logits are activations (bf16 in
+// mixed precision), the scores, α, p and g [T, H] f32 (ops/moh_gate.h);
+// everything stays on the device but the router's [R] statistics and the
+// loss scale, which cross to the host as in the MoE router.
+//
 // Gradient rule: parameter gradients accumulate; Backward adds into dx.
 #pragma once
 
@@ -35,26 +40,25 @@
 #include "model/moe.h"
 #include "model/param.h"
 #include "ops/moe_router.h"
+#include "ops/moh_gate.h"
 
 namespace loom {
 
-// The gating itself, on a [T, H·D] tensor whose head h of token t is the
-// D values at t·H·D + h·D:  out_th = g_th · o_th  (written).
-void ApplyHeadGates(const Tensor& o, const Tensor& gates, Tensor& out);
-// Its backward: d_o_th = g_th · dout_th (written; may alias dout),
-// dgates_th = dout_th · o_th (written).
-void HeadGatesBackward(const Tensor& o, const Tensor& gates, const Tensor& dout, Tensor& d_o, Tensor& dgates);
+// The gating itself is ops::ApplyHeadGates / ops::HeadGatesBackward
+// (ops/moh_gate.h), on [T, H·D] tensors whose head h of token t is the D
+// values at t·H·D + h·D.
 
 class MohRouter {
  public:
   // Gates for all dims.heads query heads (MoH has no TP split); prefix e.g.
   // "layers.3.attn.moh.".
   MohRouter(const ModelDims& dims, const std::string& prefix);
-  // x [T, C] → gates [T, H] (written, x's dtype).
+  // x [T, C] → gates [T, H] (written on x's device; x's dtype on the CPU,
+  // f32 on the GPU).
   void Forward(const Tensor& x, Tensor& gates);
-  // i32 [H, ceil(T / block)]: 1 where some token of the block has a
-  // non-zero gate for the head (every shared head; routed heads some token
-  // kept). Of the last Forward.
+  // i32 [H, ceil(T / block)] on x's device: 1 where some token of the
+  // block has a non-zero gate for the head (every shared head; routed heads
+  // some token kept). Of the last Forward.
   Tensor ActiveMask(int64_t block) const;
   // dgates [T, H] → dx [T, C] (added) and the router weights' gradients
   // (accumulated). loss_scale: weight of router_loss() in the loss.
@@ -72,15 +76,16 @@ class MohRouter {
   int heads_, shared_, routed_;
   bool mix_;  // both kinds of heads and learned gates: W_h exists
   ops::MoeRouterOptions options_;
+  ops::MohGateOptions gate_options_;
   Param ws_, wr_, wh_;
   double router_loss_ = 0;
   RoutingStats stats_;
   // Activations of the last Forward.
   int64_t tokens_ = 0;
   Tensor shared_scores_;              // [T, S] Softmax(W_s x)
+  Tensor alpha_;                      // [T, 2] Softmax(W_h x)
   Tensor routed_logits_;              // [T, R] W_r x
   ops::MoeRouting routing_;           // p, the kept heads, their p
-  Tensor alpha_;                      // [T, 2] Softmax(W_h x)
   std::vector<int64_t> global_load_;  // [R] summed over the stats group
   int64_t global_tokens_ = 0;         // N
 };

@@ -59,7 +59,9 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   lse_ = dims_.Stat({t, hq});
   if (moh_) {
     moh_->Forward(x, gates_);
-    if (cp_.size == 1 && skip_inactive_) active_ = moh_->ActiveMask(kMohBlock);
+    // The GPU's attention kernels take no mask yet: they compute every head,
+    // and the gates multiply the unkept ones by 0 (the same result).
+    if (cp_.size == 1 && skip_inactive_ && x.device().is_cpu()) active_ = moh_->ActiveMask(kMohBlock);
   }
   if (cp_.size == 1) {
     ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_, active_), o_, lse_);
@@ -69,7 +71,7 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   }
   if (moh_) {
     gated_ = dims_.Act(o_.shape());
-    ApplyHeadGates(o_, gates_, gated_);
+    ops::ApplyHeadGates(o_, gates_, gated_);
   } else {
     gated_ = o_;
   }
@@ -84,8 +86,8 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   ops::LinearBackward(gated_, wo_.weight(), dy, &d_o, wo_.grad);
   Tensor dgates;
   if (moh_) {
-    dgates = Tensor::Empty(gates_.shape(), gates_.dtype());
-    HeadGatesBackward(o_, gates_, d_o, d_o, dgates);
+    dgates = Tensor::Empty(gates_.shape(), gates_.dtype(), gates_.device());
+    ops::HeadGatesBackward(o_, gates_, d_o, d_o, dgates);
   }
   Tensor dq = dims_.Act(q_.shape());
   Tensor dk = dims_.Act(k_.shape());

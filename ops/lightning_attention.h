@@ -33,13 +33,14 @@ std::vector<double> LightningDecay(int heads, int layer, int layers);
 struct LightningOptions {
   int block = 64;  // tokens per block of the block algorithm
   // MoH (model/moh.h): which (head, block) outputs are computed. i32
-  // [H, ceil(T / block)] on the CPU, non-zero = computed; block b holds the
-  // tokens [b·block, (b+1)·block) of q. An inactive pair's o is 0 and its
-  // d_o is read as 0; its k, v still enter the state. A block of the block
-  // algorithm whose tokens are all inactive is skipped (rows starting at
-  // multiples of `block` make the two kinds of blocks the same). Undefined:
-  // everything is computed. Fused calls on CPU tensors only (the CUDA
-  // entries refuse a mask).
+  // [H, ceil(T / block)] on q's device, non-zero = computed; block b holds
+  // the tokens [b·block, (b+1)·block) of q. An inactive pair's o is 0 and
+  // its d_o is read as 0; its k, v still enter the state. A block of the
+  // block algorithm whose tokens are all inactive is skipped (rows starting
+  // at multiples of `block` make the two kinds of blocks the same).
+  // Undefined: everything is computed. Fused calls only. CUDA: the bf16
+  // kernels skip a 64-token chunk with no active token; the f32 kernels
+  // compute everything and zero the inactive outputs (same results).
   Tensor active;
 };
 
@@ -89,7 +90,8 @@ void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Ten
 // decay f32 [H] on that device (λ in (0, 1], not checked there); states,
 // m, s, dm, ds f32 on the device. cu_seqlens stays a CPU tensor (the
 // launcher plans segments on the host); doc_ids are refused with an error:
-// give each document its own row. Outputs are allocated by the caller;
+// give each document its own row. active (optional): MoH's mask,
+// LightningOptions::active on the device with its block. Outputs are allocated by the caller;
 // "written" and "accumulated" as above (o of the inter phase, dq/dk/dv of
 // the phases' backwards and ds accumulate in place). Everything runs on
 // `stream`, asynchronously. The workspace holds device scratch (the
@@ -105,11 +107,13 @@ struct LightningWorkspace {
 
 void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out,
-                               LightningWorkspace& workspace, CudaStream stream);
+                               LightningWorkspace& workspace, CudaStream stream, const Tensor& active = Tensor(),
+                               int64_t active_block = 64);
 void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                 const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
                                 const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
-                                LightningWorkspace& workspace, CudaStream stream);
+                                LightningWorkspace& workspace, CudaStream stream, const Tensor& active = Tensor(),
+                                int64_t active_block = 64);
 bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m,
                          LightningWorkspace& workspace, CudaStream stream);
 void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,

@@ -118,6 +118,7 @@ absl::Status Range(bool ok, const std::string& field, const std::string& why) {
 // model.moh (configs/loom.proto MohConfig), checked only when the pattern has
 // an H or R layer. MoH computes gates for this rank's heads from the whole
 // router, so it has no TP split, and its router loss has no pipeline path.
+// Both devices run it (docs/moh.md).
 absl::Status ValidateMoh(const config::Config& c) {
   const config::ModelConfig& m = c.model();
   if (m.pattern().find_first_of("HR") == std::string::npos) return absl::OkStatus();
@@ -136,8 +137,7 @@ absl::Status ValidateMoh(const config::Config& c) {
     LOOM_RETURN_IF_ERROR(Range(value == 1, name,
                                absl::StrCat(value, ": MoH layers (H, R in model.pattern '", m.pattern(),
                                             "') run without tensor or pipeline parallelism yet; set it to 1")));
-  return Range(c.train().device() != "cuda", "train.device",
-               "'cuda': MoH layers (H, R) run on the CPU only so far (set cpu)");
+  return absl::OkStatus();
 }
 
 // model.rope_scaling (configs/loom.proto RopeScaling).

@@ -21,6 +21,7 @@
 #include "ops/lightning_attention.h"
 
 #include "ops/convert.h"
+#include "ops/moh_gate.h"
 
 #include "ops/cpu/blas.h"
 
@@ -533,10 +534,10 @@ void CheckActive(const LightningOptions& options, const Dims& d) {
              DTypeName(a.dtype()), " ", ShapeString(a.shape()), " on ", a.device().ToString());
 }
 
-void CheckNoMaskOnGpu(const LightningOptions& options) {
-  LOOM_CHECK(!options.active.defined(),
-             "[lightning_attention] MoH's active-head mask (options.active) runs on the CPU only: no GPU MoH kernels "
-             "yet");
+// MoH's mask for CUDA tensors: on q's device (a host mask is copied), or undefined.
+Tensor ActiveOnDevice(const LightningOptions& options, Device device) {
+  if (!options.active.defined() || options.active.device() == device) return options.active;
+  return options.active.To(device);
 }
 
 // ---- CUDA tensors go to ops/cuda (the default stream, a workspace per call;
@@ -605,19 +606,27 @@ void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v
                                const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
                                Tensor& o, Tensor& state_out) {
   if (!q.device().is_cpu()) {  // f32: the f32 kernels; bf16: the tensor-core kernels
-    CheckNoMaskOnGpu(options);
     const Tensor lambda = DecayOnDevice(decay, q.device());
+    const Tensor active = ActiveOnDevice(options, q.device());
     const Shape state_shape{rows.rows(), q.dim(1), q.dim(2), v.dim(2)};
     Tensor& out = OnDevice(o, v.shape(), v.dtype(), q.device(), false);
     Tensor& s_out = OnDevice(state_out, state_shape, DType::kF32, q.device(), false);
-    if (q.dtype() == DType::kF32) return cuda::LightningAttentionF32Forward(q, k, v, lambda, rows, state_in, out, s_out);
-    if (!Bf16KernelsFit(q)) {  // small test models: the f32 kernels on f32 copies
+    if (q.dtype() == DType::kBF16 && Bf16KernelsFit(q)) {
+      cuda::LightningWorkspace ws;
+      return cuda::LightningAttentionForward(q, k, v, lambda, rows, state_in, out, s_out, ws, nullptr, active,
+                                             options.block);
+    }
+    // The f32 kernels (on f32 copies for small bf16 test models) compute
+    // every output; MoH's inactive ones are then zeroed.
+    if (q.dtype() == DType::kF32) {
+      cuda::LightningAttentionF32Forward(q, k, v, lambda, rows, state_in, out, s_out);
+    } else {
       Tensor o32 = ConvertedCopy(out, DType::kF32);
       cuda::LightningAttentionF32Forward(F32(q), F32(k), F32(v), lambda, rows, state_in, o32, s_out);
-      return Convert(o32, out);
+      Convert(o32, out);
     }
-    cuda::LightningWorkspace ws;
-    return cuda::LightningAttentionForward(q, k, v, lambda, rows, state_in, out, s_out, ws, nullptr);
+    if (active.defined()) ZeroInactiveHeads(active, options.block, out);
+    return;
   }
   const Dims d = CheckInputs(q, k, v, decay);
   CheckRows(rows, d.t);
@@ -637,25 +646,31 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& d_o, const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv,
                                 Tensor& d_state_in) {
   if (!q.device().is_cpu()) {
-    CheckNoMaskOnGpu(options);
     const Tensor lambda = DecayOnDevice(decay, q.device());
+    const Tensor active = ActiveOnDevice(options, q.device());
     Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), false);
     Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), q.device(), false);
     Tensor& gv = OnDevice(dv, v.shape(), v.dtype(), q.device(), false);
-    if (q.dtype() == DType::kF32)
-      return cuda::LightningAttentionF32Backward(q, k, v, lambda, rows, state_in, d_o, d_state_out, gq, gk, gv,
-                                                 d_state_in);
-    if (!Bf16KernelsFit(q)) {
-      Tensor dq32 = F32(gq), dk32 = F32(gk), dv32 = F32(gv);
-      cuda::LightningAttentionF32Backward(F32(q), F32(k), F32(v), lambda, rows, state_in, F32(d_o), d_state_out, dq32,
-                                          dk32, dv32, d_state_in);
-      Convert(dq32, gq);
-      Convert(dk32, gk);
-      return Convert(dv32, gv);
+    if (q.dtype() == DType::kBF16 && Bf16KernelsFit(q)) {
+      cuda::LightningWorkspace ws;
+      return cuda::LightningAttentionBackward(q, k, v, lambda, rows, state_in, d_o, d_state_out, gq, gk, gv,
+                                              d_state_in, ws, nullptr, active, options.block);
     }
-    cuda::LightningWorkspace ws;
-    return cuda::LightningAttentionBackward(q, k, v, lambda, rows, state_in, d_o, d_state_out, gq, gk, gv,
-                                            d_state_in, ws, nullptr);
+    // The f32 kernels read MoH's inactive d_o as 0 from a masked copy.
+    Tensor d_o_read = d_o;
+    if (active.defined()) {
+      d_o_read = d_o.Clone();
+      ZeroInactiveHeads(active, options.block, d_o_read);
+    }
+    if (q.dtype() == DType::kF32)
+      return cuda::LightningAttentionF32Backward(q, k, v, lambda, rows, state_in, d_o_read, d_state_out, gq, gk, gv,
+                                                 d_state_in);
+    Tensor dq32 = F32(gq), dk32 = F32(gk), dv32 = F32(gv);
+    cuda::LightningAttentionF32Backward(F32(q), F32(k), F32(v), lambda, rows, state_in, F32(d_o_read), d_state_out,
+                                        dq32, dk32, dv32, d_state_in);
+    Convert(dq32, gq);
+    Convert(dk32, gk);
+    return Convert(dv32, gv);
   }
   const Dims d = CheckInputs(q, k, v, decay);
   CheckRows(rows, d.t);

@@ -29,6 +29,15 @@
 //   (b') the reverse scan G_{s−1} = λ^(L_s) G_s + N_s gives each segment's
 //   exit gradient and d_state_in, and (c') DkDv walks each segment backwards.
 //
+// MoH (LightningOptions::active, i32 [H, ceil(T / block)] on the device):
+// the masked operand's rows of inactive tokens are zero-filled as they are
+// loaded (q in (c), do in the backward's (a'), (c) and (c')), which makes
+// those tokens' o, dq and contributions exactly 0, as the CPU reference
+// has them; a chunk with no active token skips its output products (the
+// scores, Q S, P V, and in (c') the intra terms and the dS update) and
+// loads neither operand, but still folds its k, v into the state. The state
+// walk (a) and the scans see every token.
+//
 // Every product is mma.sync m16n8k16 (bf16 in, fp32 accumulate) on tiles in
 // shared memory fed by cp.async, two chunks in flight. Operands the tensor
 // cores read are bf16: the state S (and dS) is rounded to bf16 for Q S, the
@@ -320,15 +329,35 @@ struct Geometry {
   __device__ static int ScoreCol(int w) { return 32 * (w / 4); }  // score tile 16 × 32
 };
 
-// Async copy of rows [0, len) of a chunk (row r at src + r·stride) into a
-// C × (D + 8) tile; rows past len are zero.
+// MoH's mask: token t of head h is active when on[h·blocks + t / block] ≠ 0;
+// on == nullptr: every token is.
+struct MaskArg {
+  const int32_t* on = nullptr;
+  int64_t blocks = 0, block = 1;
+};
+__device__ __forceinline__ bool TokenActive(const MaskArg& m, int h, int64_t t) {
+  return m.on == nullptr || m.on[h * m.blocks + t / m.block] != 0;
+}
+// Whether any of the tokens [t0, t0 + len) is active (every thread gets the
+// same answer: a few reads of the mask's blocks, no barrier).
+__device__ __forceinline__ bool ChunkActive(const MaskArg& m, int h, int64_t t0, int len) {
+  if (m.on == nullptr) return true;
+  for (int64_t b = t0 / m.block; b <= (t0 + len - 1) / m.block; ++b)
+    if (m.on[h * m.blocks + b] != 0) return true;
+  return false;
+}
+
+// Async copy of rows [0, len) of a chunk (row r at src + r·stride, token
+// t0 + r) into a C × (D + 8) tile; rows past len, and with a mask the rows of
+// inactive tokens, are zero.
 template <int D>
-__device__ __forceinline__ void LoadChunk(nv_bf16* tile, const nv_bf16* src, int64_t stride, int len) {
+__device__ __forceinline__ void LoadChunk(nv_bf16* tile, const nv_bf16* src, int64_t stride, int len,
+                                          const MaskArg& mask = {}, int h = 0, int64_t t0 = 0) {
   constexpr int kPieces = D / 8;
 #pragma unroll
   for (int i = threadIdx.x; i < kChunk * kPieces; i += kThreads) {
     const int r = i / kPieces, c = (i % kPieces) * 8;
-    const bool valid = r < len;
+    const bool valid = r < len && TokenActive(mask, h, t0 + r);
     CpAsync16(tile + r * Geometry<D>::kLd + c, src + (valid ? r : 0) * stride + c, valid);
   }
 }
@@ -338,11 +367,12 @@ __device__ __forceinline__ void LoadChunk(nv_bf16* tile, const nv_bf16* src, int
 //   (a, b = k, v: the segment's memory state).
 // kQueryMode true: chunks backward, X ← λ^len X + Σ_i λ^(i+1) a_iᵀ b_i
 //   (a, b = q, do: the gradient the segment sends to its entry state).
-// out [segments, H, D, D].
+// out [segments, H, D, D]. mask (query mode): b's rows of inactive tokens are
+// 0, and chunks without an active token add nothing.
 template <int D, bool kQueryMode>
 __global__ void __launch_bounds__(kThreads, 2)
     StateWalkKernel(const nv_bf16* a, const nv_bf16* b, const float* decay, const SegmentInfo* segments, int heads,
-                    float* out) {
+                    MaskArg mask, float* out) {
   using G = Geometry<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   nv_bf16* tiles = reinterpret_cast<nv_bf16*>(smem);  // [2 stages][a, b]
@@ -354,12 +384,17 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t base = (static_cast<int64_t>(seg.begin) * heads + h) * D;
   const int chunks = (seg.length + kChunk - 1) / kChunk;
   auto chunk_of = [&](int step) { return kQueryMode ? chunks - 1 - step : step; };
+  auto active = [&](int step) {
+    const int c = chunk_of(step);
+    return ChunkActive(mask, h, seg.begin + int64_t{c} * kChunk, min(kChunk, seg.length - c * kChunk));
+  };
   auto load = [&](int step) {
     const int c = chunk_of(step), len = min(kChunk, seg.length - c * kChunk);
+    if (!active(step)) return;
     nv_bf16* stage = tiles + (step & 1) * 2 * G::kTile;
     const int64_t off = base + static_cast<int64_t>(c) * kChunk * stride;
     LoadChunk<D>(stage, a + off, stride, len);
-    LoadChunk<D>(stage + G::kTile, b + off, stride, len);
+    LoadChunk<D>(stage + G::kTile, b + off, stride, len, mask, h, seg.begin + int64_t{c} * kChunk);
   };
   float x[G::kStateNt][4];
   Zero(x);
@@ -377,8 +412,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const nv_bf16* stage = tiles + (step & 1) * 2 * G::kTile;
     ScaleAll(x, exp2f(l2 * static_cast<float>(len)));
-    WarpGemmDecayedT<G::kStateNt, kChunk>(x, stage, G::kLd, G::StateRow(w), fac, stage + G::kTile, G::kLd,
-                                          G::StateCol(w));
+    if (active(step))
+      WarpGemmDecayedT<G::kStateNt, kChunk>(x, stage, G::kLd, G::StateRow(w), fac, stage + G::kTile, G::kLd,
+                                            G::StateCol(w));
     __syncthreads();
   }
   StoreState(out + (static_cast<int64_t>(blockIdx.x) * heads + h) * D * D, D, G::StateRow(w), G::StateCol(w), x);
@@ -428,10 +464,13 @@ __global__ void __launch_bounds__(256)
 
 // ---- (c) Output of each segment from its entry state ----
 // o = [(Q Kᵀ) ⊙ D] V + diag(λ^(i+1)) Q S chunk by chunk, S from entry[seg].
+// mask: q's rows of inactive tokens are 0, so are their o rows; a chunk
+// without an active token writes 0 (adds nothing) and only updates S.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     ForwardOutputKernel(const nv_bf16* q, const nv_bf16* k, const nv_bf16* v, const float* decay,
-                        const SegmentInfo* segments, int heads, const float* entry, nv_bf16* o, bool accumulate) {
+                        const SegmentInfo* segments, int heads, const float* entry, MaskArg mask, nv_bf16* o,
+                        bool accumulate) {
   using G = Geometry<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   nv_bf16* tiles = reinterpret_cast<nv_bf16*>(smem);      // [2 stages][q, k, v]
@@ -445,11 +484,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t stride = static_cast<int64_t>(heads) * D;
   const int64_t base = (static_cast<int64_t>(seg.begin) * heads + h) * D;
   const int chunks = (seg.length + kChunk - 1) / kChunk;
+  auto active = [&](int c) {
+    return ChunkActive(mask, h, seg.begin + int64_t{c} * kChunk, min(kChunk, seg.length - c * kChunk));
+  };
   auto load = [&](int c) {
     const int len = min(kChunk, seg.length - c * kChunk);
     nv_bf16* stage = tiles + (c & 1) * 3 * G::kTile;
     const int64_t off = base + static_cast<int64_t>(c) * kChunk * stride;
-    LoadChunk<D>(stage, q + off, stride, len);
+    if (active(c)) LoadChunk<D>(stage, q + off, stride, len, mask, h, seg.begin + int64_t{c} * kChunk);
     LoadChunk<D>(stage + G::kTile, k + off, stride, len);
     LoadChunk<D>(stage + 2 * G::kTile, v + off, stride, len);
   };
@@ -474,20 +516,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     const nv_bf16* qt = tiles + (c & 1) * 3 * G::kTile;
     const nv_bf16* kt = qt + G::kTile;
     const nv_bf16* vt = kt + G::kTile;
-    {
-      float p[4][4];
-      Zero(p);
-      WarpGemm<4, D, true>(p, qt, G::kLd, om0, kt, G::kLd, pn0);
-      DecayMask<4, true>(p, om0, pn0, l2);
-      StoreShared(ps, kScoreLd, om0, pn0, p);
-    }
     float acc[G::kOutNt][4];
     Zero(acc);
-    WarpGemm<G::kOutNt, D, false>(acc, qt, G::kLd, om0, sb, G::kLd, on0);
-    ScaleRows(acc, om0, fq);
-    __syncthreads();
-    WarpGemm<G::kOutNt, kChunk, false>(acc, ps, kScoreLd, om0, vt, G::kLd, on0);
-    StoreGlobal(o + base + static_cast<int64_t>(c) * kChunk * stride, stride, om0, on0, len, acc, accumulate);
+    if (active(c)) {
+      {
+        float p[4][4];
+        Zero(p);
+        WarpGemm<4, D, true>(p, qt, G::kLd, om0, kt, G::kLd, pn0);
+        DecayMask<4, true>(p, om0, pn0, l2);
+        StoreShared(ps, kScoreLd, om0, pn0, p);
+      }
+      WarpGemm<G::kOutNt, D, false>(acc, qt, G::kLd, om0, sb, G::kLd, on0);
+      ScaleRows(acc, om0, fq);
+      __syncthreads();
+      WarpGemm<G::kOutNt, kChunk, false>(acc, ps, kScoreLd, om0, vt, G::kLd, on0);
+    }
+    if (active(c) || !accumulate)
+      StoreGlobal(o + base + static_cast<int64_t>(c) * kChunk * stride, stride, om0, on0, len, acc, accumulate);
     ScaleAll(s, exp2f(l2 * static_cast<float>(len)));
     WarpGemmDecayedT<G::kStateNt, kChunk>(s, kt, G::kLd, sm0, fk, vt, G::kLd, sn0);
     __syncthreads();
@@ -498,11 +543,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 // dS starts as the gradient of the state leaving the segment (exit[seg]).
 // With intra false only the state path runs (the chunk-state phase's
 // backward): dK = diag(λ^(len−1−j)) V dSᵀ, dV = diag(λ^(len−1−j)) K dS.
+// mask: do's rows of inactive tokens are 0; a chunk without an active token
+// runs the state path only.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     DkDvKernel(const nv_bf16* q, const nv_bf16* k, const nv_bf16* v, const nv_bf16* d_o, const float* decay,
-               const SegmentInfo* segments, int heads, const float* exit, nv_bf16* dk, nv_bf16* dv, bool accumulate,
-               bool intra) {
+               const SegmentInfo* segments, int heads, const float* exit, MaskArg mask, nv_bf16* dk, nv_bf16* dv,
+               bool accumulate, bool intra) {
   using G = Geometry<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   nv_bf16* tiles = reinterpret_cast<nv_bf16*>(smem);  // [2 stages][q, k, v, do]
@@ -517,15 +564,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t stride = static_cast<int64_t>(heads) * D;
   const int64_t base = (static_cast<int64_t>(seg.begin) * heads + h) * D;
   const int chunks = (seg.length + kChunk - 1) / kChunk;
+  // Whether chunk c runs its intra terms.
+  auto run_intra = [&](int c) {
+    return intra && ChunkActive(mask, h, seg.begin + int64_t{c} * kChunk, min(kChunk, seg.length - c * kChunk));
+  };
   auto load = [&](int step) {
     const int c = chunks - 1 - step, len = min(kChunk, seg.length - c * kChunk);
     nv_bf16* stage = tiles + (step & 1) * 4 * G::kTile;
     const int64_t off = base + static_cast<int64_t>(c) * kChunk * stride;
     LoadChunk<D>(stage + G::kTile, k + off, stride, len);
     LoadChunk<D>(stage + 2 * G::kTile, v + off, stride, len);
-    if (intra) {
+    if (run_intra(c)) {
       LoadChunk<D>(stage, q + off, stride, len);
-      LoadChunk<D>(stage + 3 * G::kTile, d_o + off, stride, len);
+      LoadChunk<D>(stage + 3 * G::kTile, d_o + off, stride, len, mask, h, seg.begin + int64_t{c} * kChunk);
     }
   };
   const int sm0 = G::StateRow(w), sn0 = G::StateCol(w);
@@ -550,7 +601,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const nv_bf16* kt = qt + G::kTile;
     const nv_bf16* vt = kt + G::kTile;
     const nv_bf16* dot = vt + G::kTile;
-    if (intra) {
+    const bool chunk_intra = run_intra(c);
+    if (chunk_intra) {
       float p[4][4];
       Zero(p);
       WarpGemm<4, D, true>(p, kt, G::kLd, om0, qt, G::kLd, pn0);  // k_j · q_i
@@ -569,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ScaleRows(gv, om0, fk);
     ScaleRows(gk, om0, fk);
     __syncthreads();
-    if (intra) {
+    if (chunk_intra) {
       WarpGemm<G::kOutNt, kChunk, false>(gv, pts, kScoreLd, om0, dot, G::kLd, on0);
       WarpGemm<G::kOutNt, kChunk, false>(gk, dats, kScoreLd, om0, qt, G::kLd, on0);
     }
@@ -577,7 +629,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     StoreGlobal(dv + off, stride, om0, on0, len, gv, accumulate);
     StoreGlobal(dk + off, stride, om0, on0, len, gk, accumulate);
     ScaleAll(ds, exp2f(l2 * static_cast<float>(len)));
-    if (intra) WarpGemmDecayedT<G::kStateNt, kChunk>(ds, qt, G::kLd, sm0, fq, dot, G::kLd, sn0);
+    if (chunk_intra) WarpGemmDecayedT<G::kStateNt, kChunk>(ds, qt, G::kLd, sm0, fq, dot, G::kLd, sn0);
     __syncthreads();
   }
 }
@@ -734,15 +786,17 @@ Scratch Prepare(const std::vector<int32_t>& cu, int64_t heads, int64_t d, int de
 
 template <int D>
 void LaunchStateWalk(const nv_bf16* a, const nv_bf16* b, const float* decay, const Scratch& sc, int heads,
-                     bool query_mode, cudaStream_t stream) {
+                     bool query_mode, const MaskArg& mask, cudaStream_t stream) {
   if (sc.nseg == 0) return;
   const dim3 grid(static_cast<unsigned>(sc.nseg), heads);
   if (query_mode) {
     AllowSmem(StateWalkKernel<D, true>, Smem<D>::kStateWalk);
-    StateWalkKernel<D, true><<<grid, kThreads, Smem<D>::kStateWalk, stream>>>(a, b, decay, sc.segments, heads, sc.states);
+    StateWalkKernel<D, true><<<grid, kThreads, Smem<D>::kStateWalk, stream>>>(a, b, decay, sc.segments, heads, mask,
+                                                                               sc.states);
   } else {
     AllowSmem(StateWalkKernel<D, false>, Smem<D>::kStateWalk);
-    StateWalkKernel<D, false><<<grid, kThreads, Smem<D>::kStateWalk, stream>>>(a, b, decay, sc.segments, heads, sc.states);
+    StateWalkKernel<D, false><<<grid, kThreads, Smem<D>::kStateWalk, stream>>>(a, b, decay, sc.segments, heads,
+                                                                                MaskArg{}, sc.states);
   }
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
@@ -758,22 +812,22 @@ void LaunchScan(const Scratch& sc, int heads, int d, const float* decay, const f
 
 template <int D>
 void LaunchForwardOutput(const nv_bf16* q, const nv_bf16* k, const nv_bf16* v, const float* decay, const Scratch& sc,
-                         int heads, nv_bf16* o, bool accumulate, cudaStream_t stream) {
+                         int heads, const MaskArg& mask, nv_bf16* o, bool accumulate, cudaStream_t stream) {
   if (sc.nseg == 0) return;
   AllowSmem(ForwardOutputKernel<D>, Smem<D>::kForward);
   ForwardOutputKernel<D><<<dim3(static_cast<unsigned>(sc.nseg), heads), kThreads, Smem<D>::kForward, stream>>>(
-      q, k, v, decay, sc.segments, heads, sc.states, o, accumulate);
+      q, k, v, decay, sc.segments, heads, sc.states, mask, o, accumulate);
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int D>
 void LaunchDkDv(const nv_bf16* q, const nv_bf16* k, const nv_bf16* v, const nv_bf16* d_o, const float* decay,
-                const Scratch& sc, int heads, nv_bf16* dk, nv_bf16* dv, bool accumulate, bool intra,
-                cudaStream_t stream) {
+                const Scratch& sc, int heads, const MaskArg& mask, nv_bf16* dk, nv_bf16* dv, bool accumulate,
+                bool intra, cudaStream_t stream) {
   if (sc.nseg == 0) return;
   AllowSmem(DkDvKernel<D>, Smem<D>::kDkDv);
   DkDvKernel<D><<<dim3(static_cast<unsigned>(sc.nseg), heads), kThreads, Smem<D>::kDkDv, stream>>>(
-      q, k, v, d_o, decay, sc.segments, heads, sc.states, dk, dv, accumulate, intra);
+      q, k, v, d_o, decay, sc.segments, heads, sc.states, mask, dk, dv, accumulate, intra);
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -802,34 +856,45 @@ void DispatchHeadDim(int64_t d, Fn&& fn) {
 
 // o (written or added) = lightning attention of (q, k, v) from state_in
 // (transposed when asked); state_out optional. a, b of the state walk are k, v.
+// mask: on q's rows (MoH).
 void ForwardPipeline(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay, const Dims& d,
                      const std::vector<int32_t>& cu, const float* state_in, bool state_in_transposed,
-                     float* state_out, nv_bf16* o, bool accumulate, LightningWorkspace& ws, cudaStream_t stream) {
+                     float* state_out, nv_bf16* o, bool accumulate, LightningWorkspace& ws, cudaStream_t stream,
+                     const MaskArg& mask = {}) {
   const Scratch sc = Prepare(cu, d.h, d.d, d.device, ws, stream);
   const int heads = static_cast<int>(d.h);
   DispatchHeadDim(d.d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    LaunchStateWalk<D>(Bf(k), Bf(v), F32(decay), sc, heads, false, stream);
+    LaunchStateWalk<D>(Bf(k), Bf(v), F32(decay), sc, heads, false, MaskArg{}, stream);
     LaunchScan(sc, heads, D, F32(decay), state_in, state_in_transposed, false, true, state_out, false, stream);
-    LaunchForwardOutput<D>(Bf(q), Bf(k), Bf(v), F32(decay), sc, heads, o, accumulate, stream);
+    LaunchForwardOutput<D>(Bf(q), Bf(k), Bf(v), F32(decay), sc, heads, mask, o, accumulate, stream);
   });
 }
 
 // dk, dv (written or added) from the exit gradients: reverse state walk of
 // (q, do) (skipped for the state-only path), reverse scan from d_state_out.
+// mask: on do's rows (MoH).
 void DkDvPipeline(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d_o, const Tensor& decay,
                   const Dims& d, const std::vector<int32_t>& cu, const float* d_state_out, float* d_state_in,
                   bool accumulate_d_state_in, Tensor& dk, Tensor& dv, bool accumulate, bool intra,
-                  LightningWorkspace& ws, cudaStream_t stream) {
+                  LightningWorkspace& ws, cudaStream_t stream, const MaskArg& mask = {}) {
   const Scratch sc = Prepare(cu, d.h, d.d, d.device, ws, stream);
   const int heads = static_cast<int>(d.h);
   DispatchHeadDim(d.d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    if (intra) LaunchStateWalk<D>(Bf(q), Bf(d_o), F32(decay), sc, heads, true, stream);
+    if (intra) LaunchStateWalk<D>(Bf(q), Bf(d_o), F32(decay), sc, heads, true, mask, stream);
     LaunchScan(sc, heads, D, F32(decay), d_state_out, false, true, intra, d_state_in, accumulate_d_state_in, stream);
-    LaunchDkDv<D>(Bf(q), Bf(k), Bf(v), Bf(d_o), F32(decay), sc, heads, BfMut(dk), BfMut(dv), accumulate, intra,
-                  stream);
+    LaunchDkDv<D>(Bf(q), Bf(k), Bf(v), Bf(d_o), F32(decay), sc, heads, mask, BfMut(dk), BfMut(dv), accumulate,
+                  intra, stream);
   });
+}
+
+// MoH's mask of a fused call: undefined, or i32 [H, ceil(T / block)] on q's device.
+MaskArg MaskOf(const Tensor& active, int64_t block, const Dims& d) {
+  if (!active.defined()) return {};
+  LOOM_CHECK(block >= 1, "[lightning_attention] CUDA: mask block ", block, " must be >= 1");
+  CheckCuda(active, {d.h, (d.t + block - 1) / block}, DType::kI32, d.device, "active");
+  return {static_cast<const int32_t*>(active.raw()), active.dim(1), block};
 }
 
 }  // namespace
@@ -838,7 +903,8 @@ void DkDvPipeline(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 
 void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out,
-                               LightningWorkspace& workspace, CudaStream stream) {
+                               LightningWorkspace& workspace, CudaStream stream, const Tensor& active,
+                               int64_t active_block) {
   NvtxRange range("LightningAttentionForward");
   const Dims d = CheckTokens(q, decay, "q");
   CheckCuda(k, q.shape(), DType::kBF16, d.device, "k");
@@ -849,13 +915,14 @@ void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v
   if (state_in.defined()) CheckCuda(state_in, state_shape, DType::kF32, d.device, "state_in");
   if (state_out.defined()) CheckCuda(state_out, state_shape, DType::kF32, d.device, "state_out");
   ForwardPipeline(q, k, v, decay, d, HostCu(rows), F32(state_in), false, F32Mut(state_out), BfMut(o), false,
-                  workspace, Native(stream));
+                  workspace, Native(stream), MaskOf(active, active_block, d));
 }
 
 void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                 const TokenRows& rows, const Tensor& state_in, const Tensor& d_o,
                                 const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in,
-                                LightningWorkspace& workspace, CudaStream stream) {
+                                LightningWorkspace& workspace, CudaStream stream, const Tensor& active,
+                                int64_t active_block) {
   NvtxRange range("LightningAttentionBackward");
   const Dims d = CheckTokens(q, decay, "q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&d_o, "d_o"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}})
@@ -866,11 +933,12 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
   if (d_state_out.defined()) CheckCuda(d_state_out, state_shape, DType::kF32, d.device, "d_state_out");
   if (d_state_in.defined()) CheckCuda(d_state_in, state_shape, DType::kF32, d.device, "d_state_in");
   const std::vector<int32_t> cu = HostCu(rows);
-  // dQ is the forward of (dO, V, K) from state_inᵀ.
+  const MaskArg mask = MaskOf(active, active_block, d);
+  // dQ is the forward of (dO, V, K) from state_inᵀ (masked dO rows give 0).
   ForwardPipeline(d_o, v, k, decay, d, cu, F32(state_in), true, nullptr, BfMut(dq), false, workspace,
-                  Native(stream));
+                  Native(stream), mask);
   DkDvPipeline(q, k, v, d_o, decay, d, cu, F32(d_state_out), F32Mut(d_state_in), false, dk, dv, false, true,
-               workspace, Native(stream));
+               workspace, Native(stream), mask);
 }
 
 // ---- Phases on one chunk (one row of C tokens) ----
@@ -886,7 +954,7 @@ bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, 
   const Scratch sc = Prepare(cu, d.h, d.d, d.device, workspace, Native(stream));
   DispatchHeadDim(d.d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    LaunchStateWalk<D>(Bf(k), Bf(v), F32(decay), sc, static_cast<int>(d.h), false, Native(stream));
+    LaunchStateWalk<D>(Bf(k), Bf(v), F32(decay), sc, static_cast<int>(d.h), false, MaskArg{}, Native(stream));
     LaunchScan(sc, static_cast<int>(d.h), D, F32(decay), nullptr, false, false, true, F32Mut(m), false,
                Native(stream));
   });
@@ -964,7 +1032,7 @@ void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Ten
     // dq_i += λ^(i+1) do_i Sᵀ
     LaunchInter<D>(Bf(d_o), F32(decay), d.t, heads, F32(s), true, BfMut(dq), Native(stream));
     // dS += Σ_i λ^(i+1) q_iᵀ do_i: per-segment sums, folded by the reverse scan.
-    LaunchStateWalk<D>(Bf(q), Bf(d_o), F32(decay), sc, heads, true, Native(stream));
+    LaunchStateWalk<D>(Bf(q), Bf(d_o), F32(decay), sc, heads, true, MaskArg{}, Native(stream));
     LaunchScan(sc, heads, D, F32(decay), nullptr, false, true, true, F32Mut(ds), true, Native(stream));
   });
 }

@@ -12,12 +12,13 @@ namespace {
 }  // namespace
 
 void LightningAttentionForward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const TokenRows&,
-                               const Tensor&, Tensor&, Tensor&, LightningWorkspace&, CudaStream) {
+                               const Tensor&, Tensor&, Tensor&, LightningWorkspace&, CudaStream, const Tensor&,
+                               int64_t) {
   BuiltWithoutCuda("LightningAttentionForward");
 }
 void LightningAttentionBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const TokenRows&,
                                 const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, Tensor&, Tensor&,
-                                LightningWorkspace&, CudaStream) {
+                                LightningWorkspace&, CudaStream, const Tensor&, int64_t) {
   BuiltWithoutCuda("LightningAttentionBackward");
 }
 bool LightningChunkState(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, LightningWorkspace&,
