@@ -50,14 +50,20 @@ using bench::MedianSeconds;
 
 constexpr int64_t kTokens = 65536, kRowLen = 8192, kHeads = 16, kDim = 128, kBlock = 64, kSpan = 256;
 
+// Uniform in [-1, 1) from a counter hash (splitmix64), rounded to bf16, on the GPU.
 Tensor RandomBf16(const Shape& shape, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<float> dist(-1, 1);
-  std::vector<bf16> host(NumElements(shape));
-  for (bf16& x : host) x = FloatToBf16(dist(gen));
-  Tensor t = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
-  LOOM_CUDA_CHECK(cudaMemcpy(t.raw(), host.data(), host.size() * sizeof(bf16), cudaMemcpyHostToDevice));
-  return t;
+  Tensor t = Tensor::Empty(shape, DType::kBF16);
+  bf16* p = t.data<bf16>();
+  const int64_t n = t.numel();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = (seed << 40) + static_cast<uint64_t>(i) + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    p[i] = FloatToBf16(static_cast<float>(static_cast<double>(z >> 11) * 0x1.0p-52 - 1.0));
+  }
+  return t.To(Device::Cuda(0));
 }
 
 // Router logits [T, R] on the GPU: 4·u_span + sigma·ε, or ε alone (sigma < 0).

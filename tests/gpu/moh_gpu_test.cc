@@ -328,7 +328,8 @@ config::Config LayerConfig(const LayerCase& lc) {
   const int64_t hidden = lc.heads * lc.head_dim;
   auto c = LoadConfig("", {lc.softmax ? "model.pattern=H" : "model.pattern=R", "model.layers=1",
                            "model.hidden=" + std::to_string(hidden), "model.heads=" + std::to_string(lc.heads),
-                           "model.kv_heads=" + std::to_string(lc.heads), "model.vocab=64", "train.dtype=f32",
+                           "model.kv_heads=" + std::to_string(lc.heads), "model.vocab=64", "train.dtype=f32", "data.recall.pairs=3",
+                           "data.recall.queries=3", "data.recall.key_vocab=8", "data.recall.value_vocab=8",
                            "model.init_std=0.05", "model.lightning_block=64", "train.seq_len=640",
                            "model.moh.shared_heads=" + std::to_string(lc.shared),
                            "model.moh.top_k=" + std::to_string(lc.top_k), "model.moh.aux_loss_coef=0.3"});
@@ -400,7 +401,9 @@ void CheckLayer(const LayerCase& lc) {
   cpu.Forward(x, batch, y);
   gpu.Forward(to_gpu(x), gbatch, gy);
   EXPECT_TRUE(NormwiseClose(AsF32(gy), y, "layer y", tol));
-  EXPECT_NEAR(gpu.moh()->router_loss(), cpu.moh()->router_loss(), 1e-5 * cpu.moh()->router_loss() + 1e-12);
+  // bf16: the GPU's logits are rounded to bf16, so P_i moves by about 2^-8.
+  EXPECT_NEAR(gpu.moh()->router_loss(), cpu.moh()->router_loss(),
+              (lc.act == DType::kBF16 ? 1e-2 : 1e-5) * cpu.moh()->router_loss() + 1e-12);
   EXPECT_EQ(gpu.moh()->stats().load_max, cpu.moh()->stats().load_max);
   EXPECT_EQ(gpu.moh()->stats().load_min, cpu.moh()->stats().load_min);
   const int64_t block = 64;
