@@ -12,14 +12,17 @@
 //   Sigmoid: P = σ(scale·S + b) on visible entries, O = Σ P V, no m, l, lse.
 // One block = kM = 128 queries of one row and one query head; it walks its
 // key tiles (kN = 128) from the last (the causal diagonal, masked) to the
-// first. Each consumer warpgroup overlaps the softmax of one tile with the
-// P·V of the tile before it (FA3's intra-warpgroup pipeline):
-//   issue S_j = Q K_jᵀ; issue O += P_{j'} V_{j'} (j' the previous step);
-//   wait S_j; softmax S_j (P·V still running); wait P·V; O ·= 2^(m_{j'} − m_j).
-// Shared memory (D = 128): Q 32 KB, K and V two stages of 32 KB each: 160 KB,
-// one block an SM. 384 threads start with 168 registers each; the producer
-// warpgroup gives back to 40 and the consumers take 232 (O 64 + S 64 + P 32
-// a consumer thread) through setmaxnreg: 128·40 + 256·232 ≤ 64 Ki.
+// first, through three K and V stages. A consumer step (j this tile, j' the
+// previous one), FA3's intra-warpgroup overlap:
+//   [turn] issue S_j = Q K_jᵀ; O ·= α_{j'} (the rescale the softmax of step
+//   j' computed); issue O += P_{j'} V_{j'} [end of turn]; wait S_j; softmax
+//   of S_j (P_j, α_j) while P·V runs; wait P·V.
+// The turns alternate between the two consumer warpgroups (FA3's pingpong,
+// two named barriers), so that one's softmax runs under the other's wgmmas.
+// Shared memory (D = 128): Q 32 KB, K and V three stages of 32 KB each:
+// 224 KB, one block an SM. 384 threads start with 168 registers each; the
+// producer warpgroup gives back to 40 and the consumers take 232 (O 64 + S 64
+// + P 32 a consumer thread) through setmaxnreg: 128·40 + 256·232 ≤ 64 Ki.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -37,12 +40,14 @@ using namespace sm90;
 
 template <int D>
 struct Sm90FwdTile {
-  static constexpr int kM = 128, kN = 128, kStages = 2;
+  static constexpr int kM = 128, kN = 128, kStages = 3;
   static constexpr int kProducers = 128, kConsumers = 256, kThreads = kProducers + kConsumers;
   static constexpr int kQBytes = kM * D * 2, kTileBytes = kN * D * 2;
-  // Q | K stages | V stages | 9 mbarriers; +1024 to align the base.
+  // Q | K stages | V stages | 1 + 4·kStages mbarriers; +1024 to align the base.
+  // D = 128: 32 + 96 + 96 KB, under the 227 KB a block may have.
   static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
-  static constexpr int kSmem = kBarOffset + 128 + 1024;
+  static constexpr int kSmem = kBarOffset + 8 * (1 + 4 * kStages) + 1024;
+  static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
 // kRows x D tile of token-major rows (stride `ld` elements) into 64-column
@@ -71,9 +76,17 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t sq = (SmemAddr(smem_raw) + 1023) & ~1023u;
   const uint32_t sk = sq + T::kQBytes, sv = sk + T::kStages * T::kTileBytes;
-  // Barriers: 0 Q full; 1+s K full; 3+s V full; 5+s K empty; 7+s V empty.
+  // Barriers: 0 Q full; per stage s: K full, V full, K empty, V empty.
   const uint32_t bars = sq + T::kBarOffset;
-  auto bar = [bars](int i) { return bars + 8 * i; };
+  constexpr int S = T::kStages;
+  auto k_full = [bars](int s) { return bars + 8 * (1 + s); };
+  auto v_full = [bars](int s) { return bars + 8 * (1 + S + s); };
+  auto k_empty = [bars](int s) { return bars + 8 * (1 + 2 * S + s); };
+  auto v_empty = [bars](int s) { return bars + 8 * (1 + 3 * S + s); };
+  // Step `it` uses stage it mod S; its fill is phase (it / S) mod 2 of that
+  // stage's barriers.
+  auto stage = [](int it) { return it % S; };
+  auto phase = [](int it) { return static_cast<uint32_t>((it / S) & 1); };
 
   const int tile = gridDim.x - 1 - blockIdx.x;  // heavy causal tiles first
   const int h = blockIdx.y, row = blockIdx.z, kvh = h / p.group;
@@ -88,12 +101,12 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   const int tid = threadIdx.x;
 
   if (tid == 0) {
-    MbarInit(bar(0), T::kProducers);
-    for (int s = 0; s < T::kStages; ++s) {
-      MbarInit(bar(1 + s), T::kProducers);
-      MbarInit(bar(3 + s), T::kProducers);
-      MbarInit(bar(5 + s), T::kConsumers);
-      MbarInit(bar(7 + s), T::kConsumers);
+    MbarInit(bars, T::kProducers);
+    for (int s = 0; s < S; ++s) {
+      MbarInit(k_full(s), T::kProducers);
+      MbarInit(v_full(s), T::kProducers);
+      MbarInit(k_empty(s), T::kConsumers);
+      MbarInit(v_empty(s), T::kConsumers);
     }
   }
   __syncthreads();
@@ -105,18 +118,18 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
     SetMaxRegsDec<40>();
     if (n_tiles == 0) return;
     LoadPanels<kM, D, T::kProducers>(sq, p.q + (q0 + i0) * ldq + h * D, ldq, nq - i0, tid);
-    CpAsyncArriveNoinc(bar(0));
+    CpAsyncArriveNoinc(bars);
     const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;
     const __nv_bfloat16* vbase = p.v + k0 * ldk + kvh * D;
     for (int it = 0; it < n_tiles; ++it) {
-      const int j0 = (n_tiles - 1 - it) * kN, st = it & 1;
-      const uint32_t parity = ((it >> 1) & 1) ^ 1;
-      if (it >= T::kStages) MbarWait(bar(5 + st), parity);
+      const int j0 = (n_tiles - 1 - it) * kN, st = stage(it);
+      const uint32_t parity = phase(it) ^ 1;  // the release of step it − S
+      if (it >= S) MbarWait(k_empty(st), parity);
       LoadPanels<kN, D, T::kProducers>(sk + st * T::kTileBytes, kbase + j0 * ldk, ldk, nk - j0, tid);
-      CpAsyncArriveNoinc(bar(1 + st));
-      if (it >= T::kStages) MbarWait(bar(7 + st), parity);
+      CpAsyncArriveNoinc(k_full(st));
+      if (it >= S) MbarWait(v_empty(st), parity);
       LoadPanels<kN, D, T::kProducers>(sv + st * T::kTileBytes, vbase + j0 * ldk, ldk, nk - j0, tid);
-      CpAsyncArriveNoinc(bar(3 + st));
+      CpAsyncArriveNoinc(v_full(st));
     }
     CpAsyncWaitAll();
     return;
@@ -207,46 +220,63 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
       for (int q = 0; q < 4; ++q) pa[kk][q] = PackBf16(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
   };
 
+  // Pingpong (FA3): the two warpgroups take turns issuing their wgmmas, so
+  // one's softmax runs while the other's products occupy the tensor cores.
+  // Warpgroup w waits on named barrier 1 + w; the other opens it. Each takes
+  // n_tiles + 1 turns; warpgroup 0 has the first.
+  auto my_turn = [&] { NamedBarSync(1 + wg, T::kConsumers); };
+  auto your_turn = [&] { NamedBarArrive(2 - wg, T::kConsumers); };
+  auto rescale = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[4 * dt] *= alpha[0], o[4 * dt + 1] *= alpha[0];
+      o[4 * dt + 2] *= alpha[1], o[4 * dt + 3] *= alpha[1];
+    }
+  };
   if (n_tiles > 0) {
-    MbarWait(bar(0), 0);
+    if (wg == 1) your_turn();
+    MbarWait(bars, 0);
     float s[kN / 2], alpha[2];
     uint32_t pa[kN / 16][4];
-    MbarWait(bar(1), 0);
+    MbarWait(k_full(0), 0);
     FenceProxyAsync();
+    my_turn();
     issue_qk(s, 0);
+    your_turn();
     WgmmaWait<0>();
     FenceRegs(s);
-    MbarArrive(bar(5));
-    softmax(s, (n_tiles - 1) * kN, alpha);  // O is still 0: no rescale
+    MbarArrive(k_empty(0));
+    softmax(s, (n_tiles - 1) * kN, alpha);  // O is still 0: rescaling it is harmless
     to_bf16(s, pa);
     for (int it = 1; it < n_tiles; ++it) {
-      const int st = it & 1, prev = st ^ 1;
-      MbarWait(bar(1 + st), (it >> 1) & 1);
+      const int st = stage(it), prev = stage(it - 1);
+      MbarWait(k_full(st), phase(it));
+      MbarWait(v_full(prev), phase(it - 1));
       FenceProxyAsync();
+      my_turn();
       issue_qk(s, st);
-      MbarWait(bar(3 + prev), ((it - 1) >> 1) & 1);
-      FenceProxyAsync();
+      rescale(alpha);  // by the last softmax's alpha; O is idle until P_{j'} V_{j'} below
       issue_pv(pa, prev);
-      WgmmaWait<1>();  // S_j landed; P_{j−1} V_{j−1} may still run
+      your_turn();
+      WgmmaWait<1>();  // S_j landed; P_{j'} V_{j'} may still run
       FenceRegs(s);
-      MbarArrive(bar(5 + st));
+      MbarArrive(k_empty(st));
       softmax(s, (n_tiles - 1 - it) * kN, alpha);
       WgmmaWait<0>();
       FenceRegs(o);
-      MbarArrive(bar(7 + prev));
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[4 * dt] *= alpha[0], o[4 * dt + 1] *= alpha[0];
-        o[4 * dt + 2] *= alpha[1], o[4 * dt + 3] *= alpha[1];
-      }
+      MbarArrive(v_empty(prev));
       to_bf16(s, pa);
     }
-    const int last = (n_tiles - 1) & 1;
-    MbarWait(bar(3 + last), ((n_tiles - 1) >> 1) & 1);
+    const int last = stage(n_tiles - 1);
+    MbarWait(v_full(last), phase(n_tiles - 1));
     FenceProxyAsync();
+    my_turn();
+    rescale(alpha);
     issue_pv(pa, last);
+    if (wg == 0) your_turn();  // warpgroup 1's last turn opens nothing
     WgmmaWait<0>();
     FenceRegs(o);
+    MbarArrive(v_empty(last));
   }
 
   // O /= l, lse = (m + log2 l) ln 2; straight from the accumulators to global.

@@ -45,6 +45,15 @@ __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
+// Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads:
+// sync waits for the count, arrive counts without waiting.
+__device__ __forceinline__ void NamedBarSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Orders this thread's generic-proxy view of shared memory (what cp.async or
 // st.shared wrote) before later async-proxy reads (wgmma operands).
 __device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
