@@ -277,7 +277,7 @@ class Trainer {
   Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups,
           const TrainStagePlan& stage)
       : config_(config),
-        moe_parallel_{.stats = groups.dp.get(), .ep = groups.ep.get()},
+        moe_parallel_{.stats = groups.dp_cp.get(), .ep = groups.ep.get()},
         dims_(PlacedDims(config, device, &moe_parallel_, groups.dp_cp.get())),
         world_(world),
         groups_(groups),
@@ -750,8 +750,7 @@ absl::Status Train(const config::Config& config, Device device, Communicator& wo
 
 // train.device: "cpu", "cuda" (this rank's GPU), or "auto" (cuda when there
 // is one). Picks the rank's GPU: local rank mod the visible GPUs.
-absl::StatusOr<Device> ResolveDevice(const config::Config& config) {
-  const config::TrainConfig& t = config.train();
+absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
   const bool gpu = BuiltWithCuda() && CudaDeviceCount() > 0;
   if (t.device() == "cpu" || (t.device() == "auto" && !gpu)) {
     if (t.dtype() == "bf16")
@@ -765,10 +764,6 @@ absl::StatusOr<Device> ResolveDevice(const config::Config& config) {
         "train.device: cuda, but ",
         BuiltWithCuda() ? "no GPU is visible" : "Loom was built without CUDA (configure with -DLOOM_CUDA=ON)"));
   if (t.dtype() == "f64") return absl::InvalidArgumentError("train.dtype: f64 runs on the CPU only (train.device=cpu)");
-  if (t.deterministic() && config.model().attention_backend() == "cudnn")
-    return absl::InvalidArgumentError(
-        "train.deterministic: needs model.attention_backend = loom (cuDNN's SDPA backward is not known to repeat "
-        "bit for bit)");
   const int gpu_index = SelectLocalGpu();
   // The CUDA build holds sm_90a code only (CMakeLists.txt): on another GPU no
   // kernel would load, so say so before the first launch fails.
@@ -864,7 +859,7 @@ int main(int argc, char** argv) {
   }
   // --dry-run plans from the shapes alone: no GPU needed.
   const bool dry_run = absl::GetFlag(FLAGS_dry_run);
-  auto device = dry_run ? absl::StatusOr<loom::Device>(loom::Device::Cpu()) : loom::ResolveDevice(*config);
+  auto device = dry_run ? absl::StatusOr<loom::Device>(loom::Device::Cpu()) : loom::ResolveDevice(config->train());
   if (!device.ok()) {
     if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(device.status().message()).c_str());
     return 2;

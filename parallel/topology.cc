@@ -46,10 +46,10 @@ std::vector<int> GroupRanks(const Layout& l, int rank, Axis axis) {
         add(c);
       }
       break;
-    case Axis::kExpertDp:  // same dp mod ep
+    case Axis::kExpertDp:  // same dp mod ep, every cp index (cp fastest)
       for (int b = 0; b < l.dp / l.ep; ++b) {
         c.dp = b * l.ep + me.dp % l.ep;
-        add(c);
+        for (c.cp = 0; c.cp < l.cp; ++c.cp) add(c);
       }
       break;
     case Axis::kDpCp:  // cp fastest, as in the rank order

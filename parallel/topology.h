@@ -3,7 +3,8 @@
 //   rank = tp + TP·(cp + CP·(dp + DP·pp)).
 // Expert parallelism splits each DP group into dp/ep blocks of ep
 // consecutive dp indices: ep index = dp mod ep, expert-dp index = dp / ep;
-// expert gradients are reduced over the expert-dp group.
+// expert gradients are reduced over the expert-dp group, which also spans
+// the cp ranks (they hold the same experts and other tokens).
 // Everything here is a pure function of the layout (table-tested).
 #pragma once
 

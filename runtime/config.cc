@@ -369,16 +369,20 @@ absl::Status ValidateConfig(const config::Config& c) {
                                    (moe.capacity_factor() >= 1e-3 && moe.capacity_factor() <= 64),
                                "model.moe.capacity_factor",
                                absl::StrCat(moe.capacity_factor(), " is neither 0 (dropless) nor in [1e-3, 64]")));
-    // Router statistics are reduced over data parallelism only, and experts
-    // split over ep ranks of the DP group (model/moe.h); the MoE layer has no
-    // TP split, pipeline loss path or CP statistics yet.
+    // Router statistics are reduced over dp × cp, and experts split over ep
+    // ranks of the DP group (model/moe.h); the MoE layer has no TP split or
+    // pipeline loss path yet.
     const auto& p = c.parallel();
-    for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"},
-                                      std::pair{p.cp(), "parallel.cp"}})
+    for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"}})
       LOOM_RETURN_IF_ERROR(Range(value == 1, name,
                                  absl::StrCat(value, ": MoE layers (model.moe.experts = ", moe.experts(),
-                                              ") run without tensor, pipeline or context parallelism yet; "
-                                              "set it to 1")));
+                                              ") run without tensor or pipeline parallelism yet; set it to 1")));
+    // Capacity drops follow the global token order, which the zig-zag CP
+    // split does not keep in rank order.
+    LOOM_RETURN_IF_ERROR(Range(p.cp() == 1 || moe.capacity_factor() == 0, "parallel.cp",
+                               absl::StrCat(p.cp(), ": MoE layers with a capacity (model.moe.capacity_factor = ",
+                                            moe.capacity_factor(), ") need parallel.cp = 1; dropless routing "
+                                            "(capacity_factor 0) runs under context parallelism")));
     LOOM_RETURN_IF_ERROR(Range(p.ep() >= 1 && moe.experts() % p.ep() == 0, "parallel.ep",
                                absl::StrCat(p.ep(), " does not divide model.moe.experts = ", moe.experts())));
   }
@@ -386,6 +390,9 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(ValidateMoh(c));
 
   LOOM_RETURN_IF_ERROR(Range(t.steps() >= 1, "train.steps", absl::StrCat(t.steps(), " is below 1")));
+  LOOM_RETURN_IF_ERROR(Range(!t.deterministic() || m.attention_backend() != "cudnn", "train.deterministic",
+                             "needs model.attention_backend = loom (cuDNN's SDPA backward is not known to repeat "
+                             "bit for bit)"));
   LOOM_RETURN_IF_ERROR(Range(t.seq_len() >= 2, "train.seq_len", absl::StrCat(t.seq_len(), " is below 2")));
   LOOM_RETURN_IF_ERROR(Range(t.micro_batch() >= 1, "train.micro_batch", absl::StrCat(t.micro_batch(), " is below 1")));
   LOOM_RETURN_IF_ERROR(Range(t.global_batch() >= 1 && t.global_batch() % t.micro_batch() == 0, "train.global_batch",

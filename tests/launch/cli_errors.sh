@@ -25,6 +25,10 @@ expect_error "model.heads: 5 does not divide model.hidden = 128" --config "$src/
 expect_error "model.kv_heads: 3 does not divide model.heads = 4" --config "$src/configs/default.textproto" --set model.kv_heads=3
 expect_error "model.pattern: 'Q' is not a layer kind" --config "$src/configs/default.textproto" --set model.pattern=LQS
 expect_error "train.seq_len" --config "$src/configs/default.textproto" --set train.seq_len=1
+expect_error "need parallel.cp = 1; dropless routing" --config "$src/configs/tiny_moe.textproto" \
+  --set model.moe.capacity_factor=1.25 --set parallel.cp=2
+expect_error "train.deterministic: needs model.attention_backend = loom" --config "$src/configs/default.textproto" \
+  --set train.deterministic=true --set model.attention_backend=cudnn
 expect_error "--config FILE is required"
 echo "$passes passed, $fails failed"
 [ $fails -eq 0 ]

@@ -3,7 +3,8 @@
 # (configs/tiny_moe.textproto in f64, auxiliary loss and bias balancing on):
 # dp2 ep2, dp4 ep4 and dp4 ep2 give the 6 losses of one process within 1e-10
 # relative (router statistics summed over dp, experts split over ep and
-# reached by all-to-all). A checkpoint saved under ep2 at step 3 (experts
+# reached by all-to-all); so do cp2 and cp2 dp2 ep2 (statistics over dp × cp,
+# expert gradients over the expert-dp group, which spans cp). A checkpoint saved under ep2 at step 3 (experts
 # gathered from their owners, the selection bias included) resumes under
 # ep4 and in one process to the same losses at steps 4-6.
 set -eu
@@ -23,6 +24,11 @@ common=(--config "$src/configs/tiny_moe.textproto" --set train.steps=$steps --se
   --set train.run_dir="$work/ep4" | grep -E "step +$steps"
 "${mpi[@]}" -np 4 "$bin" "${common[@]}" --set train.micro_batch=8 --set parallel.ep=2 \
   --set train.run_dir="$work/dp4ep2" | grep -E "step +$steps"
+# (cp also splits tiny_moe's MoH heads' sequences: ring + lasp2.)
+"${mpi[@]}" -np 2 "$bin" "${common[@]}" --set train.micro_batch=32 --set parallel.cp=2 \
+  --set train.run_dir="$work/cp2" | grep -E "step +$steps"
+"${mpi[@]}" -np 4 "$bin" "${common[@]}" --set train.micro_batch=16 --set parallel.cp=2 --set parallel.ep=2 \
+  --set train.run_dir="$work/cp2ep2" | grep -E "step +$steps"
 ckpt="$work/ep2/checkpoints/step_00000003"
 "${mpi[@]}" -np 4 "$bin" "${common[@]}" --set train.micro_batch=8 --set parallel.ep=4 \
   --set checkpoint.resume="$ckpt" --set train.run_dir="$work/resume_ep4" | grep -E "resumed|step +$steps"
@@ -37,5 +43,7 @@ compare() {  # run, expected number of steps
 compare ep2 $steps
 compare ep4 $steps
 compare dp4ep2 $steps
+compare cp2 $steps
+compare cp2ep2 $steps
 compare resume_ep4 3
 compare resume_one 3

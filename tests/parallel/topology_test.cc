@@ -30,7 +30,7 @@ TEST(Topology, GroupsOfRankSeven) {
   EXPECT_EQ(GroupRanks(l, 7, Axis::kDp), (std::vector<int>{3, 7}));
   EXPECT_EQ(GroupRanks(l, 7, Axis::kPp), (std::vector<int>{7, 15}));
   EXPECT_EQ(GroupRanks(l, 7, Axis::kEp), (std::vector<int>{3, 7}));
-  EXPECT_EQ(GroupRanks(l, 7, Axis::kExpertDp), (std::vector<int>{7}));
+  EXPECT_EQ(GroupRanks(l, 7, Axis::kExpertDp), (std::vector<int>{5, 7}));
   EXPECT_EQ(GroupRanks(l, 7, Axis::kDpCp), (std::vector<int>{1, 3, 5, 7}));
   EXPECT_EQ(GroupRanks(l, 7, Axis::kModel), (std::vector<int>{6, 7, 14, 15}));
 }
