@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The GPU training checks of docs/gpu.md, on one GPU, in one go:
+#   speed   gpu_1b_softmax at 8K and 32K and gpu_1b_hybrid at 32K (bf16; with
+#           Loom's attention kernels and with cuDNN's at 8K and for the hybrid), and
+#           the PyTorch oracle (torch.compile, cuDNN SDPA) on gpu_1b_softmax
+#           in the same call: tokens/s, MFU, pool peak;
+#   oracle  20 steps of each config exactly as configured (bf16), replayed by
+#           bench/torch_oracle.py: largest relative loss difference (1%);
+#   ranks   configs/default.textproto in f32 on the GPU: one rank against
+#           mpirun -np 2 with tp=2, cp=2 ring, cp=2 ulysses (MPI backend,
+#           both ranks on this GPU), 5 steps, largest relative difference;
+#   backends  configs/default.textproto as configured (500 steps) in bf16 with
+#           model.attention_backend = loom and = cudnn: losses side by side;
+#   determinism  train.deterministic: two identical runs, and a run stopped
+#           at step 3 and resumed, against the uninterrupted one, bit for bit.
+# Usage, from the repository root:
+#   bench/gpu_check.sh [speed|oracle|ranks|backends|determinism|all] [out dir]
+# LOOM_BIN: the folder holding loom-train (default build-cuda/bin).
+set -uo pipefail
+what=${1:-all}
+out=${2:-runs/gpu_check}
+bin=${LOOM_BIN:-build-cuda/bin}
+export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mkdir -p "$out"
+quiet=(--set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0)
+
+# The step lines of a run's log, then its last line if it failed.
+steps_of() { grep -E "^step|^done|error|check failed" "$1" | tail -"${2:-6}"; }
+
+# Largest relative difference of the "loss" of two metrics.jsonl files.
+compare_losses() {
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
+if len(a) != len(b) or not a:
+    sys.exit(f"steps differ: {len(a)} vs {len(b)}")
+d = [abs(x - y) / abs(y) for x, y in zip(a, b)]
+print(f"{len(a)} steps, largest relative loss difference {max(d):.3g} (step {d.index(max(d)) + 1}); "
+      f"last losses {a[-1]!r} vs {b[-1]!r}; bitwise equal: {a == b}")
+EOF
+}
+
+if [ "$what" = speed ] || [ "$what" = all ]; then
+  # speed_run NAME TITLE CONFIG [--set ...]: 5 steps, the last three step lines.
+  speed_run() {
+    local name=$1 title=$2 cfg=$3; shift 3
+    echo "== speed: $title"
+    "$bin/loom-train" --config "$cfg" --set train.steps=5 --set optim.warmup_steps=2 "${quiet[@]}" "$@" \
+      --set train.run_dir="$out/$name" >"$out/$name.log" 2>&1
+    steps_of "$out/$name.log" 3
+  }
+  speed_run s8k "gpu_1b_softmax 8K" configs/gpu_1b_softmax.textproto
+  speed_run s8k_cudnn "gpu_1b_softmax 8K, cuDNN attention" configs/gpu_1b_softmax.textproto \
+    --set model.attention_backend=cudnn
+  speed_run s32k "gpu_1b_softmax 32K" configs/gpu_1b_softmax.textproto --set train.seq_len=32768 \
+    --set train.global_batch=2
+  speed_run h32k "gpu_1b_hybrid 32K" configs/gpu_1b_hybrid.textproto
+  speed_run h32k_cudnn "gpu_1b_hybrid 32K, cuDNN attention" configs/gpu_1b_hybrid.textproto \
+    --set model.attention_backend=cudnn
+  echo "== speed: PyTorch oracle, gpu_1b_softmax, torch.compile + cuDNN SDPA"
+  python3 bench/torch_oracle.py --config configs/gpu_1b_softmax.textproto --device cuda --dtype bf16 --compile \
+    --steps 8 --warmup 3 >"$out/oracle_speed.log" 2>&1
+  tail -2 "$out/oracle_speed.log"
+fi
+
+if [ "$what" = oracle ] || [ "$what" = all ]; then
+  for cfg in softmax hybrid; do
+    echo "== oracle: gpu_1b_$cfg as configured, bf16, 20 steps"
+    run="$out/oracle_$cfg"
+    rm -rf "$run"
+    "$bin/loom-train" --config "configs/gpu_1b_$cfg.textproto" --set train.steps=20 "${quiet[@]}" \
+      --set train.run_dir="$run" --export_oracle >"$run.log" 2>&1
+    steps_of "$run.log" 2
+    extra=(); [ "$cfg" = hybrid ] && extra=(--recompute)
+    python3 bench/torch_oracle.py --export "$run/oracle" --device cuda --dtype bf16 "${extra[@]}" \
+      --compare "$run/metrics.jsonl" --rtol 1e-2 >"$run.oracle.log" 2>&1
+    tail -2 "$run.oracle.log"
+    rm -rf "$run/oracle"  # the exported weights are large
+  done
+fi
+
+if [ "$what" = ranks ] || [ "$what" = all ]; then
+  ranks=(--config configs/default.textproto --set train.device=cuda --set train.dtype=f32 --set train.steps=5
+         --set optim.warmup_steps=2 "${quiet[@]}")
+  "$bin/loom-train" "${ranks[@]}" --set train.run_dir="$out/r1" >"$out/r1.log" 2>&1
+  for layout in "parallel.tp=2" "parallel.cp=2 --set parallel.cp_softmax=ring" \
+                "parallel.cp=2 --set parallel.cp_softmax=ulysses"; do
+    name=${layout//[^a-z0-9]/_}
+    echo "== ranks: mpirun -np 2 --set $layout against one rank"
+    # shellcheck disable=SC2086
+    mpirun -np 2 --allow-run-as-root --oversubscribe -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS=1 \
+      "$bin/loom-train" "${ranks[@]}" --set $layout --set train.run_dir="$out/r2_$name" >"$out/r2_$name.log" 2>&1 ||
+      tail -3 "$out/r2_$name.log"
+    compare_losses "$out/r2_$name/metrics.jsonl" "$out/r1/metrics.jsonl"
+  done
+fi
+
+if [ "$what" = backends ] || [ "$what" = all ]; then
+  for backend in loom cudnn; do
+    echo "== backends: configs/default.textproto, bf16, model.attention_backend=$backend"
+    "$bin/loom-train" --config configs/default.textproto --set train.device=cuda --set train.dtype=bf16 \
+      --set model.attention_backend=$backend --set train.run_dir="$out/b_$backend" >"$out/b_$backend.log" 2>&1
+    grep -E "^eval|^done|answer|error" "$out/b_$backend.log"
+  done
+  python3 - "$out/b_loom/metrics.jsonl" "$out/b_cudnn/metrics.jsonl" <<'EOF2'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
+for lo, hi in ((0, 20), (0, len(a))):
+    d = max(abs(x - y) / abs(y) for x, y in zip(a[lo:hi], b[lo:hi]))
+    print(f"steps {lo + 1}-{min(hi, len(a))}: largest relative loss difference loom vs cudnn {d:.3g}")
+print("loss every 50 steps (loom, cudnn):", [(i + 1, round(a[i], 4), round(b[i], 4)) for i in range(49, len(a), 50)])
+EOF2
+fi
+
+if [ "$what" = determinism ] || [ "$what" = all ]; then
+  det=(--config configs/gpu_1b_softmax.textproto --set model.layers=4 --set train.global_batch=2 --set train.steps=6
+       --set optim.warmup_steps=2 --set train.deterministic=true --set train.log_every=1 --set train.eval_every=0)
+  echo "== determinism: gpu_1b_softmax cut to 4 layers, bf16, 6 steps, twice, and stopped at 3 then resumed"
+  rm -rf "$out"/det_*
+  "$bin/loom-train" "${det[@]}" --set checkpoint.every=0 --set train.run_dir="$out/det_a" >"$out/det_a.log" 2>&1
+  "$bin/loom-train" "${det[@]}" --set checkpoint.every=0 --set train.run_dir="$out/det_b" >"$out/det_b.log" 2>&1
+  compare_losses "$out/det_b/metrics.jsonl" "$out/det_a/metrics.jsonl"
+  "$bin/loom-train" "${det[@]}" --set train.steps=3 --set checkpoint.every=3 --set train.run_dir="$out/det_c" \
+    >"$out/det_c.log" 2>&1
+  "$bin/loom-train" "${det[@]}" --set checkpoint.every=3 --set train.run_dir="$out/det_c" >>"$out/det_c.log" 2>&1
+  steps_of "$out/det_c.log" 2
+  compare_losses "$out/det_c/metrics.jsonl" "$out/det_a/metrics.jsonl"
+fi
