@@ -467,31 +467,14 @@ __global__ void BackwardFinishKernel(const float* dq_acc, int64_t n, float scale
 template <int D>
 void LaunchBackward(const Params& p, int64_t max_k, int64_t rows, cudaStream_t stream) {
   using T = BwdTile<D>;
-  static bool configured = [] {
-    LOOM_CUDA_CHECK(cudaFuncSetAttribute(FlashBackwardKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         T::kSmem));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid((max_k + T::kN - 1) / T::kN, p.hk, rows);
-  if (grid.x == 0 || rows == 0) return;
-  FlashBackwardKernel<D><<<grid, T::kThreads, T::kSmem, stream>>>(p);
-  LOOM_CUDA_CHECK(cudaGetLastError());
+  LaunchTiles<FlashBackwardKernel<D>>(dim3((max_k + T::kN - 1) / T::kN, p.hk, rows), T::kThreads, T::kSmem, stream, p);
 }
 
 template <int D>
 void LaunchBackwardDq(const Params& p, int64_t max_q, int64_t rows, __nv_bfloat16* dq, cudaStream_t stream) {
   using T = DqTile<D>;
-  static bool configured = [] {
-    LOOM_CUDA_CHECK(cudaFuncSetAttribute(FlashBackwardDqKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         T::kSmem));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid((max_q + T::kM - 1) / T::kM, p.hq, rows);
-  if (grid.x == 0 || rows == 0) return;
-  FlashBackwardDqKernel<D><<<grid, T::kThreads, T::kSmem, stream>>>(p, dq);
-  LOOM_CUDA_CHECK(cudaGetLastError());
+  LaunchTiles<FlashBackwardDqKernel<D>>(dim3((max_q + T::kM - 1) / T::kM, p.hq, rows), T::kThreads, T::kSmem, stream,
+                                        p, dq);
 }
 
 }  // namespace

@@ -310,16 +310,7 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
 
 void LaunchBackwardSm90(const Params& p, int64_t max_k, int64_t rows, cudaStream_t stream) {
   using T = Sm90BwdTile;
-  static bool configured = [] {
-    LOOM_CUDA_CHECK(
-        cudaFuncSetAttribute(FlashBackwardSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmem));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid((max_k + T::kN - 1) / T::kN, p.hk, rows);
-  if (grid.x == 0 || rows == 0) return;
-  FlashBackwardSm90Kernel<<<grid, T::kThreads, T::kSmem, stream>>>(p);
-  LOOM_CUDA_CHECK(cudaGetLastError());
+  LaunchTiles<FlashBackwardSm90Kernel>(dim3((max_k + T::kN - 1) / T::kN, p.hk, rows), T::kThreads, T::kSmem, stream, p);
 }
 
 }  // namespace loom::ops::cuda::flash

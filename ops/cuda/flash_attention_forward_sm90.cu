@@ -303,16 +303,8 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
 template <int D>
 void Launch(const Params& p, int64_t max_q, int64_t rows, cudaStream_t stream) {
   using T = Sm90FwdTile<D>;
-  static bool configured = [] {
-    LOOM_CUDA_CHECK(cudaFuncSetAttribute(FlashForwardSm90Kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         T::kSmem));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid((max_q + T::kM - 1) / T::kM, p.hq, rows);
-  if (grid.x == 0 || rows == 0) return;
-  FlashForwardSm90Kernel<D><<<grid, T::kThreads, T::kSmem, stream>>>(p);
-  LOOM_CUDA_CHECK(cudaGetLastError());
+  LaunchTiles<FlashForwardSm90Kernel<D>>(dim3((max_q + T::kM - 1) / T::kM, p.hq, rows), T::kThreads, T::kSmem, stream,
+                                         p);
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "ops/softmax_attention.h"
+#include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda::flash {
 
@@ -154,6 +155,20 @@ struct Params {
 };
 
 // ------------------------------------------------------------------ host side
+
+// Kernel<<<grid, threads, smem, stream>>>(args...), its dynamic shared-memory
+// limit raised to `smem` at the first launch; nothing for an empty grid.
+template <auto Kernel, typename... Args>
+void LaunchTiles(dim3 grid, int threads, int smem, cudaStream_t stream, const Args&... args) {
+  static const bool configured = [smem] {
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    return true;
+  }();
+  (void)configured;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  Kernel<<<grid, threads, smem, stream>>>(args...);
+  LOOM_CUDA_CHECK(cudaGetLastError());
+}
 
 inline const __nv_bfloat16* Bf16(const Tensor& t) { return reinterpret_cast<const __nv_bfloat16*>(t.raw()); }
 inline __nv_bfloat16* Bf16Mut(Tensor& t) { return reinterpret_cast<__nv_bfloat16*>(t.raw()); }
