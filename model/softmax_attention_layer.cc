@@ -59,9 +59,11 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   lse_ = dims_.Stat({t, hq});
   if (moh_) {
     moh_->Forward(x, gates_);
-    // The GPU's attention kernels take no mask yet: they compute every head,
-    // and the gates multiply the unkept ones by 0 (the same result).
-    if (cp_.size == 1 && skip_inactive_ && x.device().is_cpu()) active_ = moh_->ActiveMask(kMohBlock);
+    // Where the attention kernels take no mask (the GPU's f32 kernels,
+    // cuDNN) every head is computed and the gates multiply the unkept ones
+    // by 0: the same result.
+    if (cp_.size == 1 && skip_inactive_ && ops::SoftmaxAttentionSkipsInactive(q_, Options(dims_, Tensor())))
+      active_ = moh_->ActiveMask(kMohBlock);
   }
   if (cp_.size == 1) {
     ops::SoftmaxAttentionForward(q_, k_, v_, batch.token_rows, batch.token_rows, Options(dims_, active_), o_, lse_);

@@ -40,7 +40,9 @@ struct AttentionOptions {
   // the query tokens [b·active_block, (b+1)·active_block) of q. An inactive
   // pair is skipped, not computed: its o is 0 and lse −∞, and its d_o is
   // read as 0 (it adds nothing to dq, dk, dv). Undefined: every pair runs.
-  // CPU tensors only (the CUDA entries refuse a mask).
+  // On the GPU only Loom's bf16 flash kernels take it (on q's device; a
+  // query tile runs when any mask block it overlaps is active); see
+  // SoftmaxAttentionSkipsInactive.
   Tensor active;
   int64_t active_block = 64;
 };
@@ -52,6 +54,9 @@ struct AttentionOptions {
 // by the caller on q's device.
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse);
+// Whether the call with q and options may pass AttentionOptions::active:
+// CPU tensors, or bf16 CUDA tensors of head dim 64 or 128 on Loom's kernels.
+bool SoftmaxAttentionSkipsInactive(const Tensor& q, const AttentionOptions& options);
 
 void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                               const Tensor& lse, const Tensor& d_o, const TokenRows& q_rows,

@@ -642,8 +642,12 @@ void CheckCudaCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                t->device().ToString());
   LOOM_CHECK(options.sigmoid || lse.defined(), "[softmax_attention] lse must be given (f32 [Tq, Hq] on ",
              q.device().ToString(), ")");
-  LOOM_CHECK(!options.active.defined(),
-             "[softmax_attention] MoH's active-head mask (options.active) runs on the CPU only: no GPU MoH kernels yet");
+  LOOM_CHECK(!options.active.defined() || SoftmaxAttentionSkipsInactive(q, options),
+             "[softmax_attention] MoH's active-head mask (options.active) on the GPU runs in Loom's bf16 kernels "
+             "(head dim 64 or 128) only, not the f32 kernels or cuDNN: compute every head there");
+  LOOM_CHECK(!options.active.defined() || options.active.device() == q.device(),
+             "[softmax_attention] options.active is on ", options.active.device().ToString(), " but q on ",
+             q.device().ToString());
 }
 
 // Loom's bf16 kernels are compiled for head dims 64 and 128, cuDNN's SDPA
@@ -657,6 +661,11 @@ bool Bf16KernelsFit(const Tensor& q, const AttentionOptions& options) {
 Tensor F32Copy(const Tensor& t) { return ConvertedCopy(t, DType::kF32); }
 
 }  // namespace
+
+bool SoftmaxAttentionSkipsInactive(const Tensor& q, const AttentionOptions& options) {
+  if (q.device().is_cpu()) return true;
+  return q.dtype() == DType::kBF16 && options.backend == AttentionBackend::kLoom && (q.dim(-1) == 64 || q.dim(-1) == 128);
+}
 
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse) {

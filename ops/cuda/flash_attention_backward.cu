@@ -109,6 +109,12 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
   const int steps = n_it * static_cast<int>(p.group);
 
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
+  // MoH: a step whose (query head, query tile) is skipped loads and computes
+  // nothing (every thread decides alike, so the barriers still pair up).
+  auto step_active = [&](int s) {
+    const int i0 = (it_begin + s % n_it) * kM;
+    return QueryTileActive(p, kvh * p.group + s / n_it, q0 + i0, min(kM, nq - i0));
+  };
   // Step s: query head kvh·group + s / n_it, query tile it_begin + s % n_it.
   auto issue = [&](int s, int buf) {
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
@@ -125,7 +131,7 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
 
   LoadTile<kN, D, T::kThreads>(sk, p.k + k0 * ldk + kvh * D + j0 * ldk, ldk, nk - j0, tid);
   LoadTile<kN, D, T::kThreads>(sv, p.v + k0 * ldk + kvh * D + j0 * ldk, ldk, nk - j0, tid);
-  if (steps > 0) issue(0, 0);
+  if (steps > 0 && step_active(0)) issue(0, 0);
   CpAsyncCommit();
 
   // Lane offsets of the ldmatrix fragments (added to a tile's base): A rows
@@ -148,8 +154,9 @@ __global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(c
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
     CpAsyncWait<0>();
     __syncthreads();  // step s landed; nobody reads buffer buf ^ 1 any more
-    if (s + 1 < steps) issue(s + 1, buf ^ 1);
+    if (s + 1 < steps && step_active(s + 1)) issue(s + 1, buf ^ 1);
     CpAsyncCommit();
+    if (!step_active(s)) continue;
     const uint32_t sq = sq0 + buf * kTileQ, sdo = sdo0 + buf * kTileQ;
     const float* lse2 = stats + buf * 2 * kM;
     const float* delta = lse2 + kM;
@@ -338,7 +345,8 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
 
   int n_end = nk;
   if (p.causal) n_end = max(0, min(nk, i0 + kM - p.shift));
-  const int n_tiles = (n_end + kN - 1) / kN;
+  // A query tile MoH skips walks no key tile: its dq is 0.
+  const int n_tiles = QueryTileActive(p, h, q0 + i0, min(kM, nq - i0)) ? (n_end + kN - 1) / kN : 0;
 
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
   const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;

@@ -152,6 +152,12 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
   const int steps = n_it * static_cast<int>(p.group);
 
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
+  // MoH: a step whose (query head, query tile) is skipped loads and computes
+  // nothing (every thread decides alike, so the barriers still pair up).
+  auto step_active = [&](int s) {
+    const int i0 = (it_begin + s % n_it) * kM;
+    return QueryTileActive(p, kvh * p.group + s / n_it, q0 + i0, min(kM, nq - i0));
+  };
   auto issue = [&](int s, int buf) {
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
     const int64_t off = (q0 + i0) * ldq + h * D;
@@ -167,7 +173,7 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
 
   LoadPanels<kN>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
   LoadPanels<kN>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
-  if (steps > 0) issue(0, 0);
+  if (steps > 0 && step_active(0)) issue(0, 0);
   CpAsyncCommit();
 
   float dk[64], dv[64];
@@ -183,8 +189,9 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
     CpAsyncWait<0>();
     FenceProxy();
     __syncthreads();  // step s landed and is visible to wgmma; buffer buf ^ 1 is free
-    if (s + 1 < steps) issue(s + 1, buf ^ 1);
+    if (s + 1 < steps && step_active(s + 1)) issue(s + 1, buf ^ 1);
     CpAsyncCommit();
+    if (!step_active(s)) continue;
     const uint32_t sq = sq0 + buf * T::kQ, sdo = sdo0 + buf * T::kQ;
     const float* lse2 = stats + buf * 2 * kM;
     const float* delta = lse2 + kM;

@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   if (i0 >= nq) return;
   int n_end = nk;
   if (p.causal) n_end = max(0, min(nk, i0 + kM - p.shift));
-  const int n_tiles = (n_end + kN - 1) / kN;
+  // A query tile MoH skips sees no key: o = 0, lse = −∞ (the CPU's skipped rows).
+  const int n_tiles = QueryTileActive(p, h, q0 + i0, min(kM, nq - i0)) ? (n_end + kN - 1) / kN : 0;
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
   const int tid = threadIdx.x;
 

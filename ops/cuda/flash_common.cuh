@@ -152,7 +152,20 @@ struct Params {
   float scale, scale_log2, bias;
   bool causal, sigmoid;
   int shift;
+  // MoH (AttentionOptions::active): i32 [Hq, active_blocks], or null.
+  const int32_t* active;
+  int64_t active_blocks, active_block;
 };
+
+// Whether query head h has an active MoH mask block among the query tokens
+// [t0, t0 + n) (indices into q, n ≥ 1): a tile is skipped only when every
+// block it overlaps is inactive. Always true without a mask.
+__device__ __forceinline__ bool QueryTileActive(const Params& p, int h, int64_t t0, int n) {
+  if (p.active == nullptr) return true;
+  for (int64_t b = t0 / p.active_block; b <= (t0 + n - 1) / p.active_block; ++b)
+    if (p.active[h * p.active_blocks + b] != 0) return true;
+  return false;
+}
 
 // ------------------------------------------------------------------ host side
 

@@ -67,6 +67,14 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
   p.causal = options.causal;
   p.sigmoid = options.sigmoid;
   p.shift = static_cast<int>(shift);
+  if (options.active.defined()) {  // MoH: skipped query tiles (ops/softmax_attention.h)
+    LOOM_CHECK(options.active_block >= 1, "[", op, "] active_block must be >= 1");
+    const int64_t blocks = (q.dim(0) + options.active_block - 1) / options.active_block;
+    CheckTensor(options.active, q, "active", DType::kI32, {q.dim(1), blocks});
+    p.active = options.active.data<int32_t>();
+    p.active_blocks = blocks;
+    p.active_block = options.active_block;
+  }
   LOOM_CUDA_CHECK(cudaSetDevice(q.device().index));
   return p;
 }

@@ -302,6 +302,97 @@ INSTANTIATE_TEST_SUITE_P(
         MaskCase{"F32_D64_block48_varlen", 64, 48, {0, 1, 65, 1300, 1300, 3000}, DType::kF32}),
     [](const ::testing::TestParamInfo<MaskCase>& i) { return i.param.name; });
 
+// ---- The softmax (flash) kernels with a mask ----
+
+// Rows [r0, r1) of a [T, H, ...] tensor's head h set to 0 where `keep` says
+// no: the comparison below leaves out what the GPU may compute and the CPU
+// skips (inactive queries inside a query tile that has an active block).
+Tensor KeepRows(const Tensor& x, const std::vector<char>& keep) {
+  Tensor a = AsF32(x);
+  const int64_t t = a.dim(0), h = a.dim(1), per = a.numel() / (t * h);
+  for (int64_t r = 0; r < t; ++r)
+    for (int64_t i = 0; i < h; ++i)
+      if (!keep[r * h + i]) std::fill_n(a.data<float>() + (r * h + i) * per, per, 0.0f);
+  return a;
+}
+
+struct SoftmaxMaskCase {
+  std::string name;
+  int64_t d;
+  std::vector<int32_t> cu;
+  int64_t run;  // the mask changes every `run` tokens (128: whole query tiles)
+  bool deterministic;
+};
+
+class GpuSoftmaxMask : public ::testing::TestWithParam<SoftmaxMaskCase> {};
+
+// Causal GQA (4 query heads on 2 KV heads), bf16, against the CPU reference
+// with the same mask (f32 on the bf16-rounded inputs). d_o is 0 on inactive
+// queries, as MoH's gating makes it. With runs of 128 on rows at multiples
+// of 128 every query tile is wholly on or off, and o, lse (−∞ where
+// skipped) are compared everywhere; otherwise on the active queries.
+TEST_P(GpuSoftmaxMask, MatchesCpuReference) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const SoftmaxMaskCase& c = GetParam();
+  const int64_t hq = 4, hk = 2, t = c.cu.back(), block = 64, blocks = (t + block - 1) / block;
+  const Shape qs{t, hq, c.d}, ks{t, hk, c.d};
+  Tensor active = Tensor::Empty({hq, blocks}, DType::kI32);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t u = b * block / c.run;
+    active.data<int32_t>()[0 * blocks + b] = 1;
+    active.data<int32_t>()[1 * blocks + b] = u % 2;
+    active.data<int32_t>()[2 * blocks + b] = u % 3 == 1;
+    active.data<int32_t>()[3 * blocks + b] = u < 4;
+  }
+  std::vector<char> keep(t * hq);
+  for (int64_t r = 0; r < t; ++r)
+    for (int64_t i = 0; i < hq; ++i) keep[r * hq + i] = active.data<int32_t>()[i * blocks + r / block] != 0;
+  const Tensor q = Bf16Rounded(RandomTensor(qs, DType::kF32, 1)), k = Bf16Rounded(RandomTensor(ks, DType::kF32, 2));
+  const Tensor v = Bf16Rounded(RandomTensor(ks, DType::kF32, 3));
+  const Tensor d_o = KeepRows(Bf16Rounded(RandomTensor(qs, DType::kF32, 4)), keep);
+  ops::TokenRows rows;
+  rows.cu_seqlens = Tensor::FromVector(c.cu, {static_cast<int64_t>(c.cu.size())});
+  ops::AttentionOptions options;
+  options.causal = true;
+  options.deterministic = c.deterministic;
+  options.active = active;
+  options.active_block = block;
+  Tensor o = Tensor::Empty(qs, DType::kF32), lse = Tensor::Empty({t, hq}, DType::kF32);
+  Tensor dq = Tensor::Empty(qs, DType::kF32), dk = Tensor::Empty(ks, DType::kF32), dv = Tensor::Empty(ks, DType::kF32);
+  ops::SoftmaxAttentionForward(q, k, v, rows, rows, options, o, lse);
+  ops::SoftmaxAttentionBackward(q, k, v, o, lse, d_o, rows, rows, options, dq, dk, dv);
+
+  ops::AttentionOptions gpu_options = options;
+  gpu_options.active = ToGpu(active);
+  auto bf = [](const Tensor& f) { return ToGpu(f.To(DType::kBF16)); };
+  const Tensor gq = bf(q), gk = bf(k), gv = bf(v);
+  Tensor go = PoisonedGpu(qs, DType::kBF16), glse = PoisonedGpu({t, hq}, DType::kF32);
+  ops::SoftmaxAttentionForward(gq, gk, gv, rows, rows, gpu_options, go, glse);
+  Tensor gdq = PoisonedGpu(qs, DType::kBF16), gdk = PoisonedGpu(ks, DType::kBF16), gdv = PoisonedGpu(ks, DType::kBF16);
+  ops::SoftmaxAttentionBackward(gq, gk, gv, go, glse, bf(d_o), rows, rows, gpu_options, gdq, gdk, gdv);
+  const bool whole = c.run % 128 == 0;
+  if (whole) {
+    EXPECT_TRUE(Bf16Close(go, o, "o"));
+    EXPECT_TRUE(NormwiseClose(glse, lse, "lse", 1e-4));
+  } else {
+    EXPECT_TRUE(Bf16Close(KeepRows(go, keep), KeepRows(o, keep), "o (active)"));
+    EXPECT_TRUE(NormwiseClose(KeepRows(glse.Reshape({t, hq, 1}), keep),
+                              KeepRows(lse.Reshape({t, hq, 1}), keep), "lse (active)", 1e-4));
+  }
+  EXPECT_TRUE(Bf16Close(gdq, dq, "dq"));
+  EXPECT_TRUE(Bf16Close(gdk, dk, "dk"));
+  EXPECT_TRUE(Bf16Close(gdv, dv, "dv"));
+  EXPECT_TRUE(ZeroWhereInactive(gdq, active, block, "dq"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GpuSoftmaxMask,
+    ::testing::Values(SoftmaxMaskCase{"D128_whole_tiles", 128, {0, 1024, 2048}, 128, false},
+                      SoftmaxMaskCase{"D64_whole_tiles_deterministic", 64, {0, 1024, 2048}, 128, true},
+                      SoftmaxMaskCase{"D128_blocks_unaligned_rows", 128, {0, 300, 1000}, 64, false},
+                      SoftmaxMaskCase{"D64_blocks_unaligned_rows_deterministic", 64, {0, 300, 1000}, 64, true}),
+    [](const ::testing::TestParamInfo<SoftmaxMaskCase>& i) { return i.param.name; });
+
 // ---- Whole layers ----
 
 // x [T, C] whose rows in each run of 64 tokens share a random direction
@@ -456,16 +547,17 @@ TEST(GpuMohLayer, R_MatchesCpu_Bf16AllRoutedKeptNoNorm) {
               .lightning_norm = false});
 }
 
-// bf16 R layer on the GPU: skipping the inactive (head, chunk) pairs gives
-// what computing every head and gating gives, bitwise (the skipped terms are
-// exact zeros: gated outputs and their d_o are 0 either way).
-TEST(GpuMohLayer, R_Bf16SkippingEqualsComputingEveryHead) {
-  LOOM_SKIP_WITHOUT_GPU();
-  const LayerCase lc{.softmax = false, .act = DType::kBF16, .heads = 8, .head_dim = 64, .shared = 2, .top_k = 2};
+// bf16 R and H layers on the GPU: skipping the inactive (head, block) pairs
+// gives what computing every head and gating gives, bitwise (the skipped
+// terms are exact zeros: gated outputs and their d_o are 0 either way; the
+// flash backward runs its deterministic dq pass).
+void CheckSkippingEqualsComputingEveryHead(bool softmax) {
+  const LayerCase lc{.softmax = softmax, .act = DType::kBF16, .heads = 8, .head_dim = 64, .shared = 2, .top_k = 2};
   ModelDims dims = ModelDims::FromConfig(LayerConfig(lc));
   dims.device = Device::Cuda(0);
   dims.mixed_bf16 = true;
-  LayerPair layer(dims, false);
+  dims.deterministic = true;  // the flash backward's dq in a fixed order (no atomics)
+  LayerPair layer(dims, softmax);
   for (Param* p : layer.params()) {
     p->value = ToGpu(p->value);
     p->grad = ToGpu(p->grad);
@@ -489,7 +581,7 @@ TEST(GpuMohLayer, R_Bf16SkippingEqualsComputingEveryHead) {
     return r;
   };
   const Result skipped = run(true), all = run(false);
-  const std::vector<int32_t> mask = IntValues(layer.moh()->ActiveMask(dims.lightning_block));
+  const std::vector<int32_t> mask = IntValues(layer.moh()->ActiveMask(softmax ? 64 : dims.lightning_block));
   int64_t off = 0;
   for (int32_t m : mask) off += m == 0;
   std::printf("  %ld of %zu (head, block) pairs skipped\n", static_cast<long>(off), mask.size());
@@ -498,6 +590,14 @@ TEST(GpuMohLayer, R_Bf16SkippingEqualsComputingEveryHead) {
   EXPECT_TRUE(AllClose(AsF32(skipped.dx), AsF32(all.dx), 0, 0)) << "dx";
   const ParamList ps = layer.params();
   for (size_t i = 0; i < ps.size(); ++i) EXPECT_TRUE(AllClose(skipped.grads[i], all.grads[i], 0, 0)) << ps[i]->name;
+}
+TEST(GpuMohLayer, R_Bf16SkippingEqualsComputingEveryHead) {
+  LOOM_SKIP_WITHOUT_GPU();
+  CheckSkippingEqualsComputingEveryHead(false);
+}
+TEST(GpuMohLayer, H_Bf16SkippingEqualsComputingEveryHead) {
+  LOOM_SKIP_WITHOUT_GPU();
+  CheckSkippingEqualsComputingEveryHead(true);
 }
 
 }  // namespace
