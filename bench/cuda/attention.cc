@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -29,28 +28,6 @@ using bench::RelativeDiffBf16;
 
 constexpr int64_t kTokens = 65536, kHq = 32, kD = 128;
 
-// A CUDA bf16 tensor of uniform [-1, 1) values: one 16 Mi-element random
-// block, repeated.
-Tensor RandomBf16(const Shape& shape, uint64_t seed) {
-  static std::vector<bf16> block;
-  if (block.empty()) {
-    std::mt19937_64 gen(7);
-    std::uniform_real_distribution<float> dist(-1, 1);
-    block.resize(int64_t{1} << 24);
-    for (bf16& x : block) x = FloatToBf16(dist(gen));
-  }
-  Tensor t = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
-  const int64_t n = t.numel();
-  const int64_t shift = static_cast<int64_t>(seed * 7919) % static_cast<int64_t>(block.size());
-  for (int64_t at = 0; at < n;) {
-    const int64_t len = std::min<int64_t>(n - at, static_cast<int64_t>(block.size()) - shift);
-    LOOM_CUDA_CHECK(cudaMemcpy(static_cast<bf16*>(t.raw()) + at, block.data() + shift, len * sizeof(bf16),
-                               cudaMemcpyHostToDevice));
-    at += len;
-  }
-  return t;
-}
-
 int BenchAttention(const config::Config&) {
   if (CudaDeviceCount() == 0) {
     std::printf("attention: skipped: no GPU\n");
@@ -62,8 +39,8 @@ int BenchAttention(const config::Config&) {
     std::printf("%-6s %3s %3s %6s | %9s %9s %6s | %9s %9s %6s | %9s\n", "S", "Hq", "Hk", "B", "fwd loom", "fwd cudnn",
                 "ratio", "bwd loom", "bwd cudnn", "ratio", "o diff");
   for (int64_t hk : {int64_t{32}, int64_t{8}}) {
-    const Tensor q = RandomBf16({kTokens, kHq, kD}, 1), k = RandomBf16({kTokens, hk, kD}, 2),
-                 v = RandomBf16({kTokens, hk, kD}, 3), d_o = RandomBf16({kTokens, kHq, kD}, 4);
+    const Tensor q = bench::Uniform({kTokens, kHq, kD}, DType::kBF16, 1), k = bench::Uniform({kTokens, hk, kD}, DType::kBF16, 2),
+                 v = bench::Uniform({kTokens, hk, kD}, DType::kBF16, 3), d_o = bench::Uniform({kTokens, kHq, kD}, DType::kBF16, 4);
     Tensor o = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
     Tensor o_ref = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
     Tensor lse = Tensor::Empty({kTokens, kHq}, DType::kF32, Device::Cuda(0));

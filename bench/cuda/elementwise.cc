@@ -43,30 +43,6 @@ using bench::MedianSeconds;
 
 constexpr int64_t kTokens = 65536, kHidden = 2048, kVocab = 32000, kFfn = 5632, kHeads = 16, kHeadDim = 128;
 
-// A CUDA tensor of uniform [-1, 1) values (bf16 or f32), from a 1 Mi-element
-// host block repeated.
-Tensor Random(const Shape& shape, DType dtype, uint64_t seed) {
-  constexpr int64_t kBlock = int64_t{1} << 20;
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<float> dist(-1, 1);
-  Tensor host = Tensor::Empty({kBlock}, dtype);
-  for (int64_t i = 0; i < kBlock; ++i) {
-    if (dtype == DType::kBF16) {
-      host.data<bf16>()[i] = FloatToBf16(dist(gen));
-    } else {
-      host.data<float>()[i] = dist(gen);
-    }
-  }
-  Tensor t = Tensor::Empty(shape, dtype, Device::Cuda(0));
-  const size_t elem = DTypeSize(dtype);
-  for (int64_t at = 0; at < t.numel(); at += kBlock) {
-    const int64_t len = std::min(kBlock, t.numel() - at);
-    LOOM_CUDA_CHECK(cudaMemcpy(static_cast<char*>(t.raw()) + at * elem, host.raw(), len * elem,
-                               cudaMemcpyHostToDevice));
-  }
-  return t;
-}
-
 // ids on the host: uniform, or Zipf(s) by inverse CDF over ranks shuffled
 // into ids.
 std::vector<int32_t> Ids(bool zipf, uint64_t seed) {
@@ -100,7 +76,7 @@ int BenchElementwise(const config::Config&) {
   const bool json = absl::GetFlag(FLAGS_json);
 
   // Baseline: a 256 MiB device-to-device copy.
-  const Tensor copy_src = Random({kTokens, kHidden}, DType::kBF16, 1);
+  const Tensor copy_src = bench::Uniform({kTokens, kHidden}, DType::kBF16, 1);
   Tensor copy_dst = Tensor::Empty(copy_src.shape(), DType::kBF16, Device::Cuda(0));
   const double copy_s = MedianSeconds(steps, [&] {
     LOOM_CUDA_CHECK(cudaMemcpyAsync(copy_dst.raw(), copy_src.raw(), copy_src.nbytes(), cudaMemcpyDeviceToDevice));
@@ -121,8 +97,8 @@ int BenchElementwise(const config::Config&) {
 
   const double nd = static_cast<double>(kTokens) * kHidden;
   {
-    const Tensor x = Random({kTokens, kHidden}, DType::kBF16, 2), dy = Random({kTokens, kHidden}, DType::kBF16, 3);
-    const Tensor w = Random({kHidden}, DType::kF32, 4);
+    const Tensor x = bench::Uniform({kTokens, kHidden}, DType::kBF16, 2), dy = bench::Uniform({kTokens, kHidden}, DType::kBF16, 3);
+    const Tensor w = bench::Uniform({kHidden}, DType::kF32, 4);
     Tensor y = Tensor::Empty(x.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dx = Tensor::Empty(x.shape(), DType::kBF16, Device::Cuda(0));
     Tensor rstd = Tensor::Empty({kTokens}, DType::kF32, Device::Cuda(0));
@@ -135,7 +111,7 @@ int BenchElementwise(const config::Config&) {
     // The per-head view: [N·H, Dh] with w [Dh].
     const Tensor xh = x.Reshape({kTokens * kHeads, kHeadDim}), dyh = dy.Reshape({kTokens * kHeads, kHeadDim});
     Tensor yh = y.Reshape(xh.shape()), dxh = dx.Reshape(xh.shape());
-    const Tensor wh = Random({kHeadDim}, DType::kF32, 5);
+    const Tensor wh = bench::Uniform({kHeadDim}, DType::kF32, 5);
     Tensor rstdh = Tensor::Empty({kTokens * kHeads}, DType::kF32, Device::Cuda(0));
     Tensor dwh = Tensor::Zeros({kHeadDim}, DType::kF32, Device::Cuda(0));
     report("rmsnorm fwd [N*16, 128]", MedianSeconds(steps, [&] { ops::RmsNormForward(xh, wh, 1e-5, yh, rstdh); }),
@@ -145,8 +121,8 @@ int BenchElementwise(const config::Config&) {
            3 * nd * 2 + 4.0 * kTokens * kHeads + 8.0 * kHeadDim);
   }
   {
-    const Tensor table = Random({kVocab, kHidden}, DType::kBF16, 6);
-    const Tensor dout = Random({kTokens, kHidden}, DType::kBF16, 7);
+    const Tensor table = bench::Uniform({kVocab, kHidden}, DType::kBF16, 6);
+    const Tensor dout = bench::Uniform({kTokens, kHidden}, DType::kBF16, 7);
     Tensor out = Tensor::Empty({kTokens, kHidden}, DType::kBF16, Device::Cuda(0));
     Tensor dtable = Tensor::Zeros({kVocab, kHidden}, DType::kF32, Device::Cuda(0));
     for (const bool zipf : {false, true}) {
@@ -163,8 +139,8 @@ int BenchElementwise(const config::Config&) {
   }
   {
     const double nf = static_cast<double>(kTokens) * kFfn;
-    const Tensor gate = Random({kTokens, kFfn}, DType::kBF16, 9), up = Random({kTokens, kFfn}, DType::kBF16, 10);
-    const Tensor dh = Random({kTokens, kFfn}, DType::kBF16, 11);
+    const Tensor gate = bench::Uniform({kTokens, kFfn}, DType::kBF16, 9), up = bench::Uniform({kTokens, kFfn}, DType::kBF16, 10);
+    const Tensor dh = bench::Uniform({kTokens, kFfn}, DType::kBF16, 11);
     Tensor h = Tensor::Empty(gate.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dgate = Tensor::Empty(gate.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dup = Tensor::Empty(gate.shape(), DType::kBF16, Device::Cuda(0));

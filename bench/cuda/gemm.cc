@@ -34,17 +34,6 @@ namespace {
 using bench::MedianSeconds;
 using bench::RelativeDiffBf16;
 
-Tensor RandomBf16(const Shape& shape, uint64_t seed, float scale) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<bf16> host(NumElements(shape));
-  for (bf16& x : host) x = FloatToBf16(dist(gen));
-  Tensor t = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
-  LOOM_CUDA_CHECK(cudaMemcpy(t.raw(), host.data(), host.size() * sizeof(bf16), cudaMemcpyHostToDevice));
-  return t;
-}
-
-
 int BenchGemm(const config::Config&) {
   if (CudaDeviceCount() == 0) {
     std::printf("gemm: skipped: no GPU\n");
@@ -56,8 +45,8 @@ int BenchGemm(const config::Config&) {
 
   {  // linear
     const int64_t n = 65536, in = 2048, out = 5632;
-    const Tensor x = RandomBf16({n, in}, 1, 1.0f), w = RandomBf16({out, in}, 2, 0.05f),
-                 dy = RandomBf16({n, out}, 3, 1.0f);
+    const Tensor x = bench::Uniform({n, in}, DType::kBF16, 1, 1.0f), w = bench::Uniform({out, in}, DType::kBF16, 2, 0.05f),
+                 dy = bench::Uniform({n, out}, DType::kBF16, 3, 1.0f);
     Tensor y = Tensor::Empty({n, out}, DType::kBF16, Device::Cuda(0));
     Tensor y_ref = Tensor::Empty({n, out}, DType::kBF16, Device::Cuda(0));
     Tensor dx = Tensor::Empty({n, in}, DType::kBF16, Device::Cuda(0));
@@ -101,7 +90,7 @@ int BenchGemm(const config::Config&) {
 
   {  // cross-entropy
     const int64_t n = 8192, vocab = 32000, d = 2048;
-    const Tensor h = RandomBf16({n, d}, 4, 1.0f), w = RandomBf16({vocab, d}, 5, 0.05f);
+    const Tensor h = bench::Uniform({n, d}, DType::kBF16, 4, 1.0f), w = bench::Uniform({vocab, d}, DType::kBF16, 5, 0.05f);
     std::vector<int32_t> host_targets(n);
     std::mt19937_64 gen(6);
     for (int32_t& t : host_targets) t = static_cast<int32_t>(gen() % vocab);

@@ -42,22 +42,6 @@ namespace {
 
 constexpr int64_t kTokens = 65536, kHeads = 32, kDim = 128, kChunk = 64;
 
-// Uniform in [-1, 1) from a counter hash (splitmix64), rounded to bf16.
-Tensor RandomBf16(const Shape& shape, uint64_t seed) {
-  Tensor t = Tensor::Empty(shape, DType::kBF16);
-  bf16* p = t.data<bf16>();
-  const int64_t n = t.numel();
-#pragma omp parallel for
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = (seed << 40) + static_cast<uint64_t>(i) + 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = FloatToBf16(static_cast<float>(static_cast<double>(z >> 11) * 0x1.0p-52 - 1.0));
-  }
-  return t;
-}
-
 // Median milliseconds of `reps` runs of fn after two warm-ups.
 Tensor ToGpu(const Tensor& t) { return t.To(Device::Cuda(0)); }
 Tensor ToCpu(const Tensor& t) { return t.To(Device::Cpu()); }
@@ -98,9 +82,9 @@ int BenchLightning(const config::Config&) {
   }
   const int reps = std::max(absl::GetFlag(FLAGS_steps), 5);
   const Shape shape{kTokens, kHeads, kDim};
-  const Tensor hq = RandomBf16(shape, 1), hk = RandomBf16(shape, 2), hv = RandomBf16(shape, 3),
-               hdo = RandomBf16(shape, 4);
-  const Tensor q = ToGpu(hq), k = ToGpu(hk), v = ToGpu(hv), d_o = ToGpu(hdo);
+  const Tensor q = bench::Uniform(shape, DType::kBF16, 1), k = bench::Uniform(shape, DType::kBF16, 2),
+               v = bench::Uniform(shape, DType::kBF16, 3), d_o = bench::Uniform(shape, DType::kBF16, 4);
+  const Tensor hq = q.To(Device::Cpu()), hk = k.To(Device::Cpu()), hv = v.To(Device::Cpu()), hdo = d_o.To(Device::Cpu());
   const std::vector<double> lam64 = ops::LightningDecay(kHeads, 0, 1);
   const std::vector<float> lam32(lam64.begin(), lam64.end());
   const Tensor hdecay = Tensor::FromVector(lam32, {kHeads});

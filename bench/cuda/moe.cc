@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <random>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -39,16 +38,6 @@ namespace {
 using bench::MedianSeconds;
 
 constexpr int64_t kTokens = 65536, kHidden = 2048, kExperts = 8, kExpertFfn = 1408, kTopK = 2;
-
-Tensor RandomBf16(const Shape& shape, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<float> dist(-1, 1);
-  std::vector<bf16> host(NumElements(shape));
-  for (bf16& x : host) x = FloatToBf16(dist(gen));
-  Tensor t = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
-  LOOM_CUDA_CHECK(cudaMemcpy(t.raw(), host.data(), host.size() * sizeof(bf16), cudaMemcpyHostToDevice));
-  return t;
-}
 
 // Moves a layer's parameters to the GPU with bf16 compute copies, as Model does.
 void PlaceOnGpu(const ParamList& params) {
@@ -82,7 +71,7 @@ int BenchMoe(const config::Config&) {
   dims.moe.aux_loss_coef = 0.01;
   dims.moe.z_loss_coef = 0.001;
 
-  const Tensor x = RandomBf16({kTokens, kHidden}, 1), dy = RandomBf16({kTokens, kHidden}, 2);
+  const Tensor x = bench::Uniform({kTokens, kHidden}, DType::kBF16, 1), dy = bench::Uniform({kTokens, kHidden}, DType::kBF16, 2);
   Tensor y = Tensor::Empty({kTokens, kHidden}, DType::kBF16, Device::Cuda(0));
   Tensor dx = Tensor::Empty({kTokens, kHidden}, DType::kBF16, Device::Cuda(0));
   const double flops = 18.0 * kTokens * kHidden * (3.0 * kExpertFfn);

@@ -52,22 +52,6 @@ using bench::MedianSeconds;
 
 constexpr int64_t kTokens = 65536, kRowLen = 8192, kHeads = 16, kDim = 128, kBlock = 64, kSpan = 256;
 
-// Uniform in [-1, 1) from a counter hash (splitmix64), rounded to bf16, on the GPU.
-Tensor RandomBf16(const Shape& shape, uint64_t seed) {
-  Tensor t = Tensor::Empty(shape, DType::kBF16);
-  bf16* p = t.data<bf16>();
-  const int64_t n = t.numel();
-#pragma omp parallel for
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t z = (seed << 40) + static_cast<uint64_t>(i) + 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = FloatToBf16(static_cast<float>(static_cast<double>(z >> 11) * 0x1.0p-52 - 1.0));
-  }
-  return t.To(Device::Cuda(0));
-}
-
 // Router logits [T, R] on the GPU: 4·u_span + sigma·ε, or ε alone (sigma < 0).
 Tensor Logits(int routed, double sigma, uint64_t seed) {
   std::mt19937_64 gen(seed);
@@ -94,7 +78,8 @@ int BenchMoh(const config::Config&) {
   const int steps = std::max(3, absl::GetFlag(FLAGS_steps));
   const bool json = absl::GetFlag(FLAGS_json);
   const Shape shape{kTokens, kHeads, kDim};
-  const Tensor q = RandomBf16(shape, 1), k = RandomBf16(shape, 2), v = RandomBf16(shape, 3), d_o = RandomBf16(shape, 4);
+  const Tensor q = bench::Uniform(shape, DType::kBF16, 1), k = bench::Uniform(shape, DType::kBF16, 2),
+               v = bench::Uniform(shape, DType::kBF16, 3), d_o = bench::Uniform(shape, DType::kBF16, 4);
   Tensor o = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0)), dq = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0)),
          dk = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0)), dv = Tensor::Empty(shape, DType::kBF16, Device::Cuda(0));
   const std::vector<double> lam64 = ops::LightningDecay(kHeads, 0, 1);

@@ -1,7 +1,7 @@
 // What the GPU benchmarks share: the median time of a call measured with
 // CUDA events on the default stream (after untimed warm-up calls: plans,
-// pools, module loads), and a normwise bf16 difference for the untimed
-// correctness column.
+// pools, module loads), random inputs, and a normwise bf16 difference for
+// the untimed correctness column.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "runtime/cuda_check.h"
+#include "runtime/dtype.h"
 #include "runtime/tensor.h"
 
 namespace loom::bench {
@@ -35,6 +36,26 @@ double MedianSeconds(int steps, Fn&& fn, int warmups = 1) {
   LOOM_CUDA_CHECK(cudaEventDestroy(stop));
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+// A CUDA tensor (bf16 or f32) of values uniform in [−scale, scale), element
+// i from a counter hash (splitmix64) of (seed, i): the same values every run.
+inline Tensor Uniform(const Shape& shape, DType dtype, uint64_t seed, float scale = 1) {
+  Tensor host = Tensor::Empty(shape, dtype);
+  const int64_t n = host.numel();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = (seed << 40) + static_cast<uint64_t>(i) + 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = scale * static_cast<float>(static_cast<double>(z >> 11) * 0x1.0p-52 - 1.0);
+    if (dtype == DType::kBF16)
+      host.data<bf16>()[i] = FloatToBf16(u);
+    else
+      host.data<float>()[i] = u;
+  }
+  return host.To(Device::Cuda(0));
 }
 
 // ‖a − b‖ / ‖b‖ of two bf16 tensors (any device), on every 7th element: a
