@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "ops/cuda/lightning_rows.h"
+#include "ops/cuda/mma_sync.cuh"
 #include "ops/lightning_attention.h"
 #include "runtime/cuda_check.h"
 
@@ -91,36 +92,12 @@ struct RowInfo {
 
 // ---- Warp-level building blocks ----
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void LdMatrix(uint32_t (&r)[4], const nv_bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-__device__ __forceinline__ void LdMatrixTrans(uint32_t (&r)[4], const nv_bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(SmemAddr(p)));
-}
-// c (16×8 fp32) += a (16×16 bf16, row) · b (16×8 bf16, col)
-__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// The mma_sync.cuh pieces on generic pointers into shared memory.
+__device__ __forceinline__ void LdMatrix(uint32_t (&r)[4], const nv_bf16* p) { LdMatrixX4(r, SmemAddr(p)); }
+__device__ __forceinline__ void LdMatrixTrans(uint32_t (&r)[4], const nv_bf16* p) { LdMatrixX4Trans(r, SmemAddr(p)); }
 // 16 bytes global → shared; zero-filled when !valid (src is then not read).
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  ops::cuda::CpAsync16(SmemAddr(smem), gmem, valid);  // the shared-address form
 }
 
 __device__ __forceinline__ int Lane() { return threadIdx.x & 31; }
