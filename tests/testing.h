@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/config.h"
 #include "runtime/cuda_runtime.h"
 #include "runtime/tensor.h"
 
@@ -226,6 +227,15 @@ inline double Dot(const Tensor& a, const Tensor& b) {
   double s = 0;
   for (int64_t i = 0; i < a.numel(); ++i) s += a.Get(i) * b.Get(i);
   return s;
+}
+
+// A config from `sets` then `extra` (path=value pairs over the defaults),
+// the test failing if it does not load.
+inline config::Config ConfigFromSets(std::vector<std::string> sets, const std::vector<std::string>& extra = {}) {
+  sets.insert(sets.end(), extra.begin(), extra.end());
+  absl::StatusOr<config::Config> c = LoadConfig("", sets);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *c : config::Config();
 }
 
 }  // namespace loom::testing

@@ -18,16 +18,13 @@ namespace loom {
 namespace {
 
 config::Config DecodeConfig(std::vector<std::string> extra) {
-  std::vector<std::string> sets = {"model.pattern=SL",   "model.layers=3",         "model.hidden=16",
+  return testing::ConfigFromSets({"model.pattern=SL",   "model.layers=3",         "model.hidden=16",
                                    "model.heads=4",      "model.kv_heads=2",       "model.vocab=40",
                                    "model.ffn_hidden=24", "model.lightning_block=4", "train.seq_len=16",
                                    "train.dtype=f64",    "model.init_std=0.3",
                                    "data.recall.key_vocab=8", "data.recall.value_vocab=8",
-                                   "data.recall.pairs=3", "data.recall.queries=3"};
-  sets.insert(sets.end(), extra.begin(), extra.end());
-  auto c = LoadConfig("", sets);
-  EXPECT_TRUE(c.ok()) << c.status();
-  return *c;
+                                   "data.recall.pairs=3", "data.recall.queries=3"},
+                        extra);
 }
 
 std::vector<int32_t> RandomTokens(int64_t n, int vocab, uint64_t seed) {

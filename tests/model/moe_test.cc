@@ -20,16 +20,13 @@ namespace loom {
 namespace {
 
 config::Config MoeConfig(std::vector<std::string> extra = {}) {
-  std::vector<std::string> sets = {"model.pattern=LS", "model.layers=2", "model.hidden=8", "model.heads=2",
+  return testing::ConfigFromSets({"model.pattern=LS", "model.layers=2", "model.hidden=8", "model.heads=2",
                                    "model.kv_heads=2", "model.vocab=40", "model.lightning_block=4",
                                    "train.seq_len=14", "train.dtype=f64", "data.recall.pairs=3",
                                    "data.recall.queries=3", "data.recall.key_vocab=8", "data.recall.value_vocab=8",
                                    "model.init_std=0.4", "model.moe.experts=4", "model.moe.top_k=2",
-                                   "model.moe.moe_ffn=6", "model.moe.aux_loss_coef=0.5", "model.moe.z_loss_coef=0.1"};
-  sets.insert(sets.end(), extra.begin(), extra.end());
-  auto c = LoadConfig("", sets);
-  EXPECT_TRUE(c.ok()) << c.status();
-  return *c;
+                                   "model.moe.moe_ffn=6", "model.moe.aux_loss_coef=0.5", "model.moe.z_loss_coef=0.1"},
+                        extra);
 }
 
 ModelDims Dims(std::vector<std::string> extra = {}) { return ModelDims::FromConfig(MoeConfig(std::move(extra))); }

@@ -25,16 +25,13 @@ namespace loom {
 namespace {
 
 config::Config MohConfig(std::vector<std::string> extra = {}) {
-  std::vector<std::string> sets = {"model.pattern=HR", "model.layers=2", "model.hidden=16", "model.heads=4",
+  return testing::ConfigFromSets({"model.pattern=HR", "model.layers=2", "model.hidden=16", "model.heads=4",
                                    "model.kv_heads=2", "model.vocab=40", "model.lightning_block=4",
                                    "train.seq_len=14", "train.dtype=f64", "data.recall.pairs=3",
                                    "data.recall.queries=3", "data.recall.key_vocab=8", "data.recall.value_vocab=8",
                                    "model.init_std=0.4", "model.moh.shared_heads=1", "model.moh.top_k=2",
-                                   "model.moh.aux_loss_coef=0.5"};
-  sets.insert(sets.end(), extra.begin(), extra.end());
-  auto c = LoadConfig("", sets);
-  EXPECT_TRUE(c.ok()) << c.status();
-  return *c;
+                                   "model.moh.aux_loss_coef=0.5"},
+                        extra);
 }
 
 ModelDims Dims(std::vector<std::string> extra = {}) { return ModelDims::FromConfig(MohConfig(std::move(extra))); }
