@@ -34,4 +34,9 @@ grep -q "layout: 8 ranks = tp2 cp1 dp2 pp2" "$out" || fail "8-rank layout"
 rc=$?
 [ $rc = 2 ] || fail "a layout that does not fit should exit 2, got $rc"
 [ "$(wc -l <"$out")" = 1 ] || fail "one line of error expected"
+# MoE: parameters and FLOPs, and no memory table (the plan models dense MLPs only).
+"$bin" --config "$src/configs/tiny_moe.textproto" --dry-run >"$out" 2>&1 || fail "MoE dry run exited $?"
+grep -q "parameters: 251.9k total" "$out" || fail "MoE parameters"
+grep -q "memory per rank: not planned for MoE layers yet" "$out" || fail "MoE memory line"
+grep -Eq "^  0 +[0-9]+ " "$out" && fail "no memory row expected for MoE"
 echo "dry run: ok"
