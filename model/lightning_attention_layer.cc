@@ -30,10 +30,7 @@ LightningAttentionLayer::LightningAttentionLayer(const ModelDims& dims, const Te
   wg_.InitSharded(prefix + "wg", {hd, c}, 0, n, r, dims.dtype, dims.seed, dims.init_std);
   wo_.InitSharded(prefix + "wo", {c, hd}, 1, n, r, dims.dtype, dims.seed, out_std);
   norm_.Init(prefix + "norm", {dims.head_dim}, dims.dtype, dims.seed, 0, 1.0, /*decay=*/false);
-  if (moh) {
-    LOOM_CHECK(tp.size == 1, "[moh] R layers run without tensor parallelism (tp = ", tp.size, ")");
-    moh_ = std::make_unique<MohRouter>(dims, prefix + "moh.");
-  }
+  if (moh) moh_ = std::make_unique<MohRouter>(dims, tp, prefix + "moh.");
 }
 
 void LightningAttentionLayer::CollectParams(ParamList& out) {

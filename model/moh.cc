@@ -20,8 +20,13 @@ DType GateDType(const Tensor& x) { return x.device().is_cpu() ? x.dtype() : DTyp
 
 }  // namespace
 
-MohRouter::MohRouter(const ModelDims& dims, const std::string& prefix)
-    : moh_(dims.moh), heads_(dims.heads), shared_(dims.moh.shared_heads), routed_(dims.heads - dims.moh.shared_heads) {
+MohRouter::MohRouter(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix)
+    : moh_(dims.moh),
+      tp_(tp),
+      heads_(dims.heads),
+      shared_(dims.moh.shared_heads),
+      routed_(dims.heads - dims.moh.shared_heads) {
+  LOOM_CHECK(heads_ % tp_.size == 0, "[moh] ", heads_, " heads over tp ", tp_.size);
   LOOM_CHECK(shared_ >= 0 && routed_ >= 0, "[moh] ", shared_, " shared heads of ", heads_);
   LOOM_CHECK(routed_ == 0 || (moh_.top_k >= 1 && moh_.top_k <= routed_), "[moh] top_k ", moh_.top_k,
              " outside [1, routed heads = ", routed_, "]");
@@ -96,9 +101,16 @@ void MohRouter::Forward(const Tensor& x, Tensor& gates) {
     for (int i = 0; i < routed_; ++i) lb += n > 0 ? double(global_load_[i]) / n * (prob_sum[i] / n) : 0.0;
   }
   router_loss_ = moh_.aux_loss_coef * lb;
-  gates = Tensor::Empty({t, heads_}, GateDType(x), dev);
+  Tensor all = Tensor::Empty({t, heads_}, GateDType(x), dev);
   ops::MohGatesForward(shared_logits, alpha_logits, routing_.experts, routing_.gates, gate_options_, shared_scores_,
-                       alpha_, gates);
+                       alpha_, all);
+  if (tp_.size == 1) {
+    gates = all;
+  } else {  // this rank's heads
+    const int64_t local = heads_ / tp_.size;
+    gates = Tensor::Empty({t, local}, all.dtype(), dev);
+    CopyColumns(all, tp_.rank * local, gates, 0, local);
+  }
   // Statistics of the routed heads.
   stats_ = RoutingStats();
   if (routed_ > 0) {
@@ -116,14 +128,25 @@ void MohRouter::Forward(const Tensor& x, Tensor& gates) {
 Tensor MohRouter::ActiveMask(int64_t block) const {
   Tensor active;
   ops::MohActiveMask(routing_.experts, gate_options_, tokens_, block, active);
-  return active;
+  const int64_t local = heads_ / tp_.size;
+  return tp_.size == 1 ? active : active.Slice(tp_.rank * local, local);
 }
 
-void MohRouter::Backward(const Tensor& x, const Tensor& dgates, Tensor& dx, double loss_scale) {
+void MohRouter::Backward(const Tensor& x, const Tensor& local_dgates, Tensor& dx, double loss_scale) {
   const int64_t t = x.dim(0);
   const DType dt = x.dtype();
   const Device dev = x.device();
   const int k = moh_.top_k;
+  // Under TP: the whole [T, H] from every rank's columns; the router's dx
+  // once (TP rank 0), as the layer sums dx over the group.
+  Tensor dgates = local_dgates;
+  if (tp_.size > 1) {
+    const int64_t local = heads_ / tp_.size;
+    dgates = Tensor::Zeros({t, heads_}, local_dgates.dtype(), dev);
+    CopyColumns(local_dgates, 0, dgates, tp_.rank * local, local);
+    tp_.AllReduce(dgates);
+  }
+  Tensor* dxp = tp_.rank == 0 ? &dx : nullptr;
   // Gradients of the logits of the three routers; dgr = dL/d(p of the kept
   // heads), 0 with fixed gates (the balance loss still reaches W_r).
   Tensor dzs = shared_scores_.defined() ? Tensor::Empty({t, shared_}, dt, dev) : Tensor();
@@ -136,8 +159,8 @@ void MohRouter::Backward(const Tensor& x, const Tensor& dgates, Tensor& dx, doub
     ops::MohGatesBackward(shared_scores_, alpha_, routing_.experts, routing_.gates, dgates, gate_options_, dzs, dzh,
                           dgr);
   }
-  if (dzs.defined()) ops::LinearBackward(x, ws_.weight(), dzs, &dx, ws_.grad, /*accumulate_dx=*/true);
-  if (dzh.defined()) ops::LinearBackward(x, wh_.weight(), dzh, &dx, wh_.grad, /*accumulate_dx=*/true);
+  if (dzs.defined()) ops::LinearBackward(x, ws_.weight(), dzs, dxp, ws_.grad, /*accumulate_dx=*/true);
+  if (dzh.defined()) ops::LinearBackward(x, wh_.weight(), dzh, dxp, wh_.grad, /*accumulate_dx=*/true);
   if (routed_ > 0) {
     // L_b = (k/R)·aux; the router's backward reads f from routing_.load over
     // this call's t tokens, so with the global loads and the seed scaled by
@@ -153,7 +176,7 @@ void MohRouter::Backward(const Tensor& x, const Tensor& dgates, Tensor& dx, doub
     }
     Tensor dzr = Tensor::Empty({t, routed_}, dt, dev);
     ops::MoeRouterBackward(routed_logits_, routing_, dgr, seed, 0.0, options_, dzr);
-    ops::LinearBackward(x, wr_.weight(), dzr, &dx, wr_.grad, /*accumulate_dx=*/true);
+    ops::LinearBackward(x, wr_.weight(), dzr, dxp, wr_.grad, /*accumulate_dx=*/true);
   }
 }
 

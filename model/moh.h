@@ -25,6 +25,13 @@
 // outputs are multiplied by g = 0 anyway, and the router has no gradient
 // through an unkept gate, so skipping changes nothing).
 //
+// Tensor parallelism: W_s, W_r, W_h are replicated, every TP rank computes
+// the gates of all H heads from the same (gathered) x and keeps the columns
+// of its H/tp heads; in backward the ranks' gate gradients are summed over
+// the TP group into the whole [T, H] (each rank fills its own columns), the
+// router's backward runs alike everywhere (equal replicated gradients), and
+// only TP rank 0 adds the router's part of dx (the layer sums dx over TP).
+//
 // Devices (docs/gpu.md): on the GPU the logits are activations (bf16 in
 // mixed precision), the scores, α, p and g [T, H] f32 (ops/moh_gate.h);
 // everything stays on the device but the router's [R] statistics and the
@@ -41,6 +48,7 @@
 #include "model/param.h"
 #include "ops/moe_router.h"
 #include "ops/moh_gate.h"
+#include "parallel/tensor_parallel.h"
 
 namespace loom {
 
@@ -50,18 +58,19 @@ namespace loom {
 
 class MohRouter {
  public:
-  // Gates for all dims.heads query heads (MoH has no TP split); prefix e.g.
-  // "layers.3.attn.moh.".
-  MohRouter(const ModelDims& dims, const std::string& prefix);
-  // x [T, C] → gates [T, H] (written on x's device; x's dtype on the CPU,
+  // Gates of this TP rank's H/tp query heads (all dims.heads at tp 1);
+  // prefix e.g. "layers.3.attn.moh.".
+  MohRouter(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix);
+  // x [T, C] → gates [T, H/tp] (written on x's device; x's dtype on the CPU,
   // f32 on the GPU).
   void Forward(const Tensor& x, Tensor& gates);
-  // i32 [H, ceil(T / block)] on x's device: 1 where some token of the
+  // i32 [H/tp, ceil(T / block)] on x's device: 1 where some token of the
   // block has a non-zero gate for the head (every shared head; routed heads
   // some token kept). Of the last Forward.
   Tensor ActiveMask(int64_t block) const;
-  // dgates [T, H] → dx [T, C] (added) and the router weights' gradients
-  // (accumulated). loss_scale: weight of router_loss() in the loss.
+  // dgates [T, H/tp] → dx [T, C] (added; TP rank 0 only) and the router
+  // weights' gradients (accumulated). loss_scale: weight of router_loss()
+  // in the loss.
   void Backward(const Tensor& x, const Tensor& dgates, Tensor& dx, double loss_scale);
   // aux_loss_coef · L_b of the last Forward (global under data parallelism).
   double router_loss() const { return router_loss_; }
@@ -73,6 +82,7 @@ class MohRouter {
 
  private:
   MohDims moh_;
+  TensorParallel tp_;
   int heads_, shared_, routed_;
   bool mix_;  // both kinds of heads and learned gates: W_h exists
   ops::MoeRouterOptions options_;

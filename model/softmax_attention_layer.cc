@@ -19,10 +19,7 @@ SoftmaxAttentionLayer::SoftmaxAttentionLayer(const ModelDims& dims, const Tensor
   wk_.InitSharded(prefix + "wk", {kvd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
   wv_.InitSharded(prefix + "wv", {kvd, c}, 0, tp.size, tp.rank, dims.dtype, dims.seed, dims.init_std);
   wo_.InitSharded(prefix + "wo", {c, qd}, 1, tp.size, tp.rank, dims.dtype, dims.seed, out_std);
-  if (moh) {
-    LOOM_CHECK(tp.size == 1, "[moh] H layers run without tensor parallelism (tp = ", tp.size, ")");
-    moh_ = std::make_unique<MohRouter>(dims, prefix + "moh.");
-  }
+  if (moh) moh_ = std::make_unique<MohRouter>(dims, tp, prefix + "moh.");
 }
 
 void SoftmaxAttentionLayer::CollectParams(ParamList& out) {

@@ -1,7 +1,6 @@
 #include "parallel/cp_attention.h"
 
 #include "ops/add.h"
-#include "runtime/cuda_runtime.h"
 
 #include <cmath>
 #include <cstring>
@@ -453,23 +452,13 @@ absl::Status AllGatherBackward(Communicator& g, const ChunkArgs& a, CpMemoryLedg
 
 char* Bytes(const Tensor& t) { return static_cast<char*>(t.raw()); }
 
-// height rows of width bytes: row i from src + i·spitch to dst + i·dpitch,
-// with memcpy on the CPU, one 2-D copy on the default stream on a GPU.
-void CopyRows(char* dst, int64_t dpitch, const char* src, int64_t spitch, int64_t width, int64_t height, bool cuda) {
-  if (cuda) {
-    CudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height);
-    return;
-  }
-  for (int64_t i = 0; i < height; ++i) std::memcpy(dst + i * dpitch, src + i * spitch, width);
-}
-
 // Pack [T, H, ·] into [cp, T, H/cp, ·]: slice j holds head group j. `out`
 // advances by the slice's bytes per destination, so several tensors can be
 // packed one after the other inside each slice.
 void PackHeads(const Tensor& x, int cp, int64_t w, std::vector<char*>& out) {
   const int64_t tokens = x.dim(0), h = x.dim(1), hg = h / cp;
   for (int j = 0; j < cp; ++j) {
-    CopyRows(out[j], hg * w, Bytes(x) + j * hg * w, h * w, hg * w, tokens, !x.device().is_cpu());
+    CopyStrided(out[j], hg * w, Bytes(x) + j * hg * w, h * w, hg * w, tokens, x.device());
     out[j] += tokens * hg * w;
   }
 }
@@ -477,14 +466,14 @@ void PackHeads(const Tensor& x, int cp, int64_t w, std::vector<char*>& out) {
 void UnpackHeads(Tensor& x, int cp, int64_t w, std::vector<char*>& in) {
   const int64_t tokens = x.dim(0), h = x.dim(1), hg = h / cp;
   for (int j = 0; j < cp; ++j) {
-    CopyRows(Bytes(x) + j * hg * w, h * w, in[j], hg * w, hg * w, tokens, !x.device().is_cpu());
+    CopyStrided(Bytes(x) + j * hg * w, h * w, in[j], hg * w, hg * w, tokens, x.device());
     in[j] += tokens * hg * w;
   }
 }
 // Received slices [cp (source rank), T_local, hg, ·] -> x [rows·N, hg, ·] in
 // global token order (zig-zag inverse), or the reverse when to_slices.
 void SeqOrder(const CpChunks& lay, int64_t hg, int64_t w, std::vector<char*>& slices, char* x, bool to_slices,
-              bool cuda) {
+              Device device) {
   const int cp = lay.cp;
   const int64_t c = lay.chunk, n = lay.seq_len(), per = hg * w;
   for (int src = 0; src < cp; ++src) {
@@ -494,9 +483,9 @@ void SeqOrder(const CpChunks& lay, int64_t hg, int64_t w, std::vector<char*>& sl
         char* sp = slices[src] + (r * 2 + s) * c * per;
         char* xp = x + (r * n + u * c) * per;
         if (to_slices)
-          CopyRows(sp, 0, xp, 0, c * per, 1, cuda);
+          CopyStrided(sp, 0, xp, 0, c * per, 1, device);
         else
-          CopyRows(xp, 0, sp, 0, c * per, 1, cuda);
+          CopyStrided(xp, 0, sp, 0, c * per, 1, device);
       }
     slices[src] += lay.local_tokens() * per;
   }
@@ -536,8 +525,7 @@ absl::Status SeqToHeads(Communicator& g, CpMemoryLedger* l, const CpChunks& lay,
   send.Release();
   std::vector<char*> rp = SlicePointers(recv.t(), cp);
   for (size_t i = 0; i < xs.size(); ++i)
-    SeqOrder(lay, xs[i]->dim(1) / cp, HeadBytes(*xs[i]), rp, Bytes(*outs[i]), /*to_slices=*/false,
-             !xs[i]->device().is_cpu());
+    SeqOrder(lay, xs[i]->dim(1) / cp, HeadBytes(*xs[i]), rp, Bytes(*outs[i]), /*to_slices=*/false, xs[i]->device());
   return absl::OkStatus();
 }
 
@@ -549,7 +537,7 @@ absl::Status HeadsToSeq(Communicator& g, CpMemoryLedger* l, const CpChunks& lay,
   for (const Tensor* x : xs) per_slice += lay.local_tokens() * x->dim(1) * HeadBytes(*x);
   auto [send, recv] = ExchangeBuffers(l, xs, cp * per_slice);
   std::vector<char*> w = SlicePointers(send.t(), cp);
-  for (const Tensor* x : xs) SeqOrder(lay, x->dim(1), HeadBytes(*x), w, Bytes(*x), /*to_slices=*/true, !x->device().is_cpu());
+  for (const Tensor* x : xs) SeqOrder(lay, x->dim(1), HeadBytes(*x), w, Bytes(*x), /*to_slices=*/true, x->device());
   LOOM_RETURN_IF_ERROR(g.AllToAll(send.t(), recv.t()));
   send.Release();
   std::vector<char*> rp = SlicePointers(recv.t(), cp);
@@ -574,7 +562,7 @@ absl::Status UlyssesForward(Communicator& g, const ChunkArgs& a, CpMemoryLedger*
     LOOM_RETURN_IF_ERROR(GatherDocs(g, l, a.local_rows, gathered));
     docs = HeldTensor(l, {tokens}, DType::kI32, false, false);
     std::vector<char*> sp = SlicePointers(gathered.t(), cp);
-    SeqOrder(lay, 1, sizeof(int32_t), sp, Bytes(docs.t()), /*to_slices=*/false, /*cuda=*/false);
+    SeqOrder(lay, 1, sizeof(int32_t), sp, Bytes(docs.t()), /*to_slices=*/false, Device::Cpu());
     rows.doc_ids = docs.t();
   }
   ops::SoftmaxAttentionForward(qh.t(), kh.t(), vh.t(), rows, rows, a.options, oh.t(), lh.t());

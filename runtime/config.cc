@@ -116,8 +116,9 @@ absl::Status Range(bool ok, const std::string& field, const std::string& why) {
 }
 
 // model.moh (configs/loom.proto MohConfig), checked only when the pattern has
-// an H or R layer. MoH computes gates for this rank's heads from the whole
-// router, so it has no TP split, and its router loss has no pipeline path.
+// an H or R layer. Under TP every rank computes all gates from the replicated
+// router and keeps its heads' (model/moh.h); the router loss has no pipeline
+// path.
 // Both devices run it (docs/moh.md).
 absl::Status ValidateMoh(const config::Config& c) {
   const config::ModelConfig& m = c.model();
@@ -133,10 +134,9 @@ absl::Status ValidateMoh(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(moh.aux_loss_coef() >= 0 && moh.aux_loss_coef() <= 10, "model.moh.aux_loss_coef",
                              absl::StrCat(moh.aux_loss_coef(), " is outside [0, 10]")));
   const auto& p = c.parallel();
-  for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"}})
-    LOOM_RETURN_IF_ERROR(Range(value == 1, name,
-                               absl::StrCat(value, ": MoH layers (H, R in model.pattern '", m.pattern(),
-                                            "') run without tensor or pipeline parallelism yet; set it to 1")));
+  LOOM_RETURN_IF_ERROR(Range(p.pp() == 1, "parallel.pp",
+                             absl::StrCat(p.pp(), ": MoH layers (H, R in model.pattern '", m.pattern(),
+                                          "') run without pipeline parallelism yet; set it to 1")));
   return absl::OkStatus();
 }
 

@@ -110,6 +110,28 @@ void Tensor::CopyFrom(const Tensor& src) {
   }
 }
 
+void CopyStrided(void* dst, int64_t dpitch, const void* src, int64_t spitch, int64_t width, int64_t height,
+                 Device device) {
+  if (width == 0 || height == 0) return;
+  if (!device.is_cpu()) {
+    CudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height);
+    return;
+  }
+  for (int64_t i = 0; i < height; ++i)
+    std::memcpy(static_cast<char*>(dst) + i * dpitch, static_cast<const char*>(src) + i * spitch, width);
+}
+
+void CopyColumns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t n) {
+  LOOM_CHECK(src.ndim() == 2 && dst.ndim() == 2 && src.dim(0) == dst.dim(0) && src.dtype() == dst.dtype() &&
+                 src.device() == dst.device() && src_col >= 0 && dst_col >= 0 && src_col + n <= src.dim(1) &&
+                 dst_col + n <= dst.dim(1),
+             "[tensor] columns [", src_col, ", ", src_col + n, ") of ", ShapeString(src.shape()), " into [", dst_col,
+             ", ", dst_col + n, ") of ", ShapeString(dst.shape()));
+  const int64_t e = static_cast<int64_t>(DTypeSize(src.dtype()));
+  CopyStrided(static_cast<char*>(dst.raw()) + dst_col * e, dst.dim(1) * e,
+              static_cast<const char*>(src.raw()) + src_col * e, src.dim(1) * e, n * e, src.dim(0), src.device());
+}
+
 void Tensor::Zero() {
   if (nbytes() == 0) return;
   if (device().is_cpu()) {

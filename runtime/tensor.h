@@ -104,4 +104,13 @@ class Tensor {
   DType dtype_ = DType::kF32;
 };
 
+// `height` rows of `width` bytes, row i from src + i·spitch to dst + i·dpitch,
+// both on `device`: memcpy on the CPU, one 2-D copy on the default stream on
+// a GPU (ordered after the work queued there).
+void CopyStrided(void* dst, int64_t dpitch, const void* src, int64_t spitch, int64_t width, int64_t height,
+                 Device device);
+// Columns [src_col, src_col + n) of src [R, ·] into columns [dst_col,
+// dst_col + n) of dst [R, ·]: 2-D tensors of one dtype on one device.
+void CopyColumns(const Tensor& src, int64_t src_col, Tensor& dst, int64_t dst_col, int64_t n);
+
 }  // namespace loom
