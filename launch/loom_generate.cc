@@ -125,7 +125,7 @@ int Main() {
 
   absl::StatusOr<Loaded> loaded = LoadModel(ckpt);
   if (!loaded.ok()) return Fail(kModelError, std::string(loaded.status().message()));
-  const Model& model = *loaded->model;
+  Model& model = *loaded->model;
   const ModelDims& dims = model.dims();
   for (int32_t id : prompt)
     if (id >= dims.vocab)

@@ -11,6 +11,7 @@
 #include "ops/add.h"
 #include "ops/embedding.h"
 #include "ops/lightning_attention.h"
+#include "ops/moh_gate.h"
 #include "ops/linear.h"
 #include "ops/rmsnorm.h"
 #include "ops/rope.h"
@@ -29,13 +30,10 @@ int64_t DecodeCache::bytes() const {
   return n;
 }
 
-absl::StatusOr<Decoder> Decoder::Create(const Model& model) {
+absl::StatusOr<Decoder> Decoder::Create(Model& model) {
   const ModelDims& d = model.dims();
   if (!d.device.is_cpu() || d.mixed_bf16)
     return absl::InvalidArgumentError("[decode] the model must be on the CPU in f32 or f64");
-  if (d.moe.experts > 0) return absl::UnimplementedError("[decode] MoE layers cannot be decoded yet");
-  if (d.kinds.find_first_of("HR") != std::string::npos)
-    return absl::UnimplementedError("[decode] MoH layers (H, R) cannot be decoded yet");
   std::map<std::string, const Param*> by_name;
   for (const Param* p : model.params()) {
     if (p->sharded())
@@ -65,10 +63,12 @@ absl::StatusOr<Decoder> Decoder::Create(const Model& model) {
     w.wk = get(p + "attn.wk");
     w.wv = get(p + "attn.wv");
     w.wo = get(p + "attn.wo");
-    w.w_gate = get(p + "mlp.w_gate");
-    w.w_up = get(p + "mlp.w_up");
-    w.w_down = get(p + "mlp.w_down");
-    if (w.kind == 'L') {
+    if (d.moe.experts == 0) {
+      w.w_gate = get(p + "mlp.w_gate");
+      w.w_up = get(p + "mlp.w_up");
+      w.w_down = get(p + "mlp.w_down");
+    }
+    if (!SoftmaxKind(w.kind)) {
       if (d.lightning_gate) w.wg = get(p + "attn.wg");
       if (d.lightning_norm) w.head_norm = get(p + "attn.norm");
       std::vector<double> decay(d.heads, 1.0);
@@ -77,6 +77,8 @@ absl::StatusOr<Decoder> Decoder::Create(const Model& model) {
     }
     dec.layers_.push_back(std::move(w));
   }
+  for (const auto& [layer, moh] : model.MohRouters()) dec.layers_[layer].moh = moh;
+  for (const auto& [layer, moe] : model.MoeLayers()) dec.layers_[layer].moe = moe;
   LOOM_RETURN_IF_ERROR(missing);
   return dec;
 }
@@ -88,7 +90,7 @@ DecodeCache Decoder::NewCache(int64_t capacity) const {
   cache.layers.resize(d.layers);
   for (int l = 0; l < d.layers; ++l) {
     DecodeCache::Layer& c = cache.layers[l];
-    if (d.kinds[l] == 'S') {
+    if (SoftmaxKind(d.kinds[l])) {
       c.k = Tensor::Zeros({capacity, d.kv_heads, d.head_dim}, d.act_dtype());
       c.v = Tensor::Zeros({capacity, d.kv_heads, d.head_dim}, d.act_dtype());
     } else {
@@ -123,6 +125,7 @@ void Decoder::SoftmaxStep(const LayerWeights& w, DecodeCache::Layer& cache, int6
   Tensor o = d.Act({t, hq, hd}), lse = d.Stat({t, hq});
   ops::SoftmaxAttentionForward(q, cache.k.Slice(0, p0 + t), cache.v.Slice(0, p0 + t), ops::TokenRows::Uniform(1, t),
                                ops::TokenRows::Uniform(1, p0 + t), options, o, lse);
+  GateHeads(w, x, o);
   ops::LinearForward(o, *w.wo, y);
 }
 
@@ -160,7 +163,16 @@ void Decoder::LightningStep(const LayerWeights& w, DecodeCache::Layer& cache, co
     gated = d.Act({t, h * hd});
     ops::SigmoidGateForward(n.Reshape({t, h * hd}), g, gated);
   }
+  GateHeads(w, x, gated);
   ops::LinearForward(gated, *w.wo, y);
+}
+
+void Decoder::GateHeads(const LayerWeights& w, const Tensor& x, Tensor& o) {
+  if (w.moh == nullptr) return;
+  Tensor gates;
+  w.moh->Forward(x, gates);
+  ops::ApplyHeadGates(o, gates, o);
+  w.moh->ReleaseActivations();
 }
 
 absl::StatusOr<Tensor> Decoder::Extend(DecodeCache& cache, const std::vector<int32_t>& tokens) const {
@@ -169,7 +181,7 @@ absl::StatusOr<Tensor> Decoder::Extend(DecodeCache& cache, const std::vector<int
   if (t == 0) return absl::InvalidArgumentError("[decode] no tokens to feed");
   if (static_cast<int>(cache.layers.size()) != d.layers)
     return absl::InvalidArgumentError("[decode] the cache was made for another model");
-  if (d.kinds.find('S') != std::string::npos && p0 + t > cache.capacity)
+  if (d.kinds.find_first_of("SH") != std::string::npos && p0 + t > cache.capacity)
     return absl::OutOfRangeError(absl::StrCat("[decode] ", p0 + t, " positions exceed the cache's capacity of ",
                                               cache.capacity));
   for (int64_t i = 0; i < t; ++i)
@@ -185,7 +197,7 @@ absl::StatusOr<Tensor> Decoder::Extend(DecodeCache& cache, const std::vector<int
   for (int l = 0; l < d.layers; ++l) {
     const LayerWeights& w = layers_[l];
     ops::RmsNormForward(x, *w.norm1, d.norm_eps, n, rstd);
-    if (w.kind == 'S') {
+    if (SoftmaxKind(w.kind)) {
       SoftmaxStep(w, cache.layers[l], p0, n, mixed);
     } else {
       LightningStep(w, cache.layers[l], n, mixed);
@@ -193,10 +205,15 @@ absl::StatusOr<Tensor> Decoder::Extend(DecodeCache& cache, const std::vector<int
     ops::AddInPlace(mixed, x);  // x1
     std::swap(x, mixed);
     ops::RmsNormForward(x, *w.norm2, d.norm_eps, n, rstd);
-    ops::LinearForward(n, *w.w_gate, gate);
-    ops::LinearForward(n, *w.w_up, up);
-    ops::SwigluForward(gate, up, hidden);
-    ops::LinearForward(hidden, *w.w_down, mixed);
+    if (w.moe != nullptr) {
+      w.moe->Forward(n, mixed);
+      w.moe->ReleaseActivations();
+    } else {
+      ops::LinearForward(n, *w.w_gate, gate);
+      ops::LinearForward(n, *w.w_up, up);
+      ops::SwigluForward(gate, up, hidden);
+      ops::LinearForward(hidden, *w.w_down, mixed);
+    }
     ops::AddInPlace(mixed, x);
     std::swap(x, mixed);
   }

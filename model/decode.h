@@ -21,8 +21,14 @@
 // the logits of every new position, equal to the full-sequence forward's
 // (tests/model/decode_test.cc).
 //
+// MoH layers ('H', 'R') gate the new tokens' head outputs before W_o with
+// the layer's own router (MohRouter::Forward on the new tokens: the gates
+// are per token); MoE MLPs run the layer's MoeLayer::Forward on the new
+// tokens. Both are exact for dropless routing; with an MoE capacity the
+// drops depend on the tokens of one call, so decoding can differ there.
+//
 // Weights are read by name from Model::params() (no copy): the model must be
-// one process's whole model (no TP/PP shards), on the CPU, with dense MLPs.
+// one process's whole model (no TP/PP shards), on the CPU.
 #pragma once
 
 #include <cstdint>
@@ -50,7 +56,9 @@ class Decoder {
  public:
   // Checks that `model` can be decoded (see the top); keeps a reference:
   // the model must outlive the decoder.
-  static absl::StatusOr<Decoder> Create(const Model& model);
+  // MoH and MoE layers are run through the model's own router and layer
+  // objects (their saved activations are overwritten and released).
+  static absl::StatusOr<Decoder> Create(Model& model);
 
   // An empty cache for up to `capacity` positions (softmax layers allocate
   // their K/V for all of them now; lightning layers need none).
@@ -70,10 +78,14 @@ class Decoder {
     const Tensor *norm1 = nullptr, *norm2 = nullptr;
     const Tensor *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
     const Tensor *wg = nullptr, *head_norm = nullptr;  // lightning, when enabled
-    const Tensor *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
+    const Tensor *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;  // dense MLP
     Tensor decay;  // lightning: λ_h [H]
+    MohRouter* moh = nullptr;  // H, R layers
+    MoeLayer* moe = nullptr;   // MoE MLP
   };
   explicit Decoder(const Model& model) : model_(&model) {}
+  // MoH: the head outputs o [T, H·D] of the new tokens x [T, C] times their gates (in place).
+  static void GateHeads(const LayerWeights& w, const Tensor& x, Tensor& o);
   // x [T, C] is the normed block input; writes the mixer's output y [T, C].
   void SoftmaxStep(const LayerWeights& w, DecodeCache::Layer& cache, int64_t p0, const Tensor& x, Tensor& y) const;
   void LightningStep(const LayerWeights& w, DecodeCache::Layer& cache, const Tensor& x, Tensor& y) const;

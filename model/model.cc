@@ -171,31 +171,33 @@ double Model::RouterLoss(const Batch& batch, double normalizer) const {
 
 std::vector<std::pair<int, RoutingStats>> Model::RoutingStatistics() const {
   std::vector<std::pair<int, RoutingStats>> out;
-  const int stages = pp_.size * pp_.vpp, per_stage = dims_.layers / stages;
-  for (int v = 0; v < pp_.vpp; ++v)
-    for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
-      if (MoeLayer* moe = chunks_[v].blocks[i]->moe())
-        out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moe->stats()});
+  ForEachBlock([&](int layer, DecoderBlock& b) {
+    if (MoeLayer* moe = b.moe()) out.push_back({layer, moe->stats()});
+  });
   return out;
 }
 
 std::vector<std::pair<int, RoutingStats>> Model::MohStatistics() const {
   std::vector<std::pair<int, RoutingStats>> out;
-  const int per_stage = dims_.layers / (pp_.size * pp_.vpp);
-  for (int v = 0; v < pp_.vpp; ++v)
-    for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
-      if (const MohRouter* moh = chunks_[v].blocks[i]->moh(); moh != nullptr && moh->routed_heads() > 0)
-        out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moh->stats()});
+  ForEachBlock([&](int layer, DecoderBlock& b) {
+    if (const MohRouter* moh = b.moh(); moh != nullptr && moh->routed_heads() > 0) out.push_back({layer, moh->stats()});
+  });
   return out;
 }
 
 std::vector<std::pair<int, MoeLayer*>> Model::MoeLayers() {
   std::vector<std::pair<int, MoeLayer*>> out;
-  const int per_stage = dims_.layers / (pp_.size * pp_.vpp);
-  for (int v = 0; v < pp_.vpp; ++v)
-    for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
-      if (MoeLayer* moe = chunks_[v].blocks[i]->moe())
-        out.push_back({(v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), moe});
+  ForEachBlock([&](int layer, DecoderBlock& b) {
+    if (MoeLayer* moe = b.moe()) out.push_back({layer, moe});
+  });
+  return out;
+}
+
+std::vector<std::pair<int, MohRouter*>> Model::MohRouters() {
+  std::vector<std::pair<int, MohRouter*>> out;
+  ForEachBlock([&](int layer, DecoderBlock& b) {
+    if (MohRouter* moh = b.moh()) out.push_back({layer, moh});
+  });
   return out;
 }
 

@@ -83,6 +83,8 @@ class Model {
   std::vector<std::pair<int, RoutingStats>> MohStatistics() const;
   // This rank's MoE layers: (layer index, layer), e.g. to checkpoint their selection bias.
   std::vector<std::pair<int, MoeLayer*>> MoeLayers();
+  // This rank's MoH layers' routers: (layer index, router), e.g. for decoding.
+  std::vector<std::pair<int, MohRouter*>> MohRouters();
   const ModelDims& dims() const { return dims_; }
   void ZeroGrad();
   // bf16 runs: rewrites every matrix's bf16 copy (Param::compute) from its
@@ -100,6 +102,14 @@ class Model {
     std::vector<std::unique_ptr<DecoderBlock>> blocks;
     std::vector<Tensor> layer_inputs;  // input of each block, then the chunk's output
   };
+  // f(global layer index, block) for this rank's blocks, in layer order.
+  template <typename F>
+  void ForEachBlock(F&& f) const {
+    const int per_stage = dims_.layers / (pp_.size * pp_.vpp);
+    for (int v = 0; v < pp_.vpp; ++v)
+      for (size_t i = 0; i < chunks_[v].blocks.size(); ++i)
+        f((v * pp_.size + pp_.rank) * per_stage + static_cast<int>(i), *chunks_[v].blocks[i]);
+  }
   Tensor Embed(const Batch& batch);
   // The final RMSNorm of the last stage (saved for backward); returns its
   // output over all the micro-batch's tokens.

@@ -124,6 +124,16 @@ TEST(Decode, PrefillThenStepsMatchesForward_F32TiedGqa) {
                              5, 1e-5);
 }
 
+// MoH (H softmax, R lightning heads: gates from each new token) with MoE
+// MLPs (dropless, a shared expert): the layers' own router and MoE objects.
+TEST(Decode, TokenByTokenAndPrefillMatchForward_MohAndMoe) {
+  const config::Config c = DecodeConfig({"model.pattern=HRH", "model.moh.shared_heads=1", "model.moh.top_k=2",
+                                         "model.moe.experts=4", "model.moe.top_k=2", "model.moe.moe_ffn=8",
+                                         "model.moe.shared_experts=1"});
+  ExpectDecodeMatchesForward(c, 1, 1e-10);
+  ExpectDecodeMatchesForward(c, 6, 1e-10);
+}
+
 TEST(Decode, LightningCacheStaysTheSameSize) {
   config::Config c = DecodeConfig({"model.pattern=L"});
   Model model(ModelDims::FromConfig(c));
