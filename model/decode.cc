@@ -11,7 +11,6 @@
 #include "ops/add.h"
 #include "ops/embedding.h"
 #include "ops/lightning_attention.h"
-#include "ops/moh_gate.h"
 #include "ops/linear.h"
 #include "ops/rmsnorm.h"
 #include "ops/rope.h"
@@ -169,9 +168,8 @@ void Decoder::LightningStep(const LayerWeights& w, DecodeCache::Layer& cache, co
 
 void Decoder::GateHeads(const LayerWeights& w, const Tensor& x, Tensor& o) {
   if (w.moh == nullptr) return;
-  Tensor gates;
-  w.moh->Forward(x, gates);
-  ops::ApplyHeadGates(o, gates, o);
+  w.moh->Forward(x);
+  o = w.moh->Gate(o);
   w.moh->ReleaseActivations();
 }
 

@@ -64,7 +64,7 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   ops::LightningOptions options;
   options.block = dims_.lightning_block;
   if (moh_) {
-    moh_->Forward(x, gates_);
+    moh_->Forward(x);
     if (cp_.size == 1 && skip_inactive_) active_ = moh_->ActiveMask(dims_.lightning_block);
   }
   options.active = active_;
@@ -90,8 +90,7 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
     y_ = n_.Reshape({t, h * d});
   }
   if (moh_) {
-    yg_ = dims_.Act({t, h * d});
-    ops::ApplyHeadGates(y_, gates_, yg_);
+    yg_ = moh_->Gate(y_);
   } else {
     yg_ = y_;
   }
@@ -104,11 +103,7 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
   Tensor d_y = dims_.Act({t, h * d});
   ops::LinearBackward(yg_, wo_.weight(), dy, &d_y, wo_.grad);
-  Tensor dgates;
-  if (moh_) {
-    dgates = Tensor::Empty(gates_.shape(), gates_.dtype(), gates_.device());
-    ops::HeadGatesBackward(y_, gates_, d_y, d_y, dgates);
-  }
+  if (moh_) moh_->GateBackward(y_, d_y);
   // Each branch below adds its input gradient into dx: the first writes.
   bool dx_written = false;
   auto add_input_grad = [&](const Tensor& dproj, Param& w) {
@@ -156,12 +151,12 @@ void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, cons
   add_input_grad(dq.Reshape({t, h * d}), wq_);
   add_input_grad(dk.Reshape({t, h * d}), wk_);
   add_input_grad(dv.Reshape({t, h * d}), wv_);
-  if (moh_) moh_->Backward(x, dgates, dx, router_loss_scale);
+  if (moh_) moh_->Backward(x, dx, router_loss_scale);
   tp_.ReduceOutput(dx);
 }
 
 void LightningAttentionLayer::ReleaseActivations() {
-  qa_ = ka_ = va_ = q_ = k_ = v_ = a_ = rstd_ = n_ = g_ = y_ = gates_ = active_ = yg_ = Tensor();
+  qa_ = ka_ = va_ = q_ = k_ = v_ = a_ = rstd_ = n_ = g_ = y_ = active_ = yg_ = Tensor();
   if (moh_) moh_->ReleaseActivations();
   cp_saved_.Release(cp_.linear.ledger);
 }

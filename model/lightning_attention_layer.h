@@ -64,7 +64,6 @@ class LightningAttentionLayer {
   // MoH.
   std::unique_ptr<MohRouter> moh_;
   bool skip_inactive_ = true;
-  Tensor gates_;   // [T, H]
   Tensor active_;  // [H, ceil(T / lightning_block)] or undefined
   Tensor yg_;      // g ⊙ y_, the input of W_o (alias of y_ without MoH)
 };

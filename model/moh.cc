@@ -47,7 +47,7 @@ void MohRouter::CollectParams(ParamList& out) {
   if (wh_.value.defined()) out.push_back(&wh_);
 }
 
-void MohRouter::Forward(const Tensor& x, Tensor& gates) {
+const Tensor& MohRouter::Forward(const Tensor& x) {
   const int64_t t = x.dim(0);
   const DType dt = x.dtype();
   const Device dev = x.device();
@@ -105,11 +105,11 @@ void MohRouter::Forward(const Tensor& x, Tensor& gates) {
   ops::MohGatesForward(shared_logits, alpha_logits, routing_.experts, routing_.gates, gate_options_, shared_scores_,
                        alpha_, all);
   if (tp_.size == 1) {
-    gates = all;
+    gates_ = all;
   } else {  // this rank's heads
     const int64_t local = heads_ / tp_.size;
-    gates = Tensor::Empty({t, local}, all.dtype(), dev);
-    CopyColumns(all, tp_.rank * local, gates, 0, local);
+    gates_ = Tensor::Empty({t, local}, all.dtype(), dev);
+    CopyColumns(all, tp_.rank * local, gates_, 0, local);
   }
   // Statistics of the routed heads.
   stats_ = RoutingStats();
@@ -123,6 +123,7 @@ void MohRouter::Forward(const Tensor& x, Tensor& gates) {
     for (int64_t l : global_load_) var += (double(l) - mean) * (double(l) - mean);
     stats_.load_cv = mean > 0 ? std::sqrt(var / routed_) / mean : 0.0;
   }
+  return gates_;
 }
 
 Tensor MohRouter::ActiveMask(int64_t block) const {
@@ -132,7 +133,19 @@ Tensor MohRouter::ActiveMask(int64_t block) const {
   return tp_.size == 1 ? active : active.Slice(tp_.rank * local, local);
 }
 
-void MohRouter::Backward(const Tensor& x, const Tensor& local_dgates, Tensor& dx, double loss_scale) {
+Tensor MohRouter::Gate(const Tensor& heads) const {
+  Tensor gated = Tensor::Empty(heads.shape(), heads.dtype(), heads.device());
+  ops::ApplyHeadGates(heads, gates_, gated);
+  return gated;
+}
+
+void MohRouter::GateBackward(const Tensor& heads, Tensor& d_gated) {
+  dgates_ = Tensor::Empty(gates_.shape(), gates_.dtype(), gates_.device());
+  ops::HeadGatesBackward(heads, gates_, d_gated, d_gated, dgates_);
+}
+
+void MohRouter::Backward(const Tensor& x, Tensor& dx, double loss_scale) {
+  const Tensor& local_dgates = dgates_;
   const int64_t t = x.dim(0);
   const DType dt = x.dtype();
   const Device dev = x.device();
@@ -181,7 +194,7 @@ void MohRouter::Backward(const Tensor& x, const Tensor& local_dgates, Tensor& dx
 }
 
 void MohRouter::ReleaseActivations() {
-  shared_scores_ = routed_logits_ = alpha_ = Tensor();
+  shared_scores_ = routed_logits_ = alpha_ = gates_ = dgates_ = Tensor();
   routing_ = ops::MoeRouting();
 }
 

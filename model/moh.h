@@ -61,17 +61,23 @@ class MohRouter {
   // Gates of this TP rank's H/tp query heads (all dims.heads at tp 1);
   // prefix e.g. "layers.3.attn.moh.".
   MohRouter(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix);
-  // x [T, C] → gates [T, H/tp] (written on x's device; x's dtype on the CPU,
-  // f32 on the GPU).
-  void Forward(const Tensor& x, Tensor& gates);
+  // x [T, C] → this rank's gates [T, H/tp] (on x's device; x's dtype on
+  // the CPU, f32 on the GPU), kept for Gate and GateBackward.
+  const Tensor& Forward(const Tensor& x);
+  // heads [T, H/tp·D] (any shape of that many elements) times the gates of
+  // the last Forward: a new tensor of heads' shape.
+  Tensor Gate(const Tensor& heads) const;
+  // Gate's backward: d_gated → d_heads in place, and dL/dgates kept for
+  // Backward. heads: what Gate took.
+  void GateBackward(const Tensor& heads, Tensor& d_gated);
   // i32 [H/tp, ceil(T / block)] on x's device: 1 where some token of the
   // block has a non-zero gate for the head (every shared head; routed heads
   // some token kept). Of the last Forward.
   Tensor ActiveMask(int64_t block) const;
-  // dgates [T, H/tp] → dx [T, C] (added; TP rank 0 only) and the router
-  // weights' gradients (accumulated). loss_scale: weight of router_loss()
-  // in the loss.
-  void Backward(const Tensor& x, const Tensor& dgates, Tensor& dx, double loss_scale);
+  // GateBackward's dL/dgates → dx [T, C] (added; TP rank 0 only) and the
+  // router weights' gradients (accumulated). loss_scale: weight of
+  // router_loss() in the loss.
+  void Backward(const Tensor& x, Tensor& dx, double loss_scale);
   // aux_loss_coef · L_b of the last Forward (global under data parallelism).
   double router_loss() const { return router_loss_; }
   // Load of the R routed heads (assignments = N·k); zeros without routed heads.
@@ -92,6 +98,7 @@ class MohRouter {
   RoutingStats stats_;
   // Activations of the last Forward.
   int64_t tokens_ = 0;
+  Tensor gates_, dgates_;             // [T, H/tp] this rank's gates, their gradient
   Tensor shared_scores_;              // [T, S] Softmax(W_s x)
   Tensor alpha_;                      // [T, 2] Softmax(W_h x)
   Tensor routed_logits_;              // [T, R] W_r x

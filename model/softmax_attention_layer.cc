@@ -55,7 +55,7 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   o_ = dims_.Act({t, hq, d});
   lse_ = dims_.Stat({t, hq});
   if (moh_) {
-    moh_->Forward(x, gates_);
+    moh_->Forward(x);
     // Where the attention kernels take no mask (the GPU's f32 kernels,
     // cuDNN) every head is computed and the gates multiply the unkept ones
     // by 0: the same result.
@@ -69,8 +69,7 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
                                  Options(dims_, active_), o_, lse_, &cp_saved_));
   }
   if (moh_) {
-    gated_ = dims_.Act(o_.shape());
-    ops::ApplyHeadGates(o_, gates_, gated_);
+    gated_ = moh_->Gate(o_);
   } else {
     gated_ = o_;
   }
@@ -83,11 +82,7 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   const int64_t t = x.dim(0);
   Tensor d_o = dims_.Act(o_.shape());
   ops::LinearBackward(gated_, wo_.weight(), dy, &d_o, wo_.grad);
-  Tensor dgates;
-  if (moh_) {
-    dgates = Tensor::Empty(gates_.shape(), gates_.dtype(), gates_.device());
-    ops::HeadGatesBackward(o_, gates_, d_o, d_o, dgates);
-  }
+  if (moh_) moh_->GateBackward(o_, d_o);
   Tensor dq = dims_.Act(q_.shape());
   Tensor dk = dims_.Act(k_.shape());
   Tensor dv = dims_.Act(v_.shape());
@@ -104,12 +99,12 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
   ops::LinearBackward(x, wq_.weight(), dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
   ops::LinearBackward(x, wk_.weight(), dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
   ops::LinearBackward(x, wv_.weight(), dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
-  if (moh_) moh_->Backward(x, dgates, dx, router_loss_scale);
+  if (moh_) moh_->Backward(x, dx, router_loss_scale);
   tp_.ReduceOutput(dx);
 }
 
 void SoftmaxAttentionLayer::ReleaseActivations() {
-  q_ = k_ = v_ = o_ = lse_ = gates_ = active_ = gated_ = Tensor();
+  q_ = k_ = v_ = o_ = lse_ = active_ = gated_ = Tensor();
   if (moh_) moh_->ReleaseActivations();
   cp_saved_.Release(cp_.softmax.ledger);
 }

@@ -55,7 +55,6 @@ class SoftmaxAttentionLayer {
   // MoH.
   std::unique_ptr<MohRouter> moh_;
   bool skip_inactive_ = true;
-  Tensor gates_;   // [T, Hq]
   Tensor active_;  // [Hq, ceil(T / kMohBlock)] or undefined: what the attention computed
   Tensor gated_;   // g ⊙ o [T, Hq, D], the input of W_o
 };

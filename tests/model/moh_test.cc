@@ -178,8 +178,7 @@ void CheckAgainstDenseTimesGates(bool softmax_kind) {
   moh.Forward(x, batch, y);
   const Tensor gates = ExplicitGates(dims, moh.params(), x);
   // The router's own gates are the explicit ones.
-  Tensor router_gates;
-  moh.moh()->Forward(x, router_gates);
+  const Tensor router_gates = moh.moh()->Forward(x);
   EXPECT_TRUE(testing::AllClose(router_gates, gates, 0, 1e-15));
   Param* wo = Named(dense.params(), "attn.wo");
   const Tensor wo_all = wo->value.Clone();
