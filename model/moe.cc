@@ -57,6 +57,21 @@ void MoeLayer::CollectParams(ParamList& out) {
   for (auto& s : shared_) s->CollectParams(out);
 }
 
+template <typename Run>
+Tensor MoeLayer::SumOverShared(const Tensor& like, Run run) {
+  Tensor sum;
+  for (auto& s : shared_) {
+    Tensor out = Tensor::Empty(like.shape(), like.dtype(), like.device());
+    run(*s, out);
+    if (sum.defined()) {
+      ops::AddInPlace(sum, out);
+    } else {
+      sum = out;
+    }
+  }
+  return sum;
+}
+
 std::vector<const Tensor*> MoeLayer::ExpertWeights(Param Expert::*which) const {
   std::vector<const Tensor*> out;
   for (const Expert& e : experts_) out.push_back(&(e.*which).weight());
@@ -153,16 +168,7 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
     ops::GroupedLinearForward(h_, ExpertWeights(&Expert::w_down), rows, expert_y);
   }
   returned_y_ = exchange_->Combine(expert_y);
-  Tensor shared_y;  // Σ_s Shared_s(x)
-  for (auto& s : shared_) {
-    Tensor ys = Tensor::Empty({t, c}, dt, dev);
-    s->Forward(x, ys);
-    if (shared_y.defined()) {
-      ops::AddInPlace(shared_y, ys);
-    } else {
-      shared_y = ys;
-    }
-  }
+  const Tensor shared_y = SumOverShared(x, [&](SwigluMlp& s, Tensor& ys) { s.Forward(x, ys); });  // Σ_s Shared_s(x)
   ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, shared_y.defined() ? &shared_y : nullptr, y);
   // Statistics.
   stats_ = RoutingStats();
@@ -178,7 +184,7 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
 }
 
 void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double loss_scale) {
-  const int64_t t = x.dim(0), c = x.dim(1);
+  const int64_t t = x.dim(0);
   const int e_count = moe_.experts, k = moe_.top_k;
   const DType dt = x.dtype();
   const Device dev = x.device();
@@ -202,16 +208,7 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
                                /*accumulate_dx=*/true);
   }
   const Tensor dreturned = exchange_->Combine(dxe);
-  Tensor shared_dx;
-  for (auto& s : shared_) {
-    Tensor dxs = Tensor::Empty({t, c}, dt, dev);
-    s->Backward(x, dy, dxs);
-    if (shared_dx.defined()) {
-      ops::AddInPlace(shared_dx, dxs);
-    } else {
-      shared_dx = dxs;
-    }
-  }
+  const Tensor shared_dx = SumOverShared(x, [&](SwigluMlp& s, Tensor& dxs) { s.Backward(x, dy, dxs); });
   ops::MoeCombine(dreturned, perm_.rows, /*gates=*/nullptr, shared_dx.defined() ? &shared_dx : nullptr, dx);
   // Router: the local part of the global losses' gradient. The router's
   // backward reads f_e from routing_.load over this call's t tokens:
