@@ -278,7 +278,7 @@ class Trainer {
           const TrainStagePlan& stage)
       : config_(config),
         moe_parallel_{.stats = groups.dp_cp.get(), .ep = groups.ep.get()},
-        dims_(PlacedDims(config, device, &moe_parallel_, groups.dp_cp.get())),
+        dims_(PlacedDims(config, device, &moe_parallel_)),
         world_(world),
         groups_(groups),
         tp_{groups.tp.get(), groups.coords.tp, groups.layout.tp, config.parallel().sequence_parallel()},
@@ -461,11 +461,11 @@ class Trainer {
   }
 
  private:
-  static ModelDims PlacedDims(const config::Config& c, Device device, const MoeParallel* moe, Communicator* dp_cp) {
+  static ModelDims PlacedDims(const config::Config& c, Device device, const MoeParallel* moe) {
     ModelDims d = ModelDims::FromConfig(c);
     d.device = device;
-    d.moe.parallel = moe;  // router statistics summed over dp (model/moe.h)
-    d.moh.stats = dp_cp;   // MoH's over dp × cp (model/moh.h)
+    d.moe.parallel = moe;       // router statistics summed over dp × cp (model/moe.h)
+    d.moh.stats = moe->stats;   // MoH's over the same group (model/moh.h)
     return d;
   }
 
