@@ -50,12 +50,30 @@ ExpertExchange::ExpertExchange(Communicator* ep, int experts, const std::vector<
 
 // The all-to-all's buffers are source-major: (source s, local expert i)
 // blocks of counts_[s·per + i] rows; the experts' are expert-major.
+void ExpertExchange::Reorder(const Tensor& from, Tensor& to, bool to_expert_major) const {
+  const int size = split_.size, per = split_.per_rank();
+  std::vector<int64_t> expert_at(per, 0);  // next row of each local expert in the expert-major buffer
+  for (int i = 1; i < per; ++i) expert_at[i] = expert_at[i - 1] + local_rows_[i - 1];
+  int64_t source_at = 0;
+  for (int s = 0; s < size; ++s)
+    for (int i = 0; i < per; ++i) {
+      const int64_t n = counts_[s * per + i];
+      if (to_expert_major) {
+        CopyRows(from, source_at, to, expert_at[i], n);
+      } else {
+        CopyRows(from, expert_at[i], to, source_at, n);
+      }
+      expert_at[i] += n;
+      source_at += n;
+    }
+}
+
 Tensor ExpertExchange::Dispatch(const Tensor& rows) const {
   LOOM_CHECK(rows.ndim() == 2 && rows.dim(0) == sent_, "[expert_parallel] dispatch of ", ShapeString(rows.shape()),
              ", expected ", sent_, " rows");
   if (ep_ == nullptr) return rows;
   const int64_t c = rows.dim(1);
-  const int size = split_.size, per = split_.per_rank();
+  const int size = split_.size;
   Tensor received = Tensor::Empty({std::max<int64_t>(received_, 1), c}, rows.dtype(), rows.device());  // never 0 rows
   Tensor in = sent_ > 0 ? rows : Tensor::Empty({1, c}, rows.dtype(), rows.device());
   std::vector<int64_t> send(size), recv(size);
@@ -66,16 +84,7 @@ Tensor ExpertExchange::Dispatch(const Tensor& rows) const {
   Tensor in_view = in.Slice(0, sent_), received_view = received.Slice(0, received_);
   CheckStatus(ep_->AllToAllV(in_view, send, received_view, recv), "dispatch");
   Tensor out = Tensor::Empty({std::max<int64_t>(received_, 1), c}, rows.dtype(), rows.device());
-  std::vector<int64_t> filled(per, 0);
-  for (int i = 1; i < per; ++i) filled[i] = filled[i - 1] + local_rows_[i - 1];
-  int64_t at = 0;
-  for (int s = 0; s < size; ++s)
-    for (int i = 0; i < per; ++i) {
-      const int64_t n = counts_[s * per + i];
-      CopyRows(received, at, out, filled[i], n);
-      filled[i] += n;
-      at += n;
-    }
+  Reorder(received, out, /*to_expert_major=*/true);
   return out.Slice(0, received_);
 }
 
@@ -84,18 +93,9 @@ Tensor ExpertExchange::Combine(const Tensor& packed) const {
              ShapeString(packed.shape()), ", expected ", received_, " rows");
   if (ep_ == nullptr) return packed;  // received_ = sent_
   const int64_t c = packed.dim(1);
-  const int size = split_.size, per = split_.per_rank();
+  const int size = split_.size;
   Tensor source_major = Tensor::Empty({std::max<int64_t>(received_, 1), c}, packed.dtype(), packed.device());
-  std::vector<int64_t> taken(per, 0);
-  for (int i = 1; i < per; ++i) taken[i] = taken[i - 1] + local_rows_[i - 1];
-  int64_t at = 0;
-  for (int s = 0; s < size; ++s)
-    for (int i = 0; i < per; ++i) {
-      const int64_t n = counts_[s * per + i];
-      CopyRows(packed, taken[i], source_major, at, n);
-      taken[i] += n;
-      at += n;
-    }
+  Reorder(packed, source_major, /*to_expert_major=*/false);
   Tensor out = Tensor::Empty({std::max<int64_t>(sent_, 1), c}, packed.dtype(), packed.device());
   std::vector<int64_t> send(size), recv(size);
   for (int s = 0; s < size; ++s) {

@@ -58,6 +58,9 @@ class ExpertExchange {
   const ExpertSplit& split() const { return split_; }
 
  private:
+  // Source-major (source, local expert) blocks → expert-major, or back.
+  void Reorder(const Tensor& from, Tensor& to, bool to_expert_major) const;
+
   Communicator* ep_;
   ExpertSplit split_;
   int64_t sent_ = 0, received_ = 0;
