@@ -3,9 +3,12 @@
 // measurement is adding a file.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/flags/declare.h"
 #include "runtime/config.h"
@@ -24,6 +27,10 @@ struct Benchmark {
   std::string summary;
   BenchFn run;
 };
+
+// "1024,4096" as {1024, 4096}; nullopt (after saying why on stderr, naming
+// --flag) when an item is not a positive integer.
+std::optional<std::vector<int64_t>> ParseSizes(const char* flag, const std::string& list);
 
 inline std::map<std::string, Benchmark>& Registry() {
   static std::map<std::string, Benchmark> registry;

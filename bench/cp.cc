@@ -25,8 +25,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
 #include "bench/bench.h"
 #include "ops/lightning_attention.h"
 #include "ops/softmax_attention.h"
@@ -194,15 +192,9 @@ int BenchCp(const config::Config&) {
     return 1;
   }
   Communicator& world = **world_or;
-  std::vector<int64_t> lengths;
-  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_cp_seq), ',')) {
-    int64_t n = 0;
-    if (!absl::SimpleAtoi(s, &n)) {
-      std::fprintf(stderr, "loom-bench: --cp_seq: \"%s\" is not a length\n", std::string(s).c_str());
-      return 1;
-    }
-    lengths.push_back(n);
-  }
+  const auto lengths_or = bench::ParseSizes("cp_seq", absl::GetFlag(FLAGS_cp_seq));
+  if (!lengths_or) return 1;
+  const std::vector<int64_t>& lengths = *lengths_or;
   const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
   const bool json = absl::GetFlag(FLAGS_json), print = world.rank() == 0;
   if (print && !json) {

@@ -31,7 +31,10 @@ steps_of() { grep -E "^step|^done|error|check failed" "$1" | tail -"${2:-6}"; }
 compare_losses() {
   python3 - "$1" "$2" <<'EOF'
 import json, sys
-a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
+def losses(path):  # step records only (eval records have no "loss")
+    rs = [json.loads(l) for l in open(path)]
+    return [r["loss"] for r in sorted((r for r in rs if "loss" in r), key=lambda r: r["step"])]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
 if len(a) != len(b) or not a:
     sys.exit(f"steps differ: {len(a)} vs {len(b)}")
 d = [abs(x - y) / abs(y) for x, y in zip(a, b)]
@@ -104,7 +107,10 @@ if [ "$what" = backends ] || [ "$what" = all ]; then
   done
   python3 - "$out/b_loom/metrics.jsonl" "$out/b_cudnn/metrics.jsonl" <<'EOF2'
 import json, sys
-a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
+def losses(path):  # step records only (eval records have no "loss")
+    rs = [json.loads(l) for l in open(path)]
+    return [r["loss"] for r in sorted((r for r in rs if "loss" in r), key=lambda r: r["step"])]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
 for lo, hi in ((0, 20), (0, len(a))):
     d = max(abs(x - y) / abs(y) for x, y in zip(a[lo:hi], b[lo:hi]))
     print(f"steps {lo + 1}-{min(hi, len(a))}: largest relative loss difference loom vs cudnn {d:.3g}")

@@ -5,11 +5,30 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "bench/bench.h"
 
 ABSL_FLAG(std::string, what, "step", "what to measure (--what=list names them)");
 ABSL_FLAG(int, steps, 5, "timed repetitions (after one warm-up)");
 ABSL_FLAG(bool, json, false, "print one JSON line per result instead of a table");
+
+namespace loom::bench {
+
+std::optional<std::vector<int64_t>> ParseSizes(const char* flag, const std::string& list) {
+  std::vector<int64_t> sizes;
+  for (absl::string_view s : absl::StrSplit(list, ',')) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(s, &n) || n <= 0) {
+      std::fprintf(stderr, "loom-bench: --%s: \"%s\" is not a positive integer\n", flag, std::string(s).c_str());
+      return std::nullopt;
+    }
+    sizes.push_back(n);
+  }
+  return sizes;
+}
+
+}  // namespace loom::bench
 
 int main(int argc, char** argv) {
   auto args = loom::ExtractConfigArgs(argc, argv);

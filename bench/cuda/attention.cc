@@ -1,7 +1,9 @@
-// loom-bench --what=attention [--steps N] [--json]
-// Loom's flash attention against cuDNN's SDPA in the same run, issue 8's
-// grid: 65,536 tokens a batch (B·S), Hq = 32 with Hk = 32 and 8, D = 128,
-// S in {4K, 16K, 64K}, causal, bf16.
+// loom-bench --what=attention [--steps N] [--json] [--attention_d=128]
+//   [--attention_kv_heads=32,8] [--attention_seq=4096,16384,65536]
+// Loom's flash attention against cuDNN's SDPA in the same run; by default
+// issue 8's grid: 65,536 tokens a batch (B·S), Hq = 32 with Hk = 32 and 8,
+// D = 128, S in {4K, 16K, 64K}, causal, bf16. gpu_1b_softmax's attention is
+// --attention_d=64 --attention_kv_heads=4 --attention_seq=8192.
 //   FLOPs: forward 4·B·S²·Hq·D / 2 (causal counts half), backward 2.5x that.
 // Times are CUDA-event medians of --steps runs after one warm-up; the inputs
 // are random (never zeros). A separate untimed pass prints
@@ -20,25 +22,38 @@
 #include "ops/softmax_attention.h"
 #include "runtime/cuda_check.h"
 
+ABSL_FLAG(int, attention_d, 128, "head dimension (64 or 128)");
+ABSL_FLAG(std::string, attention_kv_heads, "32,8", "KV head counts (of 32 query heads), comma separated");
+ABSL_FLAG(std::string, attention_seq, "4096,16384,65536", "sequence lengths (each a divisor of 65,536)");
+
 namespace loom {
 namespace {
 
 using bench::MedianSeconds;
 using bench::RelativeDiffBf16;
 
-constexpr int64_t kTokens = 65536, kHq = 32, kD = 128;
+constexpr int64_t kTokens = 65536, kHq = 32;
 
 int BenchAttention(const config::Config&) {
   if (CudaDeviceCount() == 0) {
     std::printf("attention: skipped: no GPU\n");
     return 0;
   }
+  const int64_t kD = absl::GetFlag(FLAGS_attention_d);
+  const auto kv_heads = bench::ParseSizes("attention_kv_heads", absl::GetFlag(FLAGS_attention_kv_heads));
+  const auto seqs = bench::ParseSizes("attention_seq", absl::GetFlag(FLAGS_attention_seq));
+  if (!kv_heads || !seqs) return 2;
+  for (int64_t s : *seqs)
+    if (kTokens % s != 0) {
+      std::fprintf(stderr, "loom-bench: --attention_seq: %ld does not divide 65,536\n", static_cast<long>(s));
+      return 2;
+    }
   const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
   const bool json = absl::GetFlag(FLAGS_json);
   if (!json)
     std::printf("%-6s %3s %3s %6s | %9s %9s %6s | %9s %9s %6s | %9s\n", "S", "Hq", "Hk", "B", "fwd loom", "fwd cudnn",
                 "ratio", "bwd loom", "bwd cudnn", "ratio", "o diff");
-  for (int64_t hk : {int64_t{32}, int64_t{8}}) {
+  for (int64_t hk : *kv_heads) {
     const Tensor q = bench::Uniform({kTokens, kHq, kD}, DType::kBF16, 1), k = bench::Uniform({kTokens, hk, kD}, DType::kBF16, 2),
                  v = bench::Uniform({kTokens, hk, kD}, DType::kBF16, 3), d_o = bench::Uniform({kTokens, kHq, kD}, DType::kBF16, 4);
     Tensor o = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
@@ -47,7 +62,7 @@ int BenchAttention(const config::Config&) {
     Tensor dq = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dk = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dv = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
-    for (int64_t s : {int64_t{4096}, int64_t{16384}, int64_t{65536}}) {
+    for (int64_t s : *seqs) {
       const int64_t b = kTokens / s;
       const auto rows = ops::cuda::ToDevice(ops::TokenRows::Uniform(b, s), 0);
       ops::AttentionOptions options;
@@ -78,7 +93,7 @@ int BenchAttention(const config::Config&) {
         }
       }
       for (const std::string* why : {&why_fwd, &why_bwd})
-        if (!why->empty() && s == 4096)
+        if (!why->empty() && s == seqs->front())
           std::fprintf(stderr, "attention: cuDNN unavailable for S=%ld Hk=%ld: %s\n", static_cast<long>(s),
                        static_cast<long>(hk), why->c_str());
       const double tf = 1e-12;

@@ -1,26 +1,17 @@
 // Loom's flash attention backward for Hopper (sm_90a): the entry point, the
-// passes around the KV pass, the KV pass for D = 64 (FA2 design on mma.sync)
-// and the deterministic dQ pass (the forward and the shared pieces:
-// ops/cuda/softmax_attention.cu, ops/cuda/flash_common.cuh). Shapes:
+// passes around the KV pass and the deterministic dQ pass (the forward and
+// the shared pieces: ops/cuda/flash_attention_forward_sm90.cu,
+// ops/cuda/flash_common.cuh). Shapes:
 //   q, o, d_o, dq [Tq, Hq, D] bf16    k, v, dk, dv [Tk, Hk, D] bf16
 //   lse [Tq, Hq] f32 (natural log)    query head h reads KV head h / (Hq/Hk)
 //
 // Backward, three launches:
 //   1. Prepare: Δ_i = Σ_d dO_id O_id and lse·log2(e) per (head, token), in
 //      head-major order so the main kernel reads them contiguously.
-//   2. KV pass: D = 128 on wgmma (ops/cuda/flash_attention_backward_sm90.cu,
-//      same schedule); D = 64 here on mma.sync: one block = kBlockN keys of
-//      one KV head, 8 warps of 16 keys. dK and dV stay in registers while
-//      the block walks every query tile of every query head in the GQA group
-//      (so no dK/dV reduction across heads), recomputing Sᵀ = K Qᵀ and
-//      dPᵀ = V dOᵀ:
-//        Pᵀ = 2^(Sᵀ·c − lse·log2 e),  dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
-//        (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
-//        dV += Pᵀ dO,  dK += dSᵀ Q,  dQ += dS K (dS through shared memory,
-//        added to an f32 dQ buffer with vector atomics: order not fixed)
-//      in that order (Sᵀ, Pᵀ, dV, then dPᵀ, dSᵀ, dK, dQ), so that one
-//      product's tile and its operands sit beside the dK, dV accumulators
-//      (D = 64: 236 registers, no spills); then dK ·= scale.
+//   2. KV pass on wgmma (ops/cuda/flash_attention_backward_sm90.cu): one
+//      block per 128 keys of a KV head keeps dK, dV in registers while it
+//      walks every query tile of the GQA group's heads, and adds dQ to an f32
+//      buffer with vector atomics (order not fixed).
 //   3. Finish: dq = bf16(scale · dQ_f32).
 // Deterministic mode (AttentionOptions::deterministic): step 2 skips dQ and
 // a dQ pass replaces step 3: one block per query tile and query head walks
@@ -39,8 +30,8 @@
 
 namespace loom::ops::cuda {
 namespace flash {
-// The KV pass on wgmma for D = 128 (ops/cuda/flash_attention_backward_sm90.cu).
-void LaunchBackwardSm90(const Params& p, int64_t max_k, int64_t rows, cudaStream_t stream);
+// The KV pass on wgmma, D in {64, 128} (ops/cuda/flash_attention_backward_sm90.cu).
+void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream);
 }  // namespace flash
 
 namespace {
@@ -69,245 +60,6 @@ __global__ void BackwardPrepareKernel(const __nv_bfloat16* o, const __nv_bfloat1
   if (lane == 0) {
     delta[h * tq + tok] = sum;
     lse2[h * tq + tok] = lse[w] * kLog2e;  // −∞ stays −∞
-  }
-}
-
-template <int D>
-struct BwdTile {
-  static constexpr int kM = 64, kN = 128, kWarps = 8, kThreads = kWarps * 32;
-  // K, V [kN][D]; Q, dO [2][kM][D]; dSᵀ [kN][kM]; lse2, Δ [2][kM] f32.
-  static constexpr int kSmem = (2 * kN * D + 4 * kM * D + kN * kM) * 2 + 4 * kM * 4;
-};
-
-// p.dq_acc null (deterministic mode): dK and dV only; FlashBackwardDqKernel
-// makes dq.
-template <int D>
-__global__ void __launch_bounds__(BwdTile<D>::kThreads, 1) FlashBackwardKernel(const Params p) {
-  using T = BwdTile<D>;
-  constexpr int kM = T::kM, kN = T::kN, kChunks = D / 8, kDt = D / 8;
-  constexpr uint32_t kTileQ = kM * D * 2;  // bytes of one Q (or dO) buffer
-  extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t sk = SmemAddr(smem), sv = sk + kN * D * 2;
-  const uint32_t sq0 = sv + kN * D * 2;  // Q buffers, then dO buffers
-  const uint32_t sdo0 = sq0 + 2 * kTileQ;
-  const uint32_t sds = sdo0 + 2 * kTileQ;  // dSᵀ [kN keys][kM queries]
-  float* stats = reinterpret_cast<float*>(smem + (2 * kN * D + 4 * kM * D + kN * kM) * 2);  // [2][lse2 kM, Δ kM]
-
-  const int kvh = blockIdx.y, row = blockIdx.z;
-  const int j0 = blockIdx.x * kN;
-  const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
-  const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
-  if (j0 >= nk) return;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
-
-  // Query tiles that can see some key of [j0, j0 + kN): i ≥ j0 + shift.
-  int it_begin = 0;
-  if (p.causal) it_begin = max(0, j0 + p.shift) / kM;
-  const int it_end = (nq + kM - 1) / kM;
-  const int n_it = max(0, it_end - it_begin);
-  const int steps = n_it * static_cast<int>(p.group);
-
-  const int64_t ldq = p.hq * D, ldk = p.hk * D;
-  // MoH: a step whose (query head, query tile) is skipped loads and computes
-  // nothing (every thread decides alike, so the barriers still pair up).
-  auto step_active = [&](int s) {
-    const int i0 = (it_begin + s % n_it) * kM;
-    return QueryTileActive(p, kvh * p.group + s / n_it, q0 + i0, min(kM, nq - i0));
-  };
-  // Step s: query head kvh·group + s / n_it, query tile it_begin + s % n_it.
-  auto issue = [&](int s, int buf) {
-    const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
-    const int64_t off = (q0 + i0) * ldq + h * D;
-    LoadTile<kM, D, T::kThreads>(sq0 + buf * kTileQ, p.q + off, ldq, nq - i0, tid);
-    LoadTile<kM, D, T::kThreads>(sdo0 + buf * kTileQ, p.d_o + off, ldq, nq - i0, tid);
-    if (!p.sigmoid && tid < 2 * kM) {
-      const int r = tid % kM;
-      const bool ok = i0 + r < nq;
-      const float* src = (tid < kM ? p.lse2 : p.delta) + h * p.tq + q0 + i0 + (ok ? r : 0);
-      CpAsync4(SmemAddr(stats + buf * 2 * kM + tid), src, ok);
-    }
-  };
-
-  LoadTile<kN, D, T::kThreads>(sk, p.k + k0 * ldk + kvh * D + j0 * ldk, ldk, nk - j0, tid);
-  LoadTile<kN, D, T::kThreads>(sv, p.v + k0 * ldk + kvh * D + j0 * ldk, ldk, nk - j0, tid);
-  if (steps > 0 && step_active(0)) issue(0, 0);
-  CpAsyncCommit();
-
-  // Lane offsets of the ldmatrix fragments (added to a tile's base): A rows
-  // of K, V (this warp's 16 keys); B rows of Q, dO (queries along n);
-  // transposed B of dO, Q, K (rows along k); transposed A of dSᵀ.
-  const FragAddr<kChunks> fa(0, lane % 16, lane / 16);
-  const FragAddr<kChunks> fb(0, lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
-  const FragAddr<kChunks> fbt(0, lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
-  const FragAddr<kM / 8> fds(sds, lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
-
-  float dk[kDt][4], dv[kDt][4];
-#pragma unroll
-  for (int dt = 0; dt < kDt; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[dt][e] = 0.f, dv[dt][e] = 0.f;
-
-  const int kw = warp * 16;  // this warp's keys within the tile
-  for (int s = 0; s < steps; ++s) {
-    const int buf = s & 1;
-    const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
-    CpAsyncWait<0>();
-    __syncthreads();  // step s landed; nobody reads buffer buf ^ 1 any more
-    if (s + 1 < steps && step_active(s + 1)) issue(s + 1, buf ^ 1);
-    CpAsyncCommit();
-    if (!step_active(s)) continue;
-    const uint32_t sq = sq0 + buf * kTileQ, sdo = sdo0 + buf * kTileQ;
-    const float* lse2 = stats + buf * 2 * kM;
-    const float* delta = lse2 + kM;
-
-    // Sᵀ = K_w Qᵀ, then Pᵀ in place (element (key j, query i)); then
-    // dPᵀ = V_w dOᵀ and dSᵀ in place: 16 keys x 64 queries a warp. The two
-    // products run one after the other so that only one operand pair is live.
-    const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
-                           mask.qdoc != nullptr;
-    float st[kM / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kM / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      LdMatrixX4(a, sk + fa.at(warp, kk));
-#pragma unroll
-      for (int np = 0; np < kM / 16; ++np) {
-        uint32_t b[4];
-        LdMatrixX4(b, sq + fb.at(np, kk));
-        Mma(st[2 * np], a, b[0], b[1]);
-        Mma(st[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < kM / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int il = nt * 8 + 2 * t + (e % 2);
-        const bool visible = !need_mask || mask.Visible(i0 + il, j0 + kw + g + 8 * (e / 2));
-        const float pe = p.sigmoid ? 1.f / (1.f + exp2f(-(st[nt][e] * p.scale + p.bias) * kLog2e))
-                                   : exp2f(fmaf(st[nt][e], p.scale_log2, -lse2[il]));
-        st[nt][e] = visible ? pe : 0.f;
-      }
-    // dV += Pᵀ dO (k = the 64 queries): Pᵀ's C fragments are A fragments.
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) {
-      const uint32_t a[4] = {PackBf16(st[2 * kk][0], st[2 * kk][1]), PackBf16(st[2 * kk][2], st[2 * kk][3]),
-                             PackBf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                             PackBf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        LdMatrixX4Trans(b, sdo + fbt.at(kk, dp));
-        Mma(dv[2 * dp], a, b[0], b[1]);
-        Mma(dv[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
-    float dpt[kM / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kM / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dpt[nt][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      LdMatrixX4(a, sv + fa.at(warp, kk));
-#pragma unroll
-      for (int np = 0; np < kM / 16; ++np) {
-        uint32_t b[4];
-        LdMatrixX4(b, sdo + fb.at(np, kk));
-        Mma(dpt[2 * np], a, b[0], b[1]);
-        Mma(dpt[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), sigmoid: Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ (Pᵀ is 0 where masked).
-#pragma unroll
-    for (int nt = 0; nt < kM / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = st[nt][e];
-        dpt[nt][e] = p.sigmoid ? pe * (1.f - pe) * dpt[nt][e] : pe * (dpt[nt][e] - delta[2 * t + nt * 8 + (e % 2)]);
-      }
-
-    // dK += dSᵀ Q (k = the 64 queries); dSᵀ to shared memory for dQ.
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) {
-      const uint32_t a[4] = {PackBf16(dpt[2 * kk][0], dpt[2 * kk][1]), PackBf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                             PackBf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                             PackBf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-      if (p.dq_acc) {
-        // dSᵀ rows kw + g (+8), queries kk·16 + 2t (+8): 4-byte stores into
-        // the swizzled [kN][kM] tile (kM/8 chunks a row; (kw + g) mod 8 = g).
-        const uint32_t r0 = sds + (kw + g) * kM * 2 + 4 * t, r8 = r0 + 8 * kM * 2;
-        const uint32_t c0 = ((2 * kk) ^ g) * 16, c1 = ((2 * kk + 1) ^ g) * 16;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r0 + c0), "r"(a[0]));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r8 + c0), "r"(a[1]));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r0 + c1), "r"(a[2]));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r8 + c1), "r"(a[3]));
-      }
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        LdMatrixX4Trans(b, sq + fbt.at(kk, dp));
-        Mma(dk[2 * dp], a, b[0], b[1]);
-        Mma(dk[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
-    if (!p.dq_acc) continue;
-    __syncthreads();  // dSᵀ complete
-
-    // dQ[64 x D] += dS K: warp w owns query m-tile w % 4 and half the head dim.
-    {
-      constexpr int kHalf = D / 2;
-      const int mtile = warp % 4, c2 = (warp / 4) * (kHalf / 16);
-      float dq[kHalf / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < kHalf / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dq[nt][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
-        uint32_t a[4];
-        LdMatrixX4Trans(a, fds.at(kk, mtile));
-#pragma unroll
-        for (int dp = 0; dp < kHalf / 16; ++dp) {
-          uint32_t b[4];
-          LdMatrixX4Trans(b, sk + fbt.at(kk, c2 + dp));
-          Mma(dq[2 * dp], a, b[0], b[1]);
-          Mma(dq[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = i0 + mtile * 16 + g + 8 * r;
-        if (i >= nq) continue;
-        float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + c2 * 16 + 2 * t;
-#pragma unroll
-        for (int nt = 0; nt < kHalf / 8; ++nt) AtomicAdd2(dst + nt * 8, dq[nt][2 * r], dq[nt][2 * r + 1]);
-      }
-    }
-    // The next step's wait + barrier orders these reads of dSᵀ before the
-    // next writes.
-  }
-  CpAsyncWait<0>();  // no copy may be in flight when the block exits
-
-  // dK ·= scale; write this warp's 16 keys.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = j0 + kw + g + 8 * r;
-    if (j >= nk) continue;
-    __nv_bfloat16* dkr = p.dk + (k0 + j) * ldk + kvh * D;
-    __nv_bfloat16* dvr = p.dv + (k0 + j) * ldk + kvh * D;
-#pragma unroll
-    for (int dt = 0; dt < kDt; ++dt) {
-      *reinterpret_cast<uint32_t*>(dkr + dt * 8 + 2 * t) =
-          PackBf16(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dvr + dt * 8 + 2 * t) = PackBf16(dv[dt][2 * r], dv[dt][2 * r + 1]);
-    }
   }
 }
 
@@ -473,12 +225,6 @@ __global__ void BackwardFinishKernel(const float* dq_acc, int64_t n, float scale
 }
 
 template <int D>
-void LaunchBackward(const Params& p, int64_t max_k, int64_t rows, cudaStream_t stream) {
-  using T = BwdTile<D>;
-  LaunchTiles<FlashBackwardKernel<D>>(dim3((max_k + T::kN - 1) / T::kN, p.hk, rows), T::kThreads, T::kSmem, stream, p);
-}
-
-template <int D>
 void LaunchBackwardDq(const Params& p, int64_t max_q, int64_t rows, __nv_bfloat16* dq, cudaStream_t stream) {
   using T = DqTile<D>;
   LaunchTiles<FlashBackwardDqKernel<D>>(dim3((max_q + T::kM - 1) / T::kM, p.hq, rows), T::kThreads, T::kSmem, stream,
@@ -538,8 +284,7 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
       BackwardPrepareKernel<128><<<blocks, 256, 0, s>>>(p.o, p.d_o, lse.data<float>(), tq, hq, false, delta, lse2);
     LOOM_CUDA_CHECK(cudaGetLastError());
   }
-  if (d == 64) LaunchBackward<64>(p, k_rows.max_len, k_rows.rows(), s);
-  else LaunchBackwardSm90(p, k_rows.max_len, k_rows.rows(), s);
+  LaunchBackwardSm90(p, d, k_rows.max_len, k_rows.rows(), s);
   if (dq_atomic && dq_n > 0) {
     BackwardFinishKernel<<<(dq_n / 4 + 255) / 256, 256, 0, s>>>(p.dq_acc, dq_n, p.scale, Bf16Mut(dq));
     LOOM_CUDA_CHECK(cudaGetLastError());

@@ -1,24 +1,30 @@
 // Loom's flash attention backward KV pass on Hopper warpgroup MMA (wgmma),
-// D = 128 (FA3's backward, Shah et al. 2024, without its producer warp): the
-// same math and schedule as FlashBackwardKernel (ops/cuda/
-// flash_attention_backward.cu), with every product a wgmma reading its tiles
-// straight from shared memory instead of ldmatrix fragments:
+// D = 64 and 128 (FA3's backward, Shah et al. 2024, without its producer
+// warp); the passes around it are in ops/cuda/flash_attention_backward.cu:
 //   one block = 128 keys of one KV head, two warpgroups of 64 keys each;
-//   dK, dV [64 keys x 128] f32 stay in a warpgroup's registers (64 + 64 a
+//   dK, dV [64 keys x D] f32 stay in a warpgroup's registers (D/2 + D/2 a
 //   thread) while the block walks every query tile (64 queries) of every
-//   query head of the GQA group; per query tile:
+//   query head of the GQA group (so no dK/dV reduction across heads); per
+//   query tile:
 //     Sᵀ = K_w Qᵀ, dPᵀ = V_w dOᵀ        m64n64k16, A and B from shared memory
-//     Pᵀ = 2^(Sᵀ·c − lse·log2 e), dSᵀ = Pᵀ ⊙ (dPᵀ − Δ) (sigmoid as there)
-//     dV += Pᵀ dO, dK += dSᵀ Q          m64n128k16, A = Pᵀ / dSᵀ in registers
-//     dQ[:, 64w..64w+63] += dS K        m64n64k16, dSᵀ through shared memory,
+//     Pᵀ = 2^(Sᵀ·c − lse·log2 e), dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
+//     (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
+//     dV += Pᵀ dO, dK += dSᵀ Q          m64nDk16, A = Pᵀ / dSᵀ in registers
+//     dQ += dS K                         m64n64k16, dSᵀ through shared memory,
 //                                        added to the f32 dQ with atomics
-//   (dQ is skipped in deterministic mode, as there).
-// Shared memory: tiles of 128-byte rows (64 bf16) in "panels" with the
-// 128-byte swizzle: row r at r·128, its 16-byte chunk c at c ^ (r mod 8),
-// each panel 1024-byte aligned; a 128-wide row is two panels.
-//   K, V [128][128]: 2 panels of 16 KB each; Q, dO [2 buffers][64][128]: 2
-//   panels of 8 KB a buffer; dSᵀ [128 keys][64 queries]: 1 panel of 16 KB;
-//   lse2, Δ [2][64] f32. 145 KB, one block an SM.
+//   in five wgmma groups, each overlapped with the element-wise work that
+//   follows its issue: Sᵀ | dPᵀ (runs while Pᵀ is formed) | dV (while dSᵀ is
+//   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
+//   column for D = 128 (warpgroup w: columns 64w..64w+63, all 128 keys) and
+//   by key for D = 64 (warpgroup w: its own 64 keys; the two partial sums
+//   meet in shared memory, each warpgroup adds half of the query rows to
+//   global memory). dQ is skipped in deterministic mode (p.dq_acc null).
+// Blocks run heaviest first: under a causal mask the first key tiles see
+// the most queries, so the grid's x is the KV head and y the key tile.
+// Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
+// sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
+// queries]; D = 64: the dQ exchange [4 warps][32][32 lanes] f32; lse2, Δ
+// [2][64] f32: 145 KB for D = 128, 97 KB for D = 64.
 // wgmma descriptors (PTX ISA "matrix descriptor", swizzle mode 128 B):
 //   K-major (rows hold the contraction dim: K, V as A and Q, dO as B of the
 //   first products): SBO = 1024 (8 rows to the next 8); the 16-wide k step
@@ -34,111 +40,47 @@
 #include <cstdint>
 
 #include "ops/cuda/flash_common.cuh"
+#include "ops/cuda/sm90.cuh"
 #include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda::flash {
 namespace {
 
-// ---------------------------------------------------------------- wgmma PTX
+using namespace sm90;
 
-__device__ __forceinline__ uint64_t Desc128B(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (uint64_t{1} << 62);
-}
-__device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void WgWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy writes (cp.async, st.shared) before async-proxy reads (wgmma).
-__device__ __forceinline__ void FenceProxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// After a wait: the accumulators changed here as far as the compiler knows.
-template <int N>
-__device__ __forceinline__ void Touch(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-// Keeps register A operands alive (unchanged) until after the wait.
-template <int N>
-__device__ __forceinline__ void Touch(uint32_t (&a)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
-}
-
-#define LOOM_W4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
-#define LOOM_W16(d, i) LOOM_W4(d, i), LOOM_W4(d, i + 4), LOOM_W4(d, i + 8), LOOM_W4(d, i + 12)
-#define LOOM_W32(d, i) LOOM_W16(d, i), LOOM_W16(d, i + 16)
-#define LOOM_R32                                                                                                \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define LOOM_R64                                                                                                \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
-  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-
-// d[64x64] (+)= A[64x16] · B[16x64], both from shared memory; kTrans: A and
-// B MN-major (imm-trans-a = imm-trans-b = 1), else both K-major.
-template <bool kTrans>
-__device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t a, uint64_t b, bool accumulate) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " LOOM_R32 ", %32, %33, p, 1, 1, %35, %35;\n}\n"
-      : LOOM_W32(d, 0)
-      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(kTrans ? 1 : 0));
-}
-
-// d[64x128] += A[64x16] · B[16x128]; A in registers (mma.m16n8k16's A
-// fragment per warp), B MN-major in shared memory.
-__device__ __forceinline__ void WgmmaM64N128RS(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.eq.u32 p, 1, 1;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " LOOM_R64
-      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : LOOM_W32(d, 0), LOOM_W32(d, 32)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
-
-#undef LOOM_R64
-#undef LOOM_R32
-#undef LOOM_W32
-#undef LOOM_W16
-#undef LOOM_W4
-
-// kRows x 128 tile of token-major rows (stride `ld`) into two swizzled
-// panels by 256 threads; rows ≥ valid read as zeros.
-template <int kRows>
-__device__ __forceinline__ void LoadPanels(uint32_t smem, const __nv_bfloat16* base, int64_t ld, int valid,
-                                           int tid) {
-  constexpr int kRowsPerPass = 256 / 16;
-  const int c = tid % 16, r0 = tid / 16;
-  const uint32_t panel = smem + (c / 8) * (kRows * 128);
-  const __nv_bfloat16* src = base + r0 * ld + c * 8;
-#pragma unroll
-  for (int r = r0; r < kRows; r += kRowsPerPass) {
-    const bool ok = r < valid;
-    CpAsync16(panel + r * 128 + (((c & 7) ^ (r & 7)) << 4), ok ? src : base, ok);
-    src += kRowsPerPass * ld;
-  }
-}
-
+template <int D>
 struct Sm90BwdTile {
-  static constexpr int kM = 64, kN = 128, kD = 128, kThreads = 256;
-  static constexpr int kKV = kN * kD * 2, kQ = kM * kD * 2, kDs = kN * kM * 2;
-  // K | V | Q [2] | dO [2] | dSᵀ | stats; +1024 to align the base.
-  static constexpr int kStats = 2 * kKV + 4 * kQ + kDs;
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  static constexpr int kM = 64, kN = 128, kThreads = 256;
+  static constexpr int kKV = kN * D * 2, kQ = kM * D * 2, kDs = kN * kM * 2;
+  static constexpr int kXch = D == 64 ? 4 * 32 * 32 * 4 : 0;
+  // K | V | Q [2] | dO [2] | dSᵀ | dQ exchange | stats; +1024 to align the base.
+  static constexpr int kXchOffset = 2 * kKV + 4 * kQ + kDs, kStats = kXchOffset + kXch;
   static constexpr int kSmem = kStats + 4 * kM * 4 + 1024;
+  static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
-__global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Kernel(const Params p) {
-  using T = Sm90BwdTile;
-  constexpr int kM = T::kM, kN = T::kN, D = T::kD;
+// d[64 x D] += A[64x16] · B[16 x D], A in registers, B MN-major.
+template <int D>
+__device__ __forceinline__ void WgmmaRS(float (&d)[D / 2], const uint32_t (&a)[4], uint64_t b) {
+  if constexpr (D == 128) WgmmaM64N128RS(d, a, b);
+  else WgmmaM64N64RS(d, a, b);
+}
+
+// One block an SM: D = 64 fits two by shared memory, but at 128 registers
+// it spills, and the 8K gpu_1b_softmax step measured 29.5k tokens/s so
+// against 37.4k with one (H100).
+template <int D>
+__global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90Kernel(const Params p) {
+  using T = Sm90BwdTile<D>;
+  constexpr int kM = T::kM, kN = T::kN, kAcc = D / 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = SmemAddr(smem_raw), sk = (raw + 1023) & ~1023u;
   const uint32_t sv = sk + T::kKV, sq0 = sv + T::kKV, sdo0 = sq0 + 2 * T::kQ, sds = sdo0 + 2 * T::kQ;
   float* stats = reinterpret_cast<float*>(smem_raw + (sk - raw) + T::kStats);  // [2][lse2 kM, Δ kM]
 
-  const int kvh = blockIdx.y, row = blockIdx.z;
-  const int j0 = blockIdx.x * kN;
+  const int kvh = blockIdx.x, row = blockIdx.z;
+  const int j0 = blockIdx.y * kN;
   const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
   const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
   if (j0 >= nk) return;
@@ -161,8 +103,8 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
   auto issue = [&](int s, int buf) {
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
     const int64_t off = (q0 + i0) * ldq + h * D;
-    LoadPanels<kM>(sq0 + buf * T::kQ, p.q + off, ldq, nq - i0, tid);
-    LoadPanels<kM>(sdo0 + buf * T::kQ, p.d_o + off, ldq, nq - i0, tid);
+    LoadPanels<kM, D, T::kThreads>(sq0 + buf * T::kQ, p.q + off, ldq, nq - i0, tid);
+    LoadPanels<kM, D, T::kThreads>(sdo0 + buf * T::kQ, p.d_o + off, ldq, nq - i0, tid);
     if (!p.sigmoid && tid < 2 * kM) {
       const int r = tid % kM;
       const bool ok = i0 + r < nq;
@@ -171,14 +113,14 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
     }
   };
 
-  LoadPanels<kN>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
-  LoadPanels<kN>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
+  LoadPanels<kN, D, T::kThreads>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
+  LoadPanels<kN, D, T::kThreads>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
   if (steps > 0 && step_active(0)) issue(0, 0);
   CpAsyncCommit();
 
-  float dk[64], dv[64];
+  float dk[kAcc], dv[kAcc];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) dk[i] = 0.f, dv[i] = 0.f;
+  for (int i = 0; i < kAcc; ++i) dk[i] = 0.f, dv[i] = 0.f;
 
   // This thread's keys (C rows of Sᵀ): kw + g and kw + g + 8.
   const int kw = wg * 64 + warp * 16;
@@ -187,7 +129,7 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
     const int buf = s & 1;
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
     CpAsyncWait<0>();
-    FenceProxy();
+    FenceProxyAsync();
     __syncthreads();  // step s landed and is visible to wgmma; buffer buf ^ 1 is free
     if (s + 1 < steps && step_active(s + 1)) issue(s + 1, buf ^ 1);
     CpAsyncCommit();
@@ -196,66 +138,81 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
     const float* lse2 = stats + buf * 2 * kM;
     const float* delta = lse2 + kM;
 
-    // Sᵀ = K_w Qᵀ and dPᵀ = V_w dOᵀ: [64 keys x 64 queries] a warpgroup.
+    // Five wgmma groups a step, each overlapped with the element-wise work
+    // that follows its issue: Sᵀ | dPᵀ (runs while Pᵀ is formed) | dV (while
+    // dSᵀ is formed) | dK (while dSᵀ goes to shared memory) | dQ.
     float st[32], dpt[32];
-    WgFence();
+    WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk / 4) * kPanelKV + wg * 64 * 128 + (kk % 4) * 32;
       const uint32_t qoff = (kk / 4) * kPanelQ + (kk % 4) * 32;
       WgmmaM64N64SS<false>(st, Desc128B(sk + koff, 16, 1024), Desc128B(sq + qoff, 16, 1024), kk > 0);
     }
+    WgmmaCommit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk / 4) * kPanelKV + wg * 64 * 128 + (kk % 4) * 32;
       const uint32_t qoff = (kk / 4) * kPanelQ + (kk % 4) * 32;
       WgmmaM64N64SS<false>(dpt, Desc128B(sv + koff, 16, 1024), Desc128B(sdo + qoff, 16, 1024), kk > 0);
     }
-    WgCommit();
-    WgWait0();
-    Touch(st);
-    Touch(dpt);
+    WgmmaCommit();
+    WgmmaWait<1>();
+    FenceRegs(st);
 
-    // Pᵀ into st, dSᵀ into dpt. Element i of the C fragment: key
-    // kw + g + 8·(i mod 4 / 2), query 8·(i / 4) + 2t + i mod 2.
+    // Pᵀ into st. Element i of the C fragment: key kw + g + 8·(i mod 4 / 2),
+    // query 8·(i / 4) + 2t + i mod 2.
     const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
                            mask.qdoc != nullptr;
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int il = 8 * (i / 4) + 2 * t + (i % 2);
       const bool visible = !need_mask || mask.Visible(i0 + il, j0 + kw + g + 8 * ((i % 4) / 2));
-      float pe, ds;
-      if (p.sigmoid) {
-        pe = 1.f / (1.f + exp2f(-(st[i] * p.scale + p.bias) * kLog2e));
-        ds = pe * (1.f - pe) * dpt[i];
-      } else {
-        pe = exp2f(fmaf(st[i], p.scale_log2, -lse2[il]));
-        ds = pe * (dpt[i] - delta[il]);
-      }
+      const float pe = p.sigmoid ? 1.f / (1.f + exp2f(-(st[i] * p.scale + p.bias) * kLog2e))
+                                 : exp2f(fmaf(st[i], p.scale_log2, -lse2[il]));
       st[i] = visible ? pe : 0.f;
-      dpt[i] = visible ? ds : 0.f;
     }
-
-    // dV += Pᵀ dO, dK += dSᵀ Q over the 64 queries (k steps of 16).
+    // A fragments of k step kk (16 queries): (g, 2t) (g+8, 2t) (g, 2t+8) (g+8, 2t+8).
     uint32_t ap[4][4], ads[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int i = 8 * kk + 2 * r;  // (g, 2t) (g+8, 2t) (g, 2t+8) (g+8, 2t+8)
-        ap[kk][r] = PackBf16(st[i], st[i + 1]);
-        ads[kk][r] = PackBf16(dpt[i], dpt[i + 1]);
-      }
-    WgFence();
+      for (int r = 0; r < 4; ++r) ap[kk][r] = PackBf16(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+    // dV += Pᵀ dO over the 64 queries.
+    WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) WgmmaM64N128RS(dv, ap[kk], Desc128B(sdo + kk * 16 * 128, kPanelQ, 1024));
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) WgmmaM64N128RS(dk, ads[kk], Desc128B(sq + kk * 16 * 128, kPanelQ, 1024));
-    WgCommit();
+    for (int kk = 0; kk < kM / 16; ++kk) WgmmaRS<D>(dv, ap[kk], Desc128B(sdo + kk * 16 * 128, kPanelQ, 1024));
+    WgmmaCommit();
+    WgmmaWait<1>();
+    FenceRegs(dpt);
 
-    if (p.dq_acc) {
-      // dSᵀ rows kw + g (+8), queries 8j + 2t: 4-byte stores into the
-      // swizzled panel ((kw + g) mod 8 = g).
+    // dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), sigmoid: Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ (Pᵀ is 0 where masked).
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const float pe = st[i];
+      dpt[i] = p.sigmoid ? pe * (1.f - pe) * dpt[i] : pe * (dpt[i] - delta[8 * (i / 4) + 2 * t + (i % 2)]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) ads[kk][r] = PackBf16(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+    // dK += dSᵀ Q over the 64 queries.
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < kM / 16; ++kk) WgmmaRS<D>(dk, ads[kk], Desc128B(sq + kk * 16 * 128, kPanelQ, 1024));
+    WgmmaCommit();
+    WgmmaWait<1>();  // dV done: Pᵀ's registers are free
+    FenceRegs(dv);
+    FenceRegs(ap);
+    if (!p.dq_acc) {
+      WgmmaWait<0>();
+      FenceRegs(dk);
+      FenceRegs(ads);
+      continue;
+    }
+    // dSᵀ rows kw + g (+8), queries 8j + 2t: 4-byte stores into the
+    // swizzled panel ((kw + g) mod 8 = g).
+    {
       const uint32_t r0 = sds + (kw + g) * 128 + 4 * t, r8 = r0 + 8 * 128;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -263,38 +220,55 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r0 + c), "r"(ads[j / 2][(j % 2) * 2]));
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(r8 + c), "r"(ads[j / 2][(j % 2) * 2 + 1]));
       }
-      FenceProxy();
     }
-    WgWait0();
-    Touch(dv);
-    Touch(dk);
-    Touch(ap);
-    Touch(ads);
-    if (!p.dq_acc) continue;
+    FenceProxyAsync();
     __syncthreads();  // dSᵀ complete
 
-    // dQ[64 queries x 64 columns 64w..] += dS K: A = dS (MN-major: dSᵀ rows
-    // are keys), B = K (MN-major), k steps of 16 keys.
-    {
-      float dq[32];
-      WgFence();
+    // dQ[64 queries x 64 columns] += dS K: A = dS (MN-major: dSᵀ rows are
+    // keys), B = K (MN-major), k steps of 16 keys. D = 128: columns 64w..,
+    // all keys; D = 64: every column, keys 64w.. (a partial sum).
+    float dq[32];
+    WgmmaFence();
+    if constexpr (D == 128) {
 #pragma unroll
       for (int kk = 0; kk < kN / 16; ++kk)
         WgmmaM64N64SS<true>(dq, Desc128B(sds + kk * 16 * 128, kPanelKV, 1024),
                             Desc128B(sk + wg * kPanelKV + kk * 16 * 128, kPanelKV, 1024), kk > 0);
-      WgCommit();
-      WgWait0();
-      Touch(dq);
+    } else {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = i0 + warp * 16 + g + 8 * r;
-        if (i >= nq) continue;
-        float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + wg * 64 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
-      }
+      for (int kk = 0; kk < 4; ++kk)
+        WgmmaM64N64SS<true>(dq, Desc128B(sds + (4 * wg + kk) * 16 * 128, kPanelKV, 1024),
+                            Desc128B(sk + (4 * wg + kk) * 16 * 128, kPanelKV, 1024), kk > 0);
     }
-    // The next step's barrier orders these reads of dSᵀ before the next writes.
+    WgmmaCommit();
+    WgmmaWait<0>();
+    FenceRegs(dk);
+    FenceRegs(ads);
+    FenceRegs(dq);
+    if constexpr (D == 64) {
+      // Warp w of either warpgroup holds the same (query, column) elements:
+      // warps 0-1 of warpgroup 0 and 2-3 of warpgroup 1 take the other's.
+      float* xch = reinterpret_cast<float*>(smem_raw + (sk - raw) + T::kXchOffset) + warp * 32 * 32 + lane;
+      const bool owner = warp / 2 == wg;
+      if (!owner)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) xch[i * 32] = dq[i];
+      __syncthreads();
+      if (!owner) continue;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) dq[i] += xch[i * 32];
+    }
+    const int col0 = D == 128 ? wg * 64 : 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = i0 + warp * 16 + g + 8 * r;
+      if (i >= nq) continue;
+      float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+    }
+    // The next step's barrier orders these reads of dSᵀ (and of the
+    // exchange) before the next writes.
   }
   CpAsyncWait<0>();
 
@@ -306,7 +280,7 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
     __nv_bfloat16* dkr = p.dk + (k0 + j) * ldk + kvh * D + 2 * t;
     __nv_bfloat16* dvr = p.dv + (k0 + j) * ldk + kvh * D + 2 * t;
 #pragma unroll
-    for (int c = 0; c < 16; ++c) {
+    for (int c = 0; c < D / 8; ++c) {
       *reinterpret_cast<uint32_t*>(dkr + 8 * c) = PackBf16(dk[4 * c + 2 * r] * p.scale, dk[4 * c + 2 * r + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
     }
@@ -315,9 +289,15 @@ __global__ void __launch_bounds__(Sm90BwdTile::kThreads, 1) FlashBackwardSm90Ker
 
 }  // namespace
 
-void LaunchBackwardSm90(const Params& p, int64_t max_k, int64_t rows, cudaStream_t stream) {
-  using T = Sm90BwdTile;
-  LaunchTiles<FlashBackwardSm90Kernel>(dim3((max_k + T::kN - 1) / T::kN, p.hk, rows), T::kThreads, T::kSmem, stream, p);
+void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream) {
+  const dim3 grid(p.hk, (max_k + 127) / 128, rows);  // heaviest (first) key tiles first
+  if (d == 64) {
+    using T = Sm90BwdTile<64>;
+    LaunchTiles<FlashBackwardSm90Kernel<64>>(grid, T::kThreads, T::kSmem, stream, p);
+  } else {
+    using T = Sm90BwdTile<128>;
+    LaunchTiles<FlashBackwardSm90Kernel<128>>(grid, T::kThreads, T::kSmem, stream, p);
+  }
 }
 
 }  // namespace loom::ops::cuda::flash

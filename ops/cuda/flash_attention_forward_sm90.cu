@@ -50,25 +50,6 @@ struct Sm90FwdTile {
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
-// kRows x D tile of token-major rows (stride `ld` elements) into 64-column
-// panels with the 128-byte swizzle (sm90.cuh), by kThreads threads; rows ≥
-// valid read as zeros. Consecutive threads read consecutive 16 bytes of a row.
-template <int kRows, int D, int kThreads>
-__device__ __forceinline__ void LoadPanels(uint32_t smem, const __nv_bfloat16* base, int64_t ld, int valid,
-                                           int tid) {
-  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
-  static_assert(kRows % kRowsPerPass == 0, "tile does not split evenly over the threads");
-  const int c = tid % kChunks, r0 = tid / kChunks;
-  const uint32_t panel = smem + (c / 8) * (kRows * 128);
-  const __nv_bfloat16* src = base + r0 * ld + c * 8;
-#pragma unroll 8
-  for (int r = r0; r < kRows; r += kRowsPerPass) {
-    const bool ok = r < valid;
-    CpAsync16(panel + r * 128 + (((c & 7) ^ (r & 7)) << 4), ok ? src : base, ok);
-    src += kRowsPerPass * ld;
-  }
-}
-
 template <int D>
 __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90Kernel(const Params p) {
   using T = Sm90FwdTile<D>;

@@ -16,7 +16,11 @@
 //   N to the next 64); the k-th 16-key step starts 16·128 bytes further.
 #pragma once
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
+
+#include "ops/cuda/mma_sync.cuh"
 
 namespace loom::ops::cuda::sm90 {
 
@@ -72,6 +76,25 @@ __device__ __forceinline__ void SetMaxRegsDec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 
+// kRows x D tile of token-major rows (stride `ld` elements) into 64-column
+// panels with the 128-byte swizzle (above), by kThreads threads; rows ≥
+// valid read as zeros. Consecutive threads read consecutive 16 bytes of a row.
+template <int kRows, int D, int kThreads>
+__device__ __forceinline__ void LoadPanels(uint32_t smem, const __nv_bfloat16* base, int64_t ld, int valid,
+                                           int tid) {
+  constexpr int kChunks = D / 8, kRowsPerPass = kThreads / kChunks;
+  static_assert(kRows % kRowsPerPass == 0, "tile does not split evenly over the threads");
+  const int c = tid % kChunks, r0 = tid / kChunks;
+  const uint32_t panel = smem + (c / 8) * (kRows * 128);
+  const __nv_bfloat16* src = base + r0 * ld + c * 8;
+#pragma unroll 8
+  for (int r = r0; r < kRows; r += kRowsPerPass) {
+    const bool ok = r < valid;
+    CpAsync16(panel + r * 128 + (((c & 7) ^ (r & 7)) << 4), ok ? src : base, ok);
+    src += kRowsPerPass * ld;
+  }
+}
+
 // ------------------------------------------------------------------ wgmma
 
 // Matrix descriptor: start address, LBO, SBO (bytes, all >> 4), 128-byte
@@ -94,6 +117,15 @@ template <int N>
 __device__ __forceinline__ void FenceRegs(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// The same for register A fragments that must stay unchanged until a wait.
+template <int N>
+__device__ __forceinline__ void FenceRegs(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
 }
 
 #define LOOM_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
@@ -136,7 +168,21 @@ __device__ __forceinline__ void WgmmaM64N128RS(float (&d)[64], const uint32_t (&
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-// d[64x64] += A[64x16] · B[16x64]; as above with N = 64.
+// d[64x64] (+)= A[64x16] · B[16x64], both in shared memory; kTrans: both
+// MN-major (imm-trans-a = imm-trans-b = 1), else both K-major.
+template <bool kTrans>
+__device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t a, uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, %35, %35;\n}\n"
+      : LOOM_F32(d, 0)
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(kTrans ? 1 : 0));
+}
+
+// d[64x64] += A[64x16] · B[16x64]; as WgmmaM64N128RS with N = 64.
 __device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
