@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU training checks of docs/gpu.md, on one GPU, in one go:
-#   speed   gpu_1b_softmax at 8K and 32K and gpu_1b_hybrid at 32K (bf16; with
-#           Loom's attention kernels and with cuDNN's at 8K and for the hybrid), and
+#   speed   gpu_1b_softmax at 8K and 32K and gpu_1b_hybrid at 32K (bf16; as
+#           configured, with cuDNN's attention, and with Loom's kernels), and
 #           the PyTorch oracle (torch.compile, cuDNN SDPA) on gpu_1b_softmax
 #           in the same call: tokens/s, MFU, pool peak;
 #   oracle  20 steps of each config exactly as configured (bf16), replayed by
@@ -52,14 +52,17 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
       --set train.run_dir="$out/$name" >"$out/$name.log" 2>&1
     steps_of "$out/$name.log" 3
   }
+  # As configured (cuDNN's attention), and with Loom's attention kernels.
   speed_run s8k "gpu_1b_softmax 8K" configs/gpu_1b_softmax.textproto
-  speed_run s8k_cudnn "gpu_1b_softmax 8K, cuDNN attention" configs/gpu_1b_softmax.textproto \
-    --set model.attention_backend=cudnn
+  speed_run s8k_loom "gpu_1b_softmax 8K, Loom attention" configs/gpu_1b_softmax.textproto \
+    --set model.attention_backend=loom
   speed_run s32k "gpu_1b_softmax 32K" configs/gpu_1b_softmax.textproto --set train.seq_len=32768 \
     --set train.global_batch=2
+  speed_run s32k_loom "gpu_1b_softmax 32K, Loom attention" configs/gpu_1b_softmax.textproto \
+    --set train.seq_len=32768 --set train.global_batch=2 --set model.attention_backend=loom
   speed_run h32k "gpu_1b_hybrid 32K" configs/gpu_1b_hybrid.textproto
-  speed_run h32k_cudnn "gpu_1b_hybrid 32K, cuDNN attention" configs/gpu_1b_hybrid.textproto \
-    --set model.attention_backend=cudnn
+  speed_run h32k_loom "gpu_1b_hybrid 32K, Loom attention" configs/gpu_1b_hybrid.textproto \
+    --set model.attention_backend=loom
   echo "== speed: PyTorch oracle, gpu_1b_softmax, torch.compile + cuDNN SDPA"
   python3 bench/torch_oracle.py --config configs/gpu_1b_softmax.textproto --device cuda --dtype bf16 --compile \
     --steps 8 --warmup 3 >"$out/oracle_speed.log" 2>&1
@@ -120,7 +123,8 @@ fi
 
 if [ "$what" = determinism ] || [ "$what" = all ]; then
   det=(--config configs/gpu_1b_softmax.textproto --set model.layers=4 --set train.global_batch=2 --set train.steps=6
-       --set optim.warmup_steps=2 --set train.deterministic=true --set train.log_every=1 --set train.eval_every=0)
+       --set optim.warmup_steps=2 --set train.deterministic=true --set model.attention_backend=loom
+       --set train.log_every=1 --set train.eval_every=0)
   echo "== determinism: gpu_1b_softmax cut to 4 layers, bf16, 6 steps, twice, and stopped at 3 then resumed"
   rm -rf "$out"/det_*
   "$bin/loom-train" "${det[@]}" --set checkpoint.every=0 --set train.run_dir="$out/det_a" >"$out/det_a.log" 2>&1

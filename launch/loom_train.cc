@@ -765,12 +765,20 @@ absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
         BuiltWithCuda() ? "no GPU is visible" : "Loom was built without CUDA (configure with -DLOOM_CUDA=ON)"));
   if (t.dtype() == "f64") return absl::InvalidArgumentError("train.dtype: f64 runs on the CPU only (train.device=cpu)");
   const int gpu_index = SelectLocalGpu();
-  // The CUDA build holds sm_90a code only (CMakeLists.txt): on another GPU no
-  // kernel would load, so say so before the first launch fails.
-  if (const int cc = CudaComputeCapability(gpu_index); cc != 90)
+  // The CUDA build holds sm_90a and sm_80 code (CMakeLists.txt): before
+  // Ampere no kernel would load, so say so before the first launch fails;
+  // from Ampere on, all but Loom's flash attention kernels run (attention
+  // then runs on cuDNN or the f32 kernels: ops/softmax_attention.h).
+  if (const int cc = CudaComputeCapability(gpu_index); cc < 80)
     return absl::FailedPreconditionError(absl::StrFormat(
-        "train.device: GPU %d (%s) is sm_%d, and Loom's kernels are built for Hopper (sm_90a) only; train on an "
-        "H100/H200, or set train.device=cpu",
+        "train.device: GPU %d (%s) is sm_%d, and Loom's kernels are built for Ampere (sm_80) and newer; set "
+        "train.device=cpu",
+        gpu_index, CudaDeviceName(gpu_index), cc));
+  else if (cc != 90)
+    LogWarning(absl::StrFormat(
+        "GPU %d (%s) is sm_%d, not Hopper: Loom's flash attention kernels (sm_90a) do not run there, so softmax "
+        "attention runs on cuDNN's SDPA where it can (model.attention_backend=cudnn) and on the f32 kernels where it "
+        "cannot; everything else runs as on Hopper",
         gpu_index, CudaDeviceName(gpu_index), cc));
   return Device::Cuda(gpu_index);
 }

@@ -13,6 +13,7 @@
 // Backward: dq, dk, dv written.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "ops/attention_seqs.h"
@@ -49,13 +50,17 @@ struct AttentionOptions {
 
 // CPU tensors (f32, f64): the reference below (ops/cpu/softmax_attention.cc);
 // lse in q's dtype. CUDA tensors: f32 → the f32 kernels, bf16 → the kernels
-// of options.backend; lse f32 either way; the host rows reach the kernels
-// through their cached device copy (cuda::DeviceRows). Outputs are allocated
-// by the caller on q's device.
+// of options.backend, as SoftmaxAttentionBf16Backend (below) picks them: on
+// a GPU that is not Hopper, backend kLoom runs cuDNN, and backend kCudnn
+// runs Loom's kernels where cuDNN does not take the call (or the f32
+// kernels); lse f32 either way; the host rows reach the kernels through
+// their cached device copy (cuda::DeviceRows). Outputs are allocated by the
+// caller on q's device.
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse);
 // Whether the call with q and options may pass AttentionOptions::active:
-// CPU tensors, or bf16 CUDA tensors of head dim 64 or 128 on Loom's kernels.
+// CPU tensors, or bf16 CUDA tensors of head dim 64 or 128 on Loom's kernels
+// (on a Hopper GPU).
 bool SoftmaxAttentionSkipsInactive(const Tensor& q, const AttentionOptions& options);
 
 void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
@@ -98,10 +103,13 @@ void CheckDeviceRows(const CudaTokenRows& rows, const Tensor& like, const char* 
 using AttentionBackend = ops::AttentionBackend;
 AttentionBackend ParseAttentionBackend(const std::string& name);  // "loom" | "cudnn"
 
-// Loom's kernels: FA2-style tiles on mma.sync bf16 tensor cores, D in {64,
-// 128}; everything AttentionOptions offers, doc_ids included. The backward
+// Loom's kernels: FA3-style tiles on Hopper's wgmma, D in {64, 128};
+// everything AttentionOptions offers, doc_ids included. The backward
 // accumulates dq in f32 with atomic adds (not bitwise deterministic) unless
 // options.deterministic: then a separate dQ pass sums it in a fixed order.
+// They are sm_90a code: FlashAttentionRuns says whether `device` runs them
+// (SoftmaxAttentionForward/Backward then take cuDNN or the f32 kernels).
+bool FlashAttentionRuns(int device);
 void FlashAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                            const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,
                            CudaStream stream = nullptr);
@@ -124,7 +132,8 @@ void CudnnAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
                             CudaStream stream = nullptr);
 
 // "" when cuDNN has engines for this forward (and backward, if asked):
-// plans are built and cached; else cuDNN's reason.
+// plans are built and cached; else why not (a feature above that the graphs
+// lack, or cuDNN's own reason).
 std::string CudnnAttentionUnsupported(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                                       const CudaTokenRows& k_rows, const AttentionOptions& options,
                                       bool backward = true);
@@ -163,5 +172,22 @@ void AttentionBackward(AttentionBackend backend, const Tensor& q, const Tensor& 
                        Tensor& dv, CudaStream stream = nullptr);
 
 }  // namespace cuda
+
+// The kernels a bf16 CUDA call of SoftmaxAttentionForward/Backward runs:
+// those of the returned backend, or (nullopt) the f32 kernels on f32 copies.
+// Head dims: Loom's kernels take 64 and 128, cuDNN multiples of 8 up to 128,
+// others run the f32 kernels. flash_runs: whether q's GPU runs Loom's
+// kernels (cuda::FlashAttentionRuns; a parameter so that a test on Hopper
+// can ask what another GPU runs). options.backend kLoom: Loom's kernels, or
+// without them cuDNN if it takes the call both ways (the forward and
+// backward must agree) and options.deterministic is off, else the f32
+// kernels (deterministic too). kCudnn: cuDNN if it takes the call (varlen
+// rows, documents, sigmoid attention and ring CP's offset masks it does
+// not), else Loom's kernels where they run, else the f32 kernels. Each
+// reason for a fallback is logged once a process.
+std::optional<AttentionBackend> SoftmaxAttentionBf16Backend(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                            const cuda::CudaTokenRows& gq,
+                                                            const cuda::CudaTokenRows& gk,
+                                                            const AttentionOptions& options, bool flash_runs);
 
 }  // namespace loom::ops

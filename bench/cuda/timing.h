@@ -16,6 +16,23 @@
 
 namespace loom::bench {
 
+// Seconds of one call of fn, between two events on the default stream.
+template <typename Fn>
+double TimeOnce(cudaEvent_t start, cudaEvent_t stop, Fn&& fn) {
+  LOOM_CUDA_CHECK(cudaEventRecord(start));
+  fn();
+  LOOM_CUDA_CHECK(cudaEventRecord(stop));
+  LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  return ms * 1e-3;
+}
+
+inline double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 template <typename Fn>
 double MedianSeconds(int steps, Fn&& fn, int warmups = 1) {
   cudaEvent_t start, stop;
@@ -23,19 +40,33 @@ double MedianSeconds(int steps, Fn&& fn, int warmups = 1) {
   LOOM_CUDA_CHECK(cudaEventCreate(&stop));
   for (int i = 0; i < warmups; ++i) fn();
   std::vector<double> times;
+  for (int i = 0; i < steps; ++i) times.push_back(TimeOnce(start, stop, fn));
+  LOOM_CUDA_CHECK(cudaEventDestroy(start));
+  LOOM_CUDA_CHECK(cudaEventDestroy(stop));
+  return Median(times);
+}
+
+// Two calls timed alternately (a, b, a, b, ...), so that clock and thermal
+// drift over the run falls on both alike: the median of each, and the median
+// of the per-pair ratios b / a.
+struct PairedSeconds {
+  double a, b, b_over_a;
+};
+template <typename FnA, typename FnB>
+PairedSeconds MedianSecondsPaired(int steps, FnA&& fa, FnB&& fb, int warmups = 1) {
+  cudaEvent_t start, stop;
+  LOOM_CUDA_CHECK(cudaEventCreate(&start));
+  LOOM_CUDA_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < warmups; ++i) fa(), fb();
+  std::vector<double> ta, tb, ratio;
   for (int i = 0; i < steps; ++i) {
-    LOOM_CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    LOOM_CUDA_CHECK(cudaEventRecord(stop));
-    LOOM_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    LOOM_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms * 1e-3);
+    ta.push_back(TimeOnce(start, stop, fa));
+    tb.push_back(TimeOnce(start, stop, fb));
+    ratio.push_back(tb.back() / ta.back());
   }
   LOOM_CUDA_CHECK(cudaEventDestroy(start));
   LOOM_CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return {Median(ta), Median(tb), Median(ratio)};
 }
 
 // A CUDA tensor (bf16 or f32) of values uniform in [−scale, scale), element

@@ -43,7 +43,15 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
 #include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/cuda_runtime.h"
+#include "runtime/log.h"
 
 namespace loom::ops {
 namespace {
@@ -650,21 +658,70 @@ void CheckCudaCall(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
              q.device().ToString());
 }
 
-// Loom's bf16 kernels are compiled for head dims 64 and 128, cuDNN's SDPA
-// takes multiples of 8 up to 128; other head dims (small test models) run
-// the f32 kernels on f32 copies.
-bool Bf16KernelsFit(const Tensor& q, const AttentionOptions& options) {
-  const int64_t d = q.dim(-1);
-  if (q.dtype() != DType::kBF16 || d == 64 || d == 128) return true;
-  return options.backend == AttentionBackend::kCudnn && d % 8 == 0 && d <= 128;
+std::optional<AttentionBackend> Bf16Backend(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const cuda::CudaTokenRows& gq, const cuda::CudaTokenRows& gk,
+                                            const AttentionOptions& options) {
+  return SoftmaxAttentionBf16Backend(q, k, v, gq, gk, options, cuda::FlashAttentionRuns(q.device().index));
 }
+
+}  // namespace
+
+std::optional<AttentionBackend> SoftmaxAttentionBf16Backend(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                            const cuda::CudaTokenRows& gq,
+                                                            const cuda::CudaTokenRows& gk,
+                                                            const AttentionOptions& options, bool flash_runs) {
+  // Loom's bf16 kernels are compiled for head dims 64 and 128, cuDNN's SDPA
+  // takes multiples of 8 up to 128; other head dims (small test models) run
+  // the f32 kernels.
+  const int64_t d = q.dim(-1);
+  const bool loom_dims = d == 64 || d == 128, cudnn_dims = d % 8 == 0 && d <= 128;
+  if (options.backend == AttentionBackend::kLoom && (!loom_dims || flash_runs))
+    return loom_dims ? std::optional(AttentionBackend::kLoom) : std::nullopt;
+  if (options.backend == AttentionBackend::kCudnn && !cudnn_dims) return std::nullopt;
+  // Loom's kernels wanted on a GPU without them: cuDNN if it takes the call,
+  // else the f32 kernels. cuDNN wanted: cuDNN if it takes the call, else
+  // Loom's kernels where they run, else the f32 kernels. Each reason is said
+  // once a process.
+  const int device = q.device().index;
+  std::optional<AttentionBackend> chosen;
+  std::string why;
+  if (options.backend == AttentionBackend::kLoom) {
+    why = options.deterministic ? "a deterministic backward (cuDNN's is not bitwise repeatable)"
+                                : cuda::CudnnAttentionUnsupported(q, k, v, gq, gk, options, /*with_backward=*/true);
+    if (why.empty()) chosen = AttentionBackend::kCudnn;
+    why = why.empty() ? "Loom's flash attention kernels are Hopper (sm_90a) code"
+                      : absl::StrCat("Loom's flash attention kernels are Hopper (sm_90a) code and cuDNN does not "
+                                     "take this call (", why, ")");
+  } else {
+    why = cuda::CudnnAttentionUnsupported(q, k, v, gq, gk, options, /*with_backward=*/true);
+    if (why.empty()) return AttentionBackend::kCudnn;
+    if (loom_dims && flash_runs) chosen = AttentionBackend::kLoom;
+    why = absl::StrCat("cuDNN does not take this call (", why, ")");
+  }
+  static std::mutex mu;
+  static std::set<std::string> said;
+  const char* runs = !chosen ? "the f32 kernels (on f32 copies, more slowly)"
+                     : *chosen == AttentionBackend::kCudnn ? "cuDNN's SDPA"
+                                                          : "Loom's flash attention kernels";
+  std::string line = absl::StrCat(q.device().ToString(), " (", CudaDeviceName(device), ", sm_",
+                                  CudaComputeCapability(device), "), model.attention_backend=",
+                                  options.backend == AttentionBackend::kLoom ? "loom" : "cudnn", ": ", why,
+                                  "; softmax attention runs on ", runs);
+  std::lock_guard<std::mutex> lock(mu);
+  if (said.insert(line).second) LogWarning(line);
+  return chosen;
+}
+
+namespace {
+
 Tensor F32Copy(const Tensor& t) { return ConvertedCopy(t, DType::kF32); }
 
 }  // namespace
 
 bool SoftmaxAttentionSkipsInactive(const Tensor& q, const AttentionOptions& options) {
   if (q.device().is_cpu()) return true;
-  return q.dtype() == DType::kBF16 && options.backend == AttentionBackend::kLoom && (q.dim(-1) == 64 || q.dim(-1) == 128);
+  return q.dtype() == DType::kBF16 && options.backend == AttentionBackend::kLoom &&
+         (q.dim(-1) == 64 || q.dim(-1) == 128) && cuda::FlashAttentionRuns(q.device().index);
 }
 
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
@@ -675,12 +732,13 @@ void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, 
     const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
     const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
     if (q.dtype() == DType::kF32) return cuda::AttentionF32Forward(q, k, v, gq, gk, options, o, lse);
-    if (!Bf16KernelsFit(q, options)) {
+    const std::optional<AttentionBackend> backend = Bf16Backend(q, k, v, gq, gk, options);
+    if (!backend) {
       Tensor o32 = F32Copy(o);
       cuda::AttentionF32Forward(F32Copy(q), F32Copy(k), F32Copy(v), gq, gk, options, o32, lse);
       return Convert(o32, o);
     }
-    return cuda::AttentionForward(options.backend, q, k, v, gq, gk, options, o, lse);
+    return cuda::AttentionForward(*backend, q, k, v, gq, gk, options, o, lse);
   }
   CheckInputs(q, k, v, lse, q_rows, k_rows, options);
   CheckLike(o, q, "o", "q");
@@ -697,7 +755,8 @@ void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
     const cuda::CudaTokenRows& gq = cuda::DeviceRows(q_rows, device);
     const cuda::CudaTokenRows& gk = cuda::DeviceRows(k_rows, device);
     if (q.dtype() == DType::kF32) return cuda::AttentionF32Backward(q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
-    if (!Bf16KernelsFit(q, options)) {
+    const std::optional<AttentionBackend> backend = Bf16Backend(q, k, v, gq, gk, options);
+    if (!backend) {
       Tensor dq32 = F32Copy(dq), dk32 = F32Copy(dk), dv32 = F32Copy(dv);
       cuda::AttentionF32Backward(F32Copy(q), F32Copy(k), F32Copy(v), F32Copy(o), lse, F32Copy(d_o), gq, gk, options,
                                  dq32, dk32, dv32);
@@ -705,7 +764,7 @@ void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v,
       Convert(dk32, dk);
       return Convert(dv32, dv);
     }
-    return cuda::AttentionBackward(options.backend, q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
+    return cuda::AttentionBackward(*backend, q, k, v, o, lse, d_o, gq, gk, options, dq, dk, dv);
   }
   CheckInputs(q, k, v, lse, q_rows, k_rows, options);
   CheckLike(o, q, "o", "q");

@@ -431,6 +431,25 @@ __global__ void StatsToLseKernel(const float* stats, int64_t s, int64_t h, int64
   lse[i] = stats[(b * h + hh) * s + t];
 }
 
+// What of the call the graphs below do not express ("" if nothing).
+std::string UnsupportedFeature(const Tensor& q, const Tensor& k, const CudaTokenRows& q_rows,
+                               const CudaTokenRows& k_rows, const AttentionOptions& options) {
+  if (options.sigmoid) return "[cudnn_attention] sigmoid attention is Loom's kernel only (model.attention_backend = loom)";
+  if (q_rows.doc_ids.defined()) return "[cudnn_attention] documents inside rows (doc_ids) are Loom's kernel only";
+  if (options.active.defined()) return "[cudnn_attention] MoH's active-head mask is Loom's kernel only";
+  if (!(q_rows.uniform && k_rows.uniform && q_rows.rows() == k_rows.rows() && q_rows.rows() > 0 &&
+        q_rows.rows() * q_rows.max_len == q.dim(0) && k_rows.rows() * k_rows.max_len == k.dim(0)))
+    return "[cudnn_attention] rows must be uniform and cover q and k (ops::cuda::ToDevice sets .uniform); varlen "
+           "rows are Loom's kernel only";
+  // Measured on the H100 (cuDNN 9.19): with the row index shifted before the
+  // causal compare the engine runs but returns wrong statistics, so offsets
+  // are refused rather than computed wrongly.
+  if (options.causal && options.k_offset != options.q_offset)
+    return "[cudnn_attention] causal masks with q_offset != k_offset (ring CP blocks) are Loom's kernel only "
+           "(model.attention_backend = loom)";
+  return "";
+}
+
 Shape4 CheckAndShape(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                      const CudaTokenRows& k_rows, const AttentionOptions& options, bool backward) {
   LOOM_CHECK(!q.device().is_cpu() && q.dtype() == DType::kBF16 && q.ndim() == 3 && k.ndim() == 3 &&
@@ -438,18 +457,8 @@ Shape4 CheckAndShape(const Tensor& q, const Tensor& k, const Tensor& v, const Cu
                  k.dim(2) == q.dim(2) && k.dim(1) > 0 && q.dim(1) % k.dim(1) == 0,
              "[cudnn_attention] q [Tq, Hq, D], k, v [Tk, Hk, D] bf16 on a CUDA device with Hk dividing Hq, got q ",
              ShapeString(q.shape()), " k ", ShapeString(k.shape()), " v ", ShapeString(v.shape()));
-  LOOM_CHECK(!options.sigmoid, "[cudnn_attention] sigmoid attention is Loom's kernel only (model.attention_backend = loom)");
-  LOOM_CHECK(!q_rows.doc_ids.defined(), "[cudnn_attention] documents inside rows (doc_ids) are Loom's kernel only");
-  LOOM_CHECK(q_rows.uniform && k_rows.uniform && q_rows.rows() == k_rows.rows() && q_rows.rows() > 0 &&
-                 q_rows.rows() * q_rows.max_len == q.dim(0) && k_rows.rows() * k_rows.max_len == k.dim(0),
-             "[cudnn_attention] rows must be uniform and cover q and k (ops::cuda::ToDevice sets .uniform); varlen "
-             "rows are Loom's kernel only");
-  // Measured on the H100 (cuDNN 9.19): with the row index shifted before the
-  // causal compare the engine runs but returns wrong statistics, so offsets
-  // are refused rather than computed wrongly.
-  LOOM_CHECK(!options.causal || options.k_offset == options.q_offset,
-             "[cudnn_attention] causal masks with q_offset != k_offset (ring CP blocks) are Loom's kernel only "
-             "(model.attention_backend = loom)");
+  const std::string why = UnsupportedFeature(q, k, q_rows, k_rows, options);
+  LOOM_CHECK(why.empty(), why);
   Shape4 s{q_rows.rows(), q.dim(1), k.dim(1), q_rows.max_len, k_rows.max_len, q.dim(2), options.causal,
            options.k_offset - options.q_offset, backward};
   if (!s.causal) s.shift = 0;
@@ -482,6 +491,7 @@ const Graph& GetGraph(int device, const Shape4& s) {
 std::string CudnnAttentionUnsupported(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                                       const CudaTokenRows& k_rows, const AttentionOptions& options,
                                       bool with_backward) {
+  if (std::string why = UnsupportedFeature(q, k, q_rows, k_rows, options); !why.empty()) return why;
   std::lock_guard<std::mutex> lock(GetState().mu);
   for (bool backward : {false, true}) {
     if (backward && !with_backward) break;

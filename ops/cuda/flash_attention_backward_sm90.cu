@@ -72,6 +72,7 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[D / 2], const uint32_t (&a)[4
 // against 37.4k with one (H100).
 template <int D>
 __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90Kernel(const Params p) {
+#if LOOM_SM90A
   using T = Sm90BwdTile<D>;
   constexpr int kM = T::kM, kN = T::kN, kAcc = D / 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -285,6 +286,9 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
       *reinterpret_cast<uint32_t*>(dvr + 8 * c) = PackBf16(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
     }
   }
+#else
+  __trap();  // sm_90a code only (sm90.cuh)
+#endif
 }
 
 }  // namespace

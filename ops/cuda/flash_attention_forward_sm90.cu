@@ -52,6 +52,7 @@ struct Sm90FwdTile {
 
 template <int D>
 __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90Kernel(const Params p) {
+#if LOOM_SM90A
   using T = Sm90FwdTile<D>;
   constexpr int kM = T::kM, kN = T::kN;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -280,6 +281,9 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
         *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = PackBf16(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
     }
   }
+#else
+  __trap();  // sm_90a code only (sm90.cuh)
+#endif
 }
 
 template <int D>

@@ -22,6 +22,18 @@
 
 #include "ops/cuda/mma_sync.cuh"
 
+// The build's device code has two targets (CMakeLists.txt): sm_90a, and
+// sm_80 (with its PTX) for GPUs that are not Hopper. Nothing here exists on
+// sm_80, so a kernel built on these pieces puts its body inside
+//   #if LOOM_SM90A
+// with a trap in the #else; the host launches it only where
+// cuda::FlashAttentionRuns (ops/softmax_attention.h) says so.
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LOOM_SM90A 1
+#else
+#define LOOM_SM90A 0
+#endif
+
 namespace loom::ops::cuda::sm90 {
 
 // ------------------------------------------------------------------ mbarrier

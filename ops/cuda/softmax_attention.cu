@@ -10,12 +10,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
 #include "ops/cuda/flash_common.cuh"
 #include "ops/softmax_attention.h"
 #include "runtime/cuda_check.h"
+#include "runtime/cuda_runtime.h"
 
 namespace loom::ops::cuda {
 namespace flash {
@@ -32,6 +34,9 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
   LOOM_CHECK(!q.device().is_cpu() && q.dtype() == DType::kBF16 && q.ndim() == 3, "[", op,
              "] q must be bf16 [Tq, Hq, D] on a CUDA device, got ", DTypeName(q.dtype()), " ", ShapeString(q.shape()),
              " on ", q.device().ToString());
+  LOOM_CHECK(FlashAttentionRuns(q.device().index), "[", op, "] ", q.device().ToString(), " is sm_",
+             CudaComputeCapability(q.device().index),
+             ": Loom's flash attention kernels are Hopper (sm_90a) code; use model.attention_backend=cudnn");
   const int64_t d = q.dim(2);
   LOOM_CHECK(d == 64 || d == 128, "[", op, "] head dim ", d, " not compiled: 64 or 128");
   LOOM_CHECK(k.ndim() == 3 && k.dim(2) == d && k.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, "[", op, "] k ",
@@ -127,6 +132,15 @@ CudaTokenRows ToDevice(const TokenRows& rows, int device) {
     out.doc_ids.CopyFrom(rows.doc_ids);
   }
   return out;
+}
+
+bool FlashAttentionRuns(int device) {
+  // sm_90a code only: the build's other target (sm_80, CMakeLists.txt) has
+  // traps in their place. Compute capabilities, 0 until asked.
+  static std::atomic<int> cc[64];
+  LOOM_CHECK(device >= 0 && device < 64, "[flash_attention] device ", device, " out of range");
+  if (cc[device] == 0) cc[device] = CudaComputeCapability(device);
+  return cc[device] == 90;
 }
 
 AttentionBackend ParseAttentionBackend(const std::string& name) {

@@ -10,6 +10,7 @@ namespace {
 }  // namespace
 
 CudaTokenRows ToDevice(const TokenRows&, int) { NoCuda(); }
+bool FlashAttentionRuns(int) { return false; }
 AttentionBackend ParseAttentionBackend(const std::string& name) {
   if (name == "loom") return AttentionBackend::kLoom;
   if (name == "cudnn") return AttentionBackend::kCudnn;

@@ -5,6 +5,7 @@
 // the call. A graph cuDNN refuses fails the test with cuDNN's reason.
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <vector>
 
 #include "ops/softmax_attention.h"
@@ -56,6 +57,43 @@ TEST(GpuCudnnAttention, CausalGqa) {
 TEST(GpuCudnnAttention, CausalD32ShortRows) {
   LOOM_SKIP_WITHOUT_GPU();
   RunCudnn(Case{.name = "cudnn causal D32", .d = 32, .hq = 4, .hk = 4, .q_lens = std::vector<int32_t>(64, 16)});
+}
+
+// What a bf16 call runs. model.attention_backend=loom on a GPU without
+// Loom's flash kernels (not Hopper): cuDNN where cuDNN takes the call both
+// ways, the f32 kernels where it does not (sigmoid attention, a
+// deterministic backward); on a Hopper GPU, Loom's kernels.
+// model.attention_backend=cudnn: cuDNN, or where it does not take the call
+// Loom's kernels (on Hopper) or the f32 kernels. The paths themselves are
+// checked against the CPU above, in softmax_attention_gpu_test.cc and in
+// attention_f32_gpu_test.cc.
+TEST(GpuAttentionFallback, WithoutFlashKernelsRunsCudnnOrF32) {
+  LOOM_SKIP_WITHOUT_GPU();
+  EXPECT_EQ(cuda::FlashAttentionRuns(0), CudaComputeCapability(0) == 90);
+  const auto rows = cuda::ToDevice(gpu_test::Rows({256, 256}, {}), 0);
+  for (const int64_t d : {int64_t{64}, int64_t{128}}) {
+    const Tensor q = Tensor::Empty({512, 4, d}, DType::kBF16, Device::Cuda(0));
+    const Tensor k = Tensor::Empty({512, 2, d}, DType::kBF16, Device::Cuda(0));
+    AttentionOptions options;  // causal softmax, model.attention_backend = loom
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, /*flash_runs=*/true), AttentionBackend::kLoom);
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, false), AttentionBackend::kCudnn) << d;
+    options.sigmoid = true;  // cuDNN has no sigmoid attention
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, true), AttentionBackend::kLoom);
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, false), std::nullopt) << d;
+    options.sigmoid = false;
+    options.deterministic = true;  // cuDNN's backward is not bitwise repeatable
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, false), std::nullopt) << d;
+    options.deterministic = false;
+    options.backend = AttentionBackend::kCudnn;
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, false), AttentionBackend::kCudnn);
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, true), AttentionBackend::kCudnn);
+    options.q_offset = 256;  // a ring CP block: cuDNN refuses causal offsets
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, true), AttentionBackend::kLoom) << d;
+    EXPECT_EQ(SoftmaxAttentionBf16Backend(q, k, k, rows, rows, options, false), std::nullopt) << d;
+  }
+  // A head dim Loom's bf16 kernels lack runs the f32 kernels on either GPU.
+  const Tensor q32 = Tensor::Empty({512, 4, 32}, DType::kBF16, Device::Cuda(0));
+  EXPECT_EQ(SoftmaxAttentionBf16Backend(q32, q32, q32, rows, rows, AttentionOptions{}, true), std::nullopt);
 }
 
 }  // namespace
