@@ -4,7 +4,7 @@
 #           configured, with cuDNN's attention, and with Loom's kernels), and
 #           the PyTorch oracle (torch.compile, cuDNN SDPA) on gpu_1b_softmax
 #           in the same call: tokens/s, MFU, pool peak;
-#   oracle  20 steps of each config exactly as configured (bf16), replayed by
+#   oracle  20 steps of each config as configured (bf16; 5 warm-up steps), replayed by
 #           bench/torch_oracle.py: largest relative loss difference (1%);
 #   ranks   configs/default.textproto in f32 on the GPU: one rank against
 #           mpirun -np 2 with tp=2, cp=2 ring, cp=2 ulysses (MPI backend,
@@ -74,7 +74,8 @@ if [ "$what" = oracle ] || [ "$what" = all ]; then
     echo "== oracle: gpu_1b_$cfg as configured, bf16, 20 steps"
     run="$out/oracle_$cfg"
     rm -rf "$run"
-    "$bin/loom-train" --config "configs/gpu_1b_$cfg.textproto" --set train.steps=20 "${quiet[@]}" \
+    "$bin/loom-train" --config "configs/gpu_1b_$cfg.textproto" --set train.steps=20 --set optim.warmup_steps=5 \
+      "${quiet[@]}" \
       --set train.run_dir="$run" --export_oracle >"$run.log" 2>&1
     steps_of "$run.log" 2
     extra=(); [ "$cfg" = hybrid ] && extra=(--recompute)
