@@ -67,6 +67,24 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[D / 2], const uint32_t (&a)[4
   else WgmmaM64N64RS(d, a, b);
 }
 
+// acc[64 keys x D] += c · B over 64 queries, committed as one wgmma group:
+// c is a warpgroup's m64n64 f32 fragment (Pᵀ or dSᵀ), packed into the four
+// k-step A fragments a (kept alive by the caller until the group is waited
+// for: (g, 2t) (g+8, 2t) (g, 2t+8) (g+8, 2t+8) of each 16 queries); B is an
+// MN-major [64 queries][D] tile at b (panel stride `panel`).
+template <int D>
+__device__ __forceinline__ void PackAndMma(float (&acc)[D / 2], const float (&c)[32], uint32_t (&a)[4][4], uint32_t b,
+                                           uint32_t panel) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[kk][r] = PackBf16(c[8 * kk + 2 * r], c[8 * kk + 2 * r + 1]);
+  WgmmaFence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) WgmmaRS<D>(acc, a[kk], Desc128B(b + kk * 16 * 128, panel, 1024));
+  WgmmaCommit();
+}
+
 // One block an SM: D = 64 fits two by shared memory, but at 128 registers
 // it spills, and the 8K gpu_1b_softmax step measured 29.5k tokens/s so
 // against 37.4k with one (H100).
@@ -173,17 +191,9 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
                                  : exp2f(fmaf(st[i], p.scale_log2, -lse2[il]));
       st[i] = visible ? pe : 0.f;
     }
-    // A fragments of k step kk (16 queries): (g, 2t) (g+8, 2t) (g, 2t+8) (g+8, 2t+8).
-    uint32_t ap[4][4], ads[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) ap[kk][r] = PackBf16(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
     // dV += Pᵀ dO over the 64 queries.
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) WgmmaRS<D>(dv, ap[kk], Desc128B(sdo + kk * 16 * 128, kPanelQ, 1024));
-    WgmmaCommit();
+    uint32_t ap[4][4], ads[4][4];
+    PackAndMma<D>(dv, st, ap, sdo, kPanelQ);
     WgmmaWait<1>();
     FenceRegs(dpt);
 
@@ -193,15 +203,8 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
       const float pe = st[i];
       dpt[i] = p.sigmoid ? pe * (1.f - pe) * dpt[i] : pe * (dpt[i] - delta[8 * (i / 4) + 2 * t + (i % 2)]);
     }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) ads[kk][r] = PackBf16(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
     // dK += dSᵀ Q over the 64 queries.
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kM / 16; ++kk) WgmmaRS<D>(dk, ads[kk], Desc128B(sq + kk * 16 * 128, kPanelQ, 1024));
-    WgmmaCommit();
+    PackAndMma<D>(dk, dpt, ads, sq, kPanelQ);
     WgmmaWait<1>();  // dV done: Pᵀ's registers are free
     FenceRegs(dv);
     FenceRegs(ap);
