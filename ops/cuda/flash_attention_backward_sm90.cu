@@ -10,21 +10,18 @@
 //     Pᵀ = 2^(Sᵀ·c − lse·log2 e), dSᵀ = Pᵀ ⊙ (dPᵀ − Δ)
 //     (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
 //     dV += Pᵀ dO, dK += dSᵀ Q          m64nDk16, A = Pᵀ / dSᵀ in registers
-//     dQ += dS K                         m64n64k16, dSᵀ through shared memory,
-//                                        added to the f32 dQ with atomics
+//     dQ += dS K                         m64n(D/2)k16, dSᵀ through shared
+//                                        memory, added to the f32 dQ with atomics
 //   in five wgmma groups, each overlapped with the element-wise work that
 //   follows its issue: Sᵀ | dPᵀ (runs while Pᵀ is formed) | dV (while dSᵀ is
 //   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
-//   column for D = 128 (warpgroup w: columns 64w..64w+63, all 128 keys) and
-//   by key for D = 64 (warpgroup w: its own 64 keys; the two partial sums
-//   meet in shared memory, each warpgroup adds half of the query rows to
-//   global memory). dQ is skipped in deterministic mode (p.dq_acc null).
+//   column: warpgroup w takes columns w·D/2.. over all 128 keys. dQ is
+//   skipped in deterministic mode (p.dq_acc null).
 // Blocks run heaviest first: under a causal mask the first key tiles see
 // the most queries, so the grid's x is the KV head and y the key tile.
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
-// queries]; D = 64: the dQ exchange [4 warps][32][32 lanes] f32; lse2, Δ
-// [2][64] f32: 145 KB for D = 128, 97 KB for D = 64.
+// queries]; lse2, Δ [2][64] f32: 145 KB for D = 128, 81 KB for D = 64.
 // wgmma descriptors (PTX ISA "matrix descriptor", swizzle mode 128 B):
 //   K-major (rows hold the contraction dim: K, V as A and Q, dO as B of the
 //   first products): SBO = 1024 (8 rows to the next 8); the 16-wide k step
@@ -53,9 +50,8 @@ struct Sm90BwdTile {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
   static constexpr int kM = 64, kN = 128, kThreads = 256;
   static constexpr int kKV = kN * D * 2, kQ = kM * D * 2, kDs = kN * kM * 2;
-  static constexpr int kXch = D == 64 ? 4 * 32 * 32 * 4 : 0;
-  // K | V | Q [2] | dO [2] | dSᵀ | dQ exchange | stats; +1024 to align the base.
-  static constexpr int kXchOffset = 2 * kKV + 4 * kQ + kDs, kStats = kXchOffset + kXch;
+  // K | V | Q [2] | dO [2] | dSᵀ | stats; +1024 to align the base.
+  static constexpr int kStats = 2 * kKV + 4 * kQ + kDs;
   static constexpr int kSmem = kStats + 4 * kM * 4 + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
@@ -228,51 +224,36 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     FenceProxyAsync();
     __syncthreads();  // dSᵀ complete
 
-    // dQ[64 queries x 64 columns] += dS K: A = dS (MN-major: dSᵀ rows are
-    // keys), B = K (MN-major), k steps of 16 keys. D = 128: columns 64w..,
-    // all keys; D = 64: every column, keys 64w.. (a partial sum).
-    float dq[32];
+    // dQ[64 queries x D/2 columns from col0] += dS K over all 128 keys:
+    // A = dS (MN-major: dSᵀ rows are keys), B = K's columns (MN-major: panel
+    // col0 / 64, starting (col0 mod 64)·2 bytes into its rows), k steps of
+    // 16 keys. D = 128: m64n64; D = 64: m64n32.
+    constexpr int kDqN = D / 2;
+    const int col0 = wg * kDqN;
+    const uint32_t kcols = sk + (col0 / 64) * kPanelKV + (col0 % 64) * 2;
+    float dq[kDqN / 2];
     WgmmaFence();
-    if constexpr (D == 128) {
 #pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk)
-        WgmmaM64N64SS<true>(dq, Desc128B(sds + kk * 16 * 128, kPanelKV, 1024),
-                            Desc128B(sk + wg * kPanelKV + kk * 16 * 128, kPanelKV, 1024), kk > 0);
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        WgmmaM64N64SS<true>(dq, Desc128B(sds + (4 * wg + kk) * 16 * 128, kPanelKV, 1024),
-                            Desc128B(sk + (4 * wg + kk) * 16 * 128, kPanelKV, 1024), kk > 0);
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint64_t a = Desc128B(sds + kk * 16 * 128, kPanelKV, 1024);
+      const uint64_t b = Desc128B(kcols + kk * 16 * 128, kPanelKV, 1024);
+      if constexpr (D == 128) WgmmaM64N64SS<true>(dq, a, b, kk > 0);
+      else WgmmaM64N32SS<true>(dq, a, b, kk > 0);
     }
     WgmmaCommit();
     WgmmaWait<0>();
     FenceRegs(dk);
     FenceRegs(ads);
     FenceRegs(dq);
-    if constexpr (D == 64) {
-      // Warp w of either warpgroup holds the same (query, column) elements:
-      // warps 0-1 of warpgroup 0 and 2-3 of warpgroup 1 take the other's.
-      float* xch = reinterpret_cast<float*>(smem_raw + (sk - raw) + T::kXchOffset) + warp * 32 * 32 + lane;
-      const bool owner = warp / 2 == wg;
-      if (!owner)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) xch[i * 32] = dq[i];
-      __syncthreads();
-      if (!owner) continue;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) dq[i] += xch[i * 32];
-    }
-    const int col0 = D == 128 ? wg * 64 : 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = i0 + warp * 16 + g + 8 * r;
       if (i >= nq) continue;
       float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      for (int j = 0; j < kDqN / 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
     }
-    // The next step's barrier orders these reads of dSᵀ (and of the
-    // exchange) before the next writes.
+    // The next step's barrier orders these reads of dSᵀ before the next writes.
   }
   CpAsyncWait<0>();
 

@@ -194,6 +194,21 @@ __device__ __forceinline__ void WgmmaM64N64SS(float (&d)[32], uint64_t a, uint64
       : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(kTrans ? 1 : 0));
 }
 
+// d[64x32] (+)= A[64x16] · B[16x32], both in shared memory, as
+// WgmmaM64N64SS. With 128-byte-swizzled MN-major panels a 32-column B may
+// start 64 bytes into a panel's rows (the swizzle XOR applies to the
+// absolute address, as for the 32-byte k steps of K-major operands).
+template <bool kTrans>
+__device__ __forceinline__ void WgmmaM64N32SS(float (&d)[16], uint64_t a, uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, %19, %19;\n}\n"
+      : LOOM_F16(d, 0)
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)), "n"(kTrans ? 1 : 0));
+}
+
 // d[64x64] += A[64x16] · B[16x64]; as WgmmaM64N128RS with N = 64.
 __device__ __forceinline__ void WgmmaM64N64RS(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
