@@ -67,8 +67,11 @@ if [ "$what" = comm ] || [ "$what" = all ]; then
 fi
 if [ "$what" = cp ] || [ "$what" = all ]; then
   for n in "${counts[@]}"; do
+    # Loom's attention kernels at every count: cuDNN (the configs' choice)
+    # takes no ring offsets, so with it the one-GPU run and the ring runs
+    # would time different kernels.
     cp_run=(--set train.seq_len=$((base_seq * n)) --set train.global_batch=1 --set train.micro_batch=1
-            --set parallel.cp="$n")
+            --set parallel.cp="$n" --set model.attention_backend=loom)
     train cp "lasp2 (L)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=L "${all_l[@]}" --set parallel.cp_linear=lasp2
     train cp "lasp1 (L)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=L "${all_l[@]}" --set parallel.cp_linear=lasp1
     train cp "ring (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=ring
