@@ -86,19 +86,12 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sq = SmemAddr(smem), sdo = sq + kM * D * 2, sk0 = sdo + kM * D * 2, sv0 = sk0 + 2 * kTileKV;
 
-  const int tile = gridDim.x - 1 - blockIdx.x;  // heavy causal tiles first
-  const int h = blockIdx.y, row = blockIdx.z, kvh = h / p.group;
-  const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
-  const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
-  const int i0 = tile * kM;
-  if (i0 >= nq) return;
+  QueryTileBlock b;
+  if (!PlaceQueryTile<kM, kN>(p, b)) return;
+  // A query tile MoH skips walks no key tile: its dq is 0.
+  const int h = b.h, kvh = b.kvh, q0 = b.q0, nq = b.nq, k0 = b.k0, nk = b.nk, i0 = b.i0, n_tiles = b.n_tiles;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
-
-  int n_end = nk;
-  if (p.causal) n_end = max(0, min(nk, i0 + kM - p.shift));
-  // A query tile MoH skips walks no key tile: its dq is 0.
-  const int n_tiles = QueryTileActive(p, h, q0 + i0, min(kM, nq - i0)) ? (n_end + kN - 1) / kN : 0;
 
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
   const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;

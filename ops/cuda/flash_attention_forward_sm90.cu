@@ -70,16 +70,10 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   auto stage = [](int it) { return it % S; };
   auto phase = [](int it) { return static_cast<uint32_t>((it / S) & 1); };
 
-  const int tile = gridDim.x - 1 - blockIdx.x;  // heavy causal tiles first
-  const int h = blockIdx.y, row = blockIdx.z, kvh = h / p.group;
-  const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
-  const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
-  const int i0 = tile * kM;
-  if (i0 >= nq) return;
-  int n_end = nk;
-  if (p.causal) n_end = max(0, min(nk, i0 + kM - p.shift));
+  QueryTileBlock b;
+  if (!PlaceQueryTile<kM, kN>(p, b)) return;
   // A query tile MoH skips sees no key: o = 0, lse = −∞ (the CPU's skipped rows).
-  const int n_tiles = QueryTileActive(p, h, q0 + i0, min(kM, nq - i0)) ? (n_end + kN - 1) / kN : 0;
+  const int h = b.h, kvh = b.kvh, q0 = b.q0, nq = b.nq, k0 = b.k0, nk = b.nk, i0 = b.i0, n_tiles = b.n_tiles;
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
   const int tid = threadIdx.x;
 

@@ -133,6 +133,28 @@ __device__ __forceinline__ bool QueryTileActive(const Params& p, int h, int64_t 
   return false;
 }
 
+// Where a query-tile block (the forward, the deterministic dQ pass) works:
+// query tile blockIdx.x counted from the last (under a causal mask the heavy
+// tiles start first), query head blockIdx.y, row blockIdx.z; and how many
+// key tiles of kN it walks: none past the causal bound, none when MoH skips
+// the tile. False when the tile lies past its row's queries.
+struct QueryTileBlock {
+  int h, kvh, q0, nq, k0, nk, i0, n_tiles;
+};
+template <int kM, int kN>
+__device__ __forceinline__ bool PlaceQueryTile(const Params& p, QueryTileBlock& b) {
+  const int row = blockIdx.z;
+  b.h = blockIdx.y;
+  b.kvh = b.h / p.group;
+  b.q0 = p.cu_q[row], b.nq = p.cu_q[row + 1] - b.q0;
+  b.k0 = p.cu_k[row], b.nk = p.cu_k[row + 1] - b.k0;
+  b.i0 = (gridDim.x - 1 - blockIdx.x) * kM;
+  if (b.i0 >= b.nq) return false;
+  const int n_end = p.causal ? max(0, min(b.nk, b.i0 + kM - p.shift)) : b.nk;
+  b.n_tiles = QueryTileActive(p, b.h, b.q0 + b.i0, min(kM, b.nq - b.i0)) ? (n_end + kN - 1) / kN : 0;
+  return true;
+}
+
 // ------------------------------------------------------------------ host side
 
 // Kernel<<<grid, threads, smem, stream>>>(args...), its dynamic shared-memory
