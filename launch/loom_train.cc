@@ -33,6 +33,7 @@
 #include "parallel/expert_parallel.h"
 #include "model/pipeline.h"
 #include "optim/adamw.h"
+#include "ops/softmax_attention.h"
 #include "optim/lr_schedule.h"
 #include "parallel/communicator_factory.h"
 #include "parallel/context_parallel.h"
@@ -774,7 +775,7 @@ absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
         "train.device: GPU %d (%s) is sm_%d, and Loom's kernels are built for Ampere (sm_80) and newer; set "
         "train.device=cpu",
         gpu_index, CudaDeviceName(gpu_index), cc));
-  else if (cc != 90)
+  else if (!ops::cuda::FlashAttentionRuns(gpu_index))
     LogWarning(absl::StrFormat(
         "GPU %d (%s) is sm_%d, not Hopper: Loom's flash attention kernels (sm_90a) do not run there, so softmax "
         "attention runs on cuDNN's SDPA where it can (model.attention_backend=cudnn) and on the f32 kernels where it "
