@@ -307,21 +307,36 @@ struct Geometry {
 };
 
 // MoH's mask: token t of head h is active when on[h·blocks + t / block] ≠ 0;
-// on == nullptr: every token is.
+// on == nullptr: every token is. Token indices fit an int (SegmentInfo), so
+// the divisions are 32-bit: a 64-bit one is a ~70-instruction routine, and
+// ten of them a chunk and thread made the masked kernels slower than the
+// unmasked ones (docs/moh.md).
 struct MaskArg {
   const int32_t* on = nullptr;
-  int64_t blocks = 0, block = 1;
+  int blocks = 0, block = 1;
 };
-__device__ __forceinline__ bool TokenActive(const MaskArg& m, int h, int64_t t) {
+__device__ __forceinline__ bool TokenActive(const MaskArg& m, int h, int t) {
   return m.on == nullptr || m.on[h * m.blocks + t / m.block] != 0;
 }
-// Whether any of the tokens [t0, t0 + len) is active (every thread gets the
-// same answer: a few reads of the mask's blocks, no barrier).
-__device__ __forceinline__ bool ChunkActive(const MaskArg& m, int h, int64_t t0, int len) {
-  if (m.on == nullptr) return true;
-  for (int64_t b = t0 / m.block; b <= (t0 + len - 1) / m.block; ++b)
-    if (m.on[h * m.blocks + b] != 0) return true;
-  return false;
+// Which of a chunk's tokens [t0, t0 + len) are active, asked once a chunk
+// (every thread gets the same answer: a few reads of the mask, no barrier):
+// any (the chunk runs its output terms) and all (its rows need no per-row
+// mask; with blocks of the chunk's size every active chunk is all active).
+struct ChunkOn {
+  bool any = true, all = true;
+  // The mask LoadChunk applies to the chunk's rows: none when all are on.
+  __device__ MaskArg RowMask(const MaskArg& m) const { return all ? MaskArg{} : m; }
+};
+__device__ __forceinline__ ChunkOn ChunkActivity(const MaskArg& m, int h, int t0, int len) {
+  ChunkOn c;
+  if (m.on == nullptr) return c;
+  c.any = false;
+  for (int b = t0 / m.block; b <= (t0 + len - 1) / m.block; ++b) {
+    const bool on = m.on[h * m.blocks + b] != 0;
+    c.any |= on;
+    c.all &= on;
+  }
+  return c;
 }
 
 // Async copy of rows [0, len) of a chunk (row r at src + r·stride, token
@@ -329,7 +344,7 @@ __device__ __forceinline__ bool ChunkActive(const MaskArg& m, int h, int64_t t0,
 // inactive tokens, are zero.
 template <int D>
 __device__ __forceinline__ void LoadChunk(nv_bf16* tile, const nv_bf16* src, int64_t stride, int len,
-                                          const MaskArg& mask = {}, int h = 0, int64_t t0 = 0) {
+                                          const MaskArg& mask = {}, int h = 0, int t0 = 0) {
   constexpr int kPieces = D / 8;
 #pragma unroll
   for (int i = threadIdx.x; i < kChunk * kPieces; i += kThreads) {
@@ -361,25 +376,29 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t base = (static_cast<int64_t>(seg.begin) * heads + h) * D;
   const int chunks = (seg.length + kChunk - 1) / kChunk;
   auto chunk_of = [&](int step) { return kQueryMode ? chunks - 1 - step : step; };
-  auto active = [&](int step) {
+  auto activity = [&](int step) {
     const int c = chunk_of(step);
-    return ChunkActive(mask, h, seg.begin + int64_t{c} * kChunk, min(kChunk, seg.length - c * kChunk));
+    return ChunkActivity(mask, h, seg.begin + c * kChunk, min(kChunk, seg.length - c * kChunk));
   };
-  auto load = [&](int step) {
+  auto load = [&](int step, ChunkOn on) {
     const int c = chunk_of(step), len = min(kChunk, seg.length - c * kChunk);
-    if (!active(step)) return;
+    if (!on.any) return;
     nv_bf16* stage = tiles + (step & 1) * 2 * G::kTile;
     const int64_t off = base + static_cast<int64_t>(c) * kChunk * stride;
     LoadChunk<D>(stage, a + off, stride, len);
-    LoadChunk<D>(stage + G::kTile, b + off, stride, len, mask, h, seg.begin + int64_t{c} * kChunk);
+    LoadChunk<D>(stage + G::kTile, b + off, stride, len, on.RowMask(mask), h, seg.begin + c * kChunk);
   };
   float x[G::kStateNt][4];
   Zero(x);
-  load(0);
+  ChunkOn on = activity(0), on_next;
+  load(0, on);
   CpAsyncCommit();
   for (int step = 0; step < chunks; ++step) {
     const int len = min(kChunk, seg.length - chunk_of(step) * kChunk);
-    if (step + 1 < chunks) load(step + 1);
+    if (step + 1 < chunks) {
+      on_next = activity(step + 1);
+      load(step + 1, on_next);
+    }
     CpAsyncCommit();
     if (threadIdx.x < kChunk) {
       const int i = threadIdx.x;
@@ -389,10 +408,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const nv_bf16* stage = tiles + (step & 1) * 2 * G::kTile;
     ScaleAll(x, exp2f(l2 * static_cast<float>(len)));
-    if (active(step))
+    if (on.any)
       WarpGemmDecayedT<G::kStateNt, kChunk>(x, stage, G::kLd, G::StateRow(w), fac, stage + G::kTile, G::kLd,
                                             G::StateCol(w));
     __syncthreads();
+    on = on_next;
   }
   StoreState(out + (static_cast<int64_t>(blockIdx.x) * heads + h) * D * D, D, G::StateRow(w), G::StateCol(w), x);
 }
@@ -461,14 +481,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t stride = static_cast<int64_t>(heads) * D;
   const int64_t base = (static_cast<int64_t>(seg.begin) * heads + h) * D;
   const int chunks = (seg.length + kChunk - 1) / kChunk;
-  auto active = [&](int c) {
-    return ChunkActive(mask, h, seg.begin + int64_t{c} * kChunk, min(kChunk, seg.length - c * kChunk));
+  auto activity = [&](int c) {
+    return ChunkActivity(mask, h, seg.begin + c * kChunk, min(kChunk, seg.length - c * kChunk));
   };
-  auto load = [&](int c) {
+  auto load = [&](int c, ChunkOn on) {
     const int len = min(kChunk, seg.length - c * kChunk);
     nv_bf16* stage = tiles + (c & 1) * 3 * G::kTile;
     const int64_t off = base + static_cast<int64_t>(c) * kChunk * stride;
-    if (active(c)) LoadChunk<D>(stage, q + off, stride, len, mask, h, seg.begin + int64_t{c} * kChunk);
+    if (on.any) LoadChunk<D>(stage, q + off, stride, len, on.RowMask(mask), h, seg.begin + c * kChunk);
     LoadChunk<D>(stage + G::kTile, k + off, stride, len);
     LoadChunk<D>(stage + 2 * G::kTile, v + off, stride, len);
   };
@@ -476,11 +496,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int om0 = G::OutRow(w), on0 = G::OutCol(w), pn0 = G::ScoreCol(w);
   float s[G::kStateNt][4];
   LoadState(s, entry + (static_cast<int64_t>(blockIdx.x) * heads + h) * D * D, D, sm0, sn0);
-  load(0);
+  ChunkOn on = activity(0), on_next;
+  load(0, on);
   CpAsyncCommit();
   for (int c = 0; c < chunks; ++c) {
     const int len = min(kChunk, seg.length - c * kChunk);
-    if (c + 1 < chunks) load(c + 1);
+    if (c + 1 < chunks) {
+      on_next = activity(c + 1);
+      load(c + 1, on_next);
+    }
     CpAsyncCommit();
     StoreShared(sb, G::kLd, sm0, sn0, s);
     if (threadIdx.x < kChunk) {
@@ -495,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const nv_bf16* vt = kt + G::kTile;
     float acc[G::kOutNt][4];
     Zero(acc);
-    if (active(c)) {
+    if (on.any) {
       {
         float p[4][4];
         Zero(p);
@@ -508,11 +532,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
       WarpGemm<G::kOutNt, kChunk, false>(acc, ps, kScoreLd, om0, vt, G::kLd, on0);
     }
-    if (active(c) || !accumulate)
+    if (on.any || !accumulate)
       StoreGlobal(o + base + static_cast<int64_t>(c) * kChunk * stride, stride, om0, on0, len, acc, accumulate);
     ScaleAll(s, exp2f(l2 * static_cast<float>(len)));
     WarpGemmDecayedT<G::kStateNt, kChunk>(s, kt, G::kLd, sm0, fk, vt, G::kLd, sn0);
     __syncthreads();
+    on = on_next;
   }
 }
 
@@ -541,30 +566,36 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t stride = static_cast<int64_t>(heads) * D;
   const int64_t base = (static_cast<int64_t>(seg.begin) * heads + h) * D;
   const int chunks = (seg.length + kChunk - 1) / kChunk;
-  // Whether chunk c runs its intra terms.
-  auto run_intra = [&](int c) {
-    return intra && ChunkActive(mask, h, seg.begin + int64_t{c} * kChunk, min(kChunk, seg.length - c * kChunk));
+  // Which of chunk c's tokens are active; the chunk runs its intra terms when any is.
+  auto activity = [&](int c) {
+    ChunkOn on = ChunkActivity(mask, h, seg.begin + c * kChunk, min(kChunk, seg.length - c * kChunk));
+    on.any &= intra;
+    return on;
   };
-  auto load = [&](int step) {
+  auto load = [&](int step, ChunkOn on) {
     const int c = chunks - 1 - step, len = min(kChunk, seg.length - c * kChunk);
     nv_bf16* stage = tiles + (step & 1) * 4 * G::kTile;
     const int64_t off = base + static_cast<int64_t>(c) * kChunk * stride;
     LoadChunk<D>(stage + G::kTile, k + off, stride, len);
     LoadChunk<D>(stage + 2 * G::kTile, v + off, stride, len);
-    if (run_intra(c)) {
+    if (on.any) {
       LoadChunk<D>(stage, q + off, stride, len);
-      LoadChunk<D>(stage + 3 * G::kTile, d_o + off, stride, len, mask, h, seg.begin + int64_t{c} * kChunk);
+      LoadChunk<D>(stage + 3 * G::kTile, d_o + off, stride, len, on.RowMask(mask), h, seg.begin + c * kChunk);
     }
   };
   const int sm0 = G::StateRow(w), sn0 = G::StateCol(w);
   const int om0 = G::OutRow(w), on0 = G::OutCol(w), pn0 = G::ScoreCol(w);
   float ds[G::kStateNt][4];
   LoadState(ds, exit + (static_cast<int64_t>(blockIdx.x) * heads + h) * D * D, D, sm0, sn0);
-  load(0);
+  ChunkOn on = activity(chunks - 1), on_next;
+  load(0, on);
   CpAsyncCommit();
   for (int step = 0; step < chunks; ++step) {
     const int c = chunks - 1 - step, len = min(kChunk, seg.length - c * kChunk);
-    if (step + 1 < chunks) load(step + 1);
+    if (step + 1 < chunks) {
+      on_next = activity(c - 1);
+      load(step + 1, on_next);
+    }
     CpAsyncCommit();
     StoreShared(dsb, G::kLd, sm0, sn0, ds);
     if (threadIdx.x < kChunk) {
@@ -578,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const nv_bf16* kt = qt + G::kTile;
     const nv_bf16* vt = kt + G::kTile;
     const nv_bf16* dot = vt + G::kTile;
-    const bool chunk_intra = run_intra(c);
+    const bool chunk_intra = on.any;
     if (chunk_intra) {
       float p[4][4];
       Zero(p);
@@ -608,6 +639,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     ScaleAll(ds, exp2f(l2 * static_cast<float>(len)));
     if (chunk_intra) WarpGemmDecayedT<G::kStateNt, kChunk>(ds, qt, G::kLd, sm0, fq, dot, G::kLd, sn0);
     __syncthreads();
+    on = on_next;
   }
 }
 
@@ -871,7 +903,8 @@ MaskArg MaskOf(const Tensor& active, int64_t block, const Dims& d) {
   if (!active.defined()) return {};
   LOOM_CHECK(block >= 1, "[lightning_attention] CUDA: mask block ", block, " must be >= 1");
   CheckCuda(active, {d.h, (d.t + block - 1) / block}, DType::kI32, d.device, "active");
-  return {static_cast<const int32_t*>(active.raw()), active.dim(1), block};
+  LOOM_CHECK(block < (int64_t{1} << 31), "[lightning_attention] CUDA: mask block ", block, " exceeds an int");
+  return {static_cast<const int32_t*>(active.raw()), static_cast<int>(active.dim(1)), static_cast<int>(block)};
 }
 
 }  // namespace
