@@ -816,21 +816,15 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
   absl::StrAppend(&out, absl::StrFormat("FLOPs: %.4g per token (6N + attention), %.4g per step of %d tokens, %.4g per "
                                         "rank\n",
                                         per_token, per_token * tokens, tokens, per_token * tokens / layout.world));
-  if (dims.moe.experts > 0) {
-    // model/memory_estimate.h models dense SwiGLU MLPs only: a table for an
-    // MoE model would count the wrong MLP, so none is printed.
-    absl::StrAppend(&out, "memory per rank: not planned for MoE layers yet (model.moe.experts = ", dims.moe.experts,
-                    "): the plan models dense SwiGLU MLPs only\n");
-    if (print) std::fputs(out.c_str(), stdout);
-    return absl::OkStatus();
-  }
   absl::StrAppend(&out, "memory per rank (one per pipeline stage; every tp/cp/dp rank of a stage alike):\n");
   absl::StrAppend(&out, absl::StrFormat("  %-5s %14s %11s %11s %11s %12s %10s %11s\n", "stage", "parameters", "weights",
                                         "gradients", "AdamW m+v", "activations", "inputs", "total"));
+  int64_t moe_rows = 0;
   for (int stage = 0; stage < layout.pp; ++stage) {
     MemoryEstimateOptions options = MemoryEstimateOptionsFromConfig(config, layout);
     options.pp_rank = stage;
     LOOM_ASSIGN_OR_RETURN(const MemoryEstimate m, EstimateMemory(dims, options));
+    moe_rows = m.moe_rows;
     absl::StrAppend(&out, absl::StrFormat("  %-5d %14d %11s %11s %11s %12s %10s %11s\n", stage, m.parameters,
                                           HumanBytes(m.param_bytes), HumanBytes(m.grad_bytes),
                                           HumanBytes(m.optimizer_bytes), HumanBytes(m.activation_bytes),
@@ -841,6 +835,15 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
                               "in docs/metrics.md; context-parallel buffers and kernel scratch not counted)\n"
                             : "(tensors of the CPU trainer in its dtype; activations: the peak of one step, formula in "
                               "docs/metrics.md; context-parallel buffers not counted)\n");
+  if (dims.moe.experts > 0) {
+    // The rows an MoE layer's experts get depend on the routing: the plan
+    // takes every assignment (or the capacity bound) and, under ep, an even
+    // split over the ep ranks (model/memory_estimate.h).
+    const bool capped = config.model().moe().capacity_factor() > 0;
+    absl::StrAppend(&out, absl::StrFormat("(MoE layers: %d expert rows per layer and micro-batch, %s%s)\n", moe_rows,
+                                          capped ? "T·top_k or capacity·experts, the smaller" : "T·top_k, dropless",
+                                          layout.ep > 1 ? "; under ep as many received as sent (balanced routing)" : ""));
+  }
   if (print) std::fputs(out.c_str(), stdout);
   return absl::OkStatus();
 }

@@ -34,9 +34,17 @@ grep -q "layout: 8 ranks = tp2 cp1 dp2 pp2" "$out" || fail "8-rank layout"
 rc=$?
 [ $rc = 2 ] || fail "a layout that does not fit should exit 2, got $rc"
 [ "$(wc -l <"$out")" = 1 ] || fail "one line of error expected"
-# MoE: parameters and FLOPs, and no memory table (the plan models dense MLPs only).
+# MoE + MoH on the CPU: the whole row. Weights, gradients and AdamW are what
+# Model + ExpertDataParallel allocate, and 11.6 MiB of activations the peak
+# the Tensor byte counter measures over a step of this config (12,146,944 B;
+# tests/model/memory_estimate_test.cc checks both to the byte).
 "$bin" --config "$src/configs/tiny_moe.textproto" --dry-run >"$out" 2>&1 || fail "MoE dry run exited $?"
 grep -q "parameters: 251.9k total" "$out" || fail "MoE parameters"
-grep -q "memory per rank: not planned for MoE layers yet" "$out" || fail "MoE memory line"
-grep -Eq "^  0 +[0-9]+ " "$out" && fail "no memory row expected for MoE"
+grep -q "not planned" "$out" && fail "MoE models get a memory plan"
+grep -Eq "^  0 +251872 +983.9 KiB +983.9 KiB +1.9 MiB +11.6 MiB +6.0 KiB +15.4 MiB$" "$out" || fail "MoE memory row"
+grep -q "(MoE layers: 1024 expert rows per layer and micro-batch, T·top_k, dropless)" "$out" || fail "MoE rows line"
+# The MoE + MoH GPU config (bf16, 16K tokens): 51.28 GiB is the estimate's
+# own number; the H100 measurement of its pool peak is pending.
+"$bin" --config "$src/configs/gpu_moe.textproto" --dry-run >"$out" 2>&1 || fail "GPU MoE dry run exited $?"
+grep -Eq "^  0 +1666796288 .* 51.28 GiB$" "$out" || fail "GPU MoE memory row"
 echo "dry run: ok"
