@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU training checks of docs/gpu.md, on one GPU, in one go:
 #   speed   gpu_1b_softmax at 8K and 32K and gpu_1b_hybrid at 32K (bf16; as
-#           configured, with cuDNN's attention, and with Loom's kernels), and
-#           the PyTorch oracle (torch.compile, cuDNN SDPA) on gpu_1b_softmax
-#           in the same call: tokens/s, MFU, pool peak;
+#           configured, with cuDNN's attention, and with Loom's kernels),
+#           gpu_moe at 16K, and the PyTorch oracle (torch.compile, cuDNN
+#           SDPA) on gpu_1b_softmax in the same call: tokens/s, MFU, pool
+#           peak;
 #   oracle  20 steps of each config as configured (bf16; 5 warm-up steps), replayed by
 #           bench/torch_oracle.py: largest relative loss difference (1%);
 #   ranks   configs/default.textproto in f32 on the GPU: one rank against
@@ -63,6 +64,10 @@ if [ "$what" = speed ] || [ "$what" = all ]; then
   speed_run h32k "gpu_1b_hybrid 32K" configs/gpu_1b_hybrid.textproto
   speed_run h32k_loom "gpu_1b_hybrid 32K, Loom attention" configs/gpu_1b_hybrid.textproto \
     --set model.attention_backend=loom
+  # lr 4e-5 keeps the routing near its initial, balanced state over the
+  # 5 steps: at the configured 4e-4 reached in 2 warm-up steps the routers
+  # move far in a few Adam steps, and the expert loads with them.
+  speed_run moe16k "gpu_moe 16K" configs/gpu_moe.textproto --set optim.lr=4e-5
   echo "== speed: PyTorch oracle, gpu_1b_softmax, torch.compile + cuDNN SDPA"
   python3 bench/torch_oracle.py --config configs/gpu_1b_softmax.textproto --device cuda --dtype bf16 --compile \
     --steps 8 --warmup 3 >"$out/oracle_speed.log" 2>&1
