@@ -162,10 +162,9 @@ Tensor Model::ChunkBackward(int v, const Batch& batch, const Tensor& dout, doubl
   return Tensor();
 }
 
-double Model::RouterLoss(const Batch& batch, double normalizer) const {
+double Model::ChunkRouterLoss(int chunk, const Batch& batch, double normalizer) const {
   double sum = 0;
-  for (const auto& chunk : chunks_)
-    for (const auto& b : chunk.blocks) sum += b->router_loss();
+  for (const auto& b : chunks_[chunk].blocks) sum += b->router_loss();
   return sum * RouterLossShare(batch, normalizer);
 }
 
@@ -210,7 +209,7 @@ ops::CrossEntropyResult Model::Evaluate(const Batch& batch, double normalizer, T
   LOOM_CHECK(pp_.size == 1, "[model] Evaluate runs one stage; pipelines use model/pipeline.h");
   Tensor out = ChunkForward(0, batch, Tensor());
   auto result = ChunkLoss(out, batch, normalizer, predictions);
-  result.loss += RouterLoss(batch, normalizer);
+  result.loss += ChunkRouterLoss(0, batch, normalizer);
   ReleaseChunk(0);
   return result;
 }
@@ -220,7 +219,7 @@ ops::CrossEntropyResult Model::ForwardBackward(const Batch& batch, double normal
   ChunkForward(0, batch, Tensor());
   ops::CrossEntropyResult result;
   ChunkBackward(0, batch, Tensor(), normalizer, &result);
-  result.loss += RouterLoss(batch, normalizer);
+  result.loss += ChunkRouterLoss(0, batch, normalizer);
   return result;
 }
 
@@ -238,10 +237,14 @@ double Model::StepGradients(const std::vector<Batch>& micro_batches, double norm
     loss += ForwardBackward(micro_batches[i], normalizer).loss;
   }
   hook_armed_ = true;
+  UpdateMoeBias();
+  return loss;
+}
+
+void Model::UpdateMoeBias() {
   for (auto& chunk : chunks_)
     for (auto& b : chunk.blocks)
       if (b->moe() != nullptr) b->moe()->UpdateBias();
-  return loss;
 }
 
 }  // namespace loom

@@ -70,6 +70,12 @@ class Model {
   // Forward-only loss on the last stage from the chunk's output.
   ops::CrossEntropyResult ChunkLoss(const Tensor& output, const Batch& batch, double normalizer,
                                     Tensor* predictions);
+  // Σ over the chunk's MoE and MoH blocks of router_loss · share (see the
+  // top), from the chunk's last ChunkForward of `batch`.
+  double ChunkRouterLoss(int chunk, const Batch& batch, double normalizer) const;
+  // The MoE layers' selection-bias update from the step's loads (bias
+  // balancing; model/moe.h), once a step after its last backward.
+  void UpdateMoeBias();
   void ReleaseChunk(int chunk);
   // Tokens of a micro-batch's residual stream on this rank: all of them, or
   // 1/tp under sequence parallelism (what pipeline stages send).
@@ -118,8 +124,6 @@ class Model {
   // Loss (and dh, dW_out when dh is non-null) of the final hidden state.
   ops::CrossEntropyResult Loss(const Tensor& h, const Batch& batch, double normalizer, Tensor* dh,
                                Tensor* predictions);
-  // Σ_MoE blocks router_loss · share of the batch (see the top).
-  double RouterLoss(const Batch& batch, double normalizer) const;
   static double RouterLossShare(const Batch& batch, double normalizer) {
     return normalizer > 0 ? static_cast<double>(batch.CountTargets()) / normalizer : 0.0;
   }

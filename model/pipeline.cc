@@ -54,6 +54,7 @@ absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, con
       ops::CrossEntropyResult ce;
       Tensor dx = model.ChunkBackward(v, batch, dout, normalizer, &ce);
       if (model.last_stage(v)) loss += ce.loss;
+      loss += model.ChunkRouterLoss(v, batch, normalizer);  // from the recomputed forward
       if (!model.first_stage(v)) {
         sent.push_back(dx);
         sends.push_back(pp.StartSend(dx, (s - 1 + p) % p, Tag(m, s - 1, stages, 1)));
@@ -61,6 +62,7 @@ absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, con
     }
   }
   model.set_grad_ready_armed(true);
+  model.UpdateMoeBias();
   for (CommHandle& h : sends) LOOM_RETURN_IF_ERROR(h.Wait());
   return loss;
 }
@@ -85,6 +87,7 @@ absl::StatusOr<ops::CrossEntropyResult> PipelineEvaluate(Model& model, Communica
         LOOM_RETURN_IF_ERROR(pp.Recv(input, (s - 1) % p, Tag(static_cast<int>(m), s, stages, 0)));
       }
       Tensor out = model.ChunkForward(v, batch, input);
+      total.loss += model.ChunkRouterLoss(v, batch, 1.0);
       if (model.last_stage(v)) {
         Tensor predicted = Tensor::Empty({batch.tokens_count()}, DType::kI32, model.dims().device);
         const auto ce = model.ChunkLoss(out, batch, 1.0, &predicted);

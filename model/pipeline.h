@@ -17,13 +17,18 @@
 namespace loom {
 
 // Zeroes the gradients and accumulates those of every micro-batch; returns
-// the summed loss / normalizer on the last stage (0 elsewhere).
+// this rank's part of the step's loss: the summed cross-entropy / normalizer
+// on the last stage, plus on every stage its MoE and MoH layers' router
+// losses (Model::ChunkRouterLoss). The parts summed over the pipeline group
+// are the loss of one stage holding every layer.
 absl::StatusOr<double> PipelineStepGradients(Model& model, Communicator& pp, const std::vector<Batch>& micro_batches,
                                              double normalizer);
 
 // Forward only, micro-batch by micro-batch. On the last stage returns the
 // summed loss and counted tokens, and fills predictions[i] (argmax tokens
-// of micro-batch i); elsewhere zeros and undefined predictions.
+// of micro-batch i); elsewhere zero tokens and undefined predictions. Every
+// stage's loss includes its router losses (share: the batch's targets, as
+// Model::Evaluate at normalizer 1), so summed over the group it is Evaluate's.
 absl::StatusOr<ops::CrossEntropyResult> PipelineEvaluate(Model& model, Communicator& pp,
                                                          const std::vector<Batch>& micro_batches,
                                                          std::vector<Tensor>* predictions);

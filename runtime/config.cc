@@ -117,9 +117,8 @@ absl::Status Range(bool ok, const std::string& field, const std::string& why) {
 
 // model.moh (configs/loom.proto MohConfig), checked only when the pattern has
 // an H or R layer. Under TP every rank computes all gates from the replicated
-// router and keeps its heads' (model/moh.h); the router loss has no pipeline
-// path.
-// Both devices run it (docs/moh.md).
+// router and keeps its heads' (model/moh.h); under PP each stage adds its
+// layers' router losses (model/pipeline.h). Both devices run it (docs/moh.md).
 absl::Status ValidateMoh(const config::Config& c) {
   const config::ModelConfig& m = c.model();
   if (m.pattern().find_first_of("HR") == std::string::npos) return absl::OkStatus();
@@ -133,10 +132,6 @@ absl::Status ValidateMoh(const config::Config& c) {
                                             m.heads(), " − model.moh.shared_heads ", moh.shared_heads(), ")")));
   LOOM_RETURN_IF_ERROR(Range(moh.aux_loss_coef() >= 0 && moh.aux_loss_coef() <= 10, "model.moh.aux_loss_coef",
                              absl::StrCat(moh.aux_loss_coef(), " is outside [0, 10]")));
-  const auto& p = c.parallel();
-  LOOM_RETURN_IF_ERROR(Range(p.pp() == 1, "parallel.pp",
-                             absl::StrCat(p.pp(), ": MoH layers (H, R in model.pattern '", m.pattern(),
-                                          "') run without pipeline parallelism yet; set it to 1")));
   return absl::OkStatus();
 }
 
@@ -370,13 +365,13 @@ absl::Status ValidateConfig(const config::Config& c) {
                                "model.moe.capacity_factor",
                                absl::StrCat(moe.capacity_factor(), " is neither 0 (dropless) nor in [1e-3, 64]")));
     // Router statistics are reduced over dp × cp, and experts split over ep
-    // ranks of the DP group (model/moe.h); the MoE layer has no TP split or
-    // pipeline loss path yet.
+    // ranks of the DP group (model/moe.h); each pipeline stage adds its
+    // layers' router losses (model/pipeline.h). The MoE layer has no TP split
+    // yet.
     const auto& p = c.parallel();
-    for (const auto& [value, name] : {std::pair{p.tp(), "parallel.tp"}, std::pair{p.pp(), "parallel.pp"}})
-      LOOM_RETURN_IF_ERROR(Range(value == 1, name,
-                                 absl::StrCat(value, ": MoE layers (model.moe.experts = ", moe.experts(),
-                                              ") run without tensor or pipeline parallelism yet; set it to 1")));
+    LOOM_RETURN_IF_ERROR(Range(p.tp() == 1, "parallel.tp",
+                               absl::StrCat(p.tp(), ": MoE layers (model.moe.experts = ", moe.experts(),
+                                            ") run without tensor parallelism yet; set it to 1")));
     // Capacity drops follow the global token order, which the zig-zag CP
     // split does not keep in rank order.
     LOOM_RETURN_IF_ERROR(Range(p.cp() == 1 || moe.capacity_factor() == 0, "parallel.cp",

@@ -6,7 +6,10 @@
 # reached by all-to-all); so do cp2 and cp2 dp2 ep2 (statistics over dp × cp,
 # expert gradients over the expert-dp group, which spans cp). A checkpoint saved under ep2 at step 3 (experts
 # gathered from their owners, the selection bias included) resumes under
-# ep4 and in one process to the same losses at steps 4-6.
+# ep4 and in one process to the same losses at steps 4-6. Pipeline
+# parallelism (4 layers, RLHR, split over 2 stages; each stage adds its
+# layers' router losses and updates their selection bias): pp2 with 4
+# micro-batches, and pp2 x dp2 x ep2, give one process's losses too.
 set -eu
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 bin=$1; src=$2
@@ -34,8 +37,15 @@ ckpt="$work/ep2/checkpoints/step_00000003"
   --set checkpoint.resume="$ckpt" --set train.run_dir="$work/resume_ep4" | grep -E "resumed|step +$steps"
 "$bin" "${common[@]}" --set train.micro_batch=32 --set checkpoint.resume="$ckpt" \
   --set train.run_dir="$work/resume_one" | grep -E "resumed|step +$steps"
-compare() {  # run, expected number of steps
-  paste <(losses "$work/one" | tail -n "$2") <(losses "$work/$1") | awk -v run="$1" -v want="$2" '
+four=(--set model.layers=4)
+"$bin" "${common[@]}" "${four[@]}" --set train.micro_batch=32 --set train.run_dir="$work/one4" | grep -E "step +$steps"
+"$bin" "${common[@]}" "${four[@]}" --set train.micro_batch=8 --set train.run_dir="$work/one4_mb8" | grep -E "step +$steps"
+"${mpi[@]}" -np 2 "$bin" "${common[@]}" "${four[@]}" --set train.micro_batch=8 --set parallel.pp=2 \
+  --set train.run_dir="$work/pp2" | grep -E "ranks|step +$steps"
+"${mpi[@]}" -np 4 "$bin" "${common[@]}" "${four[@]}" --set train.micro_batch=16 --set parallel.pp=2 --set parallel.ep=2 \
+  --set train.run_dir="$work/pp2ep2" | grep -E "ranks|step +$steps"
+compare() {  # run, expected number of steps[, the one-process run to match]
+  paste <(losses "$work/${3:-one}" | tail -n "$2") <(losses "$work/$1") | awk -v run="$1" -v want="$2" '
     { n++; d = $2 - $4; if (d < 0) d = -d; if ($1 != $3 || d > 1e-10 * $2) { print run ": step " $1 " loss " $2 " vs " $3 " " $4; bad = 1 } }
     END { if (n != want) { print run ": " n " steps, want " want; bad = 1 }; exit bad }'
   echo "$1: $2 losses match one process within 1e-10"
@@ -47,3 +57,5 @@ compare cp2 $steps
 compare cp2ep2 $steps
 compare resume_ep4 3
 compare resume_one 3
+compare pp2 $steps one4_mb8
+compare pp2ep2 $steps one4

@@ -368,9 +368,8 @@ TEST(MohModel, MemoryEstimateCountsRouterWeightsAndActivations) {
   EXPECT_GT(a->activation_bytes, b->activation_bytes);
 }
 
-TEST(MohConfig, RefusesBadFieldsAndParallelism) {
-  for (const char* bad : {"model.moh.top_k=4", "model.moh.shared_heads=5", "model.moh.aux_loss_coef=-1",
-                          "parallel.pp=2"}) {
+TEST(MohConfig, RefusesBadFieldsTakesParallelism) {
+  for (const char* bad : {"model.moh.top_k=4", "model.moh.shared_heads=5", "model.moh.aux_loss_coef=-1"}) {
     config::Config c = MohConfig();
     ASSERT_TRUE(ApplyOverride(c, bad).ok()) << bad;
     const absl::Status s = ValidateConfig(c);
@@ -381,6 +380,7 @@ TEST(MohConfig, RefusesBadFieldsAndParallelism) {
   config::Config ok = MohConfig({"model.moh.shared_heads=4", "model.moh.top_k=9"});  // no routed heads: top_k unused
   EXPECT_TRUE(ValidateConfig(ok).ok());
   EXPECT_TRUE(ValidateConfig(MohConfig({"parallel.tp=2"})).ok());  // TP: model/moh.h
+  EXPECT_TRUE(ValidateConfig(MohConfig({"parallel.pp=2"})).ok());  // PP: model/pipeline.h
 }
 
 }  // namespace
