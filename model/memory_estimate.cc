@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "model/softmax_attention_layer.h"
+#include "ops/softmax_attention.h"
 #include "parallel/pipeline_schedule.h"
 
 namespace loom {
@@ -40,13 +41,12 @@ struct StepShapes {
   // [T, k], gates [T, k], lse [T].
   int64_t Routing(int64_t n, int64_t k) const { return t * n * es + t * k * 4 + t * k * es + t * es; }
   // Whether the layer's attention takes MoH's skip mask (model/*_layer.cc):
-  // never under CP; softmax on the CPU or Loom's bf16 kernels (head dim 64
-  // or 128) only.
+  // never under CP; softmax on the CPU or Loom's bf16 kernels only
+  // (ops::SoftmaxBf16TakesMask, a Hopper GPU assumed).
   bool MohMask(char kind) const {
     if (cp > 1) return false;
     if (!SoftmaxKind(kind) || d.device.is_cpu()) return true;
-    return d.mixed_bf16 && d.attention_backend == ops::AttentionBackend::kLoom &&
-           (d.head_dim == 64 || d.head_dim == 128);
+    return d.mixed_bf16 && ops::SoftmaxBf16TakesMask(d.head_dim, d.attention_backend);
   }
   // MohRouter::Forward and the layer's ActiveMask.
   void MohForward(Ledger& m, char kind) const {

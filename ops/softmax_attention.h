@@ -59,9 +59,18 @@ struct AttentionOptions {
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,
                              const TokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse);
 // Whether the call with q and options may pass AttentionOptions::active:
-// CPU tensors, or bf16 CUDA tensors of head dim 64 or 128 on Loom's kernels
-// (on a Hopper GPU).
+// CPU tensors, or bf16 CUDA tensors that SoftmaxBf16TakesMask on a GPU
+// running Loom's flash kernels (cuda::FlashAttentionRuns: Hopper).
 bool SoftmaxAttentionSkipsInactive(const Tensor& q, const AttentionOptions& options);
+// The head dims Loom's flash attention kernels are compiled for.
+inline bool FlashAttentionHeadDim(int64_t d) { return d == 64 || d == 128; }
+// Whether a bf16 call of this head dim and backend runs Loom's flash
+// kernels where they run, the kernels that take MoH's mask (what
+// SoftmaxAttentionSkipsInactive asks of a GPU call, and the memory plan of
+// model/memory_estimate.cc, which assumes a Hopper GPU).
+inline bool SoftmaxBf16TakesMask(int64_t head_dim, AttentionBackend backend) {
+  return backend == AttentionBackend::kLoom && FlashAttentionHeadDim(head_dim);
+}
 
 void SoftmaxAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                               const Tensor& lse, const Tensor& d_o, const TokenRows& q_rows,

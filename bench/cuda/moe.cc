@@ -37,7 +37,6 @@
 namespace loom {
 namespace {
 
-
 constexpr int64_t kTokens = 65536, kHidden = 2048, kExperts = 8, kExpertFfn = 1408, kTopK = 2;
 
 // Moves a layer's parameters to the GPU with bf16 compute copies, as Model does.

@@ -674,7 +674,7 @@ std::optional<AttentionBackend> SoftmaxAttentionBf16Backend(const Tensor& q, con
   // takes multiples of 8 up to 128; other head dims (small test models) run
   // the f32 kernels.
   const int64_t d = q.dim(-1);
-  const bool loom_dims = d == 64 || d == 128, cudnn_dims = d % 8 == 0 && d <= 128;
+  const bool loom_dims = FlashAttentionHeadDim(d), cudnn_dims = d % 8 == 0 && d <= 128;
   if (options.backend == AttentionBackend::kLoom && (!loom_dims || flash_runs))
     return loom_dims ? std::optional(AttentionBackend::kLoom) : std::nullopt;
   if (options.backend == AttentionBackend::kCudnn && !cudnn_dims) return std::nullopt;
@@ -720,8 +720,8 @@ Tensor F32Copy(const Tensor& t) { return ConvertedCopy(t, DType::kF32); }
 
 bool SoftmaxAttentionSkipsInactive(const Tensor& q, const AttentionOptions& options) {
   if (q.device().is_cpu()) return true;
-  return q.dtype() == DType::kBF16 && options.backend == AttentionBackend::kLoom &&
-         (q.dim(-1) == 64 || q.dim(-1) == 128) && cuda::FlashAttentionRuns(q.device().index);
+  return q.dtype() == DType::kBF16 && SoftmaxBf16TakesMask(q.dim(-1), options.backend) &&
+         cuda::FlashAttentionRuns(q.device().index);
 }
 
 void SoftmaxAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const TokenRows& q_rows,

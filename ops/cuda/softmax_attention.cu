@@ -38,7 +38,7 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
              CudaComputeCapability(q.device().index),
              ": Loom's flash attention kernels are Hopper (sm_90a) code; use model.attention_backend=cudnn");
   const int64_t d = q.dim(2);
-  LOOM_CHECK(d == 64 || d == 128, "[", op, "] head dim ", d, " not compiled: 64 or 128");
+  LOOM_CHECK(FlashAttentionHeadDim(d), "[", op, "] head dim ", d, " not compiled: 64 or 128");
   LOOM_CHECK(k.ndim() == 3 && k.dim(2) == d && k.dim(1) > 0 && q.dim(1) % k.dim(1) == 0, "[", op, "] k ",
              ShapeString(k.shape()), " must be [Tk, Hk, D] with Hq = ", q.dim(1), " a multiple of Hk");
   CheckTensor(k, q, "k", DType::kBF16, k.shape());
