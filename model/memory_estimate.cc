@@ -150,13 +150,12 @@ struct StepShapes {
       m.Free(r * c * e);
       held += s * c * e;
     }
-    for (int i = 0; i < d.moe.shared_experts; ++i) {  // out [T, C], SwigluMlp::Backward's dh, dgate, dup
-      m.Alloc(Tc() + 3 * t * fe * e);
-      m.Free(3 * t * fe * e + (i > 0 ? Tc() : 0));
+    m.Alloc(t * n * e + Tc());  // dlogits, rest (the router's and shared experts' dx)
+    held += t * n * e + Tc();
+    for (int i = 0; i < d.moe.shared_experts; ++i) {  // SwigluMlp::Backward's dh, dgate, dup
+      m.Alloc(3 * t * fe * e);
+      m.Free(3 * t * fe * e);
     }
-    if (d.moe.shared_experts > 0) held += Tc();  // shared_dx
-    m.Alloc(t * n * e);                           // dlogits
-    held += t * n * e;
     m.Free(held);
   }
 

@@ -29,12 +29,14 @@ void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
   tp_.ReduceOutput(y);
 }
 
-void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
+void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate_dx) {
+  LOOM_CHECK(!accumulate_dx || tp_.size == 1, "[mlp] adding into dx needs the whole MLP on this rank, not tp = ",
+             tp_.size);
   Tensor dh = dims_.Act(h_.shape());
   ops::LinearBackward(h_, w_down_.weight(), dy, &dh, w_down_.grad);
   Tensor dgate = dims_.Act(gate_.shape()), dup = dims_.Act(up_.shape());
   ops::SwigluBackward(gate_, up_, dh, dgate, dup);
-  ops::LinearBackward(x, w_gate_.weight(), dgate, &dx, w_gate_.grad);
+  ops::LinearBackward(x, w_gate_.weight(), dgate, &dx, w_gate_.grad, accumulate_dx);
   ops::LinearBackward(x, w_up_.weight(), dup, &dx, w_up_.grad, /*accumulate_dx=*/true);
   tp_.ReduceOutput(dx);
 }

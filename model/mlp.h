@@ -2,7 +2,8 @@
 // W_gate, W_up [F, C], W_down [C, F].
 // Tensor parallel: each rank holds F/tp of the hidden units (rows of W_gate,
 // W_up; columns of W_down); y and dx are summed over the TP group.
-// Gradient rule: parameter gradients accumulate, dx is written.
+// Gradient rule: parameter gradients accumulate, dx is written (or added
+// when accumulate_dx, without tp: MoE's shared experts).
 #pragma once
 
 #include <string>
@@ -17,7 +18,7 @@ class SwigluMlp {
  public:
   SwigluMlp(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix);
   void Forward(const Tensor& x, Tensor& y);
-  void Backward(const Tensor& x, const Tensor& dy, Tensor& dx);
+  void Backward(const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate_dx = false);
   void ReleaseActivations() { gate_ = up_ = h_ = Tensor(); }
   void CollectParams(ParamList& out) { out.insert(out.end(), {&w_gate_, &w_up_, &w_down_}); }
 

@@ -208,8 +208,6 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
                                /*accumulate_dx=*/true);
   }
   const Tensor dreturned = exchange_->Combine(dxe);
-  const Tensor shared_dx = SumOverShared(x, [&](SwigluMlp& s, Tensor& dxs) { s.Backward(x, dy, dxs); });
-  ops::MoeCombine(dreturned, perm_.rows, /*gates=*/nullptr, shared_dx.defined() ? &shared_dx : nullptr, dx);
   // Router: the local part of the global losses' gradient. The router's
   // backward reads f_e from routing_.load over this call's t tokens:
   //   daux·E·(load_e/(t k))/t with load = global loads and daux scaled by
@@ -226,7 +224,14 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
   }
   Tensor dlogits = Tensor::Empty({t, e_count}, dt, dev);
   ops::MoeRouterBackward(logits_, routing_, dgates, aux_seed, z_seed, options_, dlogits);
-  ops::LinearBackward(x, router_.weight(), dlogits, &dx, router_.grad, /*accumulate_dx=*/true);
+  // dx = Σ_j dreturned[rows_tj] + the router's dx + Σ_s shared_s's dx. The
+  // router's GEMM writes `rest` and each shared expert's adds into it, so
+  // that dx is written once, by the combine (adding the router's into dx
+  // afterwards was a memory-bound pass over dx).
+  Tensor rest = Tensor::Empty(x.shape(), dt, dev);
+  ops::LinearBackward(x, router_.weight(), dlogits, &rest, router_.grad);
+  for (auto& s : shared_) s->Backward(x, dy, rest, /*accumulate_dx=*/true);
+  ops::MoeCombine(dreturned, perm_.rows, /*gates=*/nullptr, &rest, dx);
   for (int e = 0; e < e_count; ++e) pending_load_[e] += global_load_[e];
 }
 
