@@ -70,13 +70,15 @@ void DecoderBlock::ForwardKeepingActivations(const Tensor& x, const Batch& batch
   ops::AddInPlace(out, x1_);
 }
 
-void DecoderBlock::NormBackward(const Tensor& x, Param& norm, const Tensor& rstd, const Tensor& dn, Tensor& dx) {
+// dx = RMSNormᵀ(dn) + residual (the gradient that skips the norm), one pass.
+void DecoderBlock::NormBackward(const Tensor& x, Param& norm, const Tensor& rstd, const Tensor& dn,
+                                const Tensor& residual, Tensor& dx) {
   if (!tp_.sp()) {
-    ops::RmsNormBackward(x, norm.value, rstd, dn, dx, norm.grad);
+    ops::RmsNormBackward(x, norm.value, rstd, dn, dx, norm.grad, &residual);
     return;
   }
   Tensor dw = Tensor::Zeros(norm.grad.shape(), norm.grad.dtype(), norm.grad.device());
-  ops::RmsNormBackward(x, norm.value, rstd, dn, dx, dw);
+  ops::RmsNormBackward(x, norm.value, rstd, dn, dx, dw, &residual);
   tp_.AllReduce(dw);
   ops::AddInPlace(norm.grad, dw);
 }
@@ -96,16 +98,14 @@ void DecoderBlock::Backward(const Tensor& x, const Batch& batch, const Tensor& d
   if (moe_) moe_->Backward(n2_full_, dout_full, dn, router_loss_scale);
   if (sp) dn = tp_.ScatterTokens(dn);
   Tensor dx1 = dims_.Act({t, c});
-  NormBackward(x1_, norm2_, rstd2_, dn, dx1);
-  ops::AddInPlace(dx1, dout);
+  NormBackward(x1_, norm2_, rstd2_, dn, dout, dx1);
   // dx = dx1 + RMSNorm₁ᵀ(Mixerᵀ(dx1)).
   const Tensor dx1_full = sp ? tp_.GatherTokens(dx1) : dx1;
   dn = dims_.Act(dx1_full.shape());
   if (softmax_) softmax_->Backward(n1_full_, batch, dx1_full, dn, router_loss_scale);
   if (lightning_) lightning_->Backward(n1_full_, batch, dx1_full, dn, router_loss_scale);
   if (sp) dn = tp_.ScatterTokens(dn);
-  NormBackward(x, norm1_, rstd1_, dn, dx);
-  ops::AddInPlace(dx, dx1);
+  NormBackward(x, norm1_, rstd1_, dn, dx1, dx);
   ReleaseActivations();
 }
 

@@ -48,9 +48,10 @@ class DecoderBlock {
  private:
   void ForwardKeepingActivations(const Tensor& x, const Batch& batch, Tensor& out);
 
-  // RMSNorm backward; the weight's gradient is summed over the TP group when
-  // sequence parallelism gave this rank only some of the tokens.
-  void NormBackward(const Tensor& x, Param& norm, const Tensor& rstd, const Tensor& dn, Tensor& dx);
+  // dx = RMSNormᵀ(dn) + residual; the weight's gradient is summed over the
+  // TP group when sequence parallelism gave this rank only some of the tokens.
+  void NormBackward(const Tensor& x, Param& norm, const Tensor& rstd, const Tensor& dn, const Tensor& residual,
+                    Tensor& dx);
 
   const ModelDims& dims_;
   TensorParallel tp_;

@@ -48,9 +48,10 @@ void Forward(const T* x, const T* w, int64_t rows, int64_t d, double eps, T* y, 
   }
 }
 
-// w and dw null together (no weight).
+// w and dw null together (no weight); add may be null.
 template <typename T>
-void Backward(const T* x, const T* w, const T* rstd, const T* dy, int64_t rows, int64_t d, T* dx, T* dw) {
+void Backward(const T* x, const T* w, const T* rstd, const T* dy, const T* add, int64_t rows, int64_t d, T* dx,
+              T* dw) {
   // dw first, so that dx may overwrite x or dy.
   if (dw != nullptr) {
     std::vector<double> acc(d, 0.0);
@@ -67,12 +68,14 @@ void Backward(const T* x, const T* w, const T* rstd, const T* dy, int64_t rows, 
     const T* xr = x + n * d;
     const T* dyr = dy + n * d;
     T* dxr = dx + n * d;
+    const T* addr = add != nullptr ? add + n * d : nullptr;
     const double r = rstd[n];
     double gx = 0;
     for (int64_t j = 0; j < d; ++j) gx += static_cast<double>(dyr[j]) * (w ? w[j] : T(1)) * xr[j];
     const double c = r * r * gx / d;
     for (int64_t j = 0; j < d; ++j) {
-      dxr[j] = static_cast<T>(r * (static_cast<double>(dyr[j]) * (w ? w[j] : T(1)) - xr[j] * c));
+      const double v = r * (static_cast<double>(dyr[j]) * (w ? w[j] : T(1)) - xr[j] * c);
+      dxr[j] = static_cast<T>(addr != nullptr ? v + addr[j] : v);
     }
   }
 }
@@ -89,18 +92,20 @@ void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Ten
 }
 
 void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx,
-                     Tensor& dw) {
-  if (!x.device().is_cpu()) return cuda::RmsNormBackward(x, w, rstd, dy, dx, dw);
+                     Tensor& dw, const Tensor* add) {
+  if (!x.device().is_cpu()) return cuda::RmsNormBackward(x, w, rstd, dy, dx, dw, add);
   const int64_t d = CheckRows(x, w, rstd);
   CheckLike(dy, x, "dy");
   CheckLike(dx, x, "dx");
+  if (add != nullptr) CheckLike(*add, x, "add");
   if (w.defined()) {
     LOOM_CHECK(dw.defined() && dw.device().is_cpu() && dw.numel() == d && dw.dtype() == x.dtype(), "[rmsnorm] dw ",
                ShapeString(dw.shape()), " must be [", d, "] ", DTypeName(x.dtype()), " like w");
   }
   LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
-    Backward(x.data<T>(), w.defined() ? w.data<T>() : nullptr, rstd.data<T>(), dy.data<T>(), x.numel() / d, d,
-             dx.data<T>(), w.defined() ? dw.data<T>() : nullptr);
+    Backward(x.data<T>(), w.defined() ? w.data<T>() : nullptr, rstd.data<T>(), dy.data<T>(),
+             add != nullptr ? add->data<T>() : nullptr, x.numel() / d, d, dx.data<T>(),
+             w.defined() ? dw.data<T>() : nullptr);
   });
 }
 

@@ -20,7 +20,7 @@
 namespace loom::ops::cuda {
 namespace {
 
-constexpr int kChunk = 1024;  // ids a warp walks
+constexpr int kChunk = 256;  // ids a warp walks
 constexpr unsigned kFull = 0xffffffffu;
 
 __global__ void CountKernel(const int32_t* __restrict__ experts, int64_t n, int e_count, int32_t* __restrict__ counts) {
@@ -39,23 +39,27 @@ __global__ void CountKernel(const int32_t* __restrict__ experts, int64_t n, int 
   for (int e = lane; e < e_count; e += 32) counts[blockIdx.x * int64_t{e_count} + e] = seen[e];
 }
 
-// One thread an expert: counts [B, E] → before [B, E] (in place); start [E].
+// One warp an expert (block e): counts [B, E] → before [B, E] (in place),
+// 32 chunks at a time with a shuffle scan; start[e] = Σ_{e' < e} kept[e'].
 __global__ void ScanKernel(int32_t* __restrict__ counts, int64_t blocks, int e_count, const int32_t* __restrict__ kept,
                            int32_t* __restrict__ start) {
-  for (int e = threadIdx.x; e < e_count; e += blockDim.x) {
-    int32_t running = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int32_t c = counts[b * e_count + e];
-      counts[b * e_count + e] = running;
-      running += c;
+  const int e = blockIdx.x, lane = threadIdx.x;
+  int32_t running = 0;
+  for (int64_t base = 0; base < blocks; base += 32) {
+    const int64_t b = base + lane;
+    const int32_t c = b < blocks ? counts[b * e_count + e] : 0;
+    int32_t inclusive = c;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t up = __shfl_up_sync(kFull, inclusive, o);
+      if (lane >= o) inclusive += up;
     }
+    if (b < blocks) counts[b * e_count + e] = running + inclusive - c;
+    running += __shfl_sync(kFull, inclusive, 31);
   }
-  if (threadIdx.x == 0) {
+  if (lane == 0) {
     int32_t at = 0;
-    for (int e = 0; e < e_count; ++e) {
-      start[e] = at;
-      at += kept[e];
-    }
+    for (int j = 0; j < e; ++j) at += kept[j];
+    start[e] = at;
   }
 }
 
@@ -217,7 +221,7 @@ void MoePermuteIndex(const Tensor& experts, const std::vector<int64_t>& kept, Mo
   CountKernel<<<static_cast<unsigned>(blocks), 32, shared, s>>>(experts.data<int32_t>(), n, e_count,
                                                                  before.data<int32_t>());
   LOOM_CUDA_CHECK(cudaGetLastError());
-  ScanKernel<<<1, std::min(e_count, 1024), 0, s>>>(before.data<int32_t>(), blocks, e_count, kept_dev.data<int32_t>(),
+  ScanKernel<<<static_cast<unsigned>(e_count), 32, 0, s>>>(before.data<int32_t>(), blocks, e_count, kept_dev.data<int32_t>(),
                                                    start.data<int32_t>());
   LOOM_CUDA_CHECK(cudaGetLastError());
   PlaceKernel<<<static_cast<unsigned>(blocks), 32, shared, s>>>(experts.data<int32_t>(), n, e_count,

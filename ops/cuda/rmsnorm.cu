@@ -2,7 +2,7 @@
 // w, dw and rstd f32 (the master weight, its gradient, the statistic).
 // All math in f32.
 //   forward   r = 1/sqrt(mean(x²) + eps),  y = x · r · w
-//   backward  g = dy ⊙ w,  dx = r · (g − x · r² · (g·x) / D)   (written)
+//   backward  g = dy ⊙ w,  dx = r · (g − x · r² · (g·x) / D) (+ add)   (written)
 //             dw += Σ_rows dy ⊙ x · r                       (accumulated)
 //
 // One warp a row; lane l owns the columns 256·k + 8·l + [0, 8) of every row
@@ -90,8 +90,9 @@ __global__ void ForwardKernel(const T* x, const float* w, int64_t rows, int64_t 
 // warps-th of them. With dw wanted (partial != nullptr) shared memory holds
 // one f32 row of `stride` (D rounded up to 256) per warp.
 template <typename T>
-__global__ void BackwardKernel(const T* x, const float* w, const float* rstd, const T* dy, int64_t rows, int64_t d,
-                               int64_t stride, int64_t rows_per_block, bool vectorized, T* dx, float* partial) {
+__global__ void BackwardKernel(const T* x, const float* w, const float* rstd, const T* dy, const T* add, int64_t rows,
+                               int64_t d, int64_t stride, int64_t rows_per_block, bool vectorized, T* dx,
+                               float* partial) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -155,6 +156,12 @@ __global__ void BackwardKernel(const T* x, const float* w, const float* rstd, co
       }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) out[e] = r * (dyv[e] * wv[e] - xv[e] * c);
+      if (add != nullptr) {  // read before dx (which may be add) is written
+        float av[kVec];
+        LoadCols(add + row * d, col, d, vectorized, av);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) out[e] += av[e];
+      }
       if (partial != nullptr) {
         float4* m = reinterpret_cast<float4*>(mine + col);
         float4 a = m[0], b = m[1];
@@ -244,11 +251,12 @@ void RmsNormForward(const Tensor& x, const Tensor& w, double eps, Tensor& y, Ten
 }
 
 void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy, Tensor& dx, Tensor& dw,
-                     CudaStream stream) {
+                     const Tensor* add, CudaStream stream) {
   NvtxRange range("RmsNormBackward");
   const int64_t d = CheckArgs(x, w, rstd);
   CheckLike("rmsnorm", dy, x, "dy", "x");
   CheckLike("rmsnorm", dx, x, "dx", "x");
+  if (add != nullptr) CheckLike("rmsnorm", *add, x, "add", "x");
   if (w.defined()) {
     LOOM_CHECK(dw.defined() && dw.numel() == d && dw.dtype() == DType::kF32 && dw.device() == x.device(),
                "[rmsnorm] CUDA: dw ", ShapeString(dw.shape()), " ", DTypeName(dw.dtype()), " must be [", d,
@@ -259,7 +267,7 @@ void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const
   const cudaStream_t s = Native(stream);
   const float* wp = w.defined() ? w.data<float>() : nullptr;
   const bool vectorized = d % kVec == 0 && Aligned16(x.raw()) && Aligned16(dy.raw()) && Aligned16(dx.raw()) &&
-                          (!wp || Aligned16(wp));
+                          (!wp || Aligned16(wp)) && (add == nullptr || Aligned16(add->raw()));
   // Shape-only launch plan (the order of the dw sums follows it).
   const int64_t stride = (d + kSliceCols - 1) / kSliceCols * kSliceCols;
   const int64_t row_bytes = stride * static_cast<int64_t>(sizeof(float));
@@ -279,7 +287,8 @@ void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const
                                            static_cast<int>(smem)));
     }
     BackwardKernel<T><<<static_cast<unsigned>(blocks), 32 * warps, smem, s>>>(
-        static_cast<const T*>(x.raw()), wp, rstd.data<float>(), static_cast<const T*>(dy.raw()), rows, d, stride,
+        static_cast<const T*>(x.raw()), wp, rstd.data<float>(), static_cast<const T*>(dy.raw()),
+        add != nullptr ? static_cast<const T*>(add->raw()) : nullptr, rows, d, stride,
         rows_per_block, vectorized, static_cast<T*>(dx.raw()), partial);
     LOOM_CUDA_CHECK(cudaGetLastError());
   });

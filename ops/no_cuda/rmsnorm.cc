@@ -6,7 +6,8 @@ namespace loom::ops::cuda {
 void RmsNormForward(const Tensor&, const Tensor&, double, Tensor&, Tensor&, CudaStream) {
   LOOM_CHECK(false, "[rmsnorm] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
-void RmsNormBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, CudaStream) {
+void RmsNormBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, const Tensor*,
+                     CudaStream) {
   LOOM_CHECK(false, "[rmsnorm] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
 

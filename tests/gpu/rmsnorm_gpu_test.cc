@@ -40,12 +40,15 @@ void ExpectMatches(const Case& c, DType dtype) {
   const Tensor dy = testing::RandomTensor({c.rows, c.d}, dtype, 2);
   const Tensor w = c.weight ? testing::RandomTensor({c.d}, DType::kF32, 3, 0.5, 1.5) : Tensor();
   const Tensor dw0 = testing::RandomTensor({c.d}, DType::kF32, 4);
+  const Tensor add = testing::RandomTensor({c.rows, c.d}, dtype, 5);  // a residual's gradient
 
-  const Tensor cx = x.To(DType::kF32), cdy = dy.To(DType::kF32);
+  const Tensor cx = x.To(DType::kF32), cdy = dy.To(DType::kF32), cadd = add.To(DType::kF32);
   Tensor y = Tensor::Empty(x.shape(), DType::kF32), rstd = Tensor::Empty({c.rows}, DType::kF32);
   Tensor dx = Tensor::Empty(x.shape(), DType::kF32), dw = dw0.Clone();
   ops::RmsNormForward(cx, w, 1e-5, y, rstd);
   ops::RmsNormBackward(cx, w, rstd, cdy, dx, dw);
+  Tensor dx_add = Tensor::Empty(x.shape(), DType::kF32), dw_add = dw0.Clone();
+  ops::RmsNormBackward(cx, w, rstd, cdy, dx_add, dw_add, &cadd);
 
   const Tensor gw = c.weight ? ToGpu(w) : Tensor();
   const Tensor gx = ToGpu(x);
@@ -53,11 +56,14 @@ void ExpectMatches(const Case& c, DType dtype) {
   Tensor gdw = ToGpu(dw0);
   ops::RmsNormForward(gx, gw, 1e-5, gy, grstd);
   ops::RmsNormBackward(gx, gw, grstd, ToGpu(dy), gdx, gdw);
+  Tensor gdx_add = ToGpu(add), gdw_add = ToGpu(dw0);  // dx = add's own buffer: summed in place
+  ops::RmsNormBackward(gx, gw, grstd, ToGpu(dy), gdx_add, gdw_add, &gdx_add);
   // f32: sums of D products in f32 (vs f64) move r by ~1e-7 relative; dx has
   // a cancellation (g − x·c), hence its absolute floor.
   EXPECT_TRUE(AllClose(ToCpu(grstd), rstd, 1e-5, 1e-6)) << "rstd";
   EXPECT_TRUE(AllClose(ToCpu(gy).To(DType::kF32), y, f32 ? 1e-5 : 1e-2, 1e-6)) << "y";
   EXPECT_TRUE(AllClose(ToCpu(gdx).To(DType::kF32), dx, f32 ? 1e-4 : 1e-2, f32 ? 1e-5 : 1e-4)) << "dx";
+  EXPECT_TRUE(AllClose(ToCpu(gdx_add).To(DType::kF32), dx_add, f32 ? 1e-4 : 1e-2, f32 ? 1e-5 : 1e-4)) << "dx + add";
   // dw: f32 in both runs; Σ over up to 3000 rows in f32 (GPU) vs f64 (CPU).
   if (c.weight) {
     EXPECT_TRUE(AllClose(ToCpu(gdw), dw, 1e-4, 1e-4)) << "dw";

@@ -99,6 +99,27 @@ TEST(RmsNorm, WeightGradientAccumulates) {
   for (int64_t j = 0; j < d; ++j) EXPECT_NEAR(dw.Get(j), start.Get(j) + 2 * once.Get(j), 1e-12);
 }
 
+// dx = RMSNormᵀ(dy) + add, also with add being dx itself (the residual's
+// gradient summed in place).
+TEST(RmsNorm, BackwardAddsTheResidualGradient) {
+  const int64_t n = 6, d = 10;
+  Tensor x = RandomTensor({n, d}, DType::kF64, 1), w = RandomTensor({d}, DType::kF64, 2);
+  Tensor dy = RandomTensor({n, d}, DType::kF64, 3), add = RandomTensor({n, d}, DType::kF64, 4);
+  Tensor y = Tensor::Empty(x.shape(), DType::kF64), rstd = Tensor::Empty({n}, DType::kF64);
+  ops::RmsNormForward(x, w, kEps, y, rstd);
+  Tensor plain = Tensor::Empty(x.shape(), DType::kF64), dw_plain = Tensor::Zeros({d}, DType::kF64);
+  ops::RmsNormBackward(x, w, rstd, dy, plain, dw_plain);
+  Tensor summed = Tensor::Empty(x.shape(), DType::kF64), dw = Tensor::Zeros({d}, DType::kF64);
+  ops::RmsNormBackward(x, w, rstd, dy, summed, dw, &add);
+  Tensor in_place = add.Clone(), dw2 = Tensor::Zeros({d}, DType::kF64);
+  ops::RmsNormBackward(x, w, rstd, dy, in_place, dw2, &in_place);
+  for (int64_t i = 0; i < n * d; ++i) {
+    EXPECT_EQ(summed.Get(i), plain.Get(i) + add.Get(i)) << i;
+    EXPECT_EQ(in_place.Get(i), summed.Get(i)) << i;
+  }
+  EXPECT_TRUE(AllClose(dw, dw_plain, 0, 0));
+}
+
 // Large enough for the threaded path.
 TEST(RmsNorm, F32MatchesF64) {
   Tensor x = RandomTensor({256, 160}, DType::kF64, 1), w = RandomTensor({160}, DType::kF64, 2);
