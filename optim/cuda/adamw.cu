@@ -7,7 +7,9 @@
 // Multi-tensor AdamW: a table of AdamWTensor in device memory, each tensor
 // cut into chunks of kChunk elements; first_chunk[i] is the index of tensor
 // i's first chunk (a prefix sum). Blocks walk the chunks grid-stride and
-// find their tensor by binary search over first_chunk.
+// find their tensor by binary search over first_chunk; a thread updates 4
+// consecutive elements from 16-byte loads (scalar loads left the scalar f64
+// update at 1.7 TB/s on the H100).
 //
 // Σ g²: each tensor's grid-stride partials (f64) go to its slots of one
 // partials buffer, one block then sums that buffer in index order; the grid
@@ -36,19 +38,20 @@ struct StepScalars {
 
 // m, v, p of one element, as AdamWKernel of optim/adamw.cc computes them.
 __device__ __forceinline__ void UpdateElement(float& p, float g, float& m, float& v, double wd,
-                                              const StepScalars& s, __nv_bfloat16* compute) {
+                                              const StepScalars& s) {
   const double gd = g;
   m = static_cast<float>(__dadd_rn(__dmul_rn(s.b1, m), __dmul_rn(1 - s.b1, gd)));
   v = static_cast<float>(__dadd_rn(__dmul_rn(s.b2, v), __dmul_rn(__dmul_rn(1 - s.b2, gd), gd)));
   const double denom = __dadd_rn(__dsqrt_rn(__ddiv_rn(v, s.bias2)), s.eps);
   const double update = __dadd_rn(__ddiv_rn(__ddiv_rn(m, s.bias1), denom), __dmul_rn(wd, p));
   p = static_cast<float>(__dsub_rn(p, __dmul_rn(s.lr, update)));
-  if (compute != nullptr) *compute = __float2bfloat16_rn(p);
 }
+
+__device__ bool Aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, int64_t n, double wd, StepScalars s) {
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < n; i += int64_t{gridDim.x} * kThreads) {
-    UpdateElement(p[i], g[i], m[i], v[i], wd, s, nullptr);
+    UpdateElement(p[i], g[i], m[i], v[i], wd, s);
   }
 }
 
@@ -63,8 +66,32 @@ __global__ void MultiTensorAdamWKernel(const AdamWTensor* table, const int64_t* 
     const AdamWTensor t = table[lo];
     const int64_t begin = (c - first_chunk[lo]) * kChunk, end = min(begin + kChunk, t.n);
     auto* compute = reinterpret_cast<__nv_bfloat16*>(t.compute);
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-      UpdateElement(t.p[i], t.g[i], t.m[i], t.v[i], t.wd, s, compute != nullptr ? compute + i : nullptr);
+    // Four elements a thread with 16-byte loads where the arrays allow (a
+    // chunk starts kChunk elements into its tensor, so only the bases count);
+    // the rest one at a time.
+    int64_t i = begin;
+    if (Aligned(t.p, 16) && Aligned(t.g, 16) && Aligned(t.m, 16) && Aligned(t.v, 16) && Aligned(compute, 8)) {
+      for (int64_t q = begin + 4 * threadIdx.x; q + 4 <= end; q += 4 * kThreads) {
+        float4 p = *reinterpret_cast<const float4*>(t.p + q), m = *reinterpret_cast<const float4*>(t.m + q),
+               v = *reinterpret_cast<const float4*>(t.v + q);
+        const float4 g = *reinterpret_cast<const float4*>(t.g + q);
+        UpdateElement(p.x, g.x, m.x, v.x, t.wd, s);
+        UpdateElement(p.y, g.y, m.y, v.y, t.wd, s);
+        UpdateElement(p.z, g.z, m.z, v.z, t.wd, s);
+        UpdateElement(p.w, g.w, m.w, v.w, t.wd, s);
+        *reinterpret_cast<float4*>(t.p + q) = p;
+        *reinterpret_cast<float4*>(t.m + q) = m;
+        *reinterpret_cast<float4*>(t.v + q) = v;
+        if (compute != nullptr) {
+          const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(p.x, p.y), __floats2bfloat162_rn(p.z, p.w)};
+          *reinterpret_cast<uint2*>(compute + q) = *reinterpret_cast<const uint2*>(pair);
+        }
+      }
+      i = begin + (end - begin) / 4 * 4;
+    }
+    for (i += threadIdx.x; i < end; i += kThreads) {
+      UpdateElement(t.p[i], t.g[i], t.m[i], t.v[i], t.wd, s);
+      if (compute != nullptr) compute[i] = __float2bfloat16_rn(t.p[i]);
     }
   }
 }
