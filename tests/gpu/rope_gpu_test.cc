@@ -33,8 +33,11 @@ Tensor Positions(int64_t count, uint64_t seed) {
 TEST(GpuRope, MatchesCpuReference_F32) {
   LOOM_SKIP_WITHOUT_GPU();
   struct Case { int64_t t, h, d; const char* type; };
+  // D = 6 and 10: pairs not a multiple of 4 (one pair a thread); 11 heads:
+  // a partial block of heads.
   for (const Case& c : {Case{37, 4, 64, "default"}, Case{129, 2, 128, "yarn"}, Case{5, 8, 16, "llama3"},
-                        Case{300, 1, 256, "yarn"}}) {
+                        Case{300, 1, 256, "yarn"}, Case{17, 3, 6, "default"}, Case{9, 11, 10, "yarn"},
+                        Case{50, 11, 64, "llama3"}}) {
     SCOPED_TRACE(internal::StreamCat("T ", c.t, " H ", c.h, " D ", c.d, " ", c.type));
     const ops::RopeTable table = Table(c.type, c.d);
     const Tensor x = testing::RandomTensor({c.t, c.h, c.d}, DType::kF32, 1);
@@ -55,16 +58,20 @@ TEST(GpuRope, MatchesCpuReference_F32) {
 
 TEST(GpuRope, MatchesCpuReference_Bf16) {
   LOOM_SKIP_WITHOUT_GPU();
-  const ops::RopeTable table = Table("yarn", 128);
-  const Tensor x32 = testing::RandomTensor({64, 4, 128}, DType::kF32, 5).To(DType::kBF16).To(DType::kF32);
-  const Tensor pos = Positions(64, 9);
-  Tensor y = Tensor::Empty(x32.shape(), DType::kF32);
-  ops::RopeForward(x32, pos, table, y);
-  Tensor gy = ToGpu(x32.To(DType::kBF16));
-  ops::RopeForward(gy, ToGpu(pos), table, gy);
-  // The CPU result of the same bf16 inputs, rounded once more to bf16
-  // (relative 2^-8) on the GPU.
-  EXPECT_TRUE(testing::AllClose(ToCpu(gy).To(DType::kF32), y, 1.0 / 128, 1e-3));
+  struct Case { int64_t t, h, d; };
+  for (const Case& c : {Case{64, 4, 128}, Case{96, 32, 64}, Case{7, 5, 6}}) {  // the last: one pair a thread
+    SCOPED_TRACE(internal::StreamCat("T ", c.t, " H ", c.h, " D ", c.d));
+    const ops::RopeTable table = Table("yarn", c.d);
+    const Tensor x32 = testing::RandomTensor({c.t, c.h, c.d}, DType::kF32, 5).To(DType::kBF16).To(DType::kF32);
+    const Tensor pos = Positions(c.t, 9);
+    Tensor y = Tensor::Empty(x32.shape(), DType::kF32);
+    ops::RopeForward(x32, pos, table, y);
+    Tensor gy = ToGpu(x32.To(DType::kBF16));
+    ops::RopeForward(gy, ToGpu(pos), table, gy);
+    // The CPU result of the same bf16 inputs, rounded once more to bf16
+    // (relative 2^-8) on the GPU.
+    EXPECT_TRUE(testing::AllClose(ToCpu(gy).To(DType::kF32), y, 1.0 / 128, 1e-3));
+  }
 }
 
 }  // namespace
