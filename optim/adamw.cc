@@ -59,6 +59,13 @@ double SumSquares(const Tensor& g) {
   return LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { return SumSquares(g.data<T>(), g.numel()); });
 }
 
+double SumSquares(const std::vector<const Tensor*>& tensors) {
+  if (!tensors.empty() && !tensors[0]->device().is_cpu()) return cuda::SumSquares(tensors);
+  double s = 0;
+  for (const Tensor* g : tensors) s += SumSquares(*g);
+  return s;
+}
+
 void ScaleInPlace(Tensor& g, double f) {
   if (!g.device().is_cpu()) return cuda::ScaleInPlace(g, f);
   LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { Scale(g.data<T>(), g.numel(), f); });
@@ -93,14 +100,9 @@ void AdamW::Step(double lr) {
 }
 
 double GlobalGradNorm(const ParamList& params) {
-  if (!params.empty() && !params[0]->grad.device().is_cpu()) {
-    std::vector<const Tensor*> grads;
-    for (const Param* p : params) grads.push_back(&p->grad);
-    return std::sqrt(cuda::SumSquares(grads));
-  }
-  double s = 0;
-  for (const Param* p : params) s += SumSquares(p->grad);
-  return std::sqrt(s);
+  std::vector<const Tensor*> grads;
+  for (const Param* p : params) grads.push_back(&p->grad);
+  return std::sqrt(SumSquares(grads));
 }
 
 double ClipGradNorm(const ParamList& params, double max_norm) {

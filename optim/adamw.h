@@ -74,6 +74,9 @@ void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, do
 
 // Σ g² of one tensor, summed serially (the same on every run).
 double SumSquares(const Tensor& g);
+// Σ g² over tensors on one device: on the CPU each tensor's serial sum,
+// added in order; on a GPU cuda::SumSquares (one host sync for all).
+double SumSquares(const std::vector<const Tensor*>& tensors);
 // g *= f.
 void ScaleInPlace(Tensor& g, double f);
 

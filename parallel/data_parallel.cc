@@ -142,15 +142,18 @@ absl::Status DataParallel::ReduceGradients() {
 
 absl::StatusOr<double> DataParallel::SquaredNorm() {
   // Σ g² over the elements this rank is the one to count.
-  double local = 0;
+  std::vector<Tensor> slices;
   if (options_.zero) {
     for (auto& b : buckets_)
       for (const Segment& s : b->segments)
-        if (s.param->sharded() || tp_rank_ == 0) local += SumSquares(b->grad_slice.Slice(s.slice_offset, s.length));
+        if (s.param->sharded() || tp_rank_ == 0) slices.push_back(b->grad_slice.Slice(s.slice_offset, s.length));
   } else if (group_->rank() == 0) {
     for (const Param* p : params_)
-      if (p->sharded() || tp_rank_ == 0) local += SumSquares(p->grad);
+      if (p->sharded() || tp_rank_ == 0) slices.push_back(p->grad);
   }
+  std::vector<const Tensor*> counted;
+  for (const Tensor& t : slices) counted.push_back(&t);
+  const double local = SumSquares(counted);  // one host sync on a GPU, not one a tensor
   Tensor sum = Tensor::FromVector<double>({local}, {1});
   LOOM_RETURN_IF_ERROR(norm_group_->AllReduce(sum));
   return sum.data<double>()[0];

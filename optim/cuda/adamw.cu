@@ -30,7 +30,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = int64_t{1} << 16;
 constexpr int kMaxGrid = 4096;
-constexpr int kPartialBlocks = 128;  // at most, per tensor of Σ g²
+constexpr int kPartialBlocks = 1024;  // at most, per tensor of Σ g²
 
 struct StepScalars {
   double lr, b1, b2, eps, bias1, bias2;
@@ -108,9 +108,21 @@ __device__ double BlockSum(double x) {
   return s[0];
 }
 
+// Four elements a thread per load where g is 16-byte aligned (scalar loads
+// and 128 blocks a tensor ran at 1.05 TB/s on the H100).
 __global__ void SumSquaresPartials(const float* g, int64_t n, double* partials) {
   double acc = 0;
-  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < n; i += int64_t{gridDim.x} * kThreads) {
+  const int64_t stride = int64_t{gridDim.x} * kThreads;
+  int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  if (reinterpret_cast<uintptr_t>(g) % 16 == 0) {
+    const int64_t n4 = n / 4;
+    for (int64_t q = i; q < n4; q += stride) {
+      const float4 x = reinterpret_cast<const float4*>(g)[q];
+      acc += double(x.x) * x.x + double(x.y) * x.y + double(x.z) * x.z + double(x.w) * x.w;
+    }
+    i += 4 * n4;
+  }
+  for (; i < n; i += stride) {
     const double x = g[i];
     acc += x * x;
   }
@@ -134,6 +146,9 @@ __global__ void ScaleKernel(float* g, int64_t n, double f) {
 int GridFor(int64_t n, int64_t max_blocks) {
   return static_cast<int>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, max_blocks));
 }
+
+// SumSquaresPartials' blocks for n elements (four a thread).
+int PartialGrid(int64_t n) { return GridFor((n + 3) / 4, kPartialBlocks); }
 
 StepScalars Scalars(double lr, int64_t step, const AdamWOptions& o) {
   return {lr, o.beta1, o.beta2, o.eps, 1 - std::pow(o.beta1, step), 1 - std::pow(o.beta2, step)};
@@ -202,14 +217,14 @@ double SumSquares(const std::vector<const Tensor*>& tensors, CudaStream stream) 
   int64_t slots = 0;
   for (const Tensor* t : tensors) {
     CheckF32(*t, dev, "gradient");
-    slots += GridFor(t->numel(), kPartialBlocks);
+    slots += PartialGrid(t->numel());
   }
   LOOM_CUDA_CHECK(cudaSetDevice(dev.index));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   Tensor partials = Tensor::Empty({slots + 1}, DType::kF64, dev);  // the last slot holds the total
   double* slot = partials.data<double>();
   for (const Tensor* t : tensors) {
-    const int grid = GridFor(t->numel(), kPartialBlocks);
+    const int grid = PartialGrid(t->numel());
     if (t->numel() == 0) {
       LOOM_CUDA_CHECK(cudaMemsetAsync(slot, 0, sizeof(double), s));
     } else {
