@@ -54,20 +54,24 @@ void DecoderBlock::ForwardKeepingActivations(const Tensor& x, const Batch& batch
   ops::RmsNormForward(x, norm1_.value, dims_.norm_eps, n1_, rstd1_);
   const bool sp = tp_.sp();
   n1_full_ = sp ? tp_.GatherTokens(n1_) : n1_;
+  // x1 = x + Mixer(n1), out = x1 + MLP(n2): the skip connections are added
+  // in the layers' output GEMMs, or after the reduce-scatter under sp.
   Tensor mixed = dims_.Act(n1_full_.shape());
-  if (softmax_) softmax_->Forward(n1_full_, batch, mixed);
-  if (lightning_) lightning_->Forward(n1_full_, batch, mixed);
+  if (softmax_) softmax_->Forward(n1_full_, batch, mixed, sp ? nullptr : &x);
+  if (lightning_) lightning_->Forward(n1_full_, batch, mixed, sp ? nullptr : &x);
   x1_ = sp ? tp_.ScatterTokens(mixed) : mixed;
-  ops::AddInPlace(x1_, x);
+  if (sp) ops::AddInPlace(x1_, x);
   n2_ = dims_.Act({t, c});
   rstd2_ = dims_.Stat({t});
   ops::RmsNormForward(x1_, norm2_.value, dims_.norm_eps, n2_, rstd2_);
   n2_full_ = sp ? tp_.GatherTokens(n2_) : n2_;
   Tensor y = sp ? dims_.Act(n2_full_.shape()) : out;
-  if (mlp_) mlp_->Forward(n2_full_, y);
-  if (moe_) moe_->Forward(n2_full_, y);
-  if (sp) out.CopyFrom(tp_.ScatterTokens(y));
-  ops::AddInPlace(out, x1_);
+  if (mlp_) mlp_->Forward(n2_full_, y, sp ? nullptr : &x1_);
+  if (moe_) moe_->Forward(n2_full_, y, sp ? nullptr : &x1_);
+  if (sp) {
+    out.CopyFrom(tp_.ScatterTokens(y));
+    ops::AddInPlace(out, x1_);
+  }
 }
 
 // dx = RMSNormᵀ(dn) + residual (the gradient that skips the norm), one pass.

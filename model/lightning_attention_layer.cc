@@ -41,7 +41,7 @@ void LightningAttentionLayer::CollectParams(ParamList& out) {
   if (moh_) moh_->CollectParams(out);
 }
 
-void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
+void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y, const Tensor* residual) {
   const int64_t t = x.dim(0), h = h_, d = dims_.head_dim;
   qa_ = dims_.Act({t, h, d});
   ka_ = dims_.Act({t, h, d});
@@ -94,8 +94,7 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   } else {
     yg_ = y_;
   }
-  ops::LinearForward(yg_, wo_.weight(), y);
-  tp_.ReduceOutput(y);
+  tp_.ProjectOutput(yg_, wo_.weight(), y, residual);
 }
 
 void LightningAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx,

@@ -36,7 +36,8 @@ class LightningAttentionLayer {
  public:
   LightningAttentionLayer(const ModelDims& dims, const TensorParallel& tp, const ContextParallel& cp, int layer,
                           const std::string& prefix, bool moh = false);
-  void Forward(const Tensor& x, const Batch& batch, Tensor& y);
+  // y = the layer of x, plus residual when given (TensorParallel::ProjectOutput).
+  void Forward(const Tensor& x, const Batch& batch, Tensor& y, const Tensor* residual = nullptr);
   // router_loss_scale: the weight of the MoH router loss in the loss.
   void Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx, double router_loss_scale = 0);
   void ReleaseActivations();

@@ -17,7 +17,7 @@ SwigluMlp::SwigluMlp(const ModelDims& dims, const TensorParallel& tp, const std:
                       dims.init_std / std::sqrt(2.0 * dims.layers));
 }
 
-void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
+void SwigluMlp::Forward(const Tensor& x, Tensor& y, const Tensor* residual) {
   const int64_t t = x.dim(0), f = f_;
   gate_ = dims_.Act({t, f});
   up_ = dims_.Act({t, f});
@@ -25,8 +25,7 @@ void SwigluMlp::Forward(const Tensor& x, Tensor& y) {
   ops::LinearForward(x, w_gate_.weight(), gate_);
   ops::LinearForward(x, w_up_.weight(), up_);
   ops::SwigluForward(gate_, up_, h_);
-  ops::LinearForward(h_, w_down_.weight(), y);
-  tp_.ReduceOutput(y);
+  tp_.ProjectOutput(h_, w_down_.weight(), y, residual);
 }
 
 void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate_dx) {

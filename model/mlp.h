@@ -17,7 +17,8 @@ namespace loom {
 class SwigluMlp {
  public:
   SwigluMlp(const ModelDims& dims, const TensorParallel& tp, const std::string& prefix);
-  void Forward(const Tensor& x, Tensor& y);
+  // y = MLP(x), plus residual when given (TensorParallel::ProjectOutput).
+  void Forward(const Tensor& x, Tensor& y, const Tensor* residual = nullptr);
   void Backward(const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate_dx = false);
   void ReleaseActivations() { gate_ = up_ = h_ = Tensor(); }
   void CollectParams(ParamList& out) { out.insert(out.end(), {&w_gate_, &w_up_, &w_down_}); }

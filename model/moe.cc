@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "ops/add.h"
@@ -84,7 +85,7 @@ std::vector<Tensor*> MoeLayer::ExpertGrads(Param Expert::*which) {
   return out;
 }
 
-void MoeLayer::Forward(const Tensor& x, Tensor& y) {
+void MoeLayer::Forward(const Tensor& x, Tensor& y, const Tensor* residual) {
   const int64_t t = x.dim(0), c = x.dim(1);
   const int e_count = moe_.experts, k = moe_.top_k;
   const DType dt = x.dtype();
@@ -168,8 +169,12 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y) {
     ops::GroupedLinearForward(h_, ExpertWeights(&Expert::w_down), rows, expert_y);
   }
   returned_y_ = exchange_->Combine(expert_y);
-  const Tensor shared_y = SumOverShared(x, [&](SwigluMlp& s, Tensor& ys) { s.Forward(x, ys); });  // Σ_s Shared_s(x)
-  ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, shared_y.defined() ? &shared_y : nullptr, y);
+  // Σ_s Shared_s(x), the first adding the residual in its output GEMM; the
+  // residual alone when there is no shared expert.
+  const Tensor* skip = residual;
+  const Tensor shared_y =
+      SumOverShared(x, [&](SwigluMlp& s, Tensor& ys) { s.Forward(x, ys, std::exchange(skip, nullptr)); });
+  ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, shared_y.defined() ? &shared_y : residual, y);
   // Statistics.
   stats_ = RoutingStats();
   stats_.assignments = global_tokens_ * k;

@@ -83,7 +83,8 @@ class MoeLayer {
  public:
   MoeLayer(const ModelDims& dims, const std::string& prefix);
   // x [T, C] → y [T, C] (written).
-  void Forward(const Tensor& x, Tensor& y);
+  // y = MoE(x), plus residual when given.
+  void Forward(const Tensor& x, Tensor& y, const Tensor* residual = nullptr);
   // dy [T, C] → dx [T, C] (written). loss_scale: weight of router_loss() in
   // the loss being differentiated.
   void Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double loss_scale);

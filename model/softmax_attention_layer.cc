@@ -42,7 +42,7 @@ ops::AttentionOptions Options(const ModelDims& d, const Tensor& active) {
 }
 }  // namespace
 
-void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y) {
+void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor& y, const Tensor* residual) {
   const int64_t t = x.dim(0), hq = hq_, hk = hk_, d = dims_.head_dim;
   q_ = dims_.Act({t, hq, d});
   k_ = dims_.Act({t, hk, d});
@@ -73,8 +73,7 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   } else {
     gated_ = o_;
   }
-  ops::LinearForward(gated_, wo_.weight(), y);
-  tp_.ReduceOutput(y);
+  tp_.ProjectOutput(gated_, wo_.weight(), y, residual);
 }
 
 void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const Tensor& dy, Tensor& dx,

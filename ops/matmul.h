@@ -19,8 +19,11 @@ namespace cuda {
 // f32. One cuBLASLt handle and one 32 MiB workspace per device, created on
 // first use, and the heuristic's algorithm cached per (shape, dtypes,
 // transposes, pointer alignment).
+// c_in (shaped and typed like c, not aliasing a or b): the beta term reads
+// c_in instead of c, c = alpha · op(a) · op(b) + beta · c_in (cuBLASLt's C
+// and D apart: a skip connection added in the GEMM's epilogue).
 void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha, double beta,
-            CudaStream stream = nullptr);
+            CudaStream stream = nullptr, const Tensor* c_in = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "ops/add.h"
+#include "ops/linear.h"
 #include "parallel/mpi_communicator.h"
 
 namespace loom {
@@ -10,6 +12,18 @@ void TensorParallel::AllReduce(Tensor& t) const {
   if (size == 1) return;
   const absl::Status status = comm->AllReduce(t);
   if (!status.ok()) ExitAfterCommFailure(status);
+}
+
+void TensorParallel::ProjectOutput(const Tensor& h, const Tensor& w, Tensor& y, const Tensor* residual) const {
+  LOOM_CHECK(residual == nullptr || !sp(), "[tp] a skip connection under sequence parallelism is added after the "
+             "reduce-scatter, not in the projection");
+  if (size == 1) {
+    ops::LinearForward(h, w, y, residual);
+    return;
+  }
+  ops::LinearForward(h, w, y);
+  ReduceOutput(y);
+  if (residual != nullptr) ops::AddInPlace(y, *residual);
 }
 
 void TensorParallel::AllReduceMax(Tensor& t) const {

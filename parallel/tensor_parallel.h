@@ -27,6 +27,11 @@ struct TensorParallel {
   void ReduceOutput(Tensor& t) const {
     if (!sp()) AllReduce(t);
   }
+  // y = h · Wᵀ (a row-parallel projection) closed by ReduceOutput, plus
+  // `residual` when given (a block's skip connection, not under sequence
+  // parallelism): added in the GEMM's epilogue without tp, after the
+  // all-reduce with it.
+  void ProjectOutput(const Tensor& h, const Tensor& w, Tensor& y, const Tensor* residual) const;
   // [t, ...] of every rank, in rank order -> [size·t, ...].
   Tensor GatherTokens(const Tensor& local) const;
   // [size·t, ...] partial sums -> this rank's [t, ...] rows of their sum.

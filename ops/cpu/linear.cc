@@ -13,15 +13,19 @@ Tensor Rows(const Tensor& t, int64_t rows, int64_t cols, const char* name) {
 }
 }  // namespace
 
-void LinearForward(const Tensor& x, const Tensor& w, Tensor& y) {
-  if (!x.device().is_cpu()) return cuda::LinearForward(x, w, y);
+void LinearForward(const Tensor& x, const Tensor& w, Tensor& y, const Tensor* residual) {
+  if (!x.device().is_cpu()) return cuda::LinearForward(x, w, y, residual);
   LOOM_CHECK(w.ndim() == 2, "[linear] W must be [out, in], got ", ShapeString(w.shape()));
   LOOM_CHECK(x.numel() % w.dim(1) == 0, "[linear] x ", ShapeString(x.shape()), " is not rows of W's input size ",
              w.dim(1));
   const int64_t rows = x.numel() / w.dim(1);
   const Tensor x2 = x.Reshape({rows, w.dim(1)});
   Tensor y2 = Rows(y, rows, w.dim(0), "y");
-  Matmul(x2, /*trans_a=*/false, w, /*trans_b=*/true, y2);
+  if (residual != nullptr) {
+    const Tensor r2 = Rows(*residual, rows, w.dim(0), "residual");
+    if (r2.raw() != y2.raw()) y2.CopyFrom(r2);
+  }
+  Matmul(x2, /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, residual != nullptr ? 1.0 : 0.0);
 }
 
 void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw,

@@ -1,6 +1,6 @@
 // CUDA Linear (see ops/linear.h): the three GEMMs of ops/cpu/linear.cc on
 // cuBLASLt, with the GPU dtype contract (docs/gpu.md) checked here.
-//   forward   y [N, out] = x [N, in] · W [out, in]ᵀ
+//   forward   y [N, out] = x [N, in] · W [out, in]ᵀ (+ residual, cuBLASLt's C)
 //   backward  dx [N, in] = dy · W        (written, or added: accumulate_dx)
 //             dW [out, in] += dyᵀ · x     (f32, whatever the activations' dtype)
 #include "ops/linear.h"
@@ -30,10 +30,15 @@ int64_t CheckInputs(const Tensor& x, const Tensor& w) {
 
 }  // namespace
 
-void LinearForward(const Tensor& x, const Tensor& w, Tensor& y, CudaStream stream) {
+void LinearForward(const Tensor& x, const Tensor& w, Tensor& y, const Tensor* residual, CudaStream stream) {
   const int64_t rows = CheckInputs(x, w);
   Tensor y2 = Rows(y, rows, w.dim(0), x.dtype(), x, "y");
-  Matmul(x.Reshape({rows, w.dim(1)}), /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, 0.0, stream);
+  if (residual == nullptr) {
+    Matmul(x.Reshape({rows, w.dim(1)}), /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, 0.0, stream);
+    return;
+  }
+  const Tensor r2 = Rows(*residual, rows, w.dim(0), x.dtype(), x, "residual");
+  Matmul(x.Reshape({rows, w.dim(1)}), /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, 1.0, stream, &r2);
 }
 
 void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, bool accumulate_dx,

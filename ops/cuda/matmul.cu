@@ -141,7 +141,7 @@ __global__ void ScaleKernel(__nv_bfloat16* c, int64_t n, float beta) {
 }  // namespace
 
 void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha, double beta,
-            CudaStream stream) {
+            CudaStream stream, const Tensor* c_in) {
   LOOM_CHECK(!a.device().is_cpu() && b.device() == a.device() && c.device() == a.device(),
              "[matmul] CUDA path takes tensors on one GPU, got ", a.device().ToString(), ", ", b.device().ToString(),
              ", ", c.device().ToString());
@@ -167,11 +167,18 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
   LOOM_CHECK(cv.rows == m && cv.cols == n, "[matmul] c is ", ShapeString(c.shape()), " read as [", cv.rows, ", ",
              cv.cols, "], but op(a)·op(b) is [", m, ", ", n, "]");
   LOOM_CHECK(c.numel() == 0 || (c.raw() != a.raw() && c.raw() != b.raw()), "[matmul] c must not alias a or b");
+  LOOM_CHECK(c_in == nullptr || (c_in->numel() == c.numel() && c_in->dtype() == c.dtype() &&
+                                 c_in->device() == c.device() && (c.numel() == 0 || (c_in->raw() != a.raw() &&
+                                                                                    c_in->raw() != b.raw()))),
+             "[matmul] c_in must be like c (", c.numel(), " ", DTypeName(c.dtype()), ") and not alias a or b");
   if (m == 0 || n == 0) return;
+  const void* c_read = c_in != nullptr ? c_in->raw() : c.raw();
   const int device = a.device().index;
   LOOM_CUDA_CHECK(cudaSetDevice(device));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (k == 0) {  // an empty sum: c = beta · c, with beta = 0 clearing whatever c held
+    if (c_read != c.raw() && beta != 0)
+      LOOM_CUDA_CHECK(cudaMemcpyAsync(c.raw(), c_read, c.nbytes(), cudaMemcpyDeviceToDevice, s));
     if (beta == 0) {
       LOOM_CUDA_CHECK(cudaMemsetAsync(c.raw(), 0, c.nbytes(), s));
     } else if (c.dtype() == DType::kF32) {
@@ -197,14 +204,14 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
               /*trans_b=*/trans_a,
               Alignment(b.raw()),
               Alignment(a.raw()),
-              Alignment(c.raw())};
+              std::min(Alignment(c.raw()), Alignment(c_read))};
   const float alpha_f = static_cast<float>(alpha), beta_f = static_cast<float>(beta);
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceContext& ctx = Context(device);
   auto it = ctx.plans.find(key);
   if (it == ctx.plans.end()) it = ctx.plans.emplace(key, MakePlan(ctx.handle, key)).first;
   const Plan& plan = *it->second;
-  LOOM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, plan.op, &alpha_f, b.raw(), plan.a, a.raw(), plan.b, &beta_f, c.raw(),
+  LOOM_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, plan.op, &alpha_f, b.raw(), plan.a, a.raw(), plan.b, &beta_f, c_read,
                                    plan.c, c.raw(), plan.c, &plan.algo, ctx.workspace, kWorkspaceBytes, s));
 }
 

@@ -3,7 +3,7 @@
 
 namespace loom::ops::cuda {
 
-void Matmul(const Tensor&, bool, const Tensor&, bool, Tensor&, double, double, CudaStream) {
+void Matmul(const Tensor&, bool, const Tensor&, bool, Tensor&, double, double, CudaStream, const Tensor*) {
   LOOM_CHECK(false, "[matmul] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
 

@@ -114,8 +114,16 @@ void CheckLinear(const LinearCase& c, DType dtype) {
   Tensor gdw = ToGpu(dw0);
   ops::LinearForward(gx, gw, gy);
   ops::LinearBackward(gx, gw, ToGpu(dy), &gdx, gdw, c.accumulate_dx);
+  // With a residual in the GEMM's epilogue (cuBLASLt's C apart from D).
+  const Tensor r = RandomTensor({c.rows, c.out}, dtype, 16), rf = r.To(DType::kF32);
+  Tensor y_res = Tensor::Empty({c.rows, c.out}, DType::kF32);
+  ops::LinearForward(xf, wf, y_res, &rf);
+  Tensor gy_res = PoisonedGpu({c.rows, c.out}, dtype);
+  const Tensor gr = ToGpu(r);
+  ops::LinearForward(gx, gw, gy_res, &gr);
   const double tol = dtype == DType::kF32 ? 1e-5 : 1e-2;
   EXPECT_TRUE(CloseToScale(gy, y, tol)) << "y";
+  EXPECT_TRUE(CloseToScale(gy_res, y_res, tol)) << "y + residual";
   EXPECT_TRUE(CloseToScale(gdx, dx, tol)) << "dx";
   // dW is f32 from exact bf16 products: f32 accuracy in both runs.
   EXPECT_TRUE(CloseToScale(gdw, dw, 1e-5)) << "dW";

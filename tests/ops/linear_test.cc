@@ -25,6 +25,22 @@ TEST(Linear, ForwardIsXTimesWTransposed) {
   EXPECT_TRUE(AllClose(y, expected, 1e-13, 1e-13));
 }
 
+// y = x·Wᵀ + residual, with the residual apart from y and as y itself.
+TEST(Linear, ForwardAddsTheResidual) {
+  const int64_t n = 6, in = 5, out = 4;
+  Tensor x = RandomTensor({n, in}, DType::kF64, 1), w = RandomTensor({out, in}, DType::kF64, 2);
+  Tensor r = RandomTensor({n, out}, DType::kF64, 3);
+  Tensor plain = Tensor::Empty({n, out}, DType::kF64), y = Tensor::Empty({n, out}, DType::kF64);
+  ops::LinearForward(x, w, plain);
+  ops::LinearForward(x, w, y, &r);
+  Tensor in_place = r.Clone();
+  ops::LinearForward(x, w, in_place, &in_place);
+  for (int64_t i = 0; i < n * out; ++i) {
+    EXPECT_NEAR(y.Get(i), plain.Get(i) + r.Get(i), 1e-14) << i;
+    EXPECT_EQ(in_place.Get(i), y.Get(i)) << i;
+  }
+}
+
 TEST(Linear, GradientsMatchFiniteDifferences) {
   // x is [2, 3, in]: a batch of sequences, read as 6 rows.
   const int64_t in = 4, out = 5;
