@@ -405,16 +405,18 @@ class Trainer {
           {"tflops_per_rank", tflops}, {"max_rss_mb", max_rss_mb}, {"tensor_peak_mb", tensor_peak_mb},
           {"elapsed_s", total_timer.Seconds()}};
       if (peak > 0) record.insert(record.begin() + 5, {"mfu", tflops / peak});
-      // MoE routing of the step's last micro-batch, per layer of this rank
-      // (rank 0 writes: under pipeline parallelism, the first stage's layers).
-      for (const auto& [layer, r] : model_.RoutingStatistics()) {
+      // MoE routing of the step's last micro-batch, per layer of the model
+      // (every pipeline stage's layers).
+      LOOM_ASSIGN_OR_RETURN(const auto routing, AllRoutingStatistics());
+      const auto& [moe_stats, moh_stats] = routing;
+      for (const auto& [layer, r] : moe_stats) {
         const std::string key = absl::StrCat("moe/layer", layer, "/");
         record.insert(record.end(), {{key + "load_min", r.load_min},
                                      {key + "load_max", r.load_max},
                                      {key + "load_cv", r.load_cv},
                                      {key + "dropped", static_cast<double>(r.dropped)}});
       }
-      for (const auto& [layer, r] : model_.MohStatistics()) {  // MoH: the load of the routed heads
+      for (const auto& [layer, r] : moh_stats) {  // MoH: the load of the routed heads
         const std::string key = absl::StrCat("moh/layer", layer, "/");
         record.insert(record.end(), {{key + "load_min", r.load_min}, {key + "load_max", r.load_max},
                                      {key + "load_cv", r.load_cv}});
@@ -427,10 +429,10 @@ class Trainer {
                                 peak > 0 ? absl::StrFormat(" | MFU %.1f%%", 100 * tflops / peak) : "", max_rss_mb,
                                 tensor_peak_mb, total_timer.Seconds()));
         // MoE routing of the step's last micro-batch, one line per MoE layer.
-        for (const auto& [layer, r] : model_.RoutingStatistics())
+        for (const auto& [layer, r] : moe_stats)
           LogInfo(absl::StrFormat("  moe layer %d | expert load min %.0f max %.0f cv %.4f | dropped %d of %d", layer,
                                   r.load_min, r.load_max, r.load_cv, r.dropped, r.assignments));
-        for (const auto& [layer, r] : model_.MohStatistics())
+        for (const auto& [layer, r] : moh_stats)
           LogInfo(absl::StrFormat("  moh layer %d | head load min %.0f max %.0f cv %.4f of %d", layer, r.load_min,
                                   r.load_max, r.load_cv, r.assignments));
       }
@@ -490,6 +492,39 @@ class Trainer {
     cp.softmax.keep_gathered = c.parallel().cp_keep_gathered();
     cp.linear.scheme = *ParseCpLinearScheme(c.parallel().cp_linear());
     return cp;
+  }
+
+  // (layer, routing) of every MoE layer and of every MoH layer with routed
+  // heads, in layer order, on every rank: under pipeline parallelism each
+  // stage holds some of the layers, and a sum over the pp group of
+  // [kind][layer][present, min, max, cv, assignments, dropped] (zeros where a
+  // stage lacks the layer, so the sum is exact) hands every stage all of them.
+  using LayerRouting = std::vector<std::pair<int, RoutingStats>>;
+  absl::StatusOr<std::pair<LayerRouting, LayerRouting>> AllRoutingStatistics() {
+    std::pair<LayerRouting, LayerRouting> mine{model_.RoutingStatistics(), model_.MohStatistics()};
+    if (groups_.layout.pp == 1) return mine;
+    constexpr int kFields = 6;
+    const int layers = dims_.layers;
+    Tensor table = Tensor::Zeros({2 * layers * kFields}, DType::kF64);
+    double* t = table.data<double>();
+    for (int kind = 0; kind < 2; ++kind)
+      for (const auto& [layer, r] : kind == 0 ? mine.first : mine.second) {
+        double* row = t + (kind * layers + layer) * kFields;
+        row[0] = 1, row[1] = r.load_min, row[2] = r.load_max, row[3] = r.load_cv;
+        row[4] = double(r.assignments), row[5] = double(r.dropped);
+      }
+    LOOM_RETURN_IF_ERROR(groups_.pp->AllReduce(table));
+    std::pair<LayerRouting, LayerRouting> all;
+    for (int kind = 0; kind < 2; ++kind)
+      for (int layer = 0; layer < layers; ++layer) {
+        const double* row = t + (kind * layers + layer) * kFields;
+        if (row[0] == 0) continue;
+        RoutingStats r;
+        r.load_min = row[1], r.load_max = row[2], r.load_cv = row[3];
+        r.assignments = static_cast<int64_t>(row[4]), r.dropped = static_cast<int64_t>(row[5]);
+        (kind == 0 ? all.first : all.second).push_back({layer, r});
+      }
+    return all;
   }
 
   // A signal on any rank stops every rank at the same step boundary.

@@ -82,8 +82,7 @@ struct RoutingStats {
 class MoeLayer {
  public:
   MoeLayer(const ModelDims& dims, const std::string& prefix);
-  // x [T, C] → y [T, C] (written).
-  // y = MoE(x), plus residual when given.
+  // x [T, C] → y [T, C] = MoE(x) (+ residual when given), written.
   void Forward(const Tensor& x, Tensor& y, const Tensor* residual = nullptr);
   // dy [T, C] → dx [T, C] (written). loss_scale: weight of router_loss() in
   // the loss being differentiated.

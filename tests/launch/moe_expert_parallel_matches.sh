@@ -9,7 +9,9 @@
 # ep4 and in one process to the same losses at steps 4-6. Pipeline
 # parallelism (4 layers, RLHR, split over 2 stages; each stage adds its
 # layers' router losses and updates their selection bias): pp2 with 4
-# micro-batches, and pp2 x dp2 x ep2, give one process's losses too.
+# micro-batches, and pp2 x dp2 x ep2, give one process's losses too, and
+# pp2's metrics.jsonl carries every stage's layers' routing statistics (the
+# second stage's layers 2 and 3 included), equal to one process's.
 set -eu
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 bin=$1; src=$2
@@ -59,3 +61,11 @@ compare resume_ep4 3
 compare resume_one 3
 compare pp2 $steps one4_mb8
 compare pp2ep2 $steps one4
+cv() { grep '"moe/layer' "$work/$1/metrics.jsonl" | tail -n 1 | grep -o "\"moe/layer$2/load_cv\": [0-9.e+-]*" | awk '{print $2}'; }
+for layer in 0 1 2 3; do
+  a=$(cv pp2 $layer); b=$(cv one4_mb8 $layer)
+  [ -n "$a" ] || { echo "pp2: no moe/layer$layer/load_cv in metrics.jsonl"; exit 1; }
+  awk -v a="$a" -v b="$b" -v l="$layer" 'BEGIN { d = a - b; if (d < 0) d = -d;
+    if (d > 1e-9 * (b > 0 ? b : 1)) { print "pp2 layer " l " load cv " a " vs one process " b; exit 1 } }'
+done
+echo "pp2: the routing statistics of all 4 layers match one process"
