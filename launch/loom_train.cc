@@ -502,7 +502,8 @@ class Trainer {
   using LayerRouting = std::vector<std::pair<int, RoutingStats>>;
   absl::StatusOr<std::pair<LayerRouting, LayerRouting>> AllRoutingStatistics() {
     std::pair<LayerRouting, LayerRouting> mine{model_.RoutingStatistics(), model_.MohStatistics()};
-    if (groups_.layout.pp == 1) return mine;
+    const bool routed = dims_.moe.experts > 0 || dims_.kinds.find_first_of("HR") != std::string::npos;
+    if (groups_.layout.pp == 1 || !routed) return mine;  // the same on every rank: dims come from the config
     constexpr int kFields = 6;
     const int layers = dims_.layers;
     Tensor table = Tensor::Zeros({2 * layers * kFields}, DType::kF64);
