@@ -7,6 +7,7 @@
 // checkpoint that verifies and continues bit for bit.
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -502,7 +503,7 @@ class Trainer {
   using LayerRouting = std::vector<std::pair<int, RoutingStats>>;
   absl::StatusOr<std::pair<LayerRouting, LayerRouting>> AllRoutingStatistics() {
     std::pair<LayerRouting, LayerRouting> mine{model_.RoutingStatistics(), model_.MohStatistics()};
-    const bool routed = dims_.moe.experts > 0 || dims_.kinds.find_first_of("HR") != std::string::npos;
+    const bool routed = dims_.moe.experts > 0 || std::any_of(dims_.kinds.begin(), dims_.kinds.end(), MohKind);
     if (groups_.layout.pp == 1 || !routed) return mine;  // the same on every rank: dims come from the config
     constexpr int kFields = 6;
     const int layers = dims_.layers;

@@ -118,9 +118,9 @@ struct StepShapes {
       m.Alloc(r * c * e + s * c * e);
       m.Free(r * c * e);
     }
-    for (int i = 0; i < d.moe.shared_experts; ++i) {  // SumOverShared: out [T, C], the expert's gate, up, h
+    for (int i = 0; i < d.moe.shared_experts; ++i) {  // the expert's out [T, C], gate, up, h
       m.Alloc(Tc() + 3 * t * fe * e);
-      if (i > 0) m.Free(Tc());  // added into the first one's
+      if (i > 0) m.Free(Tc());  // the previous sum, added in this one's output GEMM
     }
     if (d.moe.shared_experts > 0) m.Free(Tc());  // shared_y
     if (ep) m.Free(s * c * e + r * c * e);       // sent, expert_y

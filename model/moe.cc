@@ -2,10 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "ops/add.h"
 #include "ops/grouped_linear.h"
 #include "ops/linear.h"
 #include "ops/swiglu.h"
@@ -56,21 +54,6 @@ void MoeLayer::CollectParams(ParamList& out) {
   out.push_back(&router_);
   for (Expert& e : experts_) out.insert(out.end(), {&e.w_gate, &e.w_up, &e.w_down});
   for (auto& s : shared_) s->CollectParams(out);
-}
-
-template <typename Run>
-Tensor MoeLayer::SumOverShared(const Tensor& like, Run run) {
-  Tensor sum;
-  for (auto& s : shared_) {
-    Tensor out = Tensor::Empty(like.shape(), like.dtype(), like.device());
-    run(*s, out);
-    if (sum.defined()) {
-      ops::AddInPlace(sum, out);
-    } else {
-      sum = out;
-    }
-  }
-  return sum;
 }
 
 std::vector<const Tensor*> MoeLayer::ExpertWeights(Param Expert::*which) const {
@@ -169,12 +152,17 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y, const Tensor* residual) {
     ops::GroupedLinearForward(h_, ExpertWeights(&Expert::w_down), rows, expert_y);
   }
   returned_y_ = exchange_->Combine(expert_y);
-  // Σ_s Shared_s(x), the first adding the residual in its output GEMM; the
-  // residual alone when there is no shared expert.
-  const Tensor* skip = residual;
-  const Tensor shared_y =
-      SumOverShared(x, [&](SwigluMlp& s, Tensor& ys) { s.Forward(x, ys, std::exchange(skip, nullptr)); });
-  ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, shared_y.defined() ? &shared_y : residual, y);
+  // Σ_s Shared_s(x) + residual: each shared expert's output GEMM adds the
+  // sum so far (the residual first); the residual alone without shared ones.
+  Tensor shared_y;
+  const Tensor* sum = residual;
+  for (auto& s : shared_) {
+    Tensor out = Tensor::Empty(x.shape(), dt, dev);
+    s->Forward(x, out, sum);
+    shared_y = out;
+    sum = &shared_y;
+  }
+  ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, sum, y);
   // Statistics.
   stats_ = RoutingStats();
   stats_.assignments = global_tokens_ * k;

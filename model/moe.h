@@ -127,10 +127,6 @@ class MoeLayer {
   Tensor gate_, up_, h_;                        // [R, F]
   Tensor returned_y_;                           // [S, C] expert outputs of perm_.ids
 
-  // Σ over the shared experts of run(expert, out) into tensors shaped like
-  // `like`; undefined without shared experts.
-  template <typename Run>
-  Tensor SumOverShared(const Tensor& like, Run run);
   std::vector<const Tensor*> ExpertWeights(Param Expert::*which) const;
   std::vector<Tensor*> ExpertGrads(Param Expert::*which);
 };

@@ -114,7 +114,7 @@ __global__ void SumSquaresPartials(const float* g, int64_t n, double* partials) 
   double acc = 0;
   const int64_t stride = int64_t{gridDim.x} * kThreads;
   int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x;
-  if (reinterpret_cast<uintptr_t>(g) % 16 == 0) {
+  if (Aligned(g, 16)) {
     const int64_t n4 = n / 4;
     for (int64_t q = i; q < n4; q += stride) {
       const float4 x = reinterpret_cast<const float4*>(g)[q];
