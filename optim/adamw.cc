@@ -7,11 +7,12 @@ namespace {
 
 template <typename T>
 void AdamWKernel(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1, double b2, double eps,
-                 double wd, double bias1, double bias2) {
+                 double wd, double bias1, double bias2, double grad_scale) {
 #pragma omp parallel for if (n > 65536)
   for (int64_t i = 0; i < n; ++i) {
-    m[i] = static_cast<T>(b1 * m[i] + (1 - b1) * g[i]);
-    v[i] = static_cast<T>(b2 * v[i] + (1 - b2) * double(g[i]) * g[i]);
+    const T gi = static_cast<T>(g[i] * grad_scale);  // Scale's rounding, as if g had been scaled in place
+    m[i] = static_cast<T>(b1 * m[i] + (1 - b1) * gi);
+    v[i] = static_cast<T>(b2 * v[i] + (1 - b2) * double(gi) * gi);
     const double update = (m[i] / bias1) / (std::sqrt(v[i] / bias2) + eps) + wd * p[i];
     p[i] = static_cast<T>(p[i] - lr * update);
   }
@@ -41,16 +42,16 @@ AdamW::AdamW(const ParamList& params, const AdamWOptions& options) : params_(par
 }
 
 void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
-                 const AdamWOptions& options) {
+                 const AdamWOptions& options, double grad_scale) {
   LOOM_CHECK(g.numel() == p.numel() && m.numel() == p.numel() && v.numel() == p.numel() &&
                  g.dtype() == p.dtype() && m.dtype() == p.dtype() && v.dtype() == p.dtype(),
              "[adamw] p, g, m, v must have the same size and dtype");
-  if (!p.device().is_cpu()) return cuda::AdamWUpdate(p, g, m, v, lr, wd, step, options);
+  if (!p.device().is_cpu()) return cuda::AdamWUpdate(p, g, m, v, lr, wd, step, options, grad_scale);
   const double bias1 = 1 - std::pow(options.beta1, step);
   const double bias2 = 1 - std::pow(options.beta2, step);
   LOOM_DISPATCH_FLOAT(p.dtype(), T, [&] {
     AdamWKernel(p.data<T>(), g.data<T>(), m.data<T>(), v.data<T>(), p.numel(), lr, options.beta1, options.beta2,
-                options.eps, wd, bias1, bias2);
+                options.eps, wd, bias1, bias2, grad_scale);
   });
 }
 
@@ -71,7 +72,7 @@ void ScaleInPlace(Tensor& g, double f) {
   LOOM_DISPATCH_FLOAT(g.dtype(), T, [&] { Scale(g.data<T>(), g.numel(), f); });
 }
 
-void AdamW::Step(double lr) {
+void AdamW::Step(double lr, double grad_scale) {
   ++steps_;
   if (!params_.empty() && !params_[0]->value.device().is_cpu()) {
     std::vector<cuda::AdamWTensor> tensors;
@@ -91,11 +92,12 @@ void AdamW::Step(double lr) {
                          p.compute.defined() ? p.compute.data<bf16>() : nullptr, p.value.numel(),
                          p.weight_decay ? options_.weight_decay : 0.0});
     }
-    return cuda::MultiTensorAdamW(device_table_, tensors, lr, steps_, options_);
+    return cuda::MultiTensorAdamW(device_table_, tensors, lr, steps_, options_, grad_scale);
   }
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i];
-    AdamWUpdate(p.value, p.grad, m_[i], v_[i], lr, p.weight_decay ? options_.weight_decay : 0.0, steps_, options_);
+    AdamWUpdate(p.value, p.grad, m_[i], v_[i], lr, p.weight_decay ? options_.weight_decay : 0.0, steps_, options_,
+                grad_scale);
   }
 }
 

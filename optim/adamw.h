@@ -49,7 +49,10 @@ struct AdamWOptions {
 class AdamW {
  public:
   AdamW(const ParamList& params, const AdamWOptions& options);
-  void Step(double lr);  // one update from the current gradients
+  // One update from the current gradients times grad_scale (the clip
+  // factor, applied as the update reads each gradient: the same bits as
+  // ScaleInPlace first, without its pass over the gradients).
+  void Step(double lr, double grad_scale = 1);
   int64_t steps() const { return steps_; }
 
   // State for checkpoints: moments in parameter order, and the step count
@@ -68,9 +71,10 @@ class AdamW {
 
 // One AdamW update of p from g with moments m, v (same element counts, same
 // float dtype; any shapes), at optimizer step `step` (1-based, for the bias
-// corrections) with decay wd (0 for parameters without weight decay).
+// corrections) with decay wd (0 for parameters without weight decay). The
+// gradient read is g · grad_scale rounded to g's dtype (AdamW::Step).
 void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
-                 const AdamWOptions& options);
+                 const AdamWOptions& options, double grad_scale = 1);
 
 // Σ g² of one tensor, summed serially (the same on every run).
 double SumSquares(const Tensor& g);
@@ -89,10 +93,10 @@ double ClipGradNorm(const ParamList& params, double max_norm);
 namespace cuda {
 // f32 CUDA tensors; the same arithmetic as the CPU (f64, no contraction).
 void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
-                 const AdamWOptions& options, CudaStream stream = nullptr);
+                 const AdamWOptions& options, double grad_scale, CudaStream stream = nullptr);
 // One launch for every tensor of `tensors`; `table` keeps its device copy.
 void MultiTensorAdamW(AdamWTable& table, const std::vector<AdamWTensor>& tensors, double lr, int64_t step,
-                      const AdamWOptions& options, CudaStream stream = nullptr);
+                      const AdamWOptions& options, double grad_scale, CudaStream stream = nullptr);
 // Σ g² over the tensors (f32), f64 partials in a fixed order; one host sync.
 double SumSquares(const std::vector<const Tensor*>& tensors, CudaStream stream = nullptr);
 void ScaleInPlace(Tensor& g, double f, CudaStream stream = nullptr);

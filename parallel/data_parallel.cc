@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "ops/convert.h"
 
@@ -159,26 +160,19 @@ absl::StatusOr<double> DataParallel::SquaredNorm() {
   return sum.data<double>()[0];
 }
 
-void DataParallel::ScaleGradients(double f) {
-  if (options_.zero) {
-    for (auto& b : buckets_) ScaleInPlace(b->grad_slice, f);
-  } else {
-    for (Param* p : params_) ScaleInPlace(p->grad, f);
-  }
-}
-
 absl::StatusOr<double> DataParallel::ClipGradients(double max_norm) {
   LOOM_ASSIGN_OR_RETURN(const double squares, SquaredNorm());
   const double norm = std::sqrt(squares);
-  if (max_norm > 0 && norm > max_norm) ScaleGradients(max_norm / (norm + 1e-6));
+  set_grad_scale(max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1);
   return norm;
 }
 
 absl::Status DataParallel::Step(double lr) {
   ++steps_;
+  const double grad_scale = std::exchange(grad_scale_, 1);
   if (!options_.zero) {
     adamw_->set_steps(steps_ - 1);
-    adamw_->Step(lr);
+    adamw_->Step(lr, grad_scale);
     return absl::OkStatus();
   }
   const int g = group_->size(), r = group_->rank();
@@ -192,7 +186,7 @@ absl::Status DataParallel::Step(double lr) {
       Tensor p = values.Slice(s.slice_offset, s.length), gs = b.grad_slice.Slice(s.slice_offset, s.length);
       Tensor m = b.m.Slice(s.slice_offset, s.length), v = b.v.Slice(s.slice_offset, s.length);
       AdamWUpdate(p, gs, m, v, lr, s.param->weight_decay ? options_.adam.weight_decay : 0.0, steps_,
-                  options_.adam);
+                  options_.adam, grad_scale);
     }
     mine[i] = values.Clone();
     Tensor region = flat_value_.Slice(b.offset, b.size);

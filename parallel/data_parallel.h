@@ -50,15 +50,18 @@ class DataParallel {
   void GradReady(const ParamList& ready);
   // Starts the buckets not started yet and completes all reductions.
   absl::Status ReduceGradients();
-  // Global gradient norm before clipping; scales the gradients (this rank's
-  // shard under ZeRO) so the norm is at most max_norm (0: no clipping).
+  // Global gradient norm before clipping; the next Step reads the
+  // gradients (this rank's shard under ZeRO) scaled so that their norm is at
+  // most max_norm (0: no clipping). The gradients themselves stay as they
+  // are: AdamW applies the factor as it reads them (optim/adamw.h).
   absl::StatusOr<double> ClipGradients(double max_norm);
   // ClipGradients' two halves, for instances that share one norm
   // (parallel/expert_parallel.h): Σ g² of the elements this instance
-  // counts, summed over norm_group (collective); gradients (shards) × f.
+  // counts, summed over norm_group (collective); the factor the next Step
+  // applies to the gradients.
   absl::StatusOr<double> SquaredNorm();
-  void ScaleGradients(double f);
-  // One AdamW update at learning rate lr.
+  void set_grad_scale(double f) { grad_scale_ = f; }
+  // One AdamW update at learning rate lr, of the gradients × the clip factor.
   absl::Status Step(double lr);
 
   int64_t steps() const { return steps_; }
@@ -90,6 +93,7 @@ class DataParallel {
   std::unordered_map<const Param*, int> index_of_;
   std::unique_ptr<AdamW> adamw_;  // zero = 0
   int64_t steps_ = 0;
+  double grad_scale_ = 1;  // the clip factor of the next Step
   int started_in_backward_ = 0, last_started_in_backward_ = 0;
   absl::Status deferred_;  // an error from GradReady, reported by ReduceGradients
 };

@@ -33,13 +33,13 @@ constexpr int kMaxGrid = 4096;
 constexpr int kPartialBlocks = 1024;  // at most, per tensor of Σ g²
 
 struct StepScalars {
-  double lr, b1, b2, eps, bias1, bias2;
+  double lr, b1, b2, eps, bias1, bias2, grad_scale;
 };
 
 // m, v, p of one element, as AdamWKernel of optim/adamw.cc computes them.
 __device__ __forceinline__ void UpdateElement(float& p, float g, float& m, float& v, double wd,
                                               const StepScalars& s) {
-  const double gd = g;
+  const double gd = static_cast<float>(__dmul_rn(g, s.grad_scale));  // ScaleKernel's rounding
   m = static_cast<float>(__dadd_rn(__dmul_rn(s.b1, m), __dmul_rn(1 - s.b1, gd)));
   v = static_cast<float>(__dadd_rn(__dmul_rn(s.b2, v), __dmul_rn(__dmul_rn(1 - s.b2, gd), gd)));
   const double denom = __dadd_rn(__dsqrt_rn(__ddiv_rn(v, s.bias2)), s.eps);
@@ -150,8 +150,8 @@ int GridFor(int64_t n, int64_t max_blocks) {
 // SumSquaresPartials' blocks for n elements (four a thread).
 int PartialGrid(int64_t n) { return GridFor((n + 3) / 4, kPartialBlocks); }
 
-StepScalars Scalars(double lr, int64_t step, const AdamWOptions& o) {
-  return {lr, o.beta1, o.beta2, o.eps, 1 - std::pow(o.beta1, step), 1 - std::pow(o.beta2, step)};
+StepScalars Scalars(double lr, int64_t step, const AdamWOptions& o, double grad_scale) {
+  return {lr, o.beta1, o.beta2, o.eps, 1 - std::pow(o.beta1, step), 1 - std::pow(o.beta2, step), grad_scale};
 }
 
 void CheckF32(const Tensor& t, Device dev, const char* name) {
@@ -162,7 +162,7 @@ void CheckF32(const Tensor& t, Device dev, const char* name) {
 }  // namespace
 
 void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, double wd, int64_t step,
-                 const AdamWOptions& options, CudaStream stream) {
+                 const AdamWOptions& options, double grad_scale, CudaStream stream) {
   const Device dev = p.device();
   CheckF32(p, dev, "p");
   CheckF32(g, dev, "g");
@@ -172,12 +172,12 @@ void AdamWUpdate(Tensor& p, const Tensor& g, Tensor& m, Tensor& v, double lr, do
   if (n == 0) return;
   LOOM_CUDA_CHECK(cudaSetDevice(dev.index));
   AdamWKernel<<<GridFor(n, kMaxGrid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, wd, Scalars(lr, step, options));
+      p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), n, wd, Scalars(lr, step, options, grad_scale));
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
 void MultiTensorAdamW(AdamWTable& table, const std::vector<AdamWTensor>& tensors, double lr, int64_t step,
-                      const AdamWOptions& options, CudaStream stream) {
+                      const AdamWOptions& options, double grad_scale, CudaStream stream) {
   if (tensors.empty()) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   // The table lives on the device of the tensors it points to.
@@ -207,7 +207,7 @@ void MultiTensorAdamW(AdamWTable& table, const std::vector<AdamWTensor>& tensors
   const auto* entries = static_cast<const AdamWTensor*>(table.device.raw());
   const auto* first_chunk = reinterpret_cast<const int64_t*>(entries + tensors.size());
   MultiTensorAdamWKernel<<<static_cast<int>(std::min<int64_t>(table.chunks, kMaxGrid)), kThreads, 0, s>>>(
-      entries, first_chunk, static_cast<int>(tensors.size()), table.chunks, Scalars(lr, step, options));
+      entries, first_chunk, static_cast<int>(tensors.size()), table.chunks, Scalars(lr, step, options, grad_scale));
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -9,11 +9,11 @@ namespace {
 }
 }  // namespace
 
-void AdamWUpdate(Tensor&, const Tensor&, Tensor&, Tensor&, double, double, int64_t, const AdamWOptions&,
+void AdamWUpdate(Tensor&, const Tensor&, Tensor&, Tensor&, double, double, int64_t, const AdamWOptions&, double,
                  CudaStream) {
   NoCuda();
 }
-void MultiTensorAdamW(AdamWTable&, const std::vector<AdamWTensor>&, double, int64_t, const AdamWOptions&,
+void MultiTensorAdamW(AdamWTable&, const std::vector<AdamWTensor>&, double, int64_t, const AdamWOptions&, double,
                       CudaStream) {
   NoCuda();
 }
