@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "model/softmax_attention_layer.h"
+#include "ops/cross_entropy.h"
 #include "ops/softmax_attention.h"
 #include "parallel/pipeline_schedule.h"
 
@@ -224,10 +225,11 @@ struct StepShapes {
     m.Alloc(Tc());                // dh
     int64_t logits, extra = 0;
     if (!d.device.is_cpu() && tp == 1) {
-      // ops/cuda/cross_entropy.cu: f32 logits of 2,048 rows at vocab 32,000
-      // (rows scaled to keep 250 MiB), plus their bf16 copy in bf16 runs.
-      const int64_t rows = std::min<int64_t>(t, std::max<int64_t>(1, 2048 * 32000 / d.padded_vocab));
-      logits = rows * d.padded_vocab * (4 + (d.mixed_bf16 ? 2 : 0));
+      // ops/cuda/cross_entropy.cu: a chunk of f32 logits, plus in bf16 runs
+      // the bf16 gradients of a group of chunks.
+      const int64_t rows = ops::cuda::CrossEntropyChunkRows(t, d.padded_vocab);
+      logits = rows * d.padded_vocab * 4 +
+               (d.mixed_bf16 ? ops::cuda::CrossEntropyGradRows(t, rows) * d.padded_vocab * 2 : 0);
     } else if (tp == 1) {
       logits = std::min<int64_t>(128, t) * d.padded_vocab * e;
     } else {

@@ -40,6 +40,21 @@ CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& 
                                 CudaStream stream = nullptr);
 // Rows per chunk for tests (0: the default, sized by the vocab).
 void SetCrossEntropyChunkRowsForTesting(int64_t rows);
+// The default chunk of n rows: about 256 MiB of f32 logits, a multiple of
+// 128 rows when that many fit (2,048 rows at Vp = 32,000).
+inline int64_t CrossEntropyChunkRows(int64_t n, int64_t padded_vocab) {
+  int64_t rows = (int64_t{256} << 20) / (padded_vocab * 4);
+  rows = rows >= 128 ? rows / 128 * 128 : rows < 1 ? 1 : rows;
+  return rows < n ? rows : n;
+}
+// bf16 backward: the bf16 logit gradients of up to 4 chunks are kept and the
+// two gradient GEMMs run once for all of them (dW's f32 read and write then
+// happen once per 4 chunks; the buffer is 500 MiB at Vp = 32,000).
+constexpr int64_t kCrossEntropyGradChunks = 4;
+inline int64_t CrossEntropyGradRows(int64_t n, int64_t chunk_rows) {
+  const int64_t rows = kCrossEntropyGradChunks * chunk_rows;
+  return rows < n ? rows : n;
+}
 
 // The per-row pieces of the vocab-parallel cross-entropy
 // (parallel/vocab_parallel_cross_entropy.h) for one block of f32 logits

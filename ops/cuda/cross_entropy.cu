@@ -10,12 +10,15 @@
 //     GEMMs below then read bf16 and accumulate in f32)
 //   dh[r0 : r0+B] = dlogits · W   (written, h's dtype)
 //   dW           += dlogitsᵀ · hb (f32)
+// In bf16 the two gradient GEMMs take a group of up to 4 chunks' bf16
+// dlogits at once (CrossEntropyGradRows): dW, 262 MB of f32 at Vp = 32,000
+// and D = 2,048, is read and written once a group, not once a chunk.
 // Per-row losses go to an [N] f32 buffer that one block sums in f64 in a
 // fixed order at the end, with the counted rows and the bad targets; that
 // one result is the only device-to-host copy.
 //
-// Chunk: about 256 MiB of f32 logits (2,048 rows at Vp = 32,000), plus half
-// that in bf16 dlogits for bf16 inputs.
+// Chunk: about 256 MiB of f32 logits (2,048 rows at Vp = 32,000), plus a
+// group's bf16 dlogits (4 chunks, 500 MiB) for bf16 inputs.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -33,7 +36,6 @@
 namespace loom::ops::cuda {
 namespace {
 
-constexpr int64_t kChunkLogitBytes = int64_t{256} << 20;
 constexpr int kRowThreads = 512;
 constexpr int kSumThreads = 1024;
 
@@ -262,10 +264,7 @@ __global__ void __launch_bounds__(kRowThreads)
 
 int64_t ChunkRows(int64_t n, int64_t padded_vocab) {
   const int64_t forced = g_chunk_rows_for_testing.load();
-  if (forced > 0) return std::min(forced, n);
-  int64_t rows = std::max<int64_t>(1, kChunkLogitBytes / (padded_vocab * int64_t{sizeof(float)}));
-  if (rows >= 128) rows = rows / 128 * 128;
-  return std::min(rows, n);
+  return forced > 0 ? std::min(forced, n) : CrossEntropyChunkRows(n, padded_vocab);
 }
 
 }  // namespace
@@ -314,22 +313,27 @@ CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& 
 
   const bool backward = dh != nullptr || dw != nullptr;
   const int64_t chunk = ChunkRows(n, padded_vocab);
+  // A group of chunks shares the gradient GEMMs: bf16 gradients of up to
+  // kCrossEntropyGradChunks chunks; in f32 the gradient is the chunk's own
+  // logits, so a group is one chunk.
+  const bool bf16_grad = backward && dtype == DType::kBF16;
+  const int64_t group = bf16_grad ? CrossEntropyGradRows(n, chunk) : chunk;
   const Tensor h2 = h.Reshape({n, d});
   const Tensor dh2 = dh != nullptr ? dh->Reshape({n, d}) : Tensor();
   Tensor logits = Tensor::Empty({chunk, padded_vocab}, DType::kF32, dev);
-  Tensor grad_bf16 = backward && dtype == DType::kBF16 ? Tensor::Empty({chunk, padded_vocab}, DType::kBF16, dev)
-                                                       : Tensor();
+  Tensor grad_bf16 = bf16_grad ? Tensor::Empty({group, padded_vocab}, DType::kBF16, dev) : Tensor();
   Tensor row_loss = Tensor::Empty({n}, DType::kF32, dev);
   const int32_t* target = targets.data<int32_t>();
   const float scale = static_cast<float>(1.0 / options.normalizer);
 
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
+    const int64_t g0 = r0 / group * group;  // the group's first row
     const Tensor hb = h2.Slice(r0, rows);
     Tensor lb = logits.Slice(0, rows);
     Matmul(hb, false, w, /*trans_b=*/true, lb, 1.0, 0.0, stream);
     int32_t* pred = predictions != nullptr ? predictions->data<int32_t>() + r0 : nullptr;
-    Tensor gb = !backward ? Tensor() : dtype == DType::kBF16 ? grad_bf16.Slice(0, rows) : lb;
+    Tensor gb = !backward ? Tensor() : bf16_grad ? grad_bf16.Slice(r0 - g0, rows) : lb;
     if (!backward) {
       SoftmaxRowsKernel<float><<<rows, kRowThreads, 0, s>>>(lb.data<float>(), nullptr, padded_vocab, vocab,
                                                             target + r0, options.ignore_index, scale, pred,
@@ -344,11 +348,14 @@ CrossEntropyResult CrossEntropy(const Tensor& h, const Tensor& w, const Tensor& 
                                                             row_loss.data<float>() + r0);
     }
     LOOM_CUDA_CHECK(cudaGetLastError());
+    const int64_t end = r0 + rows;
+    if (!backward || (end < n && end % group != 0)) continue;  // the group's gradients are not all made yet
+    const Tensor gg = bf16_grad ? grad_bf16.Slice(0, end - g0) : gb;
     if (dh != nullptr) {
-      Tensor dhb = dh2.Slice(r0, rows);
-      Matmul(gb, false, w, false, dhb, 1.0, 0.0, stream);
+      Tensor dhg = dh2.Slice(g0, end - g0);
+      Matmul(gg, false, w, false, dhg, 1.0, 0.0, stream);
     }
-    if (dw != nullptr) Matmul(gb, /*trans_a=*/true, hb, false, *dw, 1.0, /*beta=*/1.0, stream);
+    if (dw != nullptr) Matmul(gg, /*trans_a=*/true, h2.Slice(g0, end - g0), false, *dw, 1.0, /*beta=*/1.0, stream);
   }
 
   return SumRowLosses(row_loss, targets, vocab, options.ignore_index, options.normalizer, stream);
