@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "optim/lr_schedule.h"
 #include "runtime/config.h"
@@ -45,6 +46,31 @@ TEST(AdamW, ClipGradNormScalesToTheLimit) {
   EXPECT_DOUBLE_EQ(ClipGradNorm({&a}, 1.0), 5.0);
   EXPECT_NEAR(GlobalGradNorm({&a}), 1.0, 1e-6);
   EXPECT_NEAR(ClipGradNorm({&a}, 0.0), 1.0, 1e-6);  // 0 disables clipping
+}
+
+// The clip factor folded into the step (DataParallel::ClipGradients) gives
+// the bits of scaling the gradients first and stepping after.
+TEST(AdamW, GradScaleInTheStepEqualsScalingFirst) {
+  Param a, b;
+  a.Init("w", {1000}, DType::kF32, 7, 0.02);
+  b.Init("w", {1000}, DType::kF32, 7, 0.02);
+  Tensor g = Tensor::Empty({1000}, DType::kF32);
+  FillNormal(g, RngKey(3, "g"), 1.0);
+  const AdamWOptions o{0.9, 0.95, 1e-8, 0.1};
+  AdamW folded({&a}, o), scaled({&b}, o);
+  const double f = 1.0 / 3.7;  // rounds differently from 1
+  for (int step = 0; step < 3; ++step) {
+    a.grad.CopyFrom(g);
+    b.grad.CopyFrom(g);
+    folded.Step(1e-3, f);
+    ScaleInPlace(b.grad, f);
+    scaled.Step(1e-3);
+  }
+  EXPECT_EQ(std::memcmp(a.value.raw(), b.value.raw(), a.value.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(folded.first_moments()[0].raw(), scaled.first_moments()[0].raw(), a.value.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(folded.second_moments()[0].raw(), scaled.second_moments()[0].raw(), a.value.nbytes()), 0);
+  // The gradient itself is left as it was.
+  EXPECT_EQ(std::memcmp(a.grad.raw(), g.raw(), g.nbytes()), 0);
 }
 
 TEST(LrSchedule, WarmupCosineLinearWsdAndConstant) {
