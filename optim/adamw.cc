@@ -107,12 +107,14 @@ double GlobalGradNorm(const ParamList& params) {
   return std::sqrt(SumSquares(grads));
 }
 
+double ClipFactor(double norm, double max_norm) {
+  return max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1;
+}
+
 double ClipGradNorm(const ParamList& params, double max_norm) {
   const double norm = GlobalGradNorm(params);
-  if (max_norm > 0 && norm > max_norm) {
-    const double f = max_norm / (norm + 1e-6);
+  if (const double f = ClipFactor(norm, max_norm); f != 1)
     for (Param* p : params) ScaleInPlace(p->grad, f);
-  }
   return norm;
 }
 

@@ -86,6 +86,10 @@ void ScaleInPlace(Tensor& g, double f);
 
 // sqrt(Σ g²) over every parameter's gradient.
 double GlobalGradNorm(const ParamList& params);
+// The factor that brings a global gradient norm to at most max_norm:
+// max_norm / (norm + 1e-6) above it, else 1 (and 1 when max_norm is 0, no
+// clipping).
+double ClipFactor(double norm, double max_norm);
 // Scales all gradients so that their global norm is at most max_norm (0:
 // no clipping). Returns the norm before clipping.
 double ClipGradNorm(const ParamList& params, double max_norm);

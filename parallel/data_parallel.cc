@@ -163,7 +163,7 @@ absl::StatusOr<double> DataParallel::SquaredNorm() {
 absl::StatusOr<double> DataParallel::ClipGradients(double max_norm) {
   LOOM_ASSIGN_OR_RETURN(const double squares, SquaredNorm());
   const double norm = std::sqrt(squares);
-  set_grad_scale(max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1);
+  set_grad_scale(ClipFactor(norm, max_norm));
   return norm;
 }
 

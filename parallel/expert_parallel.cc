@@ -137,7 +137,7 @@ absl::StatusOr<double> ExpertDataParallel::ClipGradients(double max_norm) {
   LOOM_ASSIGN_OR_RETURN(const double dense_squares, dense_->SquaredNorm());
   LOOM_ASSIGN_OR_RETURN(const double expert_squares, experts_->SquaredNorm());
   const double norm = std::sqrt(dense_squares + expert_squares);
-  const double f = max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1;
+  const double f = ClipFactor(norm, max_norm);
   dense_->set_grad_scale(f);
   experts_->set_grad_scale(f);
   return norm;

@@ -33,12 +33,9 @@ int64_t CheckInputs(const Tensor& x, const Tensor& w) {
 void LinearForward(const Tensor& x, const Tensor& w, Tensor& y, const Tensor* residual, CudaStream stream) {
   const int64_t rows = CheckInputs(x, w);
   Tensor y2 = Rows(y, rows, w.dim(0), x.dtype(), x, "y");
-  if (residual == nullptr) {
-    Matmul(x.Reshape({rows, w.dim(1)}), /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, 0.0, stream);
-    return;
-  }
-  const Tensor r2 = Rows(*residual, rows, w.dim(0), x.dtype(), x, "residual");
-  Matmul(x.Reshape({rows, w.dim(1)}), /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, 1.0, stream, &r2);
+  const Tensor r2 = residual != nullptr ? Rows(*residual, rows, w.dim(0), x.dtype(), x, "residual") : Tensor();
+  Matmul(x.Reshape({rows, w.dim(1)}), /*trans_a=*/false, w, /*trans_b=*/true, y2, 1.0, residual != nullptr ? 1.0 : 0.0,
+         stream, residual != nullptr ? &r2 : nullptr);
 }
 
 void LinearBackward(const Tensor& x, const Tensor& w, const Tensor& dy, Tensor* dx, Tensor& dw, bool accumulate_dx,

@@ -10,6 +10,8 @@
 // The inv_freq table travels by value in the kernel arguments (≤ 2 KiB), so
 // a launch needs no device copy of it and stays stream-ordered. Each pair is
 // read whole before it is written, so y may alias x.
+#include <type_traits>
+
 #include "ops/cuda/elementwise.cuh"
 #include "ops/rope.h"
 
@@ -87,14 +89,18 @@ void Rotate(const char* name, const Tensor& in, const Tensor& positions, const R
   LOOM_DISPATCH_ACTIVATION("rope", in.dtype(), T, [&] {
     const auto* src = static_cast<const T*>(in.raw());
     auto* dst = static_cast<T*>(out.raw());
+    // kv: std::integral_constant<int, pairs a thread>.
+    const auto launch = [&](auto kv) {
+      constexpr int v = decltype(kv)::value;
+      RotateKernel<T, v><<<GridFor(tokens * (half / v) * head_blocks), 256, 0, Native(stream)>>>(
+          src, positions.data<int32_t>(), f, table.attention_factor, sign, tokens, heads, static_cast<int>(half), dst);
+    };
     constexpr int kV = 4;
     const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (kV * sizeof(T)) == 0; };
     if (half % kV == 0 && aligned(src) && aligned(dst)) {
-      RotateKernel<T, kV><<<GridFor(tokens * (half / kV) * head_blocks), 256, 0, Native(stream)>>>(
-          src, positions.data<int32_t>(), f, table.attention_factor, sign, tokens, heads, static_cast<int>(half), dst);
+      launch(std::integral_constant<int, kV>{});
     } else {
-      RotateKernel<T, 1><<<GridFor(tokens * half * head_blocks), 256, 0, Native(stream)>>>(
-          src, positions.data<int32_t>(), f, table.attention_factor, sign, tokens, heads, static_cast<int>(half), dst);
+      launch(std::integral_constant<int, 1>{});
     }
   });
   LOOM_CUDA_CHECK(cudaGetLastError());
