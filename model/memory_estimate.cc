@@ -107,15 +107,17 @@ struct StepShapes {
     }
     const int64_t n = d.moe.experts, k = d.moe.top_k, fe = d.moe.ffn, s = moe_rows, r = moe_rows;
     m.Alloc(t * n * e + Routing(n, k));  // logits_, routing_
-    m.Alloc(t * k * 4 + s * 4);          // perm_: rows [T, k], ids [S] (i32)
-    m.Alloc(s * c * e);                  // sent [S, C] (= expert_x_ without ep)
-    if (ep) {                            // Dispatch: received, then expert_x_ [R, C]
+    m.Alloc(t * k * 4);                  // perm_.rows [T, k] (i32)
+    m.Alloc(s * c * e + s * es);         // sent [S, C], sent_gates [S, 1] (= expert_x_, expert_gates_ without ep)
+    if (ep) {                            // Dispatch: received, then expert_x_ [R, C]; the same for the gates
       m.Alloc(2 * r * c * e);
       m.Free(r * c * e);
+      m.Alloc(2 * r * es);
+      m.Free(r * es);
     }
     m.Alloc(3 * r * fe * e);  // gate_, up_, h_
-    m.Alloc(r * c * e);       // expert_y (= returned_y_ without ep)
-    if (ep) {                 // Combine: source-major copy, then returned_y_ [S, C]
+    m.Alloc(r * c * e);       // expert_y (= returned_y without ep)
+    if (ep) {                 // Combine: source-major copy, then returned_y [S, C]
       m.Alloc(r * c * e + s * c * e);
       m.Free(r * c * e);
     }
@@ -124,7 +126,8 @@ struct StepShapes {
       if (i > 0) m.Free(Tc());  // the previous sum, added in this one's output GEMM
     }
     if (d.moe.shared_experts > 0) m.Free(Tc());  // shared_y
-    if (ep) m.Free(s * c * e + r * c * e);       // sent, expert_y
+    m.Free(r * c * e);                           // expert_y (and returned_y without ep)
+    if (ep) m.Free(s * c * e + s * es + s * c * e);  // sent, sent_gates, returned_y
   }
   // Backward transients, all dropped at return.
   void MlpBackward(Ledger& m) const {
@@ -135,15 +138,15 @@ struct StepShapes {
       return;
     }
     const int64_t n = d.moe.experts, k = d.moe.top_k, fe = d.moe.ffn, s = moe_rows, r = moe_rows;
-    int64_t held = t * k * es + s * c * e;  // dgates, dsent (= dye without ep)
+    int64_t held = s * c * e;  // dsent (= dye without ep)
     m.Alloc(held);
     if (ep) {  // Dispatch: received, dye
       m.Alloc(2 * r * c * e);
       m.Free(r * c * e);
       held += r * c * e;
     }
-    m.Alloc(r * c * e);  // dxe (= dreturned without ep)
-    held += r * c * e;
+    m.Alloc(r * c * e + r * es);  // dxe (= dreturned without ep), dexpert_gates
+    held += r * c * e + r * es;
     m.Alloc(3 * r * fe * e);  // dh, dgate, dup
     m.Free(3 * r * fe * e);
     if (ep) {  // Combine: source-major copy, dreturned
@@ -151,8 +154,18 @@ struct StepShapes {
       m.Free(r * c * e);
       held += s * c * e;
     }
-    m.Alloc(t * n * e + Tc());  // dlogits, rest (the router's and shared experts' dx)
-    held += t * n * e + Tc();
+    m.Alloc(t * k * es);  // dgates
+    held += t * k * es;
+    if (ep) {  // Combine of dexpert_gates, a temporary
+      m.Alloc(r * es + s * es);
+      m.Free(r * es + s * es);
+    }
+    m.Alloc(t * n * e);  // dlogits
+    held += t * n * e;
+    if (d.moe.shared_experts > 0) {  // rest (the shared experts' dx)
+      m.Alloc(Tc());
+      held += Tc();
+    }
     for (int i = 0; i < d.moe.shared_experts; ++i) {  // SwigluMlp::Backward's dh, dgate, dup
       m.Alloc(3 * t * fe * e);
       m.Free(3 * t * fe * e);

@@ -133,12 +133,19 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y, const Tensor* residual) {
     }
   }
   ops::MoePermuteIndex(routing_.experts, kept, perm_);
-  Tensor sent = Tensor::Empty({perm_.ids.numel(), c}, dt, dev);
-  ops::MoeGather(x, perm_.ids, k, sent);
+  const int64_t s = perm_.size();
+  Tensor sent = Tensor::Empty({s, c}, dt, dev);
+  ops::MoeGather(x, perm_.rows, sent);
+  // Each kept assignment's gate g_tj, in row order: its expert scales the
+  // row's SwiGLU output by it, so the combine is a plain sum and its backward
+  // a plain gather (the gate's gradient comes from the SwiGLU backward).
+  Tensor sent_gates = Tensor::Empty({s, 1}, routing_.gates.dtype(), dev);
+  ops::MoeGather(routing_.gates.Reshape({t * k, 1}), perm_.rows.Reshape({t * k, 1}), sent_gates);
   // Dispatch the kept rows to their experts, run the local experts as one
-  // grouped SwiGLU, combine, then y[t] = Σ_j g_tj · expert(x[t]) + shared(x[t]).
+  // grouped SwiGLU, combine, then y[t] = Σ_j expert_j(x[t]) · g_tj + shared(x[t]).
   exchange_ = std::make_unique<ExpertExchange>(ep_, e_count, perm_.counts);
   expert_x_ = exchange_->Dispatch(sent);
+  expert_gates_ = exchange_->Dispatch(sent_gates);
   const std::vector<int64_t>& rows = exchange_->local_rows();
   const int64_t r = expert_x_.dim(0), f = moe_.ffn;
   gate_ = Tensor::Empty({r, f}, dt, dev);
@@ -148,21 +155,21 @@ void MoeLayer::Forward(const Tensor& x, Tensor& y, const Tensor* residual) {
   if (r > 0) {  // an expert without rows: its weights get no gradient
     ops::GroupedLinearForward(expert_x_, ExpertWeights(&Expert::w_gate), rows, gate_);
     ops::GroupedLinearForward(expert_x_, ExpertWeights(&Expert::w_up), rows, up_);
-    ops::SwigluForward(gate_, up_, h_);
+    ops::SwigluForward(gate_, up_, h_, &expert_gates_);
     ops::GroupedLinearForward(h_, ExpertWeights(&Expert::w_down), rows, expert_y);
   }
-  returned_y_ = exchange_->Combine(expert_y);
+  const Tensor returned_y = exchange_->Combine(expert_y);
   // Σ_s Shared_s(x) + residual: each shared expert's output GEMM adds the
   // sum so far (the residual first); the residual alone without shared ones.
   Tensor shared_y;
   const Tensor* sum = residual;
-  for (auto& s : shared_) {
+  for (auto& sh : shared_) {
     Tensor out = Tensor::Empty(x.shape(), dt, dev);
-    s->Forward(x, out, sum);
+    sh->Forward(x, out, sum);
     shared_y = out;
     sum = &shared_y;
   }
-  ops::MoeCombine(returned_y_, perm_.rows, &routing_.gates, sum, y);
+  ops::MoeCombine(returned_y, perm_.rows, sum, y);
   // Statistics.
   stats_ = RoutingStats();
   stats_.assignments = global_tokens_ * k;
@@ -181,26 +188,31 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
   const int e_count = moe_.experts, k = moe_.top_k;
   const DType dt = x.dtype();
   const Device dev = x.device();
-  // The mirror of Forward: g·dy to the experts (and dg), the grouped SwiGLU's
-  // backward, their input gradients back, each token's summed.
-  Tensor dgates = Tensor::Empty({t, k}, routing_.gates.dtype(), dev);  // 0 where dropped
-  Tensor dsent = Tensor::Empty(returned_y_.shape(), dt, dev);
-  ops::MoeCombineBackward(dy, returned_y_, perm_.rows, routing_.gates, dsent, dgates);
+  // The mirror of Forward: dy to the experts, the grouped SwiGLU's backward
+  // (with each row's dg), their input gradients back, each token's summed.
+  Tensor dsent = Tensor::Empty({perm_.size(), x.dim(1)}, dt, dev);
+  ops::MoeGather(dy, perm_.rows, dsent);
   const Tensor dye = exchange_->Dispatch(dsent);
   const std::vector<int64_t>& rows = exchange_->local_rows();
   const int64_t r = expert_x_.dim(0);
   Tensor dxe = Tensor::Empty(expert_x_.shape(), dt, dev);
+  Tensor dexpert_gates = Tensor::Empty(expert_gates_.shape(), expert_gates_.dtype(), dev);
   if (r > 0) {
     Tensor dh = Tensor::Empty(h_.shape(), dt, dev), dgate = Tensor::Empty(gate_.shape(), dt, dev),
            dup = Tensor::Empty(up_.shape(), dt, dev);
     ops::GroupedLinearBackward(h_, ExpertWeights(&Expert::w_down), rows, dye, &dh, ExpertGrads(&Expert::w_down));
-    ops::SwigluBackward(gate_, up_, dh, dgate, dup);
+    ops::SwigluBackward(gate_, up_, dh, dgate, dup, &expert_gates_, &dexpert_gates);
     ops::GroupedLinearBackward(expert_x_, ExpertWeights(&Expert::w_gate), rows, dgate, &dxe,
                                ExpertGrads(&Expert::w_gate));
     ops::GroupedLinearBackward(expert_x_, ExpertWeights(&Expert::w_up), rows, dup, &dxe, ExpertGrads(&Expert::w_up),
                                /*accumulate_dx=*/true);
   }
   const Tensor dreturned = exchange_->Combine(dxe);
+  Tensor dgates = Tensor::Empty({t, k}, expert_gates_.dtype(), dev);  // 0 where dropped
+  {
+    Tensor dgates_by_id = dgates.Reshape({t * k, 1});
+    ops::MoeCombine(exchange_->Combine(dexpert_gates), perm_.rows.Reshape({t * k, 1}), nullptr, dgates_by_id);
+  }
   // Router: the local part of the global losses' gradient. The router's
   // backward reads f_e from routing_.load over this call's t tokens:
   //   daux·E·(load_e/(t k))/t with load = global loads and daux scaled by
@@ -217,14 +229,17 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
   }
   Tensor dlogits = Tensor::Empty({t, e_count}, dt, dev);
   ops::MoeRouterBackward(logits_, routing_, dgates, aux_seed, z_seed, options_, dlogits);
-  // dx = Σ_j dreturned[rows_tj] + the router's dx + Σ_s shared_s's dx. The
-  // router's GEMM writes `rest` and each shared expert's adds into it, so
-  // that dx is written once, by the combine (adding the router's into dx
-  // afterwards was a memory-bound pass over dx).
-  Tensor rest = Tensor::Empty(x.shape(), dt, dev);
-  ops::LinearBackward(x, router_.weight(), dlogits, &rest, router_.grad);
-  for (auto& s : shared_) s->Backward(x, dy, rest, /*accumulate_dx=*/true);
-  ops::MoeCombine(dreturned, perm_.rows, /*gates=*/nullptr, &rest, dx);
+  // dx = Σ_j dreturned[rows_tj] + Σ_s shared_s's dx + dlogits · W_router,
+  // written once, by the combine: the shared experts' GEMMs sum into
+  // `rest`, and the router's input gradient (E columns) is the combine's
+  // thin product instead of a GEMM of depth E that writes all of dx.
+  ops::LinearBackward(x, router_.weight(), dlogits, /*dx=*/nullptr, router_.grad);
+  Tensor rest;
+  for (size_t i = 0; i < shared_.size(); ++i) {
+    if (i == 0) rest = Tensor::Empty(x.shape(), dt, dev);
+    shared_[i]->Backward(x, dy, rest, /*accumulate_dx=*/i > 0);
+  }
+  ops::MoeCombine(dreturned, perm_.rows, rest.defined() ? &rest : nullptr, dx, &dlogits, &router_.weight());
   for (int e = 0; e < e_count; ++e) pending_load_[e] += global_load_[e];
 }
 
@@ -243,7 +258,7 @@ void MoeLayer::ReleaseActivations() {
   routing_ = ops::MoeRouting();
   perm_ = ops::MoePermutation();
   exchange_.reset();
-  expert_x_ = gate_ = up_ = h_ = returned_y_ = Tensor();
+  expert_x_ = expert_gates_ = gate_ = up_ = h_ = Tensor();
   for (auto& s : shared_) s->ReleaseActivations();
 }
 

@@ -121,11 +121,11 @@ class MoeLayer {
   ops::MoeRouting routing_;
   std::vector<int64_t> global_load_;            // [E] load summed over the stats group
   int64_t global_tokens_ = 0;                   // N
-  ops::MoePermutation perm_;                    // rows [T, k], ids [S], counts [E]
+  ops::MoePermutation perm_;                    // rows [T, k], counts [E]
   std::unique_ptr<ExpertExchange> exchange_;
   Tensor expert_x_;                             // [R, C] local experts' inputs, expert-major
-  Tensor gate_, up_, h_;                        // [R, F]
-  Tensor returned_y_;                           // [S, C] expert outputs of perm_.ids
+  Tensor expert_gates_;                         // [R, 1] their rows' gates (routing_.gates' dtype)
+  Tensor gate_, up_, h_;                        // [R, F]; h_ scaled by the row's gate
 
   std::vector<const Tensor*> ExpertWeights(Param Expert::*which) const;
   std::vector<Tensor*> ExpertGrads(Param Expert::*which);

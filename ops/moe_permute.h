@@ -6,16 +6,20 @@
 // cut the tail); the kept ones, expert after expert, are the S rows of the
 // permuted buffer:
 //   rows [T, k]  i32  row of assignment (t, j), −1 when dropped
-//   ids  [S]     i32  assignment id of each row (expert-major, then token order)
 //
-//   gather    xe[r] = x[ids[r] / k]                                   [S, C]
-//   combine   y[t]  = Σ_j g_tj · ye[rows_tj]  (+ add[t])              [T, C]
+//   gather    xe[rows_tj] = x[t]  for every kept (t, j)               [S, C]
+//   combine   y[t] = Σ_j ye[rows_tj]  (+ add[t])  (+ a[t] · w)        [T, C]
 //             over j = 0..k−1 in order, skipping dropped assignments;
-//             no gates: weight 1 (the gather's backward: dx[t] = Σ_j dxe[rows_tj])
-//   combine backward, for every kept assignment (t, j), r = rows_tj:
-//             dye[r] = g_tj · dy[t]      dg_tj = dy[t] · ye[r]   (0 when dropped)
-// Every output is written (no pre-zeroing), each element by one thread in a
-// fixed order: no float atomics, the same bits on every run.
+//             a [T, n] · w [n, C] a thin product (n = E: the router's
+//             input gradient dlogits · W_router, model/moe.cc), summed
+//             over n in order after the rest.
+// Each is the other's backward. The routing gates are not applied here: an
+// expert scales its own rows (model/moe.cc). Viewed as [T·k, 1] (k = 1),
+// rows also moves one value an assignment: the gather puts gates [T·k, 1]
+// in row order, the combine brings [S, 1] back (0 where dropped).
+// Every output is written (no pre-zeroing; the gather writes the S rows),
+// each element by one thread in a fixed order: no float atomics, the same
+// bits on every run.
 #pragma once
 
 #include <cstdint>
@@ -28,33 +32,29 @@ namespace loom::ops {
 
 struct MoePermutation {
   Tensor rows;                  // [T, k] i32
-  Tensor ids;                   // [S] i32 (S = Σ kept)
-  std::vector<int64_t> counts;  // [E] rows per expert (= kept), on the host
+  std::vector<int64_t> counts;  // [E] rows per expert (= kept), on the host; S = Σ counts
+  int64_t size() const;         // S
 };
 
 // experts [T, k] i32 (values in [0, E)); kept [E]: rows expert e keeps, at
 // most its assignments (the caller knows the loads: MoeRouting::load).
 void MoePermuteIndex(const Tensor& experts, const std::vector<int64_t>& kept, MoePermutation& out);
-// x [T, C], ids [S], k → xe [S, C] written.
-void MoeGather(const Tensor& x, const Tensor& ids, int k, Tensor& xe);
-// ye [S, C], rows [T, k], gates [T, k] or null, add [T, C] or null → y [T, C] written.
-void MoeCombine(const Tensor& ye, const Tensor& rows, const Tensor* gates, const Tensor* add, Tensor& y);
-// dy [T, C], ye [S, C], rows, gates [T, k] → dye [S, C], dgates [T, k] written.
-void MoeCombineBackward(const Tensor& dy, const Tensor& ye, const Tensor& rows, const Tensor& gates, Tensor& dye,
-                        Tensor& dgates);
+// x [T, C], rows [T, k] → xe [S, C] written.
+void MoeGather(const Tensor& x, const Tensor& rows, Tensor& xe);
+// ye [S, C], rows [T, k], add [T, C] or null, a [T, n] and w [n, C] both or
+// neither → y [T, C] written.
+void MoeCombine(const Tensor& ye, const Tensor& rows, const Tensor* add, Tensor& y, const Tensor* a = nullptr,
+                const Tensor* w = nullptr);
 
 namespace cuda {
-// CUDA tensors (ops/cuda/moe_permute.cu): x, xe, ye, y, add, dy, dye f32 or
-// bf16 (one dtype), gates and dgates f32 (the GPU router's), rows and ids
-// i32; sums and dots in f32. MoePermuteIndex copies only `kept` ([E]) to
-// the device; nothing comes back.
+// CUDA tensors (ops/cuda/moe_permute.cu): x, xe, ye, y, add, a, w f32 or
+// bf16 (one dtype), rows i32; sums in f32. MoePermuteIndex copies only `kept`
+// ([E]) to the device; nothing comes back.
 void MoePermuteIndex(const Tensor& experts, const std::vector<int64_t>& kept, MoePermutation& out,
                      CudaStream stream = nullptr);
-void MoeGather(const Tensor& x, const Tensor& ids, int k, Tensor& xe, CudaStream stream = nullptr);
-void MoeCombine(const Tensor& ye, const Tensor& rows, const Tensor* gates, const Tensor* add, Tensor& y,
-                CudaStream stream = nullptr);
-void MoeCombineBackward(const Tensor& dy, const Tensor& ye, const Tensor& rows, const Tensor& gates, Tensor& dye,
-                        Tensor& dgates, CudaStream stream = nullptr);
+void MoeGather(const Tensor& x, const Tensor& rows, Tensor& xe, CudaStream stream = nullptr);
+void MoeCombine(const Tensor& ye, const Tensor& rows, const Tensor* add, Tensor& y, const Tensor* a = nullptr,
+                const Tensor* w = nullptr, CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

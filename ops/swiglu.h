@@ -1,5 +1,10 @@
 // SwiGLU activation: h = SiLU(gate) ⊙ up, element-wise over [N, F].
 // Backward: dgate, dup written.
+//
+// With a row scale s [N] (an MoE expert row's routing gate, model/moe.cc):
+//   h[n] = s_n · SiLU(gate[n]) ⊙ up[n]
+//   dgate, dup as above times s_n;   ds_n = Σ_f dh[n, f] · SiLU(gate[n, f]) · up[n, f]
+// (ds written; each row summed in a fixed order).
 #pragma once
 
 #include "runtime/cuda_runtime.h"
@@ -7,14 +12,19 @@
 
 namespace loom::ops {
 
-void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h);
-void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
+// scale: [N] (any shape of N elements) or null; the CPU takes it in gate's
+// dtype, CUDA in f32 (the GPU router's gates).
+void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale = nullptr);
+// scale and dscale: both or neither.
+void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+                    const Tensor* scale = nullptr, Tensor* dscale = nullptr);
 
 namespace cuda {
 // f32 or bf16 CUDA tensors (one dtype), f32 math (ops/cuda/swiglu.cu).
-void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, CudaStream stream = nullptr);
+void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale = nullptr,
+                   CudaStream stream = nullptr);
 void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
-                    CudaStream stream = nullptr);
+                    const Tensor* scale = nullptr, Tensor* dscale = nullptr, CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

@@ -1,5 +1,7 @@
 // CPU SwiGLU, element-wise (see ops/swiglu.h). With s = sigmoid(gate):
-//   dgate = dh · up · s · (1 + gate (1 − s)),   dup = dh · gate · s.
+//   dgate = dh · up · s · (1 + gate (1 − s)),   dup = dh · gate · s,
+// each times the row's scale when there is one; a row's ds is summed over
+// its columns in order.
 #include "ops/swiglu.h"
 
 #include <cmath>
@@ -16,41 +18,76 @@ void CheckLike(const Tensor& t, const Tensor& gate, const char* name) {
              " ", DTypeName(gate.dtype()));
 }
 
-template <typename T>
-void Forward(const T* gate, const T* up, int64_t n, T* h) {
-#pragma omp parallel for if (n >= kParallelMinElements)
-  for (int64_t i = 0; i < n; ++i) h[i] = gate[i] / (T(1) + std::exp(-gate[i])) * up[i];
+// Rows of the [N, F] operands (the last dimension is F); a scale has N elements.
+int64_t Rows(const Tensor& gate) { return gate.ndim() == 0 ? 1 : gate.numel() / std::max<int64_t>(gate.dim(-1), 1); }
+
+void CheckScale(const Tensor* s, const Tensor& gate, const char* name) {
+  if (s == nullptr) return;
+  LOOM_CHECK(s->device().is_cpu() && s->numel() == Rows(gate) && s->dtype() == gate.dtype(), "[swiglu] ", name, " ",
+             ShapeString(s->shape()), " ", DTypeName(s->dtype()), " must hold one ", DTypeName(gate.dtype()),
+             " per row of gate ", ShapeString(gate.shape()));
 }
 
 template <typename T>
-void Backward(const T* gate, const T* up, const T* dh, int64_t n, T* dgate, T* dup) {
-#pragma omp parallel for if (n >= kParallelMinElements)
-  for (int64_t i = 0; i < n; ++i) {
-    const T g = gate[i], u = up[i], d = dh[i];  // read before writing: the outputs may overwrite the inputs
-    const T s = T(1) / (T(1) + std::exp(-g));
-    dgate[i] = d * u * s * (T(1) + g * (T(1) - s));
-    dup[i] = d * g * s;
+void Forward(const T* gate, const T* up, int64_t rows, int64_t f, const T* scale, T* h) {
+#pragma omp parallel for if (rows * f >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T s = scale != nullptr ? scale[r] : T(1);
+    for (int64_t i = r * f; i < (r + 1) * f; ++i) {
+      const T a = gate[i] / (T(1) + std::exp(-gate[i])) * up[i];
+      h[i] = scale != nullptr ? s * a : a;
+    }
+  }
+}
+
+template <typename T>
+void Backward(const T* gate, const T* up, const T* dh, int64_t rows, int64_t f, const T* scale, T* dgate, T* dup,
+              T* dscale) {
+#pragma omp parallel for if (rows * f >= kParallelMinElements)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T s = scale != nullptr ? scale[r] : T(1);
+    T ds = 0;
+    for (int64_t i = r * f; i < (r + 1) * f; ++i) {
+      const T g = gate[i], u = up[i], d = dh[i];  // read before writing: the outputs may overwrite the inputs
+      const T sig = T(1) / (T(1) + std::exp(-g));
+      ds += d * g * sig * u;
+      const T sd = scale != nullptr ? s * d : d;
+      dgate[i] = sd * u * sig * (T(1) + g * (T(1) - sig));
+      dup[i] = sd * g * sig;
+    }
+    if (dscale != nullptr) dscale[r] = ds;
   }
 }
 
 }  // namespace
 
-void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h) {
-  if (!gate.device().is_cpu()) return cuda::SwigluForward(gate, up, h);
+void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale) {
+  if (!gate.device().is_cpu()) return cuda::SwigluForward(gate, up, h, scale);
   CheckLike(up, gate, "up");
   CheckLike(h, gate, "h");
-  LOOM_DISPATCH_FLOAT(gate.dtype(), T,
-                      [&] { Forward(gate.data<T>(), up.data<T>(), gate.numel(), h.data<T>()); });
+  CheckScale(scale, gate, "scale");
+  const int64_t rows = Rows(gate);
+  LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
+    Forward(gate.data<T>(), up.data<T>(), rows, gate.numel() / std::max<int64_t>(rows, 1),
+            scale != nullptr ? scale->data<T>() : nullptr, h.data<T>());
+  });
 }
 
-void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
-  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgate, dup);
+void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
+                    const Tensor* scale, Tensor* dscale) {
+  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgate, dup, scale, dscale);
   CheckLike(up, gate, "up");
   CheckLike(dh, gate, "dh");
   CheckLike(dgate, gate, "dgate");
   CheckLike(dup, gate, "dup");
+  LOOM_CHECK((scale == nullptr) == (dscale == nullptr), "[swiglu] scale and dscale go together");
+  CheckScale(scale, gate, "scale");
+  CheckScale(dscale, gate, "dscale");
+  const int64_t rows = Rows(gate);
   LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
-    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), gate.numel(), dgate.data<T>(), dup.data<T>());
+    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, gate.numel() / std::max<int64_t>(rows, 1),
+             scale != nullptr ? scale->data<T>() : nullptr, dgate.data<T>(), dup.data<T>(),
+             dscale != nullptr ? dscale->data<T>() : nullptr);
   });
 }
 

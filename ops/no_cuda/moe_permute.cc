@@ -6,13 +6,10 @@ namespace loom::ops::cuda {
 void MoePermuteIndex(const Tensor&, const std::vector<int64_t>&, MoePermutation&, CudaStream) {
   LOOM_CHECK(false, "[moe_permute] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
-void MoeGather(const Tensor&, const Tensor&, int, Tensor&, CudaStream) {
+void MoeGather(const Tensor&, const Tensor&, Tensor&, CudaStream) {
   LOOM_CHECK(false, "[moe_permute] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
-void MoeCombine(const Tensor&, const Tensor&, const Tensor*, const Tensor*, Tensor&, CudaStream) {
-  LOOM_CHECK(false, "[moe_permute] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
-}
-void MoeCombineBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, CudaStream) {
+void MoeCombine(const Tensor&, const Tensor&, const Tensor*, Tensor&, const Tensor*, const Tensor*, CudaStream) {
   LOOM_CHECK(false, "[moe_permute] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
 

@@ -1,6 +1,7 @@
 // MoE on the GPU against the CPU reference on the same inputs: the router
 // kernel (forward statistics and backward), the permutation (index,
-// gather, combine and its backward), the grouped linear, and a whole MoE
+// gather, combine, the gate moves through the [T·k, 1] view), the grouped
+// linear, the row-scaled SwiGLU, and a whole MoE
 // layer forward and backward (every parameter gradient compared).
 // f32 runs agree to about 1e-5; bf16 runs take bf16-rounded inputs and
 // weights, which the CPU computes with in f32, and agree to about 1e-2 (the
@@ -14,6 +15,7 @@
 #include "ops/grouped_linear.h"
 #include "ops/moe_permute.h"
 #include "ops/moe_router.h"
+#include "ops/swiglu.h"
 #include "runtime/config.h"
 #include "tests/testing.h"
 
@@ -113,8 +115,7 @@ void CheckPermute(DType dtype, bool capacity) {
   ops::MoePermuteIndex(experts, kept, cpu);
   ops::MoePermuteIndex(ToGpu(experts), kept, gpu);
   ASSERT_EQ(IntValues(gpu.rows), IntValues(cpu.rows));
-  ASSERT_EQ(IntValues(gpu.ids), IntValues(cpu.ids));
-  const int64_t s = cpu.ids.numel();
+  const int64_t s = cpu.size();
   auto input = [&](const Shape& shape, uint64_t seed) {
     const Tensor f = RandomTensor(shape, DType::kF32, seed);
     return dtype == DType::kBF16 ? Bf16Rounded(f) : f;
@@ -122,30 +123,33 @@ void CheckPermute(DType dtype, bool capacity) {
   auto to_gpu = [&](const Tensor& f32) { return ToGpu(dtype == DType::kBF16 ? f32.To(DType::kBF16) : f32); };
   auto as_f32 = [&](const Tensor& g) { return dtype == DType::kBF16 ? g.To(Device::Cpu()).To(DType::kF32) : g; };
   const double tol = dtype == DType::kBF16 ? 1e-2 : 1e-6;
-  const Tensor x = input({t, c}, 1), ye = input({s, c}, 2), add = input({t, c}, 3), dy = input({t, c}, 4);
-  const Tensor gates = RandomTensor({t, 2}, DType::kF32, 5);
+  const Tensor x = input({t, c}, 1), ye = input({s, c}, 2), add = input({t, c}, 3);
   // Gather: a copy, exact.
   Tensor xe = Tensor::Empty({s, c}, DType::kF32), xe_gpu = PoisonedGpu({s, c}, dtype);
-  ops::MoeGather(x, cpu.ids, 2, xe);
-  ops::MoeGather(to_gpu(x), gpu.ids, 2, xe_gpu);
+  ops::MoeGather(x, cpu.rows, xe);
+  ops::MoeGather(to_gpu(x), gpu.rows, xe_gpu);
   EXPECT_TRUE(NormwiseClose(as_f32(xe_gpu), xe, "gather", 0.0));
-  // Combine, gated with an addend and ungated.
+  // Combine, with an addend and without.
   Tensor y = Tensor::Empty({t, c}, DType::kF32), y_gpu = PoisonedGpu({t, c}, dtype);
-  ops::MoeCombine(ye, cpu.rows, &gates, &add, y);
-  const Tensor gates_gpu = ToGpu(gates), add_gpu = to_gpu(add), ye_gpu = to_gpu(ye);
-  ops::MoeCombine(ye_gpu, gpu.rows, &gates_gpu, &add_gpu, y_gpu);
+  ops::MoeCombine(ye, cpu.rows, &add, y);
+  const Tensor add_gpu = to_gpu(add), ye_gpu = to_gpu(ye);
+  ops::MoeCombine(ye_gpu, gpu.rows, &add_gpu, y_gpu);
   EXPECT_TRUE(NormwiseClose(as_f32(y_gpu), y, "combine", tol));
   Tensor back = Tensor::Empty({t, c}, DType::kF32), back_gpu = PoisonedGpu({t, c}, dtype);
-  ops::MoeCombine(ye, cpu.rows, nullptr, nullptr, back);
-  ops::MoeCombine(ye_gpu, gpu.rows, nullptr, nullptr, back_gpu);
-  EXPECT_TRUE(NormwiseClose(as_f32(back_gpu), back, "combine (no gates)", tol));
-  // Combine backward.
-  Tensor dye = Tensor::Empty({s, c}, DType::kF32), dg = Tensor::Empty({t, 2}, DType::kF32);
-  Tensor dye_gpu = PoisonedGpu({s, c}, dtype), dg_gpu = PoisonedGpu({t, 2}, DType::kF32);
-  ops::MoeCombineBackward(dy, ye, cpu.rows, gates, dye, dg);
-  ops::MoeCombineBackward(to_gpu(dy), ye_gpu, gpu.rows, gates_gpu, dye_gpu, dg_gpu);
-  EXPECT_TRUE(NormwiseClose(as_f32(dye_gpu), dye, "combine backward dye", tol));
-  EXPECT_TRUE(NormwiseClose(dg_gpu, dg, "combine backward dgates", 1e-5));  // f32 dots of the same values
+  ops::MoeCombine(ye, cpu.rows, nullptr, back);
+  ops::MoeCombine(ye_gpu, gpu.rows, nullptr, back_gpu);
+  EXPECT_TRUE(NormwiseClose(as_f32(back_gpu), back, "combine (no addend)", tol));
+  // f32 gates moved one value an assignment ([T·k, 1] views, 256 tokens a
+  // block): to row order and back (0 where dropped), exact.
+  const Tensor gates = RandomTensor({t * 2, 1}, DType::kF32, 5);
+  Tensor by_row = Tensor::Empty({s, 1}, DType::kF32), by_row_gpu = PoisonedGpu({s, 1}, DType::kF32);
+  ops::MoeGather(gates, cpu.rows.Reshape({t * 2, 1}), by_row);
+  ops::MoeGather(ToGpu(gates), gpu.rows.Reshape({t * 2, 1}), by_row_gpu);
+  EXPECT_TRUE(NormwiseClose(by_row_gpu, by_row, "gates to rows", 0.0));
+  Tensor by_id = Tensor::Empty({t * 2, 1}, DType::kF32), by_id_gpu = PoisonedGpu({t * 2, 1}, DType::kF32);
+  ops::MoeCombine(by_row, cpu.rows.Reshape({t * 2, 1}), nullptr, by_id);
+  ops::MoeCombine(by_row_gpu, gpu.rows.Reshape({t * 2, 1}), nullptr, by_id_gpu);
+  EXPECT_TRUE(NormwiseClose(by_id_gpu, by_id, "rows to gates", 0.0));
 }
 
 TEST(GpuMoePermute, MatchesCpu_F32) {
@@ -212,6 +216,42 @@ TEST(GpuGroupedLinear, MatchesCpu_Bf16) {
 // A whole MoE layer (router, E experts, top-k, shared expert) on the CPU
 // (f32) and on the GPU (f32, or bf16 activations with bf16 weight copies),
 // from the same f32 master weights (rounded through bf16 for a bf16 run).
+// SwiGLU with a row scale (each expert row's gate): h, dgate, dup and the
+// rows' dscale. F = 1408 takes the 16-byte path, F = 37 the element one.
+void CheckScaledSwiglu(DType dtype, int64_t f) {
+  SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " F " << f);
+  const int64_t rows = 301;
+  auto input = [&](const Shape& shape, uint64_t seed) {
+    const Tensor v = RandomTensor(shape, DType::kF32, seed, -6, 6);
+    return dtype == DType::kBF16 ? Bf16Rounded(v) : v;
+  };
+  auto to_gpu = [&](const Tensor& f32) { return ToGpu(dtype == DType::kBF16 ? f32.To(DType::kBF16) : f32); };
+  auto as_f32 = [&](const Tensor& g) { return dtype == DType::kBF16 ? g.To(Device::Cpu()).To(DType::kF32) : g; };
+  const double tol = dtype == DType::kBF16 ? 1e-2 : 1e-6;
+  const Tensor gate = input({rows, f}, 1), up = input({rows, f}, 2), dh = input({rows, f}, 3);
+  const Tensor scale = RandomTensor({rows, 1}, DType::kF32, 4, 0, 1);
+  const Tensor gate_gpu = to_gpu(gate), up_gpu = to_gpu(up), scale_gpu = ToGpu(scale);
+  Tensor h = Tensor::Empty({rows, f}, DType::kF32), h_gpu = PoisonedGpu({rows, f}, dtype);
+  ops::SwigluForward(gate, up, h, &scale);
+  ops::SwigluForward(gate_gpu, up_gpu, h_gpu, &scale_gpu);
+  EXPECT_TRUE(NormwiseClose(as_f32(h_gpu), h, "h", tol));
+  Tensor dgate = Tensor::Empty({rows, f}, DType::kF32), dup = Tensor::Empty({rows, f}, DType::kF32),
+         dscale = Tensor::Empty({rows, 1}, DType::kF32);
+  Tensor dgate_gpu = PoisonedGpu({rows, f}, dtype), dup_gpu = PoisonedGpu({rows, f}, dtype),
+         dscale_gpu = PoisonedGpu({rows, 1}, DType::kF32);
+  ops::SwigluBackward(gate, up, dh, dgate, dup, &scale, &dscale);
+  ops::SwigluBackward(gate_gpu, up_gpu, to_gpu(dh), dgate_gpu, dup_gpu, &scale_gpu, &dscale_gpu);
+  EXPECT_TRUE(NormwiseClose(as_f32(dgate_gpu), dgate, "dgate", tol));
+  EXPECT_TRUE(NormwiseClose(as_f32(dup_gpu), dup, "dup", tol));
+  EXPECT_TRUE(NormwiseClose(dscale_gpu, dscale, "dscale", 1e-5));  // f32 sums of the same f32 products
+}
+
+TEST(GpuSwigluRowScaled, MatchesCpu) {
+  LOOM_SKIP_WITHOUT_GPU();
+  for (DType dtype : {DType::kF32, DType::kBF16})
+    for (int64_t f : {1408, 37}) CheckScaledSwiglu(dtype, f);
+}
+
 void CheckLayer(DType act, std::vector<std::string> sets) {
   std::vector<std::string> all = {"model.pattern=S", "model.layers=1", "model.hidden=64", "model.heads=2",
                                   "model.kv_heads=2", "model.vocab=64", "train.dtype=f32", "model.init_std=0.3",

@@ -1,7 +1,7 @@
 // MoE permutation (ops/moe_permute.h) on the CPU: the index on a hand-made
 // case (expert-major rows, token order inside an expert, capacity cuts the
-// tail), the combine's backward against finite differences in f64, and the
-// gather as the adjoint of the ungated combine.
+// tail), the gather and the combine as each other's adjoints, and the
+// one-value-an-assignment moves through the [T·k, 1] view.
 #include "ops/moe_permute.h"
 
 #include <gtest/gtest.h>
@@ -20,51 +20,67 @@ TEST(MoePermute, IndexGroupsByExpertInTokenOrder) {
   MoePermutation p;
   MoePermuteIndex(HandExperts(), {3, 2, 3}, p);
   // expert 0: ids 1 2 6 → rows 0 1 2; expert 1: ids 3 5 → 3 4; expert 2: ids 0 4 7 → 5 6 7.
-  EXPECT_EQ(Values(p.ids), (std::vector<int32_t>{1, 2, 6, 3, 5, 0, 4, 7}));
   EXPECT_EQ(Values(p.rows), (std::vector<int32_t>{5, 0, 1, 3, 6, 4, 2, 7}));
   EXPECT_EQ(p.counts, (std::vector<int64_t>{3, 2, 3}));
+  EXPECT_EQ(p.size(), 8);
 }
 
 TEST(MoePermute, CapacityDropsTheLaterTokens) {
   MoePermutation p;
   MoePermuteIndex(HandExperts(), {2, 0, 1}, p);
   // expert 0 keeps ids 1 2 (drops 6), expert 1 nothing, expert 2 keeps id 0.
-  EXPECT_EQ(Values(p.ids), (std::vector<int32_t>{1, 2, 0}));
   EXPECT_EQ(Values(p.rows), (std::vector<int32_t>{2, 0, 1, -1, -1, -1, -1, -1}));
+  EXPECT_EQ(p.size(), 3);
 }
 
-TEST(MoePermute, CombineBackwardMatchesFiniteDifferences) {
-  const int64_t t = 4, c = 5;
-  MoePermutation p;
-  MoePermuteIndex(HandExperts(), {2, 2, 3}, p);  // id 6 (token 3) dropped
-  const int64_t s = p.ids.numel();
-  Tensor ye = testing::RandomTensor({s, c}, DType::kF64, 1), gates = testing::RandomTensor({t, 2}, DType::kF64, 2);
-  Tensor add = testing::RandomTensor({t, c}, DType::kF64, 3), w = testing::RandomTensor({t, c}, DType::kF64, 4);
-  auto loss = [&] {
-    Tensor y = Tensor::Empty({t, c}, DType::kF64);
-    MoeCombine(ye, p.rows, &gates, &add, y);
-    return testing::Dot(w, y);
-  };
-  Tensor dye = Tensor::Empty({s, c}, DType::kF64), dgates = Tensor::Empty({t, 2}, DType::kF64);
-  dgates.Fill(std::nan(""));
-  MoeCombineBackward(w, ye, p.rows, gates, dye, dgates);
-  EXPECT_EQ(dgates.data<double>()[6], 0.0);  // the dropped assignment
-  testing::ExpectGradientsMatch(loss, {{"ye", ye, dye}, {"gates", gates, dgates}, {"add", add, w}}, 1e-9);
-}
-
-// <Gather(x), u> = <x, Combine(u, rows, no gates)>: the gather's backward is the ungated combine.
-TEST(MoePermute, GatherIsTheAdjointOfTheUngatedCombine) {
+// xe[rows_tj] = x[t]; <Gather(x), u> = <x, Combine(u)>: each is the other's
+// backward. With a dropped assignment (id 6, token 3).
+TEST(MoePermute, GatherAndCombineAreAdjoint) {
   const int64_t t = 4, c = 3;
   MoePermutation p;
-  MoePermuteIndex(HandExperts(), {3, 1, 2}, p);
-  const int64_t s = p.ids.numel();
+  MoePermuteIndex(HandExperts(), {2, 2, 3}, p);
+  const int64_t s = p.size();
   Tensor x = testing::RandomTensor({t, c}, DType::kF64, 5), u = testing::RandomTensor({s, c}, DType::kF64, 6);
   Tensor xe = Tensor::Empty({s, c}, DType::kF64), back = Tensor::Empty({t, c}, DType::kF64);
-  MoeGather(x, p.ids, 2, xe);
-  for (int64_t r = 0; r < s; ++r)
-    for (int64_t i = 0; i < c; ++i) EXPECT_EQ(xe.data<double>()[r * c + i], x.data<double>()[p.ids.data<int32_t>()[r] / 2 * c + i]);
-  MoeCombine(u, p.rows, nullptr, nullptr, back);
+  xe.Fill(std::nan(""));
+  MoeGather(x, p.rows, xe);
+  for (int64_t a = 0; a < t * 2; ++a) {
+    const int32_t r = p.rows.data<int32_t>()[a];
+    if (r < 0) continue;
+    for (int64_t i = 0; i < c; ++i) EXPECT_EQ(xe.data<double>()[r * c + i], x.data<double>()[a / 2 * c + i]);
+  }
+  MoeCombine(u, p.rows, nullptr, back);
   EXPECT_NEAR(testing::Dot(xe, u), testing::Dot(x, back), 1e-12);
+  // The combine's sum in j order, plus the addend.
+  Tensor add = testing::RandomTensor({t, c}, DType::kF64, 7), y = Tensor::Empty({t, c}, DType::kF64);
+  MoeCombine(u, p.rows, &add, y);
+  for (int64_t tok = 0; tok < t; ++tok)
+    for (int64_t i = 0; i < c; ++i) {
+      double expected = 0;
+      for (int j = 0; j < 2; ++j)
+        if (const int32_t r = p.rows.data<int32_t>()[tok * 2 + j]; r >= 0) expected += u.data<double>()[r * c + i];
+      EXPECT_EQ(y.data<double>()[tok * c + i], expected + add.data<double>()[tok * c + i]);
+    }
+}
+
+// Viewed as [T·k, 1], the gather puts each kept assignment's value at its
+// row and the combine brings row values back, 0 where dropped.
+TEST(MoePermute, OneValueAnAssignmentMovesThroughTheFlatView) {
+  MoePermutation p;
+  MoePermuteIndex(HandExperts(), {2, 2, 3}, p);  // id 6 dropped
+  const Tensor by_id = Tensor::FromVector<double>({10, 11, 12, 13, 14, 15, 16, 17}, {8, 1});
+  const Tensor flat_rows = p.rows.Reshape({8, 1});
+  Tensor by_row = Tensor::Empty({p.size(), 1}, DType::kF64);
+  MoeGather(by_id, flat_rows, by_row);
+  for (int64_t a = 0; a < 8; ++a) {
+    const int32_t r = p.rows.data<int32_t>()[a];
+    if (r >= 0) {
+      EXPECT_EQ(by_row.data<double>()[r], 10.0 + a);
+    }
+  }
+  Tensor back = Tensor::Empty({8, 1}, DType::kF64);
+  MoeCombine(by_row, flat_rows, nullptr, back);
+  for (int64_t a = 0; a < 8; ++a) EXPECT_EQ(back.data<double>()[a], a == 6 ? 0.0 : 10.0 + a);
 }
 
 }  // namespace

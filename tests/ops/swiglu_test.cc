@@ -35,5 +35,30 @@ TEST(Swiglu, GradientsMatchFiniteDifferences) {
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}});
 }
 
+// h[n] = s_n · SiLU(gate[n]) ⊙ up[n]: the gradients of gate, up and the row
+// scale s (an MoE row's routing gate) against finite differences.
+TEST(Swiglu, RowScaledGradientsMatchFiniteDifferences) {
+  Tensor gate = RandomTensor({6, 5}, DType::kF64, 1, -4, 4), up = RandomTensor({6, 5}, DType::kF64, 2);
+  Tensor scale = RandomTensor({6, 1}, DType::kF64, 4), r = RandomTensor({6, 5}, DType::kF64, 3);
+  Tensor h = Tensor::Empty(gate.shape(), DType::kF64), plain = Tensor::Empty(gate.shape(), DType::kF64);
+  ops::SwigluForward(gate, up, plain);
+  ops::SwigluForward(gate, up, h, &scale);
+  for (int64_t i = 0; i < h.numel(); ++i) EXPECT_DOUBLE_EQ(h.Get(i), scale.Get(i / 5) * plain.Get(i));
+  auto loss = [&] {
+    ops::SwigluForward(gate, up, h, &scale);
+    return testing::Dot(h, r);
+  };
+  Tensor dgate = Tensor::Empty(gate.shape(), DType::kF64), dup = Tensor::Empty(up.shape(), DType::kF64),
+         dscale = Tensor::Empty(scale.shape(), DType::kF64);
+  ops::SwigluBackward(gate, up, r, dgate, dup, &scale, &dscale);
+  testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}, {"scale", scale, dscale}});
+}
+
+TEST(Swiglu, RowScaleMustHoldOneValueARow) {
+  Tensor gate = RandomTensor({6, 5}, DType::kF64, 1), up = RandomTensor({6, 5}, DType::kF64, 2);
+  Tensor h = Tensor::Empty(gate.shape(), DType::kF64), scale = RandomTensor({5}, DType::kF64, 3);
+  EXPECT_DEATH(ops::SwigluForward(gate, up, h, &scale), "\\[swiglu\\] scale \\[5\\] f64 must hold one f64 per row");
+}
+
 }  // namespace
 }  // namespace loom
