@@ -147,7 +147,7 @@ struct StepShapes {
     }
     m.Alloc(r * c * e + r * es);  // dxe (= dreturned without ep), dexpert_gates
     held += r * c * e + r * es;
-    m.Alloc(3 * r * fe * e);  // dh, dgate, dup
+    m.Alloc(3 * r * fe * e);  // dh, dgu [R, 2F]
     m.Free(3 * r * fe * e);
     if (ep) {  // Combine: source-major copy, dreturned
       m.Alloc(r * c * e + s * c * e);

@@ -51,11 +51,9 @@ Model::Model(const ModelDims& dims, const TensorParallel& tp, const ContextParal
 
 void Model::RefreshComputeWeights() {
   if (!dims_.mixed_bf16) return;
-  for (Param* p : params_) {
-    if (p->value.ndim() != 2) continue;  // norms read the master
-    if (!p->compute.defined()) p->compute = Tensor::Empty(p->value.shape(), dims_.act_dtype(), p->value.device());
-    ops::Convert(p->value, p->compute);
-  }
+  AllocateComputeCopies(params_, dims_.act_dtype());  // the first call
+  for (Param* p : params_)
+    if (p->value.ndim() == 2) ops::Convert(p->value, p->compute);  // norms read the master
 }
 
 void Model::ZeroGrad() {

@@ -198,14 +198,13 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
   Tensor dxe = Tensor::Empty(expert_x_.shape(), dt, dev);
   Tensor dexpert_gates = Tensor::Empty(expert_gates_.shape(), expert_gates_.dtype(), dev);
   if (r > 0) {
-    Tensor dh = Tensor::Empty(h_.shape(), dt, dev), dgate = Tensor::Empty(gate_.shape(), dt, dev),
-           dup = Tensor::Empty(up_.shape(), dt, dev);
+    // dgu [R, 2F]: each row's [dgate | dup], so dxe = dgu · [W_gate; W_up] is
+    // one GEMM where the pair's compute copies are adjacent (model/param.h).
+    Tensor dh = Tensor::Empty(h_.shape(), dt, dev), dgu = Tensor::Empty({r, 2 * moe_.ffn}, dt, dev);
     ops::GroupedLinearBackward(h_, ExpertWeights(&Expert::w_down), rows, dye, &dh, ExpertGrads(&Expert::w_down));
-    ops::SwigluBackward(gate_, up_, dh, dgate, dup, &expert_gates_, &dexpert_gates);
-    ops::GroupedLinearBackward(expert_x_, ExpertWeights(&Expert::w_gate), rows, dgate, &dxe,
-                               ExpertGrads(&Expert::w_gate));
-    ops::GroupedLinearBackward(expert_x_, ExpertWeights(&Expert::w_up), rows, dup, &dxe, ExpertGrads(&Expert::w_up),
-                               /*accumulate_dx=*/true);
+    ops::SwigluScaledBackward(gate_, up_, dh, expert_gates_, dgu, dexpert_gates);
+    ops::GroupedLinearPairBackward(expert_x_, ExpertWeights(&Expert::w_gate), ExpertWeights(&Expert::w_up), rows, dgu,
+                                   dxe, ExpertGrads(&Expert::w_gate), ExpertGrads(&Expert::w_up));
   }
   const Tensor dreturned = exchange_->Combine(dxe);
   Tensor dgates = Tensor::Empty({t, k}, expert_gates_.dtype(), dev);  // 0 where dropped

@@ -74,4 +74,26 @@ struct Param {
 
 using ParamList = std::vector<Param*>;
 
+// Gives the matrices (2-D) of `params` that have no compute copy one, all in
+// one `dtype` buffer on their device, in list order, each starting on a
+// 256-byte boundary. So a layer's consecutive matrices whose sizes are
+// multiples of 256 bytes sit back to back (an expert's w_gate then w_up:
+// one GEMM reads the pair as one [2F, C] matrix, ops/grouped_linear.h).
+// The values are not converted here.
+inline void AllocateComputeCopies(const ParamList& params, DType dtype) {
+  const int64_t align = 256 / static_cast<int64_t>(DTypeSize(dtype));
+  auto wants = [](const Param* p) { return p->value.ndim() == 2 && !p->compute.defined(); };
+  int64_t total = 0;
+  for (const Param* p : params)
+    if (wants(p)) total += (p->value.numel() + align - 1) / align * align;
+  if (total == 0) return;
+  Tensor buffer = Tensor::Empty({total}, dtype, params.front()->value.device());
+  int64_t at = 0;
+  for (Param* p : params) {
+    if (!wants(p)) continue;
+    p->compute = buffer.Slice(at, p->value.numel()).Reshape(p->value.shape());
+    at += (p->value.numel() + align - 1) / align * align;
+  }
+}
+
 }  // namespace loom

@@ -5,6 +5,13 @@
 //   dx[g] = dy[g] · W_g            (written, or added when accumulate_dx)
 //   dW_g += dy[g]ᵀ · x[g]          (a group of 0 rows adds nothing)
 // It is Linear (ops/linear.h) on each group's rows, in one call.
+//
+// The pair form (an expert's gate and up projections of one x): dy2
+// [R, 2·out] holds [dya | dyb] in each row (ops/swiglu.h's scaled backward):
+//   dx[g] = dya[g] · Wa_g + dyb[g] · Wb_g   (written)
+//   dWa_g += dya[g]ᵀ · x[g],   dWb_g += dyb[g]ᵀ · x[g]
+// On the GPU dx[g] is one GEMM of depth 2·out where Wb_g directly follows
+// Wa_g in memory (model/param.h AllocateComputeCopies), else two.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +27,9 @@ void GroupedLinearForward(const Tensor& x, const std::vector<const Tensor*>& w, 
 // dx may be null.
 void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
                            const Tensor& dy, Tensor* dx, const std::vector<Tensor*>& dw, bool accumulate_dx = false);
+void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
+                               const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
+                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb);
 
 namespace cuda {
 // CUDA tensors (ops/cuda/grouped_linear.cu), the dtype contract of Linear:
@@ -30,6 +40,10 @@ void GroupedLinearForward(const Tensor& x, const std::vector<const Tensor*>& w, 
 void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
                            const Tensor& dy, Tensor* dx, const std::vector<Tensor*>& dw, bool accumulate_dx,
                            CudaStream stream = nullptr);
+void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
+                               const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
+                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb,
+                               CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

@@ -4,7 +4,9 @@
 // With a row scale s [N] (an MoE expert row's routing gate, model/moe.cc):
 //   h[n] = s_n · SiLU(gate[n]) ⊙ up[n]
 //   dgate, dup as above times s_n;   ds_n = Σ_f dh[n, f] · SiLU(gate[n, f]) · up[n, f]
-// (ds written; each row summed in a fixed order).
+// (ds written; each row summed in a fixed order). The scaled backward packs
+// [dgate | dup] into the rows of one [N, 2F] tensor, the dy of the gate/up
+// pair's backward (ops/grouped_linear.h GroupedLinearPairBackward).
 #pragma once
 
 #include "runtime/cuda_runtime.h"
@@ -12,19 +14,22 @@
 
 namespace loom::ops {
 
-// scale: [N] (any shape of N elements) or null; the CPU takes it in gate's
+// scale, dscale: [N] (any shape of N elements); the CPU takes them in gate's
 // dtype, CUDA in f32 (the GPU router's gates).
 void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale = nullptr);
-// scale and dscale: both or neither.
-void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
-                    const Tensor* scale = nullptr, Tensor* dscale = nullptr);
+void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup);
+// dgu [N, 2F], dscale [N] written.
+void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, const Tensor& scale, Tensor& dgu,
+                          Tensor& dscale);
 
 namespace cuda {
 // f32 or bf16 CUDA tensors (one dtype), f32 math (ops/cuda/swiglu.cu).
 void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale = nullptr,
                    CudaStream stream = nullptr);
 void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
-                    const Tensor* scale = nullptr, Tensor* dscale = nullptr, CudaStream stream = nullptr);
+                    CudaStream stream = nullptr);
+void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, const Tensor& scale, Tensor& dgu,
+                          Tensor& dscale, CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

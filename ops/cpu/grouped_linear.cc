@@ -1,9 +1,10 @@
 // CPU grouped linear (ops/grouped_linear.h): Linear's GEMMs on each group's
-// rows (views, no copies).
+// rows (views, no copies); the pair form reads dy2's halves in place.
 #include "ops/grouped_linear.h"
 
 #include <numeric>
 
+#include "ops/cpu/blas.h"
 #include "ops/matmul.h"
 
 namespace loom::ops {
@@ -59,6 +60,41 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
     }
     at += rows[g];
   }
+}
+
+void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
+                               const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
+                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb) {
+  if (!x.device().is_cpu()) return cuda::GroupedLinearPairBackward(x, wa, wb, rows, dy2, dx, dwa, dwb);
+  Check(x, wa, rows);
+  Check(x, wb, rows);
+  const int64_t in = x.dim(1), out = wa[0]->dim(0);
+  LOOM_CHECK(wb[0]->dim(0) == out && dy2.ndim() == 2 && dy2.dim(0) == x.dim(0) && dy2.dim(1) == 2 * out &&
+                 dy2.dtype() == x.dtype() && dx.shape() == x.shape() && dx.dtype() == x.dtype() &&
+                 dwa.size() == wa.size() && dwb.size() == wb.size(),
+             "[grouped_linear] pair: dy2 ", ShapeString(dy2.shape()), " must be [", x.dim(0), ", ", 2 * out,
+             "] and dx ", ShapeString(dx.shape()), " like x");
+  LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
+    int64_t at = 0;
+    for (size_t g = 0; g < wa.size(); ++g) {
+      for (const Tensor* t : {wa[g], wb[g], static_cast<const Tensor*>(dwa[g]), static_cast<const Tensor*>(dwb[g])})
+        LOOM_CHECK(t->shape() == wa[0]->shape() && t->dtype() == x.dtype(), "[grouped_linear] pair: ",
+                   ShapeString(t->shape()), " ", DTypeName(t->dtype()), " must be ", ShapeString(wa[0]->shape()),
+                   " ", DTypeName(x.dtype()));
+      const int64_t r = rows[g];
+      if (r > 0) {  // the halves of dy2 in place: leading dimension 2·out
+        const T* xg = x.data<T>() + at * in;
+        const T* dya = dy2.data<T>() + at * 2 * out;
+        T* dxg = dx.data<T>() + at * in;
+        cpu::Gemm(CblasNoTrans, CblasNoTrans, r, in, out, T(1), dya, 2 * out, wa[g]->data<T>(), in, T(0), dxg, in);
+        cpu::Gemm(CblasNoTrans, CblasNoTrans, r, in, out, T(1), dya + out, 2 * out, wb[g]->data<T>(), in, T(1), dxg,
+                  in);
+        cpu::Gemm(CblasTrans, CblasNoTrans, out, in, r, T(1), dya, 2 * out, xg, in, T(1), dwa[g]->data<T>(), in);
+        cpu::Gemm(CblasTrans, CblasNoTrans, out, in, r, T(1), dya + out, 2 * out, xg, in, T(1), dwb[g]->data<T>(), in);
+      }
+      at += r;
+    }
+  });
 }
 
 }  // namespace loom::ops

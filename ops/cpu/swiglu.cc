@@ -40,20 +40,23 @@ void Forward(const T* gate, const T* up, int64_t rows, int64_t f, const T* scale
   }
 }
 
+// Row r's dgate and dup go to dgate + r·ld and dup + r·ld (ld = F, or 2F
+// packed); dscale, when given, gets the row's Σ dh · SiLU(gate) · up.
 template <typename T>
 void Backward(const T* gate, const T* up, const T* dh, int64_t rows, int64_t f, const T* scale, T* dgate, T* dup,
-              T* dscale) {
+              int64_t ld, T* dscale) {
 #pragma omp parallel for if (rows * f >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     const T s = scale != nullptr ? scale[r] : T(1);
     T ds = 0;
-    for (int64_t i = r * f; i < (r + 1) * f; ++i) {
-      const T g = gate[i], u = up[i], d = dh[i];  // read before writing: the outputs may overwrite the inputs
+    for (int64_t i = 0; i < f; ++i) {
+      const int64_t at = r * f + i;
+      const T g = gate[at], u = up[at], d = dh[at];  // read before writing: the outputs may overwrite the inputs
       const T sig = T(1) / (T(1) + std::exp(-g));
       ds += d * g * sig * u;
       const T sd = scale != nullptr ? s * d : d;
-      dgate[i] = sd * u * sig * (T(1) + g * (T(1) - sig));
-      dup[i] = sd * g * sig;
+      dgate[r * ld + i] = sd * u * sig * (T(1) + g * (T(1) - sig));
+      dup[r * ld + i] = sd * g * sig;
     }
     if (dscale != nullptr) dscale[r] = ds;
   }
@@ -73,21 +76,34 @@ void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor
   });
 }
 
-void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
-                    const Tensor* scale, Tensor* dscale) {
-  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgate, dup, scale, dscale);
+void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
+  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgate, dup);
   CheckLike(up, gate, "up");
   CheckLike(dh, gate, "dh");
   CheckLike(dgate, gate, "dgate");
   CheckLike(dup, gate, "dup");
-  LOOM_CHECK((scale == nullptr) == (dscale == nullptr), "[swiglu] scale and dscale go together");
-  CheckScale(scale, gate, "scale");
-  CheckScale(dscale, gate, "dscale");
-  const int64_t rows = Rows(gate);
+  const int64_t rows = Rows(gate), f = gate.numel() / std::max<int64_t>(rows, 1);
   LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
-    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, gate.numel() / std::max<int64_t>(rows, 1),
-             scale != nullptr ? scale->data<T>() : nullptr, dgate.data<T>(), dup.data<T>(),
-             dscale != nullptr ? dscale->data<T>() : nullptr);
+    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, f, static_cast<const T*>(nullptr), dgate.data<T>(),
+             dup.data<T>(), f, static_cast<T*>(nullptr));
+  });
+}
+
+void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, const Tensor& scale, Tensor& dgu,
+                          Tensor& dscale) {
+  if (!gate.device().is_cpu()) return cuda::SwigluScaledBackward(gate, up, dh, scale, dgu, dscale);
+  CheckLike(up, gate, "up");
+  CheckLike(dh, gate, "dh");
+  CheckScale(&scale, gate, "scale");
+  CheckScale(&dscale, gate, "dscale");
+  const int64_t rows = Rows(gate), f = gate.numel() / std::max<int64_t>(rows, 1);
+  LOOM_CHECK(dgu.device().is_cpu() && dgu.dtype() == gate.dtype() && dgu.ndim() == 2 && dgu.dim(0) == rows &&
+                 dgu.dim(1) == 2 * f,
+             "[swiglu] dgu ", ShapeString(dgu.shape()), " ", DTypeName(dgu.dtype()), " must be [", rows, ", ", 2 * f,
+             "] ", DTypeName(gate.dtype()));
+  LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
+    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, f, scale.data<T>(), dgu.data<T>(), dgu.data<T>() + f,
+             2 * f, dscale.data<T>());
   });
 }
 

@@ -15,6 +15,10 @@
 //   y  [R, out]  = x · Wᵀ     as  yᵀ [out, R]  = op_T(W [in, out]) · xᵀ [in, R]
 //   dx [R, in]   = dy · W     as  dxᵀ [in, R]  = Wᵀ [in, out] · dyᵀ [out, R]
 //   dW [out, in] += dyᵀ · x   as  dWᵀ [in, out] += xᵀ [in, R] · op_T(dyᵀ [out, R])
+// The pair form reads dy2 [R, 2·out] as dy2ᵀ [2·out, R] (leading dimension
+// 2·out): its halves are the column-major [out, R] at row offsets 0 and out
+// with that leading dimension, and where Wb follows Wa, [Wa; Wb] [2·out, in]
+// is one column-major [in, 2·out]: dxᵀ = [Wa; Wb]ᵀ-as-stored · dy2ᵀ, depth 2·out.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -129,6 +133,48 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
         Gemm(h, false, false, in, rows[g], out, w[g]->raw(), in, dyg, out, x.dtype(), accumulate_dx ? 1.0f : 0.0f,
              static_cast<char*>(dx->raw()) + at * in * elem, in, x.dtype());
       Gemm(h, false, true, in, out, rows[g], xg, in, dyg, out, x.dtype(), 1.0f, dw[g]->raw(), in, DType::kF32);
+    }
+    at += rows[g];
+  }
+}
+
+void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
+                               const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
+                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb,
+                               CudaStream stream) {
+  NvtxRange range("GroupedLinearPairBackward");
+  Check(x, wa, rows);
+  Check(x, wb, rows);
+  const int64_t in = x.dim(1), out = wa[0]->dim(0);
+  LOOM_CHECK(wb[0]->dim(0) == out, "[grouped_linear] pair weights of ", out, " and ", wb[0]->dim(0), " rows");
+  CheckLikeRows(dy2, x.dim(0), 2 * out, x, "dy2");
+  CheckLikeRows(dx, x.dim(0), in, x, "dx");
+  LOOM_CHECK(dwa.size() == wa.size() && dwb.size() == wb.size(), "[grouped_linear] pair: ", dwa.size(), " and ",
+             dwb.size(), " weight gradients for ", wa.size(), " groups");
+  for (size_t g = 0; g < wa.size(); ++g)
+    for (const Tensor* d : {dwa[g], dwb[g]})
+      LOOM_CHECK(d->shape() == wa[g]->shape() && d->dtype() == DType::kF32 && d->device() == x.device(),
+                 "[grouped_linear] dW ", ShapeString(d->shape()), " ", DTypeName(d->dtype()), " must be f32 ",
+                 ShapeString(wa[g]->shape()), " on ", x.device().ToString());
+  const size_t elem = DTypeSize(x.dtype());
+  std::lock_guard<std::mutex> lock(g_mutex);
+  cublasHandle_t h = Handle(x.device().index, Native(stream));
+  int64_t at = 0;
+  for (size_t g = 0; g < wa.size(); ++g) {
+    if (rows[g] > 0) {
+      const char* xg = static_cast<const char*>(x.raw()) + at * in * elem;
+      const char* dya = static_cast<const char*>(dy2.raw()) + at * 2 * out * elem;
+      const char* dyb = dya + out * elem;
+      char* dxg = static_cast<char*>(dx.raw()) + at * in * elem;
+      const bool adjacent = static_cast<const char*>(wb[g]->raw()) == static_cast<const char*>(wa[g]->raw()) + out * in * elem;
+      if (adjacent) {
+        Gemm(h, false, false, in, rows[g], 2 * out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), 0.0f, dxg, in, x.dtype());
+      } else {
+        Gemm(h, false, false, in, rows[g], out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), 0.0f, dxg, in, x.dtype());
+        Gemm(h, false, false, in, rows[g], out, wb[g]->raw(), in, dyb, 2 * out, x.dtype(), 1.0f, dxg, in, x.dtype());
+      }
+      Gemm(h, false, true, in, out, rows[g], xg, in, dya, 2 * out, x.dtype(), 1.0f, dwa[g]->raw(), in, DType::kF32);
+      Gemm(h, false, true, in, out, rows[g], xg, in, dyb, 2 * out, x.dtype(), 1.0f, dwb[g]->raw(), in, DType::kF32);
     }
     at += rows[g];
   }

@@ -139,6 +139,13 @@ void CheckPermute(DType dtype, bool capacity) {
   ops::MoeCombine(ye, cpu.rows, nullptr, back);
   ops::MoeCombine(ye_gpu, gpu.rows, nullptr, back_gpu);
   EXPECT_TRUE(NormwiseClose(as_f32(back_gpu), back, "combine (no addend)", tol));
+  // With the thin product a [T, 8] · w [8, C] (the router's input gradient).
+  const Tensor a = input({t, 8}, 6), w = input({8, c}, 7);
+  Tensor yw = Tensor::Empty({t, c}, DType::kF32), yw_gpu = PoisonedGpu({t, c}, dtype);
+  ops::MoeCombine(ye, cpu.rows, &add, yw, &a, &w);
+  const Tensor a_gpu = to_gpu(a), w_gpu = to_gpu(w);
+  ops::MoeCombine(ye_gpu, gpu.rows, &add_gpu, yw_gpu, &a_gpu, &w_gpu);
+  EXPECT_TRUE(NormwiseClose(as_f32(yw_gpu), yw, "combine with a · w", tol));
   // f32 gates moved one value an assignment ([T·k, 1] views, 256 tokens a
   // block): to row order and back (0 where dropped), exact.
   const Tensor gates = RandomTensor({t * 2, 1}, DType::kF32, 5);
@@ -202,6 +209,58 @@ void CheckGroupedLinear(DType dtype) {
   EXPECT_TRUE(NormwiseClose(as_f32(dx_gpu), dx, "grouped dx", tol));
   for (size_t g = 0; g < rows.size(); ++g)  // f32 sums of exact products: f32 agreement
     EXPECT_TRUE(NormwiseClose(dw_gpu[g], dw[g], "grouped dW " + std::to_string(g), 1e-5));
+
+  // The pair form: dy2 = [dya | dyb] rows; Wb_g right after Wa_g in one
+  // buffer (one GEMM of depth 2·out) and in its own (two GEMMs).
+  const Tensor dy2 = input({r, 2 * out}, 3);
+  std::vector<Tensor> wb, dwa, dwb;
+  for (size_t g = 0; g < rows.size(); ++g) {
+    wb.push_back(input({out, in}, 30 + g));
+    dwa.push_back(RandomTensor({out, in}, DType::kF32, 40 + g));
+    dwb.push_back(RandomTensor({out, in}, DType::kF32, 50 + g));
+  }
+  std::vector<const Tensor*> wbp;
+  std::vector<Tensor*> dwap, dwbp;
+  for (size_t g = 0; g < rows.size(); ++g) {
+    wbp.push_back(&wb[g]);
+    dwap.push_back(&dwa[g]);
+    dwbp.push_back(&dwb[g]);
+  }
+  Tensor dx2 = Tensor::Empty({r, in}, DType::kF32);
+  ops::GroupedLinearPairBackward(x, wp, wbp, rows, dy2, dx2, dwap, dwbp);
+  for (bool adjacent : {true, false}) {
+    SCOPED_TRACE(adjacent ? "adjacent pair" : "separate pair");
+    std::vector<Tensor> pair_gpu, wa_gpu, wb_gpu, dwa_gpu, dwb_gpu;
+    for (size_t g = 0; g < rows.size(); ++g) {
+      if (adjacent) {
+        Tensor both = PoisonedGpu({2 * out, in}, dtype);
+        both.Slice(0, out).CopyFrom(to_gpu(w[g]));
+        both.Slice(out, out).CopyFrom(to_gpu(wb[g]));
+        wa_gpu.push_back(both.Slice(0, out));
+        wb_gpu.push_back(both.Slice(out, out));
+      } else {
+        wa_gpu.push_back(to_gpu(w[g]));
+        wb_gpu.push_back(to_gpu(wb[g]));
+      }
+      dwa_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
+      dwb_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
+    }
+    std::vector<const Tensor*> wap_gpu, wbp_gpu;
+    std::vector<Tensor*> dwap_gpu, dwbp_gpu;
+    for (size_t g = 0; g < rows.size(); ++g) {
+      wap_gpu.push_back(&wa_gpu[g]);
+      wbp_gpu.push_back(&wb_gpu[g]);
+      dwap_gpu.push_back(&dwa_gpu[g]);
+      dwbp_gpu.push_back(&dwb_gpu[g]);
+    }
+    Tensor dx2_gpu = PoisonedGpu({r, in}, dtype);
+    ops::GroupedLinearPairBackward(x_gpu, wap_gpu, wbp_gpu, rows, to_gpu(dy2), dx2_gpu, dwap_gpu, dwbp_gpu);
+    EXPECT_TRUE(NormwiseClose(as_f32(dx2_gpu), dx2, "pair dx", tol));
+    for (size_t g = 0; g < rows.size(); ++g) {
+      EXPECT_TRUE(NormwiseClose(dwa_gpu[g], dwa[g], "pair dWa " + std::to_string(g), 1e-5));
+      EXPECT_TRUE(NormwiseClose(dwb_gpu[g], dwb[g], "pair dWb " + std::to_string(g), 1e-5));
+    }
+  }
 }
 
 TEST(GpuGroupedLinear, MatchesCpu_F32) {
@@ -216,8 +275,8 @@ TEST(GpuGroupedLinear, MatchesCpu_Bf16) {
 // A whole MoE layer (router, E experts, top-k, shared expert) on the CPU
 // (f32) and on the GPU (f32, or bf16 activations with bf16 weight copies),
 // from the same f32 master weights (rounded through bf16 for a bf16 run).
-// SwiGLU with a row scale (each expert row's gate): h, dgate, dup and the
-// rows' dscale. F = 1408 takes the 16-byte path, F = 37 the element one.
+// SwiGLU with a row scale (each expert row's gate): h, the packed
+// [dgate | dup] rows and the rows' dscale. F = 1408 takes the 16-byte path, F = 37 the element one.
 void CheckScaledSwiglu(DType dtype, int64_t f) {
   SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " F " << f);
   const int64_t rows = 301;
@@ -235,14 +294,11 @@ void CheckScaledSwiglu(DType dtype, int64_t f) {
   ops::SwigluForward(gate, up, h, &scale);
   ops::SwigluForward(gate_gpu, up_gpu, h_gpu, &scale_gpu);
   EXPECT_TRUE(NormwiseClose(as_f32(h_gpu), h, "h", tol));
-  Tensor dgate = Tensor::Empty({rows, f}, DType::kF32), dup = Tensor::Empty({rows, f}, DType::kF32),
-         dscale = Tensor::Empty({rows, 1}, DType::kF32);
-  Tensor dgate_gpu = PoisonedGpu({rows, f}, dtype), dup_gpu = PoisonedGpu({rows, f}, dtype),
-         dscale_gpu = PoisonedGpu({rows, 1}, DType::kF32);
-  ops::SwigluBackward(gate, up, dh, dgate, dup, &scale, &dscale);
-  ops::SwigluBackward(gate_gpu, up_gpu, to_gpu(dh), dgate_gpu, dup_gpu, &scale_gpu, &dscale_gpu);
-  EXPECT_TRUE(NormwiseClose(as_f32(dgate_gpu), dgate, "dgate", tol));
-  EXPECT_TRUE(NormwiseClose(as_f32(dup_gpu), dup, "dup", tol));
+  Tensor dgu = Tensor::Empty({rows, 2 * f}, DType::kF32), dscale = Tensor::Empty({rows, 1}, DType::kF32);
+  Tensor dgu_gpu = PoisonedGpu({rows, 2 * f}, dtype), dscale_gpu = PoisonedGpu({rows, 1}, DType::kF32);
+  ops::SwigluScaledBackward(gate, up, dh, scale, dgu, dscale);
+  ops::SwigluScaledBackward(gate_gpu, up_gpu, to_gpu(dh), scale_gpu, dgu_gpu, dscale_gpu);
+  EXPECT_TRUE(NormwiseClose(as_f32(dgu_gpu), dgu, "dgu", tol));
   EXPECT_TRUE(NormwiseClose(dscale_gpu, dscale, "dscale", 1e-5));  // f32 sums of the same f32 products
 }
 
@@ -274,7 +330,11 @@ void CheckLayer(DType act, std::vector<std::string> sets) {
     if (act == DType::kBF16 && cp[i]->value.ndim() == 2) cp[i]->value = Bf16Rounded(cp[i]->value);
     gp[i]->value = ToGpu(cp[i]->value);
     gp[i]->grad = testing::ToGpu(cp[i]->grad);
-    if (act == DType::kBF16) gp[i]->compute = ToGpu(cp[i]->value.To(DType::kBF16));
+  }
+  if (act == DType::kBF16) {  // as Model does: one buffer, an expert's w_gate and w_up adjacent
+    AllocateComputeCopies(gp, DType::kBF16);
+    for (Param* p : gp)
+      if (p->value.ndim() == 2) ops::Convert(p->value, p->compute);
   }
   const int64_t t = 300, c = cpu_dims.hidden;
   const Tensor x = act == DType::kBF16 ? Bf16Rounded(RandomTensor({t, c}, DType::kF32, 1))

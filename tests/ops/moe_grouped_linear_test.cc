@@ -50,5 +50,47 @@ TEST(MoeGroupedLinear, EachGroupIsLinearOnItsRows) {
   EXPECT_TRUE(testing::AllClose(dx2.Slice(0, rows[0]), dx_ref, 1e-14, 1e-14));
 }
 
+// The pair form: dy2 = [dya | dyb] rows; dx = dya·Wa + dyb·Wb (written),
+// dWa, dWb accumulated, as two plain backwards on the halves.
+TEST(GroupedLinear, PairBackwardIsTheBackwardOfEachHalf) {
+  const std::vector<int64_t> rows = {3, 0, 7};
+  const int64_t r = 10, in = 6, out = 4;
+  const Tensor x = testing::RandomTensor({r, in}, DType::kF64, 1), dy2 = testing::RandomTensor({r, 2 * out}, DType::kF64, 2);
+  Tensor dya = Tensor::Empty({r, out}, DType::kF64), dyb = Tensor::Empty({r, out}, DType::kF64);
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < out; ++j) {
+      dya.data<double>()[i * out + j] = dy2.data<double>()[i * 2 * out + j];
+      dyb.data<double>()[i * out + j] = dy2.data<double>()[i * 2 * out + out + j];
+    }
+  std::vector<Tensor> wa, wb, dwa, dwb, dwa_ref, dwb_ref;
+  std::vector<const Tensor*> wap, wbp;
+  std::vector<Tensor*> dwap, dwbp, dwap_ref, dwbp_ref;
+  for (size_t g = 0; g < rows.size(); ++g) {
+    wa.push_back(testing::RandomTensor({out, in}, DType::kF64, 10 + g));
+    wb.push_back(testing::RandomTensor({out, in}, DType::kF64, 20 + g));
+    dwa.push_back(testing::RandomTensor({out, in}, DType::kF64, 30 + g));
+    dwb.push_back(testing::RandomTensor({out, in}, DType::kF64, 40 + g));
+    dwa_ref.push_back(dwa.back().Clone());
+    dwb_ref.push_back(dwb.back().Clone());
+  }
+  for (size_t g = 0; g < rows.size(); ++g) {
+    wap.push_back(&wa[g]);
+    wbp.push_back(&wb[g]);
+    dwap.push_back(&dwa[g]);
+    dwbp.push_back(&dwb[g]);
+    dwap_ref.push_back(&dwa_ref[g]);
+    dwbp_ref.push_back(&dwb_ref[g]);
+  }
+  Tensor dx = testing::RandomTensor({r, in}, DType::kF64, 3), dx_ref = Tensor::Empty({r, in}, DType::kF64);
+  GroupedLinearPairBackward(x, wap, wbp, rows, dy2, dx, dwap, dwbp);
+  GroupedLinearBackward(x, wap, rows, dya, &dx_ref, dwap_ref);
+  GroupedLinearBackward(x, wbp, rows, dyb, &dx_ref, dwbp_ref, /*accumulate_dx=*/true);
+  EXPECT_TRUE(testing::AllClose(dx, dx_ref, 1e-14, 1e-14));
+  for (size_t g = 0; g < rows.size(); ++g) {
+    EXPECT_TRUE(testing::AllClose(dwa[g], dwa_ref[g], 1e-14, 1e-14)) << "dWa of group " << g;
+    EXPECT_TRUE(testing::AllClose(dwb[g], dwb_ref[g], 1e-14, 1e-14)) << "dWb of group " << g;
+  }
+}
+
 }  // namespace
 }  // namespace loom::ops

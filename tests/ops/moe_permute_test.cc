@@ -61,6 +61,16 @@ TEST(MoePermute, GatherAndCombineAreAdjoint) {
         if (const int32_t r = p.rows.data<int32_t>()[tok * 2 + j]; r >= 0) expected += u.data<double>()[r * c + i];
       EXPECT_EQ(y.data<double>()[tok * c + i], expected + add.data<double>()[tok * c + i]);
     }
+  // Plus the thin product a [T, n] · w [n, C], summed over n after the rest.
+  const Tensor a = testing::RandomTensor({t, 2}, DType::kF64, 8), w = testing::RandomTensor({2, c}, DType::kF64, 9);
+  Tensor yw = Tensor::Empty({t, c}, DType::kF64);
+  MoeCombine(u, p.rows, &add, yw, &a, &w);
+  for (int64_t tok = 0; tok < t; ++tok)
+    for (int64_t i = 0; i < c; ++i) {
+      const double thin = a.data<double>()[tok * 2] * w.data<double>()[i] +
+                          a.data<double>()[tok * 2 + 1] * w.data<double>()[c + i];
+      EXPECT_EQ(yw.data<double>()[tok * c + i], y.data<double>()[tok * c + i] + thin);
+    }
 }
 
 // Viewed as [T·k, 1], the gather puts each kept assignment's value at its

@@ -35,22 +35,29 @@ TEST(Swiglu, GradientsMatchFiniteDifferences) {
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}});
 }
 
-// h[n] = s_n · SiLU(gate[n]) ⊙ up[n]: the gradients of gate, up and the row
-// scale s (an MoE row's routing gate) against finite differences.
+// h[n] = s_n · SiLU(gate[n]) ⊙ up[n]: the gradients of gate, up (packed as
+// [dgate | dup] rows) and the row scale s (an MoE row's routing gate)
+// against finite differences.
 TEST(Swiglu, RowScaledGradientsMatchFiniteDifferences) {
-  Tensor gate = RandomTensor({6, 5}, DType::kF64, 1, -4, 4), up = RandomTensor({6, 5}, DType::kF64, 2);
-  Tensor scale = RandomTensor({6, 1}, DType::kF64, 4), r = RandomTensor({6, 5}, DType::kF64, 3);
+  const int64_t n = 6, f = 5;
+  Tensor gate = RandomTensor({n, f}, DType::kF64, 1, -4, 4), up = RandomTensor({n, f}, DType::kF64, 2);
+  Tensor scale = RandomTensor({n, 1}, DType::kF64, 4), r = RandomTensor({n, f}, DType::kF64, 3);
   Tensor h = Tensor::Empty(gate.shape(), DType::kF64), plain = Tensor::Empty(gate.shape(), DType::kF64);
   ops::SwigluForward(gate, up, plain);
   ops::SwigluForward(gate, up, h, &scale);
-  for (int64_t i = 0; i < h.numel(); ++i) EXPECT_DOUBLE_EQ(h.Get(i), scale.Get(i / 5) * plain.Get(i));
+  for (int64_t i = 0; i < h.numel(); ++i) EXPECT_DOUBLE_EQ(h.Get(i), scale.Get(i / f) * plain.Get(i));
   auto loss = [&] {
     ops::SwigluForward(gate, up, h, &scale);
     return testing::Dot(h, r);
   };
-  Tensor dgate = Tensor::Empty(gate.shape(), DType::kF64), dup = Tensor::Empty(up.shape(), DType::kF64),
-         dscale = Tensor::Empty(scale.shape(), DType::kF64);
-  ops::SwigluBackward(gate, up, r, dgate, dup, &scale, &dscale);
+  Tensor dgu = Tensor::Empty({n, 2 * f}, DType::kF64), dscale = Tensor::Empty(scale.shape(), DType::kF64);
+  ops::SwigluScaledBackward(gate, up, r, scale, dgu, dscale);
+  Tensor dgate = Tensor::Empty(gate.shape(), DType::kF64), dup = Tensor::Empty(up.shape(), DType::kF64);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < f; ++j) {
+      dgate.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + j];
+      dup.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + f + j];
+    }
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}, {"scale", scale, dscale}});
 }
 
