@@ -15,10 +15,11 @@
 //   y  [R, out]  = x · Wᵀ     as  yᵀ [out, R]  = op_T(W [in, out]) · xᵀ [in, R]
 //   dx [R, in]   = dy · W     as  dxᵀ [in, R]  = Wᵀ [in, out] · dyᵀ [out, R]
 //   dW [out, in] += dyᵀ · x   as  dWᵀ [in, out] += xᵀ [in, R] · op_T(dyᵀ [out, R])
-// The pair form reads dy2 [R, 2·out] as dy2ᵀ [2·out, R] (leading dimension
-// 2·out): its halves are the column-major [out, R] at row offsets 0 and out
-// with that leading dimension, and where Wb follows Wa, [Wa; Wb] [2·out, in]
-// is one column-major [in, 2·out]: dxᵀ = [Wa; Wb]ᵀ-as-stored · dy2ᵀ, depth 2·out.
+// The pair form reads dy2 [R, 2·out] as the column-major dy2ᵀ [2·out, R]
+// (leading dimension 2·out), whose halves are dyaᵀ and dybᵀ at offsets 0
+// and out with that leading dimension. Where Wb follows Wa in memory,
+// [Wa; Wb] [2·out, in] is the column-major [in, 2·out], and
+//   dxᵀ [in, R] = [Wa; Wb] (as [in, 2·out]) · dy2ᵀ [2·out, R]   (depth 2·out).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -88,6 +89,15 @@ void CheckLikeRows(const Tensor& t, int64_t rows, int64_t cols, const Tensor& x,
              ", ", cols, "] ", DTypeName(x.dtype()), " on ", x.device().ToString());
 }
 
+// One f32 gradient of each weight's shape on x's device.
+void CheckGrads(const std::vector<Tensor*>& dw, const std::vector<const Tensor*>& w, const Tensor& x) {
+  LOOM_CHECK(dw.size() == w.size(), "[grouped_linear] ", dw.size(), " weight gradients for ", w.size(), " groups");
+  for (size_t g = 0; g < w.size(); ++g)
+    LOOM_CHECK(dw[g]->shape() == w[g]->shape() && dw[g]->dtype() == DType::kF32 && dw[g]->device() == x.device(),
+               "[grouped_linear] dW ", ShapeString(dw[g]->shape()), " ", DTypeName(dw[g]->dtype()), " must be f32 ",
+               ShapeString(w[g]->shape()), " on ", x.device().ToString());
+}
+
 }  // namespace
 
 void GroupedLinearForward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
@@ -116,11 +126,7 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
   const int64_t in = x.dim(1), out = w[0]->dim(0);
   CheckLikeRows(dy, x.dim(0), out, x, "dy");
   if (dx != nullptr) CheckLikeRows(*dx, x.dim(0), in, x, "dx");
-  LOOM_CHECK(dw.size() == w.size(), "[grouped_linear] ", dw.size(), " weight gradients for ", w.size(), " groups");
-  for (size_t g = 0; g < w.size(); ++g)
-    LOOM_CHECK(dw[g]->shape() == w[g]->shape() && dw[g]->dtype() == DType::kF32 && dw[g]->device() == x.device(),
-               "[grouped_linear] dW ", ShapeString(dw[g]->shape()), " ", DTypeName(dw[g]->dtype()), " must be f32 ",
-               ShapeString(w[g]->shape()), " on ", x.device().ToString());
+  CheckGrads(dw, w, x);
   const size_t elem = DTypeSize(x.dtype());
   std::lock_guard<std::mutex> lock(g_mutex);
   cublasHandle_t h = Handle(x.device().index, Native(stream));
@@ -149,13 +155,8 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
   LOOM_CHECK(wb[0]->dim(0) == out, "[grouped_linear] pair weights of ", out, " and ", wb[0]->dim(0), " rows");
   CheckLikeRows(dy2, x.dim(0), 2 * out, x, "dy2");
   CheckLikeRows(dx, x.dim(0), in, x, "dx");
-  LOOM_CHECK(dwa.size() == wa.size() && dwb.size() == wb.size(), "[grouped_linear] pair: ", dwa.size(), " and ",
-             dwb.size(), " weight gradients for ", wa.size(), " groups");
-  for (size_t g = 0; g < wa.size(); ++g)
-    for (const Tensor* d : {dwa[g], dwb[g]})
-      LOOM_CHECK(d->shape() == wa[g]->shape() && d->dtype() == DType::kF32 && d->device() == x.device(),
-                 "[grouped_linear] dW ", ShapeString(d->shape()), " ", DTypeName(d->dtype()), " must be f32 ",
-                 ShapeString(wa[g]->shape()), " on ", x.device().ToString());
+  CheckGrads(dwa, wa, x);
+  CheckGrads(dwb, wb, x);
   const size_t elem = DTypeSize(x.dtype());
   std::lock_guard<std::mutex> lock(g_mutex);
   cublasHandle_t h = Handle(x.device().index, Native(stream));
