@@ -2,15 +2,19 @@
 // s = σ(gate):
 //   h = gate · s · up,   dgate = dh · up · s · (1 + gate (1 − s)),   dup = dh · gate · s.
 // Without a row scale: the element-wise MapKernel. With one (f32, a row's
-// MoE gate c): the same grid-stride walk over pieces of 8 columns; h,
-// dgate, dup times c (dgate, dup packed into a [N, 2F] row), and the row's
-// dc = Σ dh · gate · s · up from per-piece parts that a second kernel adds
-// in a fixed order (the same bits on every run).
+// MoE gate c): one warp a row, 8 rows a block, lanes across the columns in
+// 16-byte vectors; h, dgate, dup times c (dgate, dup packed into a [N, 2F]
+// row), and the row's dc = Σ dh · gate · s · up summed by the warp in a
+// fixed order (the same bits on every run). The backward runs at about
+// 3/4 of MapKernel's bandwidth (docs/gpu.md).
 #include "ops/cuda/elementwise.cuh"
 #include "ops/swiglu.h"
 
 namespace loom::ops::cuda {
 namespace {
+
+constexpr int kRowWarps = 8;
+constexpr int kSliceCols = 32 * kVec;  // columns a warp covers per step
 
 struct SwigluFwd {  // in: gate, up
   __device__ void operator()(const float (&in)[2], float (&out)[1]) const {
@@ -25,17 +29,16 @@ struct SwigluBwd {  // in: gate, up, dh; out: dgate, dup
   }
 };
 
-// Row-scaled kernels: grid-stride over the rows' pieces of kVec columns
-// (vpr = ⌈F / kVec⌉ a row; 16-byte vectors when F is a multiple of kVec),
-// as MapKernel walks its elements; piece v is row v / vpr.
 template <typename T>
 __global__ void ScaledForwardKernel(const T* __restrict__ gate, const T* __restrict__ up,
-                                    const float* __restrict__ scale, int64_t pieces, int64_t vpr, int64_t f,
-                                    bool vectorized, T* __restrict__ h) {
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < pieces;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = v / vpr, at = row * f, col = (v - row * vpr) * kVec;
-    const float c = scale[row];
+                                    const float* __restrict__ scale, int64_t rows, int64_t f, bool vectorized,
+                                    T* __restrict__ h) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const float c = scale[row];
+  const int64_t at = row * f;
+  for (int64_t col = lane * kVec; col < f; col += kSliceCols) {
     float g[kVec], u[kVec], out[kVec];
     LoadCols(gate + at, col, f, vectorized, g);
     LoadCols(up + at, col, f, vectorized, u);
@@ -45,21 +48,21 @@ __global__ void ScaledForwardKernel(const T* __restrict__ gate, const T* __restr
   }
 }
 
-// Also writes each piece's part of dc (Σ dh · gate · s · up over its
-// columns) to partial[v]; RowSumKernel adds a row's parts in order.
 template <typename T>
 __global__ void ScaledBackwardKernel(const T* __restrict__ gate, const T* __restrict__ up, const T* __restrict__ dh,
-                                     const float* __restrict__ scale, int64_t pieces, int64_t vpr, int64_t f,
-                                     bool vectorized, T* __restrict__ dgu, float* __restrict__ partial) {
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < pieces;
-       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = v / vpr, at = row * f, col = (v - row * vpr) * kVec;
-    const float c = scale[row];
+                                     const float* __restrict__ scale, int64_t rows, int64_t f, bool vectorized,
+                                     T* __restrict__ dgu, float* __restrict__ dscale) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const float c = scale[row];
+  const int64_t at = row * f;
+  float dc = 0;
+  for (int64_t col = lane * kVec; col < f; col += kSliceCols) {
     float g[kVec], u[kVec], d[kVec], og[kVec], ou[kVec];
     LoadCols(gate + at, col, f, vectorized, g);
     LoadCols(up + at, col, f, vectorized, u);
     LoadCols(dh + at, col, f, vectorized, d);
-    float dc = 0;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float s = Sigmoid(g[e]), gs = g[e] * s, cd = c * d[e];
@@ -69,21 +72,12 @@ __global__ void ScaledBackwardKernel(const T* __restrict__ gate, const T* __rest
     }
     StoreCols(dgu + 2 * at, col, f, vectorized, og);
     StoreCols(dgu + 2 * at + f, col, f, vectorized, ou);
-    partial[v] = dc;
   }
+  dc = WarpSum(dc);
+  if (lane == 0) dscale[row] = dc;
 }
 
-// One warp a row: out[row] = Σ_j partial[row · vpr + j], lane-strided then
-// a shuffle tree (a fixed order).
-__global__ void RowSumKernel(const float* __restrict__ partial, int64_t rows, int64_t vpr, float* __restrict__ out) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32;
-  float sum = 0;
-  for (int64_t j = lane; j < vpr; j += 32) sum += partial[row * vpr + j];
-  sum = WarpSum(sum);
-  if (lane == 0) out[row] = sum;
-}
+unsigned RowGrid(int64_t rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
 
 // Rows of [N, F] operands (F the last dimension).
 int64_t Rows(const Tensor& t) { return t.ndim() == 0 ? 1 : t.numel() / std::max<int64_t>(t.dim(-1), 1); }
@@ -113,12 +107,11 @@ void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor
   const int64_t rows = Rows(gate), f = rows > 0 ? gate.numel() / rows : 0;
   if (rows == 0 || f == 0) return;
   const bool vec = f % kVec == 0 && Aligned16(gate.raw()) && Aligned16(up.raw()) && Aligned16(h.raw());
-  const int64_t vpr = (f + kVec - 1) / kVec;
   LOOM_CUDA_CHECK(cudaSetDevice(gate.device().index));
   LOOM_DISPATCH_ACTIVATION("swiglu", gate.dtype(), T, [&] {
-    ScaledForwardKernel<T><<<GridFor(rows * vpr), 256, 0, Native(stream)>>>(
-        static_cast<const T*>(gate.raw()), static_cast<const T*>(up.raw()), scale->data<float>(), rows * vpr, vpr, f,
-        vec, static_cast<T*>(h.raw()));
+    ScaledForwardKernel<T><<<RowGrid(rows), 32 * kRowWarps, 0, Native(stream)>>>(
+        static_cast<const T*>(gate.raw()), static_cast<const T*>(up.raw()), scale->data<float>(), rows, f, vec,
+        static_cast<T*>(h.raw()));
   });
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
@@ -155,17 +148,12 @@ void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh
   }
   const bool vec = f % kVec == 0 && Aligned16(gate.raw()) && Aligned16(up.raw()) && Aligned16(dh.raw()) &&
                    Aligned16(dgu.raw());
-  const int64_t vpr = (f + kVec - 1) / kVec;
-  Tensor partial = Tensor::Empty({rows * vpr}, DType::kF32, gate.device());  // stream-ordered scratch
   LOOM_CUDA_CHECK(cudaSetDevice(gate.device().index));
   LOOM_DISPATCH_ACTIVATION("swiglu", gate.dtype(), T, [&] {
-    ScaledBackwardKernel<T><<<GridFor(rows * vpr), 256, 0, Native(stream)>>>(
+    ScaledBackwardKernel<T><<<RowGrid(rows), 32 * kRowWarps, 0, Native(stream)>>>(
         static_cast<const T*>(gate.raw()), static_cast<const T*>(up.raw()), static_cast<const T*>(dh.raw()),
-        scale.data<float>(), rows * vpr, vpr, f, vec, static_cast<T*>(dgu.raw()), partial.data<float>());
+        scale.data<float>(), rows, f, vec, static_cast<T*>(dgu.raw()), dscale.data<float>());
   });
-  LOOM_CUDA_CHECK(cudaGetLastError());
-  RowSumKernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, Native(stream)>>>(partial.data<float>(), rows, vpr,
-                                                                                 dscale.data<float>());
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 

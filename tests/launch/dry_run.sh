@@ -45,8 +45,8 @@ grep -q "not planned" "$out" && fail "MoE models get a memory plan"
 grep -Eq "^  0 +251872 +983.9 KiB +983.9 KiB +1.9 MiB +10.8 MiB +6.0 KiB +14.7 MiB$" "$out" || fail "MoE memory row"
 grep -q "(MoE layers: 1024 expert rows per layer and micro-batch, T·top_k, dropless)" "$out" || fail "MoE rows line"
 # The MoE + MoH GPU config (bf16, 16K tokens): the H100 measured a pool
-# peak of 52,740 MiB (51.50 GiB) before the experts scaled their rows by the
-# gates (session 21), which frees each MoE layer's [S, C] expert outputs.
+# peak of 50,692 MiB (49.50 GiB) once the experts scale their rows by the
+# gates and keep no [S, C] outputs (52,740 MiB before).
 "$bin" --config "$src/configs/gpu_moe.textproto" --dry-run >"$out" 2>&1 || fail "GPU MoE dry run exited $?"
 grep -Eq "^  0 +1666796288 .* 49.50 GiB$" "$out" || fail "GPU MoE memory row"
 echo "dry run: ok"
