@@ -83,16 +83,17 @@ using ParamList = std::vector<Param*>;
 inline void AllocateComputeCopies(const ParamList& params, DType dtype) {
   const int64_t align = 256 / static_cast<int64_t>(DTypeSize(dtype));
   auto wants = [](const Param* p) { return p->value.ndim() == 2 && !p->compute.defined(); };
+  auto padded = [&](const Param* p) { return (p->value.numel() + align - 1) / align * align; };
   int64_t total = 0;
   for (const Param* p : params)
-    if (wants(p)) total += (p->value.numel() + align - 1) / align * align;
+    if (wants(p)) total += padded(p);
   if (total == 0) return;
   Tensor buffer = Tensor::Empty({total}, dtype, params.front()->value.device());
   int64_t at = 0;
   for (Param* p : params) {
     if (!wants(p)) continue;
     p->compute = buffer.Slice(at, p->value.numel()).Reshape(p->value.shape());
-    at += (p->value.numel() + align - 1) / align * align;
+    at += padded(p);
   }
 }
 

@@ -17,8 +17,18 @@ void Check(const Tensor& x, const std::vector<const Tensor*>& w, const std::vect
              "[grouped_linear] x ", ShapeString(x.shape()), " must be [R, in] with R the groups' ",
              std::accumulate(rows.begin(), rows.end(), int64_t{0}), " rows");
   for (const Tensor* wg : w)
-    LOOM_CHECK(wg->ndim() == 2 && wg->shape() == w[0]->shape() && wg->dim(1) == x.dim(1), "[grouped_linear] W ",
-               ShapeString(wg->shape()), " must be [out, ", x.dim(1), "] like every group's");
+    LOOM_CHECK(wg->ndim() == 2 && wg->shape() == w[0]->shape() && wg->dim(1) == x.dim(1) && wg->dtype() == x.dtype(),
+               "[grouped_linear] W ", ShapeString(wg->shape()), " ", DTypeName(wg->dtype()), " must be [out, ",
+               x.dim(1), "] ", DTypeName(x.dtype()), " like every group's");
+}
+
+// One gradient of each weight's shape and dtype.
+void CheckGrads(const std::vector<Tensor*>& dw, const std::vector<const Tensor*>& w) {
+  LOOM_CHECK(dw.size() == w.size(), "[grouped_linear] ", dw.size(), " weight gradients for ", w.size(), " groups");
+  for (size_t g = 0; g < w.size(); ++g)
+    LOOM_CHECK(dw[g]->shape() == w[g]->shape() && dw[g]->dtype() == w[g]->dtype(), "[grouped_linear] dW ",
+               ShapeString(dw[g]->shape()), " ", DTypeName(dw[g]->dtype()), " must match W ",
+               ShapeString(w[g]->shape()), " ", DTypeName(w[g]->dtype()));
 }
 
 }  // namespace
@@ -43,13 +53,12 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
                            const Tensor& dy, Tensor* dx, const std::vector<Tensor*>& dw, bool accumulate_dx) {
   if (!x.device().is_cpu()) return cuda::GroupedLinearBackward(x, w, rows, dy, dx, dw, accumulate_dx);
   Check(x, w, rows);
-  LOOM_CHECK(dw.size() == w.size() && dy.ndim() == 2 && dy.dim(0) == x.dim(0) && dy.dim(1) == w[0]->dim(0) &&
+  CheckGrads(dw, w);
+  LOOM_CHECK(dy.ndim() == 2 && dy.dim(0) == x.dim(0) && dy.dim(1) == w[0]->dim(0) &&
                  (dx == nullptr || dx->shape() == x.shape()),
              "[grouped_linear] dy ", ShapeString(dy.shape()), " and dx must match y and x");
   int64_t at = 0;
   for (size_t g = 0; g < w.size(); ++g) {
-    LOOM_CHECK(dw[g]->shape() == w[g]->shape(), "[grouped_linear] dW ", ShapeString(dw[g]->shape()),
-               " must match W ", ShapeString(w[g]->shape()));
     if (rows[g] > 0) {
       const Tensor xg = x.Slice(at, rows[g]), dyg = dy.Slice(at, rows[g]);
       if (dx != nullptr) {
@@ -68,19 +77,17 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
   if (!x.device().is_cpu()) return cuda::GroupedLinearPairBackward(x, wa, wb, rows, dy2, dx, dwa, dwb);
   Check(x, wa, rows);
   Check(x, wb, rows);
+  CheckGrads(dwa, wa);
+  CheckGrads(dwb, wb);
   const int64_t in = x.dim(1), out = wa[0]->dim(0);
   LOOM_CHECK(wb[0]->dim(0) == out && dy2.ndim() == 2 && dy2.dim(0) == x.dim(0) && dy2.dim(1) == 2 * out &&
-                 dy2.dtype() == x.dtype() && dx.shape() == x.shape() && dx.dtype() == x.dtype() &&
-                 dwa.size() == wa.size() && dwb.size() == wb.size(),
-             "[grouped_linear] pair: dy2 ", ShapeString(dy2.shape()), " must be [", x.dim(0), ", ", 2 * out,
-             "] and dx ", ShapeString(dx.shape()), " like x");
+                 dy2.dtype() == x.dtype() && dx.shape() == x.shape() && dx.dtype() == x.dtype(),
+             "[grouped_linear] pair: Wb ", ShapeString(wb[0]->shape()), ", dy2 ", ShapeString(dy2.shape()),
+             " and dx ", ShapeString(dx.shape()), " must be [", out, ", ", in, "], [", x.dim(0), ", ", 2 * out,
+             "] and like x");
   LOOM_DISPATCH_FLOAT(x.dtype(), T, [&] {
     int64_t at = 0;
     for (size_t g = 0; g < wa.size(); ++g) {
-      for (const Tensor* t : {wa[g], wb[g], static_cast<const Tensor*>(dwa[g]), static_cast<const Tensor*>(dwb[g])})
-        LOOM_CHECK(t->shape() == wa[0]->shape() && t->dtype() == x.dtype(), "[grouped_linear] pair: ",
-                   ShapeString(t->shape()), " ", DTypeName(t->dtype()), " must be ", ShapeString(wa[0]->shape()),
-                   " ", DTypeName(x.dtype()));
       const int64_t r = rows[g];
       if (r > 0) {  // the halves of dy2 in place: leading dimension 2·out
         const T* xg = x.data<T>() + at * in;

@@ -27,7 +27,7 @@ void Gather(const Tensor& x, const Tensor& rows, Tensor& xe) {
 
 template <typename T>
 void Combine(const Tensor& ye, const Tensor& rows, const Tensor* add, Tensor& y, const Tensor* a, const Tensor* w) {
-  const int64_t n = y.dim(0), c = y.dim(1), k = rows.dim(1);
+  const int64_t n = y.dim(0), c = y.dim(1), k = rows.dim(1), width = a != nullptr ? a->dim(1) : 0;
   const int32_t* row = rows.data<int32_t>();
   for (int64_t t = 0; t < n; ++t) {
     T* out = y.data<T>() + t * c;
@@ -42,9 +42,8 @@ void Combine(const Tensor& ye, const Tensor& rows, const Tensor* add, Tensor& y,
       for (int64_t i = 0; i < c; ++i) out[i] += add->data<T>()[t * c + i];
     if (a != nullptr)
       for (int64_t i = 0; i < c; ++i) {
-        const int64_t n = a->dim(1);
         T thin = 0;
-        for (int64_t e = 0; e < n; ++e) thin += a->data<T>()[t * n + e] * w->data<T>()[e * c + i];
+        for (int64_t e = 0; e < width; ++e) thin += a->data<T>()[t * width + e] * w->data<T>()[e * c + i];
         out[i] += thin;
       }
   }

@@ -18,8 +18,10 @@ void CheckLike(const Tensor& t, const Tensor& gate, const char* name) {
              " ", DTypeName(gate.dtype()));
 }
 
-// Rows of the [N, F] operands (the last dimension is F); a scale has N elements.
-int64_t Rows(const Tensor& gate) { return gate.ndim() == 0 ? 1 : gate.numel() / std::max<int64_t>(gate.dim(-1), 1); }
+// Columns F and rows N of the [N, F] operands (F the last dimension); a
+// scale has N elements.
+int64_t Cols(const Tensor& gate) { return gate.ndim() == 0 ? 1 : gate.dim(-1); }
+int64_t Rows(const Tensor& gate) { return gate.numel() / std::max<int64_t>(Cols(gate), 1); }
 
 void CheckScale(const Tensor* s, const Tensor& gate, const char* name) {
   if (s == nullptr) return;
@@ -53,7 +55,7 @@ void Backward(const T* gate, const T* up, const T* dh, int64_t rows, int64_t f, 
       const int64_t at = r * f + i;
       const T g = gate[at], u = up[at], d = dh[at];  // read before writing: the outputs may overwrite the inputs
       const T sig = T(1) / (T(1) + std::exp(-g));
-      ds += d * g * sig * u;
+      if (dscale != nullptr) ds += d * g * sig * u;
       const T sd = scale != nullptr ? s * d : d;
       dgate[r * ld + i] = sd * u * sig * (T(1) + g * (T(1) - sig));
       dup[r * ld + i] = sd * g * sig;
@@ -69,10 +71,9 @@ void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor
   CheckLike(up, gate, "up");
   CheckLike(h, gate, "h");
   CheckScale(scale, gate, "scale");
-  const int64_t rows = Rows(gate);
   LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
-    Forward(gate.data<T>(), up.data<T>(), rows, gate.numel() / std::max<int64_t>(rows, 1),
-            scale != nullptr ? scale->data<T>() : nullptr, h.data<T>());
+    Forward(gate.data<T>(), up.data<T>(), Rows(gate), Cols(gate), scale != nullptr ? scale->data<T>() : nullptr,
+            h.data<T>());
   });
 }
 
@@ -82,7 +83,7 @@ void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tens
   CheckLike(dh, gate, "dh");
   CheckLike(dgate, gate, "dgate");
   CheckLike(dup, gate, "dup");
-  const int64_t rows = Rows(gate), f = gate.numel() / std::max<int64_t>(rows, 1);
+  const int64_t rows = Rows(gate), f = Cols(gate);
   LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
     Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, f, static_cast<const T*>(nullptr), dgate.data<T>(),
              dup.data<T>(), f, static_cast<T*>(nullptr));
@@ -96,7 +97,7 @@ void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh
   CheckLike(dh, gate, "dh");
   CheckScale(&scale, gate, "scale");
   CheckScale(&dscale, gate, "dscale");
-  const int64_t rows = Rows(gate), f = gate.numel() / std::max<int64_t>(rows, 1);
+  const int64_t rows = Rows(gate), f = Cols(gate);
   LOOM_CHECK(dgu.device().is_cpu() && dgu.dtype() == gate.dtype() && dgu.ndim() == 2 && dgu.dim(0) == rows &&
                  dgu.dim(1) == 2 * f,
              "[swiglu] dgu ", ShapeString(dgu.shape()), " ", DTypeName(dgu.dtype()), " must be [", rows, ", ", 2 * f,

@@ -90,7 +90,6 @@ void CheckScale(const Tensor& s, const Tensor& gate, const char* name) {
              gate.device().ToString());
 }
 
-
 }  // namespace
 
 void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale, CudaStream stream) {
