@@ -132,7 +132,7 @@ struct StepShapes {
   // Backward transients, all dropped at return.
   void MlpBackward(Ledger& m) const {
     if (d.moe.experts == 0) {
-      const int64_t mlp = 3 * t * f * e;  // dh, dgate, dup
+      const int64_t mlp = 3 * t * f * e;  // dh, dgu [T, 2F]
       m.Alloc(mlp);
       m.Free(mlp);
       return;
@@ -166,7 +166,7 @@ struct StepShapes {
       m.Alloc(Tc());
       held += Tc();
     }
-    for (int i = 0; i < d.moe.shared_experts; ++i) {  // SwigluMlp::Backward's dh, dgate, dup
+    for (int i = 0; i < d.moe.shared_experts; ++i) {  // SwigluMlp::Backward's dh, dgu
       m.Alloc(3 * t * fe * e);
       m.Free(3 * t * fe * e);
     }

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "ops/grouped_linear.h"
 #include "ops/linear.h"
 #include "ops/swiglu.h"
 
@@ -33,10 +34,13 @@ void SwigluMlp::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, bool acc
              tp_.size);
   Tensor dh = dims_.Act(h_.shape());
   ops::LinearBackward(h_, w_down_.weight(), dy, &dh, w_down_.grad);
-  Tensor dgate = dims_.Act(gate_.shape()), dup = dims_.Act(up_.shape());
-  ops::SwigluBackward(gate_, up_, dh, dgate, dup);
-  ops::LinearBackward(x, w_gate_.weight(), dgate, &dx, w_gate_.grad, accumulate_dx);
-  ops::LinearBackward(x, w_up_.weight(), dup, &dx, w_up_.grad, /*accumulate_dx=*/true);
+  // dgu [T, 2F]: each row's [dgate | dup], so dx = dgu · [W_gate; W_up] is
+  // one GEMM where the compute copies are adjacent (model/param.h): the
+  // pair backward of one group.
+  Tensor dgu = dims_.Act({h_.dim(0), 2 * f_});
+  ops::SwigluBackward(gate_, up_, dh, dgu);
+  ops::GroupedLinearPairBackward(x, {&w_gate_.weight()}, {&w_up_.weight()}, {x.dim(0)}, dgu, dx, {&w_gate_.grad},
+                                 {&w_up_.grad}, accumulate_dx);
   tp_.ReduceOutput(dx);
 }
 

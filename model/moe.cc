@@ -202,7 +202,7 @@ void MoeLayer::Backward(const Tensor& x, const Tensor& dy, Tensor& dx, double lo
     // one GEMM where the pair's compute copies are adjacent (model/param.h).
     Tensor dh = Tensor::Empty(h_.shape(), dt, dev), dgu = Tensor::Empty({r, 2 * moe_.ffn}, dt, dev);
     ops::GroupedLinearBackward(h_, ExpertWeights(&Expert::w_down), rows, dye, &dh, ExpertGrads(&Expert::w_down));
-    ops::SwigluScaledBackward(gate_, up_, dh, expert_gates_, dgu, dexpert_gates);
+    ops::SwigluBackward(gate_, up_, dh, dgu, &expert_gates_, &dexpert_gates);
     ops::GroupedLinearPairBackward(expert_x_, ExpertWeights(&Expert::w_gate), ExpertWeights(&Expert::w_up), rows, dgu,
                                    dxe, ExpertGrads(&Expert::w_gate), ExpertGrads(&Expert::w_up));
   }

@@ -8,10 +8,11 @@
 //
 // The pair form (an expert's gate and up projections of one x): dy2
 // [R, 2·out] holds [dya | dyb] in each row (ops/swiglu.h's scaled backward):
-//   dx[g] = dya[g] · Wa_g + dyb[g] · Wb_g   (written)
+//   dx[g] = dya[g] · Wa_g + dyb[g] · Wb_g   (written, or added when accumulate_dx)
 //   dWa_g += dya[g]ᵀ · x[g],   dWb_g += dyb[g]ᵀ · x[g]
 // On the GPU dx[g] is one GEMM of depth 2·out where Wb_g directly follows
-// Wa_g in memory (model/param.h AllocateComputeCopies), else two.
+// Wa_g in memory (model/param.h AllocateComputeCopies), else two. With one
+// group it is a SwiGLU MLP's gate/up backward (model/mlp.cc).
 #pragma once
 
 #include <cstdint>
@@ -29,7 +30,8 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
                            const Tensor& dy, Tensor* dx, const std::vector<Tensor*>& dw, bool accumulate_dx = false);
 void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
                                const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
-                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb);
+                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb,
+                               bool accumulate_dx = false);
 
 namespace cuda {
 // CUDA tensors (ops/cuda/grouped_linear.cu), the dtype contract of Linear:
@@ -43,7 +45,7 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
 void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
                                const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
                                Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb,
-                               CudaStream stream = nullptr);
+                               bool accumulate_dx, CudaStream stream = nullptr);
 }  // namespace cuda
 
 }  // namespace loom::ops

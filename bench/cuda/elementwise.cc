@@ -142,11 +142,10 @@ int BenchElementwise(const config::Config&) {
     const Tensor gate = bench::Uniform({kTokens, kFfn}, DType::kBF16, 9), up = bench::Uniform({kTokens, kFfn}, DType::kBF16, 10);
     const Tensor dh = bench::Uniform({kTokens, kFfn}, DType::kBF16, 11);
     Tensor h = Tensor::Empty(gate.shape(), DType::kBF16, Device::Cuda(0));
-    Tensor dgate = Tensor::Empty(gate.shape(), DType::kBF16, Device::Cuda(0));
-    Tensor dup = Tensor::Empty(gate.shape(), DType::kBF16, Device::Cuda(0));
+    Tensor dgu = Tensor::Empty({kTokens, 2 * kFfn}, DType::kBF16, Device::Cuda(0));
     report("swiglu fwd [N, 5632]", MedianSeconds(steps, [&] { ops::SwigluForward(gate, up, h); }), 3 * nf * 2);
     report("swiglu bwd [N, 5632]",
-           MedianSeconds(steps, [&] { ops::SwigluBackward(gate, up, dh, dgate, dup); }), 5 * nf * 2);
+           MedianSeconds(steps, [&] { ops::SwigluBackward(gate, up, dh, dgu); }), 5 * nf * 2);
   }
   if (!json) std::printf("N = %ld tokens, bf16 activations, f32 norm weights/dtable; median of %d\n",
                          static_cast<long>(kTokens), steps);

@@ -73,8 +73,10 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
 
 void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
                                const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
-                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb) {
-  if (!x.device().is_cpu()) return cuda::GroupedLinearPairBackward(x, wa, wb, rows, dy2, dx, dwa, dwb);
+                               Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb,
+                               bool accumulate_dx) {
+  if (!x.device().is_cpu())
+    return cuda::GroupedLinearPairBackward(x, wa, wb, rows, dy2, dx, dwa, dwb, accumulate_dx);
   Check(x, wa, rows);
   Check(x, wb, rows);
   CheckGrads(dwa, wa);
@@ -93,7 +95,8 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
         const T* xg = x.data<T>() + at * in;
         const T* dya = dy2.data<T>() + at * 2 * out;
         T* dxg = dx.data<T>() + at * in;
-        cpu::Gemm(CblasNoTrans, CblasNoTrans, r, in, out, T(1), dya, 2 * out, wa[g]->data<T>(), in, T(0), dxg, in);
+        const T beta_dx = accumulate_dx ? T(1) : T(0);
+        cpu::Gemm(CblasNoTrans, CblasNoTrans, r, in, out, T(1), dya, 2 * out, wa[g]->data<T>(), in, beta_dx, dxg, in);
         cpu::Gemm(CblasNoTrans, CblasNoTrans, r, in, out, T(1), dya + out, 2 * out, wb[g]->data<T>(), in, T(1), dxg,
                   in);
         cpu::Gemm(CblasTrans, CblasNoTrans, out, in, r, T(1), dya, 2 * out, xg, in, T(1), dwa[g]->data<T>(), in);

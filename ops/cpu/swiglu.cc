@@ -42,23 +42,22 @@ void Forward(const T* gate, const T* up, int64_t rows, int64_t f, const T* scale
   }
 }
 
-// Row r's dgate and dup go to dgate + r·ld and dup + r·ld (ld = F, or 2F
-// packed); dscale, when given, gets the row's Σ dh · SiLU(gate) · up.
+// Row r's [dgate | dup] goes to dgu + r·2F; dscale, when given, gets the
+// row's Σ dh · SiLU(gate) · up.
 template <typename T>
-void Backward(const T* gate, const T* up, const T* dh, int64_t rows, int64_t f, const T* scale, T* dgate, T* dup,
-              int64_t ld, T* dscale) {
+void Backward(const T* gate, const T* up, const T* dh, int64_t rows, int64_t f, const T* scale, T* dgu, T* dscale) {
 #pragma omp parallel for if (rows * f >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     const T s = scale != nullptr ? scale[r] : T(1);
     T ds = 0;
     for (int64_t i = 0; i < f; ++i) {
       const int64_t at = r * f + i;
-      const T g = gate[at], u = up[at], d = dh[at];  // read before writing: the outputs may overwrite the inputs
+      const T g = gate[at], u = up[at], d = dh[at];
       const T sig = T(1) / (T(1) + std::exp(-g));
       if (dscale != nullptr) ds += d * g * sig * u;
       const T sd = scale != nullptr ? s * d : d;
-      dgate[r * ld + i] = sd * u * sig * (T(1) + g * (T(1) - sig));
-      dup[r * ld + i] = sd * g * sig;
+      dgu[2 * r * f + i] = sd * u * sig * (T(1) + g * (T(1) - sig));
+      dgu[2 * r * f + f + i] = sd * g * sig;
     }
     if (dscale != nullptr) dscale[r] = ds;
   }
@@ -77,34 +76,22 @@ void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor
   });
 }
 
-void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup) {
-  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgate, dup);
+void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgu, const Tensor* scale,
+                    Tensor* dscale) {
+  if (!gate.device().is_cpu()) return cuda::SwigluBackward(gate, up, dh, dgu, scale, dscale);
   CheckLike(up, gate, "up");
   CheckLike(dh, gate, "dh");
-  CheckLike(dgate, gate, "dgate");
-  CheckLike(dup, gate, "dup");
-  const int64_t rows = Rows(gate), f = Cols(gate);
-  LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
-    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, f, static_cast<const T*>(nullptr), dgate.data<T>(),
-             dup.data<T>(), f, static_cast<T*>(nullptr));
-  });
-}
-
-void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, const Tensor& scale, Tensor& dgu,
-                          Tensor& dscale) {
-  if (!gate.device().is_cpu()) return cuda::SwigluScaledBackward(gate, up, dh, scale, dgu, dscale);
-  CheckLike(up, gate, "up");
-  CheckLike(dh, gate, "dh");
-  CheckScale(&scale, gate, "scale");
-  CheckScale(&dscale, gate, "dscale");
+  LOOM_CHECK((scale == nullptr) == (dscale == nullptr), "[swiglu] a row scale and its gradient go together");
+  CheckScale(scale, gate, "scale");
+  CheckScale(dscale, gate, "dscale");
   const int64_t rows = Rows(gate), f = Cols(gate);
   LOOM_CHECK(dgu.device().is_cpu() && dgu.dtype() == gate.dtype() && dgu.ndim() == 2 && dgu.dim(0) == rows &&
                  dgu.dim(1) == 2 * f,
              "[swiglu] dgu ", ShapeString(dgu.shape()), " ", DTypeName(dgu.dtype()), " must be [", rows, ", ", 2 * f,
              "] ", DTypeName(gate.dtype()));
   LOOM_DISPATCH_FLOAT(gate.dtype(), T, [&] {
-    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, f, scale.data<T>(), dgu.data<T>(), dgu.data<T>() + f,
-             2 * f, dscale.data<T>());
+    Backward(gate.data<T>(), up.data<T>(), dh.data<T>(), rows, f, scale != nullptr ? scale->data<T>() : nullptr,
+             dgu.data<T>(), dscale != nullptr ? dscale->data<T>() : nullptr);
   });
 }
 

@@ -2,7 +2,8 @@
 // sigmoid_gate,embedding,rmsnorm}.cu): the activation dtypes (f32, bf16)
 // read into f32 registers eight at a time with 16-byte loads, the dtype
 // dispatch, the launch checks, and MapKernel, the one element-wise kernel
-// that SiLU, SwiGLU and the sigmoid gate instantiate with their math.
+// that SiLU and the sigmoid gate instantiate with their math (SwiGLU walks
+// rows: its backward packs [dgate | dup] rows and may sum a row).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -147,7 +147,7 @@ void GroupedLinearBackward(const Tensor& x, const std::vector<const Tensor*>& w,
 void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>& wa,
                                const std::vector<const Tensor*>& wb, const std::vector<int64_t>& rows, const Tensor& dy2,
                                Tensor& dx, const std::vector<Tensor*>& dwa, const std::vector<Tensor*>& dwb,
-                               CudaStream stream) {
+                               bool accumulate_dx, CudaStream stream) {
   NvtxRange range("GroupedLinearPairBackward");
   Check(x, wa, rows);
   Check(x, wb, rows);
@@ -160,6 +160,7 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
   const size_t elem = DTypeSize(x.dtype());
   std::lock_guard<std::mutex> lock(g_mutex);
   cublasHandle_t h = Handle(x.device().index, Native(stream));
+  const float beta_dx = accumulate_dx ? 1.0f : 0.0f;
   int64_t at = 0;
   for (size_t g = 0; g < wa.size(); ++g) {
     if (rows[g] > 0) {
@@ -169,9 +170,11 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
       char* dxg = static_cast<char*>(dx.raw()) + at * in * elem;
       const bool adjacent = static_cast<const char*>(wb[g]->raw()) == static_cast<const char*>(wa[g]->raw()) + out * in * elem;
       if (adjacent) {
-        Gemm(h, false, false, in, rows[g], 2 * out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), 0.0f, dxg, in, x.dtype());
+        Gemm(h, false, false, in, rows[g], 2 * out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), beta_dx, dxg, in,
+             x.dtype());
       } else {
-        Gemm(h, false, false, in, rows[g], out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), 0.0f, dxg, in, x.dtype());
+        Gemm(h, false, false, in, rows[g], out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), beta_dx, dxg, in,
+             x.dtype());
         Gemm(h, false, false, in, rows[g], out, wb[g]->raw(), in, dyb, 2 * out, x.dtype(), 1.0f, dxg, in, x.dtype());
       }
       Gemm(h, false, true, in, out, rows[g], xg, in, dya, 2 * out, x.dtype(), 1.0f, dwa[g]->raw(), in, DType::kF32);

@@ -1,83 +1,121 @@
 // CUDA SwiGLU, f32 or bf16 (see ops/swiglu.h), computed in f32 with
-// s = σ(gate):
-//   h = gate · s · up,   dgate = dh · up · s · (1 + gate (1 − s)),   dup = dh · gate · s.
-// Without a row scale: the element-wise MapKernel. With one (f32, a row's
-// MoE gate c): one warp a row, 8 rows a block, lanes across the columns in
-// 16-byte vectors; h, dgate, dup times c (dgate, dup packed into a [N, 2F]
-// row), and the row's dc = Σ dh · gate · s · up summed by the warp in a
-// fixed order (the same bits on every run). The backward runs at about
-// 3/4 of MapKernel's bandwidth (docs/gpu.md).
+// e = exp(−gate), s = σ(gate) = 1 / (1 + e), 1 − s = e · s:
+//   h = c · gate · s · up,   dgate = c · dh · up · s · (1 + gate (1 − s)),   dup = c · dh · gate · s,
+// c the row's scale (1 without one), dgate and dup packed into a [N, 2F] row,
+// and with a scale the row's dc = Σ dh · gate · s · up.
+//
+// One kernel shape for all four: a block of 256 threads takes R whole rows
+// (R·F/8 pieces of 8 columns, R = 512 / (F/8) clamped to [1, 8]: about two
+// pieces a thread at F = 1408, as MapKernel's grid-stride walk does), so a
+// thread has little serial work and many loads in flight. dc: each thread
+// adds its pieces' parts into its own shared-memory slot of the row, and a
+// warp sums a row's 256 slots in a fixed order (the same bits every run).
+// A warp a row with 16-byte lanes measured 588 µs on an H200 for the MoE
+// bench's scaled backward, 64% of the memory's bandwidth (docs/gpu.md).
 #include "ops/cuda/elementwise.cuh"
 #include "ops/swiglu.h"
 
 namespace loom::ops::cuda {
 namespace {
 
-constexpr int kRowWarps = 8;
-constexpr int kSliceCols = 32 * kVec;  // columns a warp covers per step
+constexpr int kThreads = 256;
+constexpr int kMaxRows = 8;  // rows a block, at most
+constexpr int kPiecesPerBlock = 2 * kThreads;
 
-struct SwigluFwd {  // in: gate, up
-  __device__ void operator()(const float (&in)[2], float (&out)[1]) const {
-    out[0] = in[0] * Sigmoid(in[0]) * in[1];
-  }
-};
-struct SwigluBwd {  // in: gate, up, dh; out: dgate, dup
-  __device__ void operator()(const float (&in)[3], float (&out)[2]) const {
-    const float g = in[0], u = in[1], d = in[2], s = Sigmoid(g), one_minus_s = Sigmoid(-g);
-    out[0] = d * u * s * (1.0f + g * one_minus_s);
-    out[1] = d * g * s;
-  }
+struct RowShape {
+  int64_t rows, f;
+  int pieces_per_row;  // ⌈F / kVec⌉
+  int rows_per_block;
 };
 
-template <typename T>
-__global__ void ScaledForwardKernel(const T* __restrict__ gate, const T* __restrict__ up,
-                                    const float* __restrict__ scale, int64_t rows, int64_t f, bool vectorized,
-                                    T* __restrict__ h) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
-  if (row >= rows) return;
-  const float c = scale[row];
-  const int64_t at = row * f;
-  for (int64_t col = lane * kVec; col < f; col += kSliceCols) {
+RowShape ShapeOf(int64_t rows, int64_t f) {
+  const int64_t vpr = (f + kVec - 1) / kVec;
+  LOOM_CHECK(vpr * kMaxRows < (int64_t{1} << 31), "[swiglu] rows of ", f, " columns are too long");
+  const int r = static_cast<int>(std::clamp<int64_t>(kPiecesPerBlock / vpr, 1, kMaxRows));
+  return {rows, f, static_cast<int>(vpr), r};
+}
+
+unsigned Blocks(const RowShape& s) {
+  const int64_t blocks = (s.rows + s.rows_per_block - 1) / s.rows_per_block;
+  LOOM_CHECK(blocks < (int64_t{1} << 31), "[swiglu] ", s.rows, " rows exceed the grid");
+  return static_cast<unsigned>(blocks);
+}
+
+__device__ __forceinline__ int RowsHere(const RowShape& sh, int64_t row0) {
+  return sh.rows - row0 < sh.rows_per_block ? static_cast<int>(sh.rows - row0) : sh.rows_per_block;
+}
+
+// σ(g), g·σ(g) and 1 − σ(g) of one element, with one exp.
+struct Silu {
+  float s, gs, one_minus_s;
+  __device__ explicit Silu(float g) {
+    const float e = expf(-g);
+    s = 1.0f / (1.0f + e);
+    gs = g * s;
+    one_minus_s = e * s;
+  }
+};
+
+template <typename T, bool kScaled>
+__global__ void __launch_bounds__(kThreads) ForwardKernel(const T* __restrict__ gate, const T* __restrict__ up,
+                                                           const float* __restrict__ scale, RowShape sh, bool vectorized,
+                                                           T* __restrict__ h) {
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * sh.rows_per_block;
+  const int n = RowsHere(sh, row0) * sh.pieces_per_row;
+  for (int p = threadIdx.x; p < n; p += kThreads) {
+    const int r = p / sh.pieces_per_row;
+    const int64_t row = row0 + r, at = row * sh.f, col = static_cast<int64_t>(p - r * sh.pieces_per_row) * kVec;
+    const float c = kScaled ? scale[row] : 1.0f;
     float g[kVec], u[kVec], out[kVec];
-    LoadCols(gate + at, col, f, vectorized, g);
-    LoadCols(up + at, col, f, vectorized, u);
+    LoadCols(gate + at, col, sh.f, vectorized, g);
+    LoadCols(up + at, col, sh.f, vectorized, u);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) out[e] = c * (g[e] * Sigmoid(g[e]) * u[e]);
-    StoreCols(h + at, col, f, vectorized, out);
+    for (int e = 0; e < kVec; ++e) out[e] = c * (Silu(g[e]).gs * u[e]);
+    StoreCols(h + at, col, sh.f, vectorized, out);
   }
 }
 
-template <typename T>
-__global__ void ScaledBackwardKernel(const T* __restrict__ gate, const T* __restrict__ up, const T* __restrict__ dh,
-                                     const float* __restrict__ scale, int64_t rows, int64_t f, bool vectorized,
-                                     T* __restrict__ dgu, float* __restrict__ dscale) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
-  if (row >= rows) return;
-  const float c = scale[row];
-  const int64_t at = row * f;
-  float dc = 0;
-  for (int64_t col = lane * kVec; col < f; col += kSliceCols) {
-    float g[kVec], u[kVec], d[kVec], og[kVec], ou[kVec];
-    LoadCols(gate + at, col, f, vectorized, g);
-    LoadCols(up + at, col, f, vectorized, u);
-    LoadCols(dh + at, col, f, vectorized, d);
+template <typename T, bool kScaled>
+__global__ void __launch_bounds__(kThreads)
+    BackwardKernel(const T* __restrict__ gate, const T* __restrict__ up, const T* __restrict__ dh,
+                   const float* __restrict__ scale, RowShape sh, bool vectorized, T* __restrict__ dgu,
+                   float* __restrict__ dscale) {
+  __shared__ float part[kScaled ? kMaxRows : 1][kThreads];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * sh.rows_per_block;
+  const int rows_here = RowsHere(sh, row0);
+  if (kScaled)
+    for (int r = 0; r < rows_here; ++r) part[r][threadIdx.x] = 0;
+  const int n = rows_here * sh.pieces_per_row;
+  for (int p = threadIdx.x; p < n; p += kThreads) {
+    const int r = p / sh.pieces_per_row;
+    const int64_t row = row0 + r, at = row * sh.f, col = static_cast<int64_t>(p - r * sh.pieces_per_row) * kVec;
+    const float c = kScaled ? scale[row] : 1.0f;
+    float g[kVec], u[kVec], d[kVec], og[kVec], ou[kVec], dc = 0;
+    LoadCols(gate + at, col, sh.f, vectorized, g);
+    LoadCols(up + at, col, sh.f, vectorized, u);
+    LoadCols(dh + at, col, sh.f, vectorized, d);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      const float s = Sigmoid(g[e]), gs = g[e] * s, cd = c * d[e];
-      dc += d[e] * gs * u[e];
-      og[e] = cd * u[e] * s * (1.0f + g[e] * Sigmoid(-g[e]));
-      ou[e] = cd * gs;
+      const Silu a(g[e]);
+      const float cd = c * d[e];
+      if (kScaled) dc += d[e] * a.gs * u[e];
+      og[e] = cd * u[e] * a.s * (1.0f + g[e] * a.one_minus_s);
+      ou[e] = cd * a.gs;
     }
-    StoreCols(dgu + 2 * at, col, f, vectorized, og);
-    StoreCols(dgu + 2 * at + f, col, f, vectorized, ou);
+    StoreCols(dgu + 2 * at, col, sh.f, vectorized, og);
+    StoreCols(dgu + 2 * at + sh.f, col, sh.f, vectorized, ou);
+    if (kScaled) part[r][threadIdx.x] += dc;
   }
-  dc = WarpSum(dc);
-  if (lane == 0) dscale[row] = dc;
+  if (!kScaled) return;
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < rows_here; r += kThreads / 32) {
+    float sum = 0;
+    for (int t = lane; t < kThreads; t += 32) sum += part[r][t];
+    sum = WarpSum(sum);
+    if (lane == 0) dscale[row0 + r] = sum;
+  }
 }
-
-unsigned RowGrid(int64_t rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
 
 // Rows of [N, F] operands (F the last dimension).
 int64_t Rows(const Tensor& t) { return t.ndim() == 0 ? 1 : t.numel() / std::max<int64_t>(t.dim(-1), 1); }
@@ -93,48 +131,40 @@ void CheckScale(const Tensor& s, const Tensor& gate, const char* name) {
 }  // namespace
 
 void SwigluForward(const Tensor& gate, const Tensor& up, Tensor& h, const Tensor* scale, CudaStream stream) {
+  NvtxRange range("SwigluForward");
   CheckLike("swiglu", gate, gate, "gate", "gate");
   CheckLike("swiglu", up, gate, "up", "gate");
   CheckLike("swiglu", h, gate, "h", "gate");
-  if (scale == nullptr) {
-    LOOM_DISPATCH_ACTIVATION("swiglu", gate.dtype(), T,
-                             [&] { LaunchMap<T>("SwigluForward", {&gate, &up}, {&h}, SwigluFwd{}, stream); });
-    return;
-  }
-  NvtxRange range("SwigluForward(scaled)");
-  CheckScale(*scale, gate, "scale");
+  if (scale != nullptr) CheckScale(*scale, gate, "scale");
   const int64_t rows = Rows(gate), f = rows > 0 ? gate.numel() / rows : 0;
   if (rows == 0 || f == 0) return;
+  const RowShape sh = ShapeOf(rows, f);
   const bool vec = f % kVec == 0 && Aligned16(gate.raw()) && Aligned16(up.raw()) && Aligned16(h.raw());
   LOOM_CUDA_CHECK(cudaSetDevice(gate.device().index));
   LOOM_DISPATCH_ACTIVATION("swiglu", gate.dtype(), T, [&] {
-    ScaledForwardKernel<T><<<RowGrid(rows), 32 * kRowWarps, 0, Native(stream)>>>(
-        static_cast<const T*>(gate.raw()), static_cast<const T*>(up.raw()), scale->data<float>(), rows, f, vec,
-        static_cast<T*>(h.raw()));
+    const T* g = static_cast<const T*>(gate.raw());
+    const T* u = static_cast<const T*>(up.raw());
+    if (scale != nullptr)
+      ForwardKernel<T, true><<<Blocks(sh), kThreads, 0, Native(stream)>>>(g, u, scale->data<float>(), sh, vec,
+                                                                         static_cast<T*>(h.raw()));
+    else
+      ForwardKernel<T, false><<<Blocks(sh), kThreads, 0, Native(stream)>>>(g, u, nullptr, sh, vec,
+                                                                          static_cast<T*>(h.raw()));
   });
   LOOM_CUDA_CHECK(cudaGetLastError());
 }
 
-void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgate, Tensor& dup,
-                    CudaStream stream) {
+void SwigluBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, Tensor& dgu, const Tensor* scale,
+                    Tensor* dscale, CudaStream stream) {
+  NvtxRange range("SwigluBackward");
   CheckLike("swiglu", gate, gate, "gate", "gate");
   CheckLike("swiglu", up, gate, "up", "gate");
   CheckLike("swiglu", dh, gate, "dh", "gate");
-  CheckLike("swiglu", dgate, gate, "dgate", "gate");
-  CheckLike("swiglu", dup, gate, "dup", "gate");
-  LOOM_DISPATCH_ACTIVATION("swiglu", gate.dtype(), T, [&] {
-    LaunchMap<T>("SwigluBackward", {&gate, &up, &dh}, {&dgate, &dup}, SwigluBwd{}, stream);
-  });
-}
-
-void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh, const Tensor& scale, Tensor& dgu,
-                          Tensor& dscale, CudaStream stream) {
-  NvtxRange range("SwigluScaledBackward");
-  CheckLike("swiglu", gate, gate, "gate", "gate");
-  CheckLike("swiglu", up, gate, "up", "gate");
-  CheckLike("swiglu", dh, gate, "dh", "gate");
-  CheckScale(scale, gate, "scale");
-  CheckScale(dscale, gate, "dscale");
+  LOOM_CHECK((scale == nullptr) == (dscale == nullptr), "[swiglu] a row scale and its gradient go together");
+  if (scale != nullptr) {
+    CheckScale(*scale, gate, "scale");
+    CheckScale(*dscale, gate, "dscale");
+  }
   const int64_t rows = Rows(gate), f = rows > 0 ? gate.numel() / rows : 0;
   LOOM_CHECK(!dgu.device().is_cpu() && dgu.device() == gate.device() && dgu.dtype() == gate.dtype() &&
                  dgu.ndim() == 2 && dgu.dim(0) == rows && dgu.dim(1) == 2 * f,
@@ -142,16 +172,23 @@ void SwigluScaledBackward(const Tensor& gate, const Tensor& up, const Tensor& dh
              2 * f, "] ", DTypeName(gate.dtype()), " on ", gate.device().ToString());
   if (rows == 0) return;
   if (f == 0) {
-    LOOM_CUDA_CHECK(cudaMemsetAsync(dscale.raw(), 0, rows * sizeof(float), Native(stream)));
+    if (dscale != nullptr) LOOM_CUDA_CHECK(cudaMemsetAsync(dscale->raw(), 0, rows * sizeof(float), Native(stream)));
     return;
   }
+  const RowShape sh = ShapeOf(rows, f);
   const bool vec = f % kVec == 0 && Aligned16(gate.raw()) && Aligned16(up.raw()) && Aligned16(dh.raw()) &&
                    Aligned16(dgu.raw());
   LOOM_CUDA_CHECK(cudaSetDevice(gate.device().index));
   LOOM_DISPATCH_ACTIVATION("swiglu", gate.dtype(), T, [&] {
-    ScaledBackwardKernel<T><<<RowGrid(rows), 32 * kRowWarps, 0, Native(stream)>>>(
-        static_cast<const T*>(gate.raw()), static_cast<const T*>(up.raw()), static_cast<const T*>(dh.raw()),
-        scale.data<float>(), rows, f, vec, static_cast<T*>(dgu.raw()), dscale.data<float>());
+    const T* g = static_cast<const T*>(gate.raw());
+    const T* u = static_cast<const T*>(up.raw());
+    const T* d = static_cast<const T*>(dh.raw());
+    T* out = static_cast<T*>(dgu.raw());
+    if (scale != nullptr)
+      BackwardKernel<T, true><<<Blocks(sh), kThreads, 0, Native(stream)>>>(g, u, d, scale->data<float>(), sh, vec,
+                                                                          out, dscale->data<float>());
+    else
+      BackwardKernel<T, false><<<Blocks(sh), kThreads, 0, Native(stream)>>>(g, u, d, nullptr, sh, vec, out, nullptr);
   });
   LOOM_CUDA_CHECK(cudaGetLastError());
 }

@@ -14,7 +14,7 @@ void GroupedLinearBackward(const Tensor&, const std::vector<const Tensor*>&, con
 
 void GroupedLinearPairBackward(const Tensor&, const std::vector<const Tensor*>&, const std::vector<const Tensor*>&,
                                const std::vector<int64_t>&, const Tensor&, Tensor&, const std::vector<Tensor*>&,
-                               const std::vector<Tensor*>&, CudaStream) {
+                               const std::vector<Tensor*>&, bool, CudaStream) {
   LOOM_CHECK(false, "[grouped_linear] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
 

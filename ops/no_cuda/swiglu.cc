@@ -6,10 +6,7 @@ namespace loom::ops::cuda {
 void SwigluForward(const Tensor&, const Tensor&, Tensor&, const Tensor*, CudaStream) {
   LOOM_CHECK(false, "[swiglu] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
-void SwigluBackward(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, CudaStream) {
-  LOOM_CHECK(false, "[swiglu] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
-}
-void SwigluScaledBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, CudaStream) {
+void SwigluBackward(const Tensor&, const Tensor&, const Tensor&, Tensor&, const Tensor*, Tensor*, CudaStream) {
   LOOM_CHECK(false, "[swiglu] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
 

@@ -42,8 +42,6 @@ const std::vector<ElementwiseOp>& Ops() {
       {"SiluForward", 1, 1, [](const auto& in, auto& out) { ops::SiluForward(in[0], out[0]); }},
       {"SiluBackward", 2, 1, [](const auto& in, auto& out) { ops::SiluBackward(in[0], in[1], out[0]); }},
       {"SwigluForward", 2, 1, [](const auto& in, auto& out) { ops::SwigluForward(in[0], in[1], out[0]); }},
-      {"SwigluBackward", 3, 2,
-       [](const auto& in, auto& out) { ops::SwigluBackward(in[0], in[1], in[2], out[0], out[1]); }},
       {"SigmoidGateForward", 2, 1,
        [](const auto& in, auto& out) { ops::SigmoidGateForward(in[0], in[1], out[0]); }},
       {"SigmoidGateBackward", 3, 2,

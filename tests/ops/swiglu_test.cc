@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <utility>
 
 #include "tests/testing.h"
 
@@ -22,6 +23,18 @@ TEST(Swiglu, ForwardIsSiluOfGateTimesUp) {
   EXPECT_TRUE(AllClose(h, expected, 1e-14, 1e-15));
 }
 
+// dgu [N, 2F]'s rows [dgate | dup] as the two [N, F] gradients.
+std::pair<Tensor, Tensor> Unpack(const Tensor& dgu) {
+  const int64_t n = dgu.dim(0), f = dgu.dim(1) / 2;
+  Tensor dgate = Tensor::Empty({n, f}, DType::kF64), dup = Tensor::Empty({n, f}, DType::kF64);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < f; ++j) {
+      dgate.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + j];
+      dup.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + f + j];
+    }
+  return {dgate, dup};
+}
+
 TEST(Swiglu, GradientsMatchFiniteDifferences) {
   Tensor gate = RandomTensor({6, 5}, DType::kF64, 1, -4, 4), up = RandomTensor({6, 5}, DType::kF64, 2);
   Tensor r = RandomTensor({6, 5}, DType::kF64, 3);
@@ -30,8 +43,9 @@ TEST(Swiglu, GradientsMatchFiniteDifferences) {
     ops::SwigluForward(gate, up, h);
     return testing::Dot(h, r);
   };
-  Tensor dgate = Tensor::Empty(gate.shape(), DType::kF64), dup = Tensor::Empty(up.shape(), DType::kF64);
-  ops::SwigluBackward(gate, up, r, dgate, dup);
+  Tensor dgu = Tensor::Empty({6, 10}, DType::kF64);
+  ops::SwigluBackward(gate, up, r, dgu);
+  const auto [dgate, dup] = Unpack(dgu);
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}});
 }
 
@@ -51,20 +65,19 @@ TEST(Swiglu, RowScaledGradientsMatchFiniteDifferences) {
     return testing::Dot(h, r);
   };
   Tensor dgu = Tensor::Empty({n, 2 * f}, DType::kF64), dscale = Tensor::Empty(scale.shape(), DType::kF64);
-  ops::SwigluScaledBackward(gate, up, r, scale, dgu, dscale);
-  Tensor dgate = Tensor::Empty(gate.shape(), DType::kF64), dup = Tensor::Empty(up.shape(), DType::kF64);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < f; ++j) {
-      dgate.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + j];
-      dup.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + f + j];
-    }
+  ops::SwigluBackward(gate, up, r, dgu, &scale, &dscale);
+  const auto [dgate, dup] = Unpack(dgu);
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}, {"scale", scale, dscale}});
 }
 
-TEST(Swiglu, RowScaleMustHoldOneValueARow) {
+TEST(Swiglu, BadShapesAreRefused) {
   Tensor gate = RandomTensor({6, 5}, DType::kF64, 1), up = RandomTensor({6, 5}, DType::kF64, 2);
   Tensor h = Tensor::Empty(gate.shape(), DType::kF64), scale = RandomTensor({5}, DType::kF64, 3);
   EXPECT_DEATH(ops::SwigluForward(gate, up, h, &scale), "\\[swiglu\\] scale \\[5\\] f64 must hold one f64 per row");
+  Tensor dgu = Tensor::Empty({6, 10}, DType::kF64), row_scale = RandomTensor({6}, DType::kF64, 4);
+  EXPECT_DEATH(ops::SwigluBackward(gate, up, h, dgu, &row_scale), "a row scale and its gradient go together");
+  Tensor unpacked = Tensor::Empty({6, 5}, DType::kF64);
+  EXPECT_DEATH(ops::SwigluBackward(gate, up, h, unpacked), "dgu \\[6, 5\\] f64 must be \\[6, 10\\] f64");
 }
 
 }  // namespace
