@@ -7,7 +7,7 @@
 // It is Linear (ops/linear.h) on each group's rows, in one call.
 //
 // The pair form (an expert's gate and up projections of one x): dy2
-// [R, 2·out] holds [dya | dyb] in each row (ops/swiglu.h's scaled backward):
+// [R, 2·out] holds [dya | dyb] in each row (ops/swiglu.h's backward):
 //   dx[g] = dya[g] · Wa_g + dyb[g] · Wb_g   (written, or added when accumulate_dx)
 //   dWa_g += dya[g]ᵀ · x[g],   dWb_g += dyb[g]ᵀ · x[g]
 // On the GPU dx[g] is one GEMM of depth 2·out where Wb_g directly follows

@@ -50,6 +50,19 @@ inline Tensor RandomTensor(const Shape& shape, DType dtype, uint64_t seed, doubl
   return dtype == DType::kF64 ? t : t.To(dtype);
 }
 
+// A pointer to each tensor of v: the per-group weights and gradients the
+// grouped ops take (ops/grouped_linear.h).
+inline std::vector<Tensor*> Pointers(std::vector<Tensor>& v) {
+  std::vector<Tensor*> p;
+  for (Tensor& t : v) p.push_back(&t);
+  return p;
+}
+inline std::vector<const Tensor*> ConstPointers(const std::vector<Tensor>& v) {
+  std::vector<const Tensor*> p;
+  for (const Tensor& t : v) p.push_back(&t);
+  return p;
+}
+
 // A copy of t on the first GPU, and a copy of a GPU tensor on the host.
 inline Tensor ToGpu(const Tensor& t) {
   Tensor g = Tensor::Empty(t.shape(), t.dtype(), Device::Cuda(0));

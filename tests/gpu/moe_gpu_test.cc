@@ -22,7 +22,9 @@
 namespace loom {
 namespace {
 
+using testing::ConstPointers;
 using testing::NormwiseClose;
+using testing::Pointers;
 using testing::PoisonedGpu;
 using testing::RandomTensor;
 using testing::ToGpu;
@@ -189,14 +191,8 @@ void CheckGroupedLinear(DType dtype) {
     dw.push_back(RandomTensor({out, in}, DType::kF32, 20 + g));  // f32, accumulated onto
     dw_gpu.push_back(ToGpu(dw.back()));
   }
-  std::vector<const Tensor*> wp, wp_gpu;
-  std::vector<Tensor*> dwp, dwp_gpu;
-  for (size_t g = 0; g < rows.size(); ++g) {
-    wp.push_back(&w[g]);
-    wp_gpu.push_back(&w_gpu[g]);
-    dwp.push_back(&dw[g]);
-    dwp_gpu.push_back(&dw_gpu[g]);
-  }
+  const std::vector<const Tensor*> wp = ConstPointers(w), wp_gpu = ConstPointers(w_gpu);
+  const std::vector<Tensor*> dwp = Pointers(dw), dwp_gpu = Pointers(dw_gpu);
   const double tol = dtype == DType::kBF16 ? 1e-2 : 1e-5;
   const Tensor x_gpu = to_gpu(x);
   Tensor y = Tensor::Empty({r, out}, DType::kF32), y_gpu = PoisonedGpu({r, out}, dtype);
@@ -219,18 +215,11 @@ void CheckGroupedLinear(DType dtype) {
     dwa.push_back(RandomTensor({out, in}, DType::kF32, 40 + g));
     dwb.push_back(RandomTensor({out, in}, DType::kF32, 50 + g));
   }
-  std::vector<const Tensor*> wbp;
-  std::vector<Tensor*> dwap, dwbp;
-  for (size_t g = 0; g < rows.size(); ++g) {
-    wbp.push_back(&wb[g]);
-    dwap.push_back(&dwa[g]);
-    dwbp.push_back(&dwb[g]);
-  }
   Tensor dx2 = Tensor::Empty({r, in}, DType::kF32);
-  ops::GroupedLinearPairBackward(x, wp, wbp, rows, dy2, dx2, dwap, dwbp);
+  ops::GroupedLinearPairBackward(x, wp, ConstPointers(wb), rows, dy2, dx2, Pointers(dwa), Pointers(dwb));
   for (bool adjacent : {true, false}) {
     SCOPED_TRACE(adjacent ? "adjacent pair" : "separate pair");
-    std::vector<Tensor> pair_gpu, wa_gpu, wb_gpu, dwa_gpu, dwb_gpu;
+    std::vector<Tensor> wa_gpu, wb_gpu, dwa_gpu, dwb_gpu;
     for (size_t g = 0; g < rows.size(); ++g) {
       if (adjacent) {
         Tensor both = PoisonedGpu({2 * out, in}, dtype);
@@ -245,16 +234,9 @@ void CheckGroupedLinear(DType dtype) {
       dwa_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
       dwb_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
     }
-    std::vector<const Tensor*> wap_gpu, wbp_gpu;
-    std::vector<Tensor*> dwap_gpu, dwbp_gpu;
-    for (size_t g = 0; g < rows.size(); ++g) {
-      wap_gpu.push_back(&wa_gpu[g]);
-      wbp_gpu.push_back(&wb_gpu[g]);
-      dwap_gpu.push_back(&dwa_gpu[g]);
-      dwbp_gpu.push_back(&dwb_gpu[g]);
-    }
     Tensor dx2_gpu = PoisonedGpu({r, in}, dtype);
-    ops::GroupedLinearPairBackward(x_gpu, wap_gpu, wbp_gpu, rows, to_gpu(dy2), dx2_gpu, dwap_gpu, dwbp_gpu);
+    ops::GroupedLinearPairBackward(x_gpu, ConstPointers(wa_gpu), ConstPointers(wb_gpu), rows, to_gpu(dy2), dx2_gpu,
+                                   Pointers(dwa_gpu), Pointers(dwb_gpu));
     EXPECT_TRUE(NormwiseClose(as_f32(dx2_gpu), dx2, "pair dx", tol));
     for (size_t g = 0; g < rows.size(); ++g) {
       EXPECT_TRUE(NormwiseClose(dwa_gpu[g], dwa[g], "pair dWa " + std::to_string(g), 1e-5));

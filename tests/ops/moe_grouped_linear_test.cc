@@ -15,17 +15,13 @@ TEST(MoeGroupedLinear, EachGroupIsLinearOnItsRows) {
   const int64_t r = 10, in = 6, out = 4;
   const Tensor x = testing::RandomTensor({r, in}, DType::kF64, 1), dy = testing::RandomTensor({r, out}, DType::kF64, 2);
   std::vector<Tensor> w, dw, dw_ref;
-  std::vector<const Tensor*> wp;
-  std::vector<Tensor*> dwp;
   for (size_t g = 0; g < rows.size(); ++g) {
     w.push_back(testing::RandomTensor({out, in}, DType::kF64, 10 + g));
     dw.push_back(testing::RandomTensor({out, in}, DType::kF64, 20 + g));  // gradients accumulate onto this
     dw_ref.push_back(dw.back().Clone());
   }
-  for (size_t g = 0; g < rows.size(); ++g) {
-    wp.push_back(&w[g]);
-    dwp.push_back(&dw[g]);
-  }
+  const std::vector<const Tensor*> wp = testing::ConstPointers(w);
+  const std::vector<Tensor*> dwp = testing::Pointers(dw);
   Tensor y = Tensor::Empty({r, out}, DType::kF64), dx = testing::RandomTensor({r, in}, DType::kF64, 3);
   const Tensor dx_before = dx.Clone();
   GroupedLinearForward(x, wp, rows, y);
@@ -51,7 +47,7 @@ TEST(MoeGroupedLinear, EachGroupIsLinearOnItsRows) {
 }
 
 // The pair form: dy2 = [dya | dyb] rows; dx = dya·Wa + dyb·Wb (written),
-// dWa, dWb accumulated, as two plain backwards on the halves.
+// or added, dWa, dWb accumulated, as two plain backwards on the halves.
 TEST(GroupedLinear, PairBackwardIsTheBackwardOfEachHalf) {
   const std::vector<int64_t> rows = {3, 0, 7};
   const int64_t r = 10, in = 6, out = 4;
@@ -63,8 +59,6 @@ TEST(GroupedLinear, PairBackwardIsTheBackwardOfEachHalf) {
       dyb.data<double>()[i * out + j] = dy2.data<double>()[i * 2 * out + out + j];
     }
   std::vector<Tensor> wa, wb, dwa, dwb, dwa_ref, dwb_ref;
-  std::vector<const Tensor*> wap, wbp;
-  std::vector<Tensor*> dwap, dwbp, dwap_ref, dwbp_ref;
   for (size_t g = 0; g < rows.size(); ++g) {
     wa.push_back(testing::RandomTensor({out, in}, DType::kF64, 10 + g));
     wb.push_back(testing::RandomTensor({out, in}, DType::kF64, 20 + g));
@@ -73,19 +67,20 @@ TEST(GroupedLinear, PairBackwardIsTheBackwardOfEachHalf) {
     dwa_ref.push_back(dwa.back().Clone());
     dwb_ref.push_back(dwb.back().Clone());
   }
-  for (size_t g = 0; g < rows.size(); ++g) {
-    wap.push_back(&wa[g]);
-    wbp.push_back(&wb[g]);
-    dwap.push_back(&dwa[g]);
-    dwbp.push_back(&dwb[g]);
-    dwap_ref.push_back(&dwa_ref[g]);
-    dwbp_ref.push_back(&dwb_ref[g]);
-  }
+  const std::vector<const Tensor*> wap = testing::ConstPointers(wa), wbp = testing::ConstPointers(wb);
+  const std::vector<Tensor*> dwap = testing::Pointers(dwa), dwbp = testing::Pointers(dwb);
+  const std::vector<Tensor*> dwap_ref = testing::Pointers(dwa_ref), dwbp_ref = testing::Pointers(dwb_ref);
   Tensor dx = testing::RandomTensor({r, in}, DType::kF64, 3), dx_ref = Tensor::Empty({r, in}, DType::kF64);
   GroupedLinearPairBackward(x, wap, wbp, rows, dy2, dx, dwap, dwbp);
   GroupedLinearBackward(x, wap, rows, dya, &dx_ref, dwap_ref);
   GroupedLinearBackward(x, wbp, rows, dyb, &dx_ref, dwbp_ref, /*accumulate_dx=*/true);
   EXPECT_TRUE(testing::AllClose(dx, dx_ref, 1e-14, 1e-14));
+  // dx added to when asked (a SwiGLU MLP's second and later shared experts).
+  Tensor dx_sum = testing::RandomTensor({r, in}, DType::kF64, 4), dx_sum_ref = dx_sum.Clone();
+  GroupedLinearPairBackward(x, wap, wbp, rows, dy2, dx_sum, dwap, dwbp, /*accumulate_dx=*/true);
+  GroupedLinearBackward(x, wap, rows, dya, &dx_sum_ref, dwap_ref, /*accumulate_dx=*/true);
+  GroupedLinearBackward(x, wbp, rows, dyb, &dx_sum_ref, dwbp_ref, /*accumulate_dx=*/true);
+  EXPECT_TRUE(testing::AllClose(dx_sum, dx_sum_ref, 1e-14, 1e-14));
   for (size_t g = 0; g < rows.size(); ++g) {
     EXPECT_TRUE(testing::AllClose(dwa[g], dwa_ref[g], 1e-14, 1e-14)) << "dWa of group " << g;
     EXPECT_TRUE(testing::AllClose(dwb[g], dwb_ref[g], 1e-14, 1e-14)) << "dWb of group " << g;
