@@ -7,7 +7,8 @@
 // With a row scale s [N] (an MoE expert row's routing gate, model/moe.cc):
 //   h[n] = s_n · SiLU(gate[n]) ⊙ up[n]
 //   dgate, dup as above times s_n;   ds_n = Σ_f dh[n, f] · SiLU(gate[n, f]) · up[n, f]
-// (ds written; each row summed in a fixed order).
+// (ds written; each row summed in a fixed order). h and dgu must not
+// overlap the inputs.
 #pragma once
 
 #include "runtime/cuda_runtime.h"
