@@ -37,29 +37,38 @@ DataParallel::DataParallel(const ParamList& params, Communicator* grad_group, Co
   const int g = group_->size();
   const int64_t bucket_elems =
       std::max<int64_t>(1, static_cast<int64_t>(options_.bucket_mb * (1 << 20) / DTypeSize(dtype)));
-  // Backward order: the reverse of the model's parameter order.
+  // Buckets are cut in backward order (the reverse of the model's parameter
+  // order: the last parameters' gradients are final first), but the flat
+  // buffers keep the model's order, bucket after bucket, so a layer's
+  // consecutive matrices stay adjacent (a SwiGLU's w_gate then w_up: one
+  // weight-gradient GEMM for the pair, ops/grouped_linear.h).
   bucket_of_.assign(params_.size(), 0);
   std::vector<int64_t> offset_of(params_.size());
-  int64_t total = 0;
-  auto close = [&](int64_t begin) {
-    auto b = std::make_unique<Bucket>();
-    b->offset = begin;
-    b->size = (total - begin + g - 1) / g * g;
-    total = begin + b->size;
-    buckets_.push_back(std::move(b));
-  };
-  int64_t begin = 0;
+  std::vector<int64_t> first_of_bucket;  // the lowest parameter index of each bucket
+  int64_t in_bucket = 0;
   for (size_t k = params_.size(); k-- > 0;) {
-    Param* p = params_[k];
-    if (total - begin > 0 && total - begin + p->value.numel() > bucket_elems) {
-      close(begin);
-      begin = total;
+    const int64_t n = params_[k]->value.numel();
+    if (in_bucket > 0 && in_bucket + n > bucket_elems) {
+      first_of_bucket.push_back(static_cast<int64_t>(k) + 1);
+      in_bucket = 0;
     }
-    offset_of[k] = total;
-    bucket_of_[k] = static_cast<int>(buckets_.size());
-    total += p->value.numel();
+    bucket_of_[k] = static_cast<int>(first_of_bucket.size());
+    in_bucket += n;
   }
-  close(begin);
+  first_of_bucket.push_back(0);
+  buckets_.resize(first_of_bucket.size());
+  int64_t total = 0;
+  for (size_t b = buckets_.size(); b-- > 0;) {  // the earliest parameters first
+    buckets_[b] = std::make_unique<Bucket>();
+    buckets_[b]->offset = total;
+    const size_t end = b == 0 ? params_.size() : static_cast<size_t>(first_of_bucket[b - 1]);
+    for (size_t k = static_cast<size_t>(first_of_bucket[b]); k < end; ++k) {
+      offset_of[k] = total;
+      total += params_[k]->value.numel();
+    }
+    buckets_[b]->size = (total - buckets_[b]->offset + g - 1) / g * g;
+    total = buckets_[b]->offset + buckets_[b]->size;
+  }
   // Move values and gradients into the flat buffers.
   flat_value_ = Tensor::Zeros({total}, dtype, device);
   flat_grad_ = Tensor::Zeros({total}, dtype, device);

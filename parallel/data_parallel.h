@@ -3,9 +3,10 @@
 // parameters (the dp × cp group; DESIGN.md, Topology).
 //
 // The parameters' values and gradients are moved into two flat buffers,
-// laid out in backward order and cut into buckets of about bucket_mb (each
-// padded to a multiple of the group size); every Param's value and grad
-// become views into them. During the last micro-batch's backward the model
+// cut in backward order into buckets of about bucket_mb (each padded to a
+// multiple of the group size) but laid out in the model's parameter order,
+// so a layer's consecutive matrices stay adjacent; every Param's value and
+// grad become views into them. During the last micro-batch's backward the model
 // reports parameters whose gradients are final (Model::set_grad_ready_hook);
 // a bucket's reduction starts as soon as all of its parameters are final:
 //   zero = 0: all-reduce (sum) of the bucket's gradients, in place;

@@ -9,6 +9,8 @@
 //           (3 GEMMs: 6·N·V·D FLOPs) and loss only; its peak extra device
 //           memory from the default pool's high-water mark (0 if tensors do
 //           not come from the pool) and cudaMemGetInfo around a first call.
+//   swiglu pair backward  (ops/grouped_linear.h, one group) with the two
+//           f32 weight gradients adjacent (one dW GEMM) and apart (two).
 // Times are CUDA-event medians of --steps runs after one warm-up. A separate
 // untimed pass prints ‖y_loom − y_cublas‖ / ‖y_cublas‖ in the row.
 #include <cublas_v2.h>
@@ -18,12 +20,14 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "bench/bench.h"
 #include "bench/cuda/timing.h"
 #include "ops/cross_entropy.h"
+#include "ops/grouped_linear.h"
 #include "ops/linear.h"
 #include "runtime/cuda_check.h"
 #include "runtime/cuda_runtime.h"
@@ -84,6 +88,44 @@ int BenchGemm(const config::Config&) {
                   static_cast<long>(n), static_cast<long>(in), static_cast<long>(out), static_cast<long>(in),
                   fwd * 1e3, fwd_flops / fwd * kTera, bwd * 1e3, 2 * fwd_flops / bwd * kTera, base * 1e3,
                   fwd_flops / base * kTera, base / fwd, diff);
+    }
+    std::fflush(stdout);
+  }
+
+  // The SwiGLU pair backward (ops/grouped_linear.h, one group): dx = dgu ·
+  // [W_gate; W_up] and the two weight gradients, with dW_up right after
+  // dW_gate in memory (one GEMM of 2F rows, as DataParallel lays the
+  // gradients out) and apart (two GEMMs), for the MLP shapes of the 1B
+  // model (8K tokens), loom-bench --what=moe's dense layer and its experts.
+  for (const auto& [n, out] : std::vector<std::pair<int64_t, int64_t>>{{8192, 5632}, {65536, 4224}, {16384, 1408},
+                                                                      {65536, 1408}}) {
+    const int64_t in = 2048;
+    const Tensor x = bench::Uniform({n, in}, DType::kBF16, 7, 1.0f),
+                 w = bench::Uniform({2 * out, in}, DType::kBF16, 8, 0.05f),
+                 dgu = bench::Uniform({n, 2 * out}, DType::kBF16, 9, 1.0f);
+    const Tensor wa = w.Slice(0, out), wb = w.Slice(out, out);
+    Tensor dx = Tensor::Empty({n, in}, DType::kBF16, Device::Cuda(0));
+    Tensor dw = Tensor::Zeros({2 * out, in}, DType::kF32, Device::Cuda(0));
+    Tensor apart = Tensor::Zeros({3 * out, in}, DType::kF32, Device::Cuda(0));
+    Tensor dwa = dw.Slice(0, out), dwb = dw.Slice(out, out);
+    Tensor dwa_apart = apart.Slice(0, out), dwb_apart = apart.Slice(2 * out, out);
+    auto run = [&](Tensor& ga, Tensor& gb) {
+      ops::cuda::GroupedLinearPairBackward(x, {&wa}, {&wb}, {n}, dgu, dx, {&ga}, {&gb}, false);
+    };
+    const double adjacent = MedianSeconds(steps, [&] { run(dwa, dwb); });
+    const double split = MedianSeconds(steps, [&] { run(dwa_apart, dwb_apart); });
+    const double flops = 2.0 * 2.0 * n * in * 2 * out;  // dx and dW, each 2·n·in·2F
+    if (json) {
+      std::printf(
+          "{\"what\": \"gemm\", \"case\": \"swiglu_pair_backward\", \"n\": %ld, \"in\": %ld, \"ffn\": %ld, "
+          "\"adjacent_ms\": %.3f, \"apart_ms\": %.3f, \"adjacent_tflops\": %.1f, \"apart_tflops\": %.1f}\n",
+          static_cast<long>(n), static_cast<long>(in), static_cast<long>(out), adjacent * 1e3, split * 1e3,
+          flops / adjacent * kTera, flops / split * kTera);
+    } else {
+      std::printf("swiglu pair backward n %ld, in %ld, F %ld: dW adjacent (one GEMM) %.3f ms %.1f TFLOP/s | apart "
+                  "(two) %.3f ms %.1f TFLOP/s | apart/adjacent %.3f\n",
+                  static_cast<long>(n), static_cast<long>(in), static_cast<long>(out), adjacent * 1e3,
+                  flops / adjacent * kTera, split * 1e3, flops / split * kTera, split / adjacent);
     }
     std::fflush(stdout);
   }

@@ -39,11 +39,18 @@ namespace {
 
 constexpr int64_t kTokens = 65536, kHidden = 2048, kExperts = 8, kExpertFfn = 1408, kTopK = 2;
 
-// Moves a layer's parameters to the GPU with bf16 compute copies, as Model does.
+// Moves a layer's parameters to the GPU with bf16 compute copies, as Model
+// does, and its f32 gradients into one buffer in parameter order, as
+// DataParallel lays them out (an expert's dW_gate and dW_up adjacent).
 void PlaceOnGpu(const ParamList& params) {
+  int64_t total = 0;
+  for (Param* p : params) total += p->grad.numel();
+  Tensor grads = Tensor::Zeros({total}, DType::kF32, Device::Cuda(0));
+  int64_t at = 0;
   for (Param* p : params) {
     p->value = p->value.To(Device::Cuda(0));
-    p->grad = Tensor::Zeros(p->grad.shape(), p->grad.dtype(), Device::Cuda(0));
+    p->grad = grads.Slice(at, p->grad.numel()).Reshape(p->grad.shape());
+    at += p->grad.numel();
   }
   AllocateComputeCopies(params, DType::kBF16);  // one buffer: an expert's w_gate and w_up adjacent
   for (Param* p : params) ops::Convert(p->value, p->compute);

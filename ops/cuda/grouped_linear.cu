@@ -177,8 +177,15 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
              x.dtype());
         Gemm(h, false, false, in, rows[g], out, wb[g]->raw(), in, dyb, 2 * out, x.dtype(), 1.0f, dxg, in, x.dtype());
       }
-      Gemm(h, false, true, in, out, rows[g], xg, in, dya, 2 * out, x.dtype(), 1.0f, dwa[g]->raw(), in, DType::kF32);
-      Gemm(h, false, true, in, out, rows[g], xg, in, dyb, 2 * out, x.dtype(), 1.0f, dwb[g]->raw(), in, DType::kF32);
+      const bool adjacent_grads =
+          static_cast<const char*>(dwb[g]->raw()) == static_cast<const char*>(dwa[g]->raw()) + out * in * sizeof(float);
+      if (adjacent_grads) {  // [dWa; dWb] += dy2ᵀ · x, one GEMM of 2·out rows
+        Gemm(h, false, true, in, 2 * out, rows[g], xg, in, dya, 2 * out, x.dtype(), 1.0f, dwa[g]->raw(), in,
+             DType::kF32);
+      } else {
+        Gemm(h, false, true, in, out, rows[g], xg, in, dya, 2 * out, x.dtype(), 1.0f, dwa[g]->raw(), in, DType::kF32);
+        Gemm(h, false, true, in, out, rows[g], xg, in, dyb, 2 * out, x.dtype(), 1.0f, dwb[g]->raw(), in, DType::kF32);
+      }
     }
     at += rows[g];
   }

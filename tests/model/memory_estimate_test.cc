@@ -5,6 +5,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 
 #include "data/associative_recall.h"
@@ -129,6 +130,32 @@ TEST(MemoryEstimate, ParameterGradientOptimizerBytesAreExact) {
 }
 
 // MoE MLPs (router, experts, shared expert) and MoH routers (W_s, W_r, W_h).
+// DataParallel cuts its buckets in backward order but keeps the model's
+// parameter order in its flat buffers (parallel/data_parallel.h), across
+// bucket boundaries too: every parameter's value and gradient directly
+// follow its predecessor's, so a SwiGLU's dW_gate and dW_up take one GEMM
+// (ops/grouped_linear.h). Small buckets: many boundaries.
+TEST(MemoryEstimate, FlatBuffersKeepParameterOrder) {
+  const config::Config config = LoadTestConfig(kDefault, {"parallel.bucket_mb=0.05"});
+  Model model(ModelDims::FromConfig(config));
+  auto solo = SoloWorld();
+  DataParallelOptions dpo;
+  dpo.bucket_mb = 0.05;
+  ExpertDataParallel dp(model.params(), solo.get(), solo.get(), solo.get(), 0, dpo);
+  const ParamList& params = model.params();
+  ASSERT_GT(params.size(), 2u);
+  int mlp_pairs = 0;
+  for (size_t k = 1; k < params.size(); ++k) {
+    const Param& a = *params[k - 1];
+    const Param& b = *params[k];
+    const size_t bytes = a.value.numel() * DTypeSize(a.value.dtype());
+    EXPECT_EQ(static_cast<const char*>(b.value.raw()), static_cast<const char*>(a.value.raw()) + bytes) << b.name;
+    EXPECT_EQ(static_cast<const char*>(b.grad.raw()), static_cast<const char*>(a.grad.raw()) + bytes) << b.name;
+    mlp_pairs += absl::EndsWith(a.name, "w_gate") && absl::EndsWith(b.name, "w_up");
+  }
+  EXPECT_EQ(mlp_pairs, ModelDims::FromConfig(config).layers);
+}
+
 TEST(MemoryEstimate, MoeAndMohParameterGradientOptimizerBytesAreExact) {
   ExpectPersistentBytesExact(kTinyMoe, {}, false);
   ExpectPersistentBytesExact(kTinyMoe, {}, true);
