@@ -206,8 +206,9 @@ void CheckGroupedLinear(DType dtype) {
   for (size_t g = 0; g < rows.size(); ++g)  // f32 sums of exact products: f32 agreement
     EXPECT_TRUE(NormwiseClose(dw_gpu[g], dw[g], "grouped dW " + std::to_string(g), 1e-5));
 
-  // The pair form: dy2 = [dya | dyb] rows; Wb_g right after Wa_g in one
-  // buffer (one GEMM of depth 2·out) and in its own (two GEMMs).
+  // The pair form: dy2 = [dya | dyb] rows; Wb_g right after Wa_g and dWb_g
+  // right after dWa_g in one buffer each (one dx GEMM of depth 2·out, one dW
+  // GEMM of 2·out rows) and each in its own (two GEMMs each).
   const Tensor dy2 = input({r, 2 * out}, 3);
   std::vector<Tensor> wb, dwa, dwb;
   for (size_t g = 0; g < rows.size(); ++g) {
@@ -231,8 +232,16 @@ void CheckGroupedLinear(DType dtype) {
         wa_gpu.push_back(to_gpu(w[g]));
         wb_gpu.push_back(to_gpu(wb[g]));
       }
-      dwa_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
-      dwb_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
+      if (adjacent) {  // the gradients too: one dW GEMM of 2·out rows
+        Tensor both = PoisonedGpu({2 * out, in}, DType::kF32);
+        both.Slice(0, out).CopyFrom(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
+        both.Slice(out, out).CopyFrom(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
+        dwa_gpu.push_back(both.Slice(0, out));
+        dwb_gpu.push_back(both.Slice(out, out));
+      } else {
+        dwa_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
+        dwb_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
+      }
     }
     Tensor dx2_gpu = PoisonedGpu({r, in}, dtype);
     ops::GroupedLinearPairBackward(x_gpu, ConstPointers(wa_gpu), ConstPointers(wb_gpu), rows, to_gpu(dy2), dx2_gpu,
