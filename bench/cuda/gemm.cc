@@ -106,7 +106,7 @@ int BenchGemm(const config::Config&) {
     const Tensor wa = w.Slice(0, out), wb = w.Slice(out, out);
     Tensor dx = Tensor::Empty({n, in}, DType::kBF16, Device::Cuda(0));
     Tensor dw = Tensor::Zeros({2 * out, in}, DType::kF32, Device::Cuda(0));
-    Tensor apart = Tensor::Zeros({3 * out, in}, DType::kF32, Device::Cuda(0));
+    Tensor apart = Tensor::Zeros({3 * out, in}, DType::kF32, Device::Cuda(0));  // F rows between them
     Tensor dwa = dw.Slice(0, out), dwb = dw.Slice(out, out);
     Tensor dwa_apart = apart.Slice(0, out), dwb_apart = apart.Slice(2 * out, out);
     auto run = [&](Tensor& ga, Tensor& gb) {

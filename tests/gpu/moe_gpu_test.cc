@@ -221,27 +221,24 @@ void CheckGroupedLinear(DType dtype) {
   for (bool adjacent : {true, false}) {
     SCOPED_TRACE(adjacent ? "adjacent pair" : "separate pair");
     std::vector<Tensor> wa_gpu, wb_gpu, dwa_gpu, dwb_gpu;
+    // GPU tensors a and b as they are, or copied back to back into one
+    // buffer when `adjacent`.
+    auto place = [&](const Tensor& a, const Tensor& b, std::vector<Tensor>& at, std::vector<Tensor>& bt) {
+      if (!adjacent) {
+        at.push_back(a);
+        bt.push_back(b);
+        return;
+      }
+      Tensor both = PoisonedGpu({a.dim(0) + b.dim(0), a.dim(1)}, a.dtype());
+      at.push_back(both.Slice(0, a.dim(0)));
+      bt.push_back(both.Slice(a.dim(0), b.dim(0)));
+      at.back().CopyFrom(a);
+      bt.back().CopyFrom(b);
+    };
     for (size_t g = 0; g < rows.size(); ++g) {
-      if (adjacent) {
-        Tensor both = PoisonedGpu({2 * out, in}, dtype);
-        both.Slice(0, out).CopyFrom(to_gpu(w[g]));
-        both.Slice(out, out).CopyFrom(to_gpu(wb[g]));
-        wa_gpu.push_back(both.Slice(0, out));
-        wb_gpu.push_back(both.Slice(out, out));
-      } else {
-        wa_gpu.push_back(to_gpu(w[g]));
-        wb_gpu.push_back(to_gpu(wb[g]));
-      }
-      if (adjacent) {  // the gradients too: one dW GEMM of 2·out rows
-        Tensor both = PoisonedGpu({2 * out, in}, DType::kF32);
-        both.Slice(0, out).CopyFrom(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
-        both.Slice(out, out).CopyFrom(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
-        dwa_gpu.push_back(both.Slice(0, out));
-        dwb_gpu.push_back(both.Slice(out, out));
-      } else {
-        dwa_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)));
-        dwb_gpu.push_back(ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)));
-      }
+      place(to_gpu(w[g]), to_gpu(wb[g]), wa_gpu, wb_gpu);
+      place(ToGpu(RandomTensor({out, in}, DType::kF32, 40 + g)), ToGpu(RandomTensor({out, in}, DType::kF32, 50 + g)),
+            dwa_gpu, dwb_gpu);
     }
     Tensor dx2_gpu = PoisonedGpu({r, in}, dtype);
     ops::GroupedLinearPairBackward(x_gpu, ConstPointers(wa_gpu), ConstPointers(wb_gpu), rows, to_gpu(dy2), dx2_gpu,
