@@ -108,6 +108,8 @@ fi
 # whole files, 5.4e-4 on lines.
 if [ "$what" = oracle_text ] || [ "$what" = all ]; then
   corpus="$out/licenses_whole"
+  [ -r /usr/share/common-licenses/GPL-3 ] ||
+    { echo "oracle_text: /usr/share/common-licenses (Debian's base-files) is missing"; exit 1; }
   python3 - "$corpus.jsonl" <<'EOF'
 import json, sys
 names = ["GPL-3", "Apache-2.0", "GFDL-1.3", "GPL-2", "LGPL-2.1", "MPL-2.0", "Artistic", "GFDL-1.2"]
