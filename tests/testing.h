@@ -17,6 +17,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/config.h"
@@ -48,6 +49,20 @@ inline Tensor RandomTensor(const Shape& shape, DType dtype, uint64_t seed, doubl
   Tensor t = Tensor::Empty(shape, DType::kF64);
   for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = dist(gen);
   return dtype == DType::kF64 ? t : t.To(dtype);
+}
+
+// The two column halves of a CPU f64 [N, 2F] tensor's rows, as [N, F]
+// tensors: a packed [dgate | dup] (ops/swiglu.h) or [dya | dyb]
+// (ops/grouped_linear.h) row split in two.
+inline std::pair<Tensor, Tensor> SplitRowHalves(const Tensor& t) {
+  const int64_t n = t.dim(0), f = t.dim(1) / 2;
+  Tensor a = Tensor::Empty({n, f}, DType::kF64), b = Tensor::Empty({n, f}, DType::kF64);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < f; ++j) {
+      a.data<double>()[i * f + j] = t.data<double>()[i * 2 * f + j];
+      b.data<double>()[i * f + j] = t.data<double>()[i * 2 * f + f + j];
+    }
+  return {a, b};
 }
 
 // A pointer to each tensor of v: the per-group weights and gradients the

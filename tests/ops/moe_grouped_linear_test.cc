@@ -52,12 +52,7 @@ TEST(GroupedLinear, PairBackwardIsTheBackwardOfEachHalf) {
   const std::vector<int64_t> rows = {3, 0, 7};
   const int64_t r = 10, in = 6, out = 4;
   const Tensor x = testing::RandomTensor({r, in}, DType::kF64, 1), dy2 = testing::RandomTensor({r, 2 * out}, DType::kF64, 2);
-  Tensor dya = Tensor::Empty({r, out}, DType::kF64), dyb = Tensor::Empty({r, out}, DType::kF64);
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < out; ++j) {
-      dya.data<double>()[i * out + j] = dy2.data<double>()[i * 2 * out + j];
-      dyb.data<double>()[i * out + j] = dy2.data<double>()[i * 2 * out + out + j];
-    }
+  const auto [dya, dyb] = testing::SplitRowHalves(dy2);
   std::vector<Tensor> wa, wb, dwa, dwb, dwa_ref, dwb_ref;
   for (size_t g = 0; g < rows.size(); ++g) {
     wa.push_back(testing::RandomTensor({out, in}, DType::kF64, 10 + g));

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <utility>
 
 #include "tests/testing.h"
 
@@ -23,18 +22,6 @@ TEST(Swiglu, ForwardIsSiluOfGateTimesUp) {
   EXPECT_TRUE(AllClose(h, expected, 1e-14, 1e-15));
 }
 
-// dgu [N, 2F]'s rows [dgate | dup] as the two [N, F] gradients.
-std::pair<Tensor, Tensor> Unpack(const Tensor& dgu) {
-  const int64_t n = dgu.dim(0), f = dgu.dim(1) / 2;
-  Tensor dgate = Tensor::Empty({n, f}, DType::kF64), dup = Tensor::Empty({n, f}, DType::kF64);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < f; ++j) {
-      dgate.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + j];
-      dup.data<double>()[i * f + j] = dgu.data<double>()[i * 2 * f + f + j];
-    }
-  return {dgate, dup};
-}
-
 TEST(Swiglu, GradientsMatchFiniteDifferences) {
   Tensor gate = RandomTensor({6, 5}, DType::kF64, 1, -4, 4), up = RandomTensor({6, 5}, DType::kF64, 2);
   Tensor r = RandomTensor({6, 5}, DType::kF64, 3);
@@ -45,7 +32,7 @@ TEST(Swiglu, GradientsMatchFiniteDifferences) {
   };
   Tensor dgu = Tensor::Empty({6, 10}, DType::kF64);
   ops::SwigluBackward(gate, up, r, dgu);
-  const auto [dgate, dup] = Unpack(dgu);
+  const auto [dgate, dup] = testing::SplitRowHalves(dgu);
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}});
 }
 
@@ -66,7 +53,7 @@ TEST(Swiglu, RowScaledGradientsMatchFiniteDifferences) {
   };
   Tensor dgu = Tensor::Empty({n, 2 * f}, DType::kF64), dscale = Tensor::Empty(scale.shape(), DType::kF64);
   ops::SwigluBackward(gate, up, r, dgu, &scale, &dscale);
-  const auto [dgate, dup] = Unpack(dgu);
+  const auto [dgate, dup] = testing::SplitRowHalves(dgu);
   testing::ExpectGradientsMatch(loss, {{"gate", gate, dgate}, {"up", up, dup}, {"scale", scale, dscale}});
 }
 
