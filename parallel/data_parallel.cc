@@ -44,12 +44,12 @@ DataParallel::DataParallel(const ParamList& params, Communicator* grad_group, Co
   // weight-gradient GEMM for the pair, ops/grouped_linear.h).
   bucket_of_.assign(params_.size(), 0);
   std::vector<int64_t> offset_of(params_.size());
-  std::vector<int64_t> first_of_bucket;  // the lowest parameter index of each bucket
+  std::vector<size_t> first_of_bucket;  // the lowest parameter index of each bucket
   int64_t in_bucket = 0;
   for (size_t k = params_.size(); k-- > 0;) {
     const int64_t n = params_[k]->value.numel();
     if (in_bucket > 0 && in_bucket + n > bucket_elems) {
-      first_of_bucket.push_back(static_cast<int64_t>(k) + 1);
+      first_of_bucket.push_back(k + 1);
       in_bucket = 0;
     }
     bucket_of_[k] = static_cast<int>(first_of_bucket.size());
@@ -61,8 +61,8 @@ DataParallel::DataParallel(const ParamList& params, Communicator* grad_group, Co
   for (size_t b = buckets_.size(); b-- > 0;) {  // the earliest parameters first
     buckets_[b] = std::make_unique<Bucket>();
     buckets_[b]->offset = total;
-    const size_t end = b == 0 ? params_.size() : static_cast<size_t>(first_of_bucket[b - 1]);
-    for (size_t k = static_cast<size_t>(first_of_bucket[b]); k < end; ++k) {
+    const size_t end = b == 0 ? params_.size() : first_of_bucket[b - 1];
+    for (size_t k = first_of_bucket[b]; k < end; ++k) {
       offset_of[k] = total;
       total += params_[k]->value.numel();
     }
