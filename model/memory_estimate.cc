@@ -81,7 +81,11 @@ struct StepShapes {
 
   // ---- Mixers (softmax_attention_layer.cc, lightning_attention_layer.cc Forward).
   void SoftmaxForward(Ledger& m, char kind) const {
-    m.Alloc(t * (2 * hq + 2 * hk) * d.head_dim * e + t * hq * es);  // q, k, v, o, lse
+    const int64_t qkv = t * (hq + 2 * hk) * d.head_dim * e;
+    m.Alloc(qkv);  // q, k, v
+    m.Alloc(qkv);  // the packed projection, unpacked into them
+    m.Free(qkv);
+    m.Alloc(t * hq * d.head_dim * e + t * hq * es);  // o, lse
     if (MohKind(kind)) {
       MohForward(m, kind);
       m.Alloc(Thd());  // gated_ = g ⊙ o
@@ -201,9 +205,12 @@ struct StepShapes {
       const int64_t d_o = Thd(), dqkv = t * (hq + 2 * hk) * d.head_dim * e;
       m.Alloc(d_o);
       m.Alloc(MohGateGrad(kind));
-      m.Alloc(dqkv);
+      m.Alloc(dqkv);  // dq, dk, dv
+      m.Free(d_o);
+      m.Alloc(dqkv);  // packed for the one GEMM
+      m.Free(dqkv);
       if (moh) MohBackward(m);
-      m.Free(d_o + dqkv);
+      m.Free(dqkv);
       return;
     }
     const int64_t thd = Thd();

@@ -5,6 +5,7 @@
 #include "ops/linear.h"
 #include "ops/rope.h"
 #include "ops/softmax_attention.h"
+#include "ops/stacked_linear.h"
 #include "parallel/mpi_communicator.h"
 
 namespace loom {
@@ -47,11 +48,11 @@ void SoftmaxAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tensor&
   q_ = dims_.Act({t, hq, d});
   k_ = dims_.Act({t, hk, d});
   v_ = dims_.Act({t, hk, d});
-  ops::LinearForward(x, wq_.weight(), q_);
-  ops::LinearForward(x, wk_.weight(), k_);
-  ops::LinearForward(x, wv_.weight(), v_);
-  ops::RopeForward(q_, batch.positions, dims_.rope, q_);
-  ops::RopeForward(k_, batch.positions, dims_.rope, k_);
+  {
+    Tensor qkv = dims_.Act({t, hq + 2 * hk, d});
+    ops::StackedLinearForward(x, {&wq_.weight(), &wk_.weight(), &wv_.weight()}, qkv);
+    ops::RopeQkvForward(qkv, batch.positions, dims_.rope, q_, k_, v_);
+  }
   o_ = dims_.Act({t, hq, d});
   lse_ = dims_.Stat({t, hq});
   if (moh_) {
@@ -92,12 +93,13 @@ void SoftmaxAttentionLayer::Backward(const Tensor& x, const Batch& batch, const 
     CheckComm(CpAttentionBackward(*cp_.comm, cp_.softmax, *batch.cp_chunks, q_, k_, v_, o_, lse_, d_o,
                                   batch.token_rows, Options(dims_, active_), &cp_saved_, dq, dk, dv));
   }
-  ops::RopeBackward(dq, batch.positions, dims_.rope, dq);
-  ops::RopeBackward(dk, batch.positions, dims_.rope, dk);
+  d_o = Tensor();
+  Tensor dqkv = dims_.Act({t, hq_ + 2 * hk_, dims_.head_dim});
+  ops::RopeQkvBackward(dq, dk, dv, batch.positions, dims_.rope, dqkv);
+  dq = dk = dv = Tensor();
   // dx = dq W_q + dk W_k + dv W_v.
-  ops::LinearBackward(x, wq_.weight(), dq.Reshape({t, dq.numel() / t}), &dx, wq_.grad);
-  ops::LinearBackward(x, wk_.weight(), dk.Reshape({t, dk.numel() / t}), &dx, wk_.grad, /*accumulate_dx=*/true);
-  ops::LinearBackward(x, wv_.weight(), dv.Reshape({t, dv.numel() / t}), &dx, wv_.grad, /*accumulate_dx=*/true);
+  ops::StackedLinearBackward(x, {&wq_.weight(), &wk_.weight(), &wv_.weight()}, dqkv, &dx,
+                             {&wq_.grad, &wk_.grad, &wv_.grad});
   if (moh_) moh_->Backward(x, dx, router_loss_scale);
   tp_.ReduceOutput(dx);
 }

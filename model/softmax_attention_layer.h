@@ -1,5 +1,7 @@
 // Softmax (or sigmoid) attention layer: GQA, half-split RoPE, causal.
 //   q = RoPE(x W_qᵀ) [T, Hq, D], k = RoPE(x W_kᵀ), v = x W_vᵀ [T, Hk, D]
+//   (one GEMM x · [W_q; W_k; W_v]ᵀ, ops/stacked_linear.h, and one pass
+//   that rotates and unpacks its rows, ops/rope.h RopeQkvForward)
 //   o = attention(q, k, v) [T, Hq, D], y = o W_oᵀ [T, C]
 // W_q [Hq·D, C], W_k, W_v [Hk·D, C], W_o [C, Hq·D].
 // Tensor parallel: each rank holds Hq/tp query and Hk/tp KV heads (rows of

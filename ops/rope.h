@@ -38,6 +38,14 @@ void RopeForward(const Tensor& x, const Tensor& positions, const RopeTable& tabl
                  CudaStream stream = nullptr);
 void RopeBackward(const Tensor& dy, const Tensor& positions, const RopeTable& table, Tensor& dx,
                   CudaStream stream = nullptr);
+// The attention's projections packed in one row, qkv [T, Hq + 2·Hk, D]
+// (ops/stacked_linear.h), into q = RoPE(heads [0, Hq)) [T, Hq, D],
+// k = RoPE(heads [Hq, Hq + Hk)) [T, Hk, D] and v = heads [Hq + Hk, Hq + 2·Hk)
+// copied [T, Hk, D]. Backward, its transpose: dqkv = [Rᵀ dq | Rᵀ dk | dv].
+void RopeQkvForward(const Tensor& qkv, const Tensor& positions, const RopeTable& table, Tensor& q, Tensor& k,
+                    Tensor& v, CudaStream stream = nullptr);
+void RopeQkvBackward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& positions,
+                     const RopeTable& table, Tensor& dqkv, CudaStream stream = nullptr);
 // Plain RoPE with base theta (RopeTable::Plain).
 void RopeForward(const Tensor& x, const Tensor& positions, double theta, Tensor& y);
 void RopeBackward(const Tensor& dy, const Tensor& positions, double theta, Tensor& dx);
@@ -48,6 +56,10 @@ namespace cuda {
 inline constexpr int kRopeMaxPairs = 256;
 void RopeForward(const Tensor& x, const Tensor& positions, const RopeTable& table, Tensor& y, CudaStream stream);
 void RopeBackward(const Tensor& dy, const Tensor& positions, const RopeTable& table, Tensor& dx, CudaStream stream);
+void RopeQkvForward(const Tensor& qkv, const Tensor& positions, const RopeTable& table, Tensor& q, Tensor& k,
+                    Tensor& v, CudaStream stream);
+void RopeQkvBackward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& positions,
+                     const RopeTable& table, Tensor& dqkv, CudaStream stream);
 }  // namespace cuda
 
 }  // namespace loom::ops

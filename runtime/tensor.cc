@@ -87,6 +87,21 @@ Tensor Tensor::Slice(int64_t start, int64_t length) const {
   return t;
 }
 
+Tensor Tensor::Stacked(const std::vector<const Tensor*>& parts) {
+  LOOM_CHECK(!parts.empty(), "[tensor] Stacked of no tensors");
+  const Tensor& first = *parts.front();
+  Tensor t = first;
+  if (!first.defined() || first.ndim() != 2) return Tensor();
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const Tensor& p = *parts[i];
+    if (p.storage_ != first.storage_ || p.dtype_ != first.dtype_ || p.ndim() != 2 || p.dim(1) != first.dim(1) ||
+        p.offset_ != t.offset_ + t.nbytes())
+      return Tensor();
+    t.shape_[0] += p.dim(0);
+  }
+  return t;
+}
+
 Tensor Tensor::To(Device target) const {
   Tensor t = Empty(shape_, dtype_, target);
   t.CopyFrom(*this);

@@ -87,6 +87,10 @@ class Tensor {
   // Views sharing this tensor's storage.
   Tensor Reshape(const Shape& shape) const;
   Tensor Slice(int64_t start, int64_t length) const;  // rows [start, start+length) of dim 0
+  // The rows of `parts` (2-D, one dtype and width) as one [Σ rows, width]
+  // view when each starts where the previous one ends in one storage (a
+  // model's compute copies, DataParallel's flat buffers); else undefined.
+  static Tensor Stacked(const std::vector<const Tensor*>& parts);
 
   Tensor Clone() const;
   void CopyFrom(const Tensor& src);  // same shape size and dtype; any devices

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -110,44 +111,70 @@ namespace {
 
 constexpr int64_t kParallelMinElements = 1 << 15;
 
-// out = a · R(sign · angle) in over [T, H, D]; out may alias in, since each
-// pair is read whole before it is written.
+// One row of `packed` [T, H, D] is the heads of parts[0], parts[1], … side
+// by side; the first `rotated` parts are rotated by a · R(sign · angle),
+// the rest copied. pack: parts → packed, else packed → parts. A part may
+// alias packed (RoPE in place: one part of all H heads), since each pair is
+// read whole before it is written.
 template <typename T>
-void RotatePairs(const T* in, const int32_t* pos, const RopeTable& table, double sign, int64_t t_len, int64_t heads,
-                 int64_t d, T* out) {
+void RotatePacked(T* packed, const std::vector<std::pair<T*, int64_t>>& parts, size_t rotated, bool pack,
+                  const int32_t* pos, const RopeTable& table, double sign, int64_t t_len, int64_t d) {
   const int64_t half = d / 2;
+  int64_t heads = 0;
+  for (const auto& part : parts) heads += part.second;
   const double a = table.attention_factor;
 #pragma omp parallel for if (t_len * heads * d >= kParallelMinElements)
   for (int64_t t = 0; t < t_len; ++t) {
     for (int64_t i = 0; i < half; ++i) {
       const double angle = pos[t] * table.inv_freq[i];
       const double c = a * std::cos(angle), s = a * sign * std::sin(angle);
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t at = (t * heads + h) * d + i;
-        const double x0 = in[at], x1 = in[at + half];
-        out[at] = static_cast<T>(x0 * c - x1 * s);
-        out[at + half] = static_cast<T>(x1 * c + x0 * s);
+      int64_t first = 0;  // the part's first head in the packed row
+      for (size_t p = 0; p < parts.size(); ++p) {
+        const auto [base, part_heads] = parts[p];
+        for (int64_t h = 0; h < part_heads; ++h) {
+          T* in = packed + (t * heads + first + h) * d + i;
+          T* out = base + (t * part_heads + h) * d + i;
+          if (pack) std::swap(in, out);
+          if (p < rotated) {
+            const double x0 = in[0], x1 = in[half];
+            out[0] = static_cast<T>(x0 * c - x1 * s);
+            out[half] = static_cast<T>(x1 * c + x0 * s);
+          } else {
+            out[0] = in[0];
+            out[half] = in[half];
+          }
+        }
+        first += part_heads;
       }
     }
   }
 }
 
-void Rotate(const Tensor& in, const Tensor& positions, const RopeTable& table, double sign, Tensor& out,
-            const char* in_name, const char* out_name) {
-  LOOM_CHECK(in.device().is_cpu() && positions.device().is_cpu() && out.device().is_cpu(),
-             "[rope] CPU tensors only");
-  LOOM_CHECK(in.ndim() == 3, "[rope] ", in_name, " must be [T, H, D], got ", ShapeString(in.shape()));
-  LOOM_CHECK(out.shape() == in.shape() && out.dtype() == in.dtype(), "[rope] ", out_name, " ",
-             ShapeString(out.shape()), " ", DTypeName(out.dtype()), " must match ", in_name, " ",
-             ShapeString(in.shape()), " ", DTypeName(in.dtype()));
-  LOOM_CHECK(in.dim(2) % 2 == 0, "[rope] head dim ", in.dim(2), " must be even");
-  LOOM_CHECK(static_cast<int64_t>(table.inv_freq.size()) == in.dim(2) / 2, "[rope] the table has ",
-             table.inv_freq.size(), " frequencies for head dim ", in.dim(2));
-  LOOM_CHECK(positions.dtype() == DType::kI32 && positions.numel() == in.dim(0), "[rope] positions ",
-             ShapeString(positions.shape()), " ", DTypeName(positions.dtype()), " must be [", in.dim(0), "] i32");
-  LOOM_DISPATCH_FLOAT(in.dtype(), T, [&] {
-    RotatePairs(in.data<T>(), positions.data<int32_t>(), table, sign, in.dim(0), in.dim(1), in.dim(2),
-                out.data<T>());
+// Checks `packed` against `parts` (each [T, h_i, D], heads adding up to
+// packed's), then RotatePacked.
+void Rotate(const Tensor& packed, const std::vector<const Tensor*>& parts, size_t rotated, bool pack,
+            const Tensor& positions, const RopeTable& table, double sign) {
+  LOOM_CHECK(packed.device().is_cpu() && positions.device().is_cpu(), "[rope] CPU tensors only");
+  LOOM_CHECK(packed.ndim() == 3, "[rope] input must be [T, H, D], got ", ShapeString(packed.shape()));
+  const int64_t t_len = packed.dim(0), d = packed.dim(2);
+  int64_t heads = 0;
+  for (const Tensor* part : parts) {
+    LOOM_CHECK(part->device().is_cpu() && part->ndim() == 3 && part->dim(0) == t_len && part->dim(2) == d &&
+                   part->dtype() == packed.dtype(),
+               "[rope] ", ShapeString(part->shape()), " ", DTypeName(part->dtype()), " does not match ",
+               ShapeString(packed.shape()), " ", DTypeName(packed.dtype()));
+    heads += part->dim(1);
+  }
+  LOOM_CHECK(heads == packed.dim(1), "[rope] the parts' ", heads, " heads are not the packed row's ", packed.dim(1));
+  LOOM_CHECK(d % 2 == 0, "[rope] head dim ", d, " must be even");
+  LOOM_CHECK(static_cast<int64_t>(table.inv_freq.size()) == d / 2, "[rope] the table has ", table.inv_freq.size(),
+             " frequencies for head dim ", d);
+  LOOM_CHECK(positions.dtype() == DType::kI32 && positions.numel() == t_len, "[rope] positions ",
+             ShapeString(positions.shape()), " ", DTypeName(positions.dtype()), " must be [", t_len, "] i32");
+  LOOM_DISPATCH_FLOAT(packed.dtype(), T, [&] {
+    std::vector<std::pair<T*, int64_t>> bases;
+    for (const Tensor* part : parts) bases.emplace_back(part->data<T>(), part->dim(1));
+    RotatePacked(packed.data<T>(), bases, rotated, pack, positions.data<int32_t>(), table, sign, t_len, d);
   });
 }
 
@@ -155,12 +182,24 @@ void Rotate(const Tensor& in, const Tensor& positions, const RopeTable& table, d
 
 void RopeForward(const Tensor& x, const Tensor& positions, const RopeTable& table, Tensor& y, CudaStream stream) {
   if (!x.device().is_cpu()) return cuda::RopeForward(x, positions, table, y, stream);
-  Rotate(x, positions, table, +1.0, y, "x", "y");
+  Rotate(x, {&y}, 1, /*pack=*/false, positions, table, +1.0);
 }
 
 void RopeBackward(const Tensor& dy, const Tensor& positions, const RopeTable& table, Tensor& dx, CudaStream stream) {
   if (!dy.device().is_cpu()) return cuda::RopeBackward(dy, positions, table, dx, stream);
-  Rotate(dy, positions, table, -1.0, dx, "dy", "dx");
+  Rotate(dy, {&dx}, 1, /*pack=*/false, positions, table, -1.0);
+}
+
+void RopeQkvForward(const Tensor& qkv, const Tensor& positions, const RopeTable& table, Tensor& q, Tensor& k,
+                    Tensor& v, CudaStream stream) {
+  if (!qkv.device().is_cpu()) return cuda::RopeQkvForward(qkv, positions, table, q, k, v, stream);
+  Rotate(qkv, {&q, &k, &v}, 2, /*pack=*/false, positions, table, +1.0);
+}
+
+void RopeQkvBackward(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& positions,
+                     const RopeTable& table, Tensor& dqkv, CudaStream stream) {
+  if (!dqkv.device().is_cpu()) return cuda::RopeQkvBackward(dq, dk, dv, positions, table, dqkv, stream);
+  Rotate(dqkv, {&dq, &dk, &dv}, 2, /*pack=*/true, positions, table, -1.0);
 }
 
 void RopeForward(const Tensor& x, const Tensor& positions, double theta, Tensor& y) {

@@ -10,4 +10,12 @@ void RopeBackward(const Tensor&, const Tensor&, const RopeTable&, Tensor&, CudaS
   LOOM_CHECK(false, "[rope] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
 }
 
+void RopeQkvForward(const Tensor&, const Tensor&, const RopeTable&, Tensor&, Tensor&, Tensor&, CudaStream) {
+  LOOM_CHECK(false, "[rope] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
+}
+void RopeQkvBackward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const RopeTable&, Tensor&,
+                     CudaStream) {
+  LOOM_CHECK(false, "[rope] CUDA tensor in a build without CUDA (configure with -DLOOM_CUDA=ON)");
+}
+
 }  // namespace loom::ops::cuda

@@ -10,6 +10,7 @@
 
 #include "ops/linear.h"
 #include "ops/matmul.h"
+#include "ops/stacked_linear.h"
 #include "runtime/cuda_runtime.h"
 #include "tests/testing.h"
 
@@ -153,6 +154,46 @@ TEST(GpuLinear, NullDxOnlyAccumulatesDw) {
   ops::LinearBackward(x, w, dy, nullptr, dw);
   ops::LinearBackward(ToGpu(x), ToGpu(w), ToGpu(dy), nullptr, gdw);
   EXPECT_TRUE(CloseToScale(gdw, dw, 1e-5));
+}
+
+// StackedLinear in bf16 (the attention's q, k, v: 4, 1 and 1 blocks of 64
+// rows) against the CPU in f32, with the weights and the f32 gradients back
+// to back (one GEMM each) and apart (the composite form on the GPU).
+TEST(GpuStackedLinear, MatchesCpuStackedOrApart) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const int64_t rows = 96, in = 128;
+  const std::vector<int64_t> out = {256, 64, 64};
+  const Tensor x = RandomTensor({rows, in}, DType::kBF16, 31), w = RandomTensor({384, in}, DType::kBF16, 32);
+  const Tensor dy = RandomTensor({rows, 384}, DType::kBF16, 33), dw0 = RandomTensor({384, in}, DType::kF32, 34);
+  // The CPU in f32 on the rounded inputs.
+  const Tensor xf = x.To(DType::kF32), wf = w.To(DType::kF32), dyf = dy.To(DType::kF32);
+  Tensor y = Tensor::Empty({rows, 384}, DType::kF32), dx = Tensor::Empty({rows, in}, DType::kF32);
+  Tensor dw = dw0.Clone();
+  ops::LinearForward(xf, wf, y);
+  ops::LinearBackward(xf, wf, dyf, &dx, dw);
+  for (const bool stacked : {true, false}) {
+    SCOPED_TRACE(stacked ? "back to back" : "apart");
+    const Tensor gw_buffer = ToGpu(w);
+    Tensor gdw_buffer = ToGpu(dw0);
+    std::vector<Tensor> gw, gdw;
+    int64_t at = 0;
+    for (int64_t o : out) {
+      gw.push_back(stacked ? gw_buffer.Slice(at, o) : gw_buffer.Slice(at, o).Clone());
+      gdw.push_back(stacked ? gdw_buffer.Slice(at, o) : gdw_buffer.Slice(at, o).Clone());
+      at += o;
+    }
+    ASSERT_EQ(Tensor::Stacked(testing::ConstPointers(gdw)).defined(), stacked);
+    Tensor gy = PoisonedGpu({rows, 384}, DType::kBF16), gdx = PoisonedGpu({rows, in}, DType::kBF16);
+    ops::StackedLinearForward(ToGpu(x), testing::ConstPointers(gw), gy);
+    ops::StackedLinearBackward(ToGpu(x), testing::ConstPointers(gw), ToGpu(dy), &gdx, testing::Pointers(gdw));
+    EXPECT_TRUE(CloseToScale(gy, y, 1e-2)) << "y";
+    EXPECT_TRUE(CloseToScale(gdx, dx, 1e-2)) << "dx";
+    at = 0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      EXPECT_TRUE(CloseToScale(gdw[i], dw.Slice(at, out[i]), 1e-5)) << "dW block " << i;
+      at += out[i];
+    }
+  }
 }
 
 }  // namespace

@@ -74,5 +74,42 @@ TEST(GpuRope, MatchesCpuReference_Bf16) {
   }
 }
 
+// The packed q, k, v (RopeQkvForward / RopeQkvBackward) against the CPU:
+// f32 to 1e-6 (v and dv copied exactly), and bf16 as above; D = 64 takes
+// the 4-pair loads, D = 6 one pair a thread.
+TEST(GpuRope, QkvMatchesCpuReference) {
+  LOOM_SKIP_WITHOUT_GPU();
+  struct Case { int64_t t, hq, hk, d; DType dtype; };
+  for (const Case& c : {Case{100, 32, 4, 64, DType::kF32}, Case{33, 6, 3, 6, DType::kF32},
+                        Case{64, 8, 2, 128, DType::kBF16}, Case{21, 32, 4, 64, DType::kBF16}}) {
+    SCOPED_TRACE(internal::StreamCat("T ", c.t, " Hq ", c.hq, " Hk ", c.hk, " D ", c.d, " ", DTypeName(c.dtype)));
+    const ops::RopeTable table = Table("yarn", c.d);
+    const int64_t h = c.hq + 2 * c.hk;
+    // Inputs exact in the dtype; the CPU computes in f32 on them.
+    const auto random = [&](const Shape& shape, uint64_t seed) {
+      return testing::RandomTensor(shape, c.dtype, seed).To(DType::kF32);
+    };
+    const Tensor qkv = random({c.t, h, c.d}, 1), dq = random({c.t, c.hq, c.d}, 2), dk = random({c.t, c.hk, c.d}, 3),
+                 dv = random({c.t, c.hk, c.d}, 4);
+    const Tensor pos = Positions(c.t, 5);
+    Tensor q = Tensor::Empty(dq.shape(), DType::kF32), k = Tensor::Empty(dk.shape(), DType::kF32),
+           v = Tensor::Empty(dv.shape(), DType::kF32), dqkv = Tensor::Empty(qkv.shape(), DType::kF32);
+    ops::RopeQkvForward(qkv, pos, table, q, k, v);
+    ops::RopeQkvBackward(dq, dk, dv, pos, table, dqkv);
+    const auto gpu = [&](const Tensor& t) { return ToGpu(t.To(c.dtype)); };
+    const Tensor gpos = ToGpu(pos);
+    Tensor gq = testing::PoisonedGpu(q.shape(), c.dtype), gk = testing::PoisonedGpu(k.shape(), c.dtype),
+           gv = testing::PoisonedGpu(v.shape(), c.dtype), gdqkv = testing::PoisonedGpu(qkv.shape(), c.dtype);
+    ops::RopeQkvForward(gpu(qkv), gpos, table, gq, gk, gv);
+    ops::RopeQkvBackward(gpu(dq), gpu(dk), gpu(dv), gpos, table, gdqkv);
+    const double rtol = c.dtype == DType::kF32 ? 1e-6 : 1.0 / 128, atol = c.dtype == DType::kF32 ? 1e-6 : 1e-3;
+    const auto f32 = [](const Tensor& g) { return ToCpu(g).To(DType::kF32); };
+    EXPECT_TRUE(testing::AllClose(f32(gq), q, rtol, atol)) << "q";
+    EXPECT_TRUE(testing::AllClose(f32(gk), k, rtol, atol)) << "k";
+    EXPECT_TRUE(testing::AllClose(f32(gv), v, 0, 0)) << "v";
+    EXPECT_TRUE(testing::AllClose(f32(gdqkv), dqkv, rtol, atol)) << "dqkv";
+  }
+}
+
 }  // namespace
 }  // namespace loom

@@ -67,5 +67,58 @@ TEST(Rope, GradientsMatchFiniteDifferences) {
   testing::ExpectGradientsMatch(loss, {{"x", x, dx}});
 }
 
+// Heads [h0, h0 + n) of every row of x [T, H, D] (f64), as [T, n, D].
+Tensor Heads(const Tensor& x, int64_t h0, int64_t n) {
+  const int64_t t_len = x.dim(0), heads = x.dim(1), d = x.dim(2);
+  Tensor out = Tensor::Empty({t_len, n, d}, DType::kF64);
+  for (int64_t t = 0; t < t_len; ++t)
+    for (int64_t i = 0; i < n * d; ++i) out.data<double>()[t * n * d + i] = x.data<double>()[(t * heads + h0) * d + i];
+  return out;
+}
+
+::testing::AssertionResult Equal(const Tensor& a, const Tensor& b) {
+  if (a.shape() != b.shape()) return ::testing::AssertionFailure() << "shapes differ";
+  for (int64_t i = 0; i < a.numel(); ++i)
+    if (a.Get(i) != b.Get(i)) return ::testing::AssertionFailure() << "element " << i << ": " << a.Get(i) << " vs " << b.Get(i);
+  return ::testing::AssertionSuccess();
+}
+
+// The packed q, k, v: RoPE of the first two parts and a copy of the third,
+// exactly as RopeForward on each part; the backward packs RopeBackward's.
+TEST(Rope, QkvIsRopeOfEachPartAndBackwardPacksThem) {
+  const int64_t t = 7, hq = 4, hk = 2, d = 8;
+  const Tensor qkv = RandomTensor({t, hq + 2 * hk, d}, DType::kF64, 3);
+  const Tensor pos = Tensor::FromVector<int32_t>({5, 6, 7, 0, 1, 2, 40}, {t});
+  const ops::RopeTable table = ops::RopeTable::Plain(kTheta, d);
+  Tensor q = Tensor::Empty({t, hq, d}, DType::kF64), k = Tensor::Empty({t, hk, d}, DType::kF64),
+         v = Tensor::Empty({t, hk, d}, DType::kF64);
+  ops::RopeQkvForward(qkv, pos, table, q, k, v);
+  Tensor want_q = Tensor::Empty(q.shape(), DType::kF64), want_k = Tensor::Empty(k.shape(), DType::kF64);
+  ops::RopeForward(Heads(qkv, 0, hq), pos, table, want_q);
+  ops::RopeForward(Heads(qkv, hq, hk), pos, table, want_k);
+  EXPECT_TRUE(Equal(q, want_q));
+  EXPECT_TRUE(Equal(k, want_k));
+  EXPECT_TRUE(Equal(v, Heads(qkv, hq + hk, hk)));
+
+  const Tensor dq = RandomTensor(q.shape(), DType::kF64, 4), dk = RandomTensor(k.shape(), DType::kF64, 5),
+               dv = RandomTensor(v.shape(), DType::kF64, 6);
+  Tensor dqkv = Tensor::Empty(qkv.shape(), DType::kF64);
+  ops::RopeQkvBackward(dq, dk, dv, pos, table, dqkv);
+  Tensor want_dq = Tensor::Empty(q.shape(), DType::kF64), want_dk = Tensor::Empty(k.shape(), DType::kF64);
+  ops::RopeBackward(dq, pos, table, want_dq);
+  ops::RopeBackward(dk, pos, table, want_dk);
+  EXPECT_TRUE(Equal(Heads(dqkv, 0, hq), want_dq));
+  EXPECT_TRUE(Equal(Heads(dqkv, hq, hk), want_dk));
+  EXPECT_TRUE(Equal(Heads(dqkv, hq + hk, hk), dv));
+}
+
+TEST(Rope, QkvRejectsPartsThatDoNotFillTheRow) {
+  const Tensor qkv = Tensor::Zeros({3, 7, 8}, DType::kF32), pos = Positions(0, 3);
+  Tensor q = Tensor::Empty({3, 4, 8}, DType::kF32), k = Tensor::Empty({3, 2, 8}, DType::kF32),
+         v = Tensor::Empty({3, 2, 8}, DType::kF32);
+  EXPECT_DEATH(ops::RopeQkvForward(qkv, pos, ops::RopeTable::Plain(kTheta, 8), q, k, v),
+               "\\[rope\\] the parts' 8 heads are not the packed row's 7");
+}
+
 }  // namespace
 }  // namespace loom
