@@ -120,7 +120,7 @@ EOF
   "$bin/loom-prepare" --input "$corpus.jsonl" --input-format jsonl --output-prefix "$corpus" >"$corpus.log" 2>&1 ||
     { tail -3 "$corpus.log"; exit 1; }
   text=(--set data.task=files --set "data.paths[0].prefix=$corpus" --set data.split=88,12,0 --set data.eod_token=256)
-  for cfg in softmax hybrid; do
+  for cfg in hybrid softmax; do
     echo "== oracle: gpu_1b_$cfg on whole license texts, bf16, 20 steps"
     oracle_run "oracle_text_$cfg" "gpu_1b_$cfg" bf16 1e-2 "${text[@]}"
     echo "== oracle: gpu_1b_$cfg on whole license texts, f32, one 8K row a step, 20 steps"

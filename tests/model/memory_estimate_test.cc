@@ -154,6 +154,17 @@ TEST(MemoryEstimate, FlatBuffersKeepParameterOrder) {
     mlp_pairs += absl::EndsWith(a.name, "w_gate") && absl::EndsWith(b.name, "w_up");
   }
   EXPECT_EQ(mlp_pairs, ModelDims::FromConfig(config).layers);
+  // So a softmax layer's W_q, W_k, W_v and their gradients join into one
+  // GEMM's operands (ops/stacked_linear.h).
+  int qkv_triples = 0;
+  for (size_t k = 2; k < params.size(); ++k) {
+    const Param &q = *params[k - 2], &kk = *params[k - 1], &v = *params[k];
+    if (!absl::EndsWith(q.name, "attn.wq") || !absl::EndsWith(v.name, "attn.wv")) continue;
+    EXPECT_TRUE(Tensor::Stacked({&q.value, &kk.value, &v.value}).defined()) << q.name;
+    EXPECT_TRUE(Tensor::Stacked({&q.grad, &kk.grad, &v.grad}).defined()) << q.name;
+    ++qkv_triples;
+  }
+  EXPECT_GT(qkv_triples, 0);
 }
 
 TEST(MemoryEstimate, MoeAndMohParameterGradientOptimizerBytesAreExact) {
