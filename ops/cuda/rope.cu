@@ -66,10 +66,9 @@ __global__ void RotateKernel(T* packed, Parts<T> parts, const int32_t* pos, Freq
     }
     const int h1 = min(h0 + kHeadsPerThread, heads);
     int p = 0;
-    while (parts.start[p + 1] <= h0) ++p;
 #pragma unroll 4
     for (int h = h0; h < h1; ++h) {
-      if (h == parts.start[p + 1]) ++p;
+      while (parts.start[p + 1] <= h) ++p;
       const int part_heads = parts.start[p + 1] - parts.start[p];
       T* in = packed + (t * heads + h) * (2 * half) + i0;
       T* out = parts.base[p] + (t * part_heads + h - parts.start[p]) * (2 * half) + i0;
