@@ -277,6 +277,36 @@ TEST(LightningAttention, BlocksMatchNaive_VarlenRowsAndDocuments) {
       << "an empty row passes its state through";
 }
 
+// Each document as a row of its own (what the CUDA kernels run for rows
+// with documents) against the fused calls over the rows with doc_ids:
+// outputs, final states and every gradient, with and without initial
+// states, the same varlen rows and documents as above.
+TEST(LightningAttention, ByDocumentMatchesFusedCallsWithDocuments) {
+  for (const bool with_state : {true, false}) {
+    SCOPED_TRACE(with_state ? "initial states" : "zero initial states");
+    const Case c = MakeCase({37, 1, 0, 64, 20}, {{5, 16, 17, 30}, {}, {}, {32, 40, 41, 63}, {}},
+                            {0.85, 0.95, 1.0}, 4, 3, 71, with_state);
+    for (int block : {4, 16}) {
+      SCOPED_TRACE("block " + std::to_string(block));
+      const Result want = Blocks(c, block);
+      Result got;
+      LightningAttentionForwardByDocument(c.q, c.k, c.v, c.decay, c.rows, LightningOptions{block}, c.s0, got.o,
+                                          got.state);
+      EXPECT_TRUE(AllClose(got.o, want.o, kRtol, kAtol)) << "o";
+      EXPECT_TRUE(AllClose(got.state, want.state, kRtol, kAtol)) << "final state";
+      const Grads want_g = Backward(c, block);
+      Grads g;
+      g.ds0 = Tensor::Empty(c.ds_out.shape(), c.q.dtype());
+      LightningAttentionBackwardByDocument(c.q, c.k, c.v, c.decay, c.rows, LightningOptions{block}, c.s0, c.d_o,
+                                           c.ds_out, g.dq, g.dk, g.dv, g.ds0);
+      EXPECT_TRUE(AllClose(g.dq, want_g.dq, kRtol, kAtol)) << "dq";
+      EXPECT_TRUE(AllClose(g.dk, want_g.dk, kRtol, kAtol)) << "dk";
+      EXPECT_TRUE(AllClose(g.dv, want_g.dv, kRtol, kAtol)) << "dv";
+      EXPECT_TRUE(AllClose(g.ds0, want_g.ds0, kRtol, kAtol)) << "dS0";
+    }
+  }
+}
+
 // ---- The three phases composed over chunks ----
 
 // λ_h^p · s for s [H, Dk, Dv].
