@@ -56,20 +56,6 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& d_o, const Tensor& d_state_out, Tensor& dq, Tensor& dk, Tensor& dv,
                                 Tensor& d_state_in);
 
-// The fused calls with each document of `rows` made a row of its own (no
-// doc_ids left): the same math, since a state resets where the document
-// changes. A row's state_in goes to its first document and d_state_out to
-// its last; state_out comes from its last, d_state_in from its first. What
-// the CUDA kernels, which take no documents inside a row, run for rows with
-// documents (tests hold it to the fused calls on the CPU).
-void LightningAttentionForwardByDocument(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
-                                         const TokenRows& rows, const LightningOptions& options,
-                                         const Tensor& state_in, Tensor& o, Tensor& state_out);
-void LightningAttentionBackwardByDocument(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
-                                          const TokenRows& rows, const LightningOptions& options,
-                                          const Tensor& state_in, const Tensor& d_o, const Tensor& d_state_out,
-                                          Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in);
-
 // The O(n²) definition, the reference the block algorithm is held to.
 void LightningAttentionNaive(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                              const TokenRows& rows, const Tensor& state_in, Tensor& o, Tensor& state_out);
@@ -104,7 +90,7 @@ void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Ten
 // decay f32 [H] on that device (λ in (0, 1], not checked there); states,
 // m, s, dm, ds f32 on the device. cu_seqlens stays a CPU tensor (the
 // launcher plans segments on the host); doc_ids are refused with an error
-// (the fused calls above give each document its own row first). active (optional): MoH's mask,
+// (the ops run them per document: ops/lightning_by_document.h). active (optional): MoH's mask,
 // LightningOptions::active on the device with its block. Outputs are allocated by the caller;
 // "written" and "accumulated" as above (o of the inter phase, dq/dk/dv of
 // the phases' backwards and ds accumulate in place). Everything runs on

@@ -21,6 +21,7 @@
 #include "ops/lightning_attention.h"
 
 #include "ops/convert.h"
+#include "ops/lightning_by_document.h"
 #include "ops/moh_gate.h"
 
 #include "ops/cpu/blas.h"
@@ -602,87 +603,12 @@ std::vector<double> LightningDecay(int heads, int layer, int layers) {
 
 // ---- Fused calls ----
 
-namespace {
-
-// Each document of each row as a row of its own: row r's documents are the
-// rows [first[r], first[r + 1]).
-struct DocumentRows {
-  TokenRows rows;
-  std::vector<int64_t> first;
-};
-
-DocumentRows SplitAtDocuments(const TokenRows& rows) {
-  DocumentRows out;
-  std::vector<int32_t> cu = {static_cast<int32_t>(rows.rows() > 0 ? rows.begin(0) : 0)};
-  for (int64_t r = 0; r < rows.rows(); ++r) {
-    out.first.push_back(static_cast<int64_t>(cu.size()) - 1);
-    for (int64_t t = rows.begin(r) + 1; t < rows.end(r); ++t)
-      if (rows.doc(t) != rows.doc(t - 1)) cu.push_back(static_cast<int32_t>(t));
-    cu.push_back(static_cast<int32_t>(rows.end(r)));
-  }
-  out.first.push_back(static_cast<int64_t>(cu.size()) - 1);
-  out.rows.cu_seqlens = Tensor::FromVector(cu, {static_cast<int64_t>(cu.size())});
-  return out;
-}
-
-// A per-row state [R, …] moved to per-document rows [N, …]: row r's to its
-// first (or last) document, zeros elsewhere; undefined stays undefined.
-Tensor StateToDocuments(const Tensor& state, const DocumentRows& docs, bool last) {
-  if (!state.defined()) return state;
-  Shape shape = state.shape();
-  shape[0] = docs.first.back();
-  Tensor out = Tensor::Zeros(shape, state.dtype(), state.device());
-  for (int64_t r = 0; r + 1 < static_cast<int64_t>(docs.first.size()); ++r) {
-    Tensor to = out.Slice(last ? docs.first[r + 1] - 1 : docs.first[r], 1);
-    to.CopyFrom(state.Slice(r, 1));
-  }
-  return out;
-}
-
-// The other way: row r's state from its first (or last) document, into
-// `state` (allocated like per_doc when undefined).
-void StateFromDocuments(const Tensor& per_doc, const DocumentRows& docs, bool last, Tensor& state) {
-  const int64_t rows = static_cast<int64_t>(docs.first.size()) - 1;
-  if (!state.defined()) {
-    Shape shape = per_doc.shape();
-    shape[0] = rows;
-    state = Tensor::Empty(shape, per_doc.dtype(), per_doc.device());
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    Tensor to = state.Slice(r, 1);
-    to.CopyFrom(per_doc.Slice(last ? docs.first[r + 1] - 1 : docs.first[r], 1));
-  }
-}
-
-}  // namespace
-
-void LightningAttentionForwardByDocument(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
-                                         const TokenRows& rows, const LightningOptions& options,
-                                         const Tensor& state_in, Tensor& o, Tensor& state_out) {
-  const DocumentRows docs = SplitAtDocuments(rows);
-  Tensor doc_state_out;
-  LightningAttentionForward(q, k, v, decay, docs.rows, options, StateToDocuments(state_in, docs, false), o,
-                            doc_state_out);
-  StateFromDocuments(doc_state_out, docs, /*last=*/true, state_out);
-}
-
-void LightningAttentionBackwardByDocument(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
-                                          const TokenRows& rows, const LightningOptions& options,
-                                          const Tensor& state_in, const Tensor& d_o, const Tensor& d_state_out,
-                                          Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_state_in) {
-  const DocumentRows docs = SplitAtDocuments(rows);
-  Tensor doc_d_state_in;
-  if (d_state_in.defined()) doc_d_state_in = StateToDocuments(d_state_in, docs, false);  // shaped for the call
-  LightningAttentionBackward(q, k, v, decay, docs.rows, options, StateToDocuments(state_in, docs, false), d_o,
-                             StateToDocuments(d_state_out, docs, true), dq, dk, dv, doc_d_state_in);
-  if (d_state_in.defined()) StateFromDocuments(doc_d_state_in, docs, /*last=*/false, d_state_in);
-}
-
 void LightningAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                const TokenRows& rows, const LightningOptions& options, const Tensor& state_in,
                                Tensor& o, Tensor& state_out) {
   if (!q.device().is_cpu()) {  // f32: the f32 kernels; bf16: the tensor-core kernels
-    if (rows.has_docs()) return LightningAttentionForwardByDocument(q, k, v, decay, rows, options, state_in, o, state_out);
+    if (rows.has_docs())
+      return by_document::LightningAttentionForward(q, k, v, decay, rows, options, state_in, o, state_out);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     const Tensor active = ActiveOnDevice(options, q.device());
     const Shape state_shape{rows.rows(), q.dim(1), q.dim(2), v.dim(2)};
@@ -724,8 +650,8 @@ void LightningAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& 
                                 Tensor& d_state_in) {
   if (!q.device().is_cpu()) {
     if (rows.has_docs())
-      return LightningAttentionBackwardByDocument(q, k, v, decay, rows, options, state_in, d_o, d_state_out, dq, dk,
-                                                  dv, d_state_in);
+      return by_document::LightningAttentionBackward(q, k, v, decay, rows, options, state_in, d_o, d_state_out, dq,
+                                                     dk, dv, d_state_in);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     const Tensor active = ActiveOnDevice(options, q.device());
     Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), false);
@@ -846,6 +772,7 @@ void LightningAttentionNaive(const Tensor& q, const Tensor& k, const Tensor& v, 
 
 bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids, Tensor& m) {
   if (!k.device().is_cpu()) {
+    if (doc_ids.defined()) return by_document::LightningChunkState(k, v, decay, doc_ids, m);
     const Tensor lambda = DecayOnDevice(decay, k.device());
     Tensor& out = OnDevice(m, {k.dim(1), k.dim(2), v.dim(2)}, DType::kF32, k.device(), false);
     if (k.dtype() == DType::kF32) return cuda::LightningF32ChunkState(k, v, lambda, doc_ids, out);
@@ -866,6 +793,7 @@ bool LightningChunkState(const Tensor& k, const Tensor& v, const Tensor& decay, 
 void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor& decay, const Tensor& doc_ids,
                                  const Tensor& dm, Tensor& dk, Tensor& dv) {
   if (!k.device().is_cpu()) {
+    if (doc_ids.defined()) return by_document::LightningChunkStateBackward(k, v, decay, doc_ids, dm, dk, dv);
     const Tensor lambda = DecayOnDevice(decay, k.device());
     Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), k.device(), true);
     Tensor& gv = OnDevice(dv, v.shape(), v.dtype(), k.device(), true);
@@ -889,6 +817,7 @@ void LightningChunkStateBackward(const Tensor& k, const Tensor& v, const Tensor&
 void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                          const Tensor& doc_ids, Tensor& o) {
   if (!q.device().is_cpu()) {
+    if (doc_ids.defined()) return by_document::LightningIntraChunk(q, k, v, decay, doc_ids, o);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     Tensor& out = OnDevice(o, v.shape(), v.dtype(), q.device(), false);
     if (q.dtype() == DType::kF32) return cuda::LightningF32IntraChunk(q, k, v, lambda, doc_ids, out);
@@ -904,6 +833,7 @@ void LightningIntraChunk(const Tensor& q, const Tensor& k, const Tensor& v, cons
 void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& decay,
                                  const Tensor& doc_ids, const Tensor& d_o, Tensor& dq, Tensor& dk, Tensor& dv) {
   if (!q.device().is_cpu()) {
+    if (doc_ids.defined()) return by_document::LightningIntraChunkBackward(q, k, v, decay, doc_ids, d_o, dq, dk, dv);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), true);
     Tensor& gk = OnDevice(dk, k.shape(), k.dtype(), q.device(), true);
@@ -923,6 +853,7 @@ void LightningIntraChunkBackward(const Tensor& q, const Tensor& k, const Tensor&
 
 void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s, Tensor& o) {
   if (!q.device().is_cpu()) {
+    if (doc_ids.defined()) return by_document::LightningInterChunk(q, decay, doc_ids, s, o);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     Tensor& out = OnDevice(o, {q.dim(0), q.dim(1), s.dim(2)}, q.dtype(), q.device(), true);
     if (q.dtype() == DType::kF32) return cuda::LightningF32InterChunk(q, lambda, doc_ids, s, out);
@@ -938,6 +869,7 @@ void LightningInterChunk(const Tensor& q, const Tensor& decay, const Tensor& doc
 void LightningInterChunkBackward(const Tensor& q, const Tensor& decay, const Tensor& doc_ids, const Tensor& s,
                                  const Tensor& d_o, Tensor& dq, Tensor& ds) {
   if (!q.device().is_cpu()) {
+    if (doc_ids.defined()) return by_document::LightningInterChunkBackward(q, decay, doc_ids, s, d_o, dq, ds);
     const Tensor lambda = DecayOnDevice(decay, q.device());
     Tensor& gq = OnDevice(dq, q.shape(), q.dtype(), q.device(), true);
     Tensor& gs = OnDevice(ds, s.shape(), s.dtype(), q.device(), true);

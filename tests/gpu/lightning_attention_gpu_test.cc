@@ -205,6 +205,43 @@ TEST(GpuLightning, DocumentsInsideRowsMatchCpuReference) {
   }
 }
 
+// LASP's chunk phases through the ops on a chunk with documents inside it
+// (run on token ranges on the GPU) against the CPU's phases over doc_ids;
+// outputs from zero (accumulated ones allocated by the ops).
+TEST(GpuLightning, PhasesWithDocumentsMatchCpuReference) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const Shape shape{600, 2, 64}, s_shape{2, 64, 64};
+  std::vector<int32_t> ids(600);
+  for (int t = 0; t < 600; ++t) ids[t] = t < 130 ? 0 : t < 131 ? 1 : t < 500 ? 2 : 3;
+  const Tensor docs = Tensor::FromVector(ids, {600});
+  const Input q = RandomInput(shape, 41), k = RandomInput(shape, 42), v = RandomInput(shape, 43);
+  const Input d_o = RandomInput(shape, 44), lam = Decay(2, false), s = RandomState(s_shape, 45),
+              dm = RandomState(s_shape, 46);
+  Tensor m, o, inter, dk, dv, dq, dq2, ds;
+  ops::LightningChunkState(k.cpu, v.cpu, lam.cpu, docs, m);
+  ops::LightningIntraChunk(q.cpu, k.cpu, v.cpu, lam.cpu, docs, o);
+  ops::LightningInterChunk(q.cpu, lam.cpu, docs, s.cpu, inter);
+  ops::LightningChunkStateBackward(k.cpu, v.cpu, lam.cpu, docs, dm.cpu, dk, dv);
+  ops::LightningIntraChunkBackward(q.cpu, k.cpu, v.cpu, lam.cpu, docs, d_o.cpu, dq, dk, dv);
+  ops::LightningInterChunkBackward(q.cpu, lam.cpu, docs, s.cpu, d_o.cpu, dq2, ds);
+  Tensor gm, go, ginter, gdk, gdv, gdq, gdq2, gds;
+  EXPECT_TRUE(ops::LightningChunkState(k.gpu, v.gpu, lam.gpu, docs, gm));
+  ops::LightningIntraChunk(q.gpu, k.gpu, v.gpu, lam.gpu, docs, go);
+  ops::LightningInterChunk(q.gpu, lam.gpu, docs, s.gpu, ginter);
+  ops::LightningChunkStateBackward(k.gpu, v.gpu, lam.gpu, docs, dm.gpu, gdk, gdv);
+  ops::LightningIntraChunkBackward(q.gpu, k.gpu, v.gpu, lam.gpu, docs, d_o.gpu, gdq, gdk, gdv);
+  ops::LightningInterChunkBackward(q.gpu, lam.gpu, docs, s.gpu, d_o.gpu, gdq2, gds);
+  CudaSynchronize();
+  EXPECT_TRUE(Close(gm, m, "m"));
+  EXPECT_TRUE(Close(go, o, "intra o"));
+  EXPECT_TRUE(Close(ginter, inter, "inter o"));
+  EXPECT_TRUE(Close(gdq, dq, "intra dq"));
+  EXPECT_TRUE(Close(gdk, dk, "dk"));
+  EXPECT_TRUE(Close(gdv, dv, "dv"));
+  EXPECT_TRUE(Close(gdq2, dq2, "inter dq"));
+  EXPECT_TRUE(Close(gds, ds, "ds"));
+}
+
 // ---- The phases LASP needs, on one chunk of C tokens (spanning segments) ----
 
 struct PhaseCase {

@@ -3,6 +3,7 @@
 // three LASP phases composed over chunks against the fused call, gradients
 // against finite differences, f32 against f64.
 #include "ops/lightning_attention.h"
+#include "ops/lightning_by_document.h"
 
 #include <gtest/gtest.h>
 
@@ -290,20 +291,63 @@ TEST(LightningAttention, ByDocumentMatchesFusedCallsWithDocuments) {
       SCOPED_TRACE("block " + std::to_string(block));
       const Result want = Blocks(c, block);
       Result got;
-      LightningAttentionForwardByDocument(c.q, c.k, c.v, c.decay, c.rows, LightningOptions{block}, c.s0, got.o,
+      by_document::LightningAttentionForward(c.q, c.k, c.v, c.decay, c.rows, LightningOptions{block}, c.s0, got.o,
                                           got.state);
       EXPECT_TRUE(AllClose(got.o, want.o, kRtol, kAtol)) << "o";
       EXPECT_TRUE(AllClose(got.state, want.state, kRtol, kAtol)) << "final state";
       const Grads want_g = Backward(c, block);
       Grads g;
       g.ds0 = Tensor::Empty(c.ds_out.shape(), c.q.dtype());
-      LightningAttentionBackwardByDocument(c.q, c.k, c.v, c.decay, c.rows, LightningOptions{block}, c.s0, c.d_o,
+      by_document::LightningAttentionBackward(c.q, c.k, c.v, c.decay, c.rows, LightningOptions{block}, c.s0, c.d_o,
                                            c.ds_out, g.dq, g.dk, g.dv, g.ds0);
       EXPECT_TRUE(AllClose(g.dq, want_g.dq, kRtol, kAtol)) << "dq";
       EXPECT_TRUE(AllClose(g.dk, want_g.dk, kRtol, kAtol)) << "dk";
       EXPECT_TRUE(AllClose(g.dv, want_g.dv, kRtol, kAtol)) << "dv";
       EXPECT_TRUE(AllClose(g.ds0, want_g.ds0, kRtol, kAtol)) << "dS0";
     }
+  }
+}
+
+// The chunk phases on token ranges (what the CUDA kernels run for chunks
+// with documents) against the phases over doc_ids: a chunk with a boundary
+// inside it, one starting on a boundary, one without boundaries; the
+// accumulated outputs start from non-zero values.
+TEST(LightningAttention, PhasesByDocumentMatchPhasesWithDocuments) {
+  const Case c = MakeCase({50}, {{1, 20, 21, 44}}, {0.85, 0.95, 1.0}, 4, 3, 81, false);
+  const Tensor s = RandomTensor({3, 4, 3}, DType::kF64, 91), dm = RandomTensor({3, 4, 3}, DType::kF64, 92);
+  for (const auto& [begin, length] : std::vector<std::pair<int64_t, int64_t>>{{0, 50}, {20, 30}, {45, 5}, {22, 0}}) {
+    SCOPED_TRACE("chunk [" + std::to_string(begin) + ", " + std::to_string(begin + length) + ")");
+    const Tensor q = c.q.Slice(begin, length), k = c.k.Slice(begin, length), v = c.v.Slice(begin, length);
+    const Tensor d_o = c.d_o.Slice(begin, length), docs = c.rows.doc_ids.Slice(begin, length);
+    const auto start = [&](const Tensor& like, uint64_t seed) { return RandomTensor(like.shape(), DType::kF64, seed); };
+    Tensor m_want, m_got;
+    EXPECT_EQ(by_document::LightningChunkState(k, v, c.decay, docs, m_got),
+              LightningChunkState(k, v, c.decay, docs, m_want));
+    EXPECT_TRUE(AllClose(m_got, m_want, kRtol, kAtol)) << "chunk state";
+    Tensor o_want, o_got;
+    LightningIntraChunk(q, k, v, c.decay, docs, o_want);
+    by_document::LightningIntraChunk(q, k, v, c.decay, docs, o_got);
+    EXPECT_TRUE(AllClose(o_got, o_want, kRtol, kAtol)) << "intra";
+    Tensor inter_want = start(v, 93), inter_got = inter_want.Clone();
+    LightningInterChunk(q, c.decay, docs, s, inter_want);
+    by_document::LightningInterChunk(q, c.decay, docs, s, inter_got);
+    EXPECT_TRUE(AllClose(inter_got, inter_want, kRtol, kAtol)) << "inter";
+    Tensor dk_want = start(k, 94), dv_want = start(v, 95), dk_got = dk_want.Clone(), dv_got = dv_want.Clone();
+    LightningChunkStateBackward(k, v, c.decay, docs, dm, dk_want, dv_want);
+    by_document::LightningChunkStateBackward(k, v, c.decay, docs, dm, dk_got, dv_got);
+    EXPECT_TRUE(AllClose(dk_got, dk_want, kRtol, kAtol)) << "chunk state dk";
+    EXPECT_TRUE(AllClose(dv_got, dv_want, kRtol, kAtol)) << "chunk state dv";
+    Tensor dq_want = start(q, 96), dq_got = dq_want.Clone();
+    LightningIntraChunkBackward(q, k, v, c.decay, docs, d_o, dq_want, dk_want, dv_want);
+    by_document::LightningIntraChunkBackward(q, k, v, c.decay, docs, d_o, dq_got, dk_got, dv_got);
+    EXPECT_TRUE(AllClose(dq_got, dq_want, kRtol, kAtol)) << "intra dq";
+    EXPECT_TRUE(AllClose(dk_got, dk_want, kRtol, kAtol)) << "intra dk";
+    EXPECT_TRUE(AllClose(dv_got, dv_want, kRtol, kAtol)) << "intra dv";
+    Tensor ds_want = RandomTensor(s.shape(), DType::kF64, 97), ds_got = ds_want.Clone();
+    LightningInterChunkBackward(q, c.decay, docs, s, d_o, dq_want, ds_want);
+    by_document::LightningInterChunkBackward(q, c.decay, docs, s, d_o, dq_got, ds_got);
+    EXPECT_TRUE(AllClose(dq_got, dq_want, kRtol, kAtol)) << "inter dq";
+    EXPECT_TRUE(AllClose(ds_got, ds_want, kRtol, kAtol)) << "inter ds";
   }
 }
 
