@@ -105,6 +105,7 @@ void Rotate(const char* name, const Tensor& packed, const std::vector<const Tens
   LOOM_CHECK(packed.ndim() == 3 && packed.dim(2) % 2 == 0, "[rope] CUDA: input must be [T, H, D] with D even, got ",
              ShapeString(packed.shape()));
   const int64_t tokens = packed.dim(0), half = packed.dim(2) / 2;
+  LOOM_CHECK(!parts.empty() && parts.size() <= 3, "[rope] CUDA: ", parts.size(), " parts (1 to 3)");
   int heads = 0;
   for (const Tensor* part : parts) {
     LOOM_CHECK(part->defined() && part->device() == packed.device() && part->dtype() == packed.dtype() &&
