@@ -274,7 +274,7 @@ Batch GptDataset::MakeBatch(Split split, int64_t first_sample, int64_t rows) con
   LOOM_CHECK(first_sample >= 0 && rows >= 0, "[gpt_dataset] samples [", first_sample, ", +", rows, ")");
   const int64_t n = options_.seq_len;
   const int32_t eod = options_.eod_token;
-  Batch b = Batch::Allocate(rows, n, /*with_docs=*/true);
+  Batch b = Batch::Allocate(rows, n, /*with_docs=*/options_.reset_attention);
   const std::vector<SampleSource> sources = Sources(split, first_sample, rows);
   std::vector<int32_t> stream(n + 1);
   for (int64_t r = 0; r < rows; ++r) {
@@ -282,13 +282,13 @@ Batch GptDataset::MakeBatch(Split split, int64_t first_sample, int64_t rows) con
     int32_t* tok = b.tokens.data<int32_t>() + r * n;
     int32_t* tgt = b.targets.data<int32_t>() + r * n;
     int32_t* pos = b.positions.data<int32_t>() + r * n;
-    int32_t* doc = b.token_rows.doc_ids.data<int32_t>() + r * n;
+    int32_t* doc = options_.reset_attention ? b.token_rows.doc_ids.data<int32_t>() + r * n : nullptr;
     for (int64_t t = 0; t < n; ++t) {
       tok[t] = stream[t];
       // After an EOD comes another document: nothing to learn across it.
       tgt[t] = stream[t] == eod ? -100 : stream[t + 1];
       const bool starts = t > 0 && stream[t - 1] == eod;
-      doc[t] = t == 0 ? 0 : doc[t - 1] + (starts ? 1 : 0);
+      if (doc != nullptr) doc[t] = t == 0 ? 0 : doc[t - 1] + (starts ? 1 : 0);
       pos[t] = t == 0 ? 0 : (options_.reset_positions && starts ? 0 : pos[t - 1] + 1);
     }
   }

@@ -28,8 +28,9 @@
 // MakeBatch(s, 0, a + n) row a + r.
 //
 // Documents: each ends with the EOD token; a document starts right after an
-// EOD. Within a row doc_ids count the document starts (0, 1, 2, ...), and
-// with reset_positions the positions restart at 0 there. The target of an
+// EOD. Within a row doc_ids count the document starts (0, 1, 2, ...) (with
+// reset_attention; else batches have no doc_ids), and with reset_positions
+// the positions restart at 0 there. The target of an
 // EOD input (the next document's first token) is −100: no loss crosses a
 // document boundary, while predicting EOD itself is kept.
 #pragma once
@@ -63,6 +64,7 @@ struct GptDatasetOptions {
   uint64_t seed = 1234;
   int32_t eod_token = ByteTokenizer::kEod;
   bool reset_positions = false;  // positions restart at 0 at each document start
+  bool reset_attention = true;   // batches carry doc_ids (attention stays within a document)
 };
 
 class GptDataset {

@@ -145,6 +145,7 @@ absl::StatusOr<BatchSource> HeldOutData(const config::Config& config, const std:
   o.seed = c.train().seed();
   o.eod_token = c.data().eod_token();
   o.reset_positions = c.data().reset_positions();
+  o.reset_attention = c.data().reset_attention();
   if (!data_flag.empty()) {
     for (absl::string_view p : absl::StrSplit(data_flag, ',', absl::SkipEmpty())) o.sources.push_back({std::string(p), 1.0});
     const std::string split = absl::GetFlag(FLAGS_data_split);

@@ -97,6 +97,7 @@ class DataSource {
     o.seed = config.train().seed();
     o.eod_token = config.data().eod_token();
     o.reset_positions = config.data().reset_positions();
+    o.reset_attention = config.data().reset_attention();
     LOOM_ASSIGN_OR_RETURN(std::unique_ptr<GptDataset> text, GptDataset::Open(o));
     if (text->num_tokens(GptDataset::Split::kTrain) == 0)
       return absl::InvalidArgumentError("data.split: the train split has no tokens");

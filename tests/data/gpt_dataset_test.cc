@@ -163,6 +163,23 @@ TEST(GptDataset, DocIdsStepAfterEodAndPositionsReset) {
   }
 }
 
+// reset_attention = false: the same tokens, targets and positions, and no
+// doc_ids (a token sees the earlier documents of its row).
+TEST(GptDataset, WithoutResetAttentionBatchesCarryNoDocIds) {
+  GptDatasetOptions o = OneSource(Write("no_reset", Documents(20, 1)), "100,0,0", 24, 5);
+  auto with_docs = OpenOrDie(o);
+  o.reset_attention = false;
+  auto without = OpenOrDie(o);
+  ASSERT_TRUE(with_docs && without);
+  const Batch a = with_docs->MakeBatch(Split::kTrain, 3, 7), b = without->MakeBatch(Split::kTrain, 3, 7);
+  ASSERT_TRUE(a.token_rows.has_docs());
+  EXPECT_FALSE(b.token_rows.has_docs());
+  EXPECT_EQ(Ints(a.tokens), Ints(b.tokens));
+  EXPECT_EQ(Ints(a.targets), Ints(b.targets));
+  EXPECT_EQ(Ints(a.positions), Ints(b.positions));
+  EXPECT_EQ(Ints(a.token_rows.cu_seqlens), Ints(b.token_rows.cu_seqlens));
+}
+
 TEST(GptDataset, EveryTrainDocumentOncePerEpoch) {
   const auto docs = Documents(20, 1);
   auto ds = OpenOrDie(OneSource(Write("epochs", docs), "80,10,10", 16, 11));
