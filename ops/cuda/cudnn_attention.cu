@@ -435,7 +435,9 @@ __global__ void StatsToLseKernel(const float* stats, int64_t s, int64_t h, int64
 std::string UnsupportedFeature(const Tensor& q, const Tensor& k, const CudaTokenRows& q_rows,
                                const CudaTokenRows& k_rows, const AttentionOptions& options) {
   if (options.sigmoid) return "[cudnn_attention] sigmoid attention is Loom's kernel only (model.attention_backend = loom)";
-  if (q_rows.doc_ids.defined()) return "[cudnn_attention] documents inside rows (doc_ids) are Loom's kernel only";
+  if (q_rows.doc_ids.defined())
+    return "[cudnn_attention] documents inside rows (doc_ids) are Loom's kernel only (with data.reset_attention=false "
+           "a token also sees the earlier documents of its row, and the batches carry none)";
   if (options.active.defined()) return "[cudnn_attention] MoH's active-head mask is Loom's kernel only";
   if (!(q_rows.uniform && k_rows.uniform && q_rows.rows() == k_rows.rows() && q_rows.rows() > 0 &&
         q_rows.rows() * q_rows.max_len == q.dim(0) && k_rows.rows() * k_rows.max_len == k.dim(0)))
