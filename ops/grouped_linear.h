@@ -10,10 +10,11 @@
 // [R, 2·out] holds [dya | dyb] in each row (ops/swiglu.h's backward):
 //   dx[g] = dya[g] · Wa_g + dyb[g] · Wb_g   (written, or added when accumulate_dx)
 //   dWa_g += dya[g]ᵀ · x[g],   dWb_g += dyb[g]ᵀ · x[g]
-// On the GPU dx[g] is one GEMM of depth 2·out where Wb_g directly follows
-// Wa_g in memory (model/param.h AllocateComputeCopies), else two; likewise
-// [dWa_g; dWb_g] is one GEMM of 2·out rows where dWb_g directly follows
-// dWa_g (parallel/data_parallel.h's flat gradients). With one group it is
+// On the GPU dx[g] is one GEMM of depth 2·out where Tensor::Stacked joins
+// Wa_g and Wb_g (back to back in one buffer: model/param.h
+// AllocateComputeCopies), else two; likewise [dWa_g; dWb_g] is one GEMM of
+// 2·out rows where it joins dWa_g and dWb_g (parallel/data_parallel.h's flat
+// gradients). With one group it is
 // a SwiGLU MLP's gate/up backward (model/mlp.cc).
 #pragma once
 

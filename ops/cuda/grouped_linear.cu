@@ -98,12 +98,6 @@ void CheckGrads(const std::vector<Tensor*>& dw, const std::vector<const Tensor*>
                ShapeString(w[g]->shape()), " on ", x.device().ToString());
 }
 
-// Whether b starts where a ends in memory: a pair that one GEMM can take as
-// one [2·out, in] matrix.
-bool Follows(const Tensor& b, const Tensor& a) {
-  return static_cast<const char*>(b.raw()) == static_cast<const char*>(a.raw()) + a.numel() * DTypeSize(a.dtype());
-}
-
 }  // namespace
 
 void GroupedLinearForward(const Tensor& x, const std::vector<const Tensor*>& w, const std::vector<int64_t>& rows,
@@ -174,7 +168,7 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
       const char* dya = static_cast<const char*>(dy2.raw()) + at * 2 * out * elem;
       const char* dyb = dya + out * elem;
       char* dxg = static_cast<char*>(dx.raw()) + at * in * elem;
-      if (Follows(*wb[g], *wa[g])) {  // dx = dy2 · [Wa; Wb], one GEMM of depth 2·out
+      if (Tensor::Stacked({wa[g], wb[g]}).defined()) {  // dx = dy2 · [Wa; Wb], one GEMM of depth 2·out
         Gemm(h, false, false, in, rows[g], 2 * out, wa[g]->raw(), in, dya, 2 * out, x.dtype(), beta_dx, dxg, in,
              x.dtype());
       } else {
@@ -182,7 +176,7 @@ void GroupedLinearPairBackward(const Tensor& x, const std::vector<const Tensor*>
              x.dtype());
         Gemm(h, false, false, in, rows[g], out, wb[g]->raw(), in, dyb, 2 * out, x.dtype(), 1.0f, dxg, in, x.dtype());
       }
-      if (Follows(*dwb[g], *dwa[g])) {  // [dWa; dWb] += dy2ᵀ · x, one GEMM of 2·out rows
+      if (Tensor::Stacked({dwa[g], dwb[g]}).defined()) {  // [dWa; dWb] += dy2ᵀ · x, one GEMM of 2·out rows
         Gemm(h, false, true, in, 2 * out, rows[g], xg, in, dya, 2 * out, x.dtype(), 1.0f, dwa[g]->raw(), in,
              DType::kF32);
       } else {
