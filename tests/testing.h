@@ -51,18 +51,23 @@ inline Tensor RandomTensor(const Shape& shape, DType dtype, uint64_t seed, doubl
   return dtype == DType::kF64 ? t : t.To(dtype);
 }
 
+// Columns [c0, c0 + n) of every row of a CPU f64 [rows, width] tensor, as
+// [rows, n]: a block of a packed row (ops/stacked_linear.h's y, ops/rope.h's
+// q, k, v as heads · D columns).
+inline Tensor Columns(const Tensor& t, int64_t c0, int64_t n) {
+  const int64_t rows = t.dim(0), width = t.dim(1);
+  Tensor out = Tensor::Empty({rows, n}, DType::kF64);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) out.data<double>()[r * n + c] = t.data<double>()[r * width + c0 + c];
+  return out;
+}
+
 // The two column halves of a CPU f64 [N, 2F] tensor's rows, as [N, F]
 // tensors: a packed [dgate | dup] (ops/swiglu.h) or [dya | dyb]
 // (ops/grouped_linear.h) row split in two.
 inline std::pair<Tensor, Tensor> SplitRowHalves(const Tensor& t) {
-  const int64_t n = t.dim(0), f = t.dim(1) / 2;
-  Tensor a = Tensor::Empty({n, f}, DType::kF64), b = Tensor::Empty({n, f}, DType::kF64);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < f; ++j) {
-      a.data<double>()[i * f + j] = t.data<double>()[i * 2 * f + j];
-      b.data<double>()[i * f + j] = t.data<double>()[i * 2 * f + f + j];
-    }
-  return {a, b};
+  const int64_t f = t.dim(1) / 2;
+  return {Columns(t, 0, f), Columns(t, f, f)};
 }
 
 // A pointer to each tensor of v: the per-group weights and gradients the

@@ -69,11 +69,8 @@ TEST(Rope, GradientsMatchFiniteDifferences) {
 
 // Heads [h0, h0 + n) of every row of x [T, H, D] (f64), as [T, n, D].
 Tensor Heads(const Tensor& x, int64_t h0, int64_t n) {
-  const int64_t t_len = x.dim(0), heads = x.dim(1), d = x.dim(2);
-  Tensor out = Tensor::Empty({t_len, n, d}, DType::kF64);
-  for (int64_t t = 0; t < t_len; ++t)
-    for (int64_t i = 0; i < n * d; ++i) out.data<double>()[t * n * d + i] = x.data<double>()[(t * heads + h0) * d + i];
-  return out;
+  const int64_t t_len = x.dim(0), d = x.dim(2);
+  return testing::Columns(x.Reshape({t_len, x.dim(1) * d}), h0 * d, n * d).Reshape({t_len, n, d});
 }
 
 ::testing::AssertionResult Equal(const Tensor& a, const Tensor& b) {

@@ -9,18 +9,11 @@ namespace loom {
 namespace {
 
 using testing::AllClose;
+using testing::Columns;
 using testing::RandomTensor;
 
 constexpr int64_t kRows = 5, kIn = 6;
 const std::vector<int64_t> kOut = {4, 2, 3};
-
-// Columns [c0, c0 + n) of every row of a [rows, width] f64 tensor.
-Tensor Columns(const Tensor& t, int64_t c0, int64_t n) {
-  Tensor out = Tensor::Empty({t.dim(0), n}, DType::kF64);
-  for (int64_t r = 0; r < t.dim(0); ++r)
-    for (int64_t c = 0; c < n; ++c) out.data<double>()[r * n + c] = t.data<double>()[r * t.dim(1) + c0 + c];
-  return out;
-}
 
 // The weights (and gradients) as slices of one buffer, back to back, or
 // as separate tensors with the same values.
