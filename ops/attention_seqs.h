@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "runtime/tensor.h"
 
@@ -36,5 +37,18 @@ struct TokenRows {
   // it is checked against cu_seqlens and doc_ids on every use.
   mutable std::shared_ptr<TokenRowsDeviceCopy> device_copy;
 };
+
+// Each document of each row as a row of its own: rows of the result are the
+// runs of one doc id inside a row (one run a row without doc_ids), in
+// order; row r's documents are the result's rows [first[r], first[r + 1]).
+// Rows must follow each other without gaps (the first starts where it
+// starts; a gap before a row would join the previous row's last document).
+// The lightning ops run documents through the CUDA kernels this way, and
+// cuDNN's ragged attention graphs take them as their sequences.
+struct DocumentRows {
+  TokenRows rows;
+  std::vector<int64_t> first;
+};
+DocumentRows SplitAtDocuments(const TokenRows& rows);
 
 }  // namespace loom::ops

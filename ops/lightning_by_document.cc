@@ -8,27 +8,6 @@
 namespace loom::ops::by_document {
 namespace {
 
-// Each document of each row as a row of its own: row r's documents are the
-// rows [first[r], first[r + 1]).
-struct DocumentRows {
-  TokenRows rows;
-  std::vector<int64_t> first;
-};
-
-DocumentRows SplitAtDocuments(const TokenRows& rows) {
-  DocumentRows out;
-  std::vector<int32_t> cu = {static_cast<int32_t>(rows.rows() > 0 ? rows.begin(0) : 0)};
-  for (int64_t r = 0; r < rows.rows(); ++r) {
-    out.first.push_back(static_cast<int64_t>(cu.size()) - 1);
-    for (int64_t t = rows.begin(r) + 1; t < rows.end(r); ++t)
-      if (rows.doc(t) != rows.doc(t - 1)) cu.push_back(static_cast<int32_t>(t));
-    cu.push_back(static_cast<int32_t>(rows.end(r)));
-  }
-  out.first.push_back(static_cast<int64_t>(cu.size()) - 1);
-  out.rows.cu_seqlens = Tensor::FromVector(cu, {static_cast<int64_t>(cu.size())});
-  return out;
-}
-
 // A per-row state [R, …] moved to per-document rows [N, …]: row r's to its
 // first (or last) document, zeros elsewhere; undefined stays undefined.
 Tensor StateToDocuments(const Tensor& state, const DocumentRows& docs, bool last) {

@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "ops/attention_seqs.h"
 #include "runtime/cuda_runtime.h"
@@ -96,6 +97,13 @@ struct CudaTokenRows {
   int64_t max_len = 0; // longest row
   bool uniform = false;  // every row max_len long and the rows tile [0, T)
   int64_t rows() const { return cu_seqlens.numel() - 1; }
+  // Where the rows follow each other from token 0 without gaps and hold
+  // documents or differ in length: every document of every row as a
+  // sequence of its own (ops::SplitAtDocuments), which cuDNN's ragged
+  // graphs take. Empty, and doc_cu_seqlens undefined, otherwise.
+  std::vector<int32_t> doc_bounds;  // host, [N+1]
+  Tensor doc_cu_seqlens;            // the same, i32 [N+1], CUDA
+  int64_t doc_max_len = 0;          // longest document
 };
 // Copies host rows to `device` (synchronously: do it once per batch).
 CudaTokenRows ToDevice(const TokenRows& rows, int device);
@@ -128,9 +136,11 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
                             CudaStream stream = nullptr);
 
 // cuDNN's SDPA through the backend graph API: softmax only, causal or full,
-// GQA, uniform rows (q_rows.uniform and k_rows.uniform), head dims that
-// are multiples of 8 up to 128; no doc_ids, no sigmoid, no causal offsets
-// (refused with a message). Forward and backward verified on an H100
+// GQA, head dims that are multiples of 8 up to 128; uniform rows as a
+// [B, H, S, D] batch, and documents inside rows (or varlen rows that follow
+// each other from token 0) as ragged sequences (CudaTokenRows::doc_bounds)
+// with q_rows and k_rows alike; no sigmoid, no causal offsets, no MoH mask
+// (refused with a message). Verified on an H100
 // (tests/gpu/cudnn_attention_gpu_test.cc).
 void CudnnAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                            const CudaTokenRows& k_rows, const AttentionOptions& options, Tensor& o, Tensor& lse,

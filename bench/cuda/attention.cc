@@ -1,10 +1,15 @@
 // loom-bench --what=attention [--steps N] [--json] [--attention_d=128]
 //   [--attention_kv_heads=32,8] [--attention_seq=4096,16384,65536]
+//   [--attention_doc=0]
 // Loom's flash attention against cuDNN's SDPA in the same run; by default
 // issue 8's grid: 65,536 tokens a batch (B·S), Hq = 32 with Hk = 32 and 8,
 // D = 128, S in {4K, 16K, 64K}, causal, bf16. gpu_1b_softmax's attention is
 // --attention_d=64 --attention_kv_heads=4 --attention_seq=8192.
-//   FLOPs: forward 4·B·S²·Hq·D / 2 (causal counts half), backward 2.5x that.
+// --attention_doc=N splits every row into documents of N tokens (the last
+// shorter), as packed text with data.reset_attention: cuDNN then runs
+// ragged sequences.
+//   FLOPs: forward 4·S²·Hq·D / 2 a document of S tokens (causal counts
+// half), backward 2.5x that.
 // Times are CUDA-event medians of --steps runs after one warm-up; the inputs
 // are random (never zeros). A separate untimed pass prints
 // ‖o_loom − o_cudnn‖ / ‖o_cudnn‖ in the same row.
@@ -25,6 +30,7 @@
 ABSL_FLAG(int, attention_d, 128, "head dimension (64 or 128)");
 ABSL_FLAG(std::string, attention_kv_heads, "32,8", "KV head counts (of 32 query heads), comma separated");
 ABSL_FLAG(std::string, attention_seq, "4096,16384,65536", "sequence lengths (each a divisor of 65,536)");
+ABSL_FLAG(int, attention_doc, 0, "tokens a document inside each row (0: one document a row)");
 
 namespace loom {
 namespace {
@@ -63,11 +69,22 @@ int BenchAttention(const config::Config&) {
     Tensor dk = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dv = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
     for (int64_t s : *seqs) {
-      const int64_t b = kTokens / s;
-      const auto rows = ops::cuda::ToDevice(ops::TokenRows::Uniform(b, s), 0);
+      const int64_t b = kTokens / s, doc = absl::GetFlag(FLAGS_attention_doc) > 0
+                                                  ? std::min<int64_t>(absl::GetFlag(FLAGS_attention_doc), s)
+                                                  : s;
+      ops::TokenRows host_rows = ops::TokenRows::Uniform(b, s);
+      double square_sum = 0;  // Σ over documents of their length²
+      if (doc < s) {
+        host_rows.doc_ids = Tensor::Empty({kTokens}, DType::kI32);
+        for (int64_t t = 0; t < kTokens; ++t)
+          host_rows.doc_ids.data<int32_t>()[t] = static_cast<int32_t>((t / s) * (s / doc + 1) + (t % s) / doc);
+      }
+      for (int64_t start = 0; start < s; start += doc) square_sum += std::pow(double(std::min(doc, s - start)), 2);
+      square_sum *= b;
+      const auto rows = ops::cuda::ToDevice(host_rows, 0);
       ops::AttentionOptions options;
       options.causal = true;
-      const double fwd_flops = 4.0 * b * s * s * kHq * kD / 2, bwd_flops = 2.5 * fwd_flops;
+      const double fwd_flops = 4.0 * square_sum * kHq * kD / 2, bwd_flops = 2.5 * fwd_flops;
       using ops::cuda::AttentionBackend;
       double cf = NAN, cb = NAN, diff = NAN;
       const double lf = MedianSeconds(steps, [&] {

@@ -13,6 +13,15 @@
 // Layout: Loom's token-major [T, H, D] rows of uniform length S are the
 // strided 4-D tensors [B, H, S, D] with strides (S·H·D, D, H·D, 1); stats are
 // cuDNN's packed [B, H, S, 1] f32, transposed to and from Loom's lse [T, H].
+// Documents inside rows (and varlen rows) are ragged: each document is one
+// of B sequences of at most S tokens, its tensors located by per-sequence
+// element offsets (CUDNN_ATTR_TENSOR_RAGGED_OFFSET_DESC) and bounded by
+// per-sequence lengths, which mask the scores (row < len_q and col < len_kv,
+// before the causal mask) and limit every matmul (its M/N/K overrides), as
+// cudnn-frontend's padding mask with ragged offsets lowers. The stats are
+// then Loom's lse itself: [B, H, S, 1] with strides (H·S, 1, H, 1) and
+// offsets start·H. B and S are rounded up to powers of two, the extra
+// sequences of length 0, so that a run builds few plans.
 // Plans are built once per shape and cached (building one takes tens of ms).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -76,6 +85,7 @@ using DescPtr = std::shared_ptr<Desc>;
 // Unique ids of the tensors a caller binds.
 enum Uid : int64_t {
   kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kShift, kDO, kDQ, kDK, kDV, kOne, kDelta, kDQAccum,
+  kSeqQ, kSeqKV, kQOffsets, kKOffsets, kStatsOffsets, kDKHeads, kDVHeads, kLengthNegInf,
   kVirtual = 100,
 };
 
@@ -84,8 +94,9 @@ class Graph {
  public:
   explicit Graph(cudnnHandle_t handle) : handle_(handle) {}
 
+  // `ragged`: the tensor of its sequences' element offsets (ragged graphs).
   DescPtr Tensor(std::vector<int64_t> dims, std::vector<int64_t> strides, cudnnDataType_t type, int64_t uid,
-                 bool is_virtual, bool by_value = false) {
+                 bool is_virtual, bool by_value = false, const DescPtr& ragged = nullptr) {
     auto t = Keep(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
     Ok(cudnnBackendSetAttribute(t->get(), CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &type), "tensor type");
     Ok(cudnnBackendSetAttribute(t->get(), CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, dims.size(), dims.data()),
@@ -98,6 +109,7 @@ class Graph {
     t->Set(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, int64_t{16}, "tensor alignment");
     t->Set(CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, is_virtual, "tensor virtual");
     if (by_value) t->Set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, true, "tensor by value");
+    if (ragged) t->SetDesc(CUDNN_ATTR_TENSOR_RAGGED_OFFSET_DESC, *ragged, "tensor ragged offsets");
     t->Finalize("tensor");
     return t;
   }
@@ -111,24 +123,34 @@ class Graph {
     return s;
   }
 
-  void Matmul(const DescPtr& a, const DescPtr& b, const DescPtr& c) {
+  // C = A B; in ragged graphs the sequence lengths that bound M, N or K
+  // (per batch entry) and a padding value of 0.
+  struct Bounds {
+    DescPtr m, n, k;
+  };
+  void Matmul(const DescPtr& a, const DescPtr& b, const DescPtr& c, const Bounds& bounds = {}) {
     auto m = Keep(CUDNN_BACKEND_MATMUL_DESCRIPTOR);
     m->Set(CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, CUDNN_DATA_FLOAT, "matmul comp type");
+    const bool bounded = bounds.m || bounds.n || bounds.k;
+    if (bounded) m->Set(CUDNN_ATTR_MATMUL_PADDING_VALUE, CUDNN_TYPE_DOUBLE, 0.0, "matmul padding value");
     m->Finalize("matmul");
     auto op = Keep(CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
     op->SetDesc(CUDNN_ATTR_OPERATION_MATMUL_ADESC, *a, "matmul a")
         .SetDesc(CUDNN_ATTR_OPERATION_MATMUL_BDESC, *b, "matmul b")
         .SetDesc(CUDNN_ATTR_OPERATION_MATMUL_CDESC, *c, "matmul c")
         .SetDesc(CUDNN_ATTR_OPERATION_MATMUL_DESC, *m, "matmul desc");
+    if (bounds.m) op->SetDesc(CUDNN_ATTR_OPERATION_MATMUL_GEMM_M_OVERRIDE_DESC, *bounds.m, "matmul m override");
+    if (bounds.n) op->SetDesc(CUDNN_ATTR_OPERATION_MATMUL_GEMM_N_OVERRIDE_DESC, *bounds.n, "matmul n override");
+    if (bounds.k) op->SetDesc(CUDNN_ATTR_OPERATION_MATMUL_GEMM_K_OVERRIDE_DESC, *bounds.k, "matmul k override");
     op->Finalize("matmul op");
     ops_.push_back(op);
   }
   // y = mode(x[, b[, t]]); axis for GEN_INDEX.
   void Pointwise(cudnnPointwiseMode_t mode, const DescPtr& x, const DescPtr& b, const DescPtr& t, const DescPtr& y,
-                 int64_t axis = -1) {
+                 int64_t axis = -1, cudnnDataType_t precision = CUDNN_DATA_FLOAT) {
     auto pw = Keep(CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
     pw->Set(CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, mode, "pointwise mode");
-    pw->Set(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, CUDNN_DATA_FLOAT, "pointwise precision");
+    pw->Set(CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, precision, "pointwise precision");
     if (axis >= 0) pw->Set(CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, axis, "pointwise axis");
     pw->Finalize("pointwise");
     auto op = Keep(CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
@@ -244,26 +266,85 @@ class Graph {
   int64_t workspace_ = 0;
 };
 
+// b sequences of at most sq (= sk) tokens when ragged.
 struct Shape4 {
   int64_t b, hq, hk, sq, sk, d;
   bool causal;
   int64_t shift;
   bool backward;
-  auto key() const { return std::make_tuple(b, hq, hk, sq, sk, d, causal, shift, backward); }
+  bool ragged;
+  auto key() const { return std::make_tuple(b, hq, hk, sq, sk, d, causal, shift, backward, ragged); }
   bool operator<(const Shape4& o) const { return key() < o.key(); }
 };
 
 // Token-major [B·S, H, D] as [B, H, S, D].
 std::vector<int64_t> TokenMajorStrides(int64_t h, int64_t s, int64_t d) { return {s * h * d, d, h * d, 1}; }
 
-// S = scale · Q Kᵀ with the causal mask applied; returns the masked scores.
-DescPtr Scores(Graph& g, const Shape4& s, const DescPtr& q, const DescPtr& k_t, const DescPtr& scale) {
+// A ragged graph's sequence lengths (i32 [B, 1, 1, 1], one tensor bound
+// twice, as lengths of q and of kv) and element offsets (i64 [B+1, 1, 1, 1]:
+// of tensors with Hq heads of D, with Hk heads of D, and of the stats);
+// all null for a uniform batch.
+struct Ragged {
+  DescPtr len_q, len_kv, q_offsets, k_offsets, stats_offsets;
+  Ragged(Graph& g, const Shape4& s) {
+    if (!s.ragged) return;
+    auto lengths = [&](int64_t uid) { return g.Tensor({s.b, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_INT32, uid, false); };
+    auto offsets = [&](int64_t uid) {
+      return g.Tensor({s.b + 1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_INT64, uid, false);
+    };
+    len_q = lengths(kSeqQ);
+    len_kv = lengths(kSeqKV);
+    q_offsets = offsets(kQOffsets);
+    k_offsets = offsets(kKOffsets);
+    stats_offsets = offsets(kStatsOffsets);
+  }
+  // The stats (and Δ) [B, Hq, S, 1]: packed, or Loom's lse layout [T, Hq].
+  DescPtr Stats(Graph& g, const Shape4& s, int64_t uid) const {
+    if (!s.ragged) return g.Tensor({s.b, s.hq, s.sq, 1}, {s.hq * s.sq, s.sq, 1, 1}, CUDNN_DATA_FLOAT, uid, false);
+    return g.Tensor({s.b, s.hq, s.sq, 1}, {s.hq * s.sq, 1, s.hq, 1}, CUDNN_DATA_FLOAT, uid, false, false,
+                    stats_offsets);
+  }
+};
+
+// Masks scores x [B, Hq, Sq, Sk] to −∞ outside each sequence's length
+// (rows past len_q, columns past len_kv); x itself for a uniform batch.
+DescPtr LengthMask(Graph& g, const Shape4& s, const Ragged& ragged, const DescPtr& x) {
+  if (!s.ragged) return x;
+  const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk};
+  auto row = g.Virtual(sdims, CUDNN_DATA_INT32);
+  g.Pointwise(CUDNN_POINTWISE_GEN_INDEX, x, nullptr, nullptr, row, 2, CUDNN_DATA_INT32);
+  auto col = g.Virtual(sdims, CUDNN_DATA_INT32);
+  g.Pointwise(CUDNN_POINTWISE_GEN_INDEX, x, nullptr, nullptr, col, 3, CUDNN_DATA_INT32);
+  auto row_in = g.Virtual(sdims, CUDNN_DATA_BOOLEAN);
+  g.Pointwise(CUDNN_POINTWISE_CMP_LT, row, ragged.len_q, nullptr, row_in, -1, CUDNN_DATA_BOOLEAN);
+  auto col_in = g.Virtual(sdims, CUDNN_DATA_BOOLEAN);
+  g.Pointwise(CUDNN_POINTWISE_CMP_LT, col, ragged.len_kv, nullptr, col_in, -1, CUDNN_DATA_BOOLEAN);
+  auto inside = g.Virtual(sdims, CUDNN_DATA_BOOLEAN);
+  g.Pointwise(CUDNN_POINTWISE_LOGICAL_AND, row_in, col_in, nullptr, inside, -1, CUDNN_DATA_BOOLEAN);
+  auto neg_inf = g.Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kLengthNegInf, false, true);
+  auto masked = g.Virtual(sdims);
+  g.Pointwise(CUDNN_POINTWISE_BINARY_SELECT, x, neg_inf, inside, masked);
+  return masked;
+}
+
+// S = scale · Q Kᵀ with the masks applied; returns the masked scores. With
+// `stats` (the backward's), S − stats: a ragged graph subtracts them before
+// the masks, as cudnn-frontend does, a uniform one after them.
+DescPtr Scores(Graph& g, const Shape4& s, const Ragged& ragged, const DescPtr& q, const DescPtr& k_t,
+               const DescPtr& scale, const DescPtr& stats = nullptr) {
   const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk};
   auto raw = g.Virtual(sdims);
-  g.Matmul(q, k_t, raw);
+  g.Matmul(q, k_t, raw, {ragged.len_q, ragged.len_kv, nullptr});
   auto scaled = g.Virtual(sdims);
   g.Pointwise(CUDNN_POINTWISE_MUL, raw, scale, nullptr, scaled);
-  if (!s.causal) return scaled;
+  auto minus_stats = [&](const DescPtr& x) {
+    if (!stats) return x;
+    auto centred = g.Virtual(sdims);
+    g.Pointwise(CUDNN_POINTWISE_SUB, x, stats, nullptr, centred);
+    return centred;
+  };
+  if (s.ragged) scaled = LengthMask(g, s, ragged, minus_stats(scaled));
+  if (!s.causal) return s.ragged ? scaled : minus_stats(scaled);
   // visible iff row − shift ≥ col
   auto row = g.Virtual(sdims, CUDNN_DATA_INT32);
   g.Pointwise(CUDNN_POINTWISE_GEN_INDEX, scaled, nullptr, nullptr, row, 2);
@@ -280,20 +361,26 @@ DescPtr Scores(Graph& g, const Shape4& s, const DescPtr& q, const DescPtr& k_t, 
   auto neg_inf = g.Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kNegInf, false, true);
   auto masked = g.Virtual(sdims);
   g.Pointwise(CUDNN_POINTWISE_BINARY_SELECT, scaled, neg_inf, visible, masked);
-  return masked;
+  return s.ragged ? masked : minus_stats(masked);
 }
 
 std::unique_ptr<Graph> BuildForward(cudnnHandle_t handle, const Shape4& s) {
   auto g = std::make_unique<Graph>(handle);
-  auto q = g->Tensor({s.b, s.hq, s.sq, s.d}, TokenMajorStrides(s.hq, s.sq, s.d), CUDNN_DATA_BFLOAT16, kQ, false);
+  const Ragged ragged(*g, s);
+  const auto bf16 = CUDNN_DATA_BFLOAT16;
+  auto q = g->Tensor({s.b, s.hq, s.sq, s.d}, TokenMajorStrides(s.hq, s.sq, s.d), bf16, kQ, false, false,
+                     ragged.q_offsets);
   // Kᵀ: [B, Hk, D, Sk] over K's memory.
-  auto k_t = g->Tensor({s.b, s.hk, s.d, s.sk}, {s.sk * s.hk * s.d, s.d, 1, s.hk * s.d}, CUDNN_DATA_BFLOAT16, kK, false);
-  auto v = g->Tensor({s.b, s.hk, s.sk, s.d}, TokenMajorStrides(s.hk, s.sk, s.d), CUDNN_DATA_BFLOAT16, kV, false);
-  auto o = g->Tensor({s.b, s.hq, s.sq, s.d}, TokenMajorStrides(s.hq, s.sq, s.d), CUDNN_DATA_BFLOAT16, kO, false);
-  auto stats = g->Tensor({s.b, s.hq, s.sq, 1}, {s.hq * s.sq, s.sq, 1, 1}, CUDNN_DATA_FLOAT, kStats, false);
+  auto k_t = g->Tensor({s.b, s.hk, s.d, s.sk}, {s.sk * s.hk * s.d, s.d, 1, s.hk * s.d}, bf16, kK, false, false,
+                       ragged.k_offsets);
+  auto v = g->Tensor({s.b, s.hk, s.sk, s.d}, TokenMajorStrides(s.hk, s.sk, s.d), bf16, kV, false, false,
+                     ragged.k_offsets);
+  auto o = g->Tensor({s.b, s.hq, s.sq, s.d}, TokenMajorStrides(s.hq, s.sq, s.d), bf16, kO, false, false,
+                     ragged.q_offsets);
+  auto stats = ragged.Stats(*g, s, kStats);
   const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk}, rdims{s.b, s.hq, s.sq, 1};
   auto scale = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
-  auto scores = Scores(*g, s, q, k_t, scale);
+  auto scores = Scores(*g, s, ragged, q, k_t, scale);
   auto max = g->Virtual(rdims);
   g->Reduction(CUDNN_REDUCE_TENSOR_MAX, scores, max);
   auto centred = g->Virtual(sdims);
@@ -309,7 +396,7 @@ std::unique_ptr<Graph> BuildForward(cudnnHandle_t handle, const Shape4& s) {
   // have the same datatype"): P is rounded to bf16 like V.
   auto p = g->Virtual(sdims, CUDNN_DATA_BFLOAT16);
   g->Pointwise(CUDNN_POINTWISE_DIV, e, z, nullptr, p);
-  g->Matmul(p, v, o);
+  g->Matmul(p, v, o, {ragged.len_q, nullptr, ragged.len_kv});
   g->Build();
   return g;
 }
@@ -330,53 +417,60 @@ std::unique_ptr<Graph> BuildForward(cudnnHandle_t handle, const Shape4& s) {
 // with an illegal address; which difference mattered was not isolated.)
 std::unique_ptr<Graph> BuildBackward(cudnnHandle_t handle, const Shape4& s) {
   auto g = std::make_unique<Graph>(handle);
+  const Ragged ragged(*g, s);
+  const auto bf16 = CUDNN_DATA_BFLOAT16;
   const auto qs = TokenMajorStrides(s.hq, s.sq, s.d), ks = TokenMajorStrides(s.hk, s.sk, s.d);
   const std::vector<int64_t> kt_strides{s.sk * s.hk * s.d, s.d, 1, s.hk * s.d};
-  auto q = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kQ, false);
-  auto k_t = g->Tensor({s.b, s.hk, s.d, s.sk}, kt_strides, CUDNN_DATA_BFLOAT16, kK, false);
-  auto v_t = g->Tensor({s.b, s.hk, s.d, s.sk}, kt_strides, CUDNN_DATA_BFLOAT16, kV, false);
-  auto o = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kO, false);
-  auto d_o = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kDO, false);
-  auto stats = g->Tensor({s.b, s.hq, s.sq, 1}, {s.hq * s.sq, s.sq, 1, 1}, CUDNN_DATA_FLOAT, kStats, false);
-  auto dq = g->Tensor({s.b, s.hq, s.sq, s.d}, qs, CUDNN_DATA_BFLOAT16, kDQ, false);
-  auto dk = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kDK, false);
-  auto dv = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kDV, false);
+  const std::vector<int64_t> qdims{s.b, s.hq, s.sq, s.d}, kdims{s.b, s.hk, s.sk, s.d}, kt_dims{s.b, s.hk, s.d, s.sk};
+  auto q_like = [&](int64_t uid) { return g->Tensor(qdims, qs, bf16, uid, false, false, ragged.q_offsets); };
+  auto q = q_like(kQ), o = q_like(kO), d_o = q_like(kDO), dq = q_like(kDQ);
+  auto k_t = g->Tensor(kt_dims, kt_strides, bf16, kK, false, false, ragged.k_offsets);
+  auto v_t = g->Tensor(kt_dims, kt_strides, bf16, kV, false, false, ragged.k_offsets);
+  auto dk = g->Tensor(kdims, ks, bf16, kDK, false, false, ragged.k_offsets);
+  auto dv = g->Tensor(kdims, ks, bf16, kDV, false, false, ragged.k_offsets);
+  auto stats = ragged.Stats(*g, s, kStats);
   auto scale = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kScale, false, true);
   auto one = g->Tensor({1, 1, 1, 1}, {1, 1, 1, 1}, CUDNN_DATA_FLOAT, kOne, false, true);
   const std::vector<int64_t> sdims{s.b, s.hq, s.sq, s.sk}, rdims{s.b, s.hq, s.sq, 1};
   const std::vector<int64_t> transposed{s.hq * s.sq * s.sk, s.sq * s.sk, 1, s.sk};  // [B, Hq, Sk, Sq] over S
+  // M, N, K of the products: rows of S are queries, columns keys.
+  const Graph::Bounds by_q_kv{ragged.len_q, ragged.len_kv, nullptr}, by_kv_q{ragged.len_kv, nullptr, ragged.len_q},
+      by_q_over_kv{ragged.len_q, nullptr, ragged.len_kv};
 
   // Δ = rowsum(dO ⊙ O) · 1 (the factor is where dropout's 1 − p would go)
-  auto do_o = g->Virtual({s.b, s.hq, s.sq, s.d});
+  auto do_o = g->Virtual(qdims);
   g->Pointwise(CUDNN_POINTWISE_MUL, d_o, o, nullptr, do_o);
   auto do_o_sum = g->Virtual(rdims);
   g->Reduction(CUDNN_REDUCE_TENSOR_ADD, do_o, do_o_sum);
-  auto delta = g->Tensor(rdims, Graph::Packed(rdims), CUDNN_DATA_FLOAT, kDelta, false);
+  auto delta = s.ragged ? ragged.Stats(*g, s, kDelta)
+                        : g->Tensor(rdims, Graph::Packed(rdims), CUDNN_DATA_FLOAT, kDelta, false);
   g->Pointwise(CUDNN_POINTWISE_MUL, do_o_sum, one, nullptr, delta);
   // P = exp(scale · Q Kᵀ (masked) − stats)
-  auto scores = Scores(*g, s, q, k_t, scale);
-  auto centred = g->Virtual(sdims);
-  g->Pointwise(CUDNN_POINTWISE_SUB, scores, stats, nullptr, centred);
+  auto centred = Scores(*g, s, ragged, q, k_t, scale, stats);
   auto p = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_EXP, centred, nullptr, nullptr, p);
   // dV = Pᵀ dO
-  auto p_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, transposed, CUDNN_DATA_BFLOAT16, kVirtual, true);
+  auto p_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, transposed, bf16, kVirtual, true);
   g->Reshape(p, p_t);
   const bool gqa = s.hk != s.hq;
-  auto per_head = [&] {  // [B, Hq, Sk, D] bf16, summed over the group into dK or dV
+  // [B, Hq, Sk, D] bf16, summed over the group into dK or dV: virtual, or
+  // in ragged graphs (as cudnn-frontend has them) in memory, token-major
+  // with Hq heads, located by dK's offsets times the group size.
+  auto per_head = [&](int64_t uid) {
     const std::vector<int64_t> dims{s.b, s.hq, s.sk, s.d};
-    return g->Tensor(dims, Graph::Packed(dims), CUDNN_DATA_BFLOAT16, kVirtual, true);
+    if (s.ragged) return g->Tensor(dims, TokenMajorStrides(s.hq, s.sk, s.d), bf16, uid, false, false, ragged.k_offsets);
+    return g->Tensor(dims, Graph::Packed(dims), bf16, kVirtual, true);
   };
   if (gqa) {
-    auto dv_heads = per_head();
-    g->Matmul(p_t, d_o, dv_heads);
+    auto dv_heads = per_head(kDVHeads);
+    g->Matmul(p_t, d_o, dv_heads, by_kv_q);
     g->Reduction(CUDNN_REDUCE_TENSOR_ADD, dv_heads, dv);
   } else {
-    g->Matmul(p_t, d_o, dv);
+    g->Matmul(p_t, d_o, dv, by_kv_q);
   }
   // dS = scale · (dO Vᵀ − Δ) ⊙ P
   auto dp = g->Virtual(sdims);
-  g->Matmul(d_o, v_t, dp);
+  g->Matmul(d_o, v_t, dp, by_q_kv);
   auto dp_centred = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_SUB, dp, delta, nullptr, dp_centred);
   auto ds_unscaled = g->Virtual(sdims);
@@ -384,21 +478,21 @@ std::unique_ptr<Graph> BuildBackward(cudnnHandle_t handle, const Shape4& s) {
   auto ds = g->Virtual(sdims);
   g->Pointwise(CUDNN_POINTWISE_MUL, ds_unscaled, scale, nullptr, ds);
   // dK = dSᵀ Q
-  auto ds_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, transposed, CUDNN_DATA_BFLOAT16, kVirtual, true);
+  auto ds_t = g->Tensor({s.b, s.hq, s.sk, s.sq}, transposed, bf16, kVirtual, true);
   g->Reshape(ds, ds_t);
   if (gqa) {
-    auto dk_heads = per_head();
-    g->Matmul(ds_t, q, dk_heads);
+    auto dk_heads = per_head(kDKHeads);
+    g->Matmul(ds_t, q, dk_heads, by_kv_q);
     g->Reduction(CUDNN_REDUCE_TENSOR_ADD, dk_heads, dk);
   } else {
-    g->Matmul(ds_t, q, dk);
+    g->Matmul(ds_t, q, dk, by_kv_q);
   }
   // dQ = dS K into the f32 accumulator, then rounded into dQ
-  auto k = g->Tensor({s.b, s.hk, s.sk, s.d}, ks, CUDNN_DATA_BFLOAT16, kVirtual, true);
+  auto k = g->Tensor(kdims, ks, bf16, kVirtual, true, false, ragged.k_offsets);
   g->Reshape(k_t, k);
-  const std::vector<int64_t> qdims{s.b, s.hq, s.sq, s.d};
-  auto dq_acc = g->Tensor(qdims, Graph::Packed(qdims), CUDNN_DATA_FLOAT, kDQAccum, false);
-  g->Matmul(ds, k, dq_acc);
+  auto dq_acc = s.ragged ? g->Tensor(qdims, qs, CUDNN_DATA_FLOAT, kDQAccum, false, false, ragged.q_offsets)
+                         : g->Tensor(qdims, Graph::Packed(qdims), CUDNN_DATA_FLOAT, kDQAccum, false);
+  g->Matmul(ds, k, dq_acc, by_q_over_kv);
   g->Pointwise(CUDNN_POINTWISE_IDENTITY, dq_acc, nullptr, nullptr, dq);
   g->Build();
   return g;
@@ -431,18 +525,54 @@ __global__ void StatsToLseKernel(const float* stats, int64_t s, int64_t h, int64
   lse[i] = stats[(b * h + hh) * s + t];
 }
 
+// Whether the call's tokens are ragged sequences (documents inside rows, or
+// rows of different lengths) rather than a uniform batch.
+bool IsRagged(const CudaTokenRows& q_rows, const CudaTokenRows& k_rows) {
+  return q_rows.doc_ids.defined() || k_rows.doc_ids.defined() || !q_rows.uniform || !k_rows.uniform;
+}
+
+// A power of two ≥ n and ≥ floor: ragged plans are built per (sequences,
+// longest sequence), rounded so that a run needs few of them.
+int64_t Bucket(int64_t n, int64_t floor) {
+  int64_t b = floor;
+  while (b < n) b *= 2;
+  return b;
+}
+
+// A ragged call's sequence lengths (i32 [b]) and element offsets (i64
+// [b+1]: of q-like tensors, k-like tensors and the stats) from the
+// documents' token bounds cu [n+1]; sequences n..b−1 are empty, at the end.
+__global__ void RaggedOffsetsKernel(const int32_t* cu, int64_t n, int64_t b, int64_t q_token, int64_t k_token,
+                                    int64_t stats_token, int32_t* lengths, int64_t* q_off, int64_t* k_off,
+                                    int64_t* stats_off) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i > b) return;
+  const int64_t start = cu[i < n ? i : n];
+  q_off[i] = start * q_token;
+  k_off[i] = start * k_token;
+  stats_off[i] = start * stats_token;
+  if (i < b) lengths[i] = i < n ? cu[i + 1] - cu[i] : 0;
+}
+
 // What of the call the graphs below do not express ("" if nothing).
 std::string UnsupportedFeature(const Tensor& q, const Tensor& k, const CudaTokenRows& q_rows,
                                const CudaTokenRows& k_rows, const AttentionOptions& options) {
   if (options.sigmoid) return "[cudnn_attention] sigmoid attention is Loom's kernel only (model.attention_backend = loom)";
-  if (q_rows.doc_ids.defined())
-    return "[cudnn_attention] documents inside rows (doc_ids) are Loom's kernel only (with data.reset_attention=false "
-           "a token also sees the earlier documents of its row, and the batches carry none)";
   if (options.active.defined()) return "[cudnn_attention] MoH's active-head mask is Loom's kernel only";
-  if (!(q_rows.uniform && k_rows.uniform && q_rows.rows() == k_rows.rows() && q_rows.rows() > 0 &&
-        q_rows.rows() * q_rows.max_len == q.dim(0) && k_rows.rows() * k_rows.max_len == k.dim(0)))
-    return "[cudnn_attention] rows must be uniform and cover q and k (ops::cuda::ToDevice sets .uniform); varlen "
-           "rows are Loom's kernel only";
+  if (IsRagged(q_rows, k_rows)) {
+    if (!(q_rows.doc_cu_seqlens.defined() && q_rows.doc_bounds == k_rows.doc_bounds &&
+          q_rows.doc_bounds.back() == q.dim(0) && k.dim(0) == q.dim(0)))
+      return "[cudnn_attention] documents inside rows and varlen rows run as ragged sequences only where the rows "
+             "follow each other from token 0, cover q and k, and q and k have the same documents; other layouts are "
+             "Loom's kernel only";
+    if (options.k_offset != options.q_offset)
+      return "[cudnn_attention] documents with q_offset != k_offset (context-parallel blocks) are Loom's kernel only";
+    if (cudnnGetVersion() < 90600) return "[cudnn_attention] ragged sequences (documents inside rows) need cuDNN 9.6";
+    return "";
+  }
+  if (!(q_rows.rows() == k_rows.rows() && q_rows.rows() > 0 && q_rows.rows() * q_rows.max_len == q.dim(0) &&
+        k_rows.rows() * k_rows.max_len == k.dim(0)))
+    return "[cudnn_attention] uniform rows must cover q and k";
   // Measured on the H100 (cuDNN 9.19): with the row index shifted before the
   // causal compare the engine runs but returns wrong statistics, so offsets
   // are refused rather than computed wrongly.
@@ -462,8 +592,12 @@ Shape4 CheckAndShape(const Tensor& q, const Tensor& k, const Tensor& v, const Cu
   const std::string why = UnsupportedFeature(q, k, q_rows, k_rows, options);
   LOOM_CHECK(why.empty(), why);
   Shape4 s{q_rows.rows(), q.dim(1), k.dim(1), q_rows.max_len, k_rows.max_len, q.dim(2), options.causal,
-           options.k_offset - options.q_offset, backward};
-  if (!s.causal) s.shift = 0;
+           options.k_offset - options.q_offset, backward, IsRagged(q_rows, k_rows)};
+  if (!s.causal || s.ragged) s.shift = 0;
+  if (s.ragged) {
+    s.b = Bucket(static_cast<int64_t>(q_rows.doc_bounds.size()) - 1, 8);
+    s.sq = s.sk = Bucket(q_rows.doc_max_len, 64);
+  }
   return s;
 }
 
@@ -488,7 +622,92 @@ const Graph& GetGraph(int device, const Shape4& s) {
   }
 }
 
+// One execution of a cached graph: holds the state's lock, carves one
+// stream-ordered scratch allocation into 256-byte-aligned pieces (the plan's
+// workspace and, for ragged graphs, the sequence lengths and offsets, which
+// it writes), and binds the by-value scalars.
+class Call {
+ public:
+  Call(const Tensor& q, const Tensor& k, const CudaTokenRows& rows, const AttentionOptions& options, const Shape4& s,
+       CudaStream stream)
+      : lock_(GetState().mu), s_(s), stream_(static_cast<cudaStream_t>(stream)), rows_(rows) {
+    State& st = GetState();
+    const int device = q.device().index;
+    LOOM_CUDA_CHECK(cudaSetDevice(device));
+    try {
+      graph_ = &GetGraph(device, s);
+    } catch (const CudnnError& e) {
+      LOOM_CHECK(false, e.message);
+    }
+    Ok(cudnnSetStream(st.handles[device], stream_), "set stream");
+    scale_ = static_cast<float>(options.scale != 0 ? options.scale : 1.0 / std::sqrt(double(q.dim(2))));
+    shift_ = static_cast<int32_t>(s.shift);
+    q_token_ = q.dim(1) * q.dim(2);
+    k_token_ = k.dim(1) * k.dim(2);
+    workspace_ = Reserve(graph_->workspace());
+    if (s.ragged) {
+      lengths_ = Reserve(s.b * sizeof(int32_t));
+      for (size_t& at : offsets_) at = Reserve((s.b + 1) * sizeof(int64_t));
+    }
+  }
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+  ~Call() {
+    if (base_) cudaFreeAsync(base_, stream_);
+  }
+
+  size_t Reserve(size_t bytes) {
+    const size_t at = total_;
+    total_ += (bytes + 255) / 256 * 256;
+    return at;
+  }
+  void Allocate() {
+    LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&base_), std::max<size_t>(total_, 256), stream_));
+    if (!s_.ragged) return;
+    const int64_t n = static_cast<int64_t>(rows_.doc_bounds.size()) - 1;
+    RaggedOffsetsKernel<<<(s_.b + 1 + 255) / 256, 256, 0, stream_>>>(
+        rows_.doc_cu_seqlens.data<int32_t>(), n, s_.b, q_token_, k_token_, s_.hq,
+        reinterpret_cast<int32_t*>(at(lengths_)), reinterpret_cast<int64_t*>(at(offsets_[0])),
+        reinterpret_cast<int64_t*>(at(offsets_[1])), reinterpret_cast<int64_t*>(at(offsets_[2])));
+    LOOM_CUDA_CHECK(cudaGetLastError());
+  }
+  char* at(size_t piece) const { return base_ + piece; }
+  cudaStream_t stream() const { return stream_; }
+  void Bind(int64_t uid, void* ptr) { uids_.push_back(uid), ptrs_.push_back(ptr); }
+
+  void Execute() {
+    Bind(kScale, &scale_);
+    if (s_.backward) Bind(kOne, &one_);
+    if (s_.causal) Bind(kNegInf, &neg_inf_);
+    if (s_.causal && s_.shift != 0) Bind(kShift, &shift_);
+    if (s_.ragged) {
+      Bind(kSeqQ, at(lengths_)), Bind(kSeqKV, at(lengths_)), Bind(kLengthNegInf, &neg_inf_);
+      Bind(kQOffsets, at(offsets_[0])), Bind(kKOffsets, at(offsets_[1])), Bind(kStatsOffsets, at(offsets_[2]));
+    }
+    try {
+      graph_->Execute(uids_, ptrs_, at(workspace_));
+    } catch (const CudnnError& e) {
+      LOOM_CHECK(false, e.message);
+    }
+  }
+
+ private:
+  std::lock_guard<std::mutex> lock_;
+  const Shape4 s_;
+  cudaStream_t stream_;
+  const CudaTokenRows& rows_;
+  const Graph* graph_ = nullptr;
+  float scale_ = 1, one_ = 1, neg_inf_ = -INFINITY;
+  int32_t shift_ = 0;
+  int64_t q_token_ = 0, k_token_ = 0;
+  size_t total_ = 0, workspace_ = 0, lengths_ = 0, offsets_[3] = {0, 0, 0};  // offsets of q, k, stats
+  char* base_ = nullptr;
+  std::vector<int64_t> uids_;
+  std::vector<void*> ptrs_;
+};
+
 }  // namespace
+
 
 std::string CudnnAttentionUnsupported(const Tensor& q, const Tensor& k, const Tensor& v, const CudaTokenRows& q_rows,
                                       const CudaTokenRows& k_rows, const AttentionOptions& options,
@@ -515,38 +734,20 @@ void CudnnAttentionForward(const Tensor& q, const Tensor& k, const Tensor& v, co
   LOOM_CHECK(lse.defined() && lse.shape() == (Shape{q.dim(0), q.dim(1)}) && lse.dtype() == DType::kF32 &&
                  lse.device() == q.device(),
              "[cudnn_attention] lse must be f32 [Tq, Hq] on q's device");
-  State& st = GetState();
-  std::lock_guard<std::mutex> lock(st.mu);
-  const int device = q.device().index;
-  LOOM_CUDA_CHECK(cudaSetDevice(device));
-  const Graph* g = nullptr;
-  try {
-    g = &GetGraph(device, s);
-  } catch (const CudnnError& e) {
-    LOOM_CHECK(false, e.message);
-  }
-  auto cs = static_cast<cudaStream_t>(stream);
-  Ok(cudnnSetStream(st.handles[device], cs), "set stream");
+  Call call(q, k, q_rows, options, s, stream);
   const int64_t n = lse.numel();
-  char* scratch = nullptr;
-  const size_t stats_bytes = (n * sizeof(float) + 255) / 256 * 256;
-  LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&scratch), stats_bytes + g->workspace(), cs));
-  float scale = static_cast<float>(options.scale != 0 ? options.scale : 1.0 / std::sqrt(double(q.dim(2))));
-  float neg_inf = -INFINITY;
-  int32_t shift = static_cast<int32_t>(s.shift);
-  std::vector<int64_t> uids{kQ, kK, kV, kO, kStats, kScale};
-  std::vector<void*> ptrs{q.raw(), k.raw(), v.raw(), o.raw(), scratch, &scale};
-  if (s.causal) uids.push_back(kNegInf), ptrs.push_back(&neg_inf);
-  if (s.causal && s.shift != 0) uids.push_back(kShift), ptrs.push_back(&shift);
-  try {
-    g->Execute(uids, ptrs, scratch + stats_bytes);
-  } catch (const CudnnError& e) {
-    LOOM_CHECK(false, e.message);
+  // Uniform batches: the stats [B, Hq, S] in scratch, transposed into lse.
+  const size_t stats = s.ragged ? 0 : call.Reserve(n * sizeof(float));
+  call.Allocate();
+  float* stats_ptr = s.ragged ? lse.data<float>() : reinterpret_cast<float*>(call.at(stats));
+  for (auto [uid, ptr] : {std::pair<Uid, void*>{kQ, q.raw()}, {kK, k.raw()}, {kV, v.raw()}, {kO, o.raw()},
+                          {kStats, stats_ptr}})
+    call.Bind(uid, ptr);
+  call.Execute();
+  if (!s.ragged) {
+    StatsToLseKernel<<<(n + 255) / 256, 256, 0, call.stream()>>>(stats_ptr, s.sq, s.hq, n, lse.data<float>());
+    LOOM_CUDA_CHECK(cudaGetLastError());
   }
-  StatsToLseKernel<<<(n + 255) / 256, 256, 0, cs>>>(reinterpret_cast<float*>(scratch), s.sq, s.hq, n,
-                                                    lse.data<float>());
-  LOOM_CUDA_CHECK(cudaGetLastError());
-  LOOM_CUDA_CHECK(cudaFreeAsync(scratch, cs));
 }
 
 void CudnnAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
@@ -561,44 +762,29 @@ void CudnnAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
                "[cudnn_attention] dk, dv must be bf16 like k");
   LOOM_CHECK(lse.defined() && lse.shape() == (Shape{q.dim(0), q.dim(1)}) && lse.dtype() == DType::kF32,
              "[cudnn_attention] lse must be f32 [Tq, Hq]");
-  State& st = GetState();
-  std::lock_guard<std::mutex> lock(st.mu);
-  const int device = q.device().index;
-  LOOM_CUDA_CHECK(cudaSetDevice(device));
-  const Graph* g = nullptr;
-  try {
-    g = &GetGraph(device, s);
-  } catch (const CudnnError& e) {
-    LOOM_CHECK(false, e.message);
-  }
-  auto cs = static_cast<cudaStream_t>(stream);
-  Ok(cudnnSetStream(st.handles[device], cs), "set stream");
-  // Scratch: stats [B, Hq, Sq] | Δ [B, Hq, Sq] | dQ_acc [B, Hq, Sq, D] | the plan's workspace.
+  Call call(q, k, q_rows, options, s, stream);
+  // Scratch: the stats (uniform batches: [B, Hq, S], from lse; ragged: lse
+  // itself), Δ like the stats, the f32 dQ accumulator [T, Hq, D] (zeroed),
+  // and in ragged GQA graphs dK and dV per query head [T, Hq, D] bf16.
   const int64_t n = lse.numel();
-  auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
-  const size_t stats_bytes = aligned(n * sizeof(float)), acc_bytes = aligned(q.numel() * sizeof(float));
-  char* scratch = nullptr;
-  LOOM_CUDA_CHECK(
-      cudaMallocAsync(reinterpret_cast<void**>(&scratch), 2 * stats_bytes + acc_bytes + g->workspace(), cs));
-  char* delta = scratch + stats_bytes;
-  char* dq_acc = delta + stats_bytes;
-  LOOM_CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, q.numel() * sizeof(float), cs));
-  LseToStatsKernel<<<(n + 255) / 256, 256, 0, cs>>>(lse.data<float>(), s.sq, s.hq, n, reinterpret_cast<float*>(scratch));
-  LOOM_CUDA_CHECK(cudaGetLastError());
-  float scale = static_cast<float>(options.scale != 0 ? options.scale : 1.0 / std::sqrt(double(q.dim(2))));
-  float one = 1, neg_inf = -INFINITY;
-  int32_t shift = static_cast<int32_t>(s.shift);
-  std::vector<int64_t> uids{kQ, kK, kV, kO, kDO, kStats, kDelta, kDQAccum, kDQ, kDK, kDV, kScale, kOne};
-  std::vector<void*> ptrs{q.raw(), k.raw(),  v.raw(),   o.raw(),  d_o.raw(), scratch, delta,
-                          dq_acc,  dq.raw(), dk.raw(), dv.raw(), &scale,    &one};
-  if (s.causal) uids.push_back(kNegInf), ptrs.push_back(&neg_inf);
-  if (s.causal && s.shift != 0) uids.push_back(kShift), ptrs.push_back(&shift);
-  try {
-    g->Execute(uids, ptrs, dq_acc + acc_bytes);
-  } catch (const CudnnError& e) {
-    LOOM_CHECK(false, e.message);
+  const bool heads = s.ragged && s.hq != s.hk;
+  const size_t stats = s.ragged ? 0 : call.Reserve(n * sizeof(float)), delta = call.Reserve(n * sizeof(float)),
+               dq_acc = call.Reserve(q.numel() * sizeof(float)),
+               dk_heads = heads ? call.Reserve(q.numel() * sizeof(uint16_t)) : 0,
+               dv_heads = heads ? call.Reserve(q.numel() * sizeof(uint16_t)) : 0;
+  call.Allocate();
+  float* stats_ptr = s.ragged ? lse.data<float>() : reinterpret_cast<float*>(call.at(stats));
+  LOOM_CUDA_CHECK(cudaMemsetAsync(call.at(dq_acc), 0, q.numel() * sizeof(float), call.stream()));
+  if (!s.ragged) {
+    LseToStatsKernel<<<(n + 255) / 256, 256, 0, call.stream()>>>(lse.data<float>(), s.sq, s.hq, n, stats_ptr);
+    LOOM_CUDA_CHECK(cudaGetLastError());
   }
-  LOOM_CUDA_CHECK(cudaFreeAsync(scratch, cs));
+  for (auto [uid, ptr] : {std::pair<Uid, void*>{kQ, q.raw()}, {kK, k.raw()}, {kV, v.raw()}, {kO, o.raw()},
+                          {kDO, d_o.raw()}, {kStats, stats_ptr}, {kDelta, call.at(delta)},
+                          {kDQAccum, call.at(dq_acc)}, {kDQ, dq.raw()}, {kDK, dk.raw()}, {kDV, dv.raw()}})
+    call.Bind(uid, ptr);
+  if (heads) call.Bind(kDKHeads, call.at(dk_heads)), call.Bind(kDVHeads, call.at(dv_heads));
+  call.Execute();
 }
 
 }  // namespace loom::ops::cuda

@@ -131,6 +131,16 @@ CudaTokenRows ToDevice(const TokenRows& rows, int device) {
     out.doc_ids = Tensor::Empty(rows.doc_ids.shape(), DType::kI32, Device::Cuda(device));
     out.doc_ids.CopyFrom(rows.doc_ids);
   }
+  bool follow = rows.rows() > 0 && rows.begin(0) == 0;
+  for (int64_t r = 1; r < rows.rows(); ++r) follow = follow && rows.begin(r) == rows.end(r - 1);
+  if (follow && (rows.has_docs() || !uniform)) {
+    const TokenRows docs = SplitAtDocuments(rows).rows;
+    const int32_t* cu = docs.cu_seqlens.data<int32_t>();
+    out.doc_bounds.assign(cu, cu + docs.cu_seqlens.numel());
+    for (int64_t i = 0; i < docs.rows(); ++i) out.doc_max_len = std::max<int64_t>(out.doc_max_len, cu[i + 1] - cu[i]);
+    out.doc_cu_seqlens = Tensor::Empty(docs.cu_seqlens.shape(), DType::kI32, Device::Cuda(device));
+    out.doc_cu_seqlens.CopyFrom(docs.cu_seqlens);
+  }
   return out;
 }
 

@@ -114,6 +114,22 @@ void ExpectMatchesGolden(const std::string& name, bool sigmoid) {
   }
 }
 
+// Each document of each row becomes a row: a document that runs on past a
+// row's end is cut there.
+TEST(TokenRows, SplitAtDocumentsGivesEachDocumentOfEachRow) {
+  TokenRows rows;
+  rows.cu_seqlens = Tensor::FromVector(std::vector<int32_t>{0, 5, 9}, {3});
+  rows.doc_ids = Tensor::FromVector(std::vector<int32_t>{0, 0, 1, 1, 1, 1, 1, 2, 2}, {9});
+  auto ints = [](const Tensor& t) { return std::vector<int32_t>(t.data<int32_t>(), t.data<int32_t>() + t.numel()); };
+  const DocumentRows docs = SplitAtDocuments(rows);
+  EXPECT_EQ(ints(docs.rows.cu_seqlens), (std::vector<int32_t>{0, 2, 5, 7, 9}));
+  EXPECT_EQ(docs.first, (std::vector<int64_t>{0, 2, 4}));
+  EXPECT_FALSE(docs.rows.has_docs());
+  const DocumentRows plain = SplitAtDocuments(TokenRows::Uniform(2, 3));  // one document a row
+  EXPECT_EQ(ints(plain.rows.cu_seqlens), (std::vector<int32_t>{0, 3, 6}));
+  EXPECT_EQ(plain.first, (std::vector<int64_t>{0, 1, 2}));
+}
+
 TEST(SoftmaxAttention, MatchesGolden_Causal) { ExpectMatchesGolden("causal", false); }
 TEST(SoftmaxAttention, MatchesGolden_OffsetBlock) { ExpectMatchesGolden("offset_block", false); }
 TEST(SoftmaxAttention, MatchesGolden_PastBlock) { ExpectMatchesGolden("past_block", false); }
