@@ -92,6 +92,8 @@ oracle_run() {
   python3 bench/torch_oracle.py --export "$run/oracle" --device cuda --dtype "$dtype" "${extra[@]}" \
     --compare "$run/metrics.jsonl" --rtol "$rtol" >"$run.oracle.log" 2>&1
   tail -2 "$run.oracle.log"
+  python3 -c 'import json, sys; print("Loom losses:", [round(r["loss"], 5) for r in map(json.loads, open(sys.argv[1]))
+              if "loss" in r])' "$run/metrics.jsonl"
   rm -rf "$run/oracle"  # the exported weights are large
 }
 
