@@ -5,6 +5,7 @@
 
 #include "data/associative_recall.h"
 #include "runtime/config.h"
+#include "tests/model/model_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
@@ -19,27 +20,7 @@ config::Config TinyConfig() {
   return *c;
 }
 
-// A batch whose every position has a target, so every weight gets gradient.
-Batch DenseBatch(const config::Config& c, int64_t rows) {
-  Batch b = AssociativeRecall(c).MakeBatch(AssociativeRecall::Split::kTrain, 0, rows);
-  const int64_t n = b.seq_len;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < n; ++i)
-      b.targets.data<int32_t>()[r * n + i] = i + 1 < n ? b.tokens.data<int32_t>()[r * n + i + 1] : -100;
-  return b;
-}
-
-void CheckModelGradients(const config::Config& c) {
-  Model model(ModelDims::FromConfig(c));
-  Batch batch = DenseBatch(c, 2);
-  const double normalizer = 2.0 * (batch.seq_len - 1);
-  model.ZeroGrad();
-  model.ForwardBackward(batch, normalizer);
-  std::vector<testing::GradInput> inputs;
-  for (Param* p : model.params()) inputs.push_back({p->name, p->value, p->grad});
-  testing::ExpectGradientsMatch([&] { return model.Evaluate(batch, normalizer, nullptr).loss; }, inputs,
-                                /*tol=*/1e-7, /*eps=*/1e-6, /*max_elements=*/60);
-}
+void CheckModelGradients(const config::Config& c) { model_testing::CheckModelGradients(c, 60); }
 
 TEST(Model, GradientsMatchFiniteDifferences_Hybrid) { CheckModelGradients(TinyConfig()); }
 
@@ -56,7 +37,7 @@ TEST(Model, RecomputationGivesIdenticalGradients) {
   config::Config recompute = TinyConfig();
   ASSERT_TRUE(ApplyOverride(recompute, "model.recompute=all").ok());
   Model a(ModelDims::FromConfig(plain)), b(ModelDims::FromConfig(recompute));
-  Batch batch = DenseBatch(plain, 2);
+  Batch batch = model_testing::DenseBatch(plain, 2);
   a.ZeroGrad();
   b.ZeroGrad();
   const double la = a.ForwardBackward(batch, 10).loss, lb = b.ForwardBackward(batch, 10).loss;
@@ -69,7 +50,7 @@ TEST(Model, InitialLossIsNearUniform) {
   config::Config c = TinyConfig();
   ASSERT_TRUE(ApplyOverride(c, "model.init_std=0.02").ok());
   Model model(ModelDims::FromConfig(c));
-  Batch batch = DenseBatch(c, 2);
+  Batch batch = model_testing::DenseBatch(c, 2);
   const double loss = model.Evaluate(batch, 2.0 * (batch.seq_len - 1), nullptr).loss;
   EXPECT_NEAR(loss, std::log(40.0), 0.05);  // padded logits are masked: log(true vocab)
 }

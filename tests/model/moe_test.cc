@@ -14,6 +14,7 @@
 #include "ops/linear.h"
 #include "ops/swiglu.h"
 #include "runtime/config.h"
+#include "tests/model/model_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
@@ -203,28 +204,7 @@ TEST(MoeLayer, BiasBalancingMovesBiasAgainstTheLoad) {
   EXPECT_EQ(layer.bias(), (std::vector<double>{0, 0, 0, 0}));
 }
 
-// A batch whose every position has a target.
-Batch DenseBatch(const config::Config& c, int64_t rows) {
-  Batch b = AssociativeRecall(c).MakeBatch(AssociativeRecall::Split::kTrain, 0, rows);
-  const int64_t n = b.seq_len;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < n; ++i)
-      b.targets.data<int32_t>()[r * n + i] = i + 1 < n ? b.tokens.data<int32_t>()[r * n + i + 1] : -100;
-  return b;
-}
-
-void CheckModelGradients(const config::Config& c) {
-  Model model(ModelDims::FromConfig(c));
-  Batch batch = DenseBatch(c, 2);
-  const double normalizer = 2.0 * (batch.seq_len - 1);
-  model.ZeroGrad();
-  const double loss = model.ForwardBackward(batch, normalizer).loss;
-  EXPECT_EQ(loss, model.Evaluate(batch, normalizer, nullptr).loss);
-  std::vector<testing::GradInput> inputs;
-  for (Param* p : model.params()) inputs.push_back({p->name, p->value, p->grad});
-  testing::ExpectGradientsMatch([&] { return model.Evaluate(batch, normalizer, nullptr).loss; }, inputs,
-                                /*tol=*/1e-7, /*eps=*/1e-6, /*max_elements=*/40);
-}
+void CheckModelGradients(const config::Config& c) { model_testing::CheckModelGradients(c, 40); }
 
 TEST(MoeModel, GradientsMatchFiniteDifferences_HybridWithSharedExpert) {
   CheckModelGradients(MoeConfig({"model.moe.shared_experts=1"}));
@@ -239,7 +219,7 @@ TEST(MoeModel, RouterLossEntersTheLoss) {
   const config::Config with = MoeConfig();
   const config::Config without = MoeConfig({"model.moe.aux_loss_coef=0", "model.moe.z_loss_coef=0"});
   Model a(ModelDims::FromConfig(with)), b(ModelDims::FromConfig(without));
-  Batch batch = DenseBatch(with, 2);
+  Batch batch = model_testing::DenseBatch(with, 2);
   const double n = 2.0 * (batch.seq_len - 1);
   const double la = a.Evaluate(batch, n, nullptr).loss, lb = b.Evaluate(batch, n, nullptr).loss;
   // Each of the 2 MoE layers adds 0.5·aux + 0.1·z with aux >= ~1 and z > 0.
