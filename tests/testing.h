@@ -136,6 +136,14 @@ inline ::testing::AssertionResult AllClose(const Tensor& a, const Tensor& b, dou
                                        << ", atol " << atol << ")";
 }
 
+// AllClose with atol = rtol · max|expected|, `got` on any device and in any
+// float dtype: the relative error of a GEMM or a loss output is only
+// meaningful against the scale of the output.
+inline ::testing::AssertionResult CloseToScale(const Tensor& got, const Tensor& expected, double rtol) {
+  const Tensor g = got.device().is_cpu() ? got : ToCpu(got);
+  return AllClose(g.dtype() == DType::kF32 ? g : g.To(DType::kF32), expected, rtol, rtol * MaxAbs(expected));
+}
+
 // A GPU result against its CPU reference (a on either device): normwise
 // ‖a − b‖ / ‖b‖ ≤ rel over the finite entries of b, element-wise
 // |a − b| ≤ rel·(max|b| + |b|), and a equal to b where b is infinite (a

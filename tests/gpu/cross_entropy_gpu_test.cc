@@ -22,12 +22,7 @@ using loom::testing::RandomTensor;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
 using loom::testing::PoisonedGpu;
-using loom::testing::MaxAbs;
-
-::testing::AssertionResult CloseToScale(const Tensor& got, const Tensor& expected, double rtol) {
-  const Tensor g = ToCpu(got);
-  return AllClose(g.dtype() == DType::kF32 ? g : g.To(DType::kF32), expected, rtol, rtol * MaxAbs(expected));
-}
+using loom::testing::CloseToScale;
 
 // Targets in [0, vocab), every `ignore_every`-th one ignored (-100).
 Tensor Targets(int64_t n, int64_t vocab, int ignore_every, uint64_t seed) {

@@ -22,14 +22,7 @@ using loom::testing::RandomTensor;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
 using loom::testing::PoisonedGpu;
-using loom::testing::MaxAbs;
-
-// Element-wise closeness with atol = rtol · max|expected|: the relative error
-// of a GEMM output is only meaningful against the scale of the output.
-::testing::AssertionResult CloseToScale(const Tensor& got, const Tensor& expected, double rtol) {
-  const Tensor g = got.device().is_cpu() ? got : ToCpu(got);
-  return AllClose(g.dtype() == DType::kF32 ? g : g.To(DType::kF32), expected, rtol, rtol * MaxAbs(expected));
-}
+using loom::testing::CloseToScale;
 
 TEST(GpuMatmul, EveryTransposeMatchesCpuF32) {
   LOOM_SKIP_WITHOUT_GPU();
