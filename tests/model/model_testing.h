@@ -1,5 +1,6 @@
-// Helpers of the whole-model tests (model_test.cc, moe_test.cc): a dense
-// recall batch and the finite-difference check of every parameter.
+// Helpers of the whole-model tests (model_test.cc, moe_test.cc,
+// moh_test.cc): a dense recall batch and the finite-difference check of
+// every parameter.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -24,13 +25,10 @@ inline Batch DenseBatch(const config::Config& c, int64_t rows) {
   return b;
 }
 
-// The model's gradients (ForwardBackward, whose loss must equal
-// Evaluate's) against central differences of Evaluate, on two dense rows;
-// up to max_elements entries a parameter.
-inline void CheckModelGradients(const config::Config& c, int max_elements) {
-  Model model(ModelDims::FromConfig(c));
-  Batch batch = DenseBatch(c, 2);
-  const double normalizer = 2.0 * (batch.seq_len - 1);
+// The model's gradients from ForwardBackward on `batch` (whose loss must
+// equal Evaluate's) against central differences of Evaluate, up to
+// max_elements entries a parameter.
+inline void CheckGradients(Model& model, const Batch& batch, double normalizer, int max_elements) {
   model.ZeroGrad();
   const double loss = model.ForwardBackward(batch, normalizer).loss;
   EXPECT_EQ(loss, model.Evaluate(batch, normalizer, nullptr).loss);
@@ -38,6 +36,13 @@ inline void CheckModelGradients(const config::Config& c, int max_elements) {
   for (Param* p : model.params()) inputs.push_back({p->name, p->value, p->grad});
   testing::ExpectGradientsMatch([&] { return model.Evaluate(batch, normalizer, nullptr).loss; }, inputs,
                                 /*tol=*/1e-7, /*eps=*/1e-6, max_elements);
+}
+
+// The same for a fresh model of `c` on two dense rows.
+inline void CheckModelGradients(const config::Config& c, int max_elements) {
+  Model model(ModelDims::FromConfig(c));
+  const Batch batch = DenseBatch(c, 2);
+  CheckGradients(model, batch, 2.0 * (batch.seq_len - 1), max_elements);
 }
 
 }  // namespace loom::model_testing

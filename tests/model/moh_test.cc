@@ -19,6 +19,7 @@
 #include "ops/lightning_attention.h"
 #include "ops/softmax_attention.h"
 #include "runtime/config.h"
+#include "tests/model/model_testing.h"
 #include "tests/testing.h"
 
 namespace loom {
@@ -124,14 +125,7 @@ TEST(MohModel, GradientsMatchFiniteDifferences_HybridWithRecompute) {
   const config::Config c = MohConfig({"model.recompute=1"});
   Model model(ModelDims::FromConfig(c));
   Batch batch = AssociativeRecall(c).MakeBatch(AssociativeRecall::Split::kTrain, 0, 2);
-  const double normalizer = static_cast<double>(batch.CountTargets());
-  model.ZeroGrad();
-  const double loss = model.ForwardBackward(batch, normalizer).loss;
-  EXPECT_EQ(loss, model.Evaluate(batch, normalizer, nullptr).loss);
-  std::vector<testing::GradInput> inputs;
-  for (Param* p : model.params()) inputs.push_back({p->name, p->value, p->grad});
-  testing::ExpectGradientsMatch([&] { return model.Evaluate(batch, normalizer, nullptr).loss; }, inputs,
-                                /*tol=*/1e-7, /*eps=*/1e-6, /*max_elements=*/40);
+  model_testing::CheckGradients(model, batch, static_cast<double>(batch.CountTargets()), /*max_elements=*/40);
   const auto stats = model.MohStatistics();
   ASSERT_EQ(stats.size(), 2u);
   EXPECT_EQ(stats[1].first, 1);
