@@ -9,6 +9,10 @@
 #           bench/torch_oracle.py: largest relative loss difference (1%);
 #   oracle_text  the same on whole Debian license texts, in bf16 (1%) and in
 #           f32 at 8K (1e-4);
+#   standin gpu_1b_hybrid cut to 4 layers at 2K tokens on those texts, in
+#           f32, on the GPU and on the CPU (same binary): largest relative
+#           loss difference and both runs' gradient norms (the GPU kernels
+#           against the CPU reference at the model's real layer shape);
 #   ranks   configs/default.textproto in f32 on the GPU: one rank against
 #           mpirun -np 2 with tp=2, cp=2 ring, cp=2 ulysses (MPI backend,
 #           both ranks on this GPU), 5 steps, largest relative difference;
@@ -17,7 +21,7 @@
 #   determinism  train.deterministic: two identical runs, and a run stopped
 #           at step 3 and resumed, against the uninterrupted one, bit for bit.
 # Usage, from the repository root:
-#   bench/gpu_check.sh [speed|oracle|oracle_text|ranks|backends|determinism|all] [out dir]
+#   bench/gpu_check.sh [speed|oracle|oracle_text|standin|ranks|backends|determinism|all] [out dir]
 # LOOM_BIN: the folder holding loom-train (default build-cuda/bin);
 # ORACLE_TEXT_CONFIGS: which of "hybrid softmax" oracle_text runs.
 set -uo pipefail
@@ -104,6 +108,22 @@ if [ "$what" = oracle ] || [ "$what" = all ]; then
   done
 fi
 
+# license_corpus PREFIX: Debian's license texts (base-files), one document a
+# whole file, through loom-prepare.
+license_corpus() {
+  [ -r /usr/share/common-licenses/GPL-3 ] ||
+    { echo "$what: /usr/share/common-licenses (Debian's base-files) is missing"; exit 1; }
+  python3 - "$1.jsonl" <<'EOF'
+import json, sys
+names = ["GPL-3", "Apache-2.0", "GFDL-1.3", "GPL-2", "LGPL-2.1", "MPL-2.0", "Artistic", "GFDL-1.2"]
+with open(sys.argv[1], "w") as out:
+    for n in names:
+        out.write(json.dumps({"text": open("/usr/share/common-licenses/" + n).read()}) + "\n")
+EOF
+  "$bin/loom-prepare" --input "$1.jsonl" --input-format jsonl --output-prefix "$1" >"$1.log" 2>&1 ||
+    { tail -3 "$1.log"; exit 1; }
+}
+
 # The same on text: Debian's license texts (base-files), one document a
 # whole file. The configs' recall data makes the hybrid's gradient
 # ill-conditioned (docs/gpu.md), and so do documents of one line (a
@@ -117,17 +137,7 @@ fi
 # rounding then steers apart.
 if [ "$what" = oracle_text ] || [ "$what" = all ]; then
   corpus="$out/licenses_whole"
-  [ -r /usr/share/common-licenses/GPL-3 ] ||
-    { echo "oracle_text: /usr/share/common-licenses (Debian's base-files) is missing"; exit 1; }
-  python3 - "$corpus.jsonl" <<'EOF'
-import json, sys
-names = ["GPL-3", "Apache-2.0", "GFDL-1.3", "GPL-2", "LGPL-2.1", "MPL-2.0", "Artistic", "GFDL-1.2"]
-with open(sys.argv[1], "w") as out:
-    for n in names:
-        out.write(json.dumps({"text": open("/usr/share/common-licenses/" + n).read()}) + "\n")
-EOF
-  "$bin/loom-prepare" --input "$corpus.jsonl" --input-format jsonl --output-prefix "$corpus" >"$corpus.log" 2>&1 ||
-    { tail -3 "$corpus.log"; exit 1; }
+  license_corpus "$corpus"
   text=(--set data.task=files --set "data.paths[0].prefix=$corpus" --set data.split=88,12,0 --set data.eod_token=256
         --set optim.lr=8e-5 --set optim.warmup_steps=20)
   for cfg in ${ORACLE_TEXT_CONFIGS:-hybrid softmax}; do
@@ -136,6 +146,25 @@ EOF
       --set train.global_batch=1 --set model.recompute=
     echo "== oracle: gpu_1b_$cfg on whole license texts, bf16, 20 steps"
     oracle_run "oracle_text_$cfg" "gpu_1b_$cfg" bf16 1e-2 "${text[@]}"
+  done
+fi
+
+if [ "$what" = standin ] || [ "$what" = all ]; then
+  corpus="$out/licenses_whole"
+  license_corpus "$corpus"
+  standin=(--config configs/gpu_1b_hybrid.textproto --set model.layers=4 --set model.recompute= --set train.dtype=f32
+           --set train.seq_len=2048 --set train.global_batch=1 --set train.micro_batch=1 --set data.task=files
+           --set "data.paths[0].prefix=$corpus" --set data.split=88,12,0 --set data.eod_token=256
+           --set optim.lr=2.4e-5 --set optim.warmup_steps=6 --set train.steps=6 "${quiet[@]}")
+  echo "== standin: gpu_1b_hybrid cut to 4 layers, 2K tokens of license texts, f32, 6 steps: GPU against CPU"
+  for device in cuda cpu; do
+    "$bin/loom-train" "${standin[@]}" --set train.device=$device --set train.run_dir="$out/standin_$device" \
+      >"$out/standin_$device.log" 2>&1 || tail -3 "$out/standin_$device.log"
+  done
+  compare_losses "$out/standin_cuda/metrics.jsonl" "$out/standin_cpu/metrics.jsonl"
+  for device in cuda cpu; do
+    python3 -c 'import json, sys; print(sys.argv[2], "grad norms:", [round(r["grad_norm"], 4)
+                for r in map(json.loads, open(sys.argv[1])) if "loss" in r])' "$out/standin_$device/metrics.jsonl" $device
   done
 fi
 
