@@ -119,21 +119,22 @@ CudaTokenRows ToDevice(const TokenRows& rows, int device) {
   CudaTokenRows out;
   out.cu_seqlens = Tensor::Empty(rows.cu_seqlens.shape(), DType::kI32, Device::Cuda(device));
   out.cu_seqlens.CopyFrom(rows.cu_seqlens);
-  bool uniform = rows.rows() > 0 && rows.begin(0) == 0;
+  // follow: the rows lie back to back from token 0; uniform: and are all
+  // of one length.
+  bool follow = rows.rows() > 0 && rows.begin(0) == 0, same_length = true;
   for (int64_t r = 0; r < rows.rows(); ++r) {
     const int64_t len = rows.end(r) - rows.begin(r);
     LOOM_CHECK(len >= 0, "[flash_attention] row ", r, " has negative length");
-    if (r > 0 && (len != out.max_len || rows.begin(r) != rows.end(r - 1))) uniform = false;
+    if (r > 0 && rows.begin(r) != rows.end(r - 1)) follow = false;
+    if (r > 0 && len != out.max_len) same_length = false;
     out.max_len = std::max(out.max_len, len);
   }
-  out.uniform = uniform;
+  out.uniform = follow && same_length;
   if (rows.has_docs()) {
     out.doc_ids = Tensor::Empty(rows.doc_ids.shape(), DType::kI32, Device::Cuda(device));
     out.doc_ids.CopyFrom(rows.doc_ids);
   }
-  bool follow = rows.rows() > 0 && rows.begin(0) == 0;
-  for (int64_t r = 1; r < rows.rows(); ++r) follow = follow && rows.begin(r) == rows.end(r - 1);
-  if (follow && (rows.has_docs() || !uniform)) {
+  if (follow && (rows.has_docs() || !out.uniform)) {
     const TokenRows docs = SplitAtDocuments(rows).rows;
     const int32_t* cu = docs.cu_seqlens.data<int32_t>();
     out.doc_bounds.assign(cu, cu + docs.cu_seqlens.numel());
