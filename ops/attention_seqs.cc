@@ -2,6 +2,8 @@
 
 #include <vector>
 
+#include "runtime/status.h"
+
 namespace loom::ops {
 
 TokenRows TokenRows::Uniform(int64_t rows, int64_t n) {
@@ -9,6 +11,13 @@ TokenRows TokenRows::Uniform(int64_t rows, int64_t n) {
   r.cu_seqlens = Tensor::Empty({rows + 1}, DType::kI32);
   for (int64_t i = 0; i <= rows; ++i) r.cu_seqlens.data<int32_t>()[i] = static_cast<int32_t>(i * n);
   return r;
+}
+
+void CheckDocumentsInOrder(const TokenRows& rows, const char* op, const char* name) {
+  if (!rows.has_docs()) return;
+  for (int64_t r = 0; r < rows.rows(); ++r)
+    for (int64_t t = rows.begin(r) + 1; t < rows.end(r); ++t)
+      LOOM_CHECK(rows.doc(t - 1) <= rows.doc(t), "[", op, "] ", name, ".doc_ids decrease at token ", t, " in row ", r);
 }
 
 DocumentRows SplitAtDocuments(const TokenRows& rows) {

@@ -38,6 +38,10 @@ struct TokenRows {
   mutable std::shared_ptr<TokenRowsDeviceCopy> device_copy;
 };
 
+// Fails "[op] name.doc_ids decrease at token t in row r" unless the doc ids
+// are non-decreasing within each row (the kernels bound their tiles by it).
+void CheckDocumentsInOrder(const TokenRows& rows, const char* op, const char* name);
+
 // Each document of each row as a row of its own: rows of the result are the
 // runs of one doc id inside a row (one run a row without doc_ids), in
 // order; row r's documents are the result's rows [first[r], first[r + 1]).

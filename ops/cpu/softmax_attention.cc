@@ -446,12 +446,7 @@ void CheckRows(const TokenRows& rows, int64_t tokens, const char* name) {
   LOOM_CHECK(doc.dtype() == DType::kI32 && doc.shape() == Shape{tokens} && doc.device().is_cpu(),
              "[softmax_attention] ", name, ".doc_ids must be a CPU i32 [", tokens, "], got ", DTypeName(doc.dtype()),
              " ", ShapeString(doc.shape()));
-  for (int64_t r = 0; r < rows.rows(); ++r) {
-    for (int64_t t = rows.begin(r) + 1; t < rows.end(r); ++t) {
-      LOOM_CHECK(rows.doc(t - 1) <= rows.doc(t), "[softmax_attention] ", name, ".doc_ids decrease at token ", t,
-                 " in row ", r);
-    }
-  }
+  CheckDocumentsInOrder(rows, "softmax_attention", name);
 }
 
 // Sigmoid attention has no lse: its caller may pass an undefined tensor.

@@ -86,16 +86,17 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sq = SmemAddr(smem), sdo = sq + kM * D * 2, sk0 = sdo + kM * D * 2, sv0 = sk0 + 2 * kTileKV;
 
+  const MaskArgs mask = RowMask(p, blockIdx.z);
   QueryTileBlock b;
-  if (!PlaceQueryTile<kM, kN>(p, b)) return;
+  if (!PlaceQueryTile<kM, kN>(p, mask, b)) return;
   // A query tile MoH skips walks no key tile: its dq is 0.
   const int h = b.h, kvh = b.kvh, q0 = b.q0, nq = b.nq, k0 = b.k0, nk = b.nk, i0 = b.i0, n_tiles = b.n_tiles;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
 
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
-  const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;
-  const __nv_bfloat16* vbase = p.v + k0 * ldk + kvh * D;
+  const int j_first = b.first_tile * kN;  // the key tiles run in order from here
+  const __nv_bfloat16* kbase = p.k + (k0 + j_first) * ldk + kvh * D;
+  const __nv_bfloat16* vbase = p.v + (k0 + j_first) * ldk + kvh * D;
 
   // lse·log2 e and Δ of this thread's two query rows (g, g + 8).
   float lse2[2], delta[2];
@@ -123,17 +124,17 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
     const int64_t off = (q0 + i0) * ldq + h * D;
     LoadTile<kM, D, T::kThreads>(sq, p.q + off, ldq, nq - i0, tid);
     LoadTile<kM, D, T::kThreads>(sdo, p.d_o + off, ldq, nq - i0, tid);
-    LoadTile<kN, D, T::kThreads>(sk0, kbase, ldk, nk, tid);
-    LoadTile<kN, D, T::kThreads>(sv0, vbase, ldk, nk, tid);
+    LoadTile<kN, D, T::kThreads>(sk0, kbase, ldk, nk - j_first, tid);
+    LoadTile<kN, D, T::kThreads>(sv0, vbase, ldk, nk - j_first, tid);
     CpAsyncCommit();
   }
   for (int jt = 0; jt < n_tiles; ++jt) {
-    const int j0 = jt * kN, buf = jt & 1;
+    const int jr = jt * kN, j0 = j_first + jr, buf = jt & 1;  // jr: from kbase
     CpAsyncWait<0>();
     __syncthreads();  // tile jt landed; nobody reads buffer buf ^ 1 any more
     if (jt + 1 < n_tiles) {
-      LoadTile<kN, D, T::kThreads>(sk0 + (buf ^ 1) * kTileKV, kbase + (j0 + kN) * ldk, ldk, nk - j0 - kN, tid);
-      LoadTile<kN, D, T::kThreads>(sv0 + (buf ^ 1) * kTileKV, vbase + (j0 + kN) * ldk, ldk, nk - j0 - kN, tid);
+      LoadTile<kN, D, T::kThreads>(sk0 + (buf ^ 1) * kTileKV, kbase + (jr + kN) * ldk, ldk, nk - j0 - kN, tid);
+      LoadTile<kN, D, T::kThreads>(sv0 + (buf ^ 1) * kTileKV, vbase + (jr + kN) * ldk, ldk, nk - j0 - kN, tid);
     }
     CpAsyncCommit();
     const uint32_t sk = sk0 + buf * kTileKV, sv = sv0 + buf * kTileKV;
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
 
     // dS into s. Element (query i, key j).
     const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
-                           mask.qdoc != nullptr;
+                           !mask.OneDocument(i0, i0 + kM, j0, j0 + kN);
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll

@@ -96,15 +96,18 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
 
   const int kvh = blockIdx.x, row = blockIdx.z;
   const int j0 = blockIdx.y * kN;
-  const int q0 = p.cu_q[row], nq = p.cu_q[row + 1] - q0;
-  const int k0 = p.cu_k[row], nk = p.cu_k[row + 1] - k0;
+  const MaskArgs mask = RowMask(p, row);
+  const int q0 = p.cu_q[row], nq = mask.nq, k0 = p.cu_k[row], nk = mask.nk;
   if (j0 >= nk) return;
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
 
-  int it_begin = 0;
-  if (p.causal) it_begin = max(0, j0 + p.shift) / kM;
-  const int it_end = (nq + kM - 1) / kM;
+  // The query tiles that see a key of this tile: none before the causal
+  // bound, none outside its keys' documents.
+  int i_lo, i_hi;
+  mask.QueriesOf(j0, min(j0 + kN, nk), i_lo, i_hi);
+  if (p.causal) i_lo = max(i_lo, j0 + p.shift);
+  const int it_begin = max(0, i_lo) / kM;
+  const int it_end = (i_hi + kM - 1) / kM;
   const int n_it = max(0, it_end - it_begin);
   const int steps = n_it * static_cast<int>(p.group);
 
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     // Pᵀ into st. Element i of the C fragment: key kw + g + 8·(i mod 4 / 2),
     // query 8·(i / 4) + 2t + i mod 2.
     const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
-                           mask.qdoc != nullptr;
+                           !mask.OneDocument(i0, i0 + kM, j0, j0 + kN);
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int il = 8 * (i / 4) + 2 * t + (i % 2);

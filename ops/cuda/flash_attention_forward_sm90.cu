@@ -70,10 +70,13 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   auto stage = [](int it) { return it % S; };
   auto phase = [](int it) { return static_cast<uint32_t>((it / S) & 1); };
 
+  const MaskArgs mask = RowMask(p, blockIdx.z);
   QueryTileBlock b;
-  if (!PlaceQueryTile<kM, kN>(p, b)) return;
+  if (!PlaceQueryTile<kM, kN>(p, mask, b)) return;
   // A query tile MoH skips sees no key: o = 0, lse = −∞ (the CPU's skipped rows).
   const int h = b.h, kvh = b.kvh, q0 = b.q0, nq = b.nq, k0 = b.k0, nk = b.nk, i0 = b.i0, n_tiles = b.n_tiles;
+  // Step `it` takes key tile last_tile − it (the diagonal first).
+  const int last_tile = b.first_tile + n_tiles - 1;
   const int64_t ldq = p.hq * D, ldk = p.hk * D;
   const int tid = threadIdx.x;
 
@@ -89,7 +92,7 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   __syncthreads();
 
   // ------------------------------------------------------------ producer
-  // Step `it` fills stage it mod 2 with key tile n_tiles − 1 − it once the
+  // Step `it` fills stage it mod 2 with key tile last_tile − it once the
   // consumers have released that stage's previous tile (step it − 2).
   if (tid < T::kProducers) {
     SetMaxRegsDec<40>();
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
     const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;
     const __nv_bfloat16* vbase = p.v + k0 * ldk + kvh * D;
     for (int it = 0; it < n_tiles; ++it) {
-      const int j0 = (n_tiles - 1 - it) * kN, st = stage(it);
+      const int j0 = (last_tile - it) * kN, st = stage(it);
       const uint32_t parity = phase(it) ^ 1;  // the release of step it − S
       if (it >= S) MbarWait(k_empty(st), parity);
       LoadPanels<kN, D, T::kProducers>(sk + st * T::kTileBytes, kbase + j0 * ldk, ldk, nk - j0, tid);
@@ -116,7 +119,6 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   SetMaxRegsInc<232>();
   const int wg = tid / 128 - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int iw = i0 + wg * 64 + warp * 16 + g;  // this thread's rows: iw and iw + 8
-  const MaskArgs mask{p.causal, p.shift, p.doc_q ? p.doc_q + q0 : nullptr, p.doc_k ? p.doc_k + k0 : nullptr, nq, nk};
 
   float o[D / 2];
 #pragma unroll
@@ -150,7 +152,8 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   // Mask, then P in place of S; alpha = 2^(m_old − m_new) per row.
   auto softmax = [&](float (&s)[kN / 2], int j0, float (&alpha)[2]) {
     const bool need_mask =
-        (p.causal && i0 + wg * 64 - p.shift < j0 + kN - 1) || j0 + kN > nk || mask.qdoc != nullptr;
+        (p.causal && i0 + wg * 64 - p.shift < j0 + kN - 1) || j0 + kN > nk ||
+        !mask.OneDocument(i0 + wg * 64, i0 + wg * 64 + 64, j0, j0 + kN);
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt)
@@ -223,7 +226,7 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
     WgmmaWait<0>();
     FenceRegs(s);
     MbarArrive(k_empty(0));
-    softmax(s, (n_tiles - 1) * kN, alpha);  // O is still 0: rescaling it is harmless
+    softmax(s, last_tile * kN, alpha);  // O is still 0: rescaling it is harmless
     to_bf16(s, pa);
     for (int it = 1; it < n_tiles; ++it) {
       const int st = stage(it), prev = stage(it - 1);
@@ -238,7 +241,7 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
       WgmmaWait<1>();  // S_j landed; P_{j'} V_{j'} may still run
       FenceRegs(s);
       MbarArrive(k_empty(st));
-      softmax(s, (n_tiles - 1 - it) * kN, alpha);
+      softmax(s, (last_tile - it) * kN, alpha);
       WgmmaWait<0>();
       FenceRegs(o);
       MbarArrive(v_empty(prev));

@@ -13,8 +13,11 @@
 // Masks: row r's query i has position q_offset + i, key j k_offset + j;
 // causal: visible iff i − shift ≥ j, shift = k_offset − q_offset; documents:
 // visible only within equal doc ids. Tiles wholly visible skip the mask;
-// tiles wholly invisible are never visited (causal bounds; documents mask
-// element-wise). A query that sees no key gets o = 0, lse = −∞.
+// tiles wholly invisible are never visited: the causal bound, and, since doc
+// ids are non-decreasing within a row (ops/attention_seqs.h), the range of
+// keys sharing a document with a query tile (and of queries with a key
+// tile), found by binary search. A query that sees no key gets o = 0,
+// lse = −∞.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -92,6 +95,18 @@ __device__ __forceinline__ void LoadTile(uint32_t smem, const __nv_bfloat16* bas
   }
 }
 
+// First index of ids[0, n) (non-decreasing) whose id is > v (above) or ≥ v.
+template <bool kAbove>
+__device__ __forceinline__ int FirstPast(const int32_t* ids, int n, int32_t v) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (kAbove ? ids[mid] <= v : ids[mid] < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 struct MaskArgs {
   bool causal;
   int shift;            // k_offset − q_offset
@@ -103,6 +118,34 @@ struct MaskArgs {
     if (causal && i - shift < j) return false;
     if (qdoc && qdoc[i] != kdoc[j]) return false;
     return true;
+  }
+  // [lo, hi): the keys that share a document with queries [ia, ib), or the
+  // queries that share one with keys [ia, ib) (0 ≤ ia < ib ≤ the row's
+  // length); every key (query) without documents.
+  __device__ __forceinline__ void KeysOf(int ia, int ib, int& lo, int& hi) const {
+    Range(qdoc, kdoc, nk, ia, ib, lo, hi);
+  }
+  __device__ __forceinline__ void QueriesOf(int ia, int ib, int& lo, int& hi) const {
+    Range(kdoc, qdoc, nq, ia, ib, lo, hi);
+  }
+  // Whether queries [ia, ib) and keys [ja, jb), cut to the row, all lie in
+  // one document, so the document mask changes nothing; true without
+  // documents or when either range is empty.
+  __device__ __forceinline__ bool OneDocument(int ia, int ib, int ja, int jb) const {
+    if (!qdoc) return true;
+    ib = min(ib, nq), jb = min(jb, nk);
+    if (ia >= ib || ja >= jb) return true;
+    const int32_t d = qdoc[ia];
+    return qdoc[ib - 1] == d && kdoc[ja] == d && kdoc[jb - 1] == d;
+  }
+
+ private:
+  __device__ __forceinline__ static void Range(const int32_t* from, const int32_t* to, int n, int ia, int ib, int& lo,
+                                               int& hi) {
+    lo = 0, hi = n;
+    if (!from) return;
+    lo = FirstPast<false>(to, n, from[ia]);
+    hi = FirstPast<true>(to, n, from[ib - 1]);
   }
 };
 
@@ -133,25 +176,43 @@ __device__ __forceinline__ bool QueryTileActive(const Params& p, int h, int64_t 
   return false;
 }
 
+// The mask of row `row` of a call.
+__device__ __forceinline__ MaskArgs RowMask(const Params& p, int row) {
+  const int q0 = p.cu_q[row], k0 = p.cu_k[row];
+  return MaskArgs{p.causal,
+                  p.shift,
+                  p.doc_q ? p.doc_q + q0 : nullptr,
+                  p.doc_k ? p.doc_k + k0 : nullptr,
+                  p.cu_q[row + 1] - q0,
+                  p.cu_k[row + 1] - k0};
+}
+
 // Where a query-tile block (the forward, the deterministic dQ pass) works:
 // query tile blockIdx.x counted from the last (under a causal mask the heavy
-// tiles start first), query head blockIdx.y, row blockIdx.z; and how many
-// key tiles of kN it walks: none past the causal bound, none when MoH skips
-// the tile. False when the tile lies past its row's queries.
+// tiles start first), query head blockIdx.y, row blockIdx.z; and which key
+// tiles of kN it walks, [first_tile, first_tile + n_tiles): none past the
+// causal bound, none outside the documents of its queries, none when MoH
+// skips the tile. False when the tile lies past its row's queries.
 struct QueryTileBlock {
-  int h, kvh, q0, nq, k0, nk, i0, n_tiles;
+  int h, kvh, q0, nq, k0, nk, i0, first_tile, n_tiles;
 };
 template <int kM, int kN>
-__device__ __forceinline__ bool PlaceQueryTile(const Params& p, QueryTileBlock& b) {
+__device__ __forceinline__ bool PlaceQueryTile(const Params& p, const MaskArgs& mask, QueryTileBlock& b) {
   const int row = blockIdx.z;
   b.h = blockIdx.y;
   b.kvh = b.h / p.group;
-  b.q0 = p.cu_q[row], b.nq = p.cu_q[row + 1] - b.q0;
-  b.k0 = p.cu_k[row], b.nk = p.cu_k[row + 1] - b.k0;
+  b.q0 = p.cu_q[row], b.nq = mask.nq;
+  b.k0 = p.cu_k[row], b.nk = mask.nk;
   b.i0 = (gridDim.x - 1 - blockIdx.x) * kM;
+  b.first_tile = b.n_tiles = 0;
   if (b.i0 >= b.nq) return false;
-  const int n_end = p.causal ? max(0, min(b.nk, b.i0 + kM - p.shift)) : b.nk;
-  b.n_tiles = QueryTileActive(p, b.h, b.q0 + b.i0, min(kM, b.nq - b.i0)) ? (n_end + kN - 1) / kN : 0;
+  const int i1 = min(b.nq, b.i0 + kM);
+  if (!QueryTileActive(p, b.h, b.q0 + b.i0, i1 - b.i0)) return true;
+  int lo, hi;
+  mask.KeysOf(b.i0, i1, lo, hi);
+  if (p.causal) hi = min(hi, max(0, b.i0 + kM - p.shift));
+  b.first_tile = lo / kN;
+  b.n_tiles = max(0, (hi + kN - 1) / kN - b.first_tile);
   return true;
 }
 

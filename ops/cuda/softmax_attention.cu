@@ -131,6 +131,7 @@ CudaTokenRows ToDevice(const TokenRows& rows, int device) {
   }
   out.uniform = follow && same_length;
   if (rows.has_docs()) {
+    CheckDocumentsInOrder(rows, "flash_attention", "rows");
     out.doc_ids = Tensor::Empty(rows.doc_ids.shape(), DType::kI32, Device::Cuda(device));
     out.doc_ids.CopyFrom(rows.doc_ids);
   }

@@ -23,6 +23,8 @@ struct Case {
   std::vector<int32_t> q_lens;                // row lengths of q
   std::vector<int32_t> k_lens;                // empty: as q_lens
   std::vector<std::vector<int32_t>> doc_lens;  // per row, documents' lengths (q and k alike); empty: none
+  std::vector<std::vector<int32_t>> k_doc_lens;  // k's own documents; empty: as doc_lens
+  int32_t q_first_doc = 0;                       // q's doc ids count from here (k's from 0)
   bool causal = true;
   bool sigmoid = false;
   int64_t q_offset = 0, k_offset = 0;
@@ -44,14 +46,15 @@ inline AttentionOptions OptionsOf(const Case& c) {
 using loom::testing::PoisonedGpu;
 using loom::testing::ToCpu;
 using loom::testing::ToGpu;
-inline TokenRows Rows(const std::vector<int32_t>& lens, const std::vector<std::vector<int32_t>>& docs) {
+inline TokenRows Rows(const std::vector<int32_t>& lens, const std::vector<std::vector<int32_t>>& docs,
+                      int32_t first_doc = 0) {
   std::vector<int32_t> cu{0};
   for (int32_t n : lens) cu.push_back(cu.back() + n);
   TokenRows rows;
   rows.cu_seqlens = Tensor::FromVector(cu, {static_cast<int64_t>(cu.size())});
   if (!docs.empty()) {
     std::vector<int32_t> ids;
-    int32_t id = 0;
+    int32_t id = first_doc;
     for (const auto& row : docs)
       for (int32_t n : row) ids.insert(ids.end(), n, id++);
     EXPECT_EQ(static_cast<int32_t>(ids.size()), cu.back()) << "doc_lens must cover every row";
@@ -82,7 +85,8 @@ inline ::testing::AssertionResult Close(const Tensor& gpu, const Tensor& ref, do
 inline void RunCase(cuda::AttentionBackend backend, const Case& c, bool backward = true) {
   SCOPED_TRACE(c.name);
   const std::vector<int32_t>& k_lens = c.k_lens.empty() ? c.q_lens : c.k_lens;
-  const TokenRows q_rows = Rows(c.q_lens, c.doc_lens), k_rows = Rows(k_lens, c.doc_lens);
+  const TokenRows q_rows = Rows(c.q_lens, c.doc_lens, c.q_first_doc),
+                  k_rows = Rows(k_lens, c.k_doc_lens.empty() ? c.doc_lens : c.k_doc_lens);
   const int64_t tq = q_rows.end(q_rows.rows() - 1), tk = k_rows.end(k_rows.rows() - 1);
   // Inputs in bf16; the CPU reads the same values in f32.
   const Tensor q = testing::RandomTensor({tq, c.hq, c.d}, DType::kF32, 11, -2, 2).To(DType::kBF16);

@@ -71,6 +71,32 @@ TEST(GpuFlashAttention, DocumentsInsideRows) {
                       .doc_lens = {{90, 100}}, .causal = false});
 }
 
+// Long rows of many documents: each query tile walks only the key tiles of
+// its own documents and each key tile only the query tiles of its own
+// (ops/cuda/flash_common.cuh); tiles inside one document skip the mask.
+TEST(GpuFlashAttention, ManyDocumentsSkipOtherDocumentsTiles) {
+  LOOM_SKIP_WITHOUT_GPU();
+  const std::vector<std::vector<int32_t>> docs = {{100, 700, 5, 300, 943}, {128, 128, 256, 488}};
+  RunCase(kLoom, Case{.name = "many docs causal GQA", .d = 128, .hq = 4, .hk = 1, .q_lens = {2048, 1000},
+                      .doc_lens = docs});
+  RunCase(kLoom, Case{.name = "many docs full D64", .d = 64, .hq = 2, .hk = 2, .q_lens = {2048, 1000},
+                      .doc_lens = docs, .causal = false});
+  RunCase(kLoom, Case{.name = "det many docs causal", .d = 128, .hq = 4, .hk = 2, .q_lens = {2048, 1000},
+                      .doc_lens = docs, .deterministic = true});
+}
+
+// A ring block with documents: a later query chunk (positions 600..899)
+// whose first document began in the key chunk (positions 0..599, documents
+// 0, 1, 2 from 0, 100, 400) and whose second sees no key (o = 0,
+// lse = −∞); the key tiles before 400 meet no query (dk = dv = 0).
+TEST(GpuFlashAttention, RingBlockWithDocuments) {
+  LOOM_SKIP_WITHOUT_GPU();
+  for (bool det : {false, true})
+    RunCase(kLoom, Case{.name = det ? "det ring block docs" : "ring block docs", .d = 128, .hq = 4, .hk = 2,
+                        .q_lens = {300}, .k_lens = {600}, .doc_lens = {{50, 250}}, .k_doc_lens = {{100, 300, 200}},
+                        .q_first_doc = 2, .q_offset = 600, .deterministic = det});
+}
+
 TEST(GpuFlashAttention, SigmoidWithBias) {
   LOOM_SKIP_WITHOUT_GPU();
   RunCase(kLoom, Case{.name = "sigmoid causal D64", .d = 64, .hq = 4, .hk = 2, .q_lens = {150, 260}, .sigmoid = true});
