@@ -4,10 +4,10 @@
 #include <cstdio>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench.h"
+#include "runtime/tool_flags.h"
 
 ABSL_FLAG(std::string, what, "step", "what to measure (--what=list names them)");
 ABSL_FLAG(int, steps, 5, "timed repetitions (after one warm-up)");
@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "loom-bench: %s\n", std::string(args.status().message()).c_str());
     return 2;
   }
-  absl::ParseCommandLine(argc, argv);
+  loom::ParseToolFlags(argc, argv, "loom-bench --what=NAME [--steps N] [flags of that bench: --help lists them]");
   const auto& registry = loom::bench::Registry();
   const std::string what = absl::GetFlag(FLAGS_what);
   auto it = registry.find(what);

@@ -33,8 +33,6 @@
 #include <google/protobuf/text_format.h>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -48,6 +46,7 @@
 #include "runtime/config.h"
 #include "runtime/cuda_runtime.h"
 #include "runtime/timer.h"
+#include "runtime/tool_flags.h"
 
 ABSL_FLAG(std::string, checkpoint, "", "checkpoint directory (through its `latest`) or one step_<N>/ directory");
 ABSL_FLAG(std::string, data, "",
@@ -413,16 +412,9 @@ absl::Status Run() {
 }  // namespace loom
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "loom-eval --checkpoint DIR [--data PATHS] [--buckets 8] [--needle_lengths 256,512,1024] "
-      "[--needle_depths 0,0.25,0.5,0.75,1] --out DIR");
-  for (int i = 1; i < argc; ++i) {  // accept the dashed spellings too
-    std::string arg = argv[i];
-    if (arg.rfind("--", 0) != 0) continue;
-    for (size_t j = 2; j < arg.size() && arg[j] != '='; ++j)
-      if (argv[i][j] == '-') argv[i][j] = '_';
-  }
-  absl::ParseCommandLine(argc, argv);
+  loom::ParseToolFlags(argc, argv,
+                       "loom-eval --checkpoint DIR [--data PATHS] [--buckets 8] [--needle_lengths 256,512,1024] "
+                       "[--needle_depths 0,0.25,0.5,0.75,1] --out DIR");
   if (absl::Status s = loom::Run(); !s.ok()) {
     std::fprintf(stderr, "loom-eval: %s\n", std::string(s.message()).c_str());
     return absl::IsInvalidArgument(s) ? 2 : 1;

@@ -16,8 +16,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -28,6 +26,7 @@
 #include "model/decode.h"
 #include "runtime/rng.h"
 #include "runtime/timer.h"
+#include "runtime/tool_flags.h"
 
 ABSL_FLAG(std::string, checkpoint, "", "a checkpoint directory (through its `latest`) or one step_<N>/ directory");
 ABSL_FLAG(std::string, prompt, "", "the prompt text, encoded with --tokenizer");
@@ -49,18 +48,6 @@ constexpr int kUsageError = 2, kModelError = 1;
 int Fail(int code, const std::string& message) {
   std::fprintf(stderr, "loom-generate: %s\n", message.c_str());
   return code;
-}
-
-// Abseil's flag names are identifiers: accept --max-new-tokens for
-// --max_new_tokens (as loom-prepare does).
-void DashesToUnderscores(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    char* arg = argv[i];
-    if (arg[0] != '-' || arg[1] != '-') continue;
-    if (arg[2] == '\0') break;
-    for (char* c = arg + 2; *c != '\0' && *c != '='; ++c)
-      if (*c == '-') *c = '_';
-  }
 }
 
 // The checkpoint's config and its weights in a CPU f32 model.
@@ -184,10 +171,8 @@ int Main() {
 }  // namespace loom
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  loom::ParseToolFlags(argc, argv,
       "loom-generate --checkpoint DIR (--prompt TEXT | --prompt_ids 1,2,3) [--max_new_tokens N] "
       "[--temperature T] [--top_p P] [--seed S] [--tokenizer byte|sentencepiece:MODEL] [--max_context N]");
-  loom::DashesToUnderscores(argc, argv);
-  absl::ParseCommandLine(argc, argv);
   return loom::Main();
 }

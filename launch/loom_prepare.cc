@@ -15,11 +15,10 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_split.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
+#include "runtime/tool_flags.h"
 
 ABSL_FLAG(std::string, input, "", "comma-separated input files: plain text, or .jsonl/.json; - is standard input");
 ABSL_FLAG(std::string, output_prefix, "", "writes PREFIX.bin and PREFIX.idx");
@@ -30,19 +29,6 @@ ABSL_FLAG(std::string, input_format, "auto", "auto (.json/.jsonl are JSON lines,
 
 namespace loom {
 namespace {
-
-// Abseil's flag names are identifiers: accept --output-prefix for
-// --output_prefix by rewriting dashes in the name part of each --flag.
-void DashesToUnderscores(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    char* arg = argv[i];
-    if (arg[0] != '-' || arg[1] != '-') continue;
-    if (arg[2] == '\0') break;  // "--" ends the flags
-    for (char* c = arg + 2; *c != '\0' && *c != '='; ++c) {
-      if (*c == '-') *c = '_';
-    }
-  }
-}
 
 int Main() {
   PrepareOptions options;
@@ -83,10 +69,8 @@ int Main() {
 }  // namespace loom
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  loom::ParseToolFlags(argc, argv,
       "loom-prepare --input FILE[,FILE...] --output-prefix PREFIX [--json-key text] "
       "[--tokenizer byte|sentencepiece:MODEL] [--workers N] [--input-format auto|text|jsonl]");
-  loom::DashesToUnderscores(argc, argv);
-  absl::ParseCommandLine(argc, argv);
   return loom::Main();
 }

@@ -18,8 +18,6 @@
 #include <google/protobuf/text_format.h>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "checkpoint/checkpoint.h"
@@ -31,14 +29,14 @@
 #include "model/memory_estimate.h"
 #include "model/model.h"
 #include "model/moe.h"
-#include "parallel/expert_parallel.h"
 #include "model/pipeline.h"
-#include "optim/adamw.h"
 #include "ops/softmax_attention.h"
+#include "optim/adamw.h"
 #include "optim/lr_schedule.h"
 #include "parallel/communicator_factory.h"
 #include "parallel/context_parallel.h"
 #include "parallel/data_parallel.h"
+#include "parallel/expert_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_groups.h"
 #include "parallel/solo_communicator.h"
@@ -49,6 +47,7 @@
 #include "runtime/metrics.h"
 #include "runtime/tensorboard.h"
 #include "runtime/timer.h"
+#include "runtime/tool_flags.h"
 
 ABSL_FLAG(bool, dry_run, false,
           "print the layout, parameters, FLOPs per step and memory per rank for the config, then exit without training");
@@ -890,7 +889,6 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
 }  // namespace loom
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("loom-train --config FILE [--set path.to.field=value ...]");
   // Before MPI starts, bad input is said once: by the launcher's rank 0.
   const bool say = loom::LauncherRank() <= 0;
   auto args = loom::ExtractConfigArgs(argc, argv);
@@ -898,14 +896,7 @@ int main(int argc, char** argv) {
     if (say) std::fprintf(stderr, "loom-train: %s\n", std::string(args.status().message()).c_str());
     return 2;
   }
-  // Abseil spells flags with underscores; accept the dashed forms too.
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    if (arg == "--dry-run") argv[i] = const_cast<char*>("--dry_run");
-    if (arg.starts_with("--world-size=")) *(argv[i] + std::strlen("--world")) = '_';
-    if (arg.starts_with("--peak-tflops=")) *(argv[i] + std::strlen("--peak")) = '_';
-  }
-  absl::ParseCommandLine(argc, argv);
+  loom::ParseToolFlags(argc, argv, "loom-train --config FILE [--set path.to.field=value ...]");
   if (args->config_path.empty()) {
     if (say) std::fprintf(stderr, "loom-train: --config FILE is required (e.g. configs/default.textproto)\n");
     return 2;

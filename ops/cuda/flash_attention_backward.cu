@@ -11,7 +11,8 @@
 //   2. KV pass on wgmma (ops/cuda/flash_attention_backward_sm90.cu): one
 //      block per 128 keys of a KV head keeps dK, dV in registers while it
 //      walks every query tile of the GQA group's heads, and adds dQ to an f32
-//      buffer with vector atomics (order not fixed).
+//      buffer by bulk reductions (D = 128) or vector atomics (D = 64), in no
+//      fixed order.
 //   3. Finish: dq = bf16(scale · dQ_f32).
 // Deterministic mode (AttentionOptions::deterministic): step 2 skips dQ and
 // a dQ pass replaces step 3: one block per query tile and query head walks
@@ -98,11 +99,13 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
   const __nv_bfloat16* kbase = p.k + (k0 + j_first) * ldk + kvh * D;
   const __nv_bfloat16* vbase = p.v + (k0 + j_first) * ldk + kvh * D;
 
-  // lse·log2 e and Δ of this thread's two query rows (g, g + 8).
+  // lse·log2 e, Δ and the keys seen of this thread's two query rows (g, g + 8).
   float lse2[2], delta[2];
+  int klo[2], khi[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = i0 + warp * 16 + g + 8 * r;
+    mask.KeysSeenBy(i, klo[r], khi[r]);
     const bool ok = i < nq && !p.sigmoid;
     lse2[r] = ok ? p.lse2[h * p.tq + q0 + i] : 0.f;
     delta[r] = ok ? p.delta[h * p.tq + q0 + i] : 0.f;
@@ -163,15 +166,13 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
     }
 
     // dS into s. Element (query i, key j).
-    const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
-                           !mask.OneDocument(i0, i0 + kM, j0, j0 + kN);
+    const bool need_mask = klo[0] > j0 || khi[0] < j0 + kN || klo[1] > j0 || khi[1] < j0 + kN;
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        const bool visible =
-            !need_mask || mask.Visible(i0 + warp * 16 + g + 8 * r, j0 + nt * 8 + 2 * t + (e % 2));
+        const int r = e / 2, j = j0 + nt * 8 + 2 * t + (e % 2);
+        const bool visible = !need_mask || (j >= klo[r] && j < khi[r]);
         float ds;
         if (p.sigmoid) {
           const float pe = 1.f / (1.f + exp2f(-(s[nt][e] * p.scale + p.bias) * kLog2e));

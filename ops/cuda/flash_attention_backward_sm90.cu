@@ -11,7 +11,9 @@
 //     (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
 //     dV += Pᵀ dO, dK += dSᵀ Q          m64nDk16, A = Pᵀ / dSᵀ in registers
 //     dQ += dS K                         m64n(D/2)k16, dSᵀ through shared
-//                                        memory, added to the f32 dQ with atomics
+//                                        memory, added to the f32 dQ by bulk
+//                                        reductions a query row (D = 128) or
+//                                        vector atomics (D = 64)
 //   in five wgmma groups, each overlapped with the element-wise work that
 //   follows its issue: Sᵀ | dPᵀ (runs while Pᵀ is formed) | dV (while dSᵀ is
 //   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
@@ -21,7 +23,9 @@
 // the most queries, so the grid's x is the KV head and y the key tile.
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
-// queries]; lse2, Δ [2][64] f32: 145 KB for D = 128, 81 KB for D = 64.
+// queries]; lse2, Δ [2][64] f32; each key's visible queries [2][128] i32;
+// D = 128: dQ staging [2][2 warpgroups][64][72] f32: 219 KB for D = 128,
+// 83 KB for D = 64.
 // wgmma descriptors (PTX ISA "matrix descriptor", swizzle mode 128 B):
 //   K-major (rows hold the contraction dim: K, V as A and Q, dO as B of the
 //   first products): SBO = 1024 (8 rows to the next 8); the 16-wide k step
@@ -50,9 +54,17 @@ struct Sm90BwdTile {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
   static constexpr int kM = 64, kN = 128, kThreads = 256;
   static constexpr int kKV = kN * D * 2, kQ = kM * D * 2, kDs = kN * kM * 2;
-  // K | V | Q [2] | dO [2] | dSᵀ | stats; +1024 to align the base.
+  // How dQ reaches global memory: D = 128 stages it in shared memory for
+  // bulk reductions, D = 64 adds it with atomics (its 128-byte rows made the
+  // bulk path slower: 134 against 157 TFLOP/s backward at 8K, H100).
+  static constexpr bool kBulkDq = D == 128;
+  // dQ staging: [2 buffers][2 warpgroups][kM rows][D/2 + 8 f32] (rows
+  // padded by 32 bytes, so each half-warp's 8-byte stores hit 32 banks).
+  static constexpr int kStageLd = D / 2 + 8, kStage = kBulkDq ? 2 * 2 * kM * kStageLd * 4 : 0;
+  // K | V | Q [2] | dO [2] | dSᵀ | stats | the queries each key sees | dQ
+  // staging; +1024 to align the base.
   static constexpr int kStats = 2 * kKV + 4 * kQ + kDs;
-  static constexpr int kSmem = kStats + 4 * kM * 4 + 1024;
+  static constexpr int kSmem = kStats + 4 * kM * 4 + 2 * kN * 4 + kStage + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
@@ -93,6 +105,11 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
   const uint32_t raw = SmemAddr(smem_raw), sk = (raw + 1023) & ~1023u;
   const uint32_t sv = sk + T::kKV, sq0 = sv + T::kKV, sdo0 = sq0 + 2 * T::kQ, sds = sdo0 + 2 * T::kQ;
   float* stats = reinterpret_cast<float*>(smem_raw + (sk - raw) + T::kStats);  // [2][lse2 kM, Δ kM]
+  // Key kw's visible queries are [seen[kw], seen[kN + kw]) (in shared memory:
+  // the loop has no registers to spare).
+  int* seen = reinterpret_cast<int*>(stats + 4 * kM);
+  float* dq_stage = reinterpret_cast<float*>(seen + 2 * kN);
+  int dq_buf = 0;  // the staging buffer of the next dQ step (they alternate)
 
   const int kvh = blockIdx.x, row = blockIdx.z;
   const int j0 = blockIdx.y * kN;
@@ -131,6 +148,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     }
   };
 
+  if (tid < kN) mask.QueriesSeeing(j0 + tid, seen[tid], seen[kN + tid]);  // read after the loop's first barrier
   LoadPanels<kN, D, T::kThreads>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
   LoadPanels<kN, D, T::kThreads>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
   if (steps > 0 && step_active(0)) issue(0, 0);
@@ -180,12 +198,14 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
 
     // Pᵀ into st. Element i of the C fragment: key kw + g + 8·(i mod 4 / 2),
     // query 8·(i / 4) + 2t + i mod 2.
-    const bool need_mask = (p.causal && i0 - p.shift < j0 + kN - 1) || i0 + kM > nq || j0 + kN > nk ||
-                           !mask.OneDocument(i0, i0 + kM, j0, j0 + kN);
+    // Every key sees every query of the tile unless it lies outside the
+    // range all keys see: the first key's and the last key's ranges meet
+    // (both bounds are non-decreasing along the keys).
+    const bool need_mask = i0 < max(seen[0], seen[kN - 1]) || i0 + kM > min(seen[kN], seen[2 * kN - 1]);
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-      const int il = 8 * (i / 4) + 2 * t + (i % 2);
-      const bool visible = !need_mask || mask.Visible(i0 + il, j0 + kw + g + 8 * ((i % 4) / 2));
+      const int il = 8 * (i / 4) + 2 * t + (i % 2), key = kw + g + 8 * ((i % 4) / 2);
+      const bool visible = !need_mask || (i0 + il >= seen[key] && i0 + il < seen[kN + key]);
       const float pe = p.sigmoid ? 1.f / (1.f + exp2f(-(st[i] * p.scale + p.bias) * kLog2e))
                                  : exp2f(fmaf(st[i], p.scale_log2, -lse2[il]));
       st[i] = visible ? pe : 0.f;
@@ -225,6 +245,9 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
       }
     }
     FenceProxyAsync();
+    // The bulk reductions two dQ steps back have read staging buffer dq_buf
+    // (the last step's may still run); the barrier below tells everyone.
+    if (T::kBulkDq && tid % 128 < kM) BulkWaitRead<1>();
     __syncthreads();  // dSᵀ complete
 
     // dQ[64 queries x D/2 columns from col0] += dS K over all 128 keys:
@@ -248,17 +271,41 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     FenceRegs(dk);
     FenceRegs(ads);
     FenceRegs(dq);
+    if constexpr (T::kBulkDq) {
+      // dQ into this warpgroup's staging rows, then one bulk reduction a query
+      // row adds them to the f32 dQ (the TMA unit's work, where atomics took
+      // kDqN / 4 instructions a thread).
+      float* stage = dq_stage + (dq_buf * 2 + wg) * kM * T::kStageLd;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = i0 + warp * 16 + g + 8 * r;
-      if (i >= nq) continue;
-      float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
+      for (int r = 0; r < 2; ++r) {
+        float* row = stage + (warp * 16 + g + 8 * r) * T::kStageLd + 2 * t;
 #pragma unroll
-      for (int j = 0; j < kDqN / 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+        for (int j = 0; j < kDqN / 8; ++j)
+          *reinterpret_cast<float2*>(row + 8 * j) = make_float2(dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      }
+      FenceProxyAsync();
+      NamedBarSync(1 + wg, 128);  // the warpgroup's rows are staged
+      if (const int rl = tid % 128; rl < kM) {
+        if (i0 + rl < nq)
+          BulkReduceAddF32(p.dq_acc + ((q0 + i0 + rl) * p.hq + h) * D + col0, SmemAddr(stage + rl * T::kStageLd),
+                           kDqN * 4);
+        BulkCommit();  // one group a dQ step, empty or not: the waits count them
+      }
+      dq_buf ^= 1;
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = i0 + warp * 16 + g + 8 * r;
+        if (i >= nq) continue;
+        float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
+#pragma unroll
+        for (int j = 0; j < kDqN / 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      }
     }
     // The next step's barrier orders these reads of dSᵀ before the next writes.
   }
   CpAsyncWait<0>();
+  if (T::kBulkDq && tid % 128 < kM) BulkWait<0>();  // the staging buffers outlive the reductions
 
   // dK ·= scale; this thread's keys kw + g (+8), columns 8j + 2t.
 #pragma unroll

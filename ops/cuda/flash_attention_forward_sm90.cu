@@ -119,6 +119,9 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   SetMaxRegsInc<232>();
   const int wg = tid / 128 - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int iw = i0 + wg * 64 + warp * 16 + g;  // this thread's rows: iw and iw + 8
+  int klo[2], khi[2];                            // the keys each row sees
+  mask.KeysSeenBy(iw, klo[0], khi[0]);
+  mask.KeysSeenBy(iw + 8, klo[1], khi[1]);
 
   float o[D / 2];
 #pragma unroll
@@ -151,15 +154,14 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   };
   // Mask, then P in place of S; alpha = 2^(m_old − m_new) per row.
   auto softmax = [&](float (&s)[kN / 2], int j0, float (&alpha)[2]) {
-    const bool need_mask =
-        (p.causal && i0 + wg * 64 - p.shift < j0 + kN - 1) || j0 + kN > nk ||
-        !mask.OneDocument(i0 + wg * 64, i0 + wg * 64 + 64, j0, j0 + kN);
-    if (need_mask) {
+    if (klo[0] > j0 || khi[0] < j0 + kN || klo[1] > j0 || khi[1] < j0 + kN) {
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!mask.Visible(iw + 8 * (e / 2), j0 + nt * 8 + 2 * t + (e % 2))) s[4 * nt + e] = -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + nt * 8 + 2 * t + (e % 2), r = e / 2;
+          if (j < klo[r] || j >= khi[r]) s[4 * nt + e] = -INFINITY;
+        }
     }
     if (p.sigmoid) {
 #pragma unroll

@@ -12,8 +12,9 @@
 //
 // Masks: row r's query i has position q_offset + i, key j k_offset + j;
 // causal: visible iff i − shift ≥ j, shift = k_offset − q_offset; documents:
-// visible only within equal doc ids. Tiles wholly visible skip the mask;
-// tiles wholly invisible are never visited: the causal bound, and, since doc
+// visible only within equal doc ids. Each row of a tile sees one range of
+// the other side (below); rows that see the whole tile skip the mask.
+// Tiles wholly invisible are never visited: the causal bound, and, since doc
 // ids are non-decreasing within a row (ops/attention_seqs.h), the range of
 // keys sharing a document with a query tile (and of queries with a key
 // tile), found by binary search. A query that sees no key gets o = 0,
@@ -113,12 +114,6 @@ struct MaskArgs {
   const int32_t* qdoc;  // this row's doc ids or null
   const int32_t* kdoc;
   int nq, nk;
-  __device__ __forceinline__ bool Visible(int i, int j) const {
-    if (j >= nk || i >= nq) return false;
-    if (causal && i - shift < j) return false;
-    if (qdoc && qdoc[i] != kdoc[j]) return false;
-    return true;
-  }
   // [lo, hi): the keys that share a document with queries [ia, ib), or the
   // queries that share one with keys [ia, ib) (0 ≤ ia < ib ≤ the row's
   // length); every key (query) without documents.
@@ -128,15 +123,25 @@ struct MaskArgs {
   __device__ __forceinline__ void QueriesOf(int ia, int ib, int& lo, int& hi) const {
     Range(kdoc, qdoc, nq, ia, ib, lo, hi);
   }
-  // Whether queries [ia, ib) and keys [ja, jb), cut to the row, all lie in
-  // one document, so the document mask changes nothing; true without
-  // documents or when either range is empty.
-  __device__ __forceinline__ bool OneDocument(int ia, int ib, int ja, int jb) const {
-    if (!qdoc) return true;
-    ib = min(ib, nq), jb = min(jb, nk);
-    if (ia >= ib || ja >= jb) return true;
-    const int32_t d = qdoc[ia];
-    return qdoc[ib - 1] == d && kdoc[ja] == d && kdoc[jb - 1] == d;
+  // What a thread masks with: the keys query i sees, [lo, hi), and the
+  // queries that see key j; empty past the row. Every mask (row end,
+  // causal, documents) is such a range, so a thread finds its rows' bounds
+  // once and masks an element with two compares.
+  __device__ __forceinline__ void KeysSeenBy(int i, int& lo, int& hi) const {
+    if (i >= nq) {
+      lo = hi = 0;
+      return;
+    }
+    KeysOf(i, i + 1, lo, hi);
+    if (causal) hi = min(hi, i - shift + 1);
+  }
+  __device__ __forceinline__ void QueriesSeeing(int j, int& lo, int& hi) const {
+    if (j >= nk) {
+      lo = hi = 0;
+      return;
+    }
+    QueriesOf(j, j + 1, lo, hi);
+    if (causal) lo = max(lo, j + shift);
   }
 
  private:
