@@ -95,16 +95,51 @@ void AnswerProbes() {
 
 absl::Status Error(const std::string& message) { return absl::InternalError("[comm] " + message); }
 
-// The MPI type of a tensor's elements; reductions need a numeric type.
-bool MpiType(DType dtype, bool reduce, MPI_Datatype* type) {
+// The MPI type of a tensor's elements. bf16 and f16 travel as 16-bit
+// words and reduce with the ops below.
+bool MpiType(DType dtype, MPI_Datatype* type) {
   switch (dtype) {
     case DType::kF32: *type = MPI_FLOAT; return true;
     case DType::kF64: *type = MPI_DOUBLE; return true;
     case DType::kI32: *type = MPI_INT32_T; return true;
     case DType::kI64: *type = MPI_INT64_T; return true;
-    case DType::kBF16: case DType::kF16: *type = MPI_UINT16_T; return !reduce;
+    case DType::kBF16: case DType::kF16: *type = MPI_UINT16_T; return true;
   }
   return false;
+}
+
+// Sum or max of 16-bit floats, which MPI has no type for: each pair is
+// widened to f32, combined and rounded back (as NCCL reduces bf16 and f16).
+template <typename H, float (*kToFloat)(H), H (*kFromFloat)(float), bool kMax>
+void Reduce16(void* in, void* inout, int* len, MPI_Datatype*) {
+  const H* a = static_cast<const H*>(in);
+  H* b = static_cast<H*>(inout);
+  for (int i = 0; i < *len; ++i) {
+    const float x = kToFloat(a[i]), y = kToFloat(b[i]);
+    b[i] = kFromFloat(kMax ? std::max(x, y) : x + y);
+  }
+}
+
+MPI_Op CreateOp(MPI_User_function* f) {
+  MPI_Op op;
+  MPI_Op_create(f, /*commute=*/1, &op);
+  return op;
+}
+
+// The MPI reduction of `op` on `dtype` elements (created once, after MPI_Init).
+MPI_Op MpiOp(ReduceOp op, DType dtype) {
+  const bool max = op == ReduceOp::kMax;
+  if (dtype == DType::kBF16) {
+    static const MPI_Op sum = CreateOp(Reduce16<bf16, Bf16ToFloat, FloatToBf16, false>);
+    static const MPI_Op mx = CreateOp(Reduce16<bf16, Bf16ToFloat, FloatToBf16, true>);
+    return max ? mx : sum;
+  }
+  if (dtype == DType::kF16) {
+    static const MPI_Op sum = CreateOp(Reduce16<f16, F16ToFloat, FloatToF16, false>);
+    static const MPI_Op mx = CreateOp(Reduce16<f16, F16ToFloat, FloatToF16, true>);
+    return max ? mx : sum;
+  }
+  return max ? MPI_MAX : MPI_SUM;
 }
 
 // A tensor's bytes as MPI sees them: the tensor itself on the CPU, else a
@@ -181,19 +216,20 @@ class MpiCommunicator : public Communicator {
   CommHandle StartAllReduce(Tensor& t, ReduceOp op) override {
     Count(CommOp::kAllReduce, t.nbytes());
     MPI_Datatype type;
-    if (!MpiType(t.dtype(), true, &type)) return Unsupported("all_reduce", t.dtype());
+    if (!MpiType(t.dtype(), &type)) return Unsupported("all_reduce", t.dtype());
     if (t.numel() > INT_MAX) return TooLarge("all_reduce", t.numel());
     auto p = std::make_unique<MpiPending>(this, CommOp::kAllReduce);
     const HostBuffer& b = Stage(*p, t, true, true);
     p->requests.resize(1);
-    MPI_Iallreduce(MPI_IN_PLACE, b.ptr(), static_cast<int>(t.numel()), type, MpiOp(op), comm_, &p->requests[0]);
+    MPI_Iallreduce(MPI_IN_PLACE, b.ptr(), static_cast<int>(t.numel()), type, MpiOp(op, t.dtype()), comm_,
+                   &p->requests[0]);
     return CommHandle(std::move(p));
   }
 
   CommHandle StartReduceScatter(const Tensor& in, Tensor& out, ReduceOp op) override {
     Count(CommOp::kReduceScatter, in.nbytes());
     MPI_Datatype type;
-    if (!MpiType(in.dtype(), true, &type) || in.dtype() != out.dtype()) return Unsupported("reduce_scatter", in.dtype());
+    if (!MpiType(in.dtype(), &type) || in.dtype() != out.dtype()) return Unsupported("reduce_scatter", in.dtype());
     if (in.numel() != out.numel() * size_)
       return CommHandle(Error(absl::StrCat("reduce_scatter: input has ", in.numel(), " elements, not ", size_,
                                            " x output's ", out.numel())));
@@ -202,15 +238,15 @@ class MpiCommunicator : public Communicator {
     const HostBuffer& bi = Stage(*p, in, true, false);
     const HostBuffer& bo = Stage(*p, out, false, true);
     p->requests.resize(1);
-    MPI_Ireduce_scatter_block(bi.ptr(), bo.ptr(), static_cast<int>(out.numel()), type, MpiOp(op), comm_,
-                              &p->requests[0]);
+    MPI_Ireduce_scatter_block(bi.ptr(), bo.ptr(), static_cast<int>(out.numel()), type, MpiOp(op, in.dtype()),
+                              comm_, &p->requests[0]);
     return CommHandle(std::move(p));
   }
 
   CommHandle StartAllGather(const Tensor& in, Tensor& out) override {
     Count(CommOp::kAllGather, in.nbytes());
     MPI_Datatype type;
-    if (!MpiType(in.dtype(), false, &type) || in.dtype() != out.dtype()) return Unsupported("all_gather", in.dtype());
+    if (!MpiType(in.dtype(), &type) || in.dtype() != out.dtype()) return Unsupported("all_gather", in.dtype());
     if (out.numel() != in.numel() * size_)
       return CommHandle(Error(absl::StrCat("all_gather: output has ", out.numel(), " elements, not ", size_,
                                            " x input's ", in.numel())));
@@ -235,7 +271,7 @@ class MpiCommunicator : public Communicator {
   CommHandle StartAllToAllV(const Tensor& in, const std::vector<int64_t>& send_counts, Tensor& out,
                             const std::vector<int64_t>& recv_counts) override {
     MPI_Datatype type;
-    if (!MpiType(in.dtype(), false, &type) || in.dtype() != out.dtype()) {
+    if (!MpiType(in.dtype(), &type) || in.dtype() != out.dtype()) {
       Count(CommOp::kAllToAll, in.nbytes());
       return Unsupported("all_to_all", in.dtype());
     }
@@ -342,8 +378,6 @@ class MpiCommunicator : public Communicator {
   }
 
  private:
-  static MPI_Op MpiOp(ReduceOp op) { return op == ReduceOp::kSum ? MPI_SUM : MPI_MAX; }
-
   const HostBuffer& Stage(MpiPending& p, const Tensor& t, bool read, bool write) {
     p.buffers.reserve(2);  // never reallocated: outputs point into it
     p.buffers.emplace_back(t, read);
@@ -353,8 +387,7 @@ class MpiCommunicator : public Communicator {
 
   CommHandle Unsupported(const char* what, DType dtype) {
     return CommHandle(Error(absl::StrCat(what, " of ", DTypeName(dtype),
-                                         " tensors is not supported by the MPI backend (mismatched or "
-                                         "non-numeric dtype)")));
+                                         " tensors: the input's and the output's dtypes must match")));
   }
   CommHandle TooLarge(const char* what, int64_t n) {
     return CommHandle(Error(absl::StrCat(what, ": ", n, " elements exceed MPI's int count; split the message")));

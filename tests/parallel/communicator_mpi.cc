@@ -37,6 +37,30 @@ TEST(Communicator, AllReduceSumsAndMaxes) {
   EXPECT_EQ(m.data<int64_t>()[1], 0);
 }
 
+// bf16 and f16 reduce too (widened to f32 pairwise and rounded back): on
+// half-integers below 128 every partial sum is exact in both.
+TEST(Communicator, ReducesBf16AndF16) {
+  Communicator& w = testing::World();
+  const int p = w.size(), n = 7;
+  auto value = [](int rank, int64_t i) { return (rank + 1) * (i % 7 + 1) * 0.5; };
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    Tensor mine = Tensor::Empty({p * n}, DType::kF64);
+    for (int64_t i = 0; i < p * n; ++i) mine.data<double>()[i] = value(w.rank(), i);
+    Tensor sum = mine.To(dtype), max = mine.To(dtype), part = Tensor::Empty({n}, dtype);
+    ASSERT_TRUE(w.AllReduce(sum).ok());
+    ASSERT_TRUE(w.AllReduce(max, ReduceOp::kMax).ok());
+    ASSERT_TRUE(w.ReduceScatter(mine.To(dtype), part).ok());
+    for (int64_t i = 0; i < p * n; ++i) {
+      double expect = 0;
+      for (int r = 0; r < p; ++r) expect += value(r, i);
+      EXPECT_EQ(sum.Get(i), expect) << "element " << i;
+      EXPECT_EQ(max.Get(i), value(p - 1, i)) << "element " << i;
+      if (i / n == w.rank()) EXPECT_EQ(part.Get(i % n), expect) << "element " << i;
+    }
+  }
+}
+
 TEST(Communicator, ReduceScatterAllGatherAllToAll) {
   Communicator& w = testing::World();
   const int p = w.size(), n = 5;
@@ -137,8 +161,9 @@ TEST(Communicator, MismatchedShapesAreClearErrors) {
   absl::Status s = w.ReduceScatter(in, out);
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("reduce_scatter"), std::string::npos) << s.message();
-  Tensor h = Tensor::Zeros({4}, DType::kBF16);
-  s = w.AllReduce(h);
+  Tensor h = Tensor::Zeros({4}, DType::kBF16), h32 = Tensor::Empty({4}, DType::kF32);
+  Tensor hs = Tensor::Zeros({w.size() * 4}, DType::kBF16);
+  s = w.ReduceScatter(hs, h32);
   EXPECT_NE(s.message().find("bf16"), std::string::npos) << s.message();
   s = w.Send(h, w.size() + 3);
   EXPECT_NE(s.message().find("not in a group"), std::string::npos) << s.message();
