@@ -202,14 +202,18 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     // range all keys see: the first key's and the last key's ranges meet
     // (both bounds are non-decreasing along the keys).
     const bool need_mask = i0 < max(seen[0], seen[kN - 1]) || i0 + kM > min(seen[kN], seen[2 * kN - 1]);
+    // The variant's branch is taken once a step, outside the unrolled loops,
+    // so softmax steps issue no sigmoid instructions and the reverse.
+    auto form_p = [&](auto prob) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int il = 8 * (i / 4) + 2 * t + (i % 2), key = kw + g + 8 * ((i % 4) / 2);
-      const bool visible = !need_mask || (i0 + il >= seen[key] && i0 + il < seen[kN + key]);
-      const float pe = p.sigmoid ? 1.f / (1.f + exp2f(-(st[i] * p.scale + p.bias) * kLog2e))
-                                 : exp2f(fmaf(st[i], p.scale_log2, -lse2[il]));
-      st[i] = visible ? pe : 0.f;
-    }
+      for (int i = 0; i < 32; ++i) {
+        const int il = 8 * (i / 4) + 2 * t + (i % 2), key = kw + g + 8 * ((i % 4) / 2);
+        const bool visible = !need_mask || (i0 + il >= seen[key] && i0 + il < seen[kN + key]);
+        st[i] = visible ? prob(st[i], il) : 0.f;
+      }
+    };
+    if (p.sigmoid) form_p([&](float s, int) { return 1.f / (1.f + exp2f(-(s * p.scale + p.bias) * kLog2e)); });
+    else form_p([&](float s, int il) { return exp2f(fmaf(s, p.scale_log2, -lse2[il])); });
     // dV += Pᵀ dO over the 64 queries.
     uint32_t ap[4][4], ads[4][4];
     PackAndMma<D>(dv, st, ap, sdo, kPanelQ);
@@ -217,10 +221,12 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     FenceRegs(dpt);
 
     // dSᵀ = Pᵀ ⊙ (dPᵀ − Δ), sigmoid: Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ (Pᵀ is 0 where masked).
+    if (p.sigmoid) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const float pe = st[i];
-      dpt[i] = p.sigmoid ? pe * (1.f - pe) * dpt[i] : pe * (dpt[i] - delta[8 * (i / 4) + 2 * t + (i % 2)]);
+      for (int i = 0; i < 32; ++i) dpt[i] *= st[i] * (1.f - st[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - delta[8 * (i / 4) + 2 * t + (i % 2)]);
     }
     // dK += dSᵀ Q over the 64 queries.
     PackAndMma<D>(dk, dpt, ads, sq, kPanelQ);
