@@ -39,6 +39,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "ops/cuda/flash_common.cuh"
 #include "ops/cuda/sm90.cuh"
@@ -202,18 +203,28 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     // range all keys see: the first key's and the last key's ranges meet
     // (both bounds are non-decreasing along the keys).
     const bool need_mask = i0 < max(seen[0], seen[kN - 1]) || i0 + kM > min(seen[kN], seen[2 * kN - 1]);
-    // The variant's branch is taken once a step, outside the unrolled loops,
-    // so softmax steps issue no sigmoid instructions and the reverse.
-    auto form_p = [&](auto prob) {
+    // The variant's and the mask's branches are taken once a step, outside
+    // the unrolled loops, so a step issues only its own instructions.
+    auto form_p = [&](auto prob, auto masked) {
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int il = 8 * (i / 4) + 2 * t + (i % 2), key = kw + g + 8 * ((i % 4) / 2);
-        const bool visible = !need_mask || (i0 + il >= seen[key] && i0 + il < seen[kN + key]);
-        st[i] = visible ? prob(st[i], il) : 0.f;
+        if constexpr (masked) {
+          const bool visible = i0 + il >= seen[key] && i0 + il < seen[kN + key];
+          st[i] = visible ? prob(st[i], il) : 0.f;
+        } else {
+          st[i] = prob(st[i], il);
+        }
       }
     };
-    if (p.sigmoid) form_p([&](float s, int) { return 1.f / (1.f + exp2f(-(s * p.scale + p.bias) * kLog2e)); });
-    else form_p([&](float s, int il) { return exp2f(fmaf(s, p.scale_log2, -lse2[il])); });
+    auto form_p_masked_or_not = [&](auto prob) {
+      if (need_mask) form_p(prob, std::true_type{});
+      else form_p(prob, std::false_type{});
+    };
+    if (p.sigmoid)
+      form_p_masked_or_not([&](float s, int) { return 1.f / (1.f + exp2f(-(s * p.scale + p.bias) * kLog2e)); });
+    else
+      form_p_masked_or_not([&](float s, int il) { return exp2f(fmaf(s, p.scale_log2, -lse2[il])); });
     // dV += Pᵀ dO over the 64 queries.
     uint32_t ap[4][4], ads[4][4];
     PackAndMma<D>(dv, st, ap, sdo, kPanelQ);
