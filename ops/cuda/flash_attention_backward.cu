@@ -24,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "ops/cuda/flash_common.cuh"
 #include "ops/softmax_attention.h"
@@ -165,23 +166,35 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
       }
     }
 
-    // dS into s. Element (query i, key j).
+    // dS into s. Element (query i, key j). The variant's and the mask's
+    // branches are taken once a tile, outside the unrolled loop (as in the
+    // KV pass), so a tile issues only its own instructions.
     const bool need_mask = klo[0] > j0 || khi[0] < j0 + kN || klo[1] > j0 || khi[1] < j0 + kN;
+    auto form_ds = [&](auto grad, auto masked) {
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt)
+      for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2, j = j0 + nt * 8 + 2 * t + (e % 2);
-        const bool visible = !need_mask || (j >= klo[r] && j < khi[r]);
-        float ds;
-        if (p.sigmoid) {
-          const float pe = 1.f / (1.f + exp2f(-(s[nt][e] * p.scale + p.bias) * kLog2e));
-          ds = pe * (1.f - pe) * dp[nt][e];
-        } else {
-          ds = exp2f(fmaf(s[nt][e], p.scale_log2, -lse2[r])) * (dp[nt][e] - delta[r]);
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2, j = j0 + nt * 8 + 2 * t + (e % 2);
+          const float ds = grad(s[nt][e], dp[nt][e], r);
+          if constexpr (masked) s[nt][e] = j >= klo[r] && j < khi[r] ? ds : 0.f;
+          else s[nt][e] = ds;
         }
-        s[nt][e] = visible ? ds : 0.f;
-      }
+    };
+    auto form_ds_masked_or_not = [&](auto grad) {
+      if (need_mask) form_ds(grad, std::true_type{});
+      else form_ds(grad, std::false_type{});
+    };
+    if (p.sigmoid) {
+      form_ds_masked_or_not([&](float sv, float dpv, int) {
+        const float pe = 1.f / (1.f + exp2f(-(sv * p.scale + p.bias) * kLog2e));
+        return pe * (1.f - pe) * dpv;
+      });
+    } else {
+      form_ds_masked_or_not([&](float sv, float dpv, int r) {
+        return exp2f(fmaf(sv, p.scale_log2, -lse2[r])) * (dpv - delta[r]);
+      });
+    }
 
     // dQ += dS K_j: dS's C fragments are A fragments (k = the 64 keys).
 #pragma unroll

@@ -208,7 +208,10 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   // n_tiles + 1 turns; warpgroup 0 has the first.
   auto my_turn = [&] { NamedBarSync(1 + wg, T::kConsumers); };
   auto your_turn = [&] { NamedBarArrive(2 - wg, T::kConsumers); };
+  // O ·= alpha, skipped when neither row's maximum moved (alpha = 1 exactly):
+  // past the first tiles of a row that is most tiles.
   auto rescale = [&](const float (&alpha)[2]) {
+    if (alpha[0] == 1.f && alpha[1] == 1.f) return;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       o[4 * dt] *= alpha[0], o[4 * dt + 1] *= alpha[0];
