@@ -30,5 +30,11 @@ expect_error "need parallel.cp = 1; dropless routing" --config "$src/configs/tin
 expect_error "train.deterministic: needs model.attention_backend = loom" --config "$src/configs/default.textproto" \
   --set train.deterministic=true --set model.attention_backend=cudnn
 expect_error "--config FILE is required"
+# --help lists loom-train's own flags (runtime/tool_flags.h), not "No flags matched".
+"$bin" --help >"$tmp/help" 2>&1
+for want in "launch/loom_train.cc" "--dry_run" "--export_oracle" "--peak_tflops"; do
+  if grep -qF -- "$want" "$tmp/help"; then passes=$((passes + 1)); else
+    echo "FAIL: loom-train --help lacks $want:"; head -5 "$tmp/help"; fails=$((fails + 1)); fi
+done
 echo "$passes passed, $fails failed"
 [ $fails -eq 0 ]
