@@ -130,6 +130,18 @@ TEST(TokenRows, SplitAtDocumentsGivesEachDocumentOfEachRow) {
   EXPECT_EQ(plain.first, (std::vector<int64_t>{0, 1, 2}));
 }
 
+// The kernels bound their tiles by the documented order of doc ids
+// (non-decreasing within a row; a new row may start anywhere), so ids that
+// go down inside a row stop with the row and token named.
+TEST(TokenRows, DocumentsMustNotDecreaseWithinARow) {
+  TokenRows rows;
+  rows.cu_seqlens = Tensor::FromVector(std::vector<int32_t>{0, 3, 6}, {3});
+  rows.doc_ids = Tensor::FromVector(std::vector<int32_t>{4, 5, 5, 0, 1, 1}, {6});
+  CheckDocumentsInOrder(rows, "test", "rows");  // down from 5 to 0 only across rows
+  rows.doc_ids = Tensor::FromVector(std::vector<int32_t>{0, 1, 1, 2, 3, 2}, {6});
+  EXPECT_DEATH(CheckDocumentsInOrder(rows, "test", "rows"), "\\[test\\] rows.doc_ids decrease at token 5 in row 1");
+}
+
 TEST(SoftmaxAttention, MatchesGolden_Causal) { ExpectMatchesGolden("causal", false); }
 TEST(SoftmaxAttention, MatchesGolden_OffsetBlock) { ExpectMatchesGolden("offset_block", false); }
 TEST(SoftmaxAttention, MatchesGolden_PastBlock) { ExpectMatchesGolden("past_block", false); }
