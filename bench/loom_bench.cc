@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench.h"
@@ -46,6 +47,12 @@ int main(int argc, char** argv) {
     if (what == "list") {
       for (const auto& [name, bench] : registry) std::printf("%-12s %s\n", name.c_str(), bench.summary.c_str());
       return 0;
+    }
+    const std::string gpu_only = LOOM_BENCH_GPU_ONLY;
+    if (!gpu_only.empty() && absl::StrContains(", " + gpu_only + ",", ", " + what + ",")) {
+      std::fprintf(stderr, "loom-bench: --what=%s is a GPU measurement: build with -DLOOM_CUDA=ON (this build has %s)\n",
+                   what.c_str(), names.c_str());
+      return 2;
     }
     std::fprintf(stderr, "loom-bench: --what=%s is not a benchmark (%s)\n", what.c_str(), names.c_str());
     return 2;
