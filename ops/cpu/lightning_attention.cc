@@ -311,9 +311,9 @@ Dims CheckInterInputs(const Tensor& q, const Tensor& decay, const Tensor& s) {
   return d;
 }
 
-// Ids non-decreasing over [begin, end).
-void CheckDocsNonDecreasing(const int32_t* docs, int64_t begin, int64_t end) {
-  for (int64_t t = begin + 1; t < end; ++t)
+// A chunk's ids non-decreasing over [0, c) (rows: CheckDocumentsInOrder).
+void CheckChunkDocsInOrder(const int32_t* docs, int64_t c) {
+  for (int64_t t = 1; t < c; ++t)
     LOOM_CHECK(docs[t] >= docs[t - 1], "[lightning_attention] doc_ids decrease at token ", t, " (", docs[t - 1],
                " then ", docs[t], ")");
 }
@@ -332,7 +332,7 @@ void CheckRows(const TokenRows& rows, int64_t tokens) {
     LOOM_CHECK(rows.doc_ids.dtype() == DType::kI32 && rows.doc_ids.shape() == Shape{tokens} &&
                    rows.doc_ids.device().is_cpu(),
                "[lightning_attention] doc_ids must be a CPU i32 [T] tensor, T = ", tokens);
-    for (int64_t i = 0; i < r; ++i) CheckDocsNonDecreasing(rows.doc_ids.data<int32_t>(), c[i], c[i + 1]);
+    CheckDocumentsInOrder(rows, "lightning_attention", "rows");
   }
 }
 
@@ -341,7 +341,7 @@ const int32_t* ChunkDocs(const Tensor& doc_ids, int64_t c) {
   if (!doc_ids.defined()) return nullptr;
   LOOM_CHECK(doc_ids.dtype() == DType::kI32 && doc_ids.shape() == Shape{c} && doc_ids.device().is_cpu(),
              "[lightning_attention] chunk doc_ids must be a CPU i32 [C] tensor, C = ", c);
-  CheckDocsNonDecreasing(doc_ids.data<int32_t>(), 0, c);
+  CheckChunkDocsInOrder(doc_ids.data<int32_t>(), c);
   return doc_ids.data<int32_t>();
 }
 
