@@ -334,7 +334,7 @@ class LoomModel:
         # The attention itself in f32 (Loom keeps its states in f32 too).
         o = lightning_attention(*(t.transpose(1, 2).to(self.st) for t in (q, k, v)), log_decay, docs,
                                 self.chunk).transpose(1, 2)  # [R, N, H, D]
-        o = rms_norm(o, head_norm, m["norm_eps"], dt) if m["lightning_norm"] else o.to(dt)
+        o = rms_norm(o, head_norm, m.get("lightning_norm_eps", m["norm_eps"]), dt) if m["lightning_norm"] else o.to(dt)
         o = o.reshape(rows, n, h * d)
         if m["lightning_gate"]:
             o = o * torch.sigmoid(F.linear(y, wg.to(dt)))
@@ -460,6 +460,7 @@ def synthetic_export(config_path, sets, steps, seed, device):
          "sigmoid_attention": mo("attention") == "sigmoid", "sigmoid_bias": -math.log(tr("seq_len")),
          "lightning_block": int(mo("lightning_block")), "lightning_decay": bool(mo("lightning_decay")),
          "lightning_silu": bool(mo("lightning_silu")), "lightning_norm": bool(mo("lightning_norm")),
+         "lightning_norm_eps": float32(mo("lightning_norm_eps") or mo("norm_eps")),
          "lightning_gate": bool(mo("lightning_gate")), "moe_experts": 0,
          "rope_inv_freq": [theta ** (-2.0 * i / d) for i in range(d // 2)], "rope_attention_factor": 1.0}
     m["lightning_decays"] = {str(l): (lightning_decay(heads, l, layers) if m["lightning_decay"] else [1.0] * heads)

@@ -53,7 +53,7 @@ std::string ConfigJson(const config::Config& config, const ModelDims& d, const P
                   ", \"rope_theta\": ", Num(d.rope_theta), ", \"sigmoid_attention\": ", Bool(d.sigmoid_attention),
                   ", \"sigmoid_bias\": ", Num(d.sigmoid_bias), ", \"lightning_block\": ", d.lightning_block,
                   ", \"lightning_decay\": ", Bool(d.lightning_decay), ", \"lightning_silu\": ", Bool(d.lightning_silu),
-                  ", \"lightning_norm\": ", Bool(d.lightning_norm), ", \"lightning_gate\": ", Bool(d.lightning_gate),
+                  ", \"lightning_norm\": ", Bool(d.lightning_norm), ", \"lightning_norm_eps\": ", Num(d.lightning_norm_eps), ", \"lightning_gate\": ", Bool(d.lightning_gate),
                   ", \"moe_experts\": ", d.moe.experts, ",\n    \"rope_inv_freq\": [",
                   absl::StrJoin(inv_freq, ", ", [](std::string* out, double x) { absl::StrAppend(out, Num(x)); }),
                   "], \"rope_attention_factor\": ", Num(d.rope.attention_factor), ",\n    \"lightning_decays\": {",

@@ -153,7 +153,7 @@ void Decoder::LightningStep(const LayerWeights& w, DecodeCache::Layer& cache, co
   if (w.head_norm != nullptr) {
     n = d.Act({t * h, hd});
     Tensor rstd = d.Stat({t * h});
-    ops::RmsNormForward(a.Reshape({t * h, hd}), *w.head_norm, d.norm_eps, n, rstd);
+    ops::RmsNormForward(a.Reshape({t * h, hd}), *w.head_norm, d.lightning_norm_eps, n, rstd);
   }
   Tensor gated = n.Reshape({t, h * hd});
   if (w.wg != nullptr) {

@@ -33,6 +33,7 @@ ModelDims ModelDims::FromConfig(const config::Config& config) {
   d.lightning_decay = m.lightning_decay();
   d.lightning_silu = m.lightning_silu();
   d.lightning_norm = m.lightning_norm();
+  d.lightning_norm_eps = m.lightning_norm_eps() > 0 ? m.lightning_norm_eps() : m.norm_eps();
   d.lightning_gate = m.lightning_gate();
   d.init_std = m.init_std();
   d.recompute.assign(d.layers, m.recompute() == "all");

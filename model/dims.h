@@ -69,6 +69,7 @@ struct ModelDims {
   bool lightning_decay = true;
   bool lightning_silu = true;
   bool lightning_norm = true;
+  double lightning_norm_eps = 1e-5;  // the per-head output norm's (model.lightning_norm_eps, or norm_eps if 0)
   bool lightning_gate = true;
   double init_std = 0.02;
   std::vector<bool> recompute;  // per layer

@@ -77,7 +77,7 @@ void LightningAttentionLayer::Forward(const Tensor& x, const Batch& batch, Tenso
   if (dims_.lightning_norm) {
     n_ = dims_.Act({t * h, d});
     rstd_ = dims_.Stat({t * h});
-    ops::RmsNormForward(a_.Reshape({t * h, d}), norm_.value, dims_.norm_eps, n_, rstd_);
+    ops::RmsNormForward(a_.Reshape({t * h, d}), norm_.value, dims_.lightning_norm_eps, n_, rstd_);
   } else {
     n_ = a_;
   }

@@ -323,6 +323,8 @@ absl::Status ValidateConfig(const config::Config& c) {
   LOOM_RETURN_IF_ERROR(Range(m.ffn_hidden() >= 0, "model.ffn_hidden", "must be >= 0 (0: 8/3·hidden)"));
   LOOM_RETURN_IF_ERROR(Range(m.norm_eps() > 0 && m.norm_eps() <= 1e-2, "model.norm_eps",
                              absl::StrCat(m.norm_eps(), " is outside (0, 1e-2]")));
+  LOOM_RETURN_IF_ERROR(Range(m.lightning_norm_eps() >= 0 && m.lightning_norm_eps() <= 1e-2, "model.lightning_norm_eps",
+                             absl::StrCat(m.lightning_norm_eps(), " is outside (0, 1e-2] (or 0: norm_eps)")));
   LOOM_RETURN_IF_ERROR(Range(m.rope_theta() > 1, "model.rope_theta", "must be > 1"));
   LOOM_RETURN_IF_ERROR(ValidateRopeScaling(m));
   LOOM_RETURN_IF_ERROR(Range(m.attention() == "softmax" || m.attention() == "sigmoid", "model.attention",

@@ -134,6 +134,21 @@ TEST(Decode, TokenByTokenAndPrefillMatchForward_MohAndMoe) {
   ExpectDecodeMatchesForward(c, 6, 1e-10);
 }
 
+// The lightning heads' own norm epsilon (norm_eps when unset) reaches the
+// training forward and the decoder alike, and is used at all.
+TEST(Decode, LightningNormEpsReachesForwardAndDecode) {
+  const config::Config plain = DecodeConfig({}), own = DecodeConfig({"model.lightning_norm_eps=1e-2"});
+  EXPECT_EQ(ModelDims::FromConfig(plain).lightning_norm_eps, ModelDims::FromConfig(plain).norm_eps);
+  EXPECT_EQ(ModelDims::FromConfig(own).lightning_norm_eps, static_cast<double>(1e-2f));
+  ExpectDecodeMatchesForward(own, 6, 1e-10);
+  Model a(ModelDims::FromConfig(plain)), b(ModelDims::FromConfig(own));
+  const std::vector<int32_t> tokens = RandomTokens(8, a.dims().vocab, 5);
+  const Tensor la = ForwardLogits(a, tokens), lb = ForwardLogits(b, tokens);
+  double largest = 0;
+  for (int64_t i = 0; i < la.numel(); ++i) largest = std::max(largest, std::abs(la.Get(i) - lb.Get(i)));
+  EXPECT_GT(largest, 1e-6) << "model.lightning_norm_eps changed no logit";
+}
+
 TEST(Decode, LightningCacheStaysTheSameSize) {
   config::Config c = DecodeConfig({"model.pattern=L"});
   Model model(ModelDims::FromConfig(c));

@@ -68,6 +68,7 @@ TEST(Config, BadInputNamesTheFieldAndReason) {
       {"", {"model.hidden=abc"}, "--set model.hidden: 'abc' is not an int32"},
       {"", {"model.nope=1"}, "ModelConfig has no field 'nope'"},
       {"", {"train.steps=0"}, "train.steps: 0 is below 1"},
+      {"", {"model.lightning_norm_eps=0.5"}, "model.lightning_norm_eps: 0.5 is outside (0, 1e-2]"},
       {"", {"model.layers"}, "expected path.to.field=value"},
       {"", {"train.global_batch=10", "train.micro_batch=4"}, "train.global_batch: 10 is not a positive multiple"},
   };
