@@ -187,12 +187,12 @@ __global__ void __launch_bounds__(DqTile<D>::kThreads, 2)
     };
     if (p.sigmoid) {
       form_ds_masked_or_not([&](float sv, float dpv, int) {
-        const float pe = 1.f / (1.f + exp2f(-(sv * p.scale + p.bias) * kLog2e));
+        const float pe = Sigmoid(sv * p.scale + p.bias);
         return pe * (1.f - pe) * dpv;
       });
     } else {
       form_ds_masked_or_not([&](float sv, float dpv, int r) {
-        return exp2f(fmaf(sv, p.scale_log2, -lse2[r])) * (dpv - delta[r]);
+        return Exp2(fmaf(sv, p.scale_log2, -lse2[r])) * (dpv - delta[r]);
       });
     }
 

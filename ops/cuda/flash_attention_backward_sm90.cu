@@ -222,9 +222,9 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
       else form_p(prob, std::false_type{});
     };
     if (p.sigmoid)
-      form_p_masked_or_not([&](float s, int) { return 1.f / (1.f + exp2f(-(s * p.scale + p.bias) * kLog2e)); });
+      form_p_masked_or_not([&](float s, int) { return Sigmoid(s * p.scale + p.bias); });
     else
-      form_p_masked_or_not([&](float s, int il) { return exp2f(fmaf(s, p.scale_log2, -lse2[il])); });
+      form_p_masked_or_not([&](float s, int il) { return Exp2(fmaf(s, p.scale_log2, -lse2[il])); });
     // dV += Pᵀ dO over the 64 queries.
     uint32_t ap[4][4], ads[4][4];
     PackAndMma<D>(dv, st, ap, sdo, kPanelQ);

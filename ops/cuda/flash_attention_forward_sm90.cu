@@ -1,7 +1,7 @@
 // Loom's flash attention forward for Hopper, FA3 design (Shah et al. 2024,
 // "FlashAttention-3"): warpgroup MMA (wgmma) on bf16 tiles in 128-byte
-// swizzled shared memory, a producer warpgroup that streams K and V tiles in
-// through cp.async completing on mbarriers, and two consumer warpgroups of
+// swizzled shared memory, a producer warpgroup whose one thread streams Q, K
+// and V tiles in by TMA completing on mbarriers, and two consumer warpgroups of
 // 64 query rows each. The math is ops/softmax_attention.h's (masks, LSE,
 // sigmoid: ops/cuda/flash_common.cuh):
 //   S = Q Kᵀ (wgmma, Q and K from shared memory, f32 accumulators),
@@ -31,6 +31,7 @@
 
 #include "ops/cuda/flash_common.cuh"
 #include "ops/cuda/sm90.cuh"
+#include "ops/cuda/tensor_map.h"
 #include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda::flash {
@@ -50,8 +51,14 @@ struct Sm90FwdTile {
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
+// The TMA maps of q, k, v: boxes of 128 tokens by 64 columns of one head.
+struct FwdMaps {
+  CUtensorMap q, k, v;
+};
+
 template <int D>
-__global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90Kernel(const Params p) {
+__global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1)
+    FlashForwardSm90Kernel(const Params p, const __grid_constant__ FwdMaps maps) {
 #if LOOM_SM90A
   using T = Sm90FwdTile<D>;
   constexpr int kM = T::kM, kN = T::kN;
@@ -74,44 +81,51 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
   QueryTileBlock b;
   if (!PlaceQueryTile<kM, kN>(p, mask, b)) return;
   // A query tile MoH skips sees no key: o = 0, lse = −∞ (the CPU's skipped rows).
-  const int h = b.h, kvh = b.kvh, q0 = b.q0, nq = b.nq, k0 = b.k0, nk = b.nk, i0 = b.i0, n_tiles = b.n_tiles;
+  const int h = b.h, kvh = b.kvh, q0 = b.q0, nq = b.nq, k0 = b.k0, i0 = b.i0, n_tiles = b.n_tiles;
   // Step `it` takes key tile last_tile − it (the diagonal first).
   const int last_tile = b.first_tile + n_tiles - 1;
-  const int64_t ldq = p.hq * D, ldk = p.hk * D;
+  const int64_t ldq = p.hq * D;
   const int tid = threadIdx.x;
 
   if (tid == 0) {
-    MbarInit(bars, T::kProducers);
+    MbarInit(bars, 1);
     for (int s = 0; s < S; ++s) {
-      MbarInit(k_full(s), T::kProducers);
-      MbarInit(v_full(s), T::kProducers);
+      MbarInit(k_full(s), 1);
+      MbarInit(v_full(s), 1);
       MbarInit(k_empty(s), T::kConsumers);
       MbarInit(v_empty(s), T::kConsumers);
     }
+    FenceBarrierInit();
   }
   __syncthreads();
 
   // ------------------------------------------------------------ producer
-  // Step `it` fills stage it mod 2 with key tile last_tile − it once the
-  // consumers have released that stage's previous tile (step it − 2).
+  // One thread issues every load, as TMA boxes of 128 tokens by 64 columns
+  // (one swizzled panel each). Step `it` fills stage it mod S with key tile
+  // last_tile − it once the consumers have released that stage's previous
+  // tile (step it − S). Boxes run past a row's end into the next row's
+  // tokens (zeros past the tensor's): those keys are masked, so their P is 0
+  // and V's rows there add 0, and those queries are never stored.
   if (tid < T::kProducers) {
     SetMaxRegsDec<40>();
-    if (n_tiles == 0) return;
-    LoadPanels<kM, D, T::kProducers>(sq, p.q + (q0 + i0) * ldq + h * D, ldq, nq - i0, tid);
-    CpAsyncArriveNoinc(bars);
-    const __nv_bfloat16* kbase = p.k + k0 * ldk + kvh * D;
-    const __nv_bfloat16* vbase = p.v + k0 * ldk + kvh * D;
+    if (n_tiles == 0 || tid != 0) return;
+    MbarArriveExpectTx(bars, T::kQBytes);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) TmaLoad3d(sq + c * kM * 128, &maps.q, c * 64, h, q0 + i0, bars);
     for (int it = 0; it < n_tiles; ++it) {
-      const int j0 = (last_tile - it) * kN, st = stage(it);
+      const int j = k0 + (last_tile - it) * kN, st = stage(it);
       const uint32_t parity = phase(it) ^ 1;  // the release of step it − S
       if (it >= S) MbarWait(k_empty(st), parity);
-      LoadPanels<kN, D, T::kProducers>(sk + st * T::kTileBytes, kbase + j0 * ldk, ldk, nk - j0, tid);
-      CpAsyncArriveNoinc(k_full(st));
+      MbarArriveExpectTx(k_full(st), T::kTileBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c)
+        TmaLoad3d(sk + st * T::kTileBytes + c * kN * 128, &maps.k, c * 64, kvh, j, k_full(st));
       if (it >= S) MbarWait(v_empty(st), parity);
-      LoadPanels<kN, D, T::kProducers>(sv + st * T::kTileBytes, vbase + j0 * ldk, ldk, nk - j0, tid);
-      CpAsyncArriveNoinc(v_full(st));
+      MbarArriveExpectTx(v_full(st), T::kTileBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c)
+        TmaLoad3d(sv + st * T::kTileBytes + c * kN * 128, &maps.v, c * 64, kvh, j, v_full(st));
     }
-    CpAsyncWaitAll();
     return;
   }
 
@@ -165,7 +179,7 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
     }
     if (p.sigmoid) {
 #pragma unroll
-      for (int i = 0; i < kN / 2; ++i) s[i] = 1.f / (1.f + exp2f(-(s[i] * p.scale + p.bias) * kLog2e));  // σ(−∞) = 0
+      for (int i = 0; i < kN / 2; ++i) s[i] = Sigmoid(s[i] * p.scale + p.bias);  // σ(−∞) = 0
       alpha[0] = alpha[1] = 1.f;
       return;
     }
@@ -180,14 +194,14 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
       // A row with nothing visible yet keeps m = −∞; subtract 0 then so that
       // 2^(−∞ − (−∞)) never appears.
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[r] = exp2f(m[r] - m_use);
+      alpha[r] = Exp2(m[r] - m_use);
       m[r] = m_new;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float e = exp2f(fmaf(s[4 * nt + 2 * r + c], p.scale_log2, -m_use));
+          const float e = Exp2(fmaf(s[4 * nt + 2 * r + c], p.scale_log2, -m_use));
           s[4 * nt + 2 * r + c] = e;
           sum += e;
         }
@@ -224,7 +238,6 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
     float s[kN / 2], alpha[2];
     uint32_t pa[kN / 16][4];
     MbarWait(k_full(0), 0);
-    FenceProxyAsync();
     my_turn();
     issue_qk(s, 0);
     your_turn();
@@ -237,7 +250,6 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
       const int st = stage(it), prev = stage(it - 1);
       MbarWait(k_full(st), phase(it));
       MbarWait(v_full(prev), phase(it - 1));
-      FenceProxyAsync();
       my_turn();
       issue_qk(s, st);
       rescale(alpha);  // by the last softmax's alpha; O is idle until P_{j'} V_{j'} below
@@ -254,7 +266,6 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
     }
     const int last = stage(n_tiles - 1);
     MbarWait(v_full(last), phase(n_tiles - 1));
-    FenceProxyAsync();
     my_turn();
     rescale(alpha);
     issue_pv(pa, last);
@@ -291,8 +302,15 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1) FlashForwardSm90K
 template <int D>
 void Launch(const Params& p, int64_t max_q, int64_t rows, cudaStream_t stream) {
   using T = Sm90FwdTile<D>;
+  static_assert(T::kM == T::kN, "one box shape for Q, K and V");
+  if (max_q == 0 || rows == 0) return;
+  FwdMaps maps;
+  maps.q = Bf16TokenPanelMap(p.q, p.tq, p.hq, D, T::kM);
+  // Without keys no block loads K or V: q's map stands in.
+  maps.k = p.tk > 0 ? Bf16TokenPanelMap(p.k, p.tk, p.hk, D, T::kN) : maps.q;
+  maps.v = p.tk > 0 ? Bf16TokenPanelMap(p.v, p.tk, p.hk, D, T::kN) : maps.q;
   LaunchTiles<FlashForwardSm90Kernel<D>>(dim3((max_q + T::kM - 1) / T::kM, p.hq, rows), T::kThreads, T::kSmem, stream,
-                                         p);
+                                         p, maps);
 }
 
 }  // namespace

@@ -42,6 +42,25 @@ __device__ __forceinline__ void CpAsync4(uint32_t dst, const void* src, bool val
 }
 
 
+// 2^x in one MUFU.EX2: the approximate, flush-to-zero form (2 ulp; results
+// under 2^-126 flush to 0, which the bf16 P products could not hold anyway).
+// exp2f compiles to ex2.approx.f32 without ftz, which ptxas wraps in a
+// compare and two predicated multiplies for subnormals: four instructions an
+// element in the softmax loops, which are bound by issue.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// σ(x) = 1 / (1 + 2^(−x·log2 e)) with MUFU.EX2 and MUFU.RCP (approximate,
+// flush-to-zero); σ(−∞) = 0.
+__device__ __forceinline__ float Sigmoid(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(1.f + Exp2(-x * kLog2e)));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -162,7 +181,7 @@ struct Params {
   const float* delta;   // [Hq, Tq]
   float* dq_acc;        // [Tq, Hq, D]
   const int32_t *cu_q, *cu_k, *doc_q, *doc_k;
-  int64_t tq, hq, hk, group;
+  int64_t tq, tk, hq, hk, group;  // tokens of q and of k, heads
   float scale, scale_log2, bias;
   bool causal, sigmoid;
   int shift;

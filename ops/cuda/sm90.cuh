@@ -1,5 +1,6 @@
-// Hopper (sm_90a) pieces: mbarriers, the async-proxy fence, wgmma
-// (warpgroup MMA) with its shared-memory matrix descriptors. PTX ISA 8.x
+// Hopper (sm_90a) pieces: mbarriers, the async-proxy fence, TMA loads and
+// bulk reductions, wgmma (warpgroup MMA) with its shared-memory matrix
+// descriptors. PTX ISA 8.x
 // names in the comments; every wrapper is one instruction or one poll loop.
 //
 // Shared-memory operand layout used with these descriptors (the "128-byte
@@ -40,6 +41,11 @@ namespace loom::ops::cuda::sm90 {
 
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the mbarrier inits visible to the async proxy (TMA), before the
+// block barrier that publishes them.
+__device__ __forceinline__ void FenceBarrierInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
@@ -95,6 +101,25 @@ __device__ __forceinline__ void BulkWait() {
 }
 
 __device__ __forceinline__ void CpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// ------------------------------------------------------------------ TMA
+
+// Arrives on `bar` and raises the bytes its current phase waits for by
+// `bytes` (the TMA loads below count them down as they land).
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// The box of tensor map `map` (ops/cuda/tensor_map.h; a __grid_constant__
+// kernel parameter) at coordinates (c0, c1, c2) into shared memory at dst,
+// completing its bytes on mbarrier `bar`. One thread issues it.
+__device__ __forceinline__ void TmaLoad3d(uint32_t dst, const void* map, int c0, int c1, int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
 
 // Register budget of the calling warpgroup (every thread of it executes the
 // same one): a producer gives registers back, consumers take them. Needs a

@@ -63,6 +63,7 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
   p.doc_q = q_rows.doc_ids.defined() ? q_rows.doc_ids.data<int32_t>() : nullptr;
   p.doc_k = k_rows.doc_ids.defined() ? k_rows.doc_ids.data<int32_t>() : nullptr;
   p.tq = q.dim(0);
+  p.tk = k.dim(0);
   p.hq = q.dim(1);
   p.hk = k.dim(1);
   p.group = q.dim(1) / k.dim(1);
