@@ -96,6 +96,7 @@ struct CudaTokenRows {
   Tensor doc_ids;      // i32 [T], CUDA, or undefined
   int64_t max_len = 0; // longest row
   bool uniform = false;  // every row max_len long and the rows tile [0, T)
+  int64_t end = 0;       // cu_seqlens[R]: the tokens past it are in no row
   int64_t rows() const { return cu_seqlens.numel() - 1; }
   // Where the rows follow each other from token 0 without gaps and hold
   // documents or differ in length: every document of every row as a

@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(Sm90FwdTile<D>::kThreads, 1)
   // (one swizzled panel each). Step `it` fills stage it mod S with key tile
   // last_tile − it once the consumers have released that stage's previous
   // tile (step it − S). Boxes run past a row's end into the next row's
-  // tokens (zeros past the tensor's): those keys are masked, so their P is 0
-  // and V's rows there add 0, and those queries are never stored.
+  // tokens (zeros past the last row's end): those keys are masked, so their
+  // P is 0 and V's rows there add 0, and those queries are never stored.
   if (tid < T::kProducers) {
     SetMaxRegsDec<40>();
     if (n_tiles == 0 || tid != 0) return;
@@ -305,10 +305,13 @@ void Launch(const Params& p, int64_t max_q, int64_t rows, cudaStream_t stream) {
   static_assert(T::kM == T::kN, "one box shape for Q, K and V");
   if (max_q == 0 || rows == 0) return;
   FwdMaps maps;
-  maps.q = Bf16TokenPanelMap(p.q, p.tq, p.hq, D, T::kM);
+  // The maps end where the last row does, so that a box past it reads zeros
+  // (tokens in no row may hold anything, NaN included).
+  if (p.q_end == 0) return;
+  maps.q = Bf16TokenPanelMap(p.q, p.q_end, p.hq, D, T::kM);
   // Without keys no block loads K or V: q's map stands in.
-  maps.k = p.tk > 0 ? Bf16TokenPanelMap(p.k, p.tk, p.hk, D, T::kN) : maps.q;
-  maps.v = p.tk > 0 ? Bf16TokenPanelMap(p.v, p.tk, p.hk, D, T::kN) : maps.q;
+  maps.k = p.k_end > 0 ? Bf16TokenPanelMap(p.k, p.k_end, p.hk, D, T::kN) : maps.q;
+  maps.v = p.k_end > 0 ? Bf16TokenPanelMap(p.v, p.k_end, p.hk, D, T::kN) : maps.q;
   LaunchTiles<FlashForwardSm90Kernel<D>>(dim3((max_q + T::kM - 1) / T::kM, p.hq, rows), T::kThreads, T::kSmem, stream,
                                          p, maps);
 }

@@ -181,7 +181,8 @@ struct Params {
   const float* delta;   // [Hq, Tq]
   float* dq_acc;        // [Tq, Hq, D]
   const int32_t *cu_q, *cu_k, *doc_q, *doc_k;
-  int64_t tq, tk, hq, hk, group;  // tokens of q and of k, heads
+  int64_t tq, hq, hk, group;
+  int64_t q_end, k_end;  // where the last row ends (CudaTokenRows::end)
   float scale, scale_log2, bias;
   bool causal, sigmoid;
   int shift;

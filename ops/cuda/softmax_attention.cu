@@ -63,7 +63,8 @@ Params MakeParams(const Tensor& q, const Tensor& k, const Tensor& v, const CudaT
   p.doc_q = q_rows.doc_ids.defined() ? q_rows.doc_ids.data<int32_t>() : nullptr;
   p.doc_k = k_rows.doc_ids.defined() ? k_rows.doc_ids.data<int32_t>() : nullptr;
   p.tq = q.dim(0);
-  p.tk = k.dim(0);
+  p.q_end = q_rows.end;
+  p.k_end = k_rows.end;
   p.hq = q.dim(1);
   p.hk = k.dim(1);
   p.group = q.dim(1) / k.dim(1);
@@ -111,6 +112,8 @@ void CheckDeviceRows(const CudaTokenRows& rows, const Tensor& like, const char* 
              "[", op, "] ", name, ".doc_ids must be i32 [", like.dim(0), "] on ", like.device().ToString());
   LOOM_CHECK(rows.max_len >= 0 && rows.max_len <= like.dim(0), "[", op, "] ", name, ".max_len ", rows.max_len,
              " is not in [0, ", like.dim(0), "]");
+  LOOM_CHECK(rows.end >= 0 && rows.end <= like.dim(0) && (rows.end > 0 || rows.max_len == 0), "[", op, "] ", name,
+             ".end ", rows.end, " is not in [0, ", like.dim(0), "] (ops::cuda::ToDevice sets it)");
 }
 
 CudaTokenRows ToDevice(const TokenRows& rows, int device) {
@@ -131,6 +134,7 @@ CudaTokenRows ToDevice(const TokenRows& rows, int device) {
     out.max_len = std::max(out.max_len, len);
   }
   out.uniform = follow && same_length;
+  out.end = rows.rows() > 0 ? rows.end(rows.rows() - 1) : 0;
   if (rows.has_docs()) {
     CheckDocumentsInOrder(rows, "flash_attention", "rows");
     out.doc_ids = Tensor::Empty(rows.doc_ids.shape(), DType::kI32, Device::Cuda(device));

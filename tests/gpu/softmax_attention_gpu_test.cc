@@ -97,6 +97,17 @@ TEST(GpuFlashAttention, RingBlockWithDocuments) {
                         .q_first_doc = 2, .q_offset = 600, .deterministic = det});
 }
 
+// Tokens past the last row are in no row and may hold anything: NaN there
+// must not reach the rows' outputs (the kernels' loads run past a row's end).
+TEST(GpuFlashAttention, NanTokensPastTheRowsStayOut) {
+  LOOM_SKIP_WITHOUT_GPU();
+  RunCase(kLoom, Case{.name = "nan tail causal D128", .d = 128, .hq = 4, .hk = 2, .q_lens = {200, 70}, .nan_tail = 100});
+  RunCase(kLoom, Case{.name = "nan tail full D64", .d = 64, .hq = 2, .hk = 2, .q_lens = {130}, .causal = false,
+                      .nan_tail = 60});
+  RunCase(kLoom, Case{.name = "nan tail det D128", .d = 128, .hq = 2, .hk = 1, .q_lens = {300}, .deterministic = true,
+                      .nan_tail = 130});
+}
+
 TEST(GpuFlashAttention, SigmoidWithBias) {
   LOOM_SKIP_WITHOUT_GPU();
   RunCase(kLoom, Case{.name = "sigmoid causal D64", .d = 64, .hq = 4, .hk = 2, .q_lens = {150, 260}, .sigmoid = true});
