@@ -43,6 +43,7 @@
 
 #include "ops/cuda/flash_common.cuh"
 #include "ops/cuda/sm90.cuh"
+#include "ops/cuda/tensor_map.h"
 #include "runtime/cuda_check.h"
 
 namespace loom::ops::cuda::flash {
@@ -63,9 +64,10 @@ struct Sm90BwdTile {
   // padded by 32 bytes, so each half-warp's 8-byte stores hit 32 banks).
   static constexpr int kStageLd = D / 2 + 8, kStage = kBulkDq ? 2 * 2 * kM * kStageLd * 4 : 0;
   // K | V | Q [2] | dO [2] | dSᵀ | stats | the queries each key sees | dQ
-  // staging; +1024 to align the base.
+  // staging | the two Q/dO buffers' mbarriers; +1024 to align the base.
   static constexpr int kStats = 2 * kKV + 4 * kQ + kDs;
-  static constexpr int kSmem = kStats + 4 * kM * 4 + 2 * kN * 4 + kStage + 1024;
+  static constexpr int kBars = kStats + 4 * kM * 4 + 2 * kN * 4 + kStage;
+  static constexpr int kSmem = kBars + 2 * 8 + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
@@ -94,11 +96,17 @@ __device__ __forceinline__ void PackAndMma(float (&acc)[D / 2], const float (&c)
   WgmmaCommit();
 }
 
+// The TMA maps of q and dO: boxes of 64 tokens by 64 columns of one head.
+struct BwdMaps {
+  CUtensorMap q, d_o;
+};
+
 // One block an SM: D = 64 fits two by shared memory, but at 128 registers
 // it spills, and the 8K gpu_1b_softmax step measured 29.5k tokens/s so
 // against 37.4k with one (H100).
 template <int D>
-__global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90Kernel(const Params p) {
+__global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
+    FlashBackwardSm90Kernel(const Params p, const __grid_constant__ BwdMaps maps) {
 #if LOOM_SM90A
   using T = Sm90BwdTile<D>;
   constexpr int kM = T::kM, kN = T::kN, kAcc = D / 2;
@@ -111,6 +119,10 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
   int* seen = reinterpret_cast<int*>(stats + 4 * kM);
   float* dq_stage = reinterpret_cast<float*>(seen + 2 * kN);
   int dq_buf = 0;  // the staging buffer of the next dQ step (they alternate)
+  // Q and dO of a step land by TMA on the mbarrier of their buffer; bit b of
+  // `phases` is the parity buffer b's next fill completes.
+  const uint32_t full = sk + T::kBars;
+  uint32_t phases = 0;
 
   const int kvh = blockIdx.x, row = blockIdx.z;
   const int j0 = blockIdx.y * kN;
@@ -129,18 +141,27 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
   const int n_it = max(0, it_end - it_begin);
   const int steps = n_it * static_cast<int>(p.group);
 
-  const int64_t ldq = p.hq * D, ldk = p.hk * D;
+  const int64_t ldk = p.hk * D;
   // MoH: a step whose (query head, query tile) is skipped loads and computes
   // nothing (every thread decides alike, so the barriers still pair up).
   auto step_active = [&](int s) {
     const int i0 = (it_begin + s % n_it) * kM;
     return QueryTileActive(p, kvh * p.group + s / n_it, q0 + i0, min(kM, nq - i0));
   };
+  // Step s's Q and dO tiles into buffer buf (one thread, TMA: boxes past the
+  // row's end read the next row's tokens or zeros, whose queries the mask
+  // hides), and its lse2, Δ (cp.async).
   auto issue = [&](int s, int buf) {
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
-    const int64_t off = (q0 + i0) * ldq + h * D;
-    LoadPanels<kM, D, T::kThreads>(sq0 + buf * T::kQ, p.q + off, ldq, nq - i0, tid);
-    LoadPanels<kM, D, T::kThreads>(sdo0 + buf * T::kQ, p.d_o + off, ldq, nq - i0, tid);
+    if (tid == 0) {
+      const uint32_t bar = full + 8 * buf;
+      MbarArriveExpectTx(bar, 2 * T::kQ);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        TmaLoad3d(sq0 + buf * T::kQ + c * kM * 128, &maps.q, c * 64, h, q0 + i0, bar);
+        TmaLoad3d(sdo0 + buf * T::kQ + c * kM * 128, &maps.d_o, c * 64, h, q0 + i0, bar);
+      }
+    }
     if (!p.sigmoid && tid < 2 * kM) {
       const int r = tid % kM;
       const bool ok = i0 + r < nq;
@@ -149,6 +170,12 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
     }
   };
 
+  if (tid == 0) {
+    MbarInit(full, 1);
+    MbarInit(full + 8, 1);
+    FenceBarrierInit();
+  }
+  __syncthreads();  // the mbarriers are set up before anyone waits on them
   if (tid < kN) mask.QueriesSeeing(j0 + tid, seen[tid], seen[kN + tid]);  // read after the loop's first barrier
   LoadPanels<kN, D, T::kThreads>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
   LoadPanels<kN, D, T::kThreads>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
@@ -165,12 +192,17 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
   for (int s = 0; s < steps; ++s) {
     const int buf = s & 1;
     const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
+    const bool active = step_active(s);
     CpAsyncWait<0>();
+    if (active) {
+      MbarWait(full + 8 * buf, (phases >> buf) & 1);
+      phases ^= 1u << buf;
+    }
     FenceProxyAsync();
     __syncthreads();  // step s landed and is visible to wgmma; buffer buf ^ 1 is free
     if (s + 1 < steps && step_active(s + 1)) issue(s + 1, buf ^ 1);
     CpAsyncCommit();
-    if (!step_active(s)) continue;
+    if (!active) continue;
     const uint32_t sq = sq0 + buf * T::kQ, sdo = sdo0 + buf * T::kQ;
     const float* lse2 = stats + buf * 2 * kM;
     const float* delta = lse2 + kM;
@@ -346,12 +378,20 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1) FlashBackwardSm90
 
 void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream) {
   const dim3 grid(p.hk, (max_k + 127) / 128, rows);  // heaviest (first) key tiles first
+  if (max_k == 0 || rows == 0) return;
+  // The maps end where the last row does: boxes past it read zeros (tokens
+  // in no row may hold anything, NaN included). Without queries no block
+  // loads a tile (each still writes dk = dv = 0): k's map stands in.
+  constexpr int kRows = Sm90BwdTile<64>::kM;
+  BwdMaps maps;
+  maps.q = p.q_end > 0 ? Bf16TokenPanelMap(p.q, p.q_end, p.hq, d, kRows) : Bf16TokenPanelMap(p.k, p.k_end, p.hk, d, kRows);
+  maps.d_o = p.q_end > 0 ? Bf16TokenPanelMap(p.d_o, p.q_end, p.hq, d, kRows) : maps.q;
   if (d == 64) {
     using T = Sm90BwdTile<64>;
-    LaunchTiles<FlashBackwardSm90Kernel<64>>(grid, T::kThreads, T::kSmem, stream, p);
+    LaunchTiles<FlashBackwardSm90Kernel<64>>(grid, T::kThreads, T::kSmem, stream, p, maps);
   } else {
     using T = Sm90BwdTile<128>;
-    LaunchTiles<FlashBackwardSm90Kernel<128>>(grid, T::kThreads, T::kSmem, stream, p);
+    LaunchTiles<FlashBackwardSm90Kernel<128>>(grid, T::kThreads, T::kSmem, stream, p, maps);
   }
 }
 
