@@ -450,9 +450,11 @@ class Trainer {
     }
     LOOM_ASSIGN_OR_RETURN(const EvalResult e, LogEval(step, metrics));
     const double elapsed = total_timer.Seconds();
-    LogInfo(absl::StrFormat("done: %d steps in %.1f s (%s tok/s) | final loss %.4f | eval loss %.4f%s", step - start,
-                            elapsed, HumanCount((step - start) * tokens_per_step / std::max(elapsed, 1e-9)), loss,
-                            e.loss, skipped ? absl::StrCat(" | ", skipped, " steps skipped") : ""));
+    // No held-out split (data.split's second share 0): no eval loss to show.
+    LogInfo(absl::StrFormat("done: %d steps in %.1f s (%s tok/s) | final loss %.4f | %s%s", step - start, elapsed,
+                            HumanCount((step - start) * tokens_per_step / std::max(elapsed, 1e-9)), loss,
+                            data_.has_eval() ? absl::StrFormat("eval loss %.4f", e.loss) : "no held-out data",
+                            skipped ? absl::StrCat(" | ", skipped, " steps skipped") : ""));
     if (data_.is_recall()) {
       LogInfo(absl::StrFormat("answer accuracy %.1f%% on %d held-out answers (chance %.1f%%)",
                               100 * e.accuracy.value(), e.accuracy.total, 100 * data_.chance()));
