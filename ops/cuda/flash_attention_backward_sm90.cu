@@ -1,6 +1,6 @@
 // Loom's flash attention backward KV pass on Hopper warpgroup MMA (wgmma),
-// D = 64 and 128 (FA3's backward, Shah et al. 2024, without its producer
-// warp); the passes around it are in ops/cuda/flash_attention_backward.cu:
+// D = 64 and 128 (FA3's backward, Shah et al. 2024); the passes around it
+// are in ops/cuda/flash_attention_backward.cu:
 //   one block = 128 keys of one KV head, two warpgroups of 64 keys each;
 //   dK, dV [64 keys x D] f32 stay in a warpgroup's registers (D/2 + D/2 a
 //   thread) while the block walks every query tile (64 queries) of every
@@ -11,9 +11,8 @@
 //     (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
 //     dV += Pᵀ dO, dK += dSᵀ Q          m64nDk16, A = Pᵀ / dSᵀ in registers
 //     dQ += dS K                         m64n(D/2)k16, dSᵀ through shared
-//                                        memory, added to the f32 dQ by bulk
-//                                        reductions a query row (D = 128) or
-//                                        vector atomics (D = 64)
+//                                        memory, added to the f32 dQ by
+//                                        vector atomics
 //   in five wgmma groups, each overlapped with the element-wise work that
 //   follows its issue: Sᵀ | dPᵀ (runs while Pᵀ is formed) | dV (while dSᵀ is
 //   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
@@ -24,8 +23,7 @@
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
 // queries]; lse2, Δ [2][64] f32; each key's visible queries [2][128] i32;
-// D = 128: dQ staging [2][2 warpgroups][64][72] f32: 219 KB for D = 128,
-// 83 KB for D = 64.
+// four mbarriers: 147 KB for D = 128, 83 KB for D = 64.
 // wgmma descriptors (PTX ISA "matrix descriptor", swizzle mode 128 B):
 //   K-major (rows hold the contraction dim: K, V as A and Q, dO as B of the
 //   first products): SBO = 1024 (8 rows to the next 8); the 16-wide k step
@@ -54,20 +52,14 @@ using namespace sm90;
 template <int D>
 struct Sm90BwdTile {
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
-  static constexpr int kM = 64, kN = 128, kThreads = 256;
+  static constexpr int kM = 64, kN = 128;
+  static constexpr int kProducers = 128, kConsumers = 256, kThreads = kProducers + kConsumers;
   static constexpr int kKV = kN * D * 2, kQ = kM * D * 2, kDs = kN * kM * 2;
-  // How dQ reaches global memory: D = 128 stages it in shared memory for
-  // bulk reductions, D = 64 adds it with atomics (its 128-byte rows made the
-  // bulk path slower: 134 against 157 TFLOP/s backward at 8K, H100).
-  static constexpr bool kBulkDq = D == 128;
-  // dQ staging: [2 buffers][2 warpgroups][kM rows][D/2 + 8 f32] (rows
-  // padded by 32 bytes, so each half-warp's 8-byte stores hit 32 banks).
-  static constexpr int kStageLd = D / 2 + 8, kStage = kBulkDq ? 2 * 2 * kM * kStageLd * 4 : 0;
-  // K | V | Q [2] | dO [2] | dSᵀ | stats | the queries each key sees | dQ
-  // staging | the two Q/dO buffers' mbarriers; +1024 to align the base.
+  // K | V | Q [2] | dO [2] | dSᵀ | stats | the queries each key sees | 4
+  // mbarriers; +1024 to align the base.
   static constexpr int kStats = 2 * kKV + 4 * kQ + kDs;
-  static constexpr int kBars = kStats + 4 * kM * 4 + 2 * kN * 4 + kStage;
-  static constexpr int kSmem = kBars + 2 * 8 + 1024;
+  static constexpr int kBars = kStats + 4 * kM * 4 + 2 * kN * 4;
+  static constexpr int kSmem = kBars + 4 * 8 + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
@@ -101,9 +93,18 @@ struct BwdMaps {
   CUtensorMap q, d_o;
 };
 
-// One block an SM: D = 64 fits two by shared memory, but at 128 registers
-// it spills, and the 8K gpu_1b_softmax step measured 29.5k tokens/s so
-// against 37.4k with one (H100).
+// One block an SM (D = 64 would fit two by shared memory, but not by
+// registers). FA3's roles: warpgroup 0 is the producer (setmaxnreg down to
+// 24): its warp 0 loads each step's Q and dO by TMA and lse2, Δ by cp.async
+// onto the buffer's `full` mbarrier, once the consumers have released the
+// buffer's previous step (`empty`); its other warps idle. Warpgroups 1
+// and 2 are the consumers (setmaxnreg up to 240: dK 64 + dV 64 + Sᵀ 32 +
+// dPᵀ 32 f32 a thread), which meet only around dSᵀ: named barrier 1 (dSᵀ
+// complete, before dQ) and barriers 2 and 3 (warpgroup 0's, 1's dQ has read
+// dSᵀ, before the next step overwrites it). dQ goes out by atomics: a dQ
+// warp issuing bulk reductions from staged rows, as the loop before this one
+// did from its consumers, measured 282-293 TFLOP/s against 389-403 at 16K
+// and 64K, D = 128 (H100).
 template <int D>
 __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
     FlashBackwardSm90Kernel(const Params p, const __grid_constant__ BwdMaps maps) {
@@ -117,19 +118,18 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   // Key kw's visible queries are [seen[kw], seen[kN + kw]) (in shared memory:
   // the loop has no registers to spare).
   int* seen = reinterpret_cast<int*>(stats + 4 * kM);
-  float* dq_stage = reinterpret_cast<float*>(seen + 2 * kN);
-  int dq_buf = 0;  // the staging buffer of the next dQ step (they alternate)
-  // Q and dO of a step land by TMA on the mbarrier of their buffer; bit b of
-  // `phases` is the parity buffer b's next fill completes.
-  const uint32_t full = sk + T::kBars;
-  uint32_t phases = 0;
+  // The n-th active step uses buffer n mod 2 of Q, dO and the stats, and
+  // completes phase (n / 2) mod 2 of that buffer's mbarriers.
+  const uint32_t bars = sk + T::kBars;
+  auto full = [bars](int b) { return bars + 8 * b; };
+  auto empty = [bars](int b) { return bars + 8 * (2 + b); };
 
   const int kvh = blockIdx.x, row = blockIdx.z;
   const int j0 = blockIdx.y * kN;
   const MaskArgs mask = RowMask(p, row);
   const int q0 = p.cu_q[row], nq = mask.nq, k0 = p.cu_k[row], nk = mask.nk;
   if (j0 >= nk) return;
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x;
 
   // The query tiles that see a key of this tile: none before the causal
   // bound, none outside its keys' documents.
@@ -140,71 +140,85 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   const int it_end = (i_hi + kM - 1) / kM;
   const int n_it = max(0, it_end - it_begin);
   const int steps = n_it * static_cast<int>(p.group);
-
-  const int64_t ldk = p.hk * D;
-  // MoH: a step whose (query head, query tile) is skipped loads and computes
-  // nothing (every thread decides alike, so the barriers still pair up).
-  auto step_active = [&](int s) {
-    const int i0 = (it_begin + s % n_it) * kM;
-    return QueryTileActive(p, kvh * p.group + s / n_it, q0 + i0, min(kM, nq - i0));
-  };
-  // Step s's Q and dO tiles into buffer buf (one thread, TMA: boxes past the
-  // row's end read the next row's tokens or zeros, whose queries the mask
-  // hides), and its lse2, Δ (cp.async).
-  auto issue = [&](int s, int buf) {
-    const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
-    if (tid == 0) {
-      const uint32_t bar = full + 8 * buf;
-      MbarArriveExpectTx(bar, 2 * T::kQ);
-#pragma unroll
-      for (int c = 0; c < D / 64; ++c) {
-        TmaLoad3d(sq0 + buf * T::kQ + c * kM * 128, &maps.q, c * 64, h, q0 + i0, bar);
-        TmaLoad3d(sdo0 + buf * T::kQ + c * kM * 128, &maps.d_o, c * 64, h, q0 + i0, bar);
-      }
-    }
-    if (!p.sigmoid && tid < 2 * kM) {
-      const int r = tid % kM;
-      const bool ok = i0 + r < nq;
-      const float* src = (tid < kM ? p.lse2 : p.delta) + h * p.tq + q0 + i0 + (ok ? r : 0);
-      CpAsync4(SmemAddr(stats + buf * 2 * kM + tid), src, ok);
-    }
-  };
+  // Step s is query head head(s) and query tile row0(s). MoH: a step whose
+  // (query head, query tile) is skipped is no step for any role.
+  auto head = [&](int s) { return static_cast<int>(kvh * p.group) + s / n_it; };
+  auto row0 = [&](int s) { return (it_begin + s % n_it) * kM; };
+  auto active = [&](int s) { return QueryTileActive(p, head(s), q0 + row0(s), min(kM, nq - row0(s))); };
 
   if (tid == 0) {
-    MbarInit(full, 1);
-    MbarInit(full + 8, 1);
+    for (int b = 0; b < 2; ++b) {
+      MbarInit(full(b), 1 + 32);  // the TMA's expect_tx and warp 0's 32 stats loaders
+      MbarInit(empty(b), T::kConsumers);
+    }
     FenceBarrierInit();
   }
-  __syncthreads();  // the mbarriers are set up before anyone waits on them
-  if (tid < kN) mask.QueriesSeeing(j0 + tid, seen[tid], seen[kN + tid]);  // read after the loop's first barrier
-  LoadPanels<kN, D, T::kThreads>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
-  LoadPanels<kN, D, T::kThreads>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, tid);
-  if (steps > 0 && step_active(0)) issue(0, 0);
+  __syncthreads();
+
+  // ------------------------------------------------------------ producer
+  if (tid < T::kProducers) {
+    SetMaxRegsDec<24>();
+    const int warp = tid / 32, lane = tid % 32;
+    if (warp == 0) {
+      // Q, dO: boxes of 64 tokens by 64 columns of one head, past the row's
+      // end into the next row's tokens or zeros (those queries are masked).
+      for (int s = 0, n = 0; s < steps; ++s) {
+        if (!active(s)) continue;
+        const int b = n & 1, h = head(s), i0 = row0(s);
+        if (n >= 2) MbarWait(empty(b), ((n >> 1) & 1) ^ 1);  // step n − 2 released it
+        if (lane == 0) {
+          MbarArriveExpectTx(full(b), 2 * T::kQ);
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c) {
+            TmaLoad3d(sq0 + b * T::kQ + c * kM * 128, &maps.q, c * 64, h, q0 + i0, full(b));
+            TmaLoad3d(sdo0 + b * T::kQ + c * kM * 128, &maps.d_o, c * 64, h, q0 + i0, full(b));
+          }
+        }
+        if (!p.sigmoid) {
+#pragma unroll
+          for (int e = lane; e < 2 * kM; e += 32) {
+            const int r = e % kM;
+            const bool ok = i0 + r < nq;
+            const float* src = (e < kM ? p.lse2 : p.delta) + h * p.tq + q0 + i0 + (ok ? r : 0);
+            CpAsync4(SmemAddr(stats + b * 2 * kM + e), src, ok);
+          }
+          CpAsyncCommit();
+          CpAsyncWait<0>();
+        }
+        MbarArrive(full(b));
+        ++n;
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------ consumers
+  SetMaxRegsInc<240>();
+  const int ctid = tid - T::kProducers;
+  const int wg = ctid / 128, warp = (ctid % 128) / 32, lane = ctid % 32, g = lane / 4, t = lane % 4;
+  const int64_t ldk = p.hk * D;
+  if (ctid < kN) mask.QueriesSeeing(j0 + ctid, seen[ctid], seen[kN + ctid]);
+  LoadPanels<kN, D, T::kConsumers>(sk, p.k + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, ctid);
+  LoadPanels<kN, D, T::kConsumers>(sv, p.v + (k0 + j0) * ldk + kvh * D, ldk, nk - j0, ctid);
   CpAsyncCommit();
 
   float dk[kAcc], dv[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) dk[i] = 0.f, dv[i] = 0.f;
+  CpAsyncWait<0>();
+  FenceProxyAsync();
+  NamedBarSync(4, T::kConsumers);  // K, V and `seen` are in shared memory
 
   // This thread's keys (C rows of Sᵀ): kw + g and kw + g + 8.
   const int kw = wg * 64 + warp * 16;
   constexpr uint32_t kPanelKV = kN * 128, kPanelQ = kM * 128;
+  int n = 0;
   for (int s = 0; s < steps; ++s) {
-    const int buf = s & 1;
-    const int h = kvh * p.group + s / n_it, i0 = (it_begin + s % n_it) * kM;
-    const bool active = step_active(s);
-    CpAsyncWait<0>();
-    if (active) {
-      MbarWait(full + 8 * buf, (phases >> buf) & 1);
-      phases ^= 1u << buf;
-    }
-    FenceProxyAsync();
-    __syncthreads();  // step s landed and is visible to wgmma; buffer buf ^ 1 is free
-    if (s + 1 < steps && step_active(s + 1)) issue(s + 1, buf ^ 1);
-    CpAsyncCommit();
-    if (!active) continue;
-    const uint32_t sq = sq0 + buf * T::kQ, sdo = sdo0 + buf * T::kQ;
-    const float* lse2 = stats + buf * 2 * kM;
+    if (!active(s)) continue;
+    const int b = n & 1, h = head(s), i0 = row0(s);
+    MbarWait(full(b), (n >> 1) & 1);
+    const uint32_t sq = sq0 + b * T::kQ, sdo = sdo0 + b * T::kQ;
+    const float* lse2 = stats + b * 2 * kM;
     const float* delta = lse2 + kM;
 
     // Five wgmma groups a step, each overlapped with the element-wise work
@@ -280,10 +294,14 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
       WgmmaWait<0>();
       FenceRegs(dk);
       FenceRegs(ads);
+      MbarArrive(empty(b));  // this step's Q, dO and stats are read
+      ++n;
       continue;
     }
     // dSᵀ rows kw + g (+8), queries 8j + 2t: 4-byte stores into the
-    // swizzled panel ((kw + g) mod 8 = g).
+    // swizzled panel ((kw + g) mod 8 = g), once the other warpgroup's dQ of
+    // the step before has read the panel.
+    if (n > 0) NamedBarSync(3 - wg, T::kConsumers);
     {
       const uint32_t r0 = sds + (kw + g) * 128 + 4 * t, r8 = r0 + 8 * 128;
 #pragma unroll
@@ -294,10 +312,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
       }
     }
     FenceProxyAsync();
-    // The bulk reductions two dQ steps back have read staging buffer dq_buf
-    // (the last step's may still run); the barrier below tells everyone.
-    if (T::kBulkDq && tid % 128 < kM) BulkWaitRead<1>();
-    __syncthreads();  // dSᵀ complete
+    NamedBarSync(1, T::kConsumers);  // dSᵀ complete
 
     // dQ[64 queries x D/2 columns from col0] += dS K over all 128 keys:
     // A = dS (MN-major: dSᵀ rows are keys), B = K's columns (MN-major: panel
@@ -311,50 +326,29 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
       const uint64_t a = Desc128B(sds + kk * 16 * 128, kPanelKV, 1024);
-      const uint64_t b = Desc128B(kcols + kk * 16 * 128, kPanelKV, 1024);
-      if constexpr (D == 128) WgmmaM64N64SS<true>(dq, a, b, kk > 0);
-      else WgmmaM64N32SS<true>(dq, a, b, kk > 0);
+      const uint64_t bk = Desc128B(kcols + kk * 16 * 128, kPanelKV, 1024);
+      if constexpr (D == 128) WgmmaM64N64SS<true>(dq, a, bk, kk > 0);
+      else WgmmaM64N32SS<true>(dq, a, bk, kk > 0);
     }
     WgmmaCommit();
     WgmmaWait<0>();
     FenceRegs(dk);
     FenceRegs(ads);
     FenceRegs(dq);
-    if constexpr (T::kBulkDq) {
-      // dQ into this warpgroup's staging rows, then one bulk reduction a query
-      // row adds them to the f32 dQ (the TMA unit's work, where atomics took
-      // kDqN / 4 instructions a thread).
-      float* stage = dq_stage + (dq_buf * 2 + wg) * kM * T::kStageLd;
+    NamedBarArrive(2 + wg, T::kConsumers);  // this warpgroup's dQ has read dSᵀ
+    MbarArrive(empty(b));                    // and dK has read Q
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float* row = stage + (warp * 16 + g + 8 * r) * T::kStageLd + 2 * t;
+    for (int r = 0; r < 2; ++r) {
+      const int i = i0 + warp * 16 + g + 8 * r;
+      if (i >= nq) continue;
+      float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
 #pragma unroll
-        for (int j = 0; j < kDqN / 8; ++j)
-          *reinterpret_cast<float2*>(row + 8 * j) = make_float2(dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
-      }
-      FenceProxyAsync();
-      NamedBarSync(1 + wg, 128);  // the warpgroup's rows are staged
-      if (const int rl = tid % 128; rl < kM) {
-        if (i0 + rl < nq)
-          BulkReduceAddF32(p.dq_acc + ((q0 + i0 + rl) * p.hq + h) * D + col0, SmemAddr(stage + rl * T::kStageLd),
-                           kDqN * 4);
-        BulkCommit();  // one group a dQ step, empty or not: the waits count them
-      }
-      dq_buf ^= 1;
-    } else {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = i0 + warp * 16 + g + 8 * r;
-        if (i >= nq) continue;
-        float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
-#pragma unroll
-        for (int j = 0; j < kDqN / 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
-      }
+      for (int j = 0; j < kDqN / 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
     }
-    // The next step's barrier orders these reads of dSᵀ before the next writes.
+    ++n;
   }
-  CpAsyncWait<0>();
-  if (T::kBulkDq && tid % 128 < kM) BulkWait<0>();  // the staging buffers outlive the reductions
+  // Pairs the other warpgroup's last "dQ has read dSᵀ" arrival.
+  if (p.dq_acc && n > 0) NamedBarSync(3 - wg, T::kConsumers);
 
   // dK ·= scale; this thread's keys kw + g (+8), columns 8j + 2t.
 #pragma unroll

@@ -1,7 +1,7 @@
-// Hopper (sm_90a) pieces: mbarriers, the async-proxy fence, TMA loads and
-// bulk reductions, wgmma (warpgroup MMA) with its shared-memory matrix
-// descriptors. PTX ISA 8.x
-// names in the comments; every wrapper is one instruction or one poll loop.
+// Hopper (sm_90a) pieces: mbarriers, named barriers, the async-proxy fence,
+// TMA loads, setmaxnreg, wgmma (warpgroup MMA) with its shared-memory matrix
+// descriptors. PTX ISA 8.x names in the comments; every wrapper is one
+// instruction or one poll loop.
 //
 // Shared-memory operand layout used with these descriptors (the "128-byte
 // swizzle" of the PTX ISA): a tile of R rows by 64 bf16 columns (128 bytes a
@@ -74,26 +74,6 @@ __device__ __forceinline__ void NamedBarArrive(int id, int threads) {
 // Orders this thread's generic-proxy view of shared memory (what cp.async or
 // st.shared wrote) before later async-proxy reads (wgmma operands).
 __device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// Bulk (TMA) reduction: global f32 [dst, dst + bytes) += shared [src, ...),
-// bytes a multiple of 16, both ends 16-byte aligned. A thread's reductions
-// complete in the groups it commits; WaitRead: until the source may be
-// overwritten, Wait: until the sums are in global memory; N groups may stay
-// pending.
-__device__ __forceinline__ void BulkReduceAddF32(float* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void BulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void BulkWaitRead() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void BulkWait() {
-  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // ------------------------------------------------------------------ TMA
 
