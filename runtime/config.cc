@@ -249,7 +249,7 @@ absl::Status ApplyOverride(config::Config& config, const std::string& assignment
     const pb::FieldDescriptor* f = d->FindFieldByName(name);
     if (!f)
       return absl::InvalidArgumentError(
-          absl::StrCat("--set ", path, ": ", d->name(), " has no field '", name, "'"));
+          absl::StrCat("--set ", path, ": ", d->name(), " has no field '", name, "'", NearestFieldHint(*d, name)));
     const pb::Reflection* r = msg->GetReflection();
     if (f->is_repeated() != (index >= 0))
       return absl::InvalidArgumentError(absl::StrCat("--set ", path, ": '", name, "' ",

@@ -13,4 +13,8 @@ namespace loom {
 // InvalidArgument on a syntax or schema error.
 absl::Status ParseTextProto(const std::string& text, const std::string& file, google::protobuf::Message* message);
 
+// " (did you mean 'hidden'?)" when `message` has a field within a few edits
+// of `name` (a misspelt field in a config file or a --set path), else "".
+std::string NearestFieldHint(const google::protobuf::Descriptor& message, const std::string& name);
+
 }  // namespace loom

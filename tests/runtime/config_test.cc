@@ -4,6 +4,8 @@
 
 #include <fstream>
 
+#include "runtime/text_proto.h"
+
 namespace loom {
 namespace {
 
@@ -59,7 +61,7 @@ struct BadCase {
 
 TEST(Config, BadInputNamesTheFieldAndReason) {
   const std::vector<BadCase> cases = {
-      {"model { hiden: 3 }", {}, "no field named \"hiden\""},
+      {"model { hiden: 3 }", {}, "no field named \"hiden\". (did you mean 'hidden'?)"},
       {"model { hidden: \"big\" }", {}, "bad.textproto:1:17: Expected integer"},
       {"model { hidden: 100 heads: 3 }", {}, "model.heads: 3 does not divide model.hidden = 100"},
       {"model { heads: 4 kv_heads: 3 }", {}, "model.kv_heads: 3 does not divide model.heads = 4"},
@@ -67,6 +69,8 @@ TEST(Config, BadInputNamesTheFieldAndReason) {
       {"optim { lr: -1 }", {}, "optim.lr"},
       {"", {"model.hidden=abc"}, "--set model.hidden: 'abc' is not an int32"},
       {"", {"model.nope=1"}, "ModelConfig has no field 'nope'"},
+      {"", {"model.hiden=64"}, "ModelConfig has no field 'hiden' (did you mean 'hidden'?)"},
+      {"", {"train.step=5"}, "TrainConfig has no field 'step' (did you mean 'steps'?)"},
       {"", {"train.steps=0"}, "train.steps: 0 is below 1"},
       {"", {"model.lightning_norm_eps=0.5"}, "model.lightning_norm_eps: 0.5 is outside (0, 1e-2]"},
       {"", {"model.layers"}, "expected path.to.field=value"},
@@ -80,6 +84,13 @@ TEST(Config, BadInputNamesTheFieldAndReason) {
         << "message: " << c.status().message() << "\nexpected to contain: " << bad.expected;
     EXPECT_EQ(std::string(c.status().message()).find('\n'), std::string::npos) << "one line";
   }
+}
+
+TEST(Config, FieldHintsOnlyForNearNames) {
+  const auto& model = *config::ModelConfig::descriptor();
+  EXPECT_EQ(NearestFieldHint(model, "layer"), " (did you mean 'layers'?)");
+  EXPECT_EQ(NearestFieldHint(model, "nope"), "");
+  EXPECT_EQ(NearestFieldHint(model, "x"), "");  // one letter is near everything short: no hint
 }
 
 TEST(Config, MissingFileIsNamed) {
