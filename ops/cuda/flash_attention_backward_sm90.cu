@@ -371,8 +371,8 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 }  // namespace
 
 void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream) {
+  if (max_k == 0 || rows == 0) return;  // else k_end > 0 (CheckDeviceRows)
   const dim3 grid(p.hk, (max_k + 127) / 128, rows);  // heaviest (first) key tiles first
-  if (max_k == 0 || rows == 0) return;
   // The maps end where the last row does: boxes past it read zeros (tokens
   // in no row may hold anything, NaN included). Without queries no block
   // loads a tile (each still writes dk = dv = 0): k's map stands in.

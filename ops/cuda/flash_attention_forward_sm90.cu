@@ -303,11 +303,10 @@ template <int D>
 void Launch(const Params& p, int64_t max_q, int64_t rows, cudaStream_t stream) {
   using T = Sm90FwdTile<D>;
   static_assert(T::kM == T::kN, "one box shape for Q, K and V");
-  if (max_q == 0 || rows == 0) return;
+  if (max_q == 0 || rows == 0) return;  // else q_end > 0 (CheckDeviceRows)
   FwdMaps maps;
   // The maps end where the last row does, so that a box past it reads zeros
   // (tokens in no row may hold anything, NaN included).
-  if (p.q_end == 0) return;
   maps.q = Bf16TokenPanelMap(p.q, p.q_end, p.hq, D, T::kM);
   // Without keys no block loads K or V: q's map stands in.
   maps.k = p.k_end > 0 ? Bf16TokenPanelMap(p.k, p.k_end, p.hk, D, T::kN) : maps.q;
