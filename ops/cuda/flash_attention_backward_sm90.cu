@@ -11,8 +11,8 @@
 //     (sigmoid: Pᵀ = σ(scale·Sᵀ + b), dSᵀ = Pᵀ ⊙ (1 − Pᵀ) ⊙ dPᵀ)
 //     dV += Pᵀ dO, dK += dSᵀ Q          m64nDk16, A = Pᵀ / dSᵀ in registers
 //     dQ += dS K                         m64n(D/2)k16, dSᵀ through shared
-//                                        memory, added to the f32 dQ by
-//                                        vector atomics
+//                                        memory, staged there and added to
+//                                        the f32 dQ by TMA tensor reductions
 //   in five wgmma groups, each overlapped with the element-wise work that
 //   follows its issue: Sᵀ | dPᵀ (runs while Pᵀ is formed) | dV (while dSᵀ is
 //   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
@@ -23,7 +23,8 @@
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
 // queries]; lse2, Δ [2][64] f32; each key's visible queries [2][128] i32;
-// four mbarriers: 147 KB for D = 128, 83 KB for D = 64.
+// dQ staging [2][2 warpgroups][64][D/2] f32; four mbarriers: 211 KB for
+// D = 128, 115 KB for D = 64.
 // wgmma descriptors (PTX ISA "matrix descriptor", swizzle mode 128 B):
 //   K-major (rows hold the contraction dim: K, V as A and Q, dO as B of the
 //   first products): SBO = 1024 (8 rows to the next 8); the 16-wide k step
@@ -55,9 +56,12 @@ struct Sm90BwdTile {
   static constexpr int kM = 64, kN = 128;
   static constexpr int kProducers = 128, kConsumers = 256, kThreads = kProducers + kConsumers;
   static constexpr int kKV = kN * D * 2, kQ = kM * D * 2, kDs = kN * kM * 2;
-  // K | V | Q [2] | dO [2] | dSᵀ | stats | the queries each key sees | 4
-  // mbarriers; +1024 to align the base.
-  static constexpr int kStats = 2 * kKV + 4 * kQ + kDs;
+  // dQ staging, a warpgroup's 64 queries x D/2 f32 columns as 128-byte
+  // swizzled boxes of 32 columns, [2 buffers][2 warpgroups].
+  static constexpr int kStageBytes = kM * (D / 2) * 4, kStage = 2 * 2 * kStageBytes;
+  // K | V | Q [2] | dO [2] | dSᵀ | dQ staging | stats | the queries each key
+  // sees | 4 mbarriers; +1024 to align the base.
+  static constexpr int kStats = 2 * kKV + 4 * kQ + kDs + kStage;
   static constexpr int kBars = kStats + 4 * kM * 4 + 2 * kN * 4;
   static constexpr int kSmem = kBars + 4 * 8 + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory over the sm_90 per-block limit");
@@ -90,7 +94,7 @@ __device__ __forceinline__ void PackAndMma(float (&acc)[D / 2], const float (&c)
 
 // The TMA maps of q and dO: boxes of 64 tokens by 64 columns of one head.
 struct BwdMaps {
-  CUtensorMap q, d_o;
+  CUtensorMap q, d_o, dq;  // dq: the f32 dQ, boxes of 64 tokens x 32 columns
 };
 
 // One block an SM (D = 64 would fit two by shared memory, but not by
@@ -101,10 +105,11 @@ struct BwdMaps {
 // and 2 are the consumers (setmaxnreg up to 240: dK 64 + dV 64 + Sᵀ 32 +
 // dPᵀ 32 f32 a thread), which meet only around dSᵀ: named barrier 1 (dSᵀ
 // complete, before dQ) and barriers 2 and 3 (warpgroup 0's, 1's dQ has read
-// dSᵀ, before the next step overwrites it). dQ goes out by atomics: a dQ
-// warp issuing bulk reductions from staged rows, as the loop before this one
-// did from its consumers, measured 282-293 TFLOP/s against 389-403 at 16K
-// and 64K, D = 128 (H100).
+// dSᵀ, before the next step overwrites it). dQ goes out as one TMA tensor
+// reduction a warpgroup and step (a box a 32 columns), issued by one of its
+// threads: a dQ warp issuing one bulk reduction a query row (128 a step)
+// measured 282-293 TFLOP/s against atomics' 389-403 at 16K and 64K,
+// D = 128 (H100).
 template <int D>
 __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
     FlashBackwardSm90Kernel(const Params p, const __grid_constant__ BwdMaps maps) {
@@ -114,6 +119,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw = SmemAddr(smem_raw), sk = (raw + 1023) & ~1023u;
   const uint32_t sv = sk + T::kKV, sq0 = sv + T::kKV, sdo0 = sq0 + 2 * T::kQ, sds = sdo0 + 2 * T::kQ;
+  const uint32_t sstage = sds + T::kDs;
   float* stats = reinterpret_cast<float*>(smem_raw + (sk - raw) + T::kStats);  // [2][lse2 kM, Δ kM]
   // Key kw's visible queries are [seen[kw], seen[kN + kw]) (in shared memory:
   // the loop has no registers to spare).
@@ -337,18 +343,37 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
     FenceRegs(dq);
     NamedBarArrive(2 + wg, T::kConsumers);  // this warpgroup's dQ has read dSᵀ
     MbarArrive(empty(b));                    // and dK has read Q
+    // dQ into this warpgroup's staging tile of buffer b (free once the
+    // reduction of step n − 2 has read it), then one thread adds the tile to
+    // the f32 dQ by TMA, one box of 32 columns at a time. Queries past the
+    // row's end hold exact zeros (their P is masked), so a box reaching into
+    // the next row adds nothing there; the map drops tokens past the last row.
+    const uint32_t stage = sstage + (b * 2 + wg) * T::kStageBytes;
+    const bool issuer = ctid % 128 == 0;
+    if (issuer) BulkWaitRead<1>();
+    NamedBarSync(5 + wg, 128);  // the buffer is free
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int i = i0 + warp * 16 + g + 8 * r;
-      if (i >= nq) continue;
-      float* dst = p.dq_acc + ((q0 + i) * p.hq + h) * D + col0 + 2 * t;
+      const int qr = warp * 16 + g + 8 * r;  // qr mod 8 = g
 #pragma unroll
-      for (int j = 0; j < kDqN / 8; ++j) AtomicAdd2(dst + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+      for (int j = 0; j < kDqN / 8; ++j) {
+        // Columns 8j + 2t, +1: box j / 4, 16-byte chunk (2 (j mod 4) + t / 2) ^ g.
+        const uint32_t at = stage + (j / 4) * (kM * 128) + qr * 128 + (((2 * (j % 4) + t / 2) ^ g) * 16) + (t % 2) * 8;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(dq[4 * j + 2 * r]), "f"(dq[4 * j + 2 * r + 1]));
+      }
+    }
+    FenceProxyAsync();
+    NamedBarSync(5 + wg, 128);  // the tile is staged
+    if (issuer) {
+#pragma unroll
+      for (int c = 0; c < kDqN / 32; ++c) TmaReduceAdd3d(&maps.dq, stage + c * kM * 128, col0 + 32 * c, h, q0 + i0);
+      BulkCommit();
     }
     ++n;
   }
   // Pairs the other warpgroup's last "dQ has read dSᵀ" arrival.
   if (p.dq_acc && n > 0) NamedBarSync(3 - wg, T::kConsumers);
+  if (p.dq_acc && ctid % 128 == 0) BulkWait<0>();  // the staging outlives the reductions
 
   // dK ·= scale; this thread's keys kw + g (+8), columns 8j + 2t.
 #pragma unroll
@@ -380,6 +405,7 @@ void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows,
   BwdMaps maps;
   maps.q = p.q_end > 0 ? Bf16TokenPanelMap(p.q, p.q_end, p.hq, d, kRows) : Bf16TokenPanelMap(p.k, p.k_end, p.hk, d, kRows);
   maps.d_o = p.q_end > 0 ? Bf16TokenPanelMap(p.d_o, p.q_end, p.hq, d, kRows) : maps.q;
+  maps.dq = p.dq_acc && p.q_end > 0 ? F32TokenPanelMap(p.dq_acc, p.q_end, p.hq, d, kRows) : CUtensorMap{};
   if (d == 64) {
     using T = Sm90BwdTile<64>;
     LaunchTiles<FlashBackwardSm90Kernel<64>>(grid, T::kThreads, T::kSmem, stream, p, maps);

@@ -94,6 +94,28 @@ __device__ __forceinline__ void TmaLoad3d(uint32_t dst, const void* map, int c0,
       : "memory");
 }
 
+// Adds the shared-memory box at src to tensor map `map`'s box at (c0, c1,
+// c2) in global memory (f32 add, at L2; elements past the map's ends are
+// dropped). One thread issues it; it completes in the bulk groups that
+// thread commits: BulkWaitRead<N> until at most N groups may still read
+// their source, BulkWait<N> until at most N have not finished.
+__device__ __forceinline__ void TmaReduceAdd3d(const void* map, uint32_t src, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void BulkCommit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void BulkWaitRead() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void BulkWait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Register budget of the calling warpgroup (every thread of it executes the
 // same one): a producer gives registers back, consumers take them. Needs a
 // register cap at kernel entry (__launch_bounds__(threads, 1)).

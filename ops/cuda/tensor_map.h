@@ -15,4 +15,8 @@ namespace loom::ops::cuda {
 // zeros. Aborts on a base not 16-byte aligned (the hardware's rule).
 CUtensorMap Bf16TokenPanelMap(const void* base, int64_t tokens, int64_t heads, int64_t d, int rows);
 
+// The same over an f32 tensor [tokens, heads, d]: a box is `rows` tokens by
+// 32 columns (128 bytes a row, swizzled alike), as TmaReduceAdd3d reads it.
+CUtensorMap F32TokenPanelMap(const void* base, int64_t tokens, int64_t heads, int64_t d, int rows);
+
 }  // namespace loom::ops::cuda
