@@ -18,8 +18,12 @@
 //   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
 //   column: warpgroup w takes columns w·D/2.. over all 128 keys. dQ is
 //   skipped in deterministic mode (p.dq_acc null).
-// Blocks run heaviest first: under a causal mask the first key tiles see
-// the most queries, so the grid's x is the KV head and y the key tile.
+// Block order: the grid's x is the key tile, y the KV head, z the row, so
+// the blocks on the SMs at a time are neighbouring key tiles of one head,
+// which read the same Q and dO rows while these are in L2 (64K, Hk 32,
+// H100: L2 hit rate 98.8%, DRAM 1.4% busy, against 75% and 31% with the
+// heads innermost), and each head's heaviest (first, under a causal mask)
+// tiles come first.
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
 // queries]; lse2, Δ [2][64] f32; each key's visible queries [2][128] i32;
@@ -130,8 +134,8 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   auto full = [bars](int b) { return bars + 8 * b; };
   auto empty = [bars](int b) { return bars + 8 * (2 + b); };
 
-  const int kvh = blockIdx.x, row = blockIdx.z;
-  const int j0 = blockIdx.y * kN;
+  const int kvh = blockIdx.y, row = blockIdx.z;
+  const int j0 = blockIdx.x * kN;
   const MaskArgs mask = RowMask(p, row);
   const int q0 = p.cu_q[row], nq = mask.nq, k0 = p.cu_k[row], nk = mask.nk;
   if (j0 >= nk) return;
@@ -214,6 +218,10 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   CpAsyncWait<0>();
   FenceProxyAsync();
   NamedBarSync(4, T::kConsumers);  // K, V and `seen` are in shared memory
+  // Every key of the tile sees the queries [all_lo, all_hi): the first key's
+  // and the last key's ranges meet (both bounds are non-decreasing along the
+  // keys).
+  const int all_lo = max(seen[0], seen[kN - 1]), all_hi = min(seen[kN], seen[2 * kN - 1]);
 
   // This thread's keys (C rows of Sᵀ): kw + g and kw + g + 8.
   const int kw = wg * 64 + warp * 16;
@@ -251,10 +259,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 
     // Pᵀ into st. Element i of the C fragment: key kw + g + 8·(i mod 4 / 2),
     // query 8·(i / 4) + 2t + i mod 2.
-    // Every key sees every query of the tile unless it lies outside the
-    // range all keys see: the first key's and the last key's ranges meet
-    // (both bounds are non-decreasing along the keys).
-    const bool need_mask = i0 < max(seen[0], seen[kN - 1]) || i0 + kM > min(seen[kN], seen[2 * kN - 1]);
+    const bool need_mask = i0 < all_lo || i0 + kM > all_hi;
     // The variant's and the mask's branches are taken once a step, outside
     // the unrolled loops, so a step issues only its own instructions.
     auto form_p = [&](auto prob, auto masked) {
@@ -279,6 +284,16 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
       form_p_masked_or_not([&](float s, int il) { return Exp2(fmaf(s, p.scale_log2, -lse2[il])); });
     // dV += Pᵀ dO over the 64 queries.
     uint32_t ap[4][4], ads[4][4];
+    // This thread's queries' Δ (8c + 2t and + 1 for c < 8, in fragment
+    // order) into registers while dPᵀ and dV run (no room for lse2's too).
+    float delta_r[16];
+    if (!p.sigmoid) {
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float2 x = *reinterpret_cast<const float2*>(delta + 8 * c + 2 * t);
+        delta_r[2 * c] = x.x, delta_r[2 * c + 1] = x.y;
+      }
+    }
     PackAndMma<D>(dv, st, ap, sdo, kPanelQ);
     WgmmaWait<1>();
     FenceRegs(dpt);
@@ -289,7 +304,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
       for (int i = 0; i < 32; ++i) dpt[i] *= st[i] * (1.f - st[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - delta[8 * (i / 4) + 2 * t + (i % 2)]);
+      for (int i = 0; i < 32; ++i) dpt[i] = st[i] * (dpt[i] - delta_r[2 * (i / 4) + i % 2]);
     }
     // dK += dSᵀ Q over the 64 queries.
     PackAndMma<D>(dk, dpt, ads, sq, kPanelQ);
@@ -397,7 +412,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 
 void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream) {
   if (max_k == 0 || rows == 0) return;  // else k_end > 0 (CheckDeviceRows)
-  const dim3 grid(p.hk, (max_k + 127) / 128, rows);  // heaviest (first) key tiles first
+  const dim3 grid((max_k + 127) / 128, p.hk, rows);
   // The maps end where the last row does: boxes past it read zeros (tokens
   // in no row may hold anything, NaN included). Without queries no block
   // loads a tile (each still writes dk = dv = 0): k's map stands in.
