@@ -96,9 +96,10 @@ __device__ __forceinline__ void PackAndMma(float (&acc)[D / 2], const float (&c)
   WgmmaCommit();
 }
 
-// The TMA maps of q and dO: boxes of 64 tokens by 64 columns of one head.
+// The TMA maps: q and dO in boxes of 64 tokens by 64 columns of one head,
+// the f32 dQ in boxes of 64 tokens by 32 columns.
 struct BwdMaps {
-  CUtensorMap q, d_o, dq;  // dq: the f32 dQ, boxes of 64 tokens x 32 columns
+  CUtensorMap q, d_o, dq;
 };
 
 // One block an SM (D = 64 would fit two by shared memory, but not by
@@ -109,11 +110,11 @@ struct BwdMaps {
 // and 2 are the consumers (setmaxnreg up to 240: dK 64 + dV 64 + Sᵀ 32 +
 // dPᵀ 32 f32 a thread), which meet only around dSᵀ: named barrier 1 (dSᵀ
 // complete, before dQ) and barriers 2 and 3 (warpgroup 0's, 1's dQ has read
-// dSᵀ, before the next step overwrites it). dQ goes out as one TMA tensor
-// reduction a warpgroup and step (a box a 32 columns), issued by one of its
-// threads: a dQ warp issuing one bulk reduction a query row (128 a step)
-// measured 282-293 TFLOP/s against atomics' 389-403 at 16K and 64K,
-// D = 128 (H100).
+// dSᵀ, before the next step overwrites it). dQ goes out as TMA tensor
+// reductions, one per warpgroup, step and 32 columns, issued by one thread
+// of the warpgroup: a dQ warp issuing one bulk reduction per query row (128
+// a step) measured 282-293 TFLOP/s and vector atomics 389-403 at 16K and
+// 64K, D = 128 (H100), against 457-472 for these (docs/kernels/attention.md).
 template <int D>
 __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
     FlashBackwardSm90Kernel(const Params p, const __grid_constant__ BwdMaps maps) {
@@ -282,10 +283,8 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
       form_p_masked_or_not([&](float s, int) { return Sigmoid(s * p.scale + p.bias); });
     else
       form_p_masked_or_not([&](float s, int il) { return Exp2(fmaf(s, p.scale_log2, -lse2[il])); });
-    // dV += Pᵀ dO over the 64 queries.
-    uint32_t ap[4][4], ads[4][4];
     // This thread's queries' Δ (8c + 2t and + 1 for c < 8, in fragment
-    // order) into registers while dPᵀ and dV run (no room for lse2's too).
+    // order) into registers while dPᵀ and dV run (lse2's too would spill).
     float delta_r[16];
     if (!p.sigmoid) {
 #pragma unroll
@@ -294,6 +293,8 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
         delta_r[2 * c] = x.x, delta_r[2 * c + 1] = x.y;
       }
     }
+    // dV += Pᵀ dO over the 64 queries.
+    uint32_t ap[4][4], ads[4][4];
     PackAndMma<D>(dv, st, ap, sdo, kPanelQ);
     WgmmaWait<1>();
     FenceRegs(dpt);
