@@ -226,6 +226,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 
   // This thread's keys (C rows of Sᵀ): kw + g and kw + g + 8.
   const int kw = wg * 64 + warp * 16;
+  const bool issuer = ctid % 128 == 0;  // issues its warpgroup's dQ reductions
   constexpr uint32_t kPanelKV = kN * 128, kPanelQ = kM * 128;
   int n = 0;
   for (int s = 0; s < steps; ++s) {
@@ -365,7 +366,6 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
     // row's end hold exact zeros (their P is masked), so a box reaching into
     // the next row adds nothing there; the map drops tokens past the last row.
     const uint32_t stage = sstage + (b * 2 + wg) * T::kStageBytes;
-    const bool issuer = ctid % 128 == 0;
     if (issuer) BulkWaitRead<1>();
     NamedBarSync(5 + wg, 128);  // the buffer is free
 #pragma unroll
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   }
   // Pairs the other warpgroup's last "dQ has read dSᵀ" arrival.
   if (p.dq_acc && n > 0) NamedBarSync(3 - wg, T::kConsumers);
-  if (p.dq_acc && ctid % 128 == 0) BulkWait<0>();  // the staging outlives the reductions
+  if (p.dq_acc && issuer) BulkWait<0>();  // the staging outlives the reductions
 
   // dK ·= scale; this thread's keys kw + g (+8), columns 8j + 2t.
 #pragma unroll
