@@ -197,32 +197,26 @@ class Attention:
         if not gqa and hq != hk:
             k = k.repeat_interleave(hq // hk, dim=1)
             v = v.repeat_interleave(hq // hk, dim=1)
-        if q.dtype == torch.float64 and q.device.type == "cuda":
-            return math_attention_by_blocks(q, k, v, docs, scale)
+        if q.device.type == "cpu" or q.dtype == torch.float64:
+            # The math written out, in the activations' dtype (f32 for the equivalence check); f64 on a GPU,
+            # where SDPA has no fused kernel, by blocks of queries.
+            return math_attention(q, k, v, docs, scale, block=1024 if q.device.type == "cuda" else None)
         if docs is None and q.device.type == "cuda":
             # cuDNN's kernel when LoomModel.loss_sum restricted SDPA to it (bf16).
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if q.device.type == "cuda":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc_causal(docs, n, q.device),
-                                                  enable_gqa=gqa)
-        # CPU: the math written out, in the activations' dtype (f32 for the equivalence check).
-        if gqa:
-            k = k.repeat_interleave(hq // hk, dim=1)
-            v = v.repeat_interleave(hq // hk, dim=1)
-        s = torch.matmul(q, k.transpose(-1, -2)) * scale
-        s = s.masked_fill(~same_doc_causal(docs, n, q.device), float("-inf"))
-        return torch.matmul(torch.softmax(s, dim=-1), v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=same_doc_causal(docs, n, q.device), enable_gqa=gqa)
 
 
-def math_attention_by_blocks(q, k, v, docs, scale, block=1024):
-    """Softmax attention written out (f64 on a GPU, where SDPA has no fused
-    kernel), a block of queries at a time, each block computed again in the
-    backward: the [Hq, block, N] scores of one block exist at a time, not
-    [Hq, N, N] (17 GB a copy at 32 heads and 8K tokens in f64)."""
-    from torch.utils.checkpoint import checkpoint
+def math_attention(q, k, v, docs, scale, block=None):
+    """Softmax attention written out: softmax(scale q k^T, masked) v, k and v
+    repeated over the GQA group. With `block`, a block of queries at a time,
+    each block computed again in the backward, so that the [Hq, block, N]
+    scores of one block exist at a time, not [Hq, N, N] (17 GB a copy at 32
+    heads and 8K tokens in f64)."""
     rows, hq, n, d = q.shape
-    k = k.repeat_interleave(hq // k.shape[1], dim=1)
-    v = v.repeat_interleave(hq // v.shape[1], dim=1)
+    if k.shape[1] != hq:
+        k = k.repeat_interleave(hq // k.shape[1], dim=1)
+        v = v.repeat_interleave(hq // v.shape[1], dim=1)
     visible = same_doc_causal(docs, n, q.device)
 
     def one(qb, lo):
@@ -230,6 +224,9 @@ def math_attention_by_blocks(q, k, v, docs, scale, block=1024):
         s = s.masked_fill(~visible[:, :, lo:lo + qb.shape[2]], float("-inf"))
         return torch.matmul(torch.softmax(s, dim=-1), v)
 
+    if block is None:
+        return one(q, 0)
+    from torch.utils.checkpoint import checkpoint
     return torch.cat([checkpoint(one, q[:, :, lo:lo + block], lo, use_reentrant=False) for lo in range(0, n, block)],
                      dim=2)
 
