@@ -1,10 +1,11 @@
 // loom-bench --what=attention [--steps N] [--json] [--attention_d=128]
 //   [--attention_kv_heads=32,8] [--attention_seq=4096,16384,65536]
-//   [--attention_doc=0]
+//   [--attention_doc=0] [--attention_tokens=65536]
 // Loom's flash attention against cuDNN's SDPA in the same run; by default
 // issue 8's grid: 65,536 tokens a batch (B·S), Hq = 32 with Hk = 32 and 8,
 // D = 128, S in {4K, 16K, 64K}, causal, bf16. gpu_1b_softmax's attention is
-// --attention_d=64 --attention_kv_heads=4 --attention_seq=8192.
+// --attention_d=64 --attention_kv_heads=4 --attention_seq=8192, with
+// --attention_tokens=8192 for its micro-batch of one sequence.
 // --attention_doc=N splits every row into documents of N tokens (the last
 // shorter), as packed text with data.reset_attention: cuDNN then runs
 // ragged sequences.
@@ -29,8 +30,9 @@
 
 ABSL_FLAG(int, attention_d, 128, "head dimension (64 or 128)");
 ABSL_FLAG(std::string, attention_kv_heads, "32,8", "KV head counts (of 32 query heads), comma separated");
-ABSL_FLAG(std::string, attention_seq, "4096,16384,65536", "sequence lengths (each a divisor of 65,536)");
+ABSL_FLAG(std::string, attention_seq, "4096,16384,65536", "sequence lengths (each a divisor of --attention_tokens)");
 ABSL_FLAG(int, attention_doc, 0, "tokens a document inside each row (0: one document a row)");
+ABSL_FLAG(int64_t, attention_tokens, 65536, "tokens a batch (batch size times sequence length)");
 
 namespace loom {
 namespace {
@@ -38,7 +40,7 @@ namespace {
 using bench::MedianSeconds;
 using bench::RelativeDiffBf16;
 
-constexpr int64_t kTokens = 65536, kHq = 32;
+constexpr int64_t kHq = 32;
 
 int BenchAttention(const config::Config&) {
   if (CudaDeviceCount() == 0) {
@@ -49,9 +51,11 @@ int BenchAttention(const config::Config&) {
   const auto kv_heads = bench::ParseSizes("attention_kv_heads", absl::GetFlag(FLAGS_attention_kv_heads));
   const auto seqs = bench::ParseSizes("attention_seq", absl::GetFlag(FLAGS_attention_seq));
   if (!kv_heads || !seqs) return 2;
+  const int64_t tokens = absl::GetFlag(FLAGS_attention_tokens);
   for (int64_t s : *seqs)
-    if (kTokens % s != 0) {
-      std::fprintf(stderr, "loom-bench: --attention_seq: %ld does not divide 65,536\n", static_cast<long>(s));
+    if (tokens <= 0 || tokens % s != 0) {
+      std::fprintf(stderr, "loom-bench: --attention_seq: %ld does not divide --attention_tokens=%ld\n",
+                   static_cast<long>(s), static_cast<long>(tokens));
       return 2;
     }
   const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
@@ -60,23 +64,23 @@ int BenchAttention(const config::Config&) {
     std::printf("%-6s %3s %3s %6s | %9s %9s %6s | %9s %9s %6s | %9s\n", "S", "Hq", "Hk", "B", "fwd loom", "fwd cudnn",
                 "ratio", "bwd loom", "bwd cudnn", "ratio", "o diff");
   for (int64_t hk : *kv_heads) {
-    const Tensor q = bench::Uniform({kTokens, kHq, kD}, DType::kBF16, 1), k = bench::Uniform({kTokens, hk, kD}, DType::kBF16, 2),
-                 v = bench::Uniform({kTokens, hk, kD}, DType::kBF16, 3), d_o = bench::Uniform({kTokens, kHq, kD}, DType::kBF16, 4);
+    const Tensor q = bench::Uniform({tokens, kHq, kD}, DType::kBF16, 1), k = bench::Uniform({tokens, hk, kD}, DType::kBF16, 2),
+                 v = bench::Uniform({tokens, hk, kD}, DType::kBF16, 3), d_o = bench::Uniform({tokens, kHq, kD}, DType::kBF16, 4);
     Tensor o = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
     Tensor o_ref = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
-    Tensor lse = Tensor::Empty({kTokens, kHq}, DType::kF32, Device::Cuda(0));
+    Tensor lse = Tensor::Empty({tokens, kHq}, DType::kF32, Device::Cuda(0));
     Tensor dq = Tensor::Empty(q.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dk = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
     Tensor dv = Tensor::Empty(k.shape(), DType::kBF16, Device::Cuda(0));
     for (int64_t s : *seqs) {
-      const int64_t b = kTokens / s, doc = absl::GetFlag(FLAGS_attention_doc) > 0
+      const int64_t b = tokens / s, doc = absl::GetFlag(FLAGS_attention_doc) > 0
                                                   ? std::min<int64_t>(absl::GetFlag(FLAGS_attention_doc), s)
                                                   : s;
       ops::TokenRows host_rows = ops::TokenRows::Uniform(b, s);
       double square_sum = 0;  // Σ over documents of their length²
       if (doc < s) {
-        host_rows.doc_ids = Tensor::Empty({kTokens}, DType::kI32);
-        for (int64_t t = 0; t < kTokens; ++t)
+        host_rows.doc_ids = Tensor::Empty({tokens}, DType::kI32);
+        for (int64_t t = 0; t < tokens; ++t)
           host_rows.doc_ids.data<int32_t>()[t] = static_cast<int32_t>((t / s) * (s / doc + 1) + (t % s) / doc);
       }
       for (int64_t start = 0; start < s; start += doc) square_sum += std::pow(double(std::min(doc, s - start)), 2);
