@@ -43,10 +43,6 @@ using bench::RelativeDiffBf16;
 constexpr int64_t kHq = 32;
 
 int BenchAttention(const config::Config&) {
-  if (CudaDeviceCount() == 0) {
-    std::printf("attention: skipped: no GPU\n");
-    return 0;
-  }
   const int64_t kD = absl::GetFlag(FLAGS_attention_d);
   const auto kv_heads = bench::ParseSizes("attention_kv_heads", absl::GetFlag(FLAGS_attention_kv_heads));
   const auto seqs = bench::ParseSizes("attention_seq", absl::GetFlag(FLAGS_attention_seq));
@@ -58,6 +54,10 @@ int BenchAttention(const config::Config&) {
                    static_cast<long>(s), static_cast<long>(tokens));
       return 2;
     }
+  if (CudaDeviceCount() == 0) {  // after the flags, so a wrong one is said on any machine
+    std::printf("attention: skipped: no GPU\n");
+    return 0;
+  }
   const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
   const bool json = absl::GetFlag(FLAGS_json);
   if (!json)
