@@ -23,7 +23,9 @@
 // which read the same Q and dO rows while these are in L2 (64K, Hk 32,
 // H100: L2 hit rate 98.8%, DRAM 1.4% busy, against 75% and 31% with the
 // heads innermost), and each head's heaviest (first, under a causal mask)
-// tiles come first.
+// tiles come first. In a grid of few blocks an SM (one 8K sequence at Hk 4:
+// 256) the last head's heaviest tiles then start late and end last
+// (docs/kernels/attention.md, session 30).
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
 // queries]; lse2, Δ [2][64] f32; each key's visible queries [2][128] i32;
@@ -413,7 +415,7 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 
 void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream) {
   if (max_k == 0 || rows == 0) return;  // else k_end > 0 (CheckDeviceRows)
-  const dim3 grid((max_k + 127) / 128, p.hk, rows);
+  const dim3 grid((max_k + Sm90BwdTile<64>::kN - 1) / Sm90BwdTile<64>::kN, p.hk, rows);
   // The maps end where the last row does: boxes past it read zeros (tokens
   // in no row may hold anything, NaN included). Without queries no block
   // loads a tile (each still writes dk = dv = 0): k's map stands in.

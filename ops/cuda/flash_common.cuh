@@ -66,11 +66,6 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Two f32 added to global memory in one atomic (sm_90).
-__device__ __forceinline__ void AtomicAdd2(float* p, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
-}
-
 // Tiles in shared memory are rows of D bf16 = D/8 chunks of 16 bytes; chunk
 // c of row r sits at chunk c ^ (r mod 8), so the 8 rows an ldmatrix reads
 // hit 8 different bank groups.
