@@ -5,6 +5,10 @@ Reads runs.jsonl (one line per loom-train run: {"name", "group", "gpus",
 "label", "run_dir"}) and each run's metrics.jsonl; writes, per group, a
 Markdown table and (with matplotlib) a PNG of efficiency by GPU count.
     python3 bench/scaling_report.py runs.jsonl docs/scaling 2gpu
+With --longest, reads longest.jsonl instead (one line per try of launch/
+scale.sh's longest search: {"label", "gpus", "seq", "rc", "plan",
+"run_dir"}) and writes longest_<suffix>.md: each scheme's longest sequence
+that trained a step, its memory per GPU, and why the next length failed.
 TFLOP/s per GPU is loom-train's tflops_per_rank (DESIGN.md's model FLOPs,
 causal attention counted; docs/metrics.md), the median over the steps after
 the first (warm-up); memory is the largest tensor_peak_mb (CUDA pool peak).
@@ -32,7 +36,53 @@ def run_stats(run_dir):
             "mem_gib": max(s["tensor_peak_mb"] for s in steps) / 1024.0}
 
 
+def failure(run_dir):
+    """The line of a failed run's log that says why (the out-of-memory line if any)."""
+    path = os.path.join(run_dir, "log")
+    lines = [l.strip() for l in open(path)] if os.path.exists(path) else []
+    lines = [l for l in lines if l]
+    said = [l for l in lines if "out of gpu memory" in l.lower() or "out of memory" in l.lower()] + \
+        [l for l in lines if l.startswith(("loom-train:", "loom:", "[cuda]", "[loom]"))]
+    why = said[0] if said else lines[-1] if lines else "no log"
+    return why.replace("|", "\\|")[:160]
+
+
+def longest_report(tries_path, out_dir, suffix):
+    tries = [json.loads(l) for l in open(tries_path) if l.strip()]
+    lines = [f"# Longest sequence a step trains ({suffix})", "",
+             "One step (`train.steps=1`, micro-batch 1) at cp = all GPUs; lengths double from the weak-scaling "
+             "length until one fails, then bisect. Memory: the CUDA pool's peak a GPU, and `loom-train --dry-run`'s "
+             "plan (which leaves out context-parallel buffers and kernel scratch).", "",
+             "| scheme | GPUs | longest trained | step time (s) | tokens/s | pool peak (GiB) | plan (GiB) | "
+             "next length | why it failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label in dict.fromkeys(t["label"] for t in tries):
+        mine = sorted((t for t in tries if t["label"] == label), key=lambda t: t["seq"])
+        good = [t for t in mine if t["rc"] == 0]
+        best = good[-1] if good else None
+        over = [t for t in mine if t["rc"] != 0 and (best is None or t["seq"] > best["seq"])]
+        nxt = over[0] if over else None
+        row = [label, str(mine[0]["gpus"])]
+        if best:
+            steps = [json.loads(l) for l in open(os.path.join(best["run_dir"], "metrics.jsonl"))
+                     if '"tokens_per_s"' in l]
+            s = steps[-1]
+            row += [f"{best['seq']:,}", f"{s['elapsed_s']:.1f}", f"{s['tokens_per_s']:.0f}",
+                    f"{s['tensor_peak_mb'] / 1024.0:.2f}", best["plan"] or "?"]
+        else:
+            row += [f"none (from {mine[0]['seq']:,})", "", "", "", ""]
+        row += [f"{nxt['seq']:,}", failure(nxt["run_dir"])] if nxt else \
+            ["", f"not reached: every length tried up to {mine[-1]['seq']:,} trained"]
+        lines.append("| " + " | ".join(row) + " |")
+    path = os.path.join(out_dir, f"longest_{suffix}.md")
+    open(path, "w").write("\n".join(lines) + "\n")
+    print(path)
+
+
 def main():
+    if sys.argv[1] == "--longest":
+        longest_report(*sys.argv[2:5])
+        return
     runs_path, out_dir, suffix = sys.argv[1], sys.argv[2], sys.argv[3]
     runs = [json.loads(l) for l in open(runs_path) if l.strip()]
     groups = {}

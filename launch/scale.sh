@@ -9,26 +9,35 @@
 #         split over the GPUs (cp = 1, 2, 4), ring + lasp2 on the hybrid;
 #   dp    data-parallel weak scaling of gpu_1b_softmax (8 sequences of 8K
 #         per GPU), without and with ZeRO-1;
-#   tp    gpu_1b_softmax at tp = 1, 2, 4, 8.
+#   tp    gpu_1b_softmax at tp = 1, 2, 4, 8;
+#   longest  the longest sequence each context-parallel scheme trains (one
+#         step) on all the GPUs: from the weak-scaling length 32K × n it
+#         doubles until a run fails (out of memory) or passes
+#         LOOM_SCALE_MAX_SEQ (default 16M), then bisects to 1/8 of the last
+#         good length; the table gives each scheme's longest, its memory per
+#         GPU (pool peak and --dry-run's plan) and why the next length failed.
 # Efficiency = model TFLOP/s per GPU (loom-train's tflops_per_rank) over the
 # one-GPU run of the same scheme (bench/scaling_report.py); memory per GPU is
 # the CUDA pool's peak.
 # Usage, from the repository root with a CUDA build:
-#   launch/scale.sh [comm|cp|dp|tp|all] [output dir]
-# LOOM_SCALE_STEPS (default 4) steps a run. LOOM_SCALE_SMOKE=1 runs the
-# cp/dp/tp commands on the CPU with configs/default.textproto at toy sizes
-# and 2 ranks: it checks this script and the report, and measures nothing.
+#   launch/scale.sh [comm|cp|dp|tp|longest|all] [output dir]
+# LOOM_SCALE_STEPS (default 4) steps a run; LOOM_SCALE_TIMEOUT (default
+# 1200) seconds a run at most. LOOM_SCALE_SMOKE=1 runs the cp/dp/tp/longest
+# commands on the CPU with configs/default.textproto at toy sizes and 2
+# ranks (longest up to 256 tokens): it checks this script and the report,
+# and measures nothing.
 set -euo pipefail
 what=${1:-all}
 out=${2:-docs/scaling}
 build=${LOOM_BUILD:-build-cuda}
 steps=${LOOM_SCALE_STEPS:-4}
+run_timeout=${LOOM_SCALE_TIMEOUT:-1200}
 export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 if [ "${LOOM_SCALE_SMOKE:-0}" = 1 ]; then
   gpus=2 build=${LOOM_BUILD:-build}
   base_seq=64 softmax_cfg=configs/default.textproto hybrid_cfg=configs/default.textproto
   common=(--set train.device=cpu --set train.micro_batch=1)
-  per_gpu_batch=2 suffix=smoke all_l=()
+  per_gpu_batch=2 suffix=smoke all_l=() max_seq=${LOOM_SCALE_MAX_SEQ:-256}
 else
   gpus=$(nvidia-smi -L | wc -l)
   [ "$gpus" -ge 2 ] || { echo "scale.sh: $gpus GPU(s): the scaling runs need at least 2"; exit 1; }
@@ -38,22 +47,62 @@ else
   # All-lightning at 32K a GPU: ten recomputed layers keep the plan at
   # 58.9 GiB (loom-train --dry-run), room for the LASP states.
   all_l=(--set model.recompute=0,1,2,3,4,5,6,7,8,9)
+  max_seq=${LOOM_SCALE_MAX_SEQ:-16777216}
 fi
 mkdir -p "$out"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 counts=(); for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && counts+=("$n"); done
 
-# train GROUP LABEL GPUS CONFIG [--set ...]: one loom-train run, recorded in runs.jsonl.
+# loom DIR GPUS CONFIG [--set ...]: one loom-train run into DIR (its log
+# in DIR/log); its exit status.
+loom() {
+  local dir=$1 n=$2 cfg=$3; shift 3
+  mkdir -p "$dir"
+  timeout -k 60 "$run_timeout" \
+    mpirun -np "$n" --allow-run-as-root --oversubscribe -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS=1 \
+    "$build/bin/loom-train" --config "$cfg" "${common[@]}" --set optim.warmup_steps=1 --set train.log_every=1 \
+    --set train.eval_every=0 --set checkpoint.every=0 --set train.run_dir="$dir" "$@" >"$dir/log" 2>&1
+}
+
+# train GROUP LABEL GPUS CONFIG [--set ...]: one run, recorded in runs.jsonl.
 train() {
   local group=$1 label=$2 n=$3 cfg=$4; shift 4
   local dir="$tmp/${group}_${label//[^a-zA-Z0-9]/_}_$n"
-  mkdir -p "$dir"
   echo "[scale] $group | $label | $n GPU(s)"
-  mpirun -np "$n" --allow-run-as-root --oversubscribe -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS=1 \
-    "$build/bin/loom-train" --config "$cfg" "${common[@]}" --set train.steps="$steps" --set optim.warmup_steps=1 \
-    --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 --set train.run_dir="$dir" "$@" \
-    >"$dir/log" 2>&1 || echo "[scale]   failed: $(tail -1 "$dir/log")"
+  loom "$dir" "$n" "$cfg" --set train.steps="$steps" "$@" || echo "[scale]   failed: $(tail -1 "$dir/log")"
   printf '{"group": "%s", "label": "%s", "gpus": %d, "run_dir": "%s"}\n' "$group" "$label" "$n" "$dir" >>"$tmp/runs.jsonl"
+}
+
+# longest_try LABEL GPUS SEQ CONFIG [--set ...]: one step at SEQ tokens,
+# recorded in longest.jsonl with its exit status and --dry-run's plan (GiB
+# a GPU); 0 when it trained.
+longest_try() {
+  local label=$1 n=$2 seq=$3 cfg=$4; shift 4
+  local dir="$tmp/longest_${label//[^a-zA-Z0-9]/_}_$seq" rc=0 plan
+  plan=$("$build/bin/loom-train" --config "$cfg" "${common[@]}" "$@" --set train.seq_len="$seq" --dry-run \
+           --world-size "$n" 2>&1 | awk '$1 == "0" && NF >= 8 {
+           printf "%.2f", $(NF-1) / ($NF == "GiB" ? 1 : $NF == "MiB" ? 1024 : 1048576)}')
+  echo "[scale] longest | $label | $n GPU(s) | seq $seq (plan: ${plan:-?} GiB a GPU)"
+  loom "$dir" "$n" "$cfg" "$@" --set train.steps=1 --set train.seq_len="$seq" || rc=$?
+  if [ "$rc" = 0 ] && [ ! -s "$dir/metrics.jsonl" ]; then rc=1; fi
+  printf '{"label": "%s", "gpus": %d, "seq": %d, "rc": %d, "plan": "%s", "run_dir": "%s"}\n' \
+    "$label" "$n" "$seq" "$rc" "$plan" "$dir" >>"$tmp/longest.jsonl"
+  return "$rc"
+}
+
+# longest LABEL GPUS UNIT CONFIG [--set ...]: the longest multiple of UNIT
+# tokens that trains one step on GPUS ranks, from 4 UNITs up: doubling until
+# a length fails or passes max_seq, then bisecting to 1/8 of the longest.
+longest() {
+  local label=$1 n=$2 unit=$3 cfg=$4; shift 4
+  local good=0 bad=0 m=4
+  while [ $((m * unit)) -le "$max_seq" ]; do
+    if longest_try "$label" "$n" $((m * unit)) "$cfg" "$@"; then good=$m; m=$((m * 2)); else bad=$m; break; fi
+  done
+  while [ "$good" -gt 0 ] && [ "$bad" -gt 0 ] && [ $((bad - good)) -gt $((good / 8 > 1 ? good / 8 : 1)) ]; do
+    m=$(((good + bad) / 2))
+    if longest_try "$label" "$n" $((m * unit)) "$cfg" "$@"; then good=$m; else bad=$m; fi
+  done
 }
 
 if [ "$what" = comm ] || [ "$what" = all ]; then
@@ -93,6 +142,23 @@ if [ "$what" = tp ] || [ "$what" = all ]; then
   for n in "${counts[@]}"; do
     train tp "tp" "$n" "$softmax_cfg" --set parallel.tp="$n" --set train.global_batch="$per_gpu_batch"
   done
+fi
+if [ "$what" = longest ] || [ "$what" = all ]; then
+  n=$gpus
+  for scheme in "lasp2 (L)|--set model.pattern=L ${all_l[*]} --set parallel.cp_linear=lasp2" \
+                "lasp1 (L)|--set model.pattern=L ${all_l[*]} --set parallel.cp_linear=lasp1" \
+                "ring (S)|--set model.pattern=S --set parallel.cp_softmax=ring" \
+                "allgather (S)|--set model.pattern=S --set parallel.cp_softmax=allgather" \
+                "ulysses (S)|--set model.pattern=S --set parallel.cp_softmax=ulysses" \
+                "hybrid LLLS (ring + lasp2)|"; do
+    label=${scheme%%|*}
+    [[ $label == ulysses* ]] && [ $((4 % n)) -ne 0 ] && continue  # ulysses splits the 4 KV heads
+    # shellcheck disable=SC2206  # the scheme's --set words split on spaces
+    extra=(${scheme#*|})
+    longest "$label" "$n" $((base_seq * n / 4)) "$hybrid_cfg" --set train.global_batch=1 --set train.micro_batch=1 \
+      --set parallel.cp="$n" --set model.attention_backend=loom "${extra[@]}"
+  done
+  python3 bench/scaling_report.py --longest "$tmp/longest.jsonl" "$out" "$suffix"
 fi
 if [ -f "$tmp/runs.jsonl" ]; then
   python3 bench/scaling_report.py "$tmp/runs.jsonl" "$out" "$suffix"

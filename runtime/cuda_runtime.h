@@ -20,6 +20,12 @@ int CudaDeviceCount();  // 0 when built without CUDA or no GPU is visible
 // Tensor memory: stream-ordered on the default stream, from the device's
 // pool, which keeps freed blocks for reuse (docs/gpu.md).
 void* CudaMalloc(size_t bytes, int device);
+// Kernel scratch: stream-ordered on `stream`, from the current device's
+// pool. Out of memory here and in CudaMalloc is a step too large for the
+// GPU, not a bug: after one retry once the device has finished its queued
+// frees, it prints the sizes and what lowers them (docs/metrics.md) and
+// exits with status 3.
+void* CudaAllocAsync(size_t bytes, CudaStream stream);
 void CudaFree(void* ptr, int device);
 // Bytes of the pool in use now, the most since the last reset, and a reset
 // (peak := current).

@@ -662,7 +662,7 @@ class Call {
     return at;
   }
   void Allocate() {
-    LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&base_), std::max<size_t>(total_, 256), stream_));
+    base_ = static_cast<char*>(CudaAllocAsync(std::max<size_t>(total_, 256), stream_));
     if (!s_.ragged) return;
     const int64_t n = static_cast<int64_t>(rows_.doc_bounds.size()) - 1;
     RaggedOffsetsKernel<<<(s_.b + 1 + 255) / 256, 256, 0, stream_>>>(

@@ -227,8 +227,7 @@ void Backward(const Tensor& ids, const Tensor& dout, int64_t first, bool strict,
   // One allocation: 4 i32 arrays of n, 2 f32 [chunks, d] scratch, the sort's temporary storage.
   const size_t ints = 4 * static_cast<size_t>(n) * sizeof(int32_t);
   const size_t pieces = 2 * static_cast<size_t>(chunks) * static_cast<size_t>(d) * sizeof(float);
-  char* scratch = nullptr;
-  LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&scratch), ints + pieces + sort_bytes + 256, s));
+  char* scratch = static_cast<char*>(CudaAllocAsync(ints + pieces + sort_bytes + 256, s));
   int32_t* keys_in = reinterpret_cast<int32_t*>(scratch);
   int32_t* tokens_in = keys_in + n;
   int32_t* keys = tokens_in + n;

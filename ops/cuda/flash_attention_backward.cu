@@ -258,22 +258,12 @@ void FlashAttentionBackward(const Tensor& q, const Tensor& k, const Tensor& v, c
     LOOM_CUDA_CHECK(cudaMemsetAsync(dv.raw(), 0, dv.nbytes(), s));
   }
   // Scratch: dQ in f32 [Tq, Hq, D], Δ and lse·log2 e [Hq, Tq], from the
-  // device's stream-ordered pool. The pool keeps freed memory (release
-  // threshold raised once) so that each step does not map a fresh GiB.
-  static bool pool_kept = [&] {
-    cudaMemPool_t pool;
-    LOOM_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, q.device().index));
-    uint64_t keep = UINT64_MAX;
-    LOOM_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
-    return true;
-  }();
-  (void)pool_kept;
+  // device's pool (which keeps freed memory, runtime/cuda_runtime.h).
   // Deterministic mode has no dQ buffer: the dQ pass writes dq itself.
   const bool dq_atomic = !options.deterministic;
-  float* scratch = nullptr;
   const size_t dq_n = static_cast<size_t>(tq * hq * d), stat_n = static_cast<size_t>(tq * hq);
   const size_t acc_n = dq_atomic ? dq_n : 0;
-  LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&scratch), (acc_n + 2 * stat_n) * sizeof(float), s));
+  float* scratch = static_cast<float*>(CudaAllocAsync((acc_n + 2 * stat_n) * sizeof(float), s));
   p.dq_acc = dq_atomic ? scratch : nullptr;
   float* delta = scratch + acc_n;
   float* lse2 = delta + stat_n;

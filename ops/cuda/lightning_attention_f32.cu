@@ -483,7 +483,7 @@ struct Scratch {
     segments = static_cast<int64_t>(plan.size());
     plan_bytes = (segments * sizeof(Segment) + (rows + 1) * sizeof(int) + 255) / 256 * 256;
     state_bytes = static_cast<size_t>(segments) * d.h * d.d * d.d * sizeof(float);
-    LOOM_CUDA_CHECK(cudaMallocAsync(&base, plan_bytes + state_bytes, stream));
+    base = CudaAllocAsync(plan_bytes + state_bytes, stream);
     std::vector<char> host(plan_bytes, 0);
     std::memcpy(host.data(), plan.data(), plan.size() * sizeof(Segment));
     std::memcpy(host.data() + plan.size() * sizeof(Segment), first.data(), first.size() * sizeof(int));

@@ -279,7 +279,7 @@ void RmsNormBackward(const Tensor& x, const Tensor& w, const Tensor& rstd, const
   const size_t smem = w.defined() ? static_cast<size_t>(warps * row_bytes) : 0;
   float* partial = nullptr;
   if (w.defined()) {
-    LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partial), blocks * d * sizeof(float), s));
+    partial = static_cast<float*>(CudaAllocAsync(blocks * d * sizeof(float), s));
   }
   LOOM_DISPATCH_ACTIVATION("rmsnorm", x.dtype(), T, [&] {
     if (smem > (48 << 10)) {

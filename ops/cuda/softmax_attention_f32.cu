@@ -553,7 +553,7 @@ void AttentionF32Backward(const Tensor& q, const Tensor& k, const Tensor& v, con
   const int64_t n = q.dim(0) * q.dim(1);
   float* delta = nullptr;
   if (!options.sigmoid && n > 0) {
-    LOOM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&delta), n * sizeof(float), s));
+    delta = static_cast<float*>(CudaAllocAsync(n * sizeof(float), s));
   }
   p.o = o.data<float>();
   p.d_o = d_o.data<float>();

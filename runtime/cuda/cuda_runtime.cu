@@ -2,6 +2,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <iomanip>
+#include <ios>
 #include <mutex>
 #include <string>
 
@@ -47,13 +51,47 @@ uint64_t PoolAttribute(int device, cudaMemPoolAttr attr) {
   return value;
 }
 
+std::string GiB(double bytes) { return internal::StreamCat(std::fixed, std::setprecision(2), bytes / (1 << 30), " GiB"); }
+
 }  // namespace
 
-void* CudaMalloc(size_t bytes, int device) {
+void* CudaAllocAsync(size_t bytes, CudaStream stream) {
+  int device = 0;
+  LOOM_CUDA_CHECK(cudaGetDevice(&device));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
   void* ptr = nullptr;
-  LOOM_CUDA_CHECK(cudaSetDevice(device));
-  LOOM_CUDA_CHECK(cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), /*stream=*/nullptr));
+  cudaError_t err = cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), s);
+  if (err == cudaErrorMemoryAllocation) {
+    // Blocks freed on other streams may still be queued, and the pool may
+    // hold free blocks too fragmented for this one: finish the queued work,
+    // hand the pool's unused memory back, and try once more.
+    cudaGetLastError();
+    LOOM_CUDA_CHECK(cudaDeviceSynchronize());
+    LOOM_CUDA_CHECK(cudaMemPoolTrimTo(Pool(device), 0));
+    err = cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), s);
+  }
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    size_t free_bytes = 0, total = 0;
+    LOOM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+    std::fflush(stdout);
+    std::fprintf(stderr,
+                 "loom: out of GPU memory on device %d: %s asked for; Loom's tensors hold %s (peak %s), "
+                 "and the device has %s free of %s. A shorter train.seq_len or train.micro_batch, "
+                 "model.recompute, or more parallel.tp, cp or pp ranks need less; `loom-train --dry-run` plans a "
+                 "rank's memory.\n",
+                 device, GiB(bytes).c_str(), GiB(PoolAttribute(device, cudaMemPoolAttrUsedMemCurrent)).c_str(),
+                 GiB(PoolAttribute(device, cudaMemPoolAttrUsedMemHigh)).c_str(), GiB(free_bytes).c_str(),
+                 GiB(total).c_str());
+    std::_Exit(3);
+  }
+  LOOM_CUDA_CHECK(err);
   return ptr;
+}
+
+void* CudaMalloc(size_t bytes, int device) {
+  LOOM_CUDA_CHECK(cudaSetDevice(device));
+  return CudaAllocAsync(bytes, /*stream=*/nullptr);
 }
 
 void CudaFree(void* ptr, int device) {

@@ -12,6 +12,7 @@ namespace {
 bool BuiltWithCuda() { return false; }
 int CudaDeviceCount() { return 0; }
 void* CudaMalloc(size_t, int) { NoCuda("CudaMalloc"); }
+void* CudaAllocAsync(size_t, CudaStream) { NoCuda("CudaAllocAsync"); }
 void CudaFree(void*, int) { NoCuda("CudaFree"); }
 void* CudaHostAlloc(size_t) { NoCuda("CudaHostAlloc"); }
 void CudaHostFree(void*) { NoCuda("CudaHostFree"); }

@@ -17,5 +17,17 @@ TEST(GpuRuntime, HostDeviceCopyRoundTrips) {
   EXPECT_TRUE(testing::AllClose(back, host, 0, 0));
 }
 
+// More than the GPU has: one line that names the sizes and what lowers
+// them, and exit status 3 (not an abort with a CUDA call's text).
+TEST(GpuRuntime, OutOfMemorySaysWhatToChangeAndExits3) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  // A forked child cannot use the parent's CUDA context: the death test
+  // runs in a fresh process of this binary.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  Tensor small = Tensor::Empty({1024}, DType::kF32, Device::Cuda(0));  // the pool holds something
+  EXPECT_EXIT(CudaMalloc(size_t{1} << 50, 0), ::testing::ExitedWithCode(3),
+              "out of GPU memory on device 0: 1048576.00 GiB asked for; .* free of .*train.seq_len");
+}
+
 }  // namespace
 }  // namespace loom
