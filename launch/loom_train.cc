@@ -6,6 +6,7 @@
 // stops the run at a step boundary; a restarted run resumes from the newest
 // checkpoint that verifies and continues bit for bit.
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <csignal>
@@ -72,6 +73,12 @@ std::string HumanCount(double n) {
   if (n >= 1e6) return absl::StrFormat("%.2fM", n / 1e6);
   if (n >= 1e3) return absl::StrFormat("%.1fk", n / 1e3);
   return absl::StrFormat("%.0f", n);
+}
+
+std::string HumanBytes(double b) {
+  if (b >= 1 << 30) return absl::StrFormat("%.2f GiB", b / (1 << 30));
+  if (b >= 1 << 20) return absl::StrFormat("%.1f MiB", b / (1 << 20));
+  return absl::StrFormat("%.1f KiB", b / 1024);
 }
 
 // Batches for training and evaluation, from the built-in recall task or from
@@ -273,6 +280,44 @@ std::vector<std::string> ModelDifferences(const config::ModelConfig& saved, cons
   return diffs;
 }
 
+// --dry-run's plan of a stage's rank: the trainer's tensors for this config
+// and layout on `device` (model/memory_estimate.h).
+absl::StatusOr<MemoryEstimate> PlanStage(const config::Config& config, const Layout& layout, Device device,
+                                         int stage) {
+  ModelDims dims = ModelDims::FromConfig(config);
+  dims.device = device;
+  MemoryEstimateOptions options = MemoryEstimateOptionsFromConfig(config, layout);
+  options.pp_rank = stage;
+  return EstimateMemory(dims, options);
+}
+
+// The plan against the memory of a rank's device (its GPU, or the host),
+// shared by the node's ranks that use it.
+struct MemoryFit {
+  int64_t plan = 0, capacity = 0;
+  std::string where;  // "GPU 0", "the host / 2 ranks"
+  std::string ToString() const {
+    return absl::StrCat(HumanBytes(plan), " a rank planned (--dry-run) of ", HumanBytes(capacity), " (", where, ")");
+  }
+};
+
+absl::StatusOr<MemoryFit> FitMemory(const config::Config& config, const Layout& layout, Device device) {
+  MemoryFit fit;
+  for (int stage = 0; stage < layout.pp; ++stage) {
+    LOOM_ASSIGN_OR_RETURN(const MemoryEstimate m, PlanStage(config, layout, device, stage));
+    fit.plan = std::max(fit.plan, m.total());
+  }
+  const bool cpu = device.is_cpu();
+  const int local = std::max(1, LocalSize()), gpus = cpu ? 1 : std::max(1, CudaDeviceCount());
+  const int sharing = (local + gpus - 1) / gpus;  // a node's GPUs go round-robin to its ranks
+  const int64_t whole =
+      cpu ? int64_t{sysconf(_SC_PHYS_PAGES)} * sysconf(_SC_PAGE_SIZE) : CudaDeviceTotalBytes(device.index);
+  fit.capacity = whole / sharing;
+  fit.where = cpu ? "the host" : absl::StrCat("GPU ", device.index);
+  if (sharing > 1) absl::StrAppend(&fit.where, " / ", sharing, " ranks");
+  return fit;
+}
+
 class Trainer {
  public:
   Trainer(const config::Config& config, Device device, DataSource data, Communicator& world, ProcessGroups& groups,
@@ -338,6 +383,8 @@ class Trainer {
       LogInfo(absl::StrFormat("stage %d of %d: steps %d-%d, seq_len %d, cp %d, dp %d, lr %.3g, data from token %d",
                               stage_.index + 1, stage_.count, stage_.first_step + 1, steps, tc.seq_len(), layout.cp,
                               layout.dp, config_.optim().lr(), stage_.data_tokens_at(start)));
+    LOOM_ASSIGN_OR_RETURN(const MemoryFit fit, FitMemory(config_, layout, dims_.device));
+    LogInfo("memory: ", fit.ToString());
 
     if (start >= steps) {
       LogInfo("already at step ", start, " of train.steps = ", steps,
@@ -755,6 +802,13 @@ absl::Status TrainStage(const TrainStagePlan& stage, Device device, Communicator
           absl::StrCat("train.run_dir: cannot create ", config.train().run_dir(), ": ", ec.message()));
   }
   LOOM_RETURN_IF_ERROR(world.Barrier());
+  // A step that cannot fit is said before the model is built, not by the
+  // allocator at the first step.
+  LOOM_ASSIGN_OR_RETURN(const MemoryFit fit, FitMemory(config, layout, device));
+  if (fit.plan > fit.capacity)
+    LogWarning("the planned ", HumanBytes(fit.plan), " a rank is more than ", fit.where, " holds (",
+               HumanBytes(fit.capacity), "): the first step will likely run out of memory; a shorter train.seq_len or "
+               "train.micro_batch, model.recompute, or more parallel.tp, cp or pp ranks need less");
   LOOM_ASSIGN_OR_RETURN(DataSource data, DataSource::Create(config));
   LOOM_ASSIGN_OR_RETURN(std::unique_ptr<ProcessGroups> groups, ProcessGroups::Make(world, layout));
   Trainer trainer(config, device, std::move(data), world, *groups, stage);
@@ -822,12 +876,6 @@ absl::StatusOr<Device> ResolveDevice(const config::TrainConfig& t) {
   return Device::Cuda(gpu_index);
 }
 
-std::string HumanBytes(double b) {
-  if (b >= 1 << 30) return absl::StrFormat("%.2f GiB", b / (1 << 30));
-  if (b >= 1 << 20) return absl::StrFormat("%.1f MiB", b / (1 << 20));
-  return absl::StrFormat("%.1f KiB", b / 1024);
-}
-
 // --dry-run: what a step of this config costs on each rank, from the shapes
 // alone (model/memory_estimate.h); nothing is allocated or trained. Every
 // rank may run it; rank 0 prints.
@@ -859,9 +907,7 @@ absl::Status DryRun(const config::Config& config, int world, bool print) {
                                         "gradients", "AdamW m+v", "activations", "inputs", "total"));
   int64_t moe_rows = 0;
   for (int stage = 0; stage < layout.pp; ++stage) {
-    MemoryEstimateOptions options = MemoryEstimateOptionsFromConfig(config, layout);
-    options.pp_rank = stage;
-    LOOM_ASSIGN_OR_RETURN(const MemoryEstimate m, EstimateMemory(dims, options));
+    LOOM_ASSIGN_OR_RETURN(const MemoryEstimate m, PlanStage(config, layout, dims.device, stage));
     moe_rows = m.moe_rows;
     absl::StrAppend(&out, absl::StrFormat("  %-5d %14d %11s %11s %11s %12s %10s %11s\n", stage, m.parameters,
                                           HumanBytes(m.param_bytes), HumanBytes(m.grad_bytes),

@@ -93,20 +93,33 @@ std::string WhyNotNccl(const std::vector<RankFacts>& ranks, bool gpu_tensors) {
 
 }  // namespace
 
-int LocalRank() {
-  int local = 0;
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
-    if (EnvInt(name, &local)) return local;
+namespace {
+
+// This rank's index among the ranks of its node (size: false) or their
+// number (size: true): the launcher's variables, else MPI's shared-memory
+// split; 0 and 1 for one process without MPI.
+int NodeRankOrSize(bool size) {
+  static const std::vector<const char*> kRankVars = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"};
+  static const std::vector<const char*> kSizeVars = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"};
+  int value = 0;
+  for (const char* name : size ? kSizeVars : kRankVars)
+    if (EnvInt(name, &value)) return value;
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
-  if (!initialized || finalized) return 0;
+  if (!initialized || finalized) return size ? 1 : 0;
   MPI_Comm node;
   MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
-  MPI_Comm_rank(node, &local);
+  if (size) MPI_Comm_size(node, &value);
+  else MPI_Comm_rank(node, &value);
   MPI_Comm_free(&node);
-  return local;
+  return value;
 }
+
+}  // namespace
+
+int LocalRank() { return NodeRankOrSize(/*size=*/false); }
+int LocalSize() { return NodeRankOrSize(/*size=*/true); }
 
 int SelectLocalGpu() {
   static const int selected = [] {

@@ -27,6 +27,9 @@ namespace loom {
 // else, once MPI is initialised, the rank in MPI_Comm_split_type(SHARED);
 // else 0.
 int LocalRank();
+// The number of ranks on this node (OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, or
+// MPI's shared-memory split); 1 for one process.
+int LocalSize();
 
 // Makes CUDA device LocalRank() % (visible GPUs) current and returns it;
 // -1 when no GPU is visible (or built without CUDA). The first call decides;

@@ -34,6 +34,8 @@ int64_t PeakCudaTensorBytes(int device);
 void ResetPeakCudaTensorBytes(int device);
 // Device memory in use by anything (cudaMemGetInfo: total − free).
 int64_t CudaDeviceUsedBytes(int device);
+// The device's memory (cudaMemGetInfo's total); 0 when built without CUDA.
+int64_t CudaDeviceTotalBytes(int device);
 std::string CudaDeviceName(int device);
 int CudaComputeCapability(int device);  // 90 for sm_90 (Hopper)
 // Page-locked host memory (fast, async-capable copies; MPI staging buffers).

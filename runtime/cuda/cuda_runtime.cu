@@ -119,6 +119,13 @@ int64_t CudaDeviceUsedBytes(int device) {
   return static_cast<int64_t>(total - free_bytes);
 }
 
+int64_t CudaDeviceTotalBytes(int device) {
+  LOOM_CUDA_CHECK(cudaSetDevice(device));
+  size_t free_bytes = 0, total = 0;
+  LOOM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  return static_cast<int64_t>(total);
+}
+
 std::string CudaDeviceName(int device) {
   cudaDeviceProp prop;
   LOOM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));

@@ -24,6 +24,7 @@ int64_t CudaTensorBytes(int) { return 0; }
 int64_t PeakCudaTensorBytes(int) { return 0; }
 void ResetPeakCudaTensorBytes(int) {}
 int64_t CudaDeviceUsedBytes(int) { return 0; }
+int64_t CudaDeviceTotalBytes(int) { return 0; }
 std::string CudaDeviceName(int) { NoCuda("CudaDeviceName"); }
 int CudaComputeCapability(int) { NoCuda("CudaComputeCapability"); }
 
