@@ -26,4 +26,13 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
             CudaStream stream = nullptr, const Tensor* c_in = nullptr);
 }  // namespace cuda
 
+// The product both Matmuls compute: op(a) [m, k] · op(b) [k, n] into c
+// [m, n], each tensor read as row-major [rows, last dim]. Aborts (a bug in
+// the caller) on fewer than 2 dimensions, mismatched shapes, or c aliasing
+// a or b (ops/cpu/matmul.cc).
+struct MatmulShape {
+  int64_t m = 0, n = 0, k = 0;
+};
+MatmulShape CheckMatmulShape(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c);
+
 }  // namespace loom::ops

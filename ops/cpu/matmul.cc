@@ -8,24 +8,27 @@
 #include <type_traits>
 
 namespace loom::ops {
-namespace {
-
-// A tensor read as a row-major matrix: every dimension but the last is a row.
-struct MatrixView {
-  int64_t rows = 0;
-  int64_t cols = 0;
-};
-
-MatrixView AsMatrix(const Tensor& t, const char* name) {
-  LOOM_CHECK(t.ndim() >= 2, "[matmul] ", name, " needs at least 2 dimensions, got ", ShapeString(t.shape()));
-  MatrixView m;
-  m.cols = t.dim(-1);
-  m.rows = 1;
-  for (int i = 0; i + 1 < t.ndim(); ++i) m.rows *= t.dim(i);
-  return m;
+MatmulShape CheckMatmulShape(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c) {
+  LOOM_CHECK(a.ndim() >= 2 && b.ndim() >= 2 && c.ndim() >= 2, "[matmul] tensors need at least 2 dimensions: a ",
+             ShapeString(a.shape()), ", b ", ShapeString(b.shape()), ", c ", ShapeString(c.shape()));
+  const auto rows = [](const Tensor& t) {  // every dimension but the last
+    int64_t r = 1;
+    for (int i = 0; i + 1 < t.ndim(); ++i) r *= t.dim(i);
+    return r;
+  };
+  MatmulShape g;
+  g.m = trans_a ? a.dim(-1) : rows(a);
+  g.k = trans_a ? rows(a) : a.dim(-1);
+  const int64_t kb = trans_b ? b.dim(-1) : rows(b);
+  g.n = trans_b ? rows(b) : b.dim(-1);
+  LOOM_CHECK(g.k == kb, "[matmul] inner dimensions differ: op(a) is [", g.m, ", ", g.k, "] (a ", ShapeString(a.shape()),
+             trans_a ? " transposed" : "", "), op(b) is [", kb, ", ", g.n, "] (b ", ShapeString(b.shape()),
+             trans_b ? " transposed" : "", ")");
+  LOOM_CHECK(rows(c) == g.m && c.dim(-1) == g.n, "[matmul] c is ", ShapeString(c.shape()), " read as [", rows(c), ", ",
+             c.dim(-1), "], but op(a)·op(b) is [", g.m, ", ", g.n, "]");
+  LOOM_CHECK(c.numel() == 0 || (c.raw() != a.raw() && c.raw() != b.raw()), "[matmul] c must not alias a or b");
+  return g;
 }
-
-}  // namespace
 
 void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, double alpha, double beta) {
   if (!a.device().is_cpu()) return cuda::Matmul(a, trans_a, b, trans_b, c, alpha, beta);
@@ -33,17 +36,7 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
              a.device().ToString(), ", ", b.device().ToString(), ", ", c.device().ToString());
   LOOM_CHECK(a.dtype() == b.dtype() && a.dtype() == c.dtype(), "[matmul] dtypes differ: a ", DTypeName(a.dtype()),
              ", b ", DTypeName(b.dtype()), ", c ", DTypeName(c.dtype()));
-  const MatrixView av = AsMatrix(a, "a"), bv = AsMatrix(b, "b"), cv = AsMatrix(c, "c");
-  const int64_t m = trans_a ? av.cols : av.rows;
-  const int64_t k = trans_a ? av.rows : av.cols;
-  const int64_t kb = trans_b ? bv.cols : bv.rows;
-  const int64_t n = trans_b ? bv.rows : bv.cols;
-  LOOM_CHECK(k == kb, "[matmul] inner dimensions differ: op(a) is [", m, ", ", k, "] (a ", ShapeString(a.shape()),
-             trans_a ? " transposed" : "", "), op(b) is [", kb, ", ", n, "] (b ", ShapeString(b.shape()),
-             trans_b ? " transposed" : "", ")");
-  LOOM_CHECK(cv.rows == m && cv.cols == n, "[matmul] c is ", ShapeString(c.shape()), " read as [", cv.rows, ", ",
-             cv.cols, "], but op(a)·op(b) is [", m, ", ", n, "]");
-  LOOM_CHECK(c.numel() == 0 || (c.raw() != a.raw() && c.raw() != b.raw()), "[matmul] c must not alias a or b");
+  const auto [m, n, k] = CheckMatmulShape(a, trans_a, b, trans_b, c);
   if (m == 0 || n == 0) return;
 
   LOOM_DISPATCH_FLOAT(a.dtype(), T, [&] {
@@ -54,8 +47,8 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
     }
     // Leading dimensions are the stored row lengths, whatever the transpose.
     cpu::Gemm(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
-            static_cast<T>(alpha), a.data<T>(), std::max<int64_t>(1, av.cols), b.data<T>(),
-            std::max<int64_t>(1, bv.cols), static_cast<T>(beta), cp, std::max<int64_t>(1, n));
+            static_cast<T>(alpha), a.data<T>(), std::max<int64_t>(1, a.dim(-1)), b.data<T>(),
+            std::max<int64_t>(1, b.dim(-1)), static_cast<T>(beta), cp, std::max<int64_t>(1, n));
   });
 }
 

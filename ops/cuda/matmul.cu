@@ -123,10 +123,6 @@ std::unique_ptr<Plan> MakePlan(cublasLtHandle_t handle, const PlanKey& key) {
   return plan;
 }
 
-struct MatrixView {  // a tensor read as row-major [rows, last dim]
-  int64_t rows = 0;
-  int64_t cols = 0;
-};
 
 // c = beta · c (an empty inner dimension).
 __global__ void ScaleKernel(float* c, int64_t n, float beta) {
@@ -149,24 +145,7 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
                  (c.dtype() == a.dtype() || c.dtype() == DType::kF32),
              "[matmul] CUDA takes f32 or bf16 a and b of one dtype and c in it or f32, got a ", DTypeName(a.dtype()),
              ", b ", DTypeName(b.dtype()), ", c ", DTypeName(c.dtype()));
-  LOOM_CHECK(a.ndim() >= 2 && b.ndim() >= 2 && c.ndim() >= 2, "[matmul] tensors need at least 2 dimensions: a ",
-             ShapeString(a.shape()), ", b ", ShapeString(b.shape()), ", c ", ShapeString(c.shape()));
-  auto as_matrix = [](const Tensor& t) {
-    MatrixView v{1, t.dim(-1)};
-    for (int i = 0; i + 1 < t.ndim(); ++i) v.rows *= t.dim(i);
-    return v;
-  };
-  const MatrixView av = as_matrix(a), bv = as_matrix(b), cv = as_matrix(c);
-  const int64_t m = trans_a ? av.cols : av.rows;
-  const int64_t k = trans_a ? av.rows : av.cols;
-  const int64_t kb = trans_b ? bv.cols : bv.rows;
-  const int64_t n = trans_b ? bv.rows : bv.cols;
-  LOOM_CHECK(k == kb, "[matmul] inner dimensions differ: op(a) is [", m, ", ", k, "] (a ", ShapeString(a.shape()),
-             trans_a ? " transposed" : "", "), op(b) is [", kb, ", ", n, "] (b ", ShapeString(b.shape()),
-             trans_b ? " transposed" : "", ")");
-  LOOM_CHECK(cv.rows == m && cv.cols == n, "[matmul] c is ", ShapeString(c.shape()), " read as [", cv.rows, ", ",
-             cv.cols, "], but op(a)·op(b) is [", m, ", ", n, "]");
-  LOOM_CHECK(c.numel() == 0 || (c.raw() != a.raw() && c.raw() != b.raw()), "[matmul] c must not alias a or b");
+  const auto [m, n, k] = CheckMatmulShape(a, trans_a, b, trans_b, c);
   LOOM_CHECK(c_in == nullptr || (c_in->numel() == c.numel() && c_in->dtype() == c.dtype() &&
                                  c_in->device() == c.device() && (c.numel() == 0 || (c_in->raw() != a.raw() &&
                                                                                     c_in->raw() != b.raw()))),
@@ -195,8 +174,8 @@ void Matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor
               /*m=*/n,
               /*n=*/m,
               k,
-              /*lda=*/std::max<int64_t>(1, bv.cols),
-              /*ldb=*/std::max<int64_t>(1, av.cols),
+              /*lda=*/std::max<int64_t>(1, b.dim(-1)),
+              /*ldb=*/std::max<int64_t>(1, a.dim(-1)),
               /*ldc=*/std::max<int64_t>(1, n),
               a.dtype(),
               c.dtype(),
