@@ -91,7 +91,9 @@ class Communicator {
   virtual CommHandle StartAllReduce(Tensor& t, ReduceOp op = ReduceOp::kSum) = 0;
   virtual CommHandle StartReduceScatter(const Tensor& in, Tensor& out, ReduceOp op = ReduceOp::kSum) = 0;
   virtual CommHandle StartAllGather(const Tensor& in, Tensor& out) = 0;
-  virtual CommHandle StartAllToAll(const Tensor& in, Tensor& out) = 0;
+  // Equal splits: StartAllToAllV with in.numel() / size() elements to and
+  // from every rank (an error unless in and out hold the same multiple of size()).
+  CommHandle StartAllToAll(const Tensor& in, Tensor& out);
   virtual CommHandle StartAllToAllV(const Tensor& in, const std::vector<int64_t>& send_counts, Tensor& out,
                                     const std::vector<int64_t>& recv_counts) = 0;
   virtual CommHandle StartSend(const Tensor& t, int peer, int tag = 0) = 0;

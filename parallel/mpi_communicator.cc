@@ -55,6 +55,17 @@ void Communicator::Count(CommOp op, int64_t bytes, int peer) {
   if (trace_) trace_->push_back({op, bytes, peer});
 }
 
+CommHandle Communicator::StartAllToAll(const Tensor& in, Tensor& out) {
+  if (in.numel() % size_ != 0 || in.numel() != out.numel()) {
+    Count(CommOp::kAllToAll, in.nbytes());
+    return CommHandle(absl::InternalError(absl::StrCat("[comm] all_to_all: input has ", in.numel(),
+                                                       " elements and output ", out.numel(),
+                                                       "; both must be the same multiple of the group size ", size_)));
+  }
+  const std::vector<int64_t> counts(size_, in.numel() / size_);
+  return StartAllToAllV(in, counts, out, counts);
+}
+
 namespace {
 
 constexpr int kProbeTag = 1, kReplyTag = 2;
@@ -258,14 +269,6 @@ class MpiCommunicator : public Communicator {
     MPI_Iallgather(bi.ptr(), static_cast<int>(in.numel()), type, bo.ptr(), static_cast<int>(in.numel()), type, comm_,
                    &p->requests[0]);
     return CommHandle(std::move(p));
-  }
-
-  CommHandle StartAllToAll(const Tensor& in, Tensor& out) override {
-    if (in.numel() % size_ != 0 || in.numel() != out.numel())
-      return CommHandle(Error(absl::StrCat("all_to_all: input has ", in.numel(), " elements and output ", out.numel(),
-                                           "; both must be the same multiple of the group size ", size_)));
-    const std::vector<int64_t> counts(size_, in.numel() / size_);
-    return StartAllToAllV(in, counts, out, counts);
   }
 
   CommHandle StartAllToAllV(const Tensor& in, const std::vector<int64_t>& send_counts, Tensor& out,

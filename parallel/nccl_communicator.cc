@@ -158,16 +158,6 @@ class NcclCommunicator : public Communicator {
                    [&] { return ncclAllGather(in.raw(), out.raw(), in.nbytes(), ncclUint8, comm_, stream_); });
   }
 
-  CommHandle StartAllToAll(const Tensor& in, Tensor& out) override {
-    if (in.numel() % size_ != 0 || in.numel() != out.numel()) {
-      Count(CommOp::kAllToAll, in.nbytes());
-      return CommHandle(Error(absl::StrCat("all_to_all: input has ", in.numel(), " elements and output ", out.numel(),
-                                           "; both must be the same multiple of the group size ", size_)));
-    }
-    const std::vector<int64_t> counts(size_, in.numel() / size_);
-    return StartAllToAllV(in, counts, out, counts);
-  }
-
   // One group of a send and a receive per peer (NCCL has no all-to-all).
   CommHandle StartAllToAllV(const Tensor& in, const std::vector<int64_t>& send_counts, Tensor& out,
                             const std::vector<int64_t>& recv_counts) override {

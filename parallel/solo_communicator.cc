@@ -34,10 +34,6 @@ class SoloCommunicator : public Communicator {
     Count(CommOp::kAllGather, in.nbytes());
     return Copy("all_gather", in, out);
   }
-  CommHandle StartAllToAll(const Tensor& in, Tensor& out) override {
-    Count(CommOp::kAllToAll, in.nbytes());
-    return Copy("all_to_all", in, out);
-  }
   CommHandle StartAllToAllV(const Tensor& in, const std::vector<int64_t>&, Tensor& out,
                             const std::vector<int64_t>&) override {
     Count(CommOp::kAllToAll, in.nbytes());

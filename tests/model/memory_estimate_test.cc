@@ -49,7 +49,6 @@ class ShapeOnlyGroup : public Communicator {
   CommHandle StartAllReduce(Tensor&, ReduceOp) override { return Fail(); }
   CommHandle StartReduceScatter(const Tensor&, Tensor&, ReduceOp) override { return Fail(); }
   CommHandle StartAllGather(const Tensor&, Tensor&) override { return Fail(); }
-  CommHandle StartAllToAll(const Tensor&, Tensor&) override { return Fail(); }
   CommHandle StartAllToAllV(const Tensor&, const std::vector<int64_t>&, Tensor&, const std::vector<int64_t>&) override {
     return Fail();
   }
