@@ -36,6 +36,23 @@ def run_stats(run_dir):
             "mem_gib": max(s["tensor_peak_mb"] for s in steps) / 1024.0}
 
 
+def machine(jsonl_path):
+    """scale.sh's machine.txt beside the runs: date, GPUs, Loom's commit."""
+    path = os.path.join(os.path.dirname(jsonl_path), "machine.txt")
+    return " | ".join(l.strip() for l in open(path) if l.strip()) if os.path.exists(path) else "machine not recorded"
+
+
+def commands(rows):
+    """The command of each run (its `cmd` file), under a heading."""
+    out = ["", "## Commands", "", "Each run, as `launch/scale.sh` started it (plus `--set train.run_dir=...`):", ""]
+    for r in rows:
+        path = os.path.join(r["run_dir"], "cmd")
+        cmd = open(path).read().strip() if os.path.exists(path) else "(not recorded)"
+        what = f"{r['label']}, {r['gpus']} GPU(s)" + (f", seq {r['seq']:,}" if "seq" in r else "")
+        out += [f"- {what}: `{cmd}`"]
+    return out
+
+
 def failure(run_dir):
     """The line of a failed run's log that says why (the out-of-memory line if any)."""
     path = os.path.join(run_dir, "log")
@@ -49,7 +66,7 @@ def failure(run_dir):
 
 def longest_report(tries_path, out_dir, suffix):
     tries = [json.loads(l) for l in open(tries_path) if l.strip()]
-    lines = [f"# Longest sequence a step trains ({suffix})", "",
+    lines = [f"# Longest sequence a step trains ({suffix})", "", machine(tries_path), "",
              "One step (`train.steps=1`, micro-batch 1) at cp = all GPUs; lengths double from the weak-scaling "
              "length until one fails, then bisect. Memory: the CUDA pool's peak a GPU, and `loom-train --dry-run`'s "
              "plan (which leaves out context-parallel buffers and kernel scratch).", "",
@@ -74,6 +91,7 @@ def longest_report(tries_path, out_dir, suffix):
         row += [f"{nxt['seq']:,}", failure(nxt["run_dir"])] if nxt else \
             ["", f"not reached: every length tried up to {mine[-1]['seq']:,} trained"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += commands(tries)
     path = os.path.join(out_dir, f"longest_{suffix}.md")
     open(path, "w").write("\n".join(lines) + "\n")
     print(path)
@@ -90,7 +108,7 @@ def main():
         r["stats"] = run_stats(r["run_dir"])
         groups.setdefault(r["group"], []).append(r)
     for group, rows in groups.items():
-        lines = [f"# {group} ({suffix})", "",
+        lines = [f"# {group} ({suffix})", "", machine(runs_path), "",
                  "| scheme | GPUs | tokens/s | TFLOP/s per GPU | efficiency | memory per GPU (GiB) |",
                  "| --- | --- | --- | --- | --- | --- |"]
         curves = {}
@@ -106,6 +124,7 @@ def main():
                 curves.setdefault(label, []).append((r["gpus"], eff))
                 lines.append(f"| {label} | {r['gpus']} | {s['tokens_per_s']:.0f} | {s['tflops']:.1f} | "
                              f"{eff:.3f} | {s['mem_gib']:.2f} |")
+        lines += commands(rows)
         prefix = os.path.join(out_dir, f"{group}_{suffix}")
         open(prefix + ".md", "w").write("\n".join(lines) + "\n")
         try:

@@ -51,6 +51,11 @@ else
 fi
 mkdir -p "$out"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+# The machine, for the reports' headers.
+{ date -u +"%Y-%m-%d %H:%M UTC"
+  if [ "${LOOM_SCALE_SMOKE:-0}" = 1 ]; then echo "CPU smoke run ($(nproc) cores), measures nothing"
+  else nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c | sed 's/^ *//'; fi
+  echo "loom $(git -C "$(dirname "$0")/.." rev-parse --short HEAD 2>/dev/null || echo '?')"; } >"$tmp/machine.txt"
 counts=(); for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && counts+=("$n"); done
 
 # loom DIR GPUS CONFIG [--set ...]: one loom-train run into DIR (its log
@@ -58,10 +63,11 @@ counts=(); for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && counts+=("$n"); done
 loom() {
   local dir=$1 n=$2 cfg=$3; shift 3
   mkdir -p "$dir"
-  timeout -k 60 "$run_timeout" \
-    mpirun -np "$n" --allow-run-as-root --oversubscribe -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS=1 \
-    "$build/bin/loom-train" --config "$cfg" "${common[@]}" --set optim.warmup_steps=1 --set train.log_every=1 \
-    --set train.eval_every=0 --set checkpoint.every=0 --set train.run_dir="$dir" "$@" >"$dir/log" 2>&1
+  local cmd=(mpirun -np "$n" --allow-run-as-root --oversubscribe -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE
+             -x OMP_NUM_THREADS=1 "$build/bin/loom-train" --config "$cfg" "${common[@]}" --set optim.warmup_steps=1
+             --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 "$@")
+  echo "${cmd[*]}" >"$dir/cmd"  # for the report, without the temporary run_dir
+  timeout -k 60 "$run_timeout" "${cmd[@]}" --set train.run_dir="$dir" >"$dir/log" 2>&1
 }
 
 # train GROUP LABEL GPUS CONFIG [--set ...]: one run, recorded in runs.jsonl.
