@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <sstream>
 
 #include <google/protobuf/text_format.h>
@@ -341,6 +342,19 @@ class Trainer {
   }
 
   absl::Status Run() {
+    absl::Status status = RunSteps();
+    if (status.ok()) return FinishSave();
+    // A failed run still lets rank 0 finish the write in flight (no
+    // collective: the other ranks may be gone).
+    if (writing_step_ >= 0 && lead_) {
+      if (const Written w = writing_.get(); !w.status.ok()) LogWarning(w.status.message());
+    }
+    writing_step_ = -1;
+    return status;
+  }
+
+ private:
+  absl::Status RunSteps() {
     const auto& tc = config_.train();
     const Layout& layout = groups_.layout;
     if (lead_) {
@@ -512,7 +526,6 @@ class Trainer {
     return absl::OkStatus();
   }
 
- private:
   static ModelDims PlacedDims(const config::Config& c, Device device, const MoeParallel* moe) {
     ModelDims d = ModelDims::FromConfig(c);
     d.device = device;
@@ -638,6 +651,8 @@ class Trainer {
   // shards, ZeRO moment shards) and world rank 0 writes, so a checkpoint
   // loads under any layout.
   absl::Status Save(int64_t step) {
+    LOOM_RETURN_IF_ERROR(FinishSave());  // the previous one (checkpoint.async)
+    Timer snapshot;
     checkpoint::CheckpointState state;
     state.step = step;
     state.data_tokens = stage_.data_tokens_at(step);
@@ -683,16 +698,36 @@ class Trainer {
       }
     }
     state.tensors.push_back({"optim.steps", Tensor::FromVector<int64_t>({dp_.steps()}, {1})});
-    Timer t;
-    absl::Status saved = lead_ ? checkpoint::SaveCheckpoint(ckpt_dir_, state, config_.checkpoint().keep())
-                               : absl::OkStatus();
-    // Every rank learns whether rank 0's save worked.
+    // `state` holds copies (Tensor::To), so training may go on while it is
+    // written.
+    const int keep = config_.checkpoint().keep();
+    const std::string dir = ckpt_dir_;
+    writing_step_ = step;
+    if (lead_)
+      writing_ = std::async(std::launch::async, [dir, keep, state = std::move(state)] {
+        Timer t;
+        absl::Status s = checkpoint::SaveCheckpoint(dir, state, keep);
+        return Written{std::move(s), t.Seconds()};
+      });
+    if (!config_.checkpoint().async()) return FinishSave();
+    LogInfo(absl::StrFormat("checkpoint %s/%s: copied in %.2f s, writing in the background", ckpt_dir_,
+                            checkpoint::StepDirName(step), snapshot.Seconds()));
+    return absl::OkStatus();
+  }
+
+  // Waits for the save in flight, if any, and tells every rank whether rank
+  // 0's write worked (a collective: every rank calls it at the same point).
+  absl::Status FinishSave() {
+    if (writing_step_ < 0) return absl::OkStatus();
+    const int64_t step = std::exchange(writing_step_, -1);
+    const Written written = lead_ ? writing_.get() : Written{};
+    const absl::Status& saved = written.status;
     Tensor ok = Tensor::FromVector<int32_t>({saved.ok() ? 1 : 0}, {1});
     LOOM_RETURN_IF_ERROR(world_.Broadcast(ok, 0));
     if (!saved.ok()) return saved;
     if (!ok.data<int32_t>()[0]) return absl::InternalError("rank 0 could not save the checkpoint (see its message)");
     LogInfo(absl::StrFormat("checkpoint %s/%s saved in %.2f s", ckpt_dir_, checkpoint::StepDirName(step),
-                            t.Seconds()));
+                            written.seconds));
     return absl::OkStatus();
   }
 
@@ -787,6 +822,14 @@ class Trainer {
   std::filesystem::path run_dir_;
   std::string ckpt_dir_;
   bool lead_;
+  // The checkpoint being written (rank 0's write; writing_step_ on every
+  // rank), -1 when none: Save starts it, FinishSave waits for it.
+  struct Written {
+    absl::Status status;
+    double seconds = 0;  // the write's
+  };
+  std::future<Written> writing_;
+  int64_t writing_step_ = -1;
   TensorBoardWriter tb_;  // rank 0: <run_dir>/tb/, a new events file per run
   TrainStagePlan stage_;  // launch/stages.h: its first step and data position
 };

@@ -8,11 +8,15 @@
 # (round-trip doubles, i.e. bit patterns), no step twice, and ends with the
 # same parameters (XXH3 checksums of the final checkpoint). Last, a
 # corrupted newest checkpoint is refused by name and the previous one used.
+# With a third argument `async`, every run writes its checkpoints in the
+# background (checkpoint.async): the step-15 write then dies while steps 16
+# on train, and the resumed run must still repeat the uninterrupted one.
 set -u
-bin=$1; src=$2
+bin=$1; src=$2; mode=${3:-sync}
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 common=(--config "$src/configs/default.textproto" --set train.steps=20 --set checkpoint.every=5
         --set checkpoint.keep=0 --set train.eval_every=0 --set train.log_every=20)
+[ "$mode" = async ] && common+=(--set checkpoint.async=true)
 losses() { grep '"loss"' "$1/metrics.jsonl" | sed 's/.*"step": \([0-9]*\),.*"loss": \([^,]*\),.*/\1 \2/'; }
 sums() { grep xxh3 "$1/checkpoints/step_00000020/manifest.textproto"; }
 fails=0; passes=0
