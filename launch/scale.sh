@@ -25,7 +25,8 @@
 # 1200) seconds a run at most. LOOM_SCALE_SMOKE=1 runs the cp/dp/tp/longest
 # commands on the CPU with configs/default.textproto at toy sizes and 2
 # ranks (longest up to 256 tokens): it checks this script and the report,
-# and measures nothing.
+# and measures nothing. LOOM_SCALE_SMOKE=gpu does the same on the GPU build
+# and the GPUs there are (2 ranks on one GPU share it over the MPI backend).
 set -euo pipefail
 what=${1:-all}
 out=${2:-docs/scaling}
@@ -33,11 +34,15 @@ build=${LOOM_BUILD:-build-cuda}
 steps=${LOOM_SCALE_STEPS:-4}
 run_timeout=${LOOM_SCALE_TIMEOUT:-1200}
 export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-if [ "${LOOM_SCALE_SMOKE:-0}" = 1 ]; then
+smoke=${LOOM_SCALE_SMOKE:-0}
+if [ "$smoke" = 1 ] || [ "$smoke" = gpu ]; then
   gpus=2 build=${LOOM_BUILD:-build}
   base_seq=64 softmax_cfg=configs/default.textproto hybrid_cfg=configs/default.textproto
   common=(--set train.device=cpu --set train.micro_batch=1)
   per_gpu_batch=2 suffix=smoke all_l=() max_seq=${LOOM_SCALE_MAX_SEQ:-256}
+  if [ "$smoke" = gpu ]; then
+    build=${LOOM_BUILD:-build-cuda} common=(--set train.device=cuda --set train.micro_batch=1) suffix=smoke_gpu
+  fi
 else
   gpus=$(nvidia-smi -L | wc -l)
   [ "$gpus" -ge 2 ] || { echo "scale.sh: $gpus GPU(s): the scaling runs need at least 2"; exit 1; }
@@ -53,7 +58,8 @@ mkdir -p "$out"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 # The machine, for the reports' headers.
 { date -u +"%Y-%m-%d %H:%M UTC"
-  if [ "${LOOM_SCALE_SMOKE:-0}" = 1 ]; then echo "CPU smoke run ($(nproc) cores), measures nothing"
+  if [ "$smoke" = 1 ]; then echo "CPU smoke run ($(nproc) cores), measures nothing"
+  elif [ "$smoke" = gpu ]; then echo "GPU smoke run on $(nvidia-smi -L | head -1 | cut -d'(' -f1), measures nothing"
   else nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c | sed 's/^ *//'; fi
   echo "loom $(git -C "$(dirname "$0")/.." rev-parse --short HEAD 2>/dev/null || echo '?')"; } >"$tmp/machine.txt"
 counts=(); for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && counts+=("$n"); done
@@ -112,7 +118,7 @@ longest() {
 }
 
 if [ "$what" = comm ] || [ "$what" = all ]; then
-  [ "${LOOM_SCALE_SMOKE:-0}" = 1 ] || {
+  [ "$smoke" != 0 ] || {
     mpirun -np "$gpus" --allow-run-as-root -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$build/bin/loom-bench" --what=comm \
       --comm_backends=nccl --comm_min_bytes=1048576 --comm_ops=all_reduce,all_gather,reduce_scatter,all_to_all \
       --json >"$tmp/loom.jsonl"
