@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# A preemption signal that reaches one rank stops every rank cleanly and
+# loses no step: `mpirun -np 2` (dp = 2) trains 20 steps with no periodic
+# checkpoints and background saves (checkpoint.async); once step 8 is
+# logged, world rank 1 alone gets SIGTERM. The ranks must agree on the step
+# to stop after, save it (rank 0 writes, every rank waits for the write),
+# and mpirun must exit 0; the restarted run resumes from that step and ends
+# with the losses (bit patterns) and the final parameters (XXH3) of an
+# uninterrupted run.
+# Usage: rank_sigterm.sh LOOM_TRAIN SOURCE_DIR [MPIRUN]
+set -u
+bin=$1; src=$2; mpirun=${3:-mpirun}
+dir=$(mktemp -d); trap 'rm -rf "$dir"' EXIT
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mpi=("$mpirun" -np 2 --oversubscribe -x OMP_NUM_THREADS=1 -x OPENBLAS_NUM_THREADS=1)
+common=(--config "$src/configs/default.textproto" --set train.steps=20 --set train.micro_batch=32
+        --set checkpoint.async=true --set train.eval_every=0 --set train.log_every=20)
+losses() { grep '"loss"' "$1/metrics.jsonl" | sed 's/.*"step": \([0-9]*\),.*"loss": \([^,]*\),.*/\1 \2/'; }
+sums() { grep xxh3 "$1/checkpoints/step_00000020/manifest.textproto"; }
+fail() { echo "FAIL: $*"; exit 1; }
+
+timeout 300 "${mpi[@]}" "$bin" "${common[@]}" --set checkpoint.every=20 --set train.run_dir="$dir/ref" >"$dir/ref.log" 2>&1 ||
+  { tail -5 "$dir/ref.log"; fail "the reference run failed"; }
+
+run="$dir/stopped"
+timeout 300 "${mpi[@]}" "$bin" "${common[@]}" --set train.run_dir="$run" >"$dir/stopped.log" 2>&1 & job=$!
+for _ in $(seq 3000); do
+  [ -f "$run/metrics.jsonl" ] && [ "$(grep -c '"loss"' "$run/metrics.jsonl")" -ge 8 ] && break
+  sleep 0.01
+done
+rank1=""
+for pid in $(pgrep -f -- "$run" 2>/dev/null); do
+  [ "$(cat /proc/$pid/comm 2>/dev/null)" = loom-train ] || continue
+  [ "$(tr '\0' '\n' </proc/$pid/environ 2>/dev/null | sed -n 's/^OMPI_COMM_WORLD_RANK=//p')" = 1 ] && rank1=$pid
+done
+[ -n "$rank1" ] || { wait $job; fail "world rank 1 was not found (the run had ended?)"; }
+kill -TERM "$rank1"
+wait $job; rc=$?
+[ $rc -eq 0 ] || { tail -5 "$dir/stopped.log"; fail "mpirun exited $rc after SIGTERM to one rank"; }
+stop=$(sed -n 's/.*stopped cleanly after step \([0-9]*\).*/\1/p' "$dir/stopped.log")
+[ -n "$stop" ] && [ "$stop" -lt 20 ] || { cat "$dir/stopped.log"; fail "no clean stop before step 20"; }
+grep -q "checkpoint .*step_$(printf %08d "$stop") saved in" "$dir/stopped.log" ||
+  { cat "$dir/stopped.log"; fail "the stop at step $stop saved no checkpoint"; }
+
+timeout 300 "${mpi[@]}" "$bin" "${common[@]}" --set checkpoint.every=20 --set train.run_dir="$run" >"$dir/resumed.log" 2>&1 ||
+  { tail -5 "$dir/resumed.log"; fail "the restarted run failed"; }
+grep -q "resumed from .*step_$(printf %08d "$stop") at step $stop" "$dir/resumed.log" ||
+  { cat "$dir/resumed.log"; fail "the restart did not resume from step $stop"; }
+[ "$(losses "$dir/ref")" == "$(losses "$run")" ] ||
+  { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "the resumed run's losses differ"; }
+[ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "the final parameters differ"
+echo "SIGTERM to rank 1: every rank stopped after step $stop, saved it, and the restart matched the uninterrupted run"
