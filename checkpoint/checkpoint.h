@@ -63,11 +63,13 @@ absl::Status PrepareCheckpointDir(const std::string& dir);
 // Reads <step_dir>/manifest.textproto.
 absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir);
 
-// Reads and validates a step directory; errors name the file and tensor:
+// Reads and validates a step directory, each tensor read once from its
+// shard straight into the tensor kept; errors name the file and tensor:
 // "<step_dir>/rank_00000.safetensors: tensor layers.0.attn.wq: checksum mismatch ...".
 absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir);
 
-// LoadCheckpoint, result discarded.
+// LoadCheckpoint's checks without keeping anything: tensors are read and
+// hashed in pieces of at most 64 MiB.
 absl::Status VerifyCheckpoint(const std::string& step_dir);
 
 // A step directory as is, or a checkpoint directory through its `latest`.

@@ -336,9 +336,9 @@ absl::StatusOr<HfModel> ReadHfModel(const std::string& dir_str) {
                                          ShapeString(want)));
     if (e.dtype != DType::kF32 && e.dtype != DType::kBF16 && e.dtype != DType::kF16 && e.dtype != DType::kF64)
       return Error(dir_str, absl::StrCat("tensor ", m.hf, " has dtype ", DTypeName(e.dtype), " (want a float)"));
-    Tensor raw = Tensor::Empty(e.shape, e.dtype);
-    if (raw.nbytes() > 0) std::memcpy(raw.raw(), it->second->data(e), raw.nbytes());
-    Tensor value = raw.To(DType::kF32);
+    absl::StatusOr<Tensor> raw = ReadTensor(*it->second, e);
+    if (!raw.ok()) return Error(dir_str, std::string(raw.status().message()));
+    Tensor value = raw->To(DType::kF32);
     if (m.vocab_rows && m.shape[0] != want[0]) {
       Tensor padded = Tensor::Zeros(m.shape, DType::kF32);
       padded.Slice(0, want[0]).CopyFrom(value);

@@ -4,7 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+// Header-only (Debian's libxxhash-dev), as in checkpoint.cc.
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include <algorithm>
 #include <cerrno>
+#include <memory>
 #include <system_error>
 
 #include "nlohmann/json.hpp"
@@ -19,6 +25,20 @@ std::string ErrnoText(int err) { return std::error_code(err, std::generic_catego
 
 absl::Status Corrupt(const std::string& path, std::string_view what) {
   return absl::DataLossError(absl::StrCat(path, ": ", absl::string_view(what.data(), what.size())));
+}
+
+// `n` bytes of the file from `offset` into dst; the file must hold them.
+absl::Status ReadAt(const SafetensorsFile& f, uint64_t offset, void* dst, uint64_t n) {
+  uint64_t done = 0;
+  while (done < n) {
+    const ssize_t r = ::pread(*f.fd, static_cast<char*>(dst) + done, n - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0)
+      return absl::InternalError(absl::StrCat(f.path, ": read failed at byte ", offset + done, ": ",
+                                              r < 0 ? ErrnoText(errno) : "unexpected end of file"));
+    done += static_cast<uint64_t>(r);
+  }
+  return absl::OkStatus();
 }
 
 // Validates one header entry: {"dtype": s, "shape": [n...], "data_offsets": [b, e]}.
@@ -101,44 +121,30 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
     const std::string msg = absl::StrCat(path, ": cannot open: ", ErrnoText(err));
     return err == ENOENT ? absl::NotFoundError(msg) : absl::InternalError(msg);
   }
+  f.fd = std::shared_ptr<const int>(new int(fd), [](const int* p) {
+    ::close(*p);
+    delete p;
+  });
   struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return absl::InternalError(absl::StrCat(path, ": cannot stat: ", ErrnoText(err)));
-  }
+  if (::fstat(fd, &st) != 0)
+    return absl::InternalError(absl::StrCat(path, ": cannot stat: ", ErrnoText(errno)));
   // A directory or a FIFO named by a manifest must fail here, not hang or
   // fail later in read().
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return Corrupt(path, "not a regular file");
-  }
-  f.bytes.resize(static_cast<size_t>(st.st_size));
-  size_t done = 0;
-  while (done < f.bytes.size()) {
-    const ssize_t r = ::read(fd, f.bytes.data() + done, f.bytes.size() - done);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      const int err = r < 0 ? errno : 0;
-      ::close(fd);
-      return absl::InternalError(absl::StrCat(path, ": read failed at byte ", done, ": ",
-                                              r < 0 ? ErrnoText(err) : "unexpected end of file"));
-    }
-    done += static_cast<size_t>(r);
-  }
-  ::close(fd);
-
-  const uint64_t size = f.bytes.size();
-  if (size < 8) return Corrupt(path, absl::StrCat("file of ", size, " bytes is too short for a safetensors header"));
+  if (!S_ISREG(st.st_mode)) return Corrupt(path, "not a regular file");
+  f.size = static_cast<uint64_t>(st.st_size);
+  if (f.size < 8) return Corrupt(path, absl::StrCat("file of ", f.size, " bytes is too short for a safetensors header"));
+  std::string len(8, '\0');
+  LOOM_RETURN_IF_ERROR(ReadAt(f, 0, len.data(), 8));
   uint64_t header_len = 0;
-  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(static_cast<unsigned char>(f.bytes[i])) << (8 * i);
-  if (header_len > kMaxHeaderBytes || header_len > size - 8)
-    return Corrupt(path, absl::StrCat("header length ", header_len, " exceeds file size ", size));
+  for (int i = 0; i < 8; ++i) header_len |= static_cast<uint64_t>(static_cast<unsigned char>(len[i])) << (8 * i);
+  if (header_len > kMaxHeaderBytes || header_len > f.size - 8)
+    return Corrupt(path, absl::StrCat("header length ", header_len, " exceeds file size ", f.size));
   f.data_start = 8 + header_len;
-  const uint64_t data_bytes = size - f.data_start;
+  const uint64_t data_bytes = f.size - f.data_start;
+  std::string text(header_len, '\0');
+  LOOM_RETURN_IF_ERROR(ReadAt(f, 8, text.data(), header_len));
 
-  nlohmann::json header = nlohmann::json::parse(f.bytes.begin() + 8, f.bytes.begin() + f.data_start, nullptr,
-                                                /*allow_exceptions=*/false);
+  nlohmann::json header = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object()) return Corrupt(path, "header is not a JSON object");
   for (const auto& [name, value] : header.items()) {
     if (name == "__metadata__") {
@@ -152,6 +158,25 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
     LOOM_ASSIGN_OR_RETURN(f.tensors[name], ParseEntry(path, name, value, data_bytes));
   }
   return f;
+}
+
+absl::StatusOr<Tensor> ReadTensor(const SafetensorsFile& f, const SafetensorsEntry& e) {
+  Tensor t = Tensor::Empty(e.shape, e.dtype);
+  LOOM_RETURN_IF_ERROR(ReadAt(f, f.data_start + e.begin, t.raw(), e.end - e.begin));
+  return t;
+}
+
+absl::StatusOr<uint64_t> HashTensor(const SafetensorsFile& f, const SafetensorsEntry& e) {
+  constexpr uint64_t kPiece = 64u << 20;
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
+  XXH3_64bits_reset(state.get());
+  std::string piece(std::min(kPiece, e.end - e.begin), '\0');
+  for (uint64_t at = e.begin; at < e.end; at += kPiece) {
+    const uint64_t n = std::min(kPiece, e.end - at);
+    LOOM_RETURN_IF_ERROR(ReadAt(f, f.data_start + at, piece.data(), n));
+    XXH3_64bits_update(state.get(), piece.data(), n);
+  }
+  return XXH3_64bits_digest(state.get());
 }
 
 }  // namespace loom::checkpoint

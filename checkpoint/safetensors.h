@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -38,18 +39,24 @@ struct SafetensorsEntry {
 std::string EncodeSafetensorsHeader(const std::map<std::string, SafetensorsEntry>& entries,
                                     const std::map<std::string, std::string>& metadata);
 
-// A whole shard read into memory, its header validated.
+// A shard's header, validated against the file's size. The data stay on
+// disk and are read tensor by tensor (ReadTensor, HashTensor) through the
+// descriptor opened here, so a reader holds no more than the tensors it
+// keeps.
 struct SafetensorsFile {
   std::string path;
   std::map<std::string, SafetensorsEntry> tensors;
   std::map<std::string, std::string> metadata;
-  std::string bytes;      // the entire file
-  size_t data_start = 0;  // where the data section begins in `bytes`
-
-  const char* data(const SafetensorsEntry& e) const { return bytes.data() + data_start + e.begin; }
+  uint64_t data_start = 0;  // where the data section begins in the file
+  uint64_t size = 0;        // the file's bytes
+  std::shared_ptr<const int> fd;  // closed with the last copy
 };
 
 // Errors name the file: "<path>: header length 99999 exceeds file size 120".
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
+// Entry e's bytes as a CPU tensor of its dtype and shape.
+absl::StatusOr<Tensor> ReadTensor(const SafetensorsFile& f, const SafetensorsEntry& e);
+// XXH3-64 of entry e's bytes, read in pieces of at most 64 MiB.
+absl::StatusOr<uint64_t> HashTensor(const SafetensorsFile& f, const SafetensorsEntry& e);
 
 }  // namespace loom::checkpoint

@@ -13,9 +13,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!file.ok()) return 0;
   uint64_t sum = 0;
   for (const auto& [name, e] : file->tensors) {
-    if (e.begin > e.end || file->data_start + e.end > file->bytes.size()) __builtin_trap();
-    const char* p = file->data(e);
-    for (uint64_t i = 0; i < e.end - e.begin; ++i) sum += static_cast<unsigned char>(p[i]);
+    if (e.begin > e.end || file->data_start + e.end > file->size) __builtin_trap();
+    auto t = loom::checkpoint::ReadTensor(*file, e);
+    auto h = loom::checkpoint::HashTensor(*file, e);
+    if (!t.ok() || !h.ok() || t->nbytes() != e.end - e.begin) __builtin_trap();
+    const auto* p = static_cast<const unsigned char*>(t->raw());
+    for (uint64_t i = 0; i < e.end - e.begin; ++i) sum += p[i];
   }
   return static_cast<int>(sum & 0);
 }

@@ -758,8 +758,11 @@ class Trainer {
       return absl::InvalidArgumentError(absl::StrCat(step_dir, ": the checkpoint's model differs from the config (",
                                                      absl::StrJoin(diffs, ", "),
                                                      "); set checkpoint.resume=none to start fresh"));
+    // Each global tensor is dropped once its local slice is copied, so the
+    // checkpoint's bytes and the restored state are not all held at once.
     std::map<std::string, Tensor> by_name;
-    for (auto& t : state.tensors) by_name[t.name] = t.tensor;
+    for (auto& t : state.tensors) by_name[t.name] = std::move(t.tensor);
+    state.tensors.clear();
     const bool to_moh = DenseToMoh(saved.model().pattern(), config_.model().pattern());
     auto restore = [&](const Param& p, const std::string& name, Tensor& into) -> absl::Status {
       auto it = by_name.find(name);
@@ -771,6 +774,7 @@ class Trainer {
       if (it == by_name.end()) return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor ", name, " missing"));
       absl::Status s = CopyLocalSlice(p, it->second, into);
       if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(step_dir, ": ", s.message()));
+      by_name.erase(it);
       return absl::OkStatus();
     };
     const ParamList& params = model_.params();

@@ -66,9 +66,12 @@ void ExpectLogitsMatch(const std::string& folder, double tol) {
   ASSERT_TRUE(ref.ok()) << ref.status();
   const auto& ids_entry = ref->tensors.at("input_ids");
   const auto& logits_entry = ref->tensors.at("logits");
+  absl::StatusOr<Tensor> ids_tensor = checkpoint::ReadTensor(*ref, ids_entry);
+  absl::StatusOr<Tensor> logits_tensor = checkpoint::ReadTensor(*ref, logits_entry);
+  ASSERT_TRUE(ids_tensor.ok() && logits_tensor.ok()) << ids_tensor.status() << logits_tensor.status();
   std::vector<int32_t> ids(ids_entry.shape[0]);
-  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(reinterpret_cast<const int64_t*>(ref->data(ids_entry))[i]);
-  const float* want = reinterpret_cast<const float*>(ref->data(logits_entry));
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(ids_tensor->data<int64_t>()[i]);
+  const float* want = logits_tensor->data<float>();
   const int64_t vocab = logits_entry.shape[1];
   const Tensor got = LoomLogits(*hf, ids);
   ASSERT_EQ(got.dim(0), static_cast<int64_t>(ids.size()));
