@@ -18,14 +18,19 @@
 //   formed) | dK (while dSᵀ goes to shared memory) | dQ. dQ is split by
 //   column: warpgroup w takes columns w·D/2.. over all 128 keys. dQ is
 //   skipped in deterministic mode (p.dq_acc null).
-// Block order: the grid's x is the key tile, y the KV head, z the row, so
-// the blocks on the SMs at a time are neighbouring key tiles of one head,
-// which read the same Q and dO rows while these are in L2 (64K, Hk 32,
-// H100: L2 hit rate 98.8%, DRAM 1.4% busy, against 75% and 31% with the
-// heads innermost), and each head's heaviest (first, under a causal mask)
-// tiles come first. In a grid of few blocks an SM (one 8K sequence at Hk 4:
-// 256) the last head's heaviest tiles then start late and end last
-// (docs/kernels/attention.md, session 30).
+// Block order (the grid's z is the row): in a large grid the key tile is
+// innermost (x, the KV head y), so the blocks on the SMs at a time are
+// neighbouring key tiles of one head, which read the same Q and dO rows
+// while these are in L2 (64K, Hk 32, H100: L2 hit rate 98.8%, DRAM 1.4%
+// busy, against 75% and 31% with the heads innermost). In a small grid the
+// KV head is innermost (x, the key tile y), so every head's heaviest tiles
+// (the first, under a causal mask) start first: with the key tiles innermost
+// the last head's tile 0 starts late and ends last. The longest block is
+// about 2·SMs / blocks of an SM's share of the work (causal), so the small
+// grid is the one under 20 blocks an SM, where that tail could pass 10%
+// (gpu_1b_softmax's micro-batch at 8K, Hk 4: 256 blocks; the bench at 8K,
+// D = 64, Hk 4, batch 8: 2048 blocks, 3-5% slower with key tiles innermost;
+// 64K, Hk 8: 4096 blocks, 17-20% faster).
 // Shared memory: 64-column panels with the 128-byte swizzle (ops/cuda/
 // sm90.cuh). K, V [128][D]; Q, dO [2 buffers][64][D]; dSᵀ [128 keys][64
 // queries]; lse2, Δ [2][64] f32; each key's visible queries [2][128] i32;
@@ -119,7 +124,7 @@ struct BwdMaps {
 // 64K, D = 128 (H100), against 457-472 for these (docs/kernels/attention.md).
 template <int D>
 __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
-    FlashBackwardSm90Kernel(const Params p, const __grid_constant__ BwdMaps maps) {
+    FlashBackwardSm90Kernel(const Params p, const __grid_constant__ BwdMaps maps, bool heads_inner) {
 #if LOOM_SM90A
   using T = Sm90BwdTile<D>;
   constexpr int kM = T::kM, kN = T::kN, kAcc = D / 2;
@@ -137,8 +142,8 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
   auto full = [bars](int b) { return bars + 8 * b; };
   auto empty = [bars](int b) { return bars + 8 * (2 + b); };
 
-  const int kvh = blockIdx.y, row = blockIdx.z;
-  const int j0 = blockIdx.x * kN;
+  const int kvh = heads_inner ? blockIdx.x : blockIdx.y, row = blockIdx.z;
+  const int j0 = (heads_inner ? blockIdx.y : blockIdx.x) * kN;
   const MaskArgs mask = RowMask(p, row);
   const int q0 = p.cu_q[row], nq = mask.nq, k0 = p.cu_k[row], nk = mask.nk;
   if (j0 >= nk) return;
@@ -415,7 +420,16 @@ __global__ void __launch_bounds__(Sm90BwdTile<D>::kThreads, 1)
 
 void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows, cudaStream_t stream) {
   if (max_k == 0 || rows == 0) return;  // else k_end > 0 (CheckDeviceRows)
-  const dim3 grid((max_k + Sm90BwdTile<64>::kN - 1) / Sm90BwdTile<64>::kN, p.hk, rows);
+  constexpr int kN = Sm90BwdTile<64>::kN;
+  static const int sms = [] {
+    int device = 0, n = 0;
+    LOOM_CUDA_CHECK(cudaGetDevice(&device));
+    LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  const int64_t tiles = (max_k + kN - 1) / kN;
+  const bool heads_inner = tiles * p.hk * rows < 20 * sms;  // the block order above
+  const dim3 grid = heads_inner ? dim3(p.hk, tiles, rows) : dim3(tiles, p.hk, rows);
   // The maps end where the last row does: boxes past it read zeros (tokens
   // in no row may hold anything, NaN included). Without queries no block
   // loads a tile (each still writes dk = dv = 0): k's map stands in.
@@ -426,10 +440,10 @@ void LaunchBackwardSm90(const Params& p, int64_t d, int64_t max_k, int64_t rows,
   maps.dq = p.dq_acc && p.q_end > 0 ? F32TokenPanelMap(p.dq_acc, p.q_end, p.hq, d, kRows) : CUtensorMap{};
   if (d == 64) {
     using T = Sm90BwdTile<64>;
-    LaunchTiles<FlashBackwardSm90Kernel<64>>(grid, T::kThreads, T::kSmem, stream, p, maps);
+    LaunchTiles<FlashBackwardSm90Kernel<64>>(grid, T::kThreads, T::kSmem, stream, p, maps, heads_inner);
   } else {
     using T = Sm90BwdTile<128>;
-    LaunchTiles<FlashBackwardSm90Kernel<128>>(grid, T::kThreads, T::kSmem, stream, p, maps);
+    LaunchTiles<FlashBackwardSm90Kernel<128>>(grid, T::kThreads, T::kSmem, stream, p, maps, heads_inner);
   }
 }
 
