@@ -341,8 +341,9 @@ class Trainer {
     model_.set_grad_ready_hook([this](const ParamList& ready) { dp_.GradReady(ready); });
   }
 
-  absl::Status Run() {
-    absl::Status status = RunSteps();
+  // fit: the memory plan against the device, said once the run is laid out.
+  absl::Status Run(const MemoryFit& fit) {
+    absl::Status status = RunSteps(fit);
     if (status.ok()) return FinishSave();
     // A failed run still lets rank 0 finish the write in flight (no
     // collective: the other ranks may be gone).
@@ -354,7 +355,7 @@ class Trainer {
   }
 
  private:
-  absl::Status RunSteps() {
+  absl::Status RunSteps(const MemoryFit& fit) {
     const auto& tc = config_.train();
     const Layout& layout = groups_.layout;
     if (lead_) {
@@ -397,7 +398,6 @@ class Trainer {
       LogInfo(absl::StrFormat("stage %d of %d: steps %d-%d, seq_len %d, cp %d, dp %d, lr %.3g, data from token %d",
                               stage_.index + 1, stage_.count, stage_.first_step + 1, steps, tc.seq_len(), layout.cp,
                               layout.dp, config_.optim().lr(), stage_.data_tokens_at(start)));
-    LOOM_ASSIGN_OR_RETURN(const MemoryFit fit, FitMemory(config_, layout, dims_.device));
     LogInfo("memory: ", fit.ToString());
 
     if (start >= steps) {
@@ -866,7 +866,7 @@ absl::Status TrainStage(const TrainStagePlan& stage, Device device, Communicator
   // A file-size limit (ulimit -f) then fails a checkpoint write with EFBIG,
   // reported with the file's name, instead of killing the run mid-save.
   std::signal(SIGXFSZ, SIG_IGN);
-  return trainer.Run();
+  return trainer.Run(fit);
 }
 
 // Progressive length (launch/stages.h): the stages in order, each with its

@@ -117,6 +117,28 @@ longest() {
   done
 }
 
+# The context-parallel schemes of the cp and longest measurements, "label|--set
+# words": both run on the hybrid config with one sequence a step and Loom's
+# attention kernels at every count (cuDNN, the configs' choice, takes no ring
+# offsets, so with it the one-GPU run and the ring runs would time different
+# kernels).
+schemes=("lasp2 (L)|--set model.pattern=L ${all_l[*]} --set parallel.cp_linear=lasp2"
+         "lasp1 (L)|--set model.pattern=L ${all_l[*]} --set parallel.cp_linear=lasp1"
+         "ring (S)|--set model.pattern=S --set parallel.cp_softmax=ring"
+         "allgather (S)|--set model.pattern=S --set parallel.cp_softmax=allgather"
+         "ulysses (S)|--set model.pattern=S --set parallel.cp_softmax=ulysses"
+         "hybrid LLLS (ring + lasp2)|")
+# cp_scheme SCHEME GPUS: sets label, extra (the scheme's --set words) and
+# cp_set; fails where the scheme cannot run (ulysses splits the 4 KV heads).
+cp_scheme() {
+  label=${1%%|*}
+  [[ $label == ulysses* ]] && [ $((4 % $2)) -ne 0 ] && return 1
+  # shellcheck disable=SC2206  # the scheme's --set words split on spaces
+  extra=(${1#*|})
+  cp_set=(--set train.global_batch=1 --set train.micro_batch=1 --set parallel.cp="$2"
+          --set model.attention_backend=loom)
+}
+
 if [ "$what" = comm ] || [ "$what" = all ]; then
   [ "$smoke" != 0 ] || {
     mpirun -np "$gpus" --allow-run-as-root -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$build/bin/loom-bench" --what=comm \
@@ -128,19 +150,10 @@ if [ "$what" = comm ] || [ "$what" = all ]; then
 fi
 if [ "$what" = cp ] || [ "$what" = all ]; then
   for n in "${counts[@]}"; do
-    # Loom's attention kernels at every count: cuDNN (the configs' choice)
-    # takes no ring offsets, so with it the one-GPU run and the ring runs
-    # would time different kernels.
-    cp_run=(--set train.seq_len=$((base_seq * n)) --set train.global_batch=1 --set train.micro_batch=1
-            --set parallel.cp="$n" --set model.attention_backend=loom)
-    train cp "lasp2 (L)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=L "${all_l[@]}" --set parallel.cp_linear=lasp2
-    train cp "lasp1 (L)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=L "${all_l[@]}" --set parallel.cp_linear=lasp1
-    train cp "ring (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=ring
-    train cp "allgather (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=allgather
-    if [ $((4 % n)) -eq 0 ]; then  # ulysses splits the KV heads over the ranks
-      train cp "ulysses (S)" "$n" "$hybrid_cfg" "${cp_run[@]}" --set model.pattern=S --set parallel.cp_softmax=ulysses
-    fi
-    train cp "hybrid LLLS (ring + lasp2)" "$n" "$hybrid_cfg" "${cp_run[@]}"
+    for scheme in "${schemes[@]}"; do
+      cp_scheme "$scheme" "$n" || continue
+      train cp "$label" "$n" "$hybrid_cfg" --set train.seq_len=$((base_seq * n)) "${cp_set[@]}" "${extra[@]}"
+    done
   done
 fi
 if [ "$what" = dp ] || [ "$what" = all ]; then
@@ -157,18 +170,9 @@ if [ "$what" = tp ] || [ "$what" = all ]; then
 fi
 if [ "$what" = longest ] || [ "$what" = all ]; then
   n=$gpus
-  for scheme in "lasp2 (L)|--set model.pattern=L ${all_l[*]} --set parallel.cp_linear=lasp2" \
-                "lasp1 (L)|--set model.pattern=L ${all_l[*]} --set parallel.cp_linear=lasp1" \
-                "ring (S)|--set model.pattern=S --set parallel.cp_softmax=ring" \
-                "allgather (S)|--set model.pattern=S --set parallel.cp_softmax=allgather" \
-                "ulysses (S)|--set model.pattern=S --set parallel.cp_softmax=ulysses" \
-                "hybrid LLLS (ring + lasp2)|"; do
-    label=${scheme%%|*}
-    [[ $label == ulysses* ]] && [ $((4 % n)) -ne 0 ] && continue  # ulysses splits the 4 KV heads
-    # shellcheck disable=SC2206  # the scheme's --set words split on spaces
-    extra=(${scheme#*|})
-    longest "$label" "$n" $((base_seq * n / 4)) "$hybrid_cfg" --set train.global_batch=1 --set train.micro_batch=1 \
-      --set parallel.cp="$n" --set model.attention_backend=loom "${extra[@]}"
+  for scheme in "${schemes[@]}"; do
+    cp_scheme "$scheme" "$n" || continue
+    longest "$label" "$n" $((base_seq * n / 4)) "$hybrid_cfg" "${cp_set[@]}" "${extra[@]}"
   done
   python3 bench/scaling_report.py --longest "$tmp/longest.jsonl" "$out" "$suffix"
 fi

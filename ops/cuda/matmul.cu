@@ -123,7 +123,6 @@ std::unique_ptr<Plan> MakePlan(cublasLtHandle_t handle, const PlanKey& key) {
   return plan;
 }
 
-
 // c = beta · c (an empty inner dimension).
 __global__ void ScaleKernel(float* c, int64_t n, float beta) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)

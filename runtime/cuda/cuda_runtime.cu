@@ -51,16 +51,23 @@ uint64_t PoolAttribute(int device, cudaMemPoolAttr attr) {
   return value;
 }
 
+struct MemInfo {
+  size_t free = 0, total = 0;
+};
+MemInfo DeviceMemory(int device) {  // cudaMemGetInfo of `device`, made current
+  LOOM_CUDA_CHECK(cudaSetDevice(device));
+  MemInfo m;
+  LOOM_CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+  return m;
+}
+
 std::string GiB(double bytes) { return internal::StreamCat(std::fixed, std::setprecision(2), bytes / (1 << 30), " GiB"); }
 
-}  // namespace
-
-void* CudaAllocAsync(size_t bytes, CudaStream stream) {
-  int device = 0;
-  LOOM_CUDA_CHECK(cudaGetDevice(&device));
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
+// `bytes` from the pool of `device` (the current device), stream-ordered on
+// `stream` (runtime/cuda_runtime.h: out of memory is one line and exit 3).
+void* AllocFromPool(size_t bytes, int device, cudaStream_t stream) {
   void* ptr = nullptr;
-  cudaError_t err = cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), s);
+  cudaError_t err = cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), stream);
   if (err == cudaErrorMemoryAllocation) {
     // Blocks freed on other streams may still be queued, and the pool may
     // hold free blocks too fragmented for this one: finish the queued work,
@@ -68,12 +75,11 @@ void* CudaAllocAsync(size_t bytes, CudaStream stream) {
     cudaGetLastError();
     LOOM_CUDA_CHECK(cudaDeviceSynchronize());
     LOOM_CUDA_CHECK(cudaMemPoolTrimTo(Pool(device), 0));
-    err = cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), s);
+    err = cudaMallocFromPoolAsync(&ptr, bytes, Pool(device), stream);
   }
   if (err == cudaErrorMemoryAllocation) {
     cudaGetLastError();
-    size_t free_bytes = 0, total = 0;
-    LOOM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+    const MemInfo m = DeviceMemory(device);
     std::fflush(stdout);
     std::fprintf(stderr,
                  "loom: out of GPU memory on device %d: %s asked for; Loom's tensors hold %s (peak %s), "
@@ -81,17 +87,25 @@ void* CudaAllocAsync(size_t bytes, CudaStream stream) {
                  "model.recompute, or more parallel.tp, cp or pp ranks need less; `loom-train --dry-run` plans a "
                  "rank's memory.\n",
                  device, GiB(bytes).c_str(), GiB(PoolAttribute(device, cudaMemPoolAttrUsedMemCurrent)).c_str(),
-                 GiB(PoolAttribute(device, cudaMemPoolAttrUsedMemHigh)).c_str(), GiB(free_bytes).c_str(),
-                 GiB(total).c_str());
+                 GiB(PoolAttribute(device, cudaMemPoolAttrUsedMemHigh)).c_str(), GiB(m.free).c_str(),
+                 GiB(m.total).c_str());
     std::_Exit(3);
   }
   LOOM_CUDA_CHECK(err);
   return ptr;
 }
 
+}  // namespace
+
+void* CudaAllocAsync(size_t bytes, CudaStream stream) {
+  int device = 0;
+  LOOM_CUDA_CHECK(cudaGetDevice(&device));
+  return AllocFromPool(bytes, device, static_cast<cudaStream_t>(stream));
+}
+
 void* CudaMalloc(size_t bytes, int device) {
   LOOM_CUDA_CHECK(cudaSetDevice(device));
-  return CudaAllocAsync(bytes, /*stream=*/nullptr);
+  return AllocFromPool(bytes, device, /*stream=*/nullptr);
 }
 
 void CudaFree(void* ptr, int device) {
@@ -113,18 +127,11 @@ void ResetPeakCudaTensorBytes(int device) {
 }
 
 int64_t CudaDeviceUsedBytes(int device) {
-  LOOM_CUDA_CHECK(cudaSetDevice(device));
-  size_t free_bytes = 0, total = 0;
-  LOOM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
-  return static_cast<int64_t>(total - free_bytes);
+  const MemInfo m = DeviceMemory(device);
+  return static_cast<int64_t>(m.total - m.free);
 }
 
-int64_t CudaDeviceTotalBytes(int device) {
-  LOOM_CUDA_CHECK(cudaSetDevice(device));
-  size_t free_bytes = 0, total = 0;
-  LOOM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
-  return static_cast<int64_t>(total);
-}
+int64_t CudaDeviceTotalBytes(int device) { return static_cast<int64_t>(DeviceMemory(device).total); }
 
 std::string CudaDeviceName(int device) {
   cudaDeviceProp prop;
