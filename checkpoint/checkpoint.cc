@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -29,7 +30,6 @@ namespace {
 namespace fs = std::filesystem;
 namespace pb = google::protobuf;
 
-constexpr char kShardFile[] = "rank_00000.safetensors";
 constexpr char kManifestFile[] = "manifest.textproto";
 constexpr char kLatestFile[] = "latest";
 
@@ -139,77 +139,76 @@ std::vector<std::pair<int64_t, std::string>> ListStepDirs(const std::string& dir
   return steps;
 }
 
-absl::Status CheckState(const CheckpointState& state) {
-  if (state.step < 0) return absl::InvalidArgumentError(absl::StrCat("[checkpoint] step ", state.step, " < 0"));
-  std::set<std::string> names;
-  for (const NamedTensor& t : state.tensors) {
-    if (t.name.empty() || t.name == "__metadata__")
+// "rank_00003.safetensors".
+std::string ShardFileName(int rank) { return absl::StrFormat("rank_%05d.safetensors", rank); }
+
+absl::Status CheckTensors(const std::vector<NamedTensor>& tensors) {
+  for (const NamedTensor& t : tensors) {
+    if (t.name.empty() || t.name == "__metadata__" || t.name.find('#') != std::string::npos)
       return absl::InvalidArgumentError(absl::StrCat("[checkpoint] invalid tensor name '", t.name, "'"));
-    if (!names.insert(t.name).second)
-      return absl::InvalidArgumentError(absl::StrCat("[checkpoint] duplicate tensor ", t.name));
     if (!t.tensor.defined() || !t.tensor.device().is_cpu())
       return absl::InvalidArgumentError(absl::StrCat("[checkpoint] tensor ", t.name, " is not a defined CPU tensor"));
+    if (!t.piece) continue;
+    const Piece& p = *t.piece;
+    auto bad = [&](const std::string& what) {
+      return absl::InvalidArgumentError(absl::StrCat("[checkpoint] tensor ", t.name, ": ", what));
+    };
+    if (p.start.size() != p.global.size() || p.length.size() != p.global.size())
+      return bad("a piece needs a start and a length per dimension");
+    for (size_t d = 0; d < p.global.size(); ++d)
+      if (p.start[d] < 0 || p.length[d] < 0 || p.start[d] + p.length[d] > p.global[d])
+        return bad(absl::StrCat("slice ", ShapeString(Shape(p.start.begin(), p.start.end())), " + ",
+                                ShapeString(p.length), " outside ", ShapeString(p.global)));
+    if (p.flat_start < 0 || p.flat_start + t.tensor.numel() > NumElements(p.length))
+      return bad(absl::StrCat("elements [", p.flat_start, ", +", t.tensor.numel(), ") outside its slice of ",
+                              NumElements(p.length)));
   }
   return absl::OkStatus();
 }
 
-// Writes the shard and the manifest into `tmp` (not yet synced).
-absl::Status WriteStepFiles(const std::string& tmp, const CheckpointState& state) {
-  std::map<std::string, SafetensorsEntry> entries;
+// The manifest entry of a piece, its hash still to be set.
+TensorEntry EntryOf(const NamedTensor& t, const std::string& file, const std::string& key) {
+  TensorEntry e;
+  e.set_name(t.name);
+  e.set_dtype(ManifestDType(t.tensor.dtype()));
+  e.set_file(file);
+  if (key != t.name) e.set_key(key);
+  if (!t.piece) {
+    for (int64_t d : t.tensor.shape()) {
+      e.add_shape(d);
+      e.add_slice_start(0);
+      e.add_slice_length(d);
+    }
+    return e;
+  }
+  const Piece& p = *t.piece;
+  for (size_t d = 0; d < p.global.size(); ++d) {
+    e.add_shape(p.global[d]);
+    e.add_slice_start(p.start[d]);
+    e.add_slice_length(p.length[d]);
+  }
+  if (p.flat_start != 0 || t.tensor.numel() != NumElements(p.length)) {
+    e.set_flat_start(p.flat_start);
+    e.set_flat_length(t.tensor.numel());
+  }
+  return e;
+}
+
+absl::Status WriteManifest(const std::string& tmp, const CheckpointState& state,
+                           const std::vector<TensorEntry>& entries, int world) {
   Manifest manifest;
   manifest.set_loom_version(LOOM_VERSION);
   manifest.set_step(state.step);
   manifest.set_data_tokens(state.data_tokens);
   manifest.set_config(state.config_text);
-  manifest.set_world_size(1);
+  manifest.set_world_size(world);
   for (const auto& [k, v] : state.rng) (*manifest.mutable_rng())[k] = v;
-  uint64_t offset = 0;
-  for (const NamedTensor& t : state.tensors) {
-    const uint64_t n = t.tensor.nbytes();
-    entries[t.name] = {t.tensor.dtype(), t.tensor.shape(), offset, offset + n};
-    offset += n;
-    TensorEntry* e = manifest.add_tensors();
-    e->set_name(t.name);
-    e->set_dtype(ManifestDType(t.tensor.dtype()));
-    e->set_file(kShardFile);
-    for (int64_t d : t.tensor.shape()) {
-      e->add_shape(d);
-      e->add_slice_start(0);
-      e->add_slice_length(d);
-    }
-    e->set_xxh3(XXH3_64bits(t.tensor.raw(), n));
-  }
-  const uint64_t total = offset;
-
-  const std::string shard_path = absl::StrCat(tmp, "/", kShardFile);
-  OutputFile shard;
-  LOOM_RETURN_IF_ERROR(shard.Open(shard_path));
-  const std::string header =
-      EncodeSafetensorsHeader(entries, {{"format", "pt"}, {"loom_step", absl::StrCat(state.step)}});
-  LOOM_RETURN_IF_ERROR(shard.Write(header.data(), header.size()));
-  // Tensors in state order: their offsets were assigned in that order.
-  uint64_t written = 0;
-  for (const NamedTensor& t : state.tensors) {
-    const char* p = static_cast<const char*>(t.tensor.raw());
-    uint64_t n = t.tensor.nbytes();
-    if (written < total / 2 && written + n >= total / 2) {
-      const uint64_t first = total / 2 - written;
-      LOOM_RETURN_IF_ERROR(shard.Write(p, first));
-      MaybeFault("tensor_write", state.step);
-      p += first;
-      n -= first;
-      written += first;
-    }
-    LOOM_RETURN_IF_ERROR(shard.Write(p, n));
-    written += n;
-  }
-  if (total == 0) MaybeFault("tensor_write", state.step);
-  LOOM_RETURN_IF_ERROR(shard.Close());
-
+  for (const TensorEntry& e : entries) *manifest.add_tensors() = e;
   std::string text;
   if (!pb::TextFormat::PrintToString(manifest, &text))
     return absl::InternalError(absl::StrCat(tmp, "/", kManifestFile, ": cannot print manifest"));
-  return WriteSmallFile(absl::StrCat(tmp, "/", kManifestFile), text);
+  LOOM_RETURN_IF_ERROR(WriteSmallFile(absl::StrCat(tmp, "/", kManifestFile), text));
+  return SyncPath(absl::StrCat(tmp, "/", kManifestFile));
 }
 
 // Moves the finished `tmp` to `final`. An existing `final` is swapped out
@@ -272,36 +271,15 @@ std::string LatestNote(const std::string& dir) {
 // How far a save got: an error message says what the directory now holds.
 enum class SaveStage { kNothing, kPublished, kLatestMoved };
 
-// The save up to and including the move of `latest`; *stage follows it.
-absl::Status SaveStep(const std::string& dir, const CheckpointState& state, SaveStage* stage) {
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat(dir, ": cannot create checkpoint directory: ", ec.message()));
-
-  const std::string name = StepDirName(state.step);
-  const std::string final_dir = absl::StrCat(dir, "/", name);
-  const std::string tmp = absl::StrCat(final_dir, ".tmp-", ::getpid());
-  fs::remove_all(tmp, ec);
-  if (::mkdir(tmp.c_str(), 0755) != 0) return IoError(tmp, "cannot create directory", errno);
-
-  absl::Status written = WriteStepFiles(tmp, state);
-  if (written.ok()) {
-    MaybeFault("before_fsync", state.step);
-    written = SyncPath(absl::StrCat(tmp, "/", kShardFile));
-  }
-  if (written.ok()) written = SyncPath(absl::StrCat(tmp, "/", kManifestFile));
-  if (written.ok()) written = SyncPath(tmp);
-  if (written.ok()) {
-    MaybeFault("before_rename", state.step);
-    written = Publish(tmp, final_dir);
-  }
-  if (!written.ok()) {
-    fs::remove_all(tmp, ec);  // a failed save leaves nothing behind
-    return written;
-  }
+// The written `tmp` made step_<N>/, then `latest`; *stage follows it.
+absl::Status PublishStep(const std::string& dir, const std::string& tmp, int64_t step, SaveStage* stage) {
+  MaybeFault("before_rename", step);
+  const std::string name = StepDirName(step);
+  LOOM_RETURN_IF_ERROR(SyncPath(tmp));
+  LOOM_RETURN_IF_ERROR(Publish(tmp, absl::StrCat(dir, "/", name)));
   *stage = SaveStage::kPublished;
   LOOM_RETURN_IF_ERROR(SyncPath(dir));
-  MaybeFault("before_latest", state.step);
+  MaybeFault("before_latest", step);
 
   const std::string latest = absl::StrCat(dir, "/", kLatestFile);
   const std::string latest_tmp = latest + ".tmp";
@@ -324,10 +302,88 @@ absl::Status SaveStep(const std::string& dir, const CheckpointState& state, Save
 
 std::string StepDirName(int64_t step) { return absl::StrFormat("step_%08d", step); }
 
-absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep) {
-  LOOM_RETURN_IF_ERROR(CheckState(state));
+std::string SaveTempDir(const std::string& dir, int64_t step, int64_t tag) {
+  return absl::StrCat(dir, "/", StepDirName(step), ".tmp-", tag);
+}
+
+absl::StatusOr<std::string> BeginSave(const std::string& dir, int64_t step, int64_t* tag) {
+  auto fail = [&](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat("[checkpoint] step ", step, " not saved: ", s.message(), "; ",
+                                               LatestNote(dir)));
+  };
+  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("[checkpoint] step ", step, " < 0"));
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return fail(absl::InternalError(absl::StrCat(dir, ": cannot create checkpoint directory: ", ec.message())));
+  *tag = ::getpid();
+  const std::string tmp = SaveTempDir(dir, step, *tag);
+  fs::remove_all(tmp, ec);
+  if (::mkdir(tmp.c_str(), 0755) != 0) return fail(IoError(tmp, "cannot create directory", errno));
+  return tmp;
+}
+
+absl::StatusOr<std::vector<TensorEntry>> WriteShard(const std::string& tmp, int rank,
+                                                    const std::vector<NamedTensor>& tensors, int64_t step) {
+  LOOM_RETURN_IF_ERROR(CheckTensors(tensors));
+  std::vector<TensorEntry> manifest;
+  if (tensors.empty()) return manifest;
+  const std::string file = ShardFileName(rank);
+  std::map<std::string, SafetensorsEntry> entries;
+  std::map<std::string, int> pieces;  // per name, on this rank
+  uint64_t offset = 0;
+  for (const NamedTensor& t : tensors) {
+    const int k = pieces[t.name]++;
+    const std::string key = k == 0 ? t.name : absl::StrCat(t.name, "#", k);
+    const uint64_t n = t.tensor.nbytes();
+    TensorEntry e = EntryOf(t, file, key);
+    // Stored as the slice, or flat for a part of it.
+    const Shape stored = e.has_flat_length() ? Shape{e.flat_length()}
+                         : t.piece           ? t.piece->length
+                                             : t.tensor.shape();
+    entries[key] = {t.tensor.dtype(), stored, offset, offset + n};
+    offset += n;
+    e.set_xxh3(XXH3_64bits(t.tensor.raw(), n));
+    manifest.push_back(std::move(e));
+  }
+  const uint64_t total = offset;
+
+  const std::string path = absl::StrCat(tmp, "/", file);
+  OutputFile shard;
+  LOOM_RETURN_IF_ERROR(shard.Open(path));
+  const std::string header = EncodeSafetensorsHeader(entries, {{"format", "pt"}, {"loom_step", absl::StrCat(step)}});
+  LOOM_RETURN_IF_ERROR(shard.Write(header.data(), header.size()));
+  // Tensors in the given order: their offsets were assigned in that order.
+  uint64_t written = 0;
+  for (const NamedTensor& t : tensors) {
+    const char* p = static_cast<const char*>(t.tensor.raw());
+    uint64_t n = t.tensor.nbytes();
+    if (written < total / 2 && written + n >= total / 2) {
+      const uint64_t first = total / 2 - written;
+      LOOM_RETURN_IF_ERROR(shard.Write(p, first));
+      MaybeFault("tensor_write", step);
+      p += first;
+      n -= first;
+      written += first;
+    }
+    LOOM_RETURN_IF_ERROR(shard.Write(p, n));
+    written += n;
+  }
+  if (total == 0) MaybeFault("tensor_write", step);
+  MaybeFault("before_fsync", step);
+  LOOM_RETURN_IF_ERROR(shard.Sync());
+  LOOM_RETURN_IF_ERROR(shard.Close());
+  return manifest;
+}
+
+absl::Status EndSave(const std::string& dir, const std::string& tmp, const CheckpointState& state,
+                     const std::vector<TensorEntry>& entries, int world, int keep, const absl::Status& shards) {
   SaveStage stage = SaveStage::kNothing;
-  if (absl::Status s = SaveStep(dir, state, &stage); !s.ok()) {
+  absl::Status s = shards;
+  if (s.ok()) s = WriteManifest(tmp, state, entries, world);
+  if (s.ok()) s = PublishStep(dir, tmp, state.step, &stage);
+  if (!s.ok()) {
+    std::error_code ec;
+    if (stage == SaveStage::kNothing) fs::remove_all(tmp, ec);  // a failed save leaves nothing behind
     const std::string head = absl::StrCat("[checkpoint] step ", state.step);
     switch (stage) {
       case SaveStage::kNothing:
@@ -341,6 +397,18 @@ absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state
   }
   Prune(dir, keep, StepDirName(state.step));
   return absl::OkStatus();
+}
+
+absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep) {
+  std::set<std::string> names;
+  for (const NamedTensor& t : state.tensors)
+    if (!t.piece && !names.insert(t.name).second)
+      return absl::InvalidArgumentError(absl::StrCat("[checkpoint] duplicate tensor ", t.name));
+  LOOM_RETURN_IF_ERROR(CheckTensors(state.tensors));
+  int64_t tag = 0;
+  LOOM_ASSIGN_OR_RETURN(const std::string tmp, BeginSave(dir, state.step, &tag));
+  absl::StatusOr<std::vector<TensorEntry>> entries = WriteShard(tmp, 0, state.tensors, state.step);
+  return EndSave(dir, tmp, state, entries.ok() ? *entries : std::vector<TensorEntry>{}, 1, keep, entries.status());
 }
 
 absl::Status PrepareCheckpointDir(const std::string& dir) {
@@ -369,10 +437,67 @@ absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir) {
 
 namespace {
 
-// Checks every tensor of the manifest against its shard (name, dtype, shape,
-// a whole slice, XXH3). With `keep`, each is read once into `state.tensors`
-// and hashed there; without, hashed in pieces and dropped, so verifying
-// holds no tensor.
+// The element count of a shape read from a manifest, or -1 when a
+// dimension is negative or the count passes 2^62.
+int64_t CheckedElements(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n) || n > (int64_t{1} << 62)) return -1;
+  return n;
+}
+
+// One manifest entry as checked against its file: where its bytes are and
+// which elements of the global tensor they are.
+struct CheckedPiece {
+  const TensorEntry* entry;
+  const SafetensorsFile* file;
+  SafetensorsEntry bytes;
+  std::vector<int64_t> start;
+  Shape length;
+  int64_t flat_start = 0, flat_length = 0;  // within the slice
+};
+
+// Whether two pieces of one tensor share an element: rectangles that meet
+// must be the same slice with disjoint flat ranges.
+bool Overlap(const CheckedPiece& a, const CheckedPiece& b) {
+  bool same = true;
+  for (size_t d = 0; d < a.start.size(); ++d) {
+    if (a.start[d] + a.length[d] <= b.start[d] || b.start[d] + b.length[d] <= a.start[d]) return false;
+    same = same && a.start[d] == b.start[d] && a.length[d] == b.length[d];
+  }
+  if (!same) return true;
+  return a.flat_start < b.flat_start + b.flat_length && b.flat_start < a.flat_start + a.flat_length;
+}
+
+// Copies a piece's elements (the flat range of its slice) into the whole
+// tensor, a row of the slice's last dimension at a time.
+void PlacePiece(const CheckedPiece& p, const char* src, Tensor& whole) {
+  const Shape& g = whole.shape();
+  const int nd = static_cast<int>(g.size());
+  const int64_t elem = DTypeSize(whole.dtype());
+  const int64_t row = nd == 0 ? 1 : p.length[nd - 1];
+  char* dst = static_cast<char*>(whole.raw());
+  for (int64_t at = p.flat_start, end = p.flat_start + p.flat_length; at < end;) {
+    const int64_t r = at / row, c = at % row, n = std::min(row - c, end - at);
+    // The global offset of the slice's element (row r, column c).
+    std::vector<int64_t> index(std::max(nd, 1), 0);
+    int64_t rest = r, offset = 0;
+    for (int d = nd - 2; d >= 0; --d) {
+      index[d] = rest % p.length[d];
+      rest /= p.length[d];
+    }
+    if (nd > 0) index[nd - 1] = c;
+    for (int d = 0; d < nd; ++d) offset = offset * g[d] + p.start[d] + index[d];
+    std::memcpy(dst + offset * elem, src + (at - p.flat_start) * elem, n * elem);
+    at += n;
+  }
+}
+
+// Checks every piece of the manifest against its shard (name, dtype,
+// shape, bounds, XXH3) and that each tensor's pieces cover it once. With
+// `keep`, each piece is read once and the whole tensors are kept in
+// `state.tensors` (a single whole piece is read straight into it); without,
+// pieces are hashed in parts and dropped, so verifying holds no tensor.
 absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool keep) {
   LOOM_ASSIGN_OR_RETURN(const Manifest manifest, ReadManifest(step_dir));
   CheckpointState state;
@@ -382,6 +507,8 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
   for (const auto& [k, v] : manifest.rng()) state.rng[k] = v;
 
   std::map<std::string, SafetensorsFile> shards;  // by file name, headers read once each
+  std::vector<std::string> order;                 // tensor names, first seen first
+  std::map<std::string, std::vector<CheckedPiece>> pieces;
   for (const TensorEntry& e : manifest.tensors()) {
     if (e.file().empty() || e.file().find('/') != std::string::npos)
       return absl::DataLossError(absl::StrCat(step_dir, "/", kManifestFile, ": tensor ", e.name(), ": bad file '",
@@ -396,31 +523,80 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
     auto bad = [&](const std::string& what) {
       return absl::DataLossError(absl::StrCat(path, ": tensor ", e.name(), ": ", what));
     };
-    auto found = shard.tensors.find(e.name());
-    if (found == shard.tensors.end()) return bad("missing from the file");
-    const SafetensorsEntry& st = found->second;
+    const std::string& key = e.has_key() ? e.key() : e.name();
+    auto found = shard.tensors.find(key);
+    if (found == shard.tensors.end()) return bad(e.has_key() ? absl::StrCat(key, " missing from the file")
+                                                             : std::string("missing from the file"));
+    CheckedPiece p{&e, &shard, found->second, {}, {}};
     const Shape shape(e.shape().begin(), e.shape().end());
+    const size_t nd = shape.size();
+    if (static_cast<size_t>(e.slice_start_size()) != nd || static_cast<size_t>(e.slice_length_size()) != nd)
+      return bad("the slice does not match the shape's dimensions");
+    p.start.assign(e.slice_start().begin(), e.slice_start().end());
+    p.length.assign(e.slice_length().begin(), e.slice_length().end());
+    if (CheckedElements(shape) < 0) return bad(absl::StrCat("bad shape ", ShapeString(shape)));
+    for (size_t d = 0; d < nd; ++d)
+      if (shape[d] < 0 || p.start[d] < 0 || p.length[d] < 0 || p.start[d] > shape[d] - p.length[d])
+        return bad(absl::StrCat("slice dimension ", d, " [", p.start[d], ", +", p.length[d],
+                                ") outside its shape ", ShapeString(shape)));
+    const int64_t slice = NumElements(p.length);
+    p.flat_start = e.has_flat_length() ? e.flat_start() : 0;
+    p.flat_length = e.has_flat_length() ? e.flat_length() : slice;
+    if (p.flat_start < 0 || p.flat_length < 0 || p.flat_start > slice - p.flat_length)
+      return bad(absl::StrCat("flat range [", p.flat_start, ", +", p.flat_length, ") outside its slice of ", slice,
+                              " elements"));
+    const Shape stored = e.has_flat_length() ? Shape{p.flat_length} : p.length;
     absl::StatusOr<DType> dtype = DTypeFromManifest(e.dtype());
     if (!dtype.ok()) return bad(std::string(dtype.status().message()));
-    if (*dtype != st.dtype || shape != st.shape)
-      return bad(absl::StrCat("manifest says ", e.dtype(), " ", ShapeString(shape), ", file holds ",
-                              DTypeName(st.dtype), " ", ShapeString(st.shape)));
-    const bool whole = e.slice_start_size() == e.shape_size() && e.slice_length_size() == e.shape_size() &&
-                       std::equal(e.slice_length().begin(), e.slice_length().end(), e.shape().begin()) &&
-                       std::all_of(e.slice_start().begin(), e.slice_start().end(), [](int64_t s) { return s == 0; });
-    if (!whole) return absl::UnimplementedError(absl::StrCat(path, ": tensor ", e.name(), ": partial slices (",
-                                                             manifest.world_size(), " ranks) cannot be loaded yet"));
-    Tensor t;
-    uint64_t hash = 0;
-    if (keep) {
-      LOOM_ASSIGN_OR_RETURN(t, ReadTensor(shard, st));
-      hash = XXH3_64bits(t.raw(), t.nbytes());
-    } else {
-      LOOM_ASSIGN_OR_RETURN(hash, HashTensor(shard, st));
+    if (*dtype != p.bytes.dtype || stored != p.bytes.shape)
+      return bad(absl::StrCat("manifest says ", e.dtype(), " ", ShapeString(stored), ", file holds ",
+                              DTypeName(p.bytes.dtype), " ", ShapeString(p.bytes.shape)));
+    std::vector<CheckedPiece>& of = pieces[e.name()];
+    if (of.empty()) {
+      order.push_back(e.name());
+    } else if (of[0].entry->dtype() != e.dtype() || !std::equal(e.shape().begin(), e.shape().end(),
+                                                                of[0].entry->shape().begin(), of[0].entry->shape().end())) {
+      return bad(absl::StrCat("pieces disagree on the tensor (", of[0].entry->dtype(), " ",
+                              ShapeString(Shape(of[0].entry->shape().begin(), of[0].entry->shape().end())),
+                              " in ", of[0].entry->file(), ")"));
     }
-    if (hash != e.xxh3())
-      return bad(absl::StrFormat("checksum mismatch (manifest %016x, data %016x)", e.xxh3(), hash));
-    if (keep) state.tensors.push_back({e.name(), std::move(t)});
+    for (const CheckedPiece& q : of)
+      if (Overlap(p, q)) return bad(absl::StrCat("pieces in ", q.entry->file(), " and ", e.file(), " overlap"));
+    of.push_back(p);
+  }
+
+  for (const std::string& name : order) {
+    const std::vector<CheckedPiece>& of = pieces[name];
+    const TensorEntry& first = *of[0].entry;
+    const Shape shape(first.shape().begin(), first.shape().end());
+    int64_t covered = 0;
+    for (const CheckedPiece& p : of) covered += p.flat_length;
+    if (covered != NumElements(shape))
+      return absl::DataLossError(absl::StrCat(step_dir, "/", kManifestFile, ": tensor ", name, ": its pieces hold ",
+                                              covered, " of its ", NumElements(shape), " elements"));
+    Tensor whole;
+    const bool one = of.size() == 1;  // then the piece is the tensor: read straight into it
+    if (keep && !one) whole = Tensor::Empty(shape, of[0].bytes.dtype);
+    for (const CheckedPiece& p : of) {
+      uint64_t hash = 0;
+      Tensor t;
+      if (keep) {
+        LOOM_ASSIGN_OR_RETURN(t, ReadTensor(*p.file, p.bytes));
+        hash = XXH3_64bits(t.raw(), t.nbytes());
+      } else {
+        LOOM_ASSIGN_OR_RETURN(hash, HashTensor(*p.file, p.bytes));
+      }
+      if (hash != p.entry->xxh3())
+        return absl::DataLossError(absl::StrFormat("%s: tensor %s: checksum mismatch (manifest %016x, data %016x)",
+                                                   p.file->path, name, p.entry->xxh3(), hash));
+      if (!keep) continue;
+      if (one) {
+        whole = t.Reshape(shape);
+      } else {
+        PlacePiece(p, static_cast<const char*>(t.raw()), whole);
+      }
+    }
+    if (keep) state.tensors.push_back({name, std::move(whole)});
   }
   return state;
 }

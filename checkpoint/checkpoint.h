@@ -1,20 +1,23 @@
 // Checkpoints (DESIGN.md, Checkpoints): one directory per step,
 //
-//   <dir>/step_00000010/rank_00000.safetensors   the tensors' bytes
+//   <dir>/step_00000010/rank_00000.safetensors   the tensors' bytes: one file
+//   <dir>/step_00000010/rank_00003.safetensors   per rank that holds a piece
 //   <dir>/step_00000010/manifest.textproto       Manifest: step, data position,
-//                                                config, RNG, per-tensor XXH3
+//                                                config, RNG, per piece its
+//                                                slice, file and XXH3
 //   <dir>/latest                                 "step_00000010"
 //
 // A save is crash-safe: everything is written into step_<N>.tmp-<pid>/,
 // fsynced, renamed to step_<N>/, and `latest` is replaced last, so at every
 // instant `latest` names a complete checkpoint. A load trusts nothing: the
-// header is checked against the file size and every tensor against its
-// checksum. One rank, whole tensors for now (slices are recorded so a later
-// loader can reshard).
+// header is checked against the file size, every piece against its
+// checksum, and the pieces of a tensor must cover it exactly once. Loading
+// hands back whole (global) tensors, whatever layout wrote them.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,9 +27,22 @@
 
 namespace loom::checkpoint {
 
+// The part of a global tensor that a rank writes, when not all of it: the
+// rectangular slice [start, start + length) of a [global] tensor (a TP
+// shard), and of that slice, in row-major order, the numel() elements of the
+// piece's tensor from flat_start on (a ZeRO moment shard; 0 and all of
+// them for a plain slice).
+struct Piece {
+  Shape global;
+  std::vector<int64_t> start;
+  Shape length;
+  int64_t flat_start = 0;
+};
+
 struct NamedTensor {
   std::string name;  // e.g. "layers.0.attn.wq", "optim.m.layers.0.attn.wq"
   Tensor tensor;     // CPU, contiguous
+  std::optional<Piece> piece = std::nullopt;  // none: the whole tensor
 };
 
 struct CheckpointState {
@@ -55,6 +71,27 @@ std::string StepDirName(int64_t step);
 // With LOOM_FAULT_STEP=N as well, only the save of step N dies.
 absl::Status SaveCheckpoint(const std::string& dir, const CheckpointState& state, int keep);
 
+// A checkpoint written by several ranks (loom-train): world rank 0 calls
+// BeginSave; every rank holding pieces calls WriteShard into the directory
+// it made (SaveTempDir with rank 0's tag); rank 0 gathers the entries and
+// calls EndSave. SaveCheckpoint is the three on one process.
+//
+// BeginSave: creates <dir>/step_<N>.tmp-<tag>/ (an old one is removed);
+// `tag` is this process's id, which Prune spares.
+absl::StatusOr<std::string> BeginSave(const std::string& dir, int64_t step, int64_t* tag);
+std::string SaveTempDir(const std::string& dir, int64_t step, int64_t tag);
+// Writes and fsyncs <tmp>/rank_<rank>.safetensors and returns the pieces'
+// manifest entries (none and no file for no tensors). LOOM_FAULT
+// tensor_write and before_fsync die here, on whichever rank writes.
+absl::StatusOr<std::vector<TensorEntry>> WriteShard(const std::string& tmp, int rank,
+                                                    const std::vector<NamedTensor>& tensors, int64_t step);
+// With `shards` ok: writes the manifest (state's fields, `entries`, world
+// size `world`), publishes the step as SaveCheckpoint does and prunes to
+// `keep`. Otherwise, or on any error, removes `tmp` and returns the one-line
+// message SaveCheckpoint describes.
+absl::Status EndSave(const std::string& dir, const std::string& tmp, const CheckpointState& state,
+                     const std::vector<TensorEntry>& entries, int world, int keep, const absl::Status& shards);
+
 // Creates `dir` if needed and checks that a file can be made in it, so that
 // a run learns at its start, not at its first save, that it cannot
 // checkpoint: "checkpoint.dir <dir>: cannot create: Not a directory".
@@ -63,8 +100,8 @@ absl::Status PrepareCheckpointDir(const std::string& dir);
 // Reads <step_dir>/manifest.textproto.
 absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir);
 
-// Reads and validates a step directory, each tensor read once from its
-// shard straight into the tensor kept; errors name the file and tensor:
+// Reads and validates a step directory into whole tensors (pieces put
+// together, each read once from its shard); errors name the file and tensor:
 // "<step_dir>/rank_00000.safetensors: tensor layers.0.attn.wq: checksum mismatch ...".
 absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir);
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -52,20 +53,30 @@ int Inspect(const std::string& step_dir) {
               m.world_size(), m.config().size());
   std::map<std::string, uint64_t> rng(m.rng().begin(), m.rng().end());  // sorted for stable output
   for (const auto& [name, value] : rng) std::printf("rng %s = %llu\n", name.c_str(), static_cast<unsigned long long>(value));
-  size_t width = 4;
-  for (const TensorEntry& e : m.tensors()) width = std::max(width, e.name().size());
-  std::printf("%-*s  %-20s  %-5s  %12s\n", static_cast<int>(width), "name", "shape", "dtype", "bytes");
-  uint64_t total = 0;
+  // One row per tensor, however many ranks wrote pieces of it.
+  std::vector<std::string> names;
+  std::map<std::string, std::pair<const TensorEntry*, int>> first_and_pieces;
   for (const TensorEntry& e : m.tensors()) {
-    const Shape shape(e.shape().begin(), e.shape().end());
+    auto [it, fresh] = first_and_pieces.try_emplace(e.name(), &e, 0);
+    if (fresh) names.push_back(e.name());
+    ++it->second.second;
+  }
+  size_t width = 4;
+  for (const std::string& name : names) width = std::max(width, name.size());
+  std::printf("%-*s  %-20s  %-5s  %12s  %6s\n", static_cast<int>(width), "name", "shape", "dtype", "bytes", "pieces");
+  uint64_t total = 0;
+  for (const std::string& name : names) {
+    const auto& [e, pieces] = first_and_pieces[name];
+    const Shape shape(e->shape().begin(), e->shape().end());
     uint64_t bytes = static_cast<uint64_t>(NumElements(shape));
     for (DType t : {DType::kF32, DType::kF64, DType::kBF16, DType::kF16, DType::kI32, DType::kI64})
-      if (e.dtype() == DTypeName(t)) bytes *= DTypeSize(t);
+      if (e->dtype() == DTypeName(t)) bytes *= DTypeSize(t);
     total += bytes;
-    std::printf("%-*s  %-20s  %-5s  %12llu\n", static_cast<int>(width), e.name().c_str(),
-                ShapeString(shape).c_str(), e.dtype().c_str(), static_cast<unsigned long long>(bytes));
+    std::printf("%-*s  %-20s  %-5s  %12llu  %6d\n", static_cast<int>(width), name.c_str(), ShapeString(shape).c_str(),
+                e->dtype().c_str(), static_cast<unsigned long long>(bytes), pieces);
   }
-  std::printf("%d tensors, %llu bytes\n", m.tensors_size(), static_cast<unsigned long long>(total));
+  std::printf("%zu tensors in %d pieces, %llu bytes\n", names.size(), m.tensors_size(),
+              static_cast<unsigned long long>(total));
   return 0;
 }
 
@@ -73,7 +84,9 @@ int Verify(const std::string& step_dir) {
   if (absl::Status s = VerifyCheckpoint(step_dir); !s.ok()) return Fail(s);
   absl::StatusOr<Manifest> m = ReadManifest(step_dir);
   if (!m.ok()) return Fail(m.status());
-  std::printf("ok: %d tensors verified (%s)\n", m->tensors_size(), step_dir.c_str());
+  std::set<std::string> names;
+  for (const TensorEntry& e : m->tensors()) names.insert(e.name());
+  std::printf("ok: %zu tensors verified (%s)\n", names.size(), step_dir.c_str());
   return 0;
 }
 

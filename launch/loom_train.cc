@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -202,39 +204,36 @@ absl::Status WriteFile(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
-// A list of named tensors from one rank to another: a count, then per
-// tensor its header (name length, dtype, rank, dims), name and bytes.
-absl::Status SendTensors(Communicator& comm, int peer, const std::vector<checkpoint::NamedTensor>& tensors) {
-  Tensor count = Tensor::FromVector<int64_t>({static_cast<int64_t>(tensors.size())}, {1});
-  LOOM_RETURN_IF_ERROR(comm.Send(count, peer));
-  for (const auto& nt : tensors) {
-    LOOM_CHECK(nt.tensor.ndim() <= 8, "[checkpoint] ", nt.name, " has more than 8 dimensions");
-    std::vector<int64_t> header = {static_cast<int64_t>(nt.name.size()), static_cast<int64_t>(nt.tensor.dtype()),
-                                   nt.tensor.ndim()};
-    for (int64_t d : nt.tensor.shape()) header.push_back(d);
-    header.resize(3 + 8, 0);
-    LOOM_RETURN_IF_ERROR(comm.Send(Tensor::FromVector<int64_t>(header, {11}), peer));
-    std::vector<int32_t> name(nt.name.begin(), nt.name.end());
-    LOOM_RETURN_IF_ERROR(comm.Send(Tensor::FromVector<int32_t>(name, {static_cast<int64_t>(name.size())}), peer));
-    LOOM_RETURN_IF_ERROR(comm.Send(nt.tensor, peer));
-  }
-  return absl::OkStatus();
+// A string from one rank to another: its length, then its bytes packed in
+// 64-bit words.
+absl::Status SendBytes(Communicator& comm, int peer, const std::string& bytes) {
+  const int64_t n = static_cast<int64_t>(bytes.size());
+  LOOM_RETURN_IF_ERROR(comm.Send(Tensor::FromVector<int64_t>({n}, {1}), peer));
+  if (n == 0) return absl::OkStatus();
+  Tensor words = Tensor::Zeros({(n + 7) / 8}, DType::kI64);
+  std::memcpy(words.raw(), bytes.data(), bytes.size());
+  return comm.Send(words, peer);
 }
 
-absl::Status RecvTensors(Communicator& comm, int peer, std::vector<checkpoint::NamedTensor>& out) {
-  Tensor count = Tensor::Empty({1}, DType::kI64);
-  LOOM_RETURN_IF_ERROR(comm.Recv(count, peer));
-  for (int64_t i = 0; i < count.data<int64_t>()[0]; ++i) {
-    Tensor header = Tensor::Empty({11}, DType::kI64);
-    LOOM_RETURN_IF_ERROR(comm.Recv(header, peer));
-    const int64_t* h = header.data<int64_t>();
-    Tensor name = Tensor::Empty({h[0]}, DType::kI32);
-    LOOM_RETURN_IF_ERROR(comm.Recv(name, peer));
-    Tensor t = Tensor::Empty(Shape(h + 3, h + 3 + h[2]), static_cast<DType>(h[1]));
-    LOOM_RETURN_IF_ERROR(comm.Recv(t, peer));
-    out.push_back({std::string(name.data<int32_t>(), name.data<int32_t>() + h[0]), t});
-  }
-  return absl::OkStatus();
+absl::StatusOr<std::string> RecvBytes(Communicator& comm, int peer) {
+  Tensor n = Tensor::Empty({1}, DType::kI64);
+  LOOM_RETURN_IF_ERROR(comm.Recv(n, peer));
+  const int64_t size = n.data<int64_t>()[0];
+  if (size == 0) return std::string();
+  Tensor words = Tensor::Empty({(size + 7) / 8}, DType::kI64);
+  LOOM_RETURN_IF_ERROR(comm.Recv(words, peer));
+  return std::string(static_cast<const char*>(words.raw()), static_cast<size_t>(size));
+}
+
+// The slice of the global tensor that a rank's parameter holds (its TP
+// shard, or all of it).
+checkpoint::Piece SliceOf(const Param& p) {
+  checkpoint::Piece piece;
+  piece.global = p.global_shape;
+  piece.start.assign(p.global_shape.size(), 0);
+  if (p.sharded()) piece.start[p.split_dim] = p.split_start;
+  piece.length = p.value.shape();
+  return piece;
 }
 
 // Keeps the metrics.jsonl records of steps <= `step`, so that a resumed run
@@ -345,12 +344,17 @@ class Trainer {
   absl::Status Run(const MemoryFit& fit) {
     absl::Status status = RunSteps(fit);
     if (status.ok()) return FinishSave();
-    // A failed run still lets rank 0 finish the write in flight (no
-    // collective: the other ranks may be gone).
-    if (writing_step_ >= 0 && lead_) {
-      if (const Written w = writing_.get(); !w.status.ok()) LogWarning(w.status.message());
+    // A failed run lets the write in flight finish. Alone it publishes it;
+    // with other ranks, which may be gone, it cannot (that is collective).
+    if (writing_step_ >= 0) {
+      if (world_.size() == 1) {
+        if (absl::Status s = FinishSave(); !s.ok()) LogWarning(s.message());
+      } else {
+        writing_.wait();
+        LogWarning("the checkpoint of step ", writing_step_, " was being written when the run failed: not published");
+        writing_step_ = -1;
+      }
     }
-    writing_step_ = -1;
     return status;
   }
 
@@ -409,7 +413,7 @@ class Trainer {
     int64_t step = start, skipped = 0;
     double loss = 0, grad_norm = 0;
     for (; step < steps; ++step) {
-      LOOM_ASSIGN_OR_RETURN(const bool stop, AnyRankStopping());
+      LOOM_ASSIGN_OR_RETURN(const bool stop, StepBoundary());
       if (stop) break;
       Timer step_timer;
       std::vector<Batch> batches;
@@ -590,11 +594,16 @@ class Trainer {
     return all;
   }
 
-  // A signal on any rank stops every rank at the same step boundary.
-  absl::StatusOr<bool> AnyRankStopping() {
-    Tensor flag = Tensor::FromVector<int32_t>({g_stop ? 1 : 0}, {1});
-    if (world_.size() > 1) LOOM_RETURN_IF_ERROR(world_.AllReduce(flag, ReduceOp::kMax));
-    return flag.data<int32_t>()[0] != 0;
+  // At a step boundary, every rank: whether a signal on any rank stops the
+  // run here, and the publication of the checkpoint in flight
+  // (checkpoint.async) once every rank has written its shard.
+  absl::StatusOr<bool> StepBoundary() {
+    const bool writing =
+        writing_step_ >= 0 && writing_.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+    Tensor flags = Tensor::FromVector<int32_t>({g_stop ? 1 : 0, writing ? 1 : 0}, {2});
+    if (world_.size() > 1) LOOM_RETURN_IF_ERROR(world_.AllReduce(flags, ReduceOp::kMax));
+    if (writing_step_ >= 0 && flags.data<int32_t>()[1] == 0) LOOM_RETURN_IF_ERROR(FinishSave());
+    return flags.data<int32_t>()[0] != 0;
   }
 
   absl::StatusOr<EvalResult> LogEval(int64_t step, MetricsWriter& metrics) {
@@ -647,85 +656,104 @@ class Trainer {
     return "the loss";
   }
 
-  // Checkpoints hold global tensors: every rank gathers its slices (TP
-  // shards, ZeRO moment shards) and world rank 0 writes, so a checkpoint
-  // loads under any layout.
+  // Every rank writes its own pieces into one step directory (DESIGN.md,
+  // Checkpoints): a parameter's value once per group that holds it (rank 0
+  // of dp × cp, or of expert_dp), a TP-sharded one as its slice on each TP
+  // rank, the moments as each rank's ZeRO shard. Rank 0 makes the
+  // directory, gathers the manifest entries and publishes the step.
   absl::Status Save(int64_t step) {
     LOOM_RETURN_IF_ERROR(FinishSave());  // the previous one (checkpoint.async)
     Timer snapshot;
-    checkpoint::CheckpointState state;
-    state.step = step;
-    state.data_tokens = stage_.data_tokens_at(step);
-    state.config_text = ConfigToText(config_);
-    std::vector<Tensor> m, v;
-    LOOM_RETURN_IF_ERROR(dp_.GatherMoments(m, v));
-    const ParamList& params = model_.params();
-    for (size_t i = 0; i < params.size(); ++i) {
-      const Param& p = *params[i];
-      const Device cpu = Device::Cpu();
-      LOOM_ASSIGN_OR_RETURN(Tensor value, GatherGlobal(p, p.value.To(cpu), tp_));
-      LOOM_ASSIGN_OR_RETURN(Tensor gm, GatherGlobal(p, m[i].To(cpu), tp_));
-      LOOM_ASSIGN_OR_RETURN(Tensor gv, GatherGlobal(p, v[i].To(cpu), tp_));
-      state.tensors.push_back({p.name, value});
-      state.tensors.push_back({"optim.m." + p.name, gm});
-      state.tensors.push_back({"optim.v." + p.name, gv});
-    }
-    // The MoE selection bias: the same on every rank (global loads).
-    for (const auto& [layer, moe] : model_.MoeLayers())
-      state.tensors.push_back({absl::StrCat("layers.", layer, ".moe.bias"),
-                               Tensor::FromVector<double>(moe->bias(), {static_cast<int64_t>(moe->bias().size())})});
-    const Coords& at = groups_.coords;
-    // Expert parallelism: the ep ranks of the first DP block send their
-    // experts to its ep rank 0 (dp 0).
-    if (groups_.layout.ep > 1 && at.tp == 0 && at.cp == 0 && at.dp < groups_.layout.ep) {
-      Communicator& ep = *groups_.ep;
-      if (ep.rank() == 0) {
-        for (int r = 1; r < ep.size(); ++r) LOOM_RETURN_IF_ERROR(RecvTensors(ep, r, state.tensors));
-      } else {
-        std::vector<checkpoint::NamedTensor> experts;
-        for (const auto& nt : state.tensors)
-          if (nt.name.find(".moe.experts.") != std::string::npos) experts.push_back(nt);
-        LOOM_RETURN_IF_ERROR(SendTensors(ep, 0, experts));
-      }
-    }
-    // Pipeline stages send their tensors to the first stage's rank 0.
-    if (groups_.layout.pp > 1 && at.tp == 0 && at.cp == 0 && at.dp == 0) {
-      Communicator& pp = *groups_.pp;
-      if (pp.rank() == 0) {
-        for (int stage = 1; stage < pp.size(); ++stage) LOOM_RETURN_IF_ERROR(RecvTensors(pp, stage, state.tensors));
-      } else {
-        LOOM_RETURN_IF_ERROR(SendTensors(pp, 0, state.tensors));
-      }
-    }
-    state.tensors.push_back({"optim.steps", Tensor::FromVector<int64_t>({dp_.steps()}, {1})});
-    // `state` holds copies (Tensor::To), so training may go on while it is
-    // written.
-    const int keep = config_.checkpoint().keep();
-    const std::string dir = ckpt_dir_;
+    int64_t tag = 0;
+    absl::Status begun;
+    if (lead_) begun = checkpoint::BeginSave(ckpt_dir_, step, &tag).status();
+    Tensor started = Tensor::FromVector<int64_t>({begun.ok() ? tag : -1}, {1});
+    LOOM_RETURN_IF_ERROR(world_.Broadcast(started, 0));
+    if (!begun.ok()) return begun;
+    if (started.data<int64_t>()[0] < 0)
+      return absl::InternalError(absl::StrCat("the checkpoint of step ", step, " was not saved (see rank 0's message)"));
+    std::vector<checkpoint::NamedTensor> mine = Snapshot();
+    // `mine` holds copies (Tensor::To), so training may go on while they
+    // are written.
     writing_step_ = step;
-    if (lead_)
-      writing_ = std::async(std::launch::async, [dir, keep, state = std::move(state)] {
-        Timer t;
-        absl::Status s = checkpoint::SaveCheckpoint(dir, state, keep);
-        return Written{std::move(s), t.Seconds()};
-      });
+    writing_tmp_ = checkpoint::SaveTempDir(ckpt_dir_, step, started.data<int64_t>()[0]);
+    writing_ = std::async(std::launch::async, [tmp = writing_tmp_, rank = world_.rank(), step, mine = std::move(mine)] {
+      Timer t;
+      absl::StatusOr<std::vector<checkpoint::TensorEntry>> entries = checkpoint::WriteShard(tmp, rank, mine, step);
+      return Written{entries.status(), entries.ok() ? std::move(*entries) : std::vector<checkpoint::TensorEntry>{},
+                     t.Seconds()};
+    });
     if (!config_.checkpoint().async()) return FinishSave();
     LogInfo(absl::StrFormat("checkpoint %s/%s: copied in %.2f s, writing in the background", ckpt_dir_,
                             checkpoint::StepDirName(step), snapshot.Seconds()));
     return absl::OkStatus();
   }
 
-  // Waits for the save in flight, if any, and tells every rank whether rank
-  // 0's write worked (a collective: every rank calls it at the same point).
+  // This rank's pieces of the checkpoint, copied to the host.
+  std::vector<checkpoint::NamedTensor> Snapshot() {
+    const Device cpu = Device::Cpu();
+    const Coords& at = groups_.coords;
+    const ParamList& params = model_.params();
+    // A parameter that TP does not split is the same on every TP rank.
+    auto tp_writes = [&](const Param& p) { return p.sharded() || at.tp == 0; };
+    std::vector<checkpoint::NamedTensor> mine;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Param& p = *params[i];
+      if (tp_writes(p) && dp_.WritesValue(i)) mine.push_back({p.name, p.value.To(cpu), SliceOf(p)});
+    }
+    for (const DataParallel::MomentShard& s : dp_.LocalMoments()) {
+      const Param& p = *params[s.param];
+      if (!tp_writes(p)) continue;
+      checkpoint::Piece piece = SliceOf(p);
+      piece.flat_start = s.offset;
+      mine.push_back({"optim.m." + p.name, s.m.To(cpu), piece});
+      mine.push_back({"optim.v." + p.name, s.v.To(cpu), piece});
+    }
+    // The MoE selection bias: the same on every rank (global loads), from
+    // each pipeline stage's first rank.
+    if (at.tp == 0 && at.cp == 0 && at.dp == 0)
+      for (const auto& [layer, moe] : model_.MoeLayers())
+        mine.push_back({absl::StrCat("layers.", layer, ".moe.bias"),
+                        Tensor::FromVector<double>(moe->bias(), {static_cast<int64_t>(moe->bias().size())})});
+    if (lead_) mine.push_back({"optim.steps", Tensor::FromVector<int64_t>({dp_.steps()}, {1})});
+    return mine;
+  }
+
+  // Waits for this rank's write in flight, if any; rank 0 gathers every
+  // rank's entries, publishes the step and tells every rank whether it
+  // worked (a collective: every rank calls it at the same point).
   absl::Status FinishSave() {
     if (writing_step_ < 0) return absl::OkStatus();
     const int64_t step = std::exchange(writing_step_, -1);
-    const Written written = lead_ ? writing_.get() : Written{};
-    const absl::Status& saved = written.status;
+    Written written = writing_.get();
+    absl::Status saved;
+    if (lead_) {
+      absl::Status shards = written.status;
+      std::vector<checkpoint::TensorEntry>& entries = written.entries;
+      for (int r = 1; r < world_.size(); ++r) {
+        LOOM_ASSIGN_OR_RETURN(const std::string bytes, RecvBytes(world_, r));
+        checkpoint::ShardReport report;
+        if (!report.ParseFromString(bytes)) return absl::InternalError(absl::StrCat("rank ", r, ": a bad shard report"));
+        if (report.has_error() && shards.ok()) shards = absl::InternalError(report.error());
+        entries.insert(entries.end(), report.tensors().begin(), report.tensors().end());
+      }
+      checkpoint::CheckpointState state;
+      state.step = step;
+      state.data_tokens = stage_.data_tokens_at(step);
+      state.config_text = ConfigToText(config_);
+      saved = checkpoint::EndSave(ckpt_dir_, writing_tmp_, state, entries, world_.size(),
+                                  config_.checkpoint().keep(), shards);
+    } else {
+      checkpoint::ShardReport report;
+      if (!written.status.ok()) report.set_error(std::string(written.status.message()));
+      for (checkpoint::TensorEntry& e : written.entries) *report.add_tensors() = std::move(e);
+      LOOM_RETURN_IF_ERROR(SendBytes(world_, 0, report.SerializeAsString()));
+    }
     Tensor ok = Tensor::FromVector<int32_t>({saved.ok() ? 1 : 0}, {1});
     LOOM_RETURN_IF_ERROR(world_.Broadcast(ok, 0));
     if (!saved.ok()) return saved;
-    if (!ok.data<int32_t>()[0]) return absl::InternalError("rank 0 could not save the checkpoint (see its message)");
+    if (!ok.data<int32_t>()[0])
+      return absl::InternalError(absl::StrCat("the checkpoint of step ", step, " was not saved (see rank 0's message)"));
     LogInfo(absl::StrFormat("checkpoint %s/%s saved in %.2f s", ckpt_dir_, checkpoint::StepDirName(step),
                             written.seconds));
     return absl::OkStatus();
@@ -826,14 +854,16 @@ class Trainer {
   std::filesystem::path run_dir_;
   std::string ckpt_dir_;
   bool lead_;
-  // The checkpoint being written (rank 0's write; writing_step_ on every
-  // rank), -1 when none: Save starts it, FinishSave waits for it.
+  // The checkpoint being written: this rank's shard into writing_tmp_;
+  // writing_step_ -1 when none. Save starts it, FinishSave publishes it.
   struct Written {
     absl::Status status;
+    std::vector<checkpoint::TensorEntry> entries;
     double seconds = 0;  // the write's
   };
   std::future<Written> writing_;
   int64_t writing_step_ = -1;
+  std::string writing_tmp_;
   TensorBoardWriter tb_;  // rank 0: <run_dir>/tb/, a new events file per run
   TrainStagePlan stage_;  // launch/stages.h: its first step and data position
 };

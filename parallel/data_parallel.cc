@@ -225,31 +225,19 @@ int64_t DataParallel::optimizer_state_elements() const {
   return n;
 }
 
-absl::Status DataParallel::GatherMoments(std::vector<Tensor>& m, std::vector<Tensor>& v) {
-  m.clear();
-  v.clear();
+std::vector<DataParallel::MomentShard> DataParallel::LocalMoments() const {
+  std::vector<MomentShard> shards;
   if (!options_.zero) {
-    for (size_t k = 0; k < params_.size(); ++k) {
-      m.push_back(adamw_->first_moments()[k].Clone());
-      v.push_back(adamw_->second_moments()[k].Clone());
-    }
-    return absl::OkStatus();
+    if (group_->rank() != 0) return shards;
+    for (size_t k = 0; k < params_.size(); ++k)
+      shards.push_back({static_cast<int>(k), 0, adamw_->first_moments()[k], adamw_->second_moments()[k]});
+    return shards;
   }
-  // Gather each bucket's slices into flat moments, then cut per parameter.
-  Tensor flat_m = Tensor::Zeros(flat_value_.shape(), flat_value_.dtype(), flat_value_.device());
-  Tensor flat_v = Tensor::Zeros(flat_value_.shape(), flat_value_.dtype(), flat_value_.device());
-  for (auto& b : buckets_) {
-    Tensor rm = flat_m.Slice(b->offset, b->size), rv = flat_v.Slice(b->offset, b->size);
-    LOOM_RETURN_IF_ERROR(group_->AllGather(b->m, rm));
-    LOOM_RETURN_IF_ERROR(group_->AllGather(b->v, rv));
-  }
-  for (Param* p : params_) {
-    const int64_t offset = (static_cast<char*>(p->value.raw()) - static_cast<char*>(flat_value_.raw())) /
-                           static_cast<int64_t>(DTypeSize(p->value.dtype()));
-    m.push_back(flat_m.Slice(offset, p->value.numel()).Reshape(p->value.shape()).Clone());
-    v.push_back(flat_v.Slice(offset, p->value.numel()).Reshape(p->value.shape()).Clone());
-  }
-  return absl::OkStatus();
+  for (const auto& b : buckets_)
+    for (const Segment& s : b->segments)
+      shards.push_back({index_of_.at(s.param), s.param_offset, b->m.Slice(s.slice_offset, s.length),
+                        b->v.Slice(s.slice_offset, s.length)});
+  return shards;
 }
 
 void DataParallel::ScatterMoments(const std::vector<Tensor>& m, const std::vector<Tensor>& v) {

@@ -73,9 +73,21 @@ class DataParallel {
   // Optimizer state elements held by this rank (moments m and v together).
   int64_t optimizer_state_elements() const;
 
-  // Moments in the parameters' layout (for checkpoints): under ZeRO each
-  // rank gathers the full moments (collective) / keeps only its slices.
-  absl::Status GatherMoments(std::vector<Tensor>& m, std::vector<Tensor>& v);
+  // This rank's share of the moments in a checkpoint that every rank
+  // writes: elements [offset, offset + numel) of parameter `param`'s (local)
+  // moments, as views of the optimizer's state. Under ZeRO the segments of
+  // this rank's bucket slices; without, the whole moments on group rank 0
+  // and nothing elsewhere.
+  struct MomentShard {
+    int param;  // index into the parameter list
+    int64_t offset;
+    Tensor m, v;
+  };
+  std::vector<MomentShard> LocalMoments() const;
+  // The group's rank 0 writes the parameters' values (the same on all).
+  int group_rank() const { return group_->rank(); }
+  // Moments in the parameters' layout (a resume): under ZeRO each rank
+  // keeps only its slices.
   void ScatterMoments(const std::vector<Tensor>& m, const std::vector<Tensor>& v);
 
  private:

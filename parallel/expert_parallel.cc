@@ -153,18 +153,20 @@ void ExpertDataParallel::set_steps(int64_t steps) {
   if (experts_) experts_->set_steps(steps);
 }
 
-absl::Status ExpertDataParallel::GatherMoments(std::vector<Tensor>& m, std::vector<Tensor>& v) {
-  std::vector<Tensor> dm, dv, em, ev;
-  LOOM_RETURN_IF_ERROR(dense_->GatherMoments(dm, dv));
-  if (experts_) LOOM_RETURN_IF_ERROR(experts_->GatherMoments(em, ev));
-  m.clear();
-  v.clear();
-  size_t d = 0, e = 0;
-  for (bool expert : is_expert_) {
-    m.push_back(expert ? em[e] : dm[d]);
-    v.push_back(expert ? ev[e++] : dv[d++]);
+std::vector<DataParallel::MomentShard> ExpertDataParallel::LocalMoments() const {
+  std::vector<int> dense_at, expert_at;  // each instance's parameter index -> ours
+  for (size_t i = 0; i < is_expert_.size(); ++i) (is_expert_[i] ? expert_at : dense_at).push_back(static_cast<int>(i));
+  std::vector<DataParallel::MomentShard> shards;
+  for (DataParallel::MomentShard s : dense_->LocalMoments()) {
+    s.param = dense_at[s.param];
+    shards.push_back(std::move(s));
   }
-  return absl::OkStatus();
+  if (experts_)
+    for (DataParallel::MomentShard s : experts_->LocalMoments()) {
+      s.param = expert_at[s.param];
+      shards.push_back(std::move(s));
+    }
+  return shards;
 }
 
 void ExpertDataParallel::ScatterMoments(const std::vector<Tensor>& m, const std::vector<Tensor>& v) {

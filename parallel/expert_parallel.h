@@ -87,8 +87,11 @@ class ExpertDataParallel {
   void set_steps(int64_t steps);
   int buckets() const { return dense_->buckets() + (experts_ ? experts_->buckets() : 0); }
   // DataParallel's, in the order of `params` (checkpoints).
-  absl::Status GatherMoments(std::vector<Tensor>& m, std::vector<Tensor>& v);
+  std::vector<DataParallel::MomentShard> LocalMoments() const;
   void ScatterMoments(const std::vector<Tensor>& m, const std::vector<Tensor>& v);
+  // Whether this rank writes parameter i's value: rank 0 of the group that
+  // holds it (dp × cp, or expert_dp for an expert's).
+  bool WritesValue(size_t i) const { return (is_expert_[i] ? *experts_ : *dense_).group_rank() == 0; }
   DataParallel& dense() { return *dense_; }
   DataParallel* experts() { return experts_.get(); }  // null without expert parameters
 

@@ -60,22 +60,6 @@ Tensor TensorParallel::LocalTokens(const Tensor& full) const {
   return full.Slice(rank * t, t);
 }
 
-absl::StatusOr<Tensor> GatherGlobal(const Param& p, const Tensor& local, const TensorParallel& tp) {
-  if (!p.sharded() || tp.size == 1) return local.Clone();
-  Tensor all = Tensor::Empty({tp.size * local.numel()}, local.dtype());
-  LOOM_RETURN_IF_ERROR(tp.comm->AllGather(local.Reshape({local.numel()}), all));
-  if (p.split_dim == 0) return all.Reshape(p.global_shape);
-  // Columns: rank r's [rows, cols/tp] block goes to columns [r·cols/tp, ...).
-  const int64_t rows = local.dim(0), cols = local.dim(1), elem = DTypeSize(local.dtype());
-  Tensor global = Tensor::Empty(p.global_shape, local.dtype());
-  const char* src = static_cast<const char*>(all.raw());
-  char* dst = static_cast<char*>(global.raw());
-  for (int r = 0; r < tp.size; ++r)
-    for (int64_t i = 0; i < rows; ++i)
-      std::memcpy(dst + (i * cols * tp.size + r * cols) * elem, src + ((r * rows + i) * cols) * elem, cols * elem);
-  return global;
-}
-
 absl::Status CopyLocalSlice(const Param& p, const Tensor& global, Tensor& local) {
   if (global.dtype() != local.dtype())
     return absl::InvalidArgumentError(absl::StrCat(p.name, ": ", DTypeName(global.dtype()), " in the checkpoint, ",

@@ -49,9 +49,6 @@ struct TensorParallel {
 // with the communicator's message; other errors are broken invariants.
 void CheckComm(const absl::Status& status);
 
-// The whole [global_shape] tensor from every TP rank's slice `local` of a
-// parameter laid out like `p` (collective over the TP group).
-absl::StatusOr<Tensor> GatherGlobal(const Param& p, const Tensor& local, const TensorParallel& tp);
 // This rank's slice of a global tensor for a parameter laid out like `p`.
 // Rows beyond the global tensor's (a vocabulary padded for another TP size)
 // keep `local`'s values; `local` is written.

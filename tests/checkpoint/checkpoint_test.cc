@@ -248,6 +248,107 @@ TEST_F(CheckpointTest, PrepareCheckpointDirNamesTheProblem) {
   EXPECT_TRUE(fs::is_empty(dir_ + "/new/ckpt"));
 }
 
+// A checkpoint written by several ranks: pieces of one [6, 10] tensor, as
+// TP slices and ZeRO flat ranges are. Rank 0 holds columns 0-3 (a TP
+// slice); columns 4-9 are cut into flat ranges held by rank 1 (two of
+// them: one rank's second piece of a tensor) and rank 3 (rank 2 writes
+// nothing). The loader puts the whole tensor back bit for bit.
+class PiecesTest : public CheckpointTest {
+ protected:
+  static NamedTensor Cut(const Tensor& whole, int64_t col0, int64_t cols, int64_t flat_start, int64_t flat_n) {
+    const int64_t rows = whole.dim(0);
+    std::vector<double> slice;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) slice.push_back(whole.Get(r * whole.dim(1) + col0 + c));
+    std::vector<double> part(slice.begin() + flat_start, slice.begin() + flat_start + flat_n);
+    Tensor t = Tensor::FromVector<double>(part, {flat_n});
+    return {"w", t, Piece{whole.shape(), {0, col0}, {rows, cols}, flat_start}};
+  }
+
+  // Writes the pieces per rank and publishes them as loom-train does.
+  absl::Status Write(int64_t step, const std::vector<std::vector<NamedTensor>>& ranks) {
+    int64_t tag = 0;
+    LOOM_ASSIGN_OR_RETURN(const std::string tmp, BeginSave(dir_, step, &tag));
+    EXPECT_EQ(tmp, SaveTempDir(dir_, step, tag));
+    std::vector<TensorEntry> entries;
+    absl::Status shards;
+    for (size_t r = 0; r < ranks.size(); ++r) {
+      absl::StatusOr<std::vector<TensorEntry>> e = WriteShard(tmp, static_cast<int>(r), ranks[r], step);
+      if (!e.ok()) {
+        shards = e.status();
+        break;
+      }
+      entries.insert(entries.end(), e->begin(), e->end());
+    }
+    CheckpointState meta;
+    meta.step = step;
+    return EndSave(dir_, tmp, meta, entries, static_cast<int>(ranks.size()), 0, shards);
+  }
+
+  const Tensor whole_ = loom::testing::RandomTensor({6, 10}, DType::kF64, 7);
+};
+
+TEST_F(PiecesTest, TpSlicesAndZeroRangesLoadAsTheWholeTensor) {
+  Tensor steps = Tensor::FromVector<int64_t>({3}, {1});
+  std::vector<std::vector<NamedTensor>> ranks = {
+      {Cut(whole_, 0, 4, 0, 24), {"optim.steps", steps}},
+      {Cut(whole_, 4, 6, 0, 5), Cut(whole_, 4, 6, 20, 16)},
+      {},
+      {Cut(whole_, 4, 6, 5, 15)}};
+  ASSERT_TRUE(Write(3, ranks).ok());
+  EXPECT_TRUE(fs::exists(StepDir(3) + "/rank_00003.safetensors"));
+  EXPECT_FALSE(fs::exists(StepDir(3) + "/rank_00002.safetensors")) << "a rank without pieces writes no file";
+  const std::string manifest = ReadText(StepDir(3) + "/manifest.textproto");
+  EXPECT_NE(manifest.find("key: \"w#1\""), std::string::npos) << manifest;
+  EXPECT_NE(manifest.find("world_size: 4"), std::string::npos) << manifest;
+  absl::StatusOr<CheckpointState> loaded = LoadCheckpoint(StepDir(3));
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_EQ(loaded->tensors.size(), 2u);
+  EXPECT_EQ(loaded->tensors[0].name, "w");
+  const Tensor& w = loaded->tensors[0].tensor;
+  ASSERT_EQ(w.shape(), whole_.shape());
+  EXPECT_EQ(0, std::memcmp(w.raw(), whole_.raw(), whole_.nbytes())) << "the pieces were put back wrongly";
+  EXPECT_EQ(loaded->tensors[1].tensor.data<int64_t>()[0], 3);
+  EXPECT_TRUE(VerifyCheckpoint(StepDir(3)).ok());
+}
+
+TEST_F(PiecesTest, MissingOrOverlappingPiecesAreRefused) {
+  const std::string manifest = absl::StrCat(dir_, "/", StepDirName(1), "/manifest.textproto");
+  // Rank 3's range missing: 15 of the 60 elements are in no piece.
+  ASSERT_TRUE(Write(1, {{Cut(whole_, 0, 4, 0, 24)}, {Cut(whole_, 4, 6, 0, 5), Cut(whole_, 4, 6, 20, 16)}}).ok());
+  EXPECT_EQ(LoadCheckpoint(StepDir(1)).status().message(),
+            manifest + ": tensor w: its pieces hold 45 of its 60 elements");
+  EXPECT_FALSE(VerifyCheckpoint(StepDir(1)).ok());
+  // Two ranks holding elements 20-23 of columns 4-9.
+  ASSERT_TRUE(Write(1, {{Cut(whole_, 0, 4, 0, 24)}, {Cut(whole_, 4, 6, 0, 24)}, {Cut(whole_, 4, 6, 20, 16)}}).ok());
+  EXPECT_EQ(LoadCheckpoint(StepDir(1)).status().message(),
+            StepDir(1) + "/rank_00002.safetensors: tensor w: pieces in rank_00001.safetensors and "
+                         "rank_00002.safetensors overlap");
+  // A manifest edited so that a rectangle reaches past the tensor.
+  ASSERT_TRUE(Write(1, {{Cut(whole_, 0, 4, 0, 24)}, {Cut(whole_, 4, 6, 0, 36)}}).ok());
+  std::string text = ReadText(manifest);
+  const std::string from = "slice_start: 0\n  slice_start: 4\n", to = "slice_start: 1\n  slice_start: 4\n";
+  ASSERT_NE(text.find(from), std::string::npos) << text;
+  text.replace(text.find(from), from.size(), to);
+  std::ofstream(manifest) << text;
+  EXPECT_EQ(LoadCheckpoint(StepDir(1)).status().message(),
+            StepDir(1) + "/rank_00001.safetensors: tensor w: slice dimension 0 [1, +6) outside its shape [6, 10]");
+}
+
+// A rank whose write fails fails the save for all: nothing is published and
+// the message says what `latest` still names.
+TEST_F(PiecesTest, OneRankFailingFailsTheSave) {
+  ASSERT_TRUE(Write(1, {{Cut(whole_, 0, 10, 0, 60)}}).ok());
+  NamedTensor wrong = Cut(whole_, 4, 6, 0, 36);
+  wrong.piece->length = {6, 5};  // 36 elements for a slice of 30
+  const absl::Status s = Write(2, {{Cut(whole_, 0, 4, 0, 24)}, {wrong}});
+  EXPECT_EQ(s.message(), absl::StrCat("[checkpoint] step 2 not saved: [checkpoint] tensor w: elements [0, +36) "
+                                      "outside its slice of 30; ", dir_, "/latest still names ", StepDirName(1)));
+  for (const auto& e : fs::directory_iterator(dir_))
+    EXPECT_EQ(e.path().filename().string().find(StepDirName(2)), std::string::npos) << e.path() << " left behind";
+  EXPECT_EQ(ReadText(dir_ + "/latest"), StepDirName(1) + "\n");
+}
+
 // A save that fails part-way (here: a file-size limit, as a full disk would)
 // says which file, which OS error, and what `latest` still names; it leaves
 // no step directory behind, and the previous checkpoint still loads.

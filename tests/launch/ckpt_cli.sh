@@ -32,7 +32,7 @@ expect_error 1 "empty: not a checkpoint" inspect "$tmp/empty"
 expect_error 1 "step_00000005/manifest.textproto:1" verify "$tmp/run"
 expect_error 1 "rank_00000.safetensors: header length" verify "$tmp/noshard/step_00000001"
 # inspect reads only the manifest: it lists the tensor of a corrupt shard.
-if "$bin" inspect "$tmp/noshard/step_00000001" | grep -q "^w .*\[2\] .*f32 .* 8$"; then
+if "$bin" inspect "$tmp/noshard/step_00000001" | grep -q "^w .*\[2\] .*f32 .* 8 .* 1$"; then
   passes=$((passes + 1))
 else
   echo "FAIL: inspect table:"; "$bin" inspect "$tmp/noshard/step_00000001"; fails=$((fails + 1))

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # A preemption signal that reaches one rank stops every rank cleanly and
-# loses no step: `mpirun -np 2` (dp = 2) trains 20 steps with no periodic
-# checkpoints and background saves (checkpoint.async); once step 8 is
-# logged, world rank 1 alone gets SIGTERM. The ranks must agree on the step
-# to stop after, save it (rank 0 writes, every rank waits for the write),
+# loses no step: `mpirun -np 2` (dp = 2, ZeRO-1, so each rank writes its
+# own moment shards) trains 20 steps with no periodic checkpoints and
+# background saves (checkpoint.async); once step 8 is logged, world rank 1
+# alone gets SIGTERM. The ranks must agree on the step to stop after, save
+# it (every rank writes its file, rank 0 publishes the step once all have),
 # and mpirun must exit 0; the restarted run resumes from that step and ends
 # with the losses (bit patterns) and the final parameters (XXH3) of an
-# uninterrupted run.
+# uninterrupted run. Then rank 1 alone dies half-way through writing its
+# step-10 file (checkpoints every 5): the restart resumes from step 5 and
+# again ends as the uninterrupted run.
 # Usage: rank_sigterm.sh LOOM_TRAIN SOURCE_DIR [MPIRUN]
 set -u
 bin=$1; src=$2; mpirun=${3:-mpirun}
@@ -14,7 +17,7 @@ dir=$(mktemp -d); trap 'rm -rf "$dir"' EXIT
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mpi=("$mpirun" -np 2 --oversubscribe -x OMP_NUM_THREADS=1 -x OPENBLAS_NUM_THREADS=1)
 common=(--config "$src/configs/default.textproto" --set train.steps=20 --set train.micro_batch=32
-        --set checkpoint.async=true --set train.eval_every=0 --set train.log_every=20)
+        --set checkpoint.async=true --set train.eval_every=0 --set train.log_every=20 --set parallel.zero=1)
 losses() { grep '"loss"' "$1/metrics.jsonl" | sed 's/.*"step": \([0-9]*\),.*"loss": \([^,]*\),.*/\1 \2/'; }
 sums() { grep xxh3 "$1/checkpoints/step_00000020/manifest.textproto"; }
 fail() { echo "FAIL: $*"; exit 1; }
@@ -50,3 +53,18 @@ grep -q "resumed from .*step_$(printf %08d "$stop") at step $stop" "$dir/resumed
   { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "the resumed run's losses differ"; }
 [ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "the final parameters differ"
 echo "SIGTERM to rank 1: every rank stopped after step $stop, saved it, and the restart matched the uninterrupted run"
+
+run="$dir/crashed"
+every=(--set checkpoint.every=5 --set train.run_dir="$run")
+timeout 300 "$mpirun" --oversubscribe -x OMP_NUM_THREADS=1 -x OPENBLAS_NUM_THREADS=1 -np 1 "$bin" "${common[@]}" \
+  "${every[@]}" : -np 1 env LOOM_FAULT=tensor_write LOOM_FAULT_STEP=10 "$bin" "${common[@]}" "${every[@]}" \
+  >"$dir/crashed.log" 2>&1 && { tail -5 "$dir/crashed.log"; fail "the run with a crashing rank 1 exited 0"; }
+[ -d "$run/checkpoints/step_00000010" ] && fail "step 10 was published though rank 1 died writing it"
+timeout 300 "${mpi[@]}" "$bin" "${common[@]}" "${every[@]}" >"$dir/after_crash.log" 2>&1 ||
+  { tail -5 "$dir/after_crash.log"; fail "the run after the crash failed"; }
+grep -q "resumed from .*step_00000005 at step 5" "$dir/after_crash.log" ||
+  { cat "$dir/after_crash.log"; fail "the restart after the crash did not resume from step 5"; }
+[ "$(losses "$dir/ref")" == "$(losses "$run")" ] ||
+  { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "the losses after the crash differ"; }
+[ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "the final parameters after the crash differ"
+echo "rank 1 killed writing step 10: the restart resumed from step 5 and matched the uninterrupted run"
