@@ -46,6 +46,7 @@
 #include "parallel/tensor_parallel.h"
 #include "runtime/config.h"
 #include "runtime/cuda_runtime.h"
+#include "runtime/host_snapshot.h"
 #include "runtime/log.h"
 #include "runtime/metrics.h"
 #include "runtime/tensorboard.h"
@@ -673,8 +674,7 @@ class Trainer {
     if (started.data<int64_t>()[0] < 0)
       return absl::InternalError(absl::StrCat("the checkpoint of step ", step, " was not saved (see rank 0's message)"));
     std::vector<checkpoint::NamedTensor> mine = Snapshot();
-    // `mine` holds copies (Tensor::To), so training may go on while they
-    // are written.
+    // `mine` holds copies, so training may go on while they are written.
     writing_step_ = step;
     writing_tmp_ = checkpoint::SaveTempDir(ckpt_dir_, step, started.data<int64_t>()[0]);
     writing_ = std::async(std::launch::async, [tmp = writing_tmp_, rank = world_.rank(), step, mine = std::move(mine)] {
@@ -684,14 +684,16 @@ class Trainer {
                      t.Seconds()};
     });
     if (!config_.checkpoint().async()) return FinishSave();
-    LogInfo(absl::StrFormat("checkpoint %s/%s: copied in %.2f s, writing in the background", ckpt_dir_,
-                            checkpoint::StepDirName(step), snapshot.Seconds()));
+    LogInfo(absl::StrFormat("checkpoint %s/%s: %.2f GB copied in %.2f s, writing in the background", ckpt_dir_,
+                            checkpoint::StepDirName(step), snapshot_.bytes() / 1e9, snapshot.Seconds()));
     return absl::OkStatus();
   }
 
-  // This rank's pieces of the checkpoint, copied to the host.
+  // This rank's pieces of the checkpoint, copied to the host (snapshot_:
+  // the same host tensors every save, page-locked for a GPU's).
   std::vector<checkpoint::NamedTensor> Snapshot() {
-    const Device cpu = Device::Cpu();
+    size_t slot = 0;
+    auto copy = [&](const Tensor& t) { return snapshot_.Copy(slot++, t); };
     const Coords& at = groups_.coords;
     const ParamList& params = model_.params();
     // A parameter that TP does not split is the same on every TP rank.
@@ -699,15 +701,15 @@ class Trainer {
     std::vector<checkpoint::NamedTensor> mine;
     for (size_t i = 0; i < params.size(); ++i) {
       const Param& p = *params[i];
-      if (tp_writes(p) && dp_.WritesValue(i)) mine.push_back({p.name, p.value.To(cpu), SliceOf(p)});
+      if (tp_writes(p) && dp_.WritesValue(i)) mine.push_back({p.name, copy(p.value), SliceOf(p)});
     }
     for (const DataParallel::MomentShard& s : dp_.LocalMoments()) {
       const Param& p = *params[s.param];
       if (!tp_writes(p)) continue;
       checkpoint::Piece piece = SliceOf(p);
       piece.flat_start = s.offset;
-      mine.push_back({"optim.m." + p.name, s.m.To(cpu), piece});
-      mine.push_back({"optim.v." + p.name, s.v.To(cpu), piece});
+      mine.push_back({"optim.m." + p.name, copy(s.m), piece});
+      mine.push_back({"optim.v." + p.name, copy(s.v), piece});
     }
     // The MoE selection bias: the same on every rank (global loads), from
     // each pipeline stage's first rank.
@@ -864,6 +866,7 @@ class Trainer {
   std::future<Written> writing_;
   int64_t writing_step_ = -1;
   std::string writing_tmp_;
+  HostSnapshot snapshot_;  // the host copies a save writes, kept for the next
   TensorBoardWriter tb_;  // rank 0: <run_dir>/tb/, a new events file per run
   TrainStagePlan stage_;  // launch/stages.h: its first step and data position
 };

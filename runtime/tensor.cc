@@ -33,9 +33,13 @@ void ResetPeakCpuTensorBytes() { g_peak_cpu_bytes.store(g_cpu_bytes.load(std::me
 
 std::string Device::ToString() const { return is_cpu() ? "cpu" : absl::StrCat("cuda:", index); }
 
-Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
+Storage::Storage(size_t bytes, Device device, bool pinned)
+    : bytes_(bytes), device_(device), pinned_(pinned && device.is_cpu() && BuiltWithCuda()) {
   if (bytes == 0) return;
-  if (device.is_cpu()) {
+  if (pinned_) {
+    data_ = CudaHostAlloc(bytes);
+    CountCpuBytes(static_cast<int64_t>(bytes));
+  } else if (device.is_cpu()) {
     // 64-byte alignment: whole cache lines, and what SIMD loads like.
     data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     LOOM_CHECK(data_ != nullptr, "[tensor] out of host memory allocating ", bytes, " bytes");
@@ -47,7 +51,10 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
 
 Storage::~Storage() {
   if (!data_) return;
-  if (device_.is_cpu()) {
+  if (pinned_) {
+    CudaHostFree(data_);
+    CountCpuBytes(-static_cast<int64_t>(bytes_));
+  } else if (device_.is_cpu()) {
     std::free(data_);
     CountCpuBytes(-static_cast<int64_t>(bytes_));
   } else {
@@ -61,6 +68,15 @@ Tensor Tensor::Empty(const Shape& shape, DType dtype, Device device) {
   t.shape_ = shape;
   t.dtype_ = dtype;
   t.storage_ = std::make_shared<Storage>(t.nbytes(), device);
+  return t;
+}
+
+Tensor Tensor::PinnedEmpty(const Shape& shape, DType dtype) {
+  for (int64_t d : shape) LOOM_CHECK(d >= 0, "[tensor] negative dimension in ", ShapeString(shape));
+  Tensor t;
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  t.storage_ = std::make_shared<Storage>(t.nbytes(), Device::Cpu(), /*pinned=*/true);
   return t;
 }
 

@@ -30,9 +30,10 @@ struct Device {
 };
 
 // Raw memory of one device. Freed through the allocator that made it.
+// Pinned: host memory page-locked by CUDA (a CUDA build's host staging).
 class Storage {
  public:
-  Storage(size_t bytes, Device device);
+  Storage(size_t bytes, Device device, bool pinned = false);
   ~Storage();
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
@@ -44,6 +45,7 @@ class Storage {
   void* data_ = nullptr;
   size_t bytes_ = 0;
   Device device_;
+  bool pinned_ = false;
 };
 
 // Bytes of CPU tensor storage allocated now, and the most at any moment
@@ -58,6 +60,10 @@ class Tensor {
   Tensor() = default;
   static Tensor Empty(const Shape& shape, DType dtype, Device device = Device::Cpu());
   static Tensor Zeros(const Shape& shape, DType dtype, Device device = Device::Cpu());
+  // A CPU tensor in page-locked memory when Loom is built with CUDA (copies
+  // from and to a GPU then run at the link's speed; needs a GPU), else
+  // plain memory.
+  static Tensor PinnedEmpty(const Shape& shape, DType dtype);
   template <typename T>
   static Tensor FromVector(const std::vector<T>& values, const Shape& shape) {
     LOOM_CHECK(NumElements(shape) == static_cast<int64_t>(values.size()), "[tensor] ",

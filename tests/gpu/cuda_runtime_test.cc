@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "runtime/cuda_runtime.h"
+#include "runtime/host_snapshot.h"
 #include "tests/testing.h"
 
 namespace loom {
@@ -15,6 +16,23 @@ TEST(GpuRuntime, HostDeviceCopyRoundTrips) {
   Tensor back = Tensor::Zeros(host.shape(), DType::kF32);
   back.CopyFrom(dev);
   EXPECT_TRUE(testing::AllClose(back, host, 0, 0));
+}
+
+// A checkpoint's snapshot of device tensors: page-locked host copies, the
+// same memory from one save to the next.
+TEST(GpuRuntime, HostSnapshotOfDeviceTensors) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "skipped: no GPU" << (BuiltWithCuda() ? "" : " (CPU-only build)");
+  HostSnapshot snap;
+  Tensor host = testing::RandomTensor({1 << 20}, DType::kF32, 11);
+  Tensor dev = host.To(Device::Cuda(0));
+  Tensor copy = snap.Copy(0, dev);
+  EXPECT_TRUE(copy.device().is_cpu());
+  EXPECT_TRUE(testing::AllClose(copy, host, 0, 0));
+  Tensor host2 = testing::RandomTensor({1 << 20}, DType::kF32, 12);
+  dev.CopyFrom(host2);
+  Tensor again = snap.Copy(0, dev);
+  EXPECT_EQ(again.raw(), copy.raw());
+  EXPECT_TRUE(testing::AllClose(again, host2, 0, 0));
 }
 
 // More than the GPU has: one line that names the sizes and what lowers
