@@ -498,7 +498,8 @@ void PlacePiece(const CheckedPiece& p, const char* src, Tensor& whole) {
 // `keep`, each piece is read once and the whole tensors are kept in
 // `state.tensors` (a single whole piece is read straight into it); without,
 // pieces are hashed in parts and dropped, so verifying holds no tensor.
-absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool keep) {
+absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool keep,
+                                               const std::function<bool(const std::string&)>& want) {
   LOOM_ASSIGN_OR_RETURN(const Manifest manifest, ReadManifest(step_dir));
   CheckpointState state;
   state.step = manifest.step();
@@ -510,6 +511,7 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
   std::vector<std::string> order;                 // tensor names, first seen first
   std::map<std::string, std::vector<CheckedPiece>> pieces;
   for (const TensorEntry& e : manifest.tensors()) {
+    if (want && !want(e.name())) continue;
     if (e.file().empty() || e.file().find('/') != std::string::npos)
       return absl::DataLossError(absl::StrCat(step_dir, "/", kManifestFile, ": tensor ", e.name(), ": bad file '",
                                               e.file(), "'"));
@@ -603,12 +605,13 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
 
 }  // namespace
 
-absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir) {
-  return ReadCheckpoint(step_dir, /*keep=*/true);
+absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir,
+                                               const std::function<bool(const std::string&)>& want) {
+  return ReadCheckpoint(step_dir, /*keep=*/true, want);
 }
 
 absl::Status VerifyCheckpoint(const std::string& step_dir) {
-  return ReadCheckpoint(step_dir, /*keep=*/false).status();
+  return ReadCheckpoint(step_dir, /*keep=*/false, nullptr).status();
 }
 
 absl::StatusOr<std::string> ResolveStepDir(const std::string& path) {

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -103,7 +104,10 @@ absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir);
 // Reads and validates a step directory into whole tensors (pieces put
 // together, each read once from its shard); errors name the file and tensor:
 // "<step_dir>/rank_00000.safetensors: tensor layers.0.attn.wq: checksum mismatch ...".
-absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir);
+// With `want`, only the tensors whose names it accepts are read (a rank
+// resuming reads the ones it holds); their pieces are checked as above.
+absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir,
+                                               const std::function<bool(const std::string&)>& want = nullptr);
 
 // LoadCheckpoint's checks without keeping anything: tensors are read and
 // hashed in pieces of at most 64 MiB.

@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <set>
 #include <sstream>
 
 #include <google/protobuf/text_format.h>
@@ -224,6 +225,22 @@ absl::StatusOr<std::string> RecvBytes(Communicator& comm, int peer) {
   Tensor words = Tensor::Empty({(size + 7) / 8}, DType::kI64);
   LOOM_RETURN_IF_ERROR(comm.Recv(words, peer));
   return std::string(static_cast<const char*>(words.raw()), static_cast<size_t>(size));
+}
+
+// `bytes` of rank `root` on every rank of `comm`.
+absl::Status BroadcastBytes(Communicator& comm, int root, std::string& bytes) {
+  Tensor n = Tensor::FromVector<int64_t>({static_cast<int64_t>(bytes.size())}, {1});
+  LOOM_RETURN_IF_ERROR(comm.Broadcast(n, root));
+  const int64_t size = n.data<int64_t>()[0];
+  Tensor words = Tensor::Zeros({(size + 7) / 8}, DType::kI64);
+  if (comm.rank() == root) std::memcpy(words.raw(), bytes.data(), bytes.size());
+  if (size == 0) {
+    bytes.clear();
+    return absl::OkStatus();
+  }
+  LOOM_RETURN_IF_ERROR(comm.Broadcast(words, root));
+  bytes.assign(static_cast<const char*>(words.raw()), static_cast<size_t>(size));
+  return absl::OkStatus();
 }
 
 // The slice of the global tensor that a rank's parameter holds (its TP
@@ -768,18 +785,31 @@ class Trainer {
     if (how == "none") return 0;
     std::string step_dir;
     if (how == "auto") {
-      std::vector<std::string> skipped;
-      auto found = checkpoint::FindLatestGoodCheckpoint(ckpt_dir_, &skipped);
-      for (const std::string& s : skipped) LogWarning("refusing checkpoint ", s);
-      if (!found.ok()) {
-        if (absl::IsNotFound(found.status())) return 0;
-        return found.status();
+      // Rank 0 finds the newest checkpoint that verifies (reading all of
+      // it); every rank takes its answer: a step directory, "" for none.
+      absl::Status error;
+      if (lead_) {
+        std::vector<std::string> skipped;
+        auto found = checkpoint::FindLatestGoodCheckpoint(ckpt_dir_, &skipped);
+        for (const std::string& s : skipped) LogWarning("refusing checkpoint ", s);
+        if (found.ok()) step_dir = *found;
+        else if (!absl::IsNotFound(found.status())) error = found.status();
       }
-      step_dir = *found;
+      std::string answer = error.ok() ? "dir:" + step_dir : "error";
+      LOOM_RETURN_IF_ERROR(BroadcastBytes(world_, 0, answer));
+      if (!error.ok()) return error;
+      if (!answer.starts_with("dir:")) return absl::InternalError("rank 0 could not look for a checkpoint (see its message)");
+      step_dir = answer.substr(4);
+      if (step_dir.empty()) return 0;
     } else {
       LOOM_ASSIGN_OR_RETURN(step_dir, checkpoint::ResolveStepDir(how));
     }
-    LOOM_ASSIGN_OR_RETURN(checkpoint::CheckpointState state, checkpoint::LoadCheckpoint(step_dir));
+    // Each rank reads the tensors it holds (checking their pieces).
+    std::set<std::string> held = {"optim.steps"};
+    for (const Param* p : model_.params()) held.insert({p->name, "optim.m." + p->name, "optim.v." + p->name});
+    for (const auto& [layer, moe] : model_.MoeLayers()) held.insert(absl::StrCat("layers.", layer, ".moe.bias"));
+    LOOM_ASSIGN_OR_RETURN(checkpoint::CheckpointState state,
+                          checkpoint::LoadCheckpoint(step_dir, [&](const std::string& name) { return held.count(name) > 0; }));
     config::Config saved;
     if (!google::protobuf::TextFormat::ParseFromString(state.config_text, &saved))
       return absl::InvalidArgumentError(absl::StrCat(step_dir, ": the saved config does not parse"));
