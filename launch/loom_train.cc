@@ -752,7 +752,7 @@ class Trainer {
       for (int r = 1; r < world_.size(); ++r) {
         LOOM_ASSIGN_OR_RETURN(const std::string bytes, RecvBytes(world_, r));
         checkpoint::ShardReport report;
-        if (!report.ParseFromString(bytes)) return absl::InternalError(absl::StrCat("rank ", r, ": a bad shard report"));
+        if (!report.ParseFromString(bytes)) report.set_error(absl::StrCat("rank ", r, ": a shard report that does not parse"));
         if (report.has_error() && shards.ok()) shards = absl::InternalError(report.error());
         entries.insert(entries.end(), report.tensors().begin(), report.tensors().end());
       }
