@@ -783,6 +783,7 @@ class Trainer {
   absl::StatusOr<int64_t> Resume() {
     const std::string& how = config_.checkpoint().resume();
     if (how == "none") return 0;
+    Timer timer;
     std::string step_dir;
     if (how == "auto") {
       // Rank 0 finds the newest checkpoint that verifies (reading all of
@@ -869,7 +870,7 @@ class Trainer {
     if (steps == by_name.end() || steps->second.dtype() != DType::kI64)
       return absl::InvalidArgumentError(absl::StrCat(step_dir, ": tensor optim.steps missing"));
     dp_.set_steps(steps->second.data<int64_t>()[0]);
-    LogInfo("resumed from ", step_dir, " at step ", state.step);
+    LogInfo("resumed from ", step_dir, " at step ", state.step, absl::StrFormat(" (in %.1f s)", timer.Seconds()));
     return state.step;
   }
 
