@@ -9,7 +9,8 @@
 # with the losses (bit patterns) and the final parameters (XXH3) of an
 # uninterrupted run. Then rank 1 alone dies half-way through writing its
 # step-10 file (checkpoints every 5): the restart resumes from step 5 and
-# again ends as the uninterrupted run.
+# again ends as the uninterrupted run. Last, a corrupted byte in rank 1's
+# file of the newest checkpoint makes every rank resume from the one before.
 # Usage: rank_sigterm.sh LOOM_TRAIN SOURCE_DIR [MPIRUN]
 set -u
 bin=$1; src=$2; mpirun=${3:-mpirun}
@@ -68,3 +69,15 @@ grep -q "resumed from .*step_00000005 at step 5" "$dir/after_crash.log" ||
   { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "the losses after the crash differ"; }
 [ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "the final parameters after the crash differ"
 echo "rank 1 killed writing step 10: the restart resumed from step 5 and matched the uninterrupted run"
+
+# A flipped byte in rank 1's file of the newest checkpoint: rank 0 refuses
+# it by name and every rank resumes from the one before.
+shard="$run/checkpoints/step_00000020/rank_00001.safetensors"
+[ -f "$shard" ] || fail "no rank-1 file in the step-20 checkpoint"
+printf '\xff' | dd of="$shard" bs=1 seek=$(( $(stat -c %s "$shard") - 5 )) conv=notrunc status=none
+timeout 300 "${mpi[@]}" "$bin" "${common[@]}" "${every[@]}" --set train.steps=22 >"$dir/corrupt.log" 2>&1 ||
+  { tail -5 "$dir/corrupt.log"; fail "the run after the corruption failed"; }
+grep -q "refusing checkpoint .*step_00000020/rank_00001.safetensors.*checksum mismatch" "$dir/corrupt.log" &&
+  grep -q "resumed from .*step_00000015 at step 15" "$dir/corrupt.log" ||
+  { cat "$dir/corrupt.log"; fail "a corrupted rank-1 file was not refused, or the resume did not fall back to step 15"; }
+echo "a corrupted rank-1 file of step 20: refused by name, every rank resumed from step 15"
