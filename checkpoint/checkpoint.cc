@@ -455,6 +455,7 @@ struct CheckedPiece {
   std::vector<int64_t> start;
   Shape length;
   int64_t flat_start = 0, flat_length = 0;  // within the slice
+  bool read = true;  // false: outside the region a reader wants
 };
 
 // Whether two pieces of one tensor share an element: rectangles that meet
@@ -499,7 +500,7 @@ void PlacePiece(const CheckedPiece& p, const char* src, Tensor& whole) {
 // `state.tensors` (a single whole piece is read straight into it); without,
 // pieces are hashed in parts and dropped, so verifying holds no tensor.
 absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool keep,
-                                               const std::function<bool(const std::string&)>& want) {
+                                               const std::function<Interest(const std::string&)>& want) {
   LOOM_ASSIGN_OR_RETURN(const Manifest manifest, ReadManifest(step_dir));
   CheckpointState state;
   state.step = manifest.step();
@@ -510,8 +511,11 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
   std::map<std::string, SafetensorsFile> shards;  // by file name, headers read once each
   std::vector<std::string> order;                 // tensor names, first seen first
   std::map<std::string, std::vector<CheckedPiece>> pieces;
+  std::map<std::string, Interest> interest;  // by name, asked once each
   for (const TensorEntry& e : manifest.tensors()) {
-    if (want && !want(e.name())) continue;
+    auto asked = interest.find(e.name());
+    if (asked == interest.end()) asked = interest.emplace(e.name(), want ? want(e.name()) : Interest{}).first;
+    if (!asked->second.read) continue;
     if (e.file().empty() || e.file().find('/') != std::string::npos)
       return absl::DataLossError(absl::StrCat(step_dir, "/", kManifestFile, ": tensor ", e.name(), ": bad file '",
                                               e.file(), "'"));
@@ -529,7 +533,7 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
     auto found = shard.tensors.find(key);
     if (found == shard.tensors.end()) return bad(e.has_key() ? absl::StrCat(key, " missing from the file")
                                                              : std::string("missing from the file"));
-    CheckedPiece p{&e, &shard, found->second, {}, {}};
+    CheckedPiece p{&e, &shard, found->second, {}, {}, 0, 0, true};
     const Shape shape(e.shape().begin(), e.shape().end());
     const size_t nd = shape.size();
     if (static_cast<size_t>(e.slice_start_size()) != nd || static_cast<size_t>(e.slice_length_size()) != nd)
@@ -564,6 +568,12 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
     }
     for (const CheckedPiece& q : of)
       if (Overlap(p, q)) return bad(absl::StrCat("pieces in ", q.entry->file(), " and ", e.file(), " overlap"));
+    // Only the pieces that meet a region are read (a region of other
+    // dimensions reads all: the reader then finds the shapes differ).
+    if (const Interest& in = asked->second; in.start.size() == nd && in.length.size() == nd) {
+      for (size_t d = 0; d < nd; ++d)
+        p.read = p.read && p.start[d] < in.start[d] + in.length[d] && in.start[d] < p.start[d] + p.length[d];
+    }
     of.push_back(p);
   }
 
@@ -577,9 +587,10 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
       return absl::DataLossError(absl::StrCat(step_dir, "/", kManifestFile, ": tensor ", name, ": its pieces hold ",
                                               covered, " of its ", NumElements(shape), " elements"));
     Tensor whole;
-    const bool one = of.size() == 1;  // then the piece is the tensor: read straight into it
+    const bool one = of.size() == 1 && of[0].read;  // then the piece is the tensor: read straight into it
     if (keep && !one) whole = Tensor::Empty(shape, of[0].bytes.dtype);
     for (const CheckedPiece& p : of) {
+      if (!p.read) continue;
       uint64_t hash = 0;
       Tensor t;
       if (keep) {
@@ -606,7 +617,7 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
 }  // namespace
 
 absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir,
-                                               const std::function<bool(const std::string&)>& want) {
+                                               const std::function<Interest(const std::string&)>& want) {
   return ReadCheckpoint(step_dir, /*keep=*/true, want);
 }
 

@@ -104,10 +104,20 @@ absl::StatusOr<Manifest> ReadManifest(const std::string& step_dir);
 // Reads and validates a step directory into whole tensors (pieces put
 // together, each read once from its shard); errors name the file and tensor:
 // "<step_dir>/rank_00000.safetensors: tensor layers.0.attn.wq: checksum mismatch ...".
-// With `want`, only the tensors whose names it accepts are read (a rank
-// resuming reads the ones it holds); their pieces are checked as above.
+//
+// A reader may want less (a rank resuming reads what it holds): `want`
+// says per tensor name whether to read it and, with a region, only the
+// pieces that meet the rectangle [start, start + length); the tensor handed
+// back then holds the checkpoint's values there and unspecified ones
+// elsewhere (every piece is still checked against the manifest, and the
+// pieces read against their checksums).
+struct Interest {
+  bool read = true;
+  std::vector<int64_t> start;  // empty: all of the tensor
+  Shape length;
+};
 absl::StatusOr<CheckpointState> LoadCheckpoint(const std::string& step_dir,
-                                               const std::function<bool(const std::string&)>& want = nullptr);
+                                               const std::function<Interest(const std::string&)>& want = nullptr);
 
 // LoadCheckpoint's checks without keeping anything: tensors are read and
 // hashed in pieces of at most 64 MiB.

@@ -805,12 +805,20 @@ class Trainer {
     } else {
       LOOM_ASSIGN_OR_RETURN(step_dir, checkpoint::ResolveStepDir(how));
     }
-    // Each rank reads the tensors it holds (checking their pieces).
-    std::set<std::string> held = {"optim.steps"};
-    for (const Param* p : model_.params()) held.insert({p->name, "optim.m." + p->name, "optim.v." + p->name});
-    for (const auto& [layer, moe] : model_.MoeLayers()) held.insert(absl::StrCat("layers.", layer, ".moe.bias"));
+    // Each rank reads what it holds: of a parameter and its moments the
+    // pieces that meet its slice, and the MoE biases and step count.
+    std::map<std::string, checkpoint::Interest> held = {{"optim.steps", {}}};
+    for (const Param* p : model_.params()) {
+      const checkpoint::Piece slice = SliceOf(*p);
+      for (const std::string& name : {p->name, "optim.m." + p->name, "optim.v." + p->name})
+        held[name] = {true, slice.start, slice.length};
+    }
+    for (const auto& [layer, moe] : model_.MoeLayers()) held[absl::StrCat("layers.", layer, ".moe.bias")] = {};
     LOOM_ASSIGN_OR_RETURN(checkpoint::CheckpointState state,
-                          checkpoint::LoadCheckpoint(step_dir, [&](const std::string& name) { return held.count(name) > 0; }));
+                          checkpoint::LoadCheckpoint(step_dir, [&](const std::string& name) {
+                            auto it = held.find(name);
+                            return it == held.end() ? checkpoint::Interest{false, {}, {}} : it->second;
+                          }));
     config::Config saved;
     if (!google::protobuf::TextFormat::ParseFromString(state.config_text, &saved))
       return absl::InvalidArgumentError(absl::StrCat(step_dir, ": the saved config does not parse"));

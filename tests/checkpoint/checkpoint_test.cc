@@ -312,6 +312,29 @@ TEST_F(PiecesTest, TpSlicesAndZeroRangesLoadAsTheWholeTensor) {
   EXPECT_TRUE(VerifyCheckpoint(StepDir(3)).ok());
 }
 
+// A reader that wants columns 4-9 reads only the pieces there: a corrupted
+// piece elsewhere (rank 0's columns 0-3) fails a whole load but not this one.
+TEST_F(PiecesTest, AReaderWantingARegionReadsOnlyThePiecesThere) {
+  ASSERT_TRUE(Write(3, {{Cut(whole_, 0, 4, 0, 24)}, {Cut(whole_, 4, 6, 0, 5), Cut(whole_, 4, 6, 20, 16)}, {},
+                        {Cut(whole_, 4, 6, 5, 15)}}).ok());
+  const std::string shard = StepDir(3) + "/rank_00000.safetensors";
+  {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x5a');
+  }
+  EXPECT_NE(LoadCheckpoint(StepDir(3)).status().message().find("checksum mismatch"), std::string::npos);
+  absl::StatusOr<CheckpointState> loaded = LoadCheckpoint(StepDir(3), [](const std::string& name) {
+    return name == "w" ? Interest{true, {0, 4}, {6, 6}} : Interest{false, {}, {}};
+  });
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_EQ(loaded->tensors.size(), 1u);
+  const Tensor& w = loaded->tensors[0].tensor;
+  ASSERT_EQ(w.shape(), whole_.shape());
+  for (int64_t r = 0; r < 6; ++r)
+    for (int64_t c = 4; c < 10; ++c) EXPECT_EQ(w.Get(r * 10 + c), whole_.Get(r * 10 + c)) << r << ", " << c;
+}
+
 TEST_F(PiecesTest, MissingOrOverlappingPiecesAreRefused) {
   const std::string manifest = absl::StrCat(dir_, "/", StepDirName(1), "/manifest.textproto");
   // Rank 3's range missing: 15 of the 60 elements are in no piece.
