@@ -641,7 +641,9 @@ absl::StatusOr<std::string> ResolveStepDir(const std::string& path) {
 }
 
 absl::StatusOr<std::string> FindLatestGoodCheckpoint(const std::string& dir, std::vector<std::string>* skipped) {
+  int refused = 0;
   auto skip = [&](const std::string& step_dir, const absl::Status& s) {
+    ++refused;
     if (skipped != nullptr) {
       const std::string msg(s.message());
       // Messages from the loader already start with a path inside step_dir.
@@ -661,7 +663,9 @@ absl::StatusOr<std::string> FindLatestGoodCheckpoint(const std::string& dir, std
     if (absl::Status s = VerifyCheckpoint(step_dir); s.ok()) return step_dir;
     else skip(step_dir, s);
   }
-  return absl::NotFoundError(absl::StrCat(dir, ": no checkpoint that verifies"));
+  if (refused > 0)
+    return absl::DataLossError(absl::StrCat(dir, ": none of its ", refused, " checkpoints verifies"));
+  return absl::NotFoundError(absl::StrCat(dir, ": no checkpoint"));
 }
 
 }  // namespace loom::checkpoint

@@ -129,7 +129,8 @@ absl::StatusOr<std::string> ResolveStepDir(const std::string& path);
 // The newest step directory under `dir` that verifies: the one `latest`
 // names, else the step_<N>/ directories newest first (unfinished
 // *.tmp-* directories are never considered). Each that fails is appended to
-// `skipped` (may be null) as "<path>: <error>". NotFound if none verifies.
+// `skipped` (may be null) as "<path>: <error>". NotFound if there is no
+// step directory, DataLoss if none of them verifies.
 absl::StatusOr<std::string> FindLatestGoodCheckpoint(const std::string& dir, std::vector<std::string>* skipped);
 
 }  // namespace loom::checkpoint

@@ -793,8 +793,13 @@ class Trainer {
         std::vector<std::string> skipped;
         auto found = checkpoint::FindLatestGoodCheckpoint(ckpt_dir_, &skipped);
         for (const std::string& s : skipped) LogWarning("refusing checkpoint ", s);
+        // Checkpoints that all fail stop the run rather than start it
+        // afresh (and prune them at its first save).
         if (found.ok()) step_dir = *found;
-        else if (!absl::IsNotFound(found.status())) error = found.status();
+        else if (!absl::IsNotFound(found.status()))
+          error = absl::Status(found.status().code(),
+                               absl::StrCat(found.status().message(), " (the warnings above say why); set "
+                                            "checkpoint.resume=none to start afresh"));
       }
       std::string answer = error.ok() ? "dir:" + step_dir : "error";
       LOOM_RETURN_IF_ERROR(BroadcastBytes(world_, 0, answer));

@@ -97,7 +97,9 @@ absl::StatusOr<ResumePoint> FindResumePoint(const config::Config& config) {
     // Verifies the checkpoint (reads it whole); the trainer reads it again.
     absl::StatusOr<std::string> found = checkpoint::FindLatestGoodCheckpoint(CheckpointDirOf(config), nullptr);
     if (absl::IsNotFound(found.status())) return ResumePoint{};
-    LOOM_RETURN_IF_ERROR(found.status());
+    if (!found.ok())
+      return absl::Status(found.status().code(), absl::StrCat(found.status().message(),
+                                                              "; set checkpoint.resume=none to start afresh"));
     step_dir = *found;
   } else {
     LOOM_ASSIGN_OR_RETURN(step_dir, checkpoint::ResolveStepDir(how));

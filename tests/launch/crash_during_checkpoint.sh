@@ -7,7 +7,8 @@
 # run logs, for every step, the same loss as an uninterrupted run
 # (round-trip doubles, i.e. bit patterns), no step twice, and ends with the
 # same parameters (XXH3 checksums of the final checkpoint). Last, a
-# corrupted newest checkpoint is refused by name and the previous one used.
+# corrupted newest checkpoint is refused by name and the previous one used,
+# and with every checkpoint corrupted the run stops rather than start afresh.
 # With a third argument `async`, every run writes its checkpoints in the
 # background (checkpoint.async): the step-15 write then dies while steps 16
 # on train, and the resumed run must still repeat the uninterrupted one.
@@ -79,6 +80,20 @@ if grep -q "refusing checkpoint .*step_00000020.*checksum mismatch" "$tmp/corrup
   passes=$((passes + 1))
 else
   echo "FAIL: corrupted newest checkpoint:"; cat "$tmp/corrupt.log"; fails=$((fails + 1))
+fi
+
+# Every checkpoint corrupted: the run stops with one line instead of
+# starting afresh (whose first save would prune them), and keeps them all.
+for shard in "$dir"/checkpoints/step_*/rank_00000.safetensors; do
+  printf '\xff' | dd of="$shard" bs=1 seek=$(( $(stat -c %s "$shard") - 5 )) conv=notrunc status=none
+done
+kept=$(ls -d "$dir"/checkpoints/step_* | wc -l)
+"$bin" "${common[@]}" --set train.run_dir="$dir" --set train.steps=24 >"$tmp/allbad.log" 2>&1; rc=$?
+if [ $rc -ne 0 ] && [ $rc -lt 128 ] && grep -q "none of its $kept checkpoints verifies .*checkpoint.resume=none" "$tmp/allbad.log" \
+    && [ "$(ls -d "$dir"/checkpoints/step_* | wc -l)" -eq "$kept" ]; then
+  passes=$((passes + 1))
+else
+  echo "FAIL: every checkpoint corrupted (exit $rc):"; cat "$tmp/allbad.log"; fails=$((fails + 1))
 fi
 
 echo "$passes passed, $fails failed"
