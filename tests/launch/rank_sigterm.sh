@@ -22,6 +22,18 @@ common=(--config "$src/configs/default.textproto" --set train.steps=20 --set tra
 losses() { grep '"loss"' "$1/metrics.jsonl" | sed 's/.*"step": \([0-9]*\),.*"loss": \([^,]*\),.*/\1 \2/'; }
 sums() { grep xxh3 "$1/checkpoints/step_00000020/manifest.textproto"; }
 fail() { echo "FAIL: $*"; exit 1; }
+# restart WHAT LOG RUN STEP ARGS...: a restart in RUN resumes from STEP and
+# ends with the uninterrupted run's losses and final parameters.
+restart() {
+  local what=$1 log=$2 run=$3 step=$4; shift 4
+  timeout 300 "${mpi[@]}" "$bin" "${common[@]}" --set train.run_dir="$run" "$@" >"$log" 2>&1 ||
+    { tail -5 "$log"; fail "$what: the restarted run failed"; }
+  grep -q "resumed from .*step_$(printf %08d "$step") at step $step" "$log" ||
+    { cat "$log"; fail "$what: the restart did not resume from step $step"; }
+  [ "$(losses "$dir/ref")" == "$(losses "$run")" ] ||
+    { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "$what: the resumed run's losses differ"; }
+  [ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "$what: the final parameters differ"
+}
 
 timeout 300 "${mpi[@]}" "$bin" "${common[@]}" --set checkpoint.every=20 --set train.run_dir="$dir/ref" >"$dir/ref.log" 2>&1 ||
   { tail -5 "$dir/ref.log"; fail "the reference run failed"; }
@@ -46,13 +58,7 @@ stop=$(sed -n 's/.*stopped cleanly after step \([0-9]*\).*/\1/p' "$dir/stopped.l
 grep -q "checkpoint .*step_$(printf %08d "$stop") saved in" "$dir/stopped.log" ||
   { cat "$dir/stopped.log"; fail "the stop at step $stop saved no checkpoint"; }
 
-timeout 300 "${mpi[@]}" "$bin" "${common[@]}" --set checkpoint.every=20 --set train.run_dir="$run" >"$dir/resumed.log" 2>&1 ||
-  { tail -5 "$dir/resumed.log"; fail "the restarted run failed"; }
-grep -q "resumed from .*step_$(printf %08d "$stop") at step $stop" "$dir/resumed.log" ||
-  { cat "$dir/resumed.log"; fail "the restart did not resume from step $stop"; }
-[ "$(losses "$dir/ref")" == "$(losses "$run")" ] ||
-  { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "the resumed run's losses differ"; }
-[ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "the final parameters differ"
+restart "SIGTERM" "$dir/resumed.log" "$run" "$stop" --set checkpoint.every=20
 echo "SIGTERM to rank 1: every rank stopped after step $stop, saved it, and the restart matched the uninterrupted run"
 
 run="$dir/crashed"
@@ -61,13 +67,7 @@ timeout 300 "$mpirun" --oversubscribe -x OMP_NUM_THREADS=1 -x OPENBLAS_NUM_THREA
   "${every[@]}" : -np 1 env LOOM_FAULT=tensor_write LOOM_FAULT_STEP=10 "$bin" "${common[@]}" "${every[@]}" \
   >"$dir/crashed.log" 2>&1 && { tail -5 "$dir/crashed.log"; fail "the run with a crashing rank 1 exited 0"; }
 [ -d "$run/checkpoints/step_00000010" ] && fail "step 10 was published though rank 1 died writing it"
-timeout 300 "${mpi[@]}" "$bin" "${common[@]}" "${every[@]}" >"$dir/after_crash.log" 2>&1 ||
-  { tail -5 "$dir/after_crash.log"; fail "the run after the crash failed"; }
-grep -q "resumed from .*step_00000005 at step 5" "$dir/after_crash.log" ||
-  { cat "$dir/after_crash.log"; fail "the restart after the crash did not resume from step 5"; }
-[ "$(losses "$dir/ref")" == "$(losses "$run")" ] ||
-  { diff <(losses "$dir/ref") <(losses "$run") | head -5; fail "the losses after the crash differ"; }
-[ "$(sums "$dir/ref")" == "$(sums "$run")" ] || fail "the final parameters after the crash differ"
+restart "rank 1 killed" "$dir/after_crash.log" "$run" 5 --set checkpoint.every=5
 echo "rank 1 killed writing step 10: the restart resumed from step 5 and matched the uninterrupted run"
 
 # A flipped byte in rank 1's file of the newest checkpoint: rank 0 refuses
