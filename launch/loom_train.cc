@@ -22,6 +22,7 @@
 #include <google/protobuf/text_format.h>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "checkpoint/checkpoint.h"
@@ -952,7 +953,22 @@ absl::Status TrainStage(const TrainStagePlan& stage, Device device, Communicator
 absl::Status Train(const config::Config& config, Device device, Communicator& world) {
   LOOM_ASSIGN_OR_RETURN(std::vector<TrainStagePlan> stages, ResolveStages(config, world.size()));
   if (stages.size() == 1) return TrainStage(stages[0], device, world);
-  LOOM_ASSIGN_OR_RETURN(const ResumePoint resume, FindResumePoint(config));
+  // Rank 0 finds the checkpoint to resume from (verifying it); every rank
+  // takes its answer: "<step> <step dir>".
+  ResumePoint resume;
+  absl::Status found;
+  if (world.rank() == 0) {
+    absl::StatusOr<ResumePoint> point = FindResumePoint(config);
+    if (point.ok()) resume = *point;
+    else found = point.status();
+  }
+  std::string answer = found.ok() ? absl::StrCat(resume.step, " ", resume.step_dir) : "error";
+  LOOM_RETURN_IF_ERROR(BroadcastBytes(world, 0, answer));
+  if (!found.ok()) return found;
+  const size_t space = answer.find(' ');
+  if (space == std::string::npos || !absl::SimpleAtoi(answer.substr(0, space), &resume.step))
+    return absl::InternalError("rank 0 could not look for a checkpoint (see its message)");
+  resume.step_dir = answer.substr(space + 1);
   bool first_run = true;
   for (TrainStagePlan& stage : stages) {
     if (resume.step >= stage.end_step() && !stage.last()) continue;  // passed before this restart

@@ -94,7 +94,7 @@ absl::StatusOr<ResumePoint> FindResumePoint(const config::Config& config) {
   if (how == "none") return ResumePoint{};
   std::string step_dir;
   if (how == "auto") {
-    // Verifies the checkpoint (reads it whole); the trainer reads it again.
+    // Verifies the checkpoint (reads it whole; loom-train asks on rank 0).
     absl::StatusOr<std::string> found = checkpoint::FindLatestGoodCheckpoint(CheckpointDirOf(config), nullptr);
     if (absl::IsNotFound(found.status())) return ResumePoint{};
     if (!found.ok())
