@@ -16,7 +16,6 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
-#include <set>
 #include <sstream>
 
 #include <google/protobuf/text_format.h>
@@ -207,25 +206,31 @@ absl::Status WriteFile(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
-// A string from one rank to another: its length, then its bytes packed in
-// 64-bit words.
+// Strings between ranks: the length, then the bytes packed in 64-bit words
+// (communicators move typed tensors).
+Tensor PackedBytes(const std::string& bytes, int64_t size) {
+  Tensor words = Tensor::Zeros({(size + 7) / 8}, DType::kI64);
+  if (!bytes.empty()) std::memcpy(words.raw(), bytes.data(), bytes.size());
+  return words;
+}
+
+std::string UnpackedBytes(const Tensor& words, int64_t size) {
+  return size == 0 ? std::string() : std::string(static_cast<const char*>(words.raw()), static_cast<size_t>(size));
+}
+
 absl::Status SendBytes(Communicator& comm, int peer, const std::string& bytes) {
   const int64_t n = static_cast<int64_t>(bytes.size());
   LOOM_RETURN_IF_ERROR(comm.Send(Tensor::FromVector<int64_t>({n}, {1}), peer));
-  if (n == 0) return absl::OkStatus();
-  Tensor words = Tensor::Zeros({(n + 7) / 8}, DType::kI64);
-  std::memcpy(words.raw(), bytes.data(), bytes.size());
-  return comm.Send(words, peer);
+  return n == 0 ? absl::OkStatus() : comm.Send(PackedBytes(bytes, n), peer);
 }
 
 absl::StatusOr<std::string> RecvBytes(Communicator& comm, int peer) {
   Tensor n = Tensor::Empty({1}, DType::kI64);
   LOOM_RETURN_IF_ERROR(comm.Recv(n, peer));
   const int64_t size = n.data<int64_t>()[0];
-  if (size == 0) return std::string();
-  Tensor words = Tensor::Empty({(size + 7) / 8}, DType::kI64);
-  LOOM_RETURN_IF_ERROR(comm.Recv(words, peer));
-  return std::string(static_cast<const char*>(words.raw()), static_cast<size_t>(size));
+  Tensor words = PackedBytes("", size);
+  if (size > 0) LOOM_RETURN_IF_ERROR(comm.Recv(words, peer));
+  return UnpackedBytes(words, size);
 }
 
 // `bytes` of rank `root` on every rank of `comm`.
@@ -233,15 +238,30 @@ absl::Status BroadcastBytes(Communicator& comm, int root, std::string& bytes) {
   Tensor n = Tensor::FromVector<int64_t>({static_cast<int64_t>(bytes.size())}, {1});
   LOOM_RETURN_IF_ERROR(comm.Broadcast(n, root));
   const int64_t size = n.data<int64_t>()[0];
-  Tensor words = Tensor::Zeros({(size + 7) / 8}, DType::kI64);
-  if (comm.rank() == root) std::memcpy(words.raw(), bytes.data(), bytes.size());
-  if (size == 0) {
-    bytes.clear();
-    return absl::OkStatus();
-  }
-  LOOM_RETURN_IF_ERROR(comm.Broadcast(words, root));
-  bytes.assign(static_cast<const char*>(words.raw()), static_cast<size_t>(size));
+  Tensor words = PackedBytes(comm.rank() == root ? bytes : "", size);
+  if (size > 0) LOOM_RETURN_IF_ERROR(comm.Broadcast(words, root));
+  bytes = UnpackedBytes(words, size);
   return absl::OkStatus();
+}
+
+// FindResumePoint (launch/stages.h) on world rank 0, which reads and
+// verifies the checkpoints; every rank gets its answer.
+absl::StatusOr<ResumePoint> FindResumePointOnRankZero(const config::Config& config, Communicator& world) {
+  ResumePoint point;
+  absl::Status found;
+  if (world.rank() == 0) {
+    absl::StatusOr<ResumePoint> p = FindResumePoint(config);
+    if (p.ok()) point = *p;
+    else found = p.status();
+  }
+  std::string answer = found.ok() ? absl::StrCat(point.step, " ", point.step_dir) : "error";
+  LOOM_RETURN_IF_ERROR(BroadcastBytes(world, 0, answer));
+  if (!found.ok()) return found;
+  const size_t space = answer.find(' ');
+  if (space == std::string::npos || !absl::SimpleAtoi(answer.substr(0, space), &point.step))
+    return absl::InternalError("rank 0 could not find the checkpoint to resume from (see its message)");
+  point.step_dir = answer.substr(space + 1);
+  return point;
 }
 
 // The slice of the global tensor that a rank's parameter holds (its TP
@@ -782,35 +802,10 @@ class Trainer {
   // Returns the step to start from (0 for a fresh run). Every rank reads
   // the checkpoint and keeps its own slices.
   absl::StatusOr<int64_t> Resume() {
-    const std::string& how = config_.checkpoint().resume();
-    if (how == "none") return 0;
     Timer timer;
-    std::string step_dir;
-    if (how == "auto") {
-      // Rank 0 finds the newest checkpoint that verifies (reading all of
-      // it); every rank takes its answer: a step directory, "" for none.
-      absl::Status error;
-      if (lead_) {
-        std::vector<std::string> skipped;
-        auto found = checkpoint::FindLatestGoodCheckpoint(ckpt_dir_, &skipped);
-        for (const std::string& s : skipped) LogWarning("refusing checkpoint ", s);
-        // Checkpoints that all fail stop the run rather than start it
-        // afresh (and prune them at its first save).
-        if (found.ok()) step_dir = *found;
-        else if (!absl::IsNotFound(found.status()))
-          error = absl::Status(found.status().code(),
-                               absl::StrCat(found.status().message(), " (the warnings above say why); set "
-                                            "checkpoint.resume=none to start afresh"));
-      }
-      std::string answer = error.ok() ? "dir:" + step_dir : "error";
-      LOOM_RETURN_IF_ERROR(BroadcastBytes(world_, 0, answer));
-      if (!error.ok()) return error;
-      if (!answer.starts_with("dir:")) return absl::InternalError("rank 0 could not look for a checkpoint (see its message)");
-      step_dir = answer.substr(4);
-      if (step_dir.empty()) return 0;
-    } else {
-      LOOM_ASSIGN_OR_RETURN(step_dir, checkpoint::ResolveStepDir(how));
-    }
+    LOOM_ASSIGN_OR_RETURN(const ResumePoint point, FindResumePointOnRankZero(config_, world_));
+    if (point.step_dir.empty()) return 0;
+    const std::string& step_dir = point.step_dir;
     // Each rank reads what it holds: of a parameter and its moments the
     // pieces that meet its slice, and the MoE biases and step count.
     std::map<std::string, checkpoint::Interest> held = {{"optim.steps", {}}};
@@ -953,22 +948,7 @@ absl::Status TrainStage(const TrainStagePlan& stage, Device device, Communicator
 absl::Status Train(const config::Config& config, Device device, Communicator& world) {
   LOOM_ASSIGN_OR_RETURN(std::vector<TrainStagePlan> stages, ResolveStages(config, world.size()));
   if (stages.size() == 1) return TrainStage(stages[0], device, world);
-  // Rank 0 finds the checkpoint to resume from (verifying it); every rank
-  // takes its answer: "<step> <step dir>".
-  ResumePoint resume;
-  absl::Status found;
-  if (world.rank() == 0) {
-    absl::StatusOr<ResumePoint> point = FindResumePoint(config);
-    if (point.ok()) resume = *point;
-    else found = point.status();
-  }
-  std::string answer = found.ok() ? absl::StrCat(resume.step, " ", resume.step_dir) : "error";
-  LOOM_RETURN_IF_ERROR(BroadcastBytes(world, 0, answer));
-  if (!found.ok()) return found;
-  const size_t space = answer.find(' ');
-  if (space == std::string::npos || !absl::SimpleAtoi(answer.substr(0, space), &resume.step))
-    return absl::InternalError("rank 0 could not look for a checkpoint (see its message)");
-  resume.step_dir = answer.substr(space + 1);
+  LOOM_ASSIGN_OR_RETURN(const ResumePoint resume, FindResumePointOnRankZero(config, world));
   bool first_run = true;
   for (TrainStagePlan& stage : stages) {
     if (resume.step >= stage.end_step() && !stage.last()) continue;  // passed before this restart

@@ -6,6 +6,7 @@
 #include "checkpoint/checkpoint.h"
 #include "parallel/topology.h"
 #include "runtime/config.h"
+#include "runtime/log.h"
 
 namespace loom {
 
@@ -95,11 +96,16 @@ absl::StatusOr<ResumePoint> FindResumePoint(const config::Config& config) {
   std::string step_dir;
   if (how == "auto") {
     // Verifies the checkpoint (reads it whole; loom-train asks on rank 0).
-    absl::StatusOr<std::string> found = checkpoint::FindLatestGoodCheckpoint(CheckpointDirOf(config), nullptr);
+    // Checkpoints that all fail stop the run rather than start it afresh
+    // (and prune them at its first save).
+    std::vector<std::string> skipped;
+    absl::StatusOr<std::string> found = checkpoint::FindLatestGoodCheckpoint(CheckpointDirOf(config), &skipped);
+    for (const std::string& s : skipped) LogWarning("refusing checkpoint ", s);
     if (absl::IsNotFound(found.status())) return ResumePoint{};
     if (!found.ok())
-      return absl::Status(found.status().code(), absl::StrCat(found.status().message(),
-                                                              "; set checkpoint.resume=none to start afresh"));
+      return absl::Status(found.status().code(),
+                          absl::StrCat(found.status().message(), " (the warnings above say why); set "
+                                                                 "checkpoint.resume=none to start afresh"));
     step_dir = *found;
   } else {
     LOOM_ASSIGN_OR_RETURN(step_dir, checkpoint::ResolveStepDir(how));

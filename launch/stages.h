@@ -55,7 +55,8 @@ absl::StatusOr<std::vector<TrainStagePlan>> ResolveStages(const config::Config& 
 
 // The step a run of `config` resumes from (0 for a fresh run) and the step
 // directory it resumes from ("" for a fresh run), resolved as loom-train's
-// checkpoint.resume does ("auto": the newest checkpoint that verifies).
+// checkpoint.resume does ("auto": the newest checkpoint that verifies; each
+// one refused is logged as a warning, and when all are, it is an error).
 struct ResumePoint {
   int64_t step = 0;
   std::string step_dir;
