@@ -166,6 +166,11 @@ absl::Status CheckTensors(const std::vector<NamedTensor>& tensors) {
   return absl::OkStatus();
 }
 
+// The shape a piece is stored in: its slice, or flat for a part of one.
+Shape StoredShape(const TensorEntry& e) {
+  return e.has_flat_length() ? Shape{e.flat_length()} : Shape(e.slice_length().begin(), e.slice_length().end());
+}
+
 // The manifest entry of a piece, its hash still to be set.
 TensorEntry EntryOf(const NamedTensor& t, const std::string& file, const std::string& key) {
   TensorEntry e;
@@ -336,11 +341,7 @@ absl::StatusOr<std::vector<TensorEntry>> WriteShard(const std::string& tmp, int 
     const std::string key = k == 0 ? t.name : absl::StrCat(t.name, "#", k);
     const uint64_t n = t.tensor.nbytes();
     TensorEntry e = EntryOf(t, file, key);
-    // Stored as the slice, or flat for a part of it.
-    const Shape stored = e.has_flat_length() ? Shape{e.flat_length()}
-                         : t.piece           ? t.piece->length
-                                             : t.tensor.shape();
-    entries[key] = {t.tensor.dtype(), stored, offset, offset + n};
+    entries[key] = {t.tensor.dtype(), StoredShape(e), offset, offset + n};
     offset += n;
     e.set_xxh3(XXH3_64bits(t.tensor.raw(), n));
     manifest.push_back(std::move(e));
@@ -477,18 +478,17 @@ void PlacePiece(const CheckedPiece& p, const char* src, Tensor& whole) {
   const int nd = static_cast<int>(g.size());
   const int64_t elem = DTypeSize(whole.dtype());
   const int64_t row = nd == 0 ? 1 : p.length[nd - 1];
+  std::vector<int64_t> stride(nd, 1);  // of the whole tensor
+  for (int d = nd - 2; d >= 0; --d) stride[d] = stride[d + 1] * g[d + 1];
   char* dst = static_cast<char*>(whole.raw());
   for (int64_t at = p.flat_start, end = p.flat_start + p.flat_length; at < end;) {
     const int64_t r = at / row, c = at % row, n = std::min(row - c, end - at);
-    // The global offset of the slice's element (row r, column c).
-    std::vector<int64_t> index(std::max(nd, 1), 0);
-    int64_t rest = r, offset = 0;
-    for (int d = nd - 2; d >= 0; --d) {
-      index[d] = rest % p.length[d];
+    // The whole tensor's offset of the slice's element (row r, column c).
+    int64_t offset = nd > 0 ? p.start[nd - 1] + c : 0;
+    for (int64_t d = nd - 2, rest = r; d >= 0; --d) {
+      offset += (p.start[d] + rest % p.length[d]) * stride[d];
       rest /= p.length[d];
     }
-    if (nd > 0) index[nd - 1] = c;
-    for (int d = 0; d < nd; ++d) offset = offset * g[d] + p.start[d] + index[d];
     std::memcpy(dst + offset * elem, src + (at - p.flat_start) * elem, n * elem);
     at += n;
   }
@@ -551,7 +551,7 @@ absl::StatusOr<CheckpointState> ReadCheckpoint(const std::string& step_dir, bool
     if (p.flat_start < 0 || p.flat_length < 0 || p.flat_start > slice - p.flat_length)
       return bad(absl::StrCat("flat range [", p.flat_start, ", +", p.flat_length, ") outside its slice of ", slice,
                               " elements"));
-    const Shape stored = e.has_flat_length() ? Shape{p.flat_length} : p.length;
+    const Shape stored = StoredShape(e);
     absl::StatusOr<DType> dtype = DTypeFromManifest(e.dtype());
     if (!dtype.ok()) return bad(std::string(dtype.status().message()));
     if (*dtype != p.bytes.dtype || stored != p.bytes.shape)

@@ -62,23 +62,18 @@ Storage::~Storage() {
   }
 }
 
-Tensor Tensor::Empty(const Shape& shape, DType dtype, Device device) {
+Tensor Tensor::Allocate(const Shape& shape, DType dtype, Device device, bool pinned) {
   for (int64_t d : shape) LOOM_CHECK(d >= 0, "[tensor] negative dimension in ", ShapeString(shape));
   Tensor t;
   t.shape_ = shape;
   t.dtype_ = dtype;
-  t.storage_ = std::make_shared<Storage>(t.nbytes(), device);
+  t.storage_ = std::make_shared<Storage>(t.nbytes(), device, pinned);
   return t;
 }
 
-Tensor Tensor::PinnedEmpty(const Shape& shape, DType dtype) {
-  for (int64_t d : shape) LOOM_CHECK(d >= 0, "[tensor] negative dimension in ", ShapeString(shape));
-  Tensor t;
-  t.shape_ = shape;
-  t.dtype_ = dtype;
-  t.storage_ = std::make_shared<Storage>(t.nbytes(), Device::Cpu(), /*pinned=*/true);
-  return t;
-}
+Tensor Tensor::Empty(const Shape& shape, DType dtype, Device device) { return Allocate(shape, dtype, device, false); }
+
+Tensor Tensor::PinnedEmpty(const Shape& shape, DType dtype) { return Allocate(shape, dtype, Device::Cpu(), true); }
 
 Tensor Tensor::Zeros(const Shape& shape, DType dtype, Device device) {
   Tensor t = Empty(shape, dtype, device);

@@ -108,6 +108,8 @@ class Tensor {
   double Get(int64_t i) const;
 
  private:
+  static Tensor Allocate(const Shape& shape, DType dtype, Device device, bool pinned);
+
   std::shared_ptr<Storage> storage_;
   size_t offset_ = 0;
   Shape shape_;
